@@ -1,0 +1,313 @@
+//! Types shared by the eBPF programs and the agent.
+//!
+//! Every map key and value, every event record and every constant that both sides read lives
+//! here, `#[repr(C)]` with explicit padding, so the kernel and user space agree on the bytes.
+//! Fields in network byte order say so in their name (`dport_be`).
+//!
+//! Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so one LPM
+//! trie serves both families and an IPv4 `/n` is the IPv6 prefix `/96+n`.
+#![no_std]
+
+/// Identity 0 matches any peer in a policy key.
+pub const IDENTITY_ANY: u32 = 0;
+/// The node itself (its addresses, and traffic from the host network namespace).
+pub const IDENTITY_HOST: u32 = 1;
+/// Anything outside the cluster: the default for an address the ipcache does not know.
+pub const IDENTITY_WORLD: u32 = 2;
+/// A cluster address that no manifest describes (a pod IP range without a known pod).
+pub const IDENTITY_UNMANAGED: u32 = 3;
+/// Another node of the cluster.
+pub const IDENTITY_REMOTE_NODE: u32 = 4;
+/// The Kubernetes API server.
+pub const IDENTITY_KUBE_APISERVER: u32 = 5;
+/// First identity the agent allocates for a label set; lower numbers are reserved.
+pub const IDENTITY_FIRST_ALLOCATED: u32 = 256;
+
+/// Directions, from the endpoint's point of view.
+pub const DIR_INGRESS: u8 = 1;
+pub const DIR_EGRESS: u8 = 2;
+
+/// Flow verdicts (values follow Hubble's `Verdict` enum).
+pub const VERDICT_FORWARDED: u8 = 1;
+pub const VERDICT_DROPPED: u8 = 2;
+
+/// Policy entry verdicts.
+pub const POLICY_ALLOW: u8 = 1;
+pub const POLICY_DENY: u8 = 2;
+
+/// Why a packet was dropped. Index into the drop part of [`COUNTERS`](self) as
+/// `COUNTER_DROP_BASE + reason`.
+pub mod drop_reason {
+    pub const NONE: u8 = 0;
+    /// A rule of an `ingressDeny`/`egressDeny` section matched.
+    pub const POLICY_DENY: u8 = 1;
+    /// The endpoint is selected by a policy and no rule allows the flow.
+    pub const POLICY_DEFAULT_DENY: u8 = 2;
+    /// The source address of a packet leaving a pod is not the pod's.
+    pub const SPOOFED_SOURCE: u8 = 3;
+    /// A header is shorter than it says or than the packet.
+    pub const MALFORMED: u8 = 4;
+    /// A non-first fragment whose first fragment was never seen.
+    pub const FRAGMENT_NO_HEAD: u8 = 5;
+    /// An ethertype other than IPv4, IPv6 or ARP.
+    pub const UNSUPPORTED_L3: u8 = 6;
+    /// The interface carries our program but the agent has no endpoint for it.
+    pub const UNKNOWN_ENDPOINT: u8 = 7;
+    /// More IPv6 extension headers than the parser follows.
+    pub const IPV6_EXT_TOO_DEEP: u8 = 8;
+    /// IPv6 routing header (type 0 is deprecated, others are not expected from pods).
+    pub const IPV6_ROUTING_HEADER: u8 = 9;
+    pub const COUNT: u8 = 10;
+
+    /// Hubble-style description for flows and metrics.
+    #[must_use]
+    pub fn describe(reason: u8) -> &'static str {
+        match reason {
+            NONE => "",
+            POLICY_DENY => "POLICY_DENY",
+            POLICY_DEFAULT_DENY => "POLICY_DENIED",
+            SPOOFED_SOURCE => "INVALID_SOURCE_IP",
+            MALFORMED => "INVALID_PACKET_DROPPED",
+            FRAGMENT_NO_HEAD => "FRAGMENT_NO_HEAD",
+            UNSUPPORTED_L3 => "UNSUPPORTED_L3_PROTOCOL",
+            UNKNOWN_ENDPOINT => "UNKNOWN_ENDPOINT",
+            IPV6_EXT_TOO_DEEP => "IPV6_EXTENSION_HEADERS_TOO_DEEP",
+            IPV6_ROUTING_HEADER => "IPV6_ROUTING_HEADER",
+            _ => "UNKNOWN_REASON",
+        }
+    }
+}
+
+/// Per-CPU counters, indices into the `COUNTERS` array.
+pub const COUNTER_PACKETS: u32 = 0;
+pub const COUNTER_PASSED: u32 = 1;
+pub const COUNTER_EVENTS_LOST: u32 = 2;
+pub const COUNTER_NEW_FLOWS: u32 = 3;
+pub const COUNTER_POLICY_REEVALUATED: u32 = 4;
+pub const COUNTER_DROP_BASE: u32 = 16;
+pub const COUNTERS_LEN: u32 = 32;
+
+/// Map capacities. The agent refuses (whole) a policy set that would not fit.
+pub const MAX_ENDPOINTS: u32 = 4096;
+pub const MAX_POLICY_ENTRIES: u32 = 262_144;
+pub const MAX_IPCACHE_ENTRIES: u32 = 65_536;
+pub const MAX_POLICY_CIDRS: u32 = 16_384;
+pub const MAX_CONNTRACK: u32 = 262_144;
+pub const MAX_FRAGMENTS: u32 = 8192;
+pub const EVENTS_RING_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Map names, as pinned in bpffs; the agent opens them by these names.
+pub mod map_names {
+    pub const ENDPOINTS: &str = "NW_ENDPOINTS";
+    pub const POLICY: &str = "NW_POLICY";
+    pub const IPCACHE: &str = "NW_IPCACHE";
+    pub const POLICY_CIDRS: &str = "NW_POLICY_CIDRS";
+    pub const CONNTRACK: &str = "NW_CONNTRACK";
+    pub const FRAGMENTS: &str = "NW_FRAGMENTS";
+    pub const EVENTS: &str = "NW_EVENTS";
+    pub const COUNTERS: &str = "NW_COUNTERS";
+    pub const CONFIG: &str = "NW_CONFIG";
+}
+
+/// Program names (the function names in `agent-ebpf`).
+pub mod program_names {
+    /// TC ingress of the host-side interface: packets leaving the pod.
+    pub const FROM_WORKLOAD: &str = "from_workload";
+    /// TC egress of the host-side interface: packets going to the pod.
+    pub const TO_WORKLOAD: &str = "to_workload";
+}
+
+/// `EndpointInfo::flags`.
+pub const EP_INGRESS_ENFORCED: u32 = 1 << 0;
+pub const EP_EGRESS_ENFORCED: u32 = 1 << 1;
+pub const EP_HAS_IPV4: u32 = 1 << 2;
+pub const EP_HAS_IPV6: u32 = 1 << 3;
+
+/// `NW_ENDPOINTS` value, keyed by the `u32` ifindex of the pod's host-side interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Which policy set (first field of [`PolicyKey`]) holds this endpoint's rules. Changing it
+    /// switches the endpoint to another complete set in one map update.
+    pub policy_set: u32,
+    /// The endpoint's own identity (source identity of what it sends).
+    pub identity: u32,
+    pub flags: u32,
+    /// Rule id reported for a default deny, per direction (the policy that selected the pod).
+    pub ingress_default_rule: u32,
+    pub egress_default_rule: u32,
+    pub _pad: u32,
+    /// IPv4-mapped IPv6 when `EP_HAS_IPV4`.
+    pub ipv4: [u8; 16],
+    pub ipv6: [u8; 16],
+}
+
+/// `NW_POLICY` LPM trie data. All fields big-endian so that the trie matches most significant
+/// bits first: policy set, peer, direction, protocol, then the port prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub policy_set_be: u32,
+    pub peer_identity_be: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub dport_be: u16,
+}
+
+/// Bits of [`PolicyKey`] before the port.
+pub const POLICY_KEY_PREFIX_NO_PORT: u32 = 80;
+/// All bits of [`PolicyKey`].
+pub const POLICY_KEY_PREFIX_FULL: u32 = 96;
+
+/// `NW_POLICY` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+    pub rule_id: u32,
+}
+
+/// `NW_IPCACHE` and `NW_POLICY_CIDRS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub _pad: u32,
+}
+
+/// `NW_CONNTRACK` key: the tuple as the packet that created the entry carried it, plus the
+/// direction it was evaluated in at this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `NW_CONNTRACK` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `NW_CONFIG.policy_generation` when the verdict was computed; a different current
+    /// generation makes the next packet re-evaluate policy, so a revoked allow stops live flows.
+    pub generation: u32,
+    pub rule_id: u32,
+    pub verdict: u8,
+    pub drop_reason: u8,
+    pub _pad: [u8; 2],
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub _pad2: u32,
+}
+
+/// `NW_FRAGMENTS` key: IPv4 fragments are matched to their first fragment by this.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `NW_FRAGMENTS` value: the ports read from the first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// `NW_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Bumped by the agent after every policy change.
+    pub policy_generation: u32,
+    /// `CONFIG_*` flags.
+    pub flags: u32,
+}
+
+/// Emit a flow event for every new flow (not only drops).
+pub const CONFIG_EVENTS_ALL_FLOWS: u32 = 1 << 0;
+
+/// One record in the `NW_EVENTS` ring buffer: a verdict on a new flow, or a drop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub ktime_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub drop_reason: u8,
+    pub tcp_flags: u8,
+    pub is_reply: u8,
+    pub _pad: u8,
+    pub ifindex: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub rule_id: u32,
+    pub _pad2: u32,
+}
+
+/// TCP flag bits as in the header's 13th byte.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{
+        CtKey, CtValue, DatapathConfig, EndpointInfo, FlowEvent, FragKey, FragValue,
+        IpcacheValue, PolicyKey, PolicyValue,
+    };
+
+    // SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with every
+    // padding byte an explicit field, so any bit pattern is valid.
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EndpointInfo>(), 56);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 24);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FlowEvent>(), 72);
+        assert_eq!(POLICY_KEY_PREFIX_FULL as usize, size_of::<PolicyKey>() * 8);
+    }
+}

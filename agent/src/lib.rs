@@ -1,0 +1,4 @@
+//! nodeward: the node agent and its CLI.
+pub mod cli;
+pub mod datapath;
+pub mod policy;

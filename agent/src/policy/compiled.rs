@@ -1,0 +1,101 @@
+//! The compiler's output: plain data that the datapath sync turns into map entries and the
+//! tunnel (later) consults. Produced by [`super::compile`], consumed by `datapath::sync`.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+/// Namespace and name of a pod (or any namespaced object).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One (peer identity, direction, protocol) slice of an endpoint's policy. Identity 0 and
+/// protocol 0 are wildcards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SliceKey {
+    pub peer_identity: u32,
+    /// `agent_common::DIR_INGRESS` or `DIR_EGRESS`.
+    pub direction: u8,
+    /// IP protocol number; 0 = any protocol (then the only entry has `prefix_len` 0).
+    pub protocol: u8,
+}
+
+/// A port prefix with its verdict. Within one slice the prefixes are disjoint (the compiler has
+/// already let deny win over allow), so a longest-prefix match can never hide a deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortEntry {
+    pub port: u16,
+    /// 0..=16 bits of `port` that must match; 0 = every port.
+    pub prefix_len: u8,
+    /// `agent_common::POLICY_ALLOW` or `POLICY_DENY`.
+    pub verdict: u8,
+    pub rule_id: u32,
+}
+
+/// Everything the datapath needs for one local endpoint (a pod on this node).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub identity: u32,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// `Some(rule id of the selecting policy)` when some policy selects the pod for ingress, so
+    /// what no rule allows is dropped.
+    pub ingress_default_deny: Option<u32>,
+    pub egress_default_deny: Option<u32>,
+    pub slices: BTreeMap<SliceKey, Vec<PortEntry>>,
+}
+
+impl EndpointPolicy {
+    /// Number of policy map entries this endpoint needs.
+    #[must_use]
+    pub fn entry_count(&self) -> usize {
+        self.slices.values().map(Vec::len).sum()
+    }
+}
+
+/// Where a rule id came from, for flows, status and logs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuleInfo {
+    /// `NetworkPolicy`, `MeshPolicy` or `ClusterMeshPolicy`.
+    pub kind: String,
+    /// Empty for cluster-scoped kinds.
+    pub namespace: String,
+    pub name: String,
+    /// e.g. `ingress[0]`, `egressDeny[1]`, or `default-deny` for the selection itself.
+    pub rule: String,
+}
+
+impl RuleInfo {
+    /// `kind/namespace/name` (or `kind/name` when cluster scoped).
+    #[must_use]
+    pub fn policy(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{}/{}", self.kind, self.name)
+        } else {
+            format!("{}/{}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// The whole compiled state for one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompiledState {
+    /// Local endpoints: pods whose `spec.nodeName` is this node and which have an IP.
+    pub endpoints: BTreeMap<ObjectRef, EndpointPolicy>,
+    /// Prefix to identity: every pod IP (/32, /128), node addresses (host or remote-node).
+    pub ipcache: BTreeMap<IpNet, u32>,
+    /// Prefix to CIDR identity: every CIDR and `except` prefix named by a policy.
+    pub policy_cidrs: BTreeMap<IpNet, u32>,
+    /// Rule id to its origin.
+    pub rules: BTreeMap<u32, RuleInfo>,
+}
