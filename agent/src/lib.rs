@@ -2,3 +2,4 @@
 pub mod cli;
 pub mod datapath;
 pub mod policy;
+pub mod source;

@@ -2,5 +2,6 @@
 //! they translate into, and the compiler from that model to per-endpoint map contents.
 
 pub mod compiled;
+pub mod crd;
 
 pub use compiled::*;
