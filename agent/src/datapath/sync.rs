@@ -1,0 +1,795 @@
+//! Writing a compiled state into the maps as a diff, without a window.
+//!
+//! The guarantee: while a change is being written, a packet that both the old and the new state
+//! allow is never dropped, and one that both deny never passes. It rests on three facts:
+//!
+//! * Within one (endpoint, peer, direction, protocol) slice the compiler emits disjoint port
+//!   prefixes, so a longest-prefix lookup in a slice finds at most one entry of the old set and
+//!   at most one of the new set, and the datapath's verdict is "any deny, else any allow, else the
+//!   default".
+//! * A slice that only appears is written denies first, then allows; a slice that only
+//!   disappears is removed allows first, then denies. Adds all happen before removals.
+//! * Anything else (a slice whose entries change, or a change of default deny) is written as a
+//!   complete new *policy set* beside the old one; the endpoint then switches to it with a single
+//!   map update, and the old set is removed afterwards.
+//!
+//! Every change ends with a bump of the policy generation, so conntrack re-evaluates live flows
+//! against the final state (a revoked allow stops an established connection).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use agent_common::{
+    EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ENFORCED, EndpointInfo,
+    MAX_ENDPOINTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, POLICY_ALLOW,
+    POLICY_DENY, POLICY_KEY_PREFIX_NO_PORT, PolicyKey, PolicyValue,
+};
+use ipnet::IpNet;
+
+use super::{MapWriter, PolicyEntryKey, addr_bytes};
+use crate::policy::{EndpointPolicy, SliceKey};
+
+/// Why a sync was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Checked before anything is written: the previous state stays enforced.
+    #[error(
+        "map {map} would overflow: {needed} entries needed, capacity {capacity}; the new policy set was rejected whole and the previous state stays enforced"
+    )]
+    Overflow {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    #[error("writing map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// What one sync did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStats {
+    pub policy_added: usize,
+    pub policy_removed: usize,
+    pub ipcache_changed: usize,
+    pub endpoints_changed: usize,
+    /// Endpoints that switched to a new policy set (rather than an in-place diff).
+    pub policy_sets_switched: usize,
+    pub generation: u32,
+    #[serde(skip)]
+    pub duration: Duration,
+}
+
+impl SyncStats {
+    #[must_use]
+    pub fn changed(&self) -> bool {
+        self.policy_added + self.policy_removed + self.ipcache_changed + self.endpoints_changed > 0
+    }
+}
+
+/// The maps plus a mirror of what they hold, so every sync is a diff.
+pub struct Syncer<M: MapWriter> {
+    maps: M,
+    endpoints: BTreeMap<u32, EndpointInfo>,
+    policy: BTreeMap<PolicyEntryKey, PolicyValue>,
+    ipcache: BTreeMap<IpNet, u32>,
+    policy_cidrs: BTreeMap<IpNet, u32>,
+    generation: u32,
+}
+
+type Slices = BTreeMap<SliceKey, BTreeMap<PolicyEntryKey, PolicyValue>>;
+
+fn map_err<E: std::error::Error + Send + Sync + 'static>(map: &'static str) -> impl Fn(E) -> SyncError {
+    move |e| SyncError::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
+impl<M: MapWriter> Syncer<M> {
+    /// Adopts what the maps hold now (pinned state from an earlier run, or empty maps).
+    pub fn adopt(maps: M) -> Result<Self, SyncError> {
+        Ok(Self {
+            endpoints: maps.read_endpoints().map_err(map_err("endpoints"))?,
+            policy: maps.read_policy().map_err(map_err("policy"))?,
+            ipcache: maps.read_ipcache().map_err(map_err("ipcache"))?,
+            policy_cidrs: maps.read_policy_cidrs().map_err(map_err("policy_cidrs"))?,
+            generation: maps.read_generation().map_err(map_err("config"))?,
+            maps,
+        })
+    }
+
+    #[must_use]
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// The endpoints as the maps hold them, by ifindex.
+    #[must_use]
+    pub fn endpoints(&self) -> &BTreeMap<u32, EndpointInfo> {
+        &self.endpoints
+    }
+
+    /// Entries per map, for status and metrics: (name, entries, capacity).
+    #[must_use]
+    pub fn fill(&self) -> [(&'static str, usize, u32); 4] {
+        [
+            ("endpoints", self.endpoints.len(), MAX_ENDPOINTS),
+            ("policy", self.policy.len(), MAX_POLICY_ENTRIES),
+            ("ipcache", self.ipcache.len(), MAX_IPCACHE_ENTRIES),
+            ("policy_cidrs", self.policy_cidrs.len(), MAX_POLICY_CIDRS),
+        ]
+    }
+
+    #[must_use]
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Makes the maps hold exactly `endpoints` (by ifindex), `ipcache` and `policy_cidrs`.
+    pub fn apply(
+        &mut self,
+        endpoints: &BTreeMap<u32, &EndpointPolicy>,
+        ipcache: &BTreeMap<IpNet, u32>,
+        policy_cidrs: &BTreeMap<IpNet, u32>,
+    ) -> Result<SyncStats, SyncError> {
+        let started = Instant::now();
+        let plan = self.plan(endpoints)?;
+        check_capacity("ipcache", ipcache.len(), MAX_IPCACHE_ENTRIES)?;
+        check_capacity("policy_cidrs", policy_cidrs.len(), MAX_POLICY_CIDRS)?;
+        check_capacity("endpoints", endpoints.len(), MAX_ENDPOINTS)?;
+        let mut stats = SyncStats::default();
+
+        // Phase A: everything new, denies before allows.
+        for verdict in [POLICY_DENY, POLICY_ALLOW] {
+            for (key, value) in &plan.add {
+                if value.verdict == verdict {
+                    self.put_policy(*key, *value)?;
+                    stats.policy_added += 1;
+                }
+            }
+        }
+        for (prefix, identity) in policy_cidrs {
+            if self.policy_cidrs.get(prefix) != Some(identity) {
+                self.maps
+                    .put_policy_cidr(*prefix, *identity)
+                    .map_err(map_err("policy_cidrs"))?;
+                self.policy_cidrs.insert(*prefix, *identity);
+                stats.ipcache_changed += 1;
+            }
+        }
+        // Phase B: switch endpoints and addresses, each one atomic map update.
+        for (ifindex, info) in &plan.endpoints {
+            if self.endpoints.get(ifindex) != Some(info) {
+                self.maps
+                    .put_endpoint(*ifindex, info)
+                    .map_err(map_err("endpoints"))?;
+                self.endpoints.insert(*ifindex, *info);
+                stats.endpoints_changed += 1;
+            }
+        }
+        stats.policy_sets_switched = plan.switched;
+        for (prefix, identity) in ipcache {
+            if self.ipcache.get(prefix) != Some(identity) {
+                self.maps
+                    .put_ipcache(*prefix, *identity)
+                    .map_err(map_err("ipcache"))?;
+                self.ipcache.insert(*prefix, *identity);
+                stats.ipcache_changed += 1;
+            }
+        }
+        // Phase C: everything gone, allows before denies.
+        let gone: Vec<u32> = self
+            .endpoints
+            .keys()
+            .filter(|ifindex| !plan.endpoints.contains_key(ifindex))
+            .copied()
+            .collect();
+        for ifindex in gone {
+            self.maps
+                .delete_endpoint(ifindex)
+                .map_err(map_err("endpoints"))?;
+            self.endpoints.remove(&ifindex);
+            stats.endpoints_changed += 1;
+        }
+        let stale: Vec<IpNet> = self
+            .ipcache
+            .keys()
+            .filter(|p| !ipcache.contains_key(p))
+            .copied()
+            .collect();
+        for prefix in stale {
+            self.maps.delete_ipcache(prefix).map_err(map_err("ipcache"))?;
+            self.ipcache.remove(&prefix);
+            stats.ipcache_changed += 1;
+        }
+        for verdict in [POLICY_ALLOW, POLICY_DENY] {
+            for key in &plan.remove {
+                if self.policy.get(key).is_some_and(|v| v.verdict == verdict) {
+                    self.maps.delete_policy(*key).map_err(map_err("policy"))?;
+                    self.policy.remove(key);
+                    stats.policy_removed += 1;
+                }
+            }
+        }
+        // Whatever is left (an unknown verdict byte from an older agent) goes too.
+        for key in &plan.remove {
+            if self.policy.remove(key).is_some() {
+                self.maps.delete_policy(*key).map_err(map_err("policy"))?;
+                stats.policy_removed += 1;
+            }
+        }
+        let stale: Vec<IpNet> = self
+            .policy_cidrs
+            .keys()
+            .filter(|p| !policy_cidrs.contains_key(p))
+            .copied()
+            .collect();
+        for prefix in stale {
+            self.maps
+                .delete_policy_cidr(prefix)
+                .map_err(map_err("policy_cidrs"))?;
+            self.policy_cidrs.remove(&prefix);
+            stats.ipcache_changed += 1;
+        }
+        // Phase D: make conntrack look again.
+        if stats.changed() {
+            self.generation = self.generation.wrapping_add(1);
+            self.maps
+                .set_generation(self.generation)
+                .map_err(map_err("config"))?;
+        }
+        stats.generation = self.generation;
+        stats.duration = started.elapsed();
+        Ok(stats)
+    }
+
+    fn put_policy(&mut self, key: PolicyEntryKey, value: PolicyValue) -> Result<(), SyncError> {
+        self.maps.put_policy(key, value).map_err(map_err("policy"))?;
+        self.policy.insert(key, value);
+        Ok(())
+    }
+
+    /// Decides, per endpoint, between an in-place diff and a new policy set, and checks that the
+    /// policy map can hold the old and the new entries side by side.
+    fn plan(&self, desired: &BTreeMap<u32, &EndpointPolicy>) -> Result<Plan, SyncError> {
+        let mut by_set: BTreeMap<u32, Slices> = BTreeMap::new();
+        for (key, value) in &self.policy {
+            by_set
+                .entry(u32::from_be(key.key.policy_set_be))
+                .or_default()
+                .entry(slice_of(&key.key))
+                .or_default()
+                .insert(*key, *value);
+        }
+        let mut next_set = by_set
+            .keys()
+            .chain(self.endpoints.values().map(|e| &e.policy_set))
+            .max()
+            .copied()
+            .unwrap_or(0);
+        let mut plan = Plan::default();
+        let mut live_sets = BTreeSet::new();
+        for (ifindex, policy) in desired {
+            let current = self.endpoints.get(ifindex);
+            let current_slices = current
+                .and_then(|c| by_set.get(&c.policy_set))
+                .cloned()
+                .unwrap_or_default();
+            let mut info = endpoint_info(policy);
+            let in_place = current.is_some_and(|c| {
+                c.flags == info.flags
+                    && c.ingress_default_rule == info.ingress_default_rule
+                    && c.egress_default_rule == info.egress_default_rule
+            });
+            let desired_for = |set: u32| entries_for(set, policy);
+            let in_place_set = current.map(|c| c.policy_set).filter(|_| in_place);
+            if let Some(set) = in_place_set {
+                let wanted = desired_for(set);
+                let changed_slice = wanted.iter().any(|(slice, entries)| {
+                    current_slices
+                        .get(slice)
+                        .is_some_and(|existing| existing != entries)
+                });
+                if !changed_slice {
+                    for (slice, entries) in &wanted {
+                        if !current_slices.contains_key(slice) {
+                            plan.add.extend(entries.iter().map(|(k, v)| (*k, *v)));
+                        }
+                    }
+                    for (slice, entries) in &current_slices {
+                        if !wanted.contains_key(slice) {
+                            plan.remove.extend(entries.keys().copied());
+                        }
+                    }
+                    info.policy_set = set;
+                    live_sets.insert(set);
+                    plan.endpoints.insert(*ifindex, info);
+                    continue;
+                }
+            }
+            next_set = next_set.wrapping_add(1).max(1);
+            for entries in desired_for(next_set).values() {
+                plan.add.extend(entries.iter().map(|(k, v)| (*k, *v)));
+            }
+            if current.is_some() {
+                plan.switched += 1;
+            }
+            info.policy_set = next_set;
+            live_sets.insert(next_set);
+            plan.endpoints.insert(*ifindex, info);
+        }
+        // Sets no endpoint uses any more (old sets after a switch, removed endpoints, leftovers).
+        for (set, slices) in &by_set {
+            if !live_sets.contains(set) {
+                for entries in slices.values() {
+                    plan.remove.extend(entries.keys().copied());
+                }
+            }
+        }
+        let peak = self.policy.len() + plan.add.len();
+        check_capacity("policy", peak, MAX_POLICY_ENTRIES)?;
+        Ok(plan)
+    }
+}
+
+#[derive(Default)]
+struct Plan {
+    add: BTreeMap<PolicyEntryKey, PolicyValue>,
+    remove: BTreeSet<PolicyEntryKey>,
+    endpoints: BTreeMap<u32, EndpointInfo>,
+    switched: usize,
+}
+
+fn check_capacity(map: &'static str, needed: usize, capacity: u32) -> Result<(), SyncError> {
+    if needed > capacity as usize {
+        return Err(SyncError::Overflow {
+            map,
+            needed,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
+fn slice_of(key: &PolicyKey) -> SliceKey {
+    SliceKey {
+        peer_identity: u32::from_be(key.peer_identity_be),
+        direction: key.direction,
+        protocol: key.protocol,
+    }
+}
+
+/// The map entries of one endpoint's policy under policy set `set`.
+fn entries_for(set: u32, policy: &EndpointPolicy) -> Slices {
+    policy
+        .slices
+        .iter()
+        .map(|(slice, ports)| {
+            let entries = ports
+                .iter()
+                .map(|p| {
+                    let key = PolicyEntryKey {
+                        key: PolicyKey {
+                            policy_set_be: set.to_be(),
+                            peer_identity_be: slice.peer_identity.to_be(),
+                            direction: slice.direction,
+                            protocol: slice.protocol,
+                            dport_be: p.port.to_be(),
+                        },
+                        prefix_len: POLICY_KEY_PREFIX_NO_PORT + u32::from(p.prefix_len),
+                    };
+                    let value = PolicyValue {
+                        verdict: p.verdict,
+                        _pad: [0; 3],
+                        rule_id: p.rule_id,
+                    };
+                    (key, value)
+                })
+                .collect();
+            (*slice, entries)
+        })
+        .collect()
+}
+
+/// The endpoint map value for a compiled endpoint (policy set filled in by the caller).
+#[must_use]
+pub fn endpoint_info(policy: &EndpointPolicy) -> EndpointInfo {
+    let mut info = EndpointInfo {
+        identity: policy.identity,
+        ..EndpointInfo::default()
+    };
+    if let Some(rule) = policy.ingress_default_deny {
+        info.flags |= EP_INGRESS_ENFORCED;
+        info.ingress_default_rule = rule;
+    }
+    if let Some(rule) = policy.egress_default_deny {
+        info.flags |= EP_EGRESS_ENFORCED;
+        info.egress_default_rule = rule;
+    }
+    if let Some(v4) = policy.ipv4 {
+        info.flags |= EP_HAS_IPV4;
+        info.ipv4 = addr_bytes(IpAddr::V4(v4));
+    }
+    if let Some(v6) = policy.ipv6 {
+        info.flags |= EP_HAS_IPV6;
+        info.ipv6 = addr_bytes(IpAddr::V6(v6));
+    }
+    info
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fake maps record every intermediate state; a model of the datapath's lookup checks
+    //! that no intermediate state contradicts a verdict on which the old and new states agree.
+    use super::*;
+    use crate::policy::PortEntry;
+    use agent_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_WORLD};
+    use std::cell::RefCell;
+    use std::convert::Infallible;
+    use std::rc::Rc;
+
+    #[derive(Clone, Default, Debug, PartialEq)]
+    struct State {
+        endpoints: BTreeMap<u32, EndpointInfo>,
+        policy: BTreeMap<PolicyEntryKey, PolicyValue>,
+        ipcache: BTreeMap<IpNet, u32>,
+        cidrs: BTreeMap<IpNet, u32>,
+        generation: u32,
+    }
+
+    /// Fake maps that hand every intermediate state to an observer.
+    struct Fake {
+        state: State,
+        history: Rc<RefCell<Vec<State>>>,
+    }
+
+    impl Fake {
+        fn record(&self) {
+            self.history.borrow_mut().push(self.state.clone());
+        }
+    }
+
+    impl MapWriter for Fake {
+        type Error = Infallible;
+        fn read_endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, Infallible> {
+            Ok(self.state.endpoints.clone())
+        }
+        fn read_policy(&self) -> Result<BTreeMap<PolicyEntryKey, PolicyValue>, Infallible> {
+            Ok(self.state.policy.clone())
+        }
+        fn read_ipcache(&self) -> Result<BTreeMap<IpNet, u32>, Infallible> {
+            Ok(self.state.ipcache.clone())
+        }
+        fn read_policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, Infallible> {
+            Ok(self.state.cidrs.clone())
+        }
+        fn read_generation(&self) -> Result<u32, Infallible> {
+            Ok(self.state.generation)
+        }
+        fn put_endpoint(&mut self, i: u32, info: &EndpointInfo) -> Result<(), Infallible> {
+            self.state.endpoints.insert(i, *info);
+            self.record();
+            Ok(())
+        }
+        fn delete_endpoint(&mut self, i: u32) -> Result<(), Infallible> {
+            self.state.endpoints.remove(&i);
+            self.record();
+            Ok(())
+        }
+        fn put_policy(&mut self, k: PolicyEntryKey, v: PolicyValue) -> Result<(), Infallible> {
+            self.state.policy.insert(k, v);
+            self.record();
+            Ok(())
+        }
+        fn delete_policy(&mut self, k: PolicyEntryKey) -> Result<(), Infallible> {
+            self.state.policy.remove(&k);
+            self.record();
+            Ok(())
+        }
+        fn put_ipcache(&mut self, p: IpNet, id: u32) -> Result<(), Infallible> {
+            self.state.ipcache.insert(p, id);
+            self.record();
+            Ok(())
+        }
+        fn delete_ipcache(&mut self, p: IpNet) -> Result<(), Infallible> {
+            self.state.ipcache.remove(&p);
+            self.record();
+            Ok(())
+        }
+        fn put_policy_cidr(&mut self, p: IpNet, id: u32) -> Result<(), Infallible> {
+            self.state.cidrs.insert(p, id);
+            self.record();
+            Ok(())
+        }
+        fn delete_policy_cidr(&mut self, p: IpNet) -> Result<(), Infallible> {
+            self.state.cidrs.remove(&p);
+            self.record();
+            Ok(())
+        }
+        fn set_generation(&mut self, g: u32) -> Result<(), Infallible> {
+            self.state.generation = g;
+            self.record();
+            Ok(())
+        }
+    }
+
+    fn longest(map: &BTreeMap<IpNet, u32>, addr: IpAddr) -> Option<u32> {
+        map.iter()
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, id)| *id)
+    }
+
+    fn lpm_policy(state: &State, key: PolicyKey) -> Option<PolicyValue> {
+        let key_bytes = |k: &PolicyKey| -> u128 {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&k.policy_set_be.to_ne_bytes());
+            b[4..8].copy_from_slice(&k.peer_identity_be.to_ne_bytes());
+            b[8] = k.direction;
+            b[9] = k.protocol;
+            b[10..12].copy_from_slice(&k.dport_be.to_ne_bytes());
+            u128::from_be_bytes(b)
+        };
+        let probe = key_bytes(&key);
+        state
+            .policy
+            .iter()
+            .filter(|(k, _)| {
+                let mask = if k.prefix_len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - k.prefix_len)
+                };
+                key_bytes(&k.key) & mask == probe & mask
+            })
+            .max_by_key(|(k, _)| k.prefix_len)
+            .map(|(_, v)| *v)
+    }
+
+    /// The datapath's verdict on a new flow, as `agent-ebpf` computes it.
+    fn verdict(state: &State, ifindex: u32, dir: u8, peer: IpAddr, proto: u8, port: u16) -> bool {
+        let Some(ep) = state.endpoints.get(&ifindex) else {
+            return false;
+        };
+        let peer_id = longest(&state.ipcache, peer).unwrap_or(IDENTITY_WORLD);
+        let cidr_id = longest(&state.cidrs, peer);
+        let mut allow = false;
+        for id in [Some(peer_id), cidr_id, Some(0)].into_iter().flatten() {
+            for (p, dport) in [(proto, port), (0, 0)] {
+                let key = PolicyKey {
+                    policy_set_be: ep.policy_set.to_be(),
+                    peer_identity_be: id.to_be(),
+                    direction: dir,
+                    protocol: p,
+                    dport_be: dport.to_be(),
+                };
+                match lpm_policy(state, key).map(|v| v.verdict) {
+                    Some(POLICY_DENY) => return false,
+                    Some(POLICY_ALLOW) => allow = true,
+                    _ => {}
+                }
+            }
+        }
+        let enforced = if dir == DIR_INGRESS {
+            EP_INGRESS_ENFORCED
+        } else {
+            EP_EGRESS_ENFORCED
+        };
+        allow || ep.flags & enforced == 0
+    }
+
+    fn entry(port: u16, prefix_len: u8, verdict: u8, rule_id: u32) -> PortEntry {
+        PortEntry {
+            port,
+            prefix_len,
+            verdict,
+            rule_id,
+        }
+    }
+
+    fn slice(peer: u32, protocol: u8) -> SliceKey {
+        SliceKey {
+            peer_identity: peer,
+            direction: DIR_INGRESS,
+            protocol,
+        }
+    }
+
+    const PEER_A: &str = "10.0.0.2";
+    const PEER_B: &str = "10.0.0.3";
+
+    fn ipcache() -> BTreeMap<IpNet, u32> {
+        [("10.0.0.2/32", 300), ("10.0.0.3/32", 301), ("10.0.1.5/32", 302)]
+            .into_iter()
+            .map(|(n, id)| (n.parse().unwrap(), id))
+            .collect()
+    }
+
+    /// Probes every (peer, port) through each intermediate state of `old -> new`.
+    fn assert_no_window(old: &EndpointPolicy, new: &EndpointPolicy) {
+        let history = Rc::new(RefCell::new(Vec::new()));
+        let fake = Fake {
+            state: State::default(),
+            history: history.clone(),
+        };
+        let mut syncer = Syncer::adopt(fake).unwrap();
+        let cache = ipcache();
+        syncer
+            .apply(&BTreeMap::from([(7, old)]), &cache, &BTreeMap::new())
+            .unwrap();
+        let before = syncer.maps().state.clone();
+        history.borrow_mut().clear();
+        let stats = syncer
+            .apply(&BTreeMap::from([(7, new)]), &cache, &BTreeMap::new())
+            .unwrap();
+        let after = syncer.maps().state.clone();
+        assert!(stats.changed());
+        let peers: Vec<IpAddr> = [PEER_A, PEER_B, "10.0.1.5", "192.0.2.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        for peer in &peers {
+            for proto in [6u8, 17] {
+                for port in [0u16, 53, 79, 80, 81, 443, 8080, 8443, 65535] {
+                    let was = verdict(&before, 7, DIR_INGRESS, *peer, proto, port);
+                    let will = verdict(&after, 7, DIR_INGRESS, *peer, proto, port);
+                    if was != will {
+                        continue;
+                    }
+                    for (step, state) in history.borrow().iter().enumerate() {
+                        assert_eq!(
+                            verdict(state, 7, DIR_INGRESS, *peer, proto, port),
+                            was,
+                            "step {step}: {peer} proto {proto} port {port} was and will be {was}, but flipped in between"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn policy(default_deny: bool, slices: Vec<(SliceKey, Vec<PortEntry>)>) -> EndpointPolicy {
+        EndpointPolicy {
+            identity: 400,
+            ipv4: Some("10.0.2.2".parse().unwrap()),
+            ipv6: None,
+            ingress_default_deny: default_deny.then_some(9),
+            egress_default_deny: None,
+            slices: slices.into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn adding_a_peer_never_drops_allowed_traffic() {
+        let old = policy(true, vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])]);
+        let new = policy(
+            true,
+            vec![
+                (slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)]),
+                (slice(301, 6), vec![entry(80, 16, POLICY_ALLOW, 1)]),
+                (slice(0, 17), vec![entry(53, 16, POLICY_DENY, 2)]),
+                // B gets everything but TCP 80, which stays denied through the change.
+                (slice(301, 0), vec![entry(0, 0, POLICY_ALLOW, 6)]),
+                (slice(0, 6), vec![entry(80, 16, POLICY_DENY, 7)]),
+            ],
+        );
+        assert_no_window(&old, &new);
+        assert_no_window(&new, &old);
+    }
+
+    #[test]
+    fn narrowing_a_port_range_switches_policy_sets_without_a_window() {
+        let old = policy(
+            true,
+            vec![(slice(300, 6), vec![entry(0, 0, POLICY_ALLOW, 1)])],
+        );
+        let new = policy(
+            true,
+            vec![(
+                slice(300, 6),
+                vec![entry(80, 16, POLICY_ALLOW, 1), entry(8080, 15, POLICY_DENY, 3)],
+            )],
+        );
+        assert_no_window(&old, &new);
+        assert_no_window(&new, &old);
+    }
+
+    #[test]
+    fn turning_default_deny_on_and_off_has_no_window() {
+        let open = policy(false, vec![(slice(0, 6), vec![entry(443, 16, POLICY_DENY, 4)])]);
+        let closed = policy(true, vec![(slice(300, 0), vec![entry(0, 0, POLICY_ALLOW, 5)])]);
+        assert_no_window(&open, &closed);
+        assert_no_window(&closed, &open);
+    }
+
+    #[test]
+    fn unchanged_policy_writes_nothing() {
+        let history = Rc::new(RefCell::new(Vec::new()));
+        let mut syncer = Syncer::adopt(Fake {
+            state: State::default(),
+            history: history.clone(),
+        })
+        .unwrap();
+        let p = policy(true, vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])]);
+        let eps = BTreeMap::from([(7, &p)]);
+        syncer.apply(&eps, &ipcache(), &BTreeMap::new()).unwrap();
+        history.borrow_mut().clear();
+        let stats = syncer.apply(&eps, &ipcache(), &BTreeMap::new()).unwrap();
+        assert!(!stats.changed(), "{stats:?}");
+        assert!(history.borrow().is_empty(), "an unchanged policy wrote to the maps");
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_the_maps_and_finds_nothing_to_do() {
+        let history = Rc::new(RefCell::new(Vec::new()));
+        let mut first = Syncer::adopt(Fake {
+            state: State::default(),
+            history: history.clone(),
+        })
+        .unwrap();
+        let p = policy(true, vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])]);
+        let eps = BTreeMap::from([(7, &p)]);
+        first.apply(&eps, &ipcache(), &BTreeMap::new()).unwrap();
+        let pinned = first.maps().state.clone();
+        let mut second = Syncer::adopt(Fake {
+            state: pinned.clone(),
+            history,
+        })
+        .unwrap();
+        let stats = second.apply(&eps, &ipcache(), &BTreeMap::new()).unwrap();
+        assert!(!stats.changed(), "restart rewrote state: {stats:?}");
+        assert_eq!(second.maps().state, pinned);
+    }
+
+    #[test]
+    fn a_policy_set_too_large_is_rejected_whole() {
+        let history = Rc::new(RefCell::new(Vec::new()));
+        let mut syncer = Syncer::adopt(Fake {
+            state: State::default(),
+            history: history.clone(),
+        })
+        .unwrap();
+        let entries: Vec<PortEntry> = (0..=u16::MAX)
+            .map(|port| entry(port, 16, POLICY_ALLOW, 1))
+            .collect();
+        let big: Vec<(SliceKey, Vec<PortEntry>)> = (0..5)
+            .map(|peer| (slice(1000 + peer, 6), entries.clone()))
+            .collect();
+        let p = policy(true, big);
+        let err = syncer
+            .apply(&BTreeMap::from([(7, &p)]), &ipcache(), &BTreeMap::new())
+            .unwrap_err();
+        assert!(matches!(err, SyncError::Overflow { map: "policy", .. }), "{err}");
+        assert!(history.borrow().is_empty(), "a rejected set wrote to the maps");
+    }
+
+    #[test]
+    fn removed_endpoints_and_their_entries_are_cleaned_up() {
+        let history = Rc::new(RefCell::new(Vec::new()));
+        let mut syncer = Syncer::adopt(Fake {
+            state: State::default(),
+            history,
+        })
+        .unwrap();
+        let p = policy(true, vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])]);
+        syncer
+            .apply(&BTreeMap::from([(7, &p), (8, &p)]), &ipcache(), &BTreeMap::new())
+            .unwrap();
+        syncer
+            .apply(&BTreeMap::from([(8, &p)]), &ipcache(), &BTreeMap::new())
+            .unwrap();
+        let state = &syncer.maps().state;
+        assert_eq!(state.endpoints.keys().copied().collect::<Vec<_>>(), vec![8]);
+        assert_eq!(state.policy.len(), 1, "entries of the removed endpoint remain");
+        let _ = (PEER_A, PEER_B, DIR_EGRESS);
+    }
+}
