@@ -1,7 +1,19 @@
 //! Policy: the front-end types (NetworkPolicy, the `nodeward.io` CRDs), the one internal model
 //! they translate into, and the compiler from that model to per-endpoint map contents.
 
+pub mod compile;
 pub mod compiled;
 pub mod crd;
+pub mod mesh;
+pub mod model;
+pub mod netpol;
+pub mod selector;
 
+pub use compile::{compile, translate_inventory};
 pub use compiled::*;
+pub use mesh::{
+    parse_cluster_mesh_policy, parse_mesh_policy, translate_cluster_mesh_policy,
+    translate_mesh_policy,
+};
+pub use model::{PolicyError, PolicyModel};
+pub use netpol::translate_network_policy;

@@ -1,6 +1,8 @@
 //! Where the cluster's objects come from: a manifests directory (standalone mode) and, later, the
 //! Kubernetes API. Both produce an [`Inventory`]: the same objects, the same result.
 
+pub mod manifests;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

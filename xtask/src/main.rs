@@ -1,1 +1,188 @@
-fn main() {}
+//! `cargo xtask`: the project's developer commands.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use nodeward_lab::{Lab, LabSpec, paths};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "nodeward developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and the lab need (idempotent): nightly rust-src, bpf-linker, bpffs,
+    /// Debian packages.
+    Setup,
+    /// Build the workspace binaries (the agent and the lab's helpers).
+    Build,
+    /// Build, start, inspect or remove a local lab.
+    Lab {
+        #[command(subcommand)]
+        action: LabCmd,
+    },
+    /// A lab with the example policies: allowed and denied traffic, and the flows the agents saw.
+    Demo,
+    /// Everything CI runs: setup, fmt, clippy, build, all tests.
+    Test,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build a lab and start one agent per node; it stays up until `lab down`.
+    Up(UpArgs),
+    /// Remove a lab (and the leftovers of crashed runs).
+    Down {
+        #[arg(long, default_value = "dev")]
+        name: String,
+        /// Remove every lab, including other persistent ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show a lab's nodes, pods, addresses and agents.
+    Status {
+        #[arg(long, default_value = "dev")]
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Lab id, 1 to 6 characters of [a-z0-9].
+    #[arg(long, default_value = "dev")]
+    name: String,
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    #[arg(long, default_value_t = 3)]
+    namespaces: usize,
+    /// Pods per namespace.
+    #[arg(long, default_value_t = 3)]
+    pods: usize,
+    /// Only the network: no agents.
+    #[arg(long)]
+    no_agent: bool,
+    #[arg(long)]
+    no_ipv6: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// No-agent vs agent: throughput, latency, connection rate.
+    Datapath,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => build(),
+        Cmd::Lab { action } => lab(action),
+        Cmd::Demo => {
+            setup::run()?;
+            build()?;
+            demo::run()
+        }
+        Cmd::Test => test(),
+        Cmd::Bench { what: BenchCmd::Datapath } => {
+            setup::run()?;
+            bail!("bench datapath: not yet implemented")
+        }
+    }
+}
+
+/// Prints and runs a command in the workspace root; fails if it fails.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!("\n==> cargo {}", args.join(" "));
+    let started = Instant::now();
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(paths::workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status}) after {:.1?}", args.join(" "), started.elapsed());
+    }
+    println!("==> ok: cargo {} ({:.1?})", args.join(" "), started.elapsed());
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    // The default members: everything but agent-ebpf, which agent/build.rs builds for the kernel.
+    cargo(&["build", "--bins"])
+}
+
+fn lab(action: LabCmd) -> Result<()> {
+    match action {
+        LabCmd::Up(args) => {
+            setup::run()?;
+            cargo(&["build", "--bins"])?;
+            let spec = LabSpec {
+                name: Some(args.name),
+                nodes: args.nodes,
+                namespaces: args.namespaces,
+                pods: args.pods,
+                agents: !args.no_agent,
+                ipv6: !args.no_ipv6,
+                persistent: true,
+            };
+            let mut lab = Lab::up(&spec)?;
+            print!("{}", lab.report());
+            // A persistent lab outlives this process: only `lab down` removes it.
+            lab.forget();
+            Ok(())
+        }
+        LabCmd::Status { name } => {
+            let lab = Lab::attach(&name)?;
+            print!("{}", lab.report());
+            Ok(())
+        }
+        LabCmd::Down { name, all } => {
+            let started = Instant::now();
+            if all {
+                for line in nodeward_lab::sweep::sweep_all()? {
+                    println!("removed {line}");
+                }
+            } else {
+                match Lab::attach(&name) {
+                    Ok(mut lab) => {
+                        lab.down()?;
+                        println!("lab {name}: removed");
+                    }
+                    Err(e) => println!("lab {name}: not up ({e:#})"),
+                }
+                for line in nodeward_lab::sweep::sweep_stale()? {
+                    println!("removed leftover {line}");
+                }
+            }
+            println!("down in {:.2?}", started.elapsed());
+            Ok(())
+        }
+    }
+}
+
+fn test() -> Result<()> {
+    let started = Instant::now();
+    setup::run()?;
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["build"])?;
+    // Unit and privileged tests of every crate but the lab, in parallel ...
+    cargo(&["test", "--workspace", "--exclude", "nodeward-lab", "--exclude", "agent-ebpf"])?;
+    // ... then the lab's: one lab per test binary, tests taking turns with it.
+    cargo(&["test", "-p", "nodeward-lab", "--", "--test-threads=1"])?;
+    println!("\n==> cargo xtask test: all passed in {:.1?}", started.elapsed());
+    Ok(())
+}

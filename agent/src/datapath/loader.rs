@@ -1,0 +1,579 @@
+//! Loading the datapath object, adopting pinned maps, and attaching the classifiers with tcx to
+//! workload interfaces.
+//!
+//! Pinned layout under the agent's bpffs directory (`--bpffs-dir`):
+//!
+//! ```text
+//! <dir>/maps/NW_*                 every map, by name; adopted by the next load
+//! <dir>/links/<ifname>-ingress    tcx link of `from_workload` (TC ingress of the interface)
+//! <dir>/links/<ifname>-egress     tcx link of `to_workload` (TC egress)
+//! ```
+//!
+//! Pinned links keep enforcing while no agent runs; a restarted agent re-attaches its (possibly
+//! newer) programs make-before-break over them.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use agent_common::{
+    COUNTERS_LEN, CtKey, CtValue, DatapathConfig, EVENTS_RING_BYTES, EndpointInfo, FragKey,
+    FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES,
+    MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, map_names, program_names,
+};
+use aya::maps::{MapError, MapInfo, MapType};
+use aya::programs::links::FdLink;
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+
+use crate::datapath::maps::{MapsError, PinnedMaps};
+
+/// The compiled `agent-ebpf` object, built by `build.rs` through aya-build.
+static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// Where bpffs is normally mounted; mounted by [`Datapath::open`] when it is not.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// `statfs(2)` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// An error of the loader, with the object it concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("mounting bpffs at {BPFFS_ROOT}: {0}")]
+    MountBpffs(#[source] io::Error),
+    #[error("{path} is not on a bpf filesystem (pinning needs bpffs)")]
+    NotBpffs { path: PathBuf },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "pinned map {path} does not match this datapath ({detail}); run `nodeward cleanup` to \
+         drop the old state"
+    )]
+    IncompatiblePinnedMap { path: PathBuf, detail: String },
+    #[error("loading the datapath programs: {0}")]
+    Load(#[source] Box<EbpfError>),
+    #[error("program {0} is missing from the datapath object")]
+    MissingProgram(&'static str),
+    #[error("program {program}: {op}: {source}")]
+    Program {
+        program: &'static str,
+        op: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("interface {ifname} has ifindex {actual}, not the expected {expected}")]
+    InterfaceMismatch {
+        ifname: String,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("invalid interface name {0:?}")]
+    InvalidInterfaceName(String),
+    #[error("attaching {program} to {ifname}: {source}")]
+    Attach {
+        program: &'static str,
+        ifname: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("pinning the {program} link of {ifname} at {path}: {detail}")]
+    PinLink {
+        program: &'static str,
+        ifname: String,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// One of the two classifiers and where it attaches.
+#[derive(Clone, Copy, Debug)]
+struct Hook {
+    program: &'static str,
+    attach_type: TcAttachType,
+    suffix: &'static str,
+}
+
+const HOOKS: [Hook; 2] = [
+    Hook {
+        program: program_names::FROM_WORKLOAD,
+        attach_type: TcAttachType::Ingress,
+        suffix: "ingress",
+    },
+    Hook {
+        program: program_names::TO_WORKLOAD,
+        attach_type: TcAttachType::Egress,
+        suffix: "egress",
+    },
+];
+
+/// The loaded programs, their maps, and the links this instance made.
+#[derive(Debug)]
+pub struct Datapath {
+    ebpf: Ebpf,
+    maps: PinnedMaps,
+    /// `Some(dir)`: maps and links pinned under it. `None`: nothing pinned (tests).
+    bpffs_dir: Option<PathBuf>,
+    /// Links held in memory when not pinning, by interface name.
+    unpinned_links: BTreeMap<String, Vec<FdLink>>,
+}
+
+impl Datapath {
+    /// Loads the programs. With `Some(dir)`, mounts bpffs at `/sys/fs/bpf` if it is not mounted,
+    /// creates `dir/maps` and `dir/links`, and pins every map by name in `dir/maps`, adopting
+    /// the maps already pinned there (their state survives agent restarts). With `None`, the
+    /// maps are private to this instance.
+    ///
+    /// # Errors
+    /// bpffs unavailable, an incompatible pinned map, or a load (verifier) failure.
+    pub fn open(bpffs_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&'static str, PathBuf)>;
+        if let Some(dir) = bpffs_dir {
+            ensure_bpffs_mounted()?;
+            for sub in [maps_dir(dir), links_dir(dir)] {
+                std::fs::create_dir_all(&sub).map_err(|source| DatapathError::Io {
+                    what: "creating",
+                    path: sub.clone(),
+                    source,
+                })?;
+            }
+            if !is_bpffs(dir) {
+                return Err(DatapathError::NotBpffs { path: dir.into() });
+            }
+            pin_paths = EXPECTED_MAPS
+                .iter()
+                .map(|m| (m.name, maps_dir(dir).join(m.name)))
+                .collect();
+            for (expected, (_, path)) in EXPECTED_MAPS.iter().zip(&pin_paths) {
+                check_pinned_map(path, expected)?;
+            }
+        } else {
+            pin_paths = Vec::new();
+        }
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(*name, path.as_path());
+        }
+
+        let mut ebpf = loader
+            .load(DATAPATH_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for hook in HOOKS {
+            let prog = classifier_mut(&mut ebpf, hook.program)?;
+            prog.load().map_err(|source| DatapathError::Program {
+                program: hook.program,
+                op: "loading (verifier)",
+                source: Box::new(source),
+            })?;
+        }
+        let maps = PinnedMaps::from_ebpf(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            bpffs_dir: bpffs_dir.map(Path::to_path_buf),
+            unpinned_links: BTreeMap::new(),
+        })
+    }
+
+    #[must_use]
+    pub const fn maps(&self) -> &PinnedMaps {
+        &self.maps
+    }
+
+    pub const fn maps_mut(&mut self) -> &mut PinnedMaps {
+        &mut self.maps
+    }
+
+    /// A loaded classifier by name (`agent_common::program_names`), e.g. for
+    /// `BPF_PROG_TEST_RUN`.
+    ///
+    /// # Errors
+    /// [`DatapathError::MissingProgram`] for an unknown name.
+    pub fn program(&self, name: &'static str) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(name)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
+            .ok_or(DatapathError::MissingProgram(name))
+    }
+
+    /// Attaches `from_workload` at tcx ingress and `to_workload` at tcx egress of `ifname`,
+    /// which must have index `ifindex` in the current network namespace. When pinning, each link
+    /// is pinned at `links/<ifname>-<ingress|egress>`; a link already pinned there (a previous
+    /// agent's) is replaced make-before-break: the new program is attached and pinned under a
+    /// temporary name, renamed over the old pin, and only then does the old link go away.
+    ///
+    /// # Errors
+    /// Unknown or mismatched interface, attach or pin failure.
+    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<(), DatapathError> {
+        check_ifname(ifname)?;
+        let actual = ifindex_of(ifname)?;
+        if actual != ifindex {
+            return Err(DatapathError::InterfaceMismatch {
+                ifname: ifname.to_owned(),
+                expected: ifindex,
+                actual,
+            });
+        }
+        let mut held = Vec::new();
+        for hook in HOOKS {
+            let prog = classifier_mut(&mut self.ebpf, hook.program)?;
+            let attach_err = |source| DatapathError::Attach {
+                program: hook.program,
+                ifname: ifname.to_owned(),
+                source: Box::new(source),
+            };
+            // Appended after whatever is attached, so during a replacement the old program
+            // still decides until its link is gone.
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    hook.attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
+                program: hook.program,
+                ifname: ifname.to_owned(),
+                path: PathBuf::new(),
+                detail: format!("not a bpf link: {e}"),
+            })?;
+            match &self.bpffs_dir {
+                Some(dir) => pin_replacing(link, dir, ifname, hook)?,
+                None => held.push(link),
+            }
+        }
+        if self.bpffs_dir.is_none() {
+            // Replacing the entry drops (detaches) links of an earlier attach, after the new
+            // ones are in place.
+            self.unpinned_links.insert(ifname.to_owned(), held);
+        }
+        Ok(())
+    }
+
+    /// Detaches both programs from `ifname` (removing the pins). Detaching an interface that
+    /// is not attached is not an error.
+    ///
+    /// # Errors
+    /// A pin that cannot be removed.
+    pub fn detach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        check_ifname(ifname)?;
+        self.unpinned_links.remove(ifname);
+        if let Some(dir) = &self.bpffs_dir {
+            for hook in HOOKS {
+                let path = link_pin(dir, ifname, hook);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(DatapathError::Io {
+                            what: "removing link pin",
+                            path,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Interfaces with an attached (pinned, or held by this instance) link, sorted.
+    ///
+    /// # Errors
+    /// The links directory cannot be read.
+    pub fn attached(&self) -> Result<Vec<String>, DatapathError> {
+        let mut names: Vec<String> = self.unpinned_links.keys().cloned().collect();
+        if let Some(dir) = &self.bpffs_dir {
+            let links = links_dir(dir);
+            let entries = std::fs::read_dir(&links).map_err(|source| DatapathError::Io {
+                what: "listing",
+                path: links.clone(),
+                source,
+            })?;
+            for entry in entries {
+                let entry = entry.map_err(|source| DatapathError::Io {
+                    what: "listing",
+                    path: links.clone(),
+                    source,
+                })?;
+                let file = entry.file_name().to_string_lossy().into_owned();
+                if file.starts_with('.') {
+                    continue;
+                }
+                let ifname = HOOKS
+                    .iter()
+                    .find_map(|h| file.strip_suffix(&format!("-{}", h.suffix)));
+                if let Some(ifname) = ifname {
+                    names.push(ifname.to_owned());
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Removes everything an agent pinned under `dir` (links first, which detaches the
+    /// programs, then maps), and `dir` itself. A missing `dir` is not an error.
+    ///
+    /// # Errors
+    /// A pin or directory that cannot be removed.
+    pub fn remove_all(dir: &Path) -> Result<(), DatapathError> {
+        for sub in [links_dir(dir), maps_dir(dir)] {
+            match std::fs::remove_dir_all(&sub) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DatapathError::Io {
+                        what: "removing",
+                        path: sub,
+                        source,
+                    });
+                }
+            }
+        }
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DatapathError::Io {
+                what: "removing",
+                path: dir.into(),
+                source,
+            }),
+        }
+    }
+}
+
+fn maps_dir(dir: &Path) -> PathBuf {
+    dir.join("maps")
+}
+
+fn links_dir(dir: &Path) -> PathBuf {
+    dir.join("links")
+}
+
+fn link_pin(dir: &Path, ifname: &str, hook: Hook) -> PathBuf {
+    links_dir(dir).join(format!("{ifname}-{}", hook.suffix))
+}
+
+/// Pins `link` at its place, replacing (make-before-break) a link pinned there before.
+fn pin_replacing(link: FdLink, dir: &Path, ifname: &str, hook: Hook) -> Result<(), DatapathError> {
+    let final_path = link_pin(dir, ifname, hook);
+    let temp_path = links_dir(dir).join(format!(".{ifname}-{}.new", hook.suffix));
+    let pin_err = |path: &Path, detail: String| DatapathError::PinLink {
+        program: hook.program,
+        ifname: ifname.to_owned(),
+        path: path.into(),
+        detail,
+    };
+    // A leftover from an interrupted attach.
+    let _ = std::fs::remove_file(&temp_path);
+    let pinned = link
+        .pin(&temp_path)
+        .map_err(|e| pin_err(&temp_path, e.to_string()))?;
+    // rename(2) replaces the old pin atomically; the old link loses its last reference and is
+    // released (detached) only now, after the new program is attached.
+    if let Err(e) = std::fs::rename(&temp_path, &final_path) {
+        // Dropping `pinned` would leave the temp pin attached: remove it.
+        let _ = std::fs::remove_file(&temp_path);
+        return Err(pin_err(&final_path, format!("renaming the new pin: {e}")));
+    }
+    drop(pinned);
+    Ok(())
+}
+
+fn classifier_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        .ok_or(DatapathError::MissingProgram(name))
+}
+
+fn check_ifname(ifname: &str) -> Result<(), DatapathError> {
+    // IFNAMSIZ is 16 with the NUL; a name is also a file name under links/.
+    if ifname.is_empty()
+        || ifname.len() >= 16
+        || ifname.starts_with('.')
+        || ifname.contains(['/', '\0'])
+    {
+        return Err(DatapathError::InvalidInterfaceName(ifname.to_owned()));
+    }
+    Ok(())
+}
+
+fn ifindex_of(ifname: &str) -> Result<u32, DatapathError> {
+    let c = CString::new(ifname).map_err(|_| DatapathError::InvalidInterfaceName(ifname.into()))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(DatapathError::Io {
+            what: "looking up interface",
+            path: PathBuf::from(ifname),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(index)
+}
+
+fn statfs_magic(path: &Path) -> Option<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: zeroed `statfs` is a valid out-parameter.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is writable.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
+    #[expect(
+        clippy::useless_conversion,
+        reason = "f_type is i64 on some targets, u32/i32 on others"
+    )]
+    (rc == 0).then(|| i64::from(st.f_type))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    statfs_magic(path) == Some(BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` unless it is already a bpf mount.
+fn ensure_bpffs_mounted() -> Result<(), DatapathError> {
+    let root = Path::new(BPFFS_ROOT);
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    let source = c"bpf";
+    let target = c"/sys/fs/bpf";
+    let fstype = c"bpf";
+    // SAFETY: all pointers are NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(DatapathError::MountBpffs(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// What a pinned map must look like for this datapath to adopt it.
+struct ExpectedMap {
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+}
+
+/// LPM trie keys carry the 32-bit prefix length before the data.
+const LPM_PREFIX: usize = 4;
+
+const EXPECTED_MAPS: [ExpectedMap; 9] = [
+    ExpectedMap {
+        name: map_names::ENDPOINTS,
+        map_type: MapType::Hash,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<EndpointInfo>(),
+        max_entries: MAX_ENDPOINTS,
+    },
+    ExpectedMap {
+        name: map_names::POLICY,
+        map_type: MapType::LpmTrie,
+        key_size: LPM_PREFIX + size_of::<PolicyKey>(),
+        value_size: size_of::<PolicyValue>(),
+        max_entries: MAX_POLICY_ENTRIES,
+    },
+    ExpectedMap {
+        name: map_names::IPCACHE,
+        map_type: MapType::LpmTrie,
+        key_size: LPM_PREFIX + 16,
+        value_size: size_of::<IpcacheValue>(),
+        max_entries: MAX_IPCACHE_ENTRIES,
+    },
+    ExpectedMap {
+        name: map_names::POLICY_CIDRS,
+        map_type: MapType::LpmTrie,
+        key_size: LPM_PREFIX + 16,
+        value_size: size_of::<IpcacheValue>(),
+        max_entries: MAX_POLICY_CIDRS,
+    },
+    ExpectedMap {
+        name: map_names::CONNTRACK,
+        map_type: MapType::LruHash,
+        key_size: size_of::<CtKey>(),
+        value_size: size_of::<CtValue>(),
+        max_entries: MAX_CONNTRACK,
+    },
+    ExpectedMap {
+        name: map_names::FRAGMENTS,
+        map_type: MapType::LruHash,
+        key_size: size_of::<FragKey>(),
+        value_size: size_of::<FragValue>(),
+        max_entries: MAX_FRAGMENTS,
+    },
+    ExpectedMap {
+        name: map_names::EVENTS,
+        map_type: MapType::RingBuf,
+        key_size: 0,
+        value_size: 0,
+        max_entries: EVENTS_RING_BYTES,
+    },
+    ExpectedMap {
+        name: map_names::COUNTERS,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u64>(),
+        max_entries: COUNTERS_LEN,
+    },
+    ExpectedMap {
+        name: map_names::CONFIG,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<DatapathConfig>(),
+        max_entries: 1,
+    },
+];
+
+/// Refuses to adopt a pinned map of another shape (an older agent's layout): the programs
+/// would read it with the wrong sizes. A missing pin is fine (it is created).
+fn check_pinned_map(path: &Path, expected: &ExpectedMap) -> Result<(), DatapathError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let mismatch = |detail: String| DatapathError::IncompatiblePinnedMap {
+        path: path.into(),
+        detail,
+    };
+    let info = MapInfo::from_pin(path).map_err(|e: MapError| mismatch(e.to_string()))?;
+    let map_type = info.map_type().map_err(|e| mismatch(e.to_string()))?;
+    let found = (
+        map_type,
+        info.key_size() as usize,
+        info.value_size() as usize,
+        info.max_entries(),
+    );
+    let wanted = (
+        expected.map_type,
+        expected.key_size,
+        expected.value_size,
+        expected.max_entries,
+    );
+    if found != wanted {
+        return Err(mismatch(format!(
+            "found (type, key, value, max entries) {found:?}, expected {wanted:?}"
+        )));
+    }
+    Ok(())
+}

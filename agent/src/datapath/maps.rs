@@ -1,0 +1,310 @@
+//! Typed access to the datapath's maps, taken from a loaded [`aya::Ebpf`] (or opened from their
+//! bpffs pins), implementing [`MapWriter`] for the sync.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use agent_common::{
+    COUNTERS_LEN, CtKey, CtValue, DatapathConfig, EndpointInfo, FragKey, FragValue,
+    IpcacheValue, PolicyKey, PolicyValue, map_names,
+};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
+use ipnet::IpNet;
+
+use crate::datapath::{MapWriter, PolicyEntryKey, addr_bytes, net_from_bytes, prefix_bits};
+
+/// Number of counters, as an array length.
+pub const COUNTERS: usize = COUNTERS_LEN as usize;
+
+/// An error from a map operation, naming the map and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {map} is missing from the loaded datapath object")]
+    Missing { map: &'static str },
+    #[error("map {map}: {op}: {source}")]
+    Op {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map}: entry with an invalid prefix ({bits} bits)")]
+    InvalidPrefix { map: &'static str, bits: u32 },
+    #[error("the events ring buffer was already taken")]
+    EventsTaken,
+}
+
+fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Op { map, op, source }
+}
+
+/// All datapath maps, owned.
+pub struct PinnedMaps {
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
+    policy_cidrs: LpmTrie<MapData, [u8; 16], IpcacheValue>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    fragments: HashMap<MapData, FragKey, FragValue>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, DatapathConfig>,
+    events: Option<RingBuf<MapData>>,
+}
+
+impl std::fmt::Debug for PinnedMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedMaps")
+            .field("events_taken", &self.events.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PinnedMaps {
+    /// Takes the maps out of a loaded object (they stay pinned if they were).
+    ///
+    /// # Errors
+    /// A map missing from the object or of an unexpected type or size.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
+        Self::build(|name| ebpf.take_map(name))
+    }
+
+    /// Opens the maps an agent pinned in `maps_dir` (`<bpffs dir>/maps`), for commands that read
+    /// or clean state without loading the programs.
+    ///
+    /// # Errors
+    /// A pin that is missing or not a compatible map.
+    pub fn from_pins(maps_dir: &Path) -> Result<Self, MapsError> {
+        let mut opened = BTreeMap::new();
+        for name in ALL_MAPS {
+            let data = MapData::from_pin(maps_dir.join(name)).map_err(op(name, "open pin"))?;
+            let map = Map::from_map_data(data).map_err(op(name, "open pin"))?;
+            opened.insert(name, map);
+        }
+        Self::build(|name| opened.remove(name))
+    }
+
+    fn build(mut take: impl FnMut(&'static str) -> Option<Map>) -> Result<Self, MapsError> {
+        let mut get = |map: &'static str| take(map).ok_or(MapsError::Missing { map });
+        let endpoints = get(map_names::ENDPOINTS)?;
+        let policy = get(map_names::POLICY)?;
+        let ipcache = get(map_names::IPCACHE)?;
+        let policy_cidrs = get(map_names::POLICY_CIDRS)?;
+        let conntrack = get(map_names::CONNTRACK)?;
+        let fragments = get(map_names::FRAGMENTS)?;
+        let counters = get(map_names::COUNTERS)?;
+        let config = get(map_names::CONFIG)?;
+        let events = get(map_names::EVENTS)?;
+        Ok(Self {
+            endpoints: HashMap::try_from(endpoints).map_err(op(map_names::ENDPOINTS, "open"))?,
+            policy: LpmTrie::try_from(policy).map_err(op(map_names::POLICY, "open"))?,
+            ipcache: LpmTrie::try_from(ipcache).map_err(op(map_names::IPCACHE, "open"))?,
+            policy_cidrs: LpmTrie::try_from(policy_cidrs)
+                .map_err(op(map_names::POLICY_CIDRS, "open"))?,
+            conntrack: HashMap::try_from(conntrack).map_err(op(map_names::CONNTRACK, "open"))?,
+            fragments: HashMap::try_from(fragments).map_err(op(map_names::FRAGMENTS, "open"))?,
+            counters: PerCpuArray::try_from(counters).map_err(op(map_names::COUNTERS, "open"))?,
+            config: Array::try_from(config).map_err(op(map_names::CONFIG, "open"))?,
+            events: Some(RingBuf::try_from(events).map_err(op(map_names::EVENTS, "open"))?),
+        })
+    }
+
+    /// Every counter, summed over CPUs (indices are `agent_common::COUNTER_*`).
+    ///
+    /// # Errors
+    /// A failed map read.
+    pub fn counters(&self) -> Result<[u64; COUNTERS], MapsError> {
+        let mut out = [0u64; COUNTERS];
+        for (index, slot) in (0u32..).zip(out.iter_mut()) {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .map_err(op(map_names::COUNTERS, "read"))?;
+            *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
+        }
+        Ok(out)
+    }
+
+    /// The flow events ring buffer, for the flow reader. Can be taken once.
+    ///
+    /// # Errors
+    /// [`MapsError::EventsTaken`] on a second call.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, MapsError> {
+        self.events.take().ok_or(MapsError::EventsTaken)
+    }
+
+    /// `NW_CONFIG[0]`.
+    ///
+    /// # Errors
+    /// A failed map read.
+    pub fn config(&self) -> Result<DatapathConfig, MapsError> {
+        self.config
+            .get(&0, 0)
+            .map_err(op(map_names::CONFIG, "read"))
+    }
+
+    /// Sets `NW_CONFIG[0].flags` (`agent_common::CONFIG_*`), keeping the generation.
+    ///
+    /// # Errors
+    /// A failed map read or write.
+    pub fn set_config_flags(&mut self, flags: u32) -> Result<(), MapsError> {
+        let mut config = self.config()?;
+        config.flags = flags;
+        self.config
+            .set(0, config, 0)
+            .map_err(op(map_names::CONFIG, "write"))
+    }
+
+    /// The conntrack table (for diagnostics and tests).
+    ///
+    /// # Errors
+    /// A failed map read.
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
+        self.conntrack
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::CONNTRACK, "read"))
+    }
+
+    /// Recorded first fragments (for diagnostics and tests).
+    ///
+    /// # Errors
+    /// A failed map read.
+    pub fn fragments(&self) -> Result<Vec<(FragKey, FragValue)>, MapsError> {
+        self.fragments
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::FRAGMENTS, "read"))
+    }
+
+    fn read_prefixes(
+        trie: &LpmTrie<MapData, [u8; 16], IpcacheValue>,
+        map: &'static str,
+    ) -> Result<BTreeMap<IpNet, u32>, MapsError> {
+        let mut out = BTreeMap::new();
+        for entry in trie.iter() {
+            let (key, value) = entry.map_err(op(map, "read"))?;
+            let bits = key.prefix_len();
+            let net =
+                net_from_bytes(key.data(), bits).ok_or(MapsError::InvalidPrefix { map, bits })?;
+            out.insert(net, value.identity);
+        }
+        Ok(out)
+    }
+}
+
+const ALL_MAPS: [&str; 9] = [
+    map_names::ENDPOINTS,
+    map_names::POLICY,
+    map_names::IPCACHE,
+    map_names::POLICY_CIDRS,
+    map_names::CONNTRACK,
+    map_names::FRAGMENTS,
+    map_names::EVENTS,
+    map_names::COUNTERS,
+    map_names::CONFIG,
+];
+
+fn prefix_key(prefix: IpNet) -> Key<[u8; 16]> {
+    // `IpNet` keeps host bits; the trie wants them cleared so equal prefixes are equal keys.
+    let net = prefix.trunc();
+    Key::new(prefix_bits(&net), addr_bytes(net.addr()))
+}
+
+fn ipcache_value(identity: u32) -> IpcacheValue {
+    IpcacheValue { identity, _pad: 0 }
+}
+
+impl MapWriter for PinnedMaps {
+    type Error = MapsError;
+
+    fn read_endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, MapsError> {
+        self.endpoints
+            .iter()
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(op(map_names::ENDPOINTS, "read"))
+    }
+
+    fn read_policy(&self) -> Result<BTreeMap<PolicyEntryKey, PolicyValue>, MapsError> {
+        let mut out = BTreeMap::new();
+        for entry in self.policy.iter() {
+            let (key, value) = entry.map_err(op(map_names::POLICY, "read"))?;
+            out.insert(
+                PolicyEntryKey {
+                    key: key.data(),
+                    prefix_len: key.prefix_len(),
+                },
+                value,
+            );
+        }
+        Ok(out)
+    }
+
+    fn read_ipcache(&self) -> Result<BTreeMap<IpNet, u32>, MapsError> {
+        Self::read_prefixes(&self.ipcache, map_names::IPCACHE)
+    }
+
+    fn read_policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, MapsError> {
+        Self::read_prefixes(&self.policy_cidrs, map_names::POLICY_CIDRS)
+    }
+
+    fn read_generation(&self) -> Result<u32, MapsError> {
+        Ok(self.config()?.policy_generation)
+    }
+
+    fn put_endpoint(&mut self, ifindex: u32, info: &EndpointInfo) -> Result<(), MapsError> {
+        self.endpoints
+            .insert(ifindex, info, 0)
+            .map_err(op(map_names::ENDPOINTS, "insert"))
+    }
+
+    fn delete_endpoint(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        self.endpoints
+            .remove(&ifindex)
+            .map_err(op(map_names::ENDPOINTS, "delete"))
+    }
+
+    fn put_policy(&mut self, key: PolicyEntryKey, value: PolicyValue) -> Result<(), MapsError> {
+        self.policy
+            .insert(&Key::new(key.prefix_len, key.key), value, 0)
+            .map_err(op(map_names::POLICY, "insert"))
+    }
+
+    fn delete_policy(&mut self, key: PolicyEntryKey) -> Result<(), MapsError> {
+        self.policy
+            .remove(&Key::new(key.prefix_len, key.key))
+            .map_err(op(map_names::POLICY, "delete"))
+    }
+
+    fn put_ipcache(&mut self, prefix: IpNet, identity: u32) -> Result<(), MapsError> {
+        self.ipcache
+            .insert(&prefix_key(prefix), ipcache_value(identity), 0)
+            .map_err(op(map_names::IPCACHE, "insert"))
+    }
+
+    fn delete_ipcache(&mut self, prefix: IpNet) -> Result<(), MapsError> {
+        self.ipcache
+            .remove(&prefix_key(prefix))
+            .map_err(op(map_names::IPCACHE, "delete"))
+    }
+
+    fn put_policy_cidr(&mut self, prefix: IpNet, identity: u32) -> Result<(), MapsError> {
+        self.policy_cidrs
+            .insert(&prefix_key(prefix), ipcache_value(identity), 0)
+            .map_err(op(map_names::POLICY_CIDRS, "insert"))
+    }
+
+    fn delete_policy_cidr(&mut self, prefix: IpNet) -> Result<(), MapsError> {
+        self.policy_cidrs
+            .remove(&prefix_key(prefix))
+            .map_err(op(map_names::POLICY_CIDRS, "delete"))
+    }
+
+    fn set_generation(&mut self, generation: u32) -> Result<(), MapsError> {
+        let mut config = self.config()?;
+        config.policy_generation = generation;
+        self.config
+            .set(0, config, 0)
+            .map_err(op(map_names::CONFIG, "write"))
+    }
+}

@@ -1,0 +1,192 @@
+//! Policy evaluation (ipcache, CIDR identities, the policy LPM trie) and conntrack.
+
+use agent_common::{
+    CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED,
+    EndpointInfo, FlowEvent, IDENTITY_ANY, IDENTITY_WORLD, IpcacheValue, POLICY_ALLOW,
+    POLICY_DENY, POLICY_KEY_PREFIX_FULL, PolicyKey, PolicyValue, VERDICT_DROPPED,
+    VERDICT_FORWARDED, drop_reason,
+};
+use aya_ebpf::maps::lpm_trie::Key;
+
+use crate::{NW_CONNTRACK, NW_IPCACHE, NW_POLICY, NW_POLICY_CIDRS};
+
+/// The outcome of evaluating policy for one flow.
+#[derive(Clone, Copy, Default)]
+pub struct Decision {
+    pub verdict: u8,
+    pub drop_reason: u8,
+    pub rule_id: u32,
+    pub peer_identity: u32,
+}
+
+#[inline(always)]
+fn lookup_identity(
+    trie: &aya_ebpf::maps::LpmTrie<[u8; 16], IpcacheValue>,
+    addr: &[u8; 16],
+) -> Option<u32> {
+    trie.get(Key::new(128, *addr)).map(|v| v.identity)
+}
+
+#[inline(always)]
+fn lookup_policy(set_be: u32, peer: u32, direction: u8, protocol: u8, dport_be: u16) -> PolicyValue {
+    let key = Key::new(
+        POLICY_KEY_PREFIX_FULL,
+        PolicyKey {
+            policy_set_be: set_be,
+            peer_identity_be: peer.to_be(),
+            direction,
+            protocol,
+            dport_be,
+        },
+    );
+    // A missing entry reads as verdict 0, which is neither allow nor deny.
+    NW_POLICY.get(key).copied().unwrap_or_default()
+}
+
+/// Evaluates the policy of endpoint `ep` for the flow whose original packet is `key` (its
+/// direction is the policy direction; the peer is the destination for egress, the source for
+/// ingress).
+///
+/// Peers tried: the peer's identity (ipcache, default world), its CIDR identity if any, and the
+/// wildcard 0; for each, the exact protocol and port, then protocol 0 (any). A deny anywhere
+/// wins; else the first allow; else the direction's default.
+///
+/// A separate BPF function (not inlined) so its stack does not add to the caller's; three
+/// pointer arguments because BPF functions take at most five.
+#[inline(never)]
+pub fn evaluate(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
+    let direction = key.direction;
+    let peer = if direction == DIR_EGRESS {
+        &key.daddr
+    } else {
+        &key.saddr
+    };
+    let peer_identity = lookup_identity(&NW_IPCACHE, peer).unwrap_or(IDENTITY_WORLD);
+    let cidr_identity = lookup_identity(&NW_POLICY_CIDRS, peer);
+    let set_be = ep.policy_set.to_be();
+    out.peer_identity = peer_identity;
+
+    let peers = [Some(peer_identity), cidr_identity, Some(IDENTITY_ANY)];
+    let mut allow: Option<u32> = None;
+    for candidate in peers {
+        let Some(candidate) = candidate else { continue };
+        for (proto, port) in [(key.protocol, key.dport_be), (0, 0)] {
+            let v = lookup_policy(set_be, candidate, direction, proto, port);
+            if v.verdict == POLICY_DENY {
+                out.verdict = VERDICT_DROPPED;
+                out.drop_reason = drop_reason::POLICY_DENY;
+                out.rule_id = v.rule_id;
+                return;
+            }
+            if v.verdict == POLICY_ALLOW && allow.is_none() {
+                allow = Some(v.rule_id);
+            }
+        }
+    }
+    if let Some(rule_id) = allow {
+        out.verdict = VERDICT_FORWARDED;
+        out.drop_reason = drop_reason::NONE;
+        out.rule_id = rule_id;
+        return;
+    }
+    let (enforced, default_rule) = if direction == DIR_INGRESS {
+        (ep.flags & EP_INGRESS_ENFORCED != 0, ep.ingress_default_rule)
+    } else {
+        (ep.flags & EP_EGRESS_ENFORCED != 0, ep.egress_default_rule)
+    };
+    if enforced {
+        out.verdict = VERDICT_DROPPED;
+        out.drop_reason = drop_reason::POLICY_DEFAULT_DENY;
+        out.rule_id = default_rule;
+    } else {
+        out.verdict = VERDICT_FORWARDED;
+        out.drop_reason = drop_reason::NONE;
+        out.rule_id = 0;
+    }
+}
+
+#[inline(always)]
+pub const fn opposite(direction: u8) -> u8 {
+    if direction == DIR_INGRESS {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    }
+}
+
+/// The conntrack key of the packet described by `ev`, as seen in `direction`.
+#[inline(always)]
+pub fn ct_key(ev: &FlowEvent, direction: u8) -> CtKey {
+    CtKey {
+        saddr: ev.saddr,
+        daddr: ev.daddr,
+        sport_be: ev.sport_be,
+        dport_be: ev.dport_be,
+        protocol: ev.protocol,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+/// The key a reply to the packet described by `ev` would have been stored under: the reversed
+/// tuple, evaluated in the opposite direction.
+#[inline(always)]
+pub fn ct_reverse_key(ev: &FlowEvent, direction: u8) -> CtKey {
+    CtKey {
+        saddr: ev.daddr,
+        daddr: ev.saddr,
+        sport_be: ev.dport_be,
+        dport_be: ev.sport_be,
+        protocol: ev.protocol,
+        direction: opposite(direction),
+        _pad: [0; 2],
+    }
+}
+
+/// A conntrack entry found for a packet: its value and how it was found.
+pub struct CtHit {
+    pub value: *mut CtValue,
+    /// The entry was created by a packet in the other direction: this packet is a reply.
+    pub is_reply: bool,
+}
+
+#[inline(always)]
+pub fn ct_lookup(key: &CtKey, reverse: &CtKey) -> Option<CtHit> {
+    if let Some(value) = NW_CONNTRACK.get_ptr_mut(key) {
+        return Some(CtHit {
+            value,
+            is_reply: false,
+        });
+    }
+    NW_CONNTRACK.get_ptr_mut(reverse).map(|value| CtHit {
+        value,
+        is_reply: true,
+    })
+}
+
+#[inline(always)]
+pub fn ct_insert(key: &CtKey, value: &CtValue) {
+    // A failed insert only costs a policy evaluation on the next packet.
+    let _ = NW_CONNTRACK.insert(key, value, 0);
+}
+
+/// The conntrack value recording `decision` for a flow of endpoint `ep` whose original
+/// direction is `direction`.
+#[inline(always)]
+pub fn ct_value(ep: &EndpointInfo, direction: u8, decision: &Decision, generation: u32) -> CtValue {
+    let (src_identity, dst_identity) = if direction == DIR_EGRESS {
+        (ep.identity, decision.peer_identity)
+    } else {
+        (decision.peer_identity, ep.identity)
+    };
+    CtValue {
+        generation,
+        rule_id: decision.rule_id,
+        verdict: decision.verdict,
+        drop_reason: decision.drop_reason,
+        _pad: [0; 2],
+        src_identity,
+        dst_identity,
+        _pad2: 0,
+    }
+}

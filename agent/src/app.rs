@@ -1,0 +1,607 @@
+//! The one place the agent is assembled: source, compiler, datapath, flows, API and metrics.
+//! Everything else knows only its inputs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::datapath::loader::Datapath;
+use crate::datapath::maps::PinnedMaps;
+use crate::datapath::sync::{SyncError, Syncer};
+use crate::endpoints::Resolver;
+use crate::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore};
+use crate::identity::IdentityAllocator;
+use crate::metrics::Metrics;
+use crate::policy::{self, PolicyModel};
+use crate::source::Inventory;
+use crate::source::manifests::ManifestSource;
+
+/// The agent's configuration, validated once at start-up.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node: String,
+    pub manifests: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub cgroup: Option<PathBuf>,
+    pub flow_buffer: usize,
+    /// Full resync even without a file event (a safety net for missed notifications).
+    pub resync_interval: Duration,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EndpointStatus {
+    pub pod: String,
+    pub identity: u32,
+    pub ifindex: u32,
+    pub interface: String,
+    pub attached: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Failure {
+    pub object: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PolicyStatus {
+    pub applied: usize,
+    pub failed: Vec<Failure>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncStatus {
+    pub at: String,
+    pub duration_ms: f64,
+    pub policy_entries_added: usize,
+    pub policy_entries_removed: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What `nodeward status` shows; rebuilt after every sync (counters are read live).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub node: String,
+    /// Policy generation in the datapath (bumped by every change that reached the kernel).
+    pub generation: u32,
+    /// Number of completed reconciliations (whether or not they changed anything).
+    pub syncs: u64,
+    pub endpoints: Vec<EndpointStatus>,
+    pub policies: PolicyStatus,
+    pub manifest_errors: Vec<String>,
+    pub maps: Vec<MapFill>,
+    pub identities: usize,
+    pub last_sync: SyncStatus,
+}
+
+/// State shared by the control loop, the flow reader, the API and metrics.
+pub struct Shared {
+    pub node: String,
+    pub flows: FlowStore,
+    pub index: RwLock<Arc<EnrichmentIndex>>,
+    pub status: RwLock<Status>,
+    pub ready: AtomicBool,
+    pub metrics: Metrics,
+    pub counters: Mutex<Option<Box<dyn Fn() -> Vec<u64> + Send>>>,
+    pub syncs: AtomicU64,
+}
+
+impl Shared {
+    /// The status with live datapath counters.
+    #[must_use]
+    pub fn status(&self) -> serde_json::Value {
+        let status = self
+            .status
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut value = serde_json::to_value(status).unwrap_or_default();
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|read| read())
+            .unwrap_or_default();
+        let get = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
+        let drops: BTreeMap<&str, u64> = (1..agent_common::drop_reason::COUNT)
+            .map(|r| {
+                (
+                    agent_common::drop_reason::describe(r),
+                    get(agent_common::COUNTER_DROP_BASE + u32::from(r)),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        value["datapath"] = serde_json::json!({
+            "packets": get(agent_common::COUNTER_PACKETS),
+            "passed": get(agent_common::COUNTER_PASSED),
+            "new_flows": get(agent_common::COUNTER_NEW_FLOWS),
+            "drops": drops,
+        });
+        value["flows"] = serde_json::json!({
+            "stored": self.flows.len(),
+            "total": self.flows.total.load(Ordering::Relaxed),
+            "lost": {
+                "kernel_ring_full": get(agent_common::COUNTER_EVENTS_LOST),
+                "store_overwritten": self.flows.lost.store_overwritten.load(Ordering::Relaxed),
+                "follower_lagged": self.flows.lost.follower_lagged.load(Ordering::Relaxed),
+            },
+        });
+        value
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM. Pinned state stays behind and keeps enforcing.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
+    if !config.manifests.is_dir() {
+        anyhow::bail!(
+            "--manifests {}: not a directory",
+            config.manifests.display()
+        );
+    }
+    let mut datapath = Datapath::open(Some(&config.bpffs_dir))
+        .with_context(|| format!("loading the datapath (pinned under {})", config.bpffs_dir.display()))?;
+    // The sync and the flow reader get their own handles on the pinned maps; the loader keeps
+    // its own for the programs.
+    let mut maps = PinnedMaps::from_pins(&config.bpffs_dir.join("maps"))
+        .context("opening the pinned datapath maps")?;
+    let events = maps.take_events().context("opening the flow event ring buffer")?;
+    let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
+    tracing::info!(
+        node = %config.node,
+        bpffs = %config.bpffs_dir.display(),
+        adopted_endpoints = syncer.endpoints().len(),
+        generation = syncer.generation(),
+        "datapath loaded"
+    );
+    let syncer = Arc::new(Mutex::new(syncer));
+    let metrics = Metrics::new().context("creating metrics")?;
+    let shared = Arc::new(Shared {
+        node: config.node.clone(),
+        flows: FlowStore::new(config.flow_buffer),
+        index: RwLock::new(Arc::new(EnrichmentIndex {
+            node_name: config.node.clone(),
+            ..EnrichmentIndex::default()
+        })),
+        status: RwLock::new(Status {
+            node: config.node.clone(),
+            ..Status::default()
+        }),
+        ready: AtomicBool::new(false),
+        metrics,
+        counters: Mutex::new(None),
+        syncs: AtomicU64::new(0),
+    });
+    {
+        let syncer = syncer.clone();
+        *shared.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Box::new(move || {
+                syncer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .maps()
+                    .counters()
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default()
+            }));
+    }
+
+    let listener = crate::api::bind(&config.api_socket).await?;
+    tokio::spawn(crate::api::serve(listener, shared.clone()));
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
+    tokio::spawn(crate::metrics::serve(metrics_listener, shared.clone()));
+    tokio::spawn(read_events(events, shared.clone()));
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = watch(&config.manifests, tx).context("watching the manifests directory")?;
+
+    let identities_path = config.state_dir.join("identities.json");
+    let identities = IdentityAllocator::load(&identities_path)
+        .with_context(|| format!("reading {}", identities_path.display()))?;
+    let mut control = Control {
+        source: ManifestSource::new(&config.manifests),
+        identities,
+        identities_path,
+        last_good: BTreeMap::new(),
+        reported: BTreeSet::new(),
+        resolver: Resolver::default(),
+        syncer,
+        shared: shared.clone(),
+        node: config.node.clone(),
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        control.reconcile(&mut datapath);
+        tokio::select! {
+            _ = rx.recv() => {
+                // Let an editor's write-rename-chmod burst settle into one sync.
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                while rx.try_recv().is_ok() {}
+            }
+            () = tokio::time::sleep(config.resync_interval) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    tracing::info!("stopping; pinned programs and maps keep enforcing");
+    let _ = std::fs::remove_file(&config.api_socket);
+    Ok(())
+}
+
+fn watch(
+    dir: &std::path::Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // Full channel: a sync is already pending and will see this change too.
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::Recursive)?;
+    Ok(watcher)
+}
+
+async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>) {
+    let clock = Clock::new();
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
+    // always reports that same fd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot poll the flow ring buffer; no flows will be recorded");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "polling the flow ring buffer failed");
+                return;
+            }
+        };
+        let index = shared
+            .index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<agent_common::FlowEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a FlowEvent (checked size); read_unaligned copes with
+            // the ring's 8-byte alignment of records.
+            let event: agent_common::FlowEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            let flow = crate::flows::from_event(&event, &index, &clock);
+            shared.metrics.observe_flow(&flow);
+            shared.flows.push(flow);
+        }
+        guard.clear_ready();
+    }
+}
+
+struct Control {
+    source: ManifestSource,
+    identities: IdentityAllocator,
+    identities_path: PathBuf,
+    /// The last version of each policy that translated cleanly, by `Kind ns/name`.
+    last_good: BTreeMap<String, PolicyModel>,
+    /// Error lines already logged, so each is reported once.
+    reported: BTreeSet<String>,
+    resolver: Resolver,
+    syncer: Arc<Mutex<Syncer<PinnedMaps>>>,
+    shared: Arc<Shared>,
+    node: String,
+}
+
+impl Control {
+    fn report(&mut self, line: String) {
+        if self.reported.insert(line.clone()) {
+            tracing::error!("{line}");
+        }
+    }
+
+    fn reconcile(&mut self, datapath: &mut Datapath) {
+        let started = Instant::now();
+        let loaded = self.source.load();
+        let mut current_errors: BTreeSet<String> = BTreeSet::new();
+        let manifest_errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        for line in &manifest_errors {
+            current_errors.insert(line.clone());
+            self.report(line.clone());
+        }
+        let inv = loaded.inventory;
+        let failures = self.translate_policies(&inv, &mut current_errors);
+        // Forget what no longer fails, so it is reported again if it breaks again.
+        self.reported.retain(|l| current_errors.contains(l));
+
+        let models: Vec<PolicyModel> = self.last_good.values().cloned().collect();
+        let compiled = policy::compile(&self.node, &inv, &models, &mut self.identities);
+
+        let mut endpoints = Vec::new();
+        let mut desired = BTreeMap::new();
+        let mut interfaces = BTreeMap::new();
+        for (pod, ep) in &compiled.endpoints {
+            let addr = ep.ipv4.map(IpAddr::V4).or(ep.ipv6.map(IpAddr::V6));
+            let mut status = EndpointStatus {
+                pod: pod.to_string(),
+                identity: ep.identity,
+                ..EndpointStatus::default()
+            };
+            match addr.map(|a| self.resolver.resolve(a)) {
+                Some(Ok(iface)) => {
+                    status.ifindex = iface.ifindex;
+                    status.interface.clone_from(&iface.name);
+                    desired.insert(iface.ifindex, ep);
+                    interfaces.insert(iface.ifindex, iface.name);
+                }
+                Some(Err(e)) => status.error = Some(e.to_string()),
+                None => status.error = Some("the pod has no IP yet".into()),
+            }
+            endpoints.push(status);
+        }
+        let addrs: BTreeSet<IpAddr> = compiled
+            .endpoints
+            .values()
+            .flat_map(|e| [e.ipv4.map(IpAddr::V4), e.ipv6.map(IpAddr::V6)])
+            .flatten()
+            .collect();
+        self.resolver.retain(|a| addrs.contains(a));
+
+        let syncer_handle = self.syncer.clone();
+        let mut syncer = syncer_handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = syncer.apply(&desired, &compiled.ipcache, &compiled.policy_cidrs);
+        let mut sync_error = None;
+        match &result {
+            Ok(stats) => {
+                self.shared.metrics.observe_sync(stats.duration);
+                if stats.changed() {
+                    tracing::info!(
+                        generation = stats.generation,
+                        added = stats.policy_added,
+                        removed = stats.policy_removed,
+                        ipcache = stats.ipcache_changed,
+                        endpoints = stats.endpoints_changed,
+                        switched = stats.policy_sets_switched,
+                        micros = u64::try_from(stats.duration.as_micros()).unwrap_or(u64::MAX),
+                        "policy synced"
+                    );
+                }
+            }
+            Err(e @ SyncError::Overflow { .. }) => {
+                let line = format!("policy set rejected: {e}");
+                current_errors.insert(line.clone());
+                self.report(line.clone());
+                sync_error = Some(line);
+            }
+            Err(e) => {
+                let line = format!("writing the datapath maps failed: {e}");
+                self.report(line.clone());
+                sync_error = Some(line);
+            }
+        }
+        // Programs go on only where the maps already know the endpoint (else its packets
+        // would be dropped as unknown), and come off only once the maps forgot it.
+        let in_maps: BTreeSet<u32> = syncer.endpoints().keys().copied().collect();
+        let fill = syncer.fill();
+        let generation = syncer.generation();
+        drop(syncer);
+        for status in &mut endpoints {
+            if !in_maps.contains(&status.ifindex) || status.ifindex == 0 {
+                continue;
+            }
+            match datapath.attach(status.ifindex, &status.interface) {
+                Ok(()) => status.attached = true,
+                Err(e) => {
+                    let line = format!("attaching to {} ({}): {e}", status.interface, status.pod);
+                    self.report(line.clone());
+                    status.error = Some(line);
+                }
+            }
+        }
+        let wanted: BTreeSet<&str> = interfaces
+            .iter()
+            .filter(|(i, _)| in_maps.contains(i))
+            .map(|(_, n)| n.as_str())
+            .collect();
+        for name in datapath.attached().unwrap_or_default() {
+            if !wanted.contains(name.as_str()) && result.is_ok() {
+                if let Err(e) = datapath.detach(&name) {
+                    self.report(format!("detaching from {name}: {e}"));
+                }
+            }
+        }
+        if let Err(e) = self.identities.save(&self.identities_path) {
+            self.report(format!("saving {}: {e}", self.identities_path.display()));
+        }
+        self.publish(&inv, &compiled, endpoints, failures, manifest_errors, fill, generation, sync_error, started);
+        if result.is_ok() && !self.shared.ready.swap(true, Ordering::SeqCst) {
+            tracing::info!(node = %self.node, "first sync done: ready");
+        }
+    }
+
+    /// Translates every policy; a failure keeps the last good version and is reported.
+    fn translate_policies(&mut self, inv: &Inventory, errors: &mut BTreeSet<String>) -> Vec<Failure> {
+        let mut seen = BTreeSet::new();
+        let mut failures = Vec::new();
+        let mut outcomes = Vec::new();
+        for (r, np) in &inv.network_policies {
+            outcomes.push((format!("NetworkPolicy {r}"), policy::translate_network_policy(np)));
+        }
+        for (r, mp) in &inv.mesh_policies {
+            outcomes.push((format!("MeshPolicy {r}"), policy::translate_mesh_policy(mp)));
+        }
+        for (name, cmp) in &inv.cluster_mesh_policies {
+            outcomes.push((
+                format!("ClusterMeshPolicy {name}"),
+                policy::translate_cluster_mesh_policy(cmp),
+            ));
+        }
+        for (key, outcome) in outcomes {
+            seen.insert(key.clone());
+            match outcome {
+                Ok(model) => {
+                    self.last_good.insert(key, model);
+                }
+                Err(e) => {
+                    let file = inv
+                        .origins
+                        .get(&key)
+                        .map(|p| format!("{}: ", p.display()))
+                        .unwrap_or_default();
+                    let kept = if self.last_good.contains_key(&key) {
+                        " (the previous version stays enforced)"
+                    } else {
+                        ""
+                    };
+                    let line = format!("{file}{e}{kept}");
+                    errors.insert(line.clone());
+                    self.report(line.clone());
+                    failures.push(Failure {
+                        object: key,
+                        error: line,
+                    });
+                }
+            }
+        }
+        self.last_good.retain(|k, _| seen.contains(k));
+        failures
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one call site, assembling one status")]
+    fn publish(
+        &self,
+        inv: &Inventory,
+        compiled: &policy::CompiledState,
+        endpoints: Vec<EndpointStatus>,
+        failures: Vec<Failure>,
+        manifest_errors: Vec<String>,
+        fill: [(&'static str, usize, u32); 4],
+        generation: u32,
+        sync_error: Option<String>,
+        started: Instant,
+    ) {
+        let mut index = EnrichmentIndex {
+            node_name: self.node.clone(),
+            rules: compiled.rules.clone(),
+            ..EnrichmentIndex::default()
+        };
+        for (r, pod) in &inv.pods {
+            let labels: Vec<String> = pod
+                .metadata
+                .labels
+                .iter()
+                .flatten()
+                .map(|(k, v)| format!("k8s:{k}={v}"))
+                .chain(std::iter::once(format!("k8s:io.kubernetes.pod.namespace={}", r.namespace)))
+                .collect();
+            let ips = pod
+                .status
+                .iter()
+                .flat_map(|s| {
+                    s.pod_ips
+                        .iter()
+                        .flatten()
+                        .map(|i| i.ip.clone())
+                        .chain(s.pod_ip.clone())
+                })
+                .filter_map(|ip| ip.parse::<IpAddr>().ok());
+            for ip in ips {
+                index.addresses.insert(
+                    ip,
+                    AddressInfo {
+                        namespace: r.namespace.clone(),
+                        pod_name: r.name.clone(),
+                        labels: labels.clone(),
+                    },
+                );
+            }
+        }
+        let named = (1..agent_common::IDENTITY_FIRST_ALLOCATED)
+            .filter_map(|id| crate::identity::reserved_name(id).map(|n| (id, format!("reserved:{n}"))))
+            .chain(compiled.policy_cidrs.iter().map(|(net, id)| (*id, format!("cidr:{net}"))));
+        for (id, label) in named {
+            index.identity_labels.entry(id).or_default().push(label);
+        }
+        *self
+            .shared
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(index);
+        let syncs = self.shared.syncs.fetch_add(1, Ordering::SeqCst) + 1;
+        let maps: Vec<MapFill> = fill
+            .iter()
+            .map(|(name, entries, capacity)| MapFill {
+                name: (*name).to_owned(),
+                entries: *entries,
+                capacity: *capacity,
+            })
+            .collect();
+        self.shared.metrics.observe_state(
+            endpoints.iter().filter(|e| e.attached).count(),
+            self.identities.len(),
+            &maps,
+        );
+        let status = Status {
+            ready: self.shared.ready.load(Ordering::SeqCst) || sync_error.is_none(),
+            node: self.node.clone(),
+            generation,
+            syncs,
+            endpoints,
+            policies: PolicyStatus {
+                applied: self.last_good.len(),
+                failed: failures,
+            },
+            manifest_errors,
+            maps,
+            identities: self.identities.len(),
+            last_sync: SyncStatus {
+                at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                policy_entries_added: 0,
+                policy_entries_removed: 0,
+                error: sync_error,
+            },
+        };
+        *self
+            .shared
+            .status
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+    }
+}

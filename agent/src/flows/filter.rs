@@ -1,0 +1,236 @@
+//! Flow filters, evaluated in the agent so a client receives only what it asked for.
+
+use std::time::SystemTime;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::{Endpoint, Flow};
+
+/// `[namespace/]name-prefix`; without a namespace any namespace matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMatch {
+    pub namespace: Option<String>,
+    pub name_prefix: String,
+}
+
+impl PodMatch {
+    #[must_use]
+    pub fn parse(s: &str) -> Self {
+        match s.split_once('/') {
+            Some((ns, name)) => Self {
+                namespace: Some(ns.to_owned()),
+                name_prefix: name.to_owned(),
+            },
+            None => Self {
+                namespace: None,
+                name_prefix: s.to_owned(),
+            },
+        }
+    }
+
+    fn matches(&self, e: &Endpoint) -> bool {
+        !e.pod_name.is_empty()
+            && self.namespace.as_ref().is_none_or(|ns| *ns == e.namespace)
+            && e.pod_name.starts_with(&self.name_prefix)
+    }
+}
+
+/// The protocols `--protocol` accepts.
+pub const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6"];
+/// The verdicts `--verdict` accepts.
+pub const VERDICTS: &[&str] = &["FORWARDED", "DROPPED"];
+
+/// All set fields must match (AND).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlowFilter {
+    pub verdict: Option<String>,
+    pub from_pod: Option<PodMatch>,
+    pub to_pod: Option<PodMatch>,
+    /// Either end.
+    pub pod: Option<PodMatch>,
+    /// Either end.
+    pub namespace: Option<String>,
+    pub from_ip: Option<IpNet>,
+    pub to_ip: Option<IpNet>,
+    /// Either port.
+    pub port: Option<u16>,
+    pub protocol: Option<String>,
+    pub identity: Option<u32>,
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+}
+
+/// A filter value that is not one of the accepted ones.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {what} {value:?}: expected one of {}", .valid.join(", "))]
+pub struct InvalidFilter {
+    pub what: &'static str,
+    pub value: String,
+    pub valid: Vec<String>,
+}
+
+impl FlowFilter {
+    /// Normalises case and rejects values that could never match, listing the valid ones.
+    pub fn validate(&mut self) -> Result<(), InvalidFilter> {
+        if let Some(v) = &self.verdict {
+            let upper = v.to_uppercase();
+            if !VERDICTS.contains(&upper.as_str()) {
+                return Err(InvalidFilter {
+                    what: "verdict",
+                    value: v.clone(),
+                    valid: VERDICTS.iter().map(|s| (*s).to_owned()).collect(),
+                });
+            }
+            self.verdict = Some(upper);
+        }
+        if let Some(p) = &self.protocol {
+            let found = PROTOCOLS
+                .iter()
+                .find(|known| known.eq_ignore_ascii_case(p) || (p.eq_ignore_ascii_case("icmp") && **known == "ICMPv4"));
+            match found {
+                Some(known) => self.protocol = Some((*known).to_owned()),
+                None => {
+                    return Err(InvalidFilter {
+                        what: "protocol",
+                        value: p.clone(),
+                        valid: PROTOCOLS.iter().map(|s| (*s).to_owned()).collect(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn matches(&self, flow: &Flow) -> bool {
+        let ports = flow.ports();
+        self.verdict.as_ref().is_none_or(|v| *v == flow.verdict)
+            && self.from_pod.as_ref().is_none_or(|m| m.matches(&flow.source))
+            && self.to_pod.as_ref().is_none_or(|m| m.matches(&flow.destination))
+            && self
+                .pod
+                .as_ref()
+                .is_none_or(|m| m.matches(&flow.source) || m.matches(&flow.destination))
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == flow.source.namespace || *ns == flow.destination.namespace)
+            && self.from_ip.is_none_or(|net| net.contains(&flow.ip.source))
+            && self.to_ip.is_none_or(|net| net.contains(&flow.ip.destination))
+            && self.port.is_none_or(|p| {
+                ports.is_some_and(|ports| ports.source_port == p || ports.destination_port == p)
+            })
+            && self
+                .protocol
+                .as_ref()
+                .is_none_or(|p| p == flow.protocol_name())
+            && self
+                .identity
+                .is_none_or(|id| flow.source.identity == id || flow.destination.identity == id)
+            && self
+                .since
+                .is_none_or(|t| flow.system_time().is_some_and(|ft| ft >= t))
+            && self
+                .until
+                .is_none_or(|t| flow.system_time().is_some_and(|ft| ft <= t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::{Ip, L4, Ports};
+
+    fn flow(src_pod: &str, dst_ip: &str, port: u16, verdict: &str) -> Flow {
+        Flow {
+            time: "2026-11-22T10:00:00.000000000Z".into(),
+            verdict: verdict.into(),
+            drop_reason_desc: String::new(),
+            ip: Ip {
+                source: "10.0.0.2".parse().unwrap(),
+                destination: dst_ip.parse().unwrap(),
+                ip_version: "IPv4".into(),
+            },
+            l4: L4 {
+                tcp: Some(Ports {
+                    source_port: 40000,
+                    destination_port: port,
+                    ..Ports::default()
+                }),
+                ..L4::default()
+            },
+            source: Endpoint {
+                namespace: "prod".into(),
+                pod_name: src_pod.into(),
+                identity: 300,
+                ..Endpoint::default()
+            },
+            destination: Endpoint::default(),
+            traffic_direction: "EGRESS".into(),
+            is_reply: false,
+            node_name: "n1".into(),
+            kind: "L3_L4".into(),
+            policy: None,
+            summary: String::new(),
+        }
+    }
+
+    #[test]
+    fn each_filter_narrows() {
+        let a = flow("web-1", "10.0.1.3", 8080, "FORWARDED");
+        let b = flow("api-1", "10.0.2.3", 9090, "DROPPED");
+        let pick = |f: FlowFilter| -> Vec<bool> { vec![f.matches(&a), f.matches(&b)] };
+        assert_eq!(pick(FlowFilter::default()), [true, true]);
+        let mut f = FlowFilter {
+            verdict: Some("dropped".into()),
+            ..FlowFilter::default()
+        };
+        f.validate().unwrap();
+        assert_eq!(pick(f), [false, true]);
+        assert_eq!(
+            pick(FlowFilter {
+                from_pod: Some(PodMatch::parse("prod/web")),
+                ..FlowFilter::default()
+            }),
+            [true, false]
+        );
+        assert_eq!(
+            pick(FlowFilter {
+                to_ip: Some("10.0.2.0/24".parse().unwrap()),
+                ..FlowFilter::default()
+            }),
+            [false, true]
+        );
+        assert_eq!(
+            pick(FlowFilter {
+                port: Some(8080),
+                ..FlowFilter::default()
+            }),
+            [true, false]
+        );
+        assert_eq!(
+            pick(FlowFilter {
+                from_pod: Some(PodMatch::parse("other/web")),
+                ..FlowFilter::default()
+            }),
+            [false, false]
+        );
+    }
+
+    #[test]
+    fn unknown_values_are_errors_that_list_the_valid_ones() {
+        let mut f = FlowFilter {
+            protocol: Some("tcpp".into()),
+            ..FlowFilter::default()
+        };
+        let err = f.validate().unwrap_err().to_string();
+        assert!(err.contains("TCP, UDP"), "{err}");
+        let mut f = FlowFilter {
+            verdict: Some("ALLOWED".into()),
+            ..FlowFilter::default()
+        };
+        assert!(f.validate().unwrap_err().to_string().contains("FORWARDED, DROPPED"));
+    }
+}

@@ -1,0 +1,1293 @@
+//! The compiler: inventory plus translated policies to the [`CompiledState`] of one node.
+//!
+//! How the datapath reads the output (and how the reference evaluator in the tests reads it):
+//! the peer's identity is the longest ipcache match of its address (world when none); its CIDR
+//! identity is the longest `policy_cidrs` match, if any. The endpoint's slices are looked up for
+//! peer in {identity, CIDR identity, 0} and protocol in {protocol, 0}, each with a longest
+//! port-prefix match; any deny wins, then any allow; otherwise the endpoint's default deny for
+//! that direction applies, if it has one, and the flow passes if not.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use agent_common::{
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_KUBE_APISERVER,
+    IDENTITY_REMOTE_NODE, IDENTITY_UNMANAGED, IDENTITY_WORLD, POLICY_ALLOW, POLICY_DENY,
+};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+
+use super::compiled::{CompiledState, EndpointPolicy, ObjectRef, PortEntry, RuleInfo, SliceKey};
+use super::mesh::{translate_cluster_mesh_policy, translate_mesh_policy};
+use super::model::{
+    Action, Direction, Entity, Peer, PolicyError, PolicyModel, PortSpec, PROTO_TCP,
+};
+use super::netpol::translate_network_policy;
+use crate::identity::{IdentityAllocator, Labels, security_labels};
+use crate::source::Inventory;
+
+/// Name of the pseudo-rule that stands for a policy's default deny.
+pub const DEFAULT_DENY_RULE: &str = "default-deny";
+
+/// Translates every policy of the inventory (NetworkPolicies, MeshPolicies, then
+/// ClusterMeshPolicies, each in key order).
+///
+/// # Errors
+/// Every policy that does not translate; the caller keeps its last good state (never half a
+/// policy set).
+pub fn translate_inventory(inv: &Inventory) -> Result<Vec<PolicyModel>, Vec<PolicyError>> {
+    let results = inv
+        .network_policies
+        .values()
+        .map(translate_network_policy)
+        .chain(inv.mesh_policies.values().map(translate_mesh_policy))
+        .chain(
+            inv.cluster_mesh_policies
+                .values()
+                .map(translate_cluster_mesh_policy),
+        );
+    let (mut ok, mut errors) = (Vec::new(), Vec::new());
+    for r in results {
+        match r {
+            Ok(m) => ok.push(m),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() { Ok(ok) } else { Err(errors) }
+}
+
+/// A pod that can send or receive: it has an address and is neither finished nor on the host
+/// network.
+struct Workload<'a> {
+    key: &'a ObjectRef,
+    pod: &'a Pod,
+    labels: Labels,
+    identity: u32,
+    ips: Vec<IpAddr>,
+    local: bool,
+}
+
+fn workloads<'a>(
+    node_name: &str,
+    inv: &'a Inventory,
+    ids: &mut IdentityAllocator,
+) -> Vec<Workload<'a>> {
+    let mut out = Vec::new();
+    for (key, pod) in &inv.pods {
+        let status = pod.status.as_ref();
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
+            continue;
+        }
+        let spec = pod.spec.as_ref();
+        // A host-network pod has the node's address and identity; it is not an endpoint.
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            continue;
+        }
+        let mut ips: Vec<IpAddr> = Vec::new();
+        let listed = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| p.ip.as_str());
+        for ip in status
+            .and_then(|s| s.pod_ip.as_deref())
+            .into_iter()
+            .chain(listed)
+        {
+            if let Ok(ip) = ip.parse::<IpAddr>() {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+        }
+        if ips.is_empty() {
+            continue;
+        }
+        let ns = pod.metadata.namespace.as_deref().unwrap_or(&key.namespace);
+        let labels = security_labels(pod, inv.namespaces.get(ns));
+        let identity = ids.allocate(&labels);
+        out.push(Workload {
+            key,
+            pod,
+            labels,
+            identity,
+            ips,
+            local: spec.and_then(|s| s.node_name.as_deref()) == Some(node_name),
+        });
+    }
+    out
+}
+
+/// FNV-1a, 32 bits.
+fn fnv1a(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// Stable rule id of `kind/ns/name/rule`: FNV-1a 32, never 0. A collision with an id already
+/// taken moves to the next free number (deterministic, since rules are numbered in sorted order).
+fn rule_id(rules: &mut BTreeMap<u32, RuleInfo>, info: RuleInfo) -> u32 {
+    let mut id = fnv1a(&format!(
+        "{}/{}/{}/{}",
+        info.kind, info.namespace, info.name, info.rule
+    ));
+    loop {
+        if id != 0 {
+            match rules.get(&id) {
+                None => break,
+                Some(existing) if *existing == info => return id,
+                Some(_) => {}
+            }
+        }
+        id = id.wrapping_add(1);
+    }
+    rules.insert(id, info);
+    id
+}
+
+/// Compiles the state of node `node_name`. Allocates identities for every pod with an address
+/// and every policy CIDR, then releases (`gc`) every identity no longer used.
+#[must_use]
+pub fn compile(
+    node_name: &str,
+    inv: &Inventory,
+    policies: &[PolicyModel],
+    ids: &mut IdentityAllocator,
+) -> CompiledState {
+    let mut state = CompiledState::default();
+    let workloads = workloads(node_name, inv, ids);
+
+    // ipcache: node addresses first, so that they win over a pod claiming the same address.
+    for (name, node) in &inv.nodes {
+        let id = if name == node_name {
+            IDENTITY_HOST
+        } else {
+            IDENTITY_REMOTE_NODE
+        };
+        let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+        for a in addresses.into_iter().flatten() {
+            if let Ok(ip) = a.address.parse::<IpAddr>() {
+                state.ipcache.entry(IpNet::from(ip)).or_insert(id);
+            }
+        }
+    }
+    for w in &workloads {
+        for ip in &w.ips {
+            state.ipcache.entry(IpNet::from(*ip)).or_insert(w.identity);
+        }
+    }
+
+    // Pods by identity, for selectors and named ports.
+    let mut by_identity: BTreeMap<u32, Vec<&Workload<'_>>> = BTreeMap::new();
+    for w in &workloads {
+        by_identity.entry(w.identity).or_default().push(w);
+    }
+
+    // Policy CIDRs: every cidr and except prefix gets its own identity.
+    for p in policies {
+        for r in &p.rules {
+            for peer in &r.peers {
+                if let Peer::Cidr { net, except } = peer {
+                    for n in std::iter::once(net).chain(except) {
+                        state.policy_cidrs.insert(*n, ids.allocate_cidr(*n));
+                    }
+                }
+            }
+        }
+    }
+
+    // Policies in a stable order, with their rule ids.
+    let mut order: Vec<&PolicyModel> = policies.iter().collect();
+    order.sort_by(|a, b| a.origin.cmp(&b.origin));
+    let compiled: Vec<CompiledPolicy<'_>> = order
+        .iter()
+        .map(|p| {
+            let info = |rule: &str| RuleInfo {
+                kind: p.origin.kind.as_str().to_owned(),
+                namespace: p.origin.namespace.clone(),
+                name: p.origin.name.clone(),
+                rule: rule.to_owned(),
+            };
+            let default_deny = rule_id(&mut state.rules, info(DEFAULT_DENY_RULE));
+            let rules = p
+                .rules
+                .iter()
+                .map(|r| CompiledRule {
+                    id: rule_id(&mut state.rules, info(&r.name)),
+                    peers: r
+                        .peers
+                        .iter()
+                        .flat_map(|peer| {
+                            resolve_peer(peer, &by_identity, &state.policy_cidrs)
+                        })
+                        .collect(),
+                    rule: r,
+                })
+                .collect();
+            CompiledPolicy {
+                model: p,
+                default_deny,
+                rules,
+            }
+        })
+        .collect();
+
+    for w in workloads.iter().filter(|w| w.local) {
+        let ns = w.key.namespace.as_str();
+        let mut ep = EndpointPolicy {
+            identity: w.identity,
+            ipv4: w.ips.iter().find_map(|ip| match ip {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            }),
+            ipv6: w.ips.iter().find_map(|ip| match ip {
+                IpAddr::V6(a) => Some(*a),
+                IpAddr::V4(_) => None,
+            }),
+            ..EndpointPolicy::default()
+        };
+        let mut segments: BTreeMap<SliceKey, Vec<Segment>> = BTreeMap::new();
+        for cp in &compiled {
+            let subject = &cp.model.subject;
+            if subject.namespace.as_deref().is_some_and(|n| n != ns)
+                || !subject.selector.matches(&w.labels)
+            {
+                continue;
+            }
+            if cp.model.ingress_enforced && ep.ingress_default_deny.is_none() {
+                ep.ingress_default_deny = Some(cp.default_deny);
+            }
+            if cp.model.egress_enforced && ep.egress_default_deny.is_none() {
+                ep.egress_default_deny = Some(cp.default_deny);
+            }
+            for cr in &cp.rules {
+                add_rule(&mut segments, cr, w, &by_identity);
+            }
+        }
+        ep.slices = segments
+            .into_iter()
+            .map(|(key, segs)| (key, resolve(&segs)))
+            .filter(|(_, entries)| !entries.is_empty())
+            .collect();
+        state.endpoints.insert(w.key.clone(), ep);
+    }
+
+    let in_use: BTreeSet<u32> = workloads
+        .iter()
+        .map(|w| w.identity)
+        .chain(state.policy_cidrs.values().copied())
+        .collect();
+    ids.gc(&in_use);
+    state
+}
+
+struct CompiledPolicy<'a> {
+    model: &'a PolicyModel,
+    default_deny: u32,
+    rules: Vec<CompiledRule<'a>>,
+}
+
+struct CompiledRule<'a> {
+    rule: &'a super::model::Rule,
+    id: u32,
+    /// Peer identities (pod, reserved, CIDR; 0 for any).
+    peers: BTreeSet<u32>,
+}
+
+/// The identities a peer stands for.
+fn resolve_peer(
+    peer: &Peer,
+    by_identity: &BTreeMap<u32, Vec<&Workload<'_>>>,
+    policy_cidrs: &BTreeMap<IpNet, u32>,
+) -> BTreeSet<u32> {
+    match peer {
+        Peer::Any => BTreeSet::from([IDENTITY_ANY]),
+        Peer::Endpoints(sel) => by_identity
+            .iter()
+            .filter(|(_, ws)| sel.matches(&ws[0].labels))
+            .map(|(id, _)| *id)
+            .collect(),
+        Peer::Entity(Entity::World) => BTreeSet::from([IDENTITY_WORLD]),
+        Peer::Entity(Entity::Host) => BTreeSet::from([IDENTITY_HOST]),
+        Peer::Entity(Entity::RemoteNode) => BTreeSet::from([IDENTITY_REMOTE_NODE]),
+        Peer::Entity(Entity::KubeApiserver) => BTreeSet::from([IDENTITY_KUBE_APISERVER]),
+        Peer::Entity(Entity::Cluster) => by_identity
+            .keys()
+            .copied()
+            .chain([IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_UNMANAGED])
+            .collect(),
+        // Exact under longest-prefix match: an address's longest policy prefix P is inside `net`
+        // and inside no except exactly when the address is in `net` and in no except.
+        Peer::Cidr { net, except } => policy_cidrs
+            .iter()
+            .filter(|(p, _)| net.contains(*p) && !except.iter().any(|e| e.contains(*p)))
+            .map(|(_, id)| *id)
+            .collect(),
+    }
+}
+
+/// A port interval of one slice with its verdict, before deny-wins resolution.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    first: u16,
+    last: u16,
+    verdict: u8,
+    rule_id: u32,
+}
+
+const ALL_PORTS: (u16, u16) = (0, u16::MAX);
+
+fn add_rule(
+    segments: &mut BTreeMap<SliceKey, Vec<Segment>>,
+    cr: &CompiledRule<'_>,
+    endpoint: &Workload<'_>,
+    by_identity: &BTreeMap<u32, Vec<&Workload<'_>>>,
+) {
+    let rule = cr.rule;
+    let direction = rule.direction.as_u8();
+    let verdict = match rule.action {
+        Action::Allow => POLICY_ALLOW,
+        Action::Deny => POLICY_DENY,
+    };
+    let mut push = |peer: u32, protocol: u8, (first, last): (u16, u16)| {
+        segments
+            .entry(SliceKey {
+                peer_identity: peer,
+                direction,
+                protocol,
+            })
+            .or_default()
+            .push(Segment {
+                first,
+                last,
+                verdict,
+                rule_id: cr.id,
+            });
+    };
+    if rule.ports.is_empty() {
+        for peer in &cr.peers {
+            push(*peer, 0, ALL_PORTS);
+        }
+        return;
+    }
+    for spec in &rule.ports {
+        match spec {
+            PortSpec::AllOf(protocol) => {
+                for peer in &cr.peers {
+                    push(*peer, *protocol, ALL_PORTS);
+                }
+            }
+            PortSpec::Range {
+                protocol,
+                first,
+                last,
+            } => {
+                for peer in &cr.peers {
+                    push(*peer, *protocol, (*first, *last));
+                }
+            }
+            PortSpec::Named { protocol, name } => match rule.direction {
+                // The port is the endpoint's own.
+                Direction::Ingress => {
+                    for port in named_ports(endpoint.pod, name, *protocol) {
+                        for peer in &cr.peers {
+                            push(*peer, *protocol, (port, port));
+                        }
+                    }
+                }
+                // The port is the peer's: resolve it per peer identity on the pods that have
+                // that identity. "Any" stands for every pod identity here; reserved and CIDR
+                // identities have no named ports.
+                Direction::Egress => {
+                    let pods: Box<dyn Iterator<Item = u32>> =
+                        if cr.peers.contains(&IDENTITY_ANY) {
+                            Box::new(by_identity.keys().copied())
+                        } else {
+                            Box::new(cr.peers.iter().copied())
+                        };
+                    for peer in pods {
+                        let ports: BTreeSet<u16> = by_identity
+                            .get(&peer)
+                            .into_iter()
+                            .flatten()
+                            .flat_map(|w| named_ports(w.pod, name, *protocol))
+                            .collect();
+                        for port in ports {
+                            push(peer, *protocol, (port, port));
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The numbers of a pod's container ports called `name` with `protocol` (default TCP).
+fn named_ports(pod: &Pod, name: &str, protocol: u8) -> BTreeSet<u16> {
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice());
+    containers
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.name.as_deref() == Some(name))
+        .filter(|p| {
+            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => PROTO_TCP,
+                "UDP" => super::model::PROTO_UDP,
+                "SCTP" => super::model::PROTO_SCTP,
+                _ => 0,
+            };
+            proto == protocol
+        })
+        .filter_map(|p| u16::try_from(p.container_port).ok().filter(|n| *n != 0))
+        .collect()
+}
+
+/// Deny wins: splits the slice's intervals into disjoint pieces, each with the verdict deny if
+/// any deny covers it, else allow; merges adjacent pieces of the same verdict (taking the lowest
+/// rule id, so the choice is deterministic), and emits minimal port prefixes.
+fn resolve(segments: &[Segment]) -> Vec<PortEntry> {
+    let mut bounds: BTreeSet<u32> = BTreeSet::new();
+    for s in segments {
+        bounds.insert(u32::from(s.first));
+        bounds.insert(u32::from(s.last) + 1);
+    }
+    let bounds: Vec<u32> = bounds.into_iter().collect();
+    // (first, last, verdict, rule id), disjoint and increasing.
+    let mut pieces: Vec<(u32, u32, u8, u32)> = Vec::new();
+    for pair in bounds.windows(2) {
+        let (lo, hi) = (pair[0], pair[1] - 1);
+        let covering = segments
+            .iter()
+            .filter(|s| u32::from(s.first) <= lo && hi <= u32::from(s.last));
+        let mut best: Option<(u8, u32)> = None;
+        for s in covering {
+            best = Some(match best {
+                None => (s.verdict, s.rule_id),
+                Some((v, r)) if v == s.verdict => (v, r.min(s.rule_id)),
+                Some((v, r)) if v == POLICY_DENY => (v, r),
+                Some(_) => (s.verdict, s.rule_id),
+            });
+        }
+        let Some((verdict, rule_id)) = best else {
+            continue;
+        };
+        match pieces.last_mut() {
+            Some(last) if last.1 + 1 == lo && last.2 == verdict => {
+                last.1 = hi;
+                last.3 = last.3.min(rule_id);
+            }
+            _ => pieces.push((lo, hi, verdict, rule_id)),
+        }
+    }
+    let mut out = Vec::new();
+    for (first, last, verdict, rule_id) in pieces {
+        let first = u16::try_from(first).expect("ports are 16-bit");
+        let last = u16::try_from(last).expect("ports are 16-bit");
+        for (port, prefix_len) in port_range_prefixes(first, last) {
+            out.push(PortEntry {
+                port,
+                prefix_len,
+                verdict,
+                rule_id,
+            });
+        }
+    }
+    out
+}
+
+/// The minimal list of port prefixes `(port, prefix_len)` covering exactly `first..=last`, in
+/// increasing order. `0..=65535` is the single prefix `(0, 0)`.
+#[must_use]
+pub fn port_range_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let mut lo = u32::from(first);
+    let end = u32::from(last) + 1;
+    while lo < end {
+        // The largest aligned block starting at `lo` that fits.
+        let mut bits = lo.trailing_zeros().min(16);
+        while lo + (1 << bits) > end {
+            bits -= 1;
+        }
+        let bits_u8 = u8::try_from(bits).expect("at most 16");
+        out.push((
+            u16::try_from(lo).expect("below 65536"),
+            16 - bits_u8,
+        ));
+        lo += 1 << bits;
+    }
+    out
+}
+
+/// The directions of [`SliceKey::direction`], for readers of the output.
+#[must_use]
+pub fn direction_name(direction: u8) -> &'static str {
+    match direction {
+        DIR_INGRESS => "ingress",
+        DIR_EGRESS => "egress",
+        _ => "unknown",
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::mesh::parse_mesh_policy;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use serde::Deserialize as _;
+
+    const NODE: &str = "n1";
+
+    /// Namespaces `frontend` (team=fe), `backend` (team=be), `data`; pods on n1 unless said;
+    /// one pod (`backend/api-2`) on the other node n2.
+    const INVENTORY: &str = r"
+apiVersion: v1
+kind: Namespace
+metadata: {name: frontend, labels: {team: fe}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: backend, labels: {team: be}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: data}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+status: {addresses: [{type: InternalIP, address: 192.168.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: frontend, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: backend, labels: {app: api, tier: be}}
+spec:
+  nodeName: n1
+  serviceAccountName: api
+  containers: [{name: c, ports: [{name: http, containerPort: 8080}, {name: metrics, containerPort: 9090}, {name: dns, containerPort: 53, protocol: UDP}]}]
+status: {podIP: 10.0.1.2, podIPs: [{ip: 10.0.1.2}, {ip: 'fd00::2'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-2, namespace: backend, labels: {app: api, tier: be}}
+spec: {nodeName: n2, serviceAccountName: api, containers: [{name: c, ports: [{name: http, containerPort: 8081}]}]}
+status: {podIP: 10.0.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tool, namespace: backend, labels: {app: tool}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: data, labels: {app: db}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: pg, containerPort: 5432}]}]}
+status: {podIP: 10.0.1.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: data, labels: {app: db}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.1.9, phase: Succeeded}
+";
+
+    fn docs(yaml: &str) -> Vec<serde_json::Value> {
+        serde_yaml_ng::Deserializer::from_str(yaml)
+            .map(|d| serde_json::Value::deserialize(d).expect("test YAML parses"))
+            .filter(|v| !v.is_null())
+            .collect()
+    }
+
+    fn inventory() -> Inventory {
+        let mut inv = Inventory::default();
+        for v in docs(INVENTORY) {
+            let name = v["metadata"]["name"].as_str().expect("name").to_owned();
+            let ns = v["metadata"]["namespace"].as_str().unwrap_or("").to_owned();
+            let key = ObjectRef {
+                namespace: ns,
+                name: name.clone(),
+            };
+            match v["kind"].as_str() {
+                Some("Namespace") => {
+                    inv.namespaces
+                        .insert(name, serde_json::from_value(v).expect("namespace"));
+                }
+                Some("Node") => {
+                    inv.nodes.insert(name, serde_json::from_value(v).expect("node"));
+                }
+                Some("Pod") => {
+                    inv.pods.insert(key, serde_json::from_value(v).expect("pod"));
+                }
+                other => panic!("unexpected kind {other:?}"),
+            }
+        }
+        inv
+    }
+
+    fn models(yaml: &str) -> Vec<PolicyModel> {
+        docs(yaml)
+            .into_iter()
+            .map(|v| match v["kind"].as_str() {
+                Some("NetworkPolicy") => {
+                    let np: NetworkPolicy = serde_json::from_value(v).expect("NetworkPolicy");
+                    translate_network_policy(&np).expect("valid NetworkPolicy")
+                }
+                Some("MeshPolicy") => {
+                    translate_mesh_policy(&parse_mesh_policy(v).expect("MeshPolicy parses"))
+                        .expect("valid MeshPolicy")
+                }
+                Some("ClusterMeshPolicy") => translate_cluster_mesh_policy(
+                    &crate::policy::mesh::parse_cluster_mesh_policy(v).expect("parses"),
+                )
+                .expect("valid ClusterMeshPolicy"),
+                other => panic!("unexpected kind {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Longest-prefix match over a prefix map, as the kernel's LPM trie does.
+    fn lpm(map: &BTreeMap<IpNet, u32>, ip: IpAddr) -> Option<u32> {
+        map.iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, id)| *id)
+    }
+
+    /// Longest port-prefix match within one slice.
+    fn port_lpm(entries: &[PortEntry], port: u16) -> Option<PortEntry> {
+        entries
+            .iter()
+            .filter(|e| {
+                let shift = 16 - u32::from(e.prefix_len);
+                e.prefix_len == 0 || (e.port >> shift) == (port >> shift)
+            })
+            .max_by_key(|e| e.prefix_len)
+            .copied()
+    }
+
+    /// The datapath's decision for one endpoint and one new flow.
+    fn decide(
+        state: &CompiledState,
+        ep: &EndpointPolicy,
+        direction: u8,
+        peer: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        let peer_id = lpm(&state.ipcache, peer).unwrap_or(IDENTITY_WORLD);
+        let cidr_id = lpm(&state.policy_cidrs, peer);
+        let mut allow = false;
+        for id in [Some(peer_id), cidr_id, Some(IDENTITY_ANY)].into_iter().flatten() {
+            for proto in [protocol, 0] {
+                let key = SliceKey {
+                    peer_identity: id,
+                    direction,
+                    protocol: proto,
+                };
+                if let Some(e) = ep.slices.get(&key).and_then(|s| port_lpm(s, port)) {
+                    if e.verdict == POLICY_DENY {
+                        return false;
+                    }
+                    allow |= e.verdict == POLICY_ALLOW;
+                }
+            }
+        }
+        let default_deny = if direction == DIR_INGRESS {
+            ep.ingress_default_deny
+        } else {
+            ep.egress_default_deny
+        };
+        allow || default_deny.is_none()
+    }
+
+    /// Resolves `ns/pod` to its endpoint (if local) and first address, or an IP literal to
+    /// itself.
+    fn place<'a>(
+        state: &'a CompiledState,
+        inv: &Inventory,
+        who: &str,
+    ) -> (Option<&'a EndpointPolicy>, IpAddr) {
+        if let Ok(ip) = who.parse() {
+            return (None, ip);
+        }
+        let (namespace, name) = who.split_once('/').expect("ns/pod");
+        let key = ObjectRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let pod = inv.pods.get(&key).expect("known pod");
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .expect("pod ip")
+            .parse()
+            .expect("ip");
+        (state.endpoints.get(&key), ip)
+    }
+
+    fn allowed(state: &CompiledState, inv: &Inventory, flow: &Flow) -> bool {
+        let (src_ep, src_ip) = place(state, inv, flow.0);
+        let (dst_ep, dst_ip) = place(state, inv, flow.1);
+        let proto = match flow.3 {
+            "TCP" => PROTO_TCP,
+            "UDP" => super::super::model::PROTO_UDP,
+            "SCTP" => super::super::model::PROTO_SCTP,
+            other => panic!("protocol {other}"),
+        };
+        let egress_ok =
+            src_ep.is_none_or(|ep| decide(state, ep, DIR_EGRESS, dst_ip, proto, flow.2));
+        let ingress_ok =
+            dst_ep.is_none_or(|ep| decide(state, ep, DIR_INGRESS, src_ip, proto, flow.2));
+        egress_ok && ingress_ok
+    }
+
+    /// (source, destination, port, protocol, allowed?)
+    type Flow = (&'static str, &'static str, u16, &'static str, bool);
+
+    struct Case {
+        name: &'static str,
+        policies: &'static str,
+        flows: &'static [Flow],
+    }
+
+    const CASES: &[Case] = &[
+        Case {
+            name: "no policy allows all",
+            policies: "",
+            flows: &[
+                ("frontend/web", "backend/api", 8080, "TCP", true),
+                ("backend/api", "data/db", 1, "UDP", true),
+                ("8.8.8.8", "data/db", 5432, "TCP", true),
+            ],
+        },
+        Case {
+            name: "deny-all ingress",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: deny-all, namespace: backend}
+spec: {podSelector: {}}
+",
+            flows: &[
+                ("frontend/web", "backend/api", 8080, "TCP", false),
+                ("backend/tool", "backend/api", 8080, "TCP", false),
+                ("8.8.8.8", "backend/api", 80, "TCP", false),
+                ("backend/api", "data/db", 5432, "TCP", true),
+                ("frontend/web", "data/db", 5432, "TCP", true),
+            ],
+        },
+        Case {
+            name: "allow by namespaceSelector, podSelector, and both",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: api, namespace: backend}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: fe}}}]
+    ports: [{port: 8080}]
+  - from: [{podSelector: {matchLabels: {app: tool}}}]
+    ports: [{port: 9090}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: db, namespace: data}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: backend}}, podSelector: {matchLabels: {app: api}}}]
+",
+            flows: &[
+                ("frontend/web", "backend/api", 8080, "TCP", true),
+                ("frontend/web", "backend/api", 9090, "TCP", false),
+                ("backend/tool", "backend/api", 9090, "TCP", true),
+                ("backend/tool", "backend/api", 8080, "TCP", false),
+                ("backend/api", "data/db", 5432, "TCP", true),
+                ("backend/api-2", "data/db", 5432, "UDP", true),
+                ("backend/tool", "data/db", 5432, "TCP", false),
+                ("frontend/web", "data/db", 5432, "TCP", false),
+            ],
+        },
+        Case {
+            name: "matchExpressions",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: db, namespace: data}
+spec:
+  podSelector: {matchExpressions: [{key: app, operator: In, values: [db, cache]}]}
+  ingress:
+  - from:
+    - namespaceSelector: {matchExpressions: [{key: team, operator: Exists}]}
+      podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [tool]}, {key: legacy, operator: DoesNotExist}]}
+",
+            flows: &[
+                ("frontend/web", "data/db", 5432, "TCP", true),
+                ("backend/api", "data/db", 5432, "TCP", true),
+                ("backend/tool", "data/db", 5432, "TCP", false),
+                ("8.8.8.8", "data/db", 5432, "TCP", false),
+            ],
+        },
+        Case {
+            name: "ports, endPort, protocols",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: api, namespace: backend}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+  - ports: [{port: 8000, endPort: 8099}, {port: 53, protocol: UDP}, {protocol: SCTP}]
+",
+            flows: &[
+                ("frontend/web", "backend/api", 7999, "TCP", false),
+                ("frontend/web", "backend/api", 8000, "TCP", true),
+                ("frontend/web", "backend/api", 8080, "TCP", true),
+                ("frontend/web", "backend/api", 8099, "TCP", true),
+                ("frontend/web", "backend/api", 8100, "TCP", false),
+                ("frontend/web", "backend/api", 8080, "UDP", false),
+                ("frontend/web", "backend/api", 53, "UDP", true),
+                ("frontend/web", "backend/api", 53, "TCP", false),
+                ("frontend/web", "backend/api", 1, "SCTP", true),
+                ("8.8.8.8", "backend/api", 65535, "SCTP", true),
+            ],
+        },
+        Case {
+            name: "named ports resolve on the destination pod",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: api, namespace: backend}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress: [{ports: [{port: http}]}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: web-out, namespace: frontend}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress: [{ports: [{port: http}]}]
+",
+            flows: &[
+                ("frontend/web", "backend/api", 8080, "TCP", true),
+                ("frontend/web", "backend/api", 9090, "TCP", false),
+                ("frontend/web", "backend/api-2", 8081, "TCP", true),
+                // api and api-2 share an identity, so egress to either allows the union of
+                // their `http` ports (8080 and 8081); the remote pod enforces its own ingress.
+                ("frontend/web", "backend/api-2", 8080, "TCP", true),
+                ("frontend/web", "backend/api-2", 9090, "TCP", false),
+                ("frontend/web", "backend/tool", 8080, "TCP", false),
+                ("frontend/web", "1.1.1.1", 80, "TCP", false),
+                ("backend/tool", "backend/api", 8080, "TCP", true),
+            ],
+        },
+        Case {
+            name: "ipBlock with except",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: api, namespace: backend}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.1.0/24]}}]
+  egress:
+  - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8, 172.16.0.0/12]}}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: narrow, namespace: backend}
+spec:
+  podSelector: {matchLabels: {app: nothing}}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.1.4/32}}]
+",
+            flows: &[
+                ("backend/api-2", "backend/api", 80, "TCP", true),
+                ("frontend/web", "backend/api", 80, "TCP", false),
+                ("data/db", "backend/api", 80, "TCP", false),
+                ("10.0.9.9", "backend/api", 80, "TCP", true),
+                ("8.8.8.8", "backend/api", 80, "TCP", false),
+                ("backend/api", "8.8.8.8", 443, "TCP", true),
+                ("backend/api", "10.1.2.3", 443, "TCP", false),
+                ("backend/api", "172.20.0.1", 443, "TCP", false),
+                ("backend/api", "172.32.0.1", 443, "TCP", true),
+            ],
+        },
+        Case {
+            name: "egress deny-all then allow",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: deny-egress, namespace: frontend}
+spec: {podSelector: {}, policyTypes: [Egress]}
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: web-to-api, namespace: frontend}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {matchLabels: {team: be}}, podSelector: {matchLabels: {app: api}}}]
+    ports: [{port: 8080}]
+",
+            flows: &[
+                ("frontend/web", "backend/api", 8080, "TCP", true),
+                ("frontend/web", "backend/api", 8081, "TCP", false),
+                ("frontend/web", "backend/tool", 8080, "TCP", false),
+                ("frontend/web", "8.8.8.8", 53, "UDP", false),
+                ("backend/api", "frontend/web", 80, "TCP", true),
+            ],
+        },
+        Case {
+            name: "multiple policies add up",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: a, namespace: data}
+spec:
+  podSelector: {}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {team: fe}}}], ports: [{port: 5432}]}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: b, namespace: data}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {team: be}}}], ports: [{port: 5433}]}]
+",
+            flows: &[
+                ("frontend/web", "data/db", 5432, "TCP", true),
+                ("frontend/web", "data/db", 5433, "TCP", false),
+                ("backend/api", "data/db", 5433, "TCP", true),
+                ("backend/api", "data/db", 5432, "TCP", false),
+            ],
+        },
+        Case {
+            name: "policyTypes egress only leaves ingress open",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: egress-only, namespace: data}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  ingress: [{from: [{podSelector: {matchLabels: {app: nobody}}}]}]
+",
+            flows: &[
+                ("frontend/web", "data/db", 5432, "TCP", true),
+                ("data/db", "frontend/web", 80, "TCP", false),
+            ],
+        },
+        Case {
+            name: "MeshPolicy ingressDeny beats ingress allow, from any policy",
+            policies: r"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEntities: [cluster]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: tool}}]
+    toPorts: [{port: 9000, endPort: 9099, protocol: TCP}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: allow-all, namespace: backend}
+spec:
+  podSelector: {}
+  ingress: [{}]
+",
+            flows: &[
+                ("backend/tool", "backend/api", 9090, "TCP", false),
+                ("backend/tool", "backend/api", 8080, "TCP", true),
+                ("backend/tool", "backend/api", 9090, "UDP", true),
+                ("frontend/web", "backend/api", 9090, "TCP", true),
+                ("8.8.8.8", "backend/api", 9090, "TCP", true),
+            ],
+        },
+        Case {
+            name: "entities",
+            policies: r"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEntities: [host, remote-node]
+  egress:
+  - toEntities: [world]
+    toPorts: [{port: 443, protocol: TCP}]
+  - toEntities: [cluster]
+    toPorts: [{port: dns}]
+---
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: web, namespace: frontend}
+spec:
+  endpointSelector: {}
+  egress:
+  - toEntities: [cluster]
+",
+            flows: &[
+                ("192.168.0.1", "backend/api", 8080, "TCP", true),
+                ("192.168.0.2", "backend/api", 8080, "TCP", true),
+                ("frontend/web", "backend/api", 8080, "TCP", false),
+                ("8.8.8.8", "backend/api", 8080, "TCP", false),
+                ("backend/api", "8.8.8.8", 443, "TCP", true),
+                ("backend/api", "8.8.8.8", 80, "TCP", false),
+                ("backend/api", "frontend/web", 443, "TCP", false),
+                ("frontend/web", "data/db", 5432, "TCP", true),
+                ("frontend/web", "192.168.0.2", 22, "TCP", true),
+                ("frontend/web", "8.8.8.8", 443, "TCP", false),
+            ],
+        },
+        Case {
+            name: "CIDR sets with except, and an overlapping deny",
+            policies: r"
+apiVersion: nodeward.io/v1alpha1
+kind: ClusterMeshPolicy
+metadata: {name: egress}
+spec:
+  endpointSelector: {matchLabels: {nodeward.io/namespace: frontend}}
+  egress:
+  - toCIDRSet: [{cidr: 1.0.0.0/8, except: [1.1.0.0/16]}]
+  egressDeny:
+  - toCIDRSet: [{cidr: 1.2.3.0/24}]
+    toPorts: [{port: 443}]
+",
+            flows: &[
+                ("frontend/web", "1.9.9.9", 443, "TCP", true),
+                ("frontend/web", "1.1.1.1", 443, "TCP", false),
+                ("frontend/web", "1.2.3.4", 443, "TCP", false),
+                ("frontend/web", "1.2.3.4", 443, "UDP", false),
+                ("frontend/web", "1.2.3.4", 80, "TCP", true),
+                ("frontend/web", "2.2.2.2", 80, "TCP", false),
+                ("backend/api", "2.2.2.2", 80, "TCP", true),
+            ],
+        },
+        Case {
+            name: "MeshPolicy peers default to the policy namespace; enableDefaultDeny off",
+            policies: r"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{}]
+---
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: db, namespace: data}
+spec:
+  enableDefaultDeny: {ingress: false}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {nodeward.io/ns-label.team: fe}}]
+",
+            flows: &[
+                ("backend/tool", "backend/api", 8080, "TCP", true),
+                ("frontend/web", "backend/api", 8080, "TCP", false),
+                ("frontend/web", "data/db", 5432, "TCP", false),
+                ("backend/api", "data/db", 5432, "TCP", true),
+                ("8.8.8.8", "data/db", 5432, "TCP", true),
+            ],
+        },
+    ];
+
+    #[test]
+    fn policy_table() {
+        let inv = inventory();
+        let mut failures = Vec::new();
+        for case in CASES {
+            let mut ids = IdentityAllocator::new();
+            let state = compile(NODE, &inv, &models(case.policies), &mut ids);
+            for flow in case.flows {
+                let got = allowed(&state, &inv, flow);
+                if got != flow.4 {
+                    failures.push(format!(
+                        "{}: {} -> {} {}/{}: expected {}, got {}",
+                        case.name,
+                        flow.0,
+                        flow.1,
+                        flow.2,
+                        flow.3,
+                        if flow.4 { "allow" } else { "deny" },
+                        if got { "allow" } else { "deny" },
+                    ));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn endpoints_ipcache_and_default_deny_rule() {
+        let inv = inventory();
+        let mut ids = IdentityAllocator::new();
+        let policies = models(
+            r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: deny-all, namespace: backend}
+spec: {podSelector: {}}
+",
+        );
+        let state = compile(NODE, &inv, &policies, &mut ids);
+        let names: Vec<String> = state.endpoints.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            ["backend/api", "backend/tool", "data/db", "frontend/web"],
+            "local, running pods with an address"
+        );
+        let api = &state.endpoints[&ObjectRef {
+            namespace: "backend".into(),
+            name: "api".into(),
+        }];
+        assert_eq!(api.ipv4, Some("10.0.1.2".parse().expect("ip")));
+        assert_eq!(api.ipv6, Some("fd00::2".parse().expect("ip")));
+        let rule = api.ingress_default_deny.expect("ingress default deny");
+        assert_eq!(state.rules[&rule].rule, DEFAULT_DENY_RULE);
+        assert_eq!(state.rules[&rule].policy(), "NetworkPolicy/backend/deny-all");
+        assert_eq!(api.egress_default_deny, None);
+        let ip = |s: &str| IpNet::from(s.parse::<IpAddr>().expect("ip"));
+        assert_eq!(state.ipcache[&ip("192.168.0.1")], IDENTITY_HOST);
+        assert_eq!(state.ipcache[&ip("192.168.0.2")], IDENTITY_REMOTE_NODE);
+        assert_eq!(state.ipcache[&ip("10.0.1.2")], api.identity);
+        assert_eq!(state.ipcache[&ip("fd00::2")], api.identity);
+        assert_eq!(
+            state.ipcache[&ip("10.0.2.2")],
+            api.identity,
+            "same labels, same identity"
+        );
+        assert!(!state.ipcache.contains_key(&ip("10.0.1.9")), "finished pod");
+        // Deterministic: compiling again gives the same state.
+        assert_eq!(compile(NODE, &inv, &policies, &mut ids), state);
+    }
+
+    #[test]
+    fn deny_wins_within_a_slice_and_entries_are_disjoint() {
+        let segs = [
+            Segment {
+                first: 0,
+                last: u16::MAX,
+                verdict: POLICY_ALLOW,
+                rule_id: 7,
+            },
+            Segment {
+                first: 80,
+                last: 80,
+                verdict: POLICY_DENY,
+                rule_id: 9,
+            },
+            Segment {
+                first: 1000,
+                last: 2000,
+                verdict: POLICY_ALLOW,
+                rule_id: 3,
+            },
+        ];
+        let entries = resolve(&segs);
+        for port in [0u16, 79, 80, 81, 1000, 65535] {
+            let matching: Vec<_> = entries
+                .iter()
+                .filter(|e| {
+                    let shift = 16 - u32::from(e.prefix_len);
+                    e.prefix_len == 0 || (e.port >> shift) == (port >> shift)
+                })
+                .collect();
+            assert_eq!(matching.len(), 1, "port {port}: {matching:?}");
+            let want = if port == 80 { POLICY_DENY } else { POLICY_ALLOW };
+            assert_eq!(matching[0].verdict, want, "port {port}");
+        }
+        // 81..=65535 merges allows of rules 7 and 3 and takes the lowest; 0..=79 is rule 7's.
+        let rule_at = |port: u16| {
+            entries
+                .iter()
+                .filter(|e| e.prefix_len == 0 || (e.port >> (16 - e.prefix_len)) == (port >> (16 - e.prefix_len)))
+                .map(|e| e.rule_id)
+                .next()
+        };
+        assert_eq!(rule_at(81), Some(3), "a merged allow takes the lowest rule id");
+        assert_eq!(rule_at(65535), Some(3));
+        assert_eq!(rule_at(0), Some(7));
+    }
+
+    #[test]
+    fn port_prefixes_cover_exactly_and_minimally() {
+        assert_eq!(port_range_prefixes(0, u16::MAX), vec![(0, 0)]);
+        assert_eq!(port_range_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_range_prefixes(8000, 8007), vec![(8000, 13)]);
+        assert_eq!(port_range_prefixes(1, u16::MAX).len(), 16);
+        assert_eq!(port_range_prefixes(1, u16::MAX - 1).len(), 30);
+        // Exhaustive over a pseudo-random sample: exact cover, disjoint, aligned, and minimal
+        // (no two neighbours could merge into one aligned prefix).
+        let mut x: u32 = 12345;
+        for _ in 0..2000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let a = u16::try_from((x >> 8) & 0xffff).expect("16 bits");
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let b = u16::try_from((x >> 8) & 0xffff).expect("16 bits");
+            let (first, last) = (a.min(b), a.max(b));
+            let prefixes = port_range_prefixes(first, last);
+            let mut next = u32::from(first);
+            for (i, (port, len)) in prefixes.iter().enumerate() {
+                let size = 1u32 << (16 - u32::from(*len));
+                assert_eq!(u32::from(*port), next, "contiguous at {first}..={last}");
+                assert_eq!(u32::from(*port) % size, 0, "aligned");
+                next += size;
+                if let Some((p2, l2)) = prefixes.get(i + 1) {
+                    let mergeable = l2 == len && u32::from(*port) % (2 * size) == 0;
+                    assert!(!mergeable, "{port}/{len} and {p2}/{l2} could merge");
+                }
+            }
+            assert_eq!(next, u32::from(last) + 1, "covers {first}..={last}");
+            assert!(prefixes.len() <= 30, "at most 2*16-2 prefixes");
+        }
+    }
+
+    #[test]
+    fn rule_ids_are_stable_fnv_hashes() {
+        assert_eq!(fnv1a(""), 0x811c_9dc5);
+        assert_eq!(fnv1a("a"), 0xe40c_292c);
+        let mut rules = BTreeMap::new();
+        let info = RuleInfo {
+            kind: "NetworkPolicy".into(),
+            namespace: "prod".into(),
+            name: "allow-web".into(),
+            rule: "ingress[0]".into(),
+        };
+        let id = rule_id(&mut rules, info.clone());
+        assert_eq!(id, fnv1a("NetworkPolicy/prod/allow-web/ingress[0]"));
+        assert_eq!(rule_id(&mut rules, info), id);
+    }
+}

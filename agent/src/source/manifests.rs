@@ -1,0 +1,450 @@
+//! Standalone mode: every YAML document under a directory, as `kubectl apply -f DIR` would
+//! create them.
+//!
+//! Files are re-read only when their size or modification time changed. A file that no longer
+//! parses keeps the objects it last gave (and the error is reported once); a document that
+//! parses but does not deserialize keeps the previous version of that one object. So a broken
+//! edit never takes away enforcement that was in place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::Deserialize as _;
+use serde::de::DeserializeOwned;
+
+use super::Inventory;
+use crate::policy::ObjectRef;
+use crate::policy::crd::{ClusterMeshPolicy, MeshPolicy};
+
+/// A problem with one file or one object in it. Displayed as one line.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// `Kind namespace/name` when the document got that far.
+    pub object: Option<String>,
+    /// Path of the offending field (`spec.ingress[0].ports[0].port`), when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(object) = &self.object {
+            write!(f, ": {object}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// One object read from a manifest.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Node(Box<Node>),
+    ServiceAccount(Box<ServiceAccount>),
+    NetworkPolicy(Box<NetworkPolicy>),
+    MeshPolicy(Box<MeshPolicy>),
+    ClusterMeshPolicy(Box<ClusterMeshPolicy>),
+}
+
+#[derive(Clone, Debug)]
+struct FileState {
+    stamp: (SystemTime, u64),
+    /// Objects by `Kind ns/name`, the last good version of each.
+    objects: BTreeMap<String, Object>,
+    errors: Vec<ManifestError>,
+}
+
+/// The manifests directory and what was last read from it.
+#[derive(Debug)]
+pub struct ManifestSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+/// What a [`ManifestSource::load`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub inventory: Inventory,
+    /// Every current problem (also the ones reported before).
+    pub errors: Vec<ManifestError>,
+    /// Problems not seen in the previous load: log these.
+    pub new_errors: Vec<ManifestError>,
+}
+
+impl ManifestSource {
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads what changed since the last call and returns the whole inventory.
+    pub fn load(&mut self) -> Loaded {
+        let mut loaded = Loaded::default();
+        let mut seen = Vec::new();
+        match manifest_files(&self.dir) {
+            Ok(paths) => seen = paths,
+            Err(e) => loaded.errors.push(ManifestError {
+                file: self.dir.clone(),
+                object: None,
+                field: None,
+                message: format!("cannot read the manifests directory: {e}"),
+            }),
+        }
+        // A directory that cannot be listed keeps everything: never drop state on an I/O error.
+        if loaded.errors.is_empty() {
+            self.files.retain(|path, _| seen.contains(path));
+        }
+        for path in seen {
+            let stamp = match std::fs::metadata(&path) {
+                Ok(m) => (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()),
+                Err(_) => continue, // removed between listing and reading
+            };
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let previous = self.files.remove(&path);
+            let state = read_file(&path, stamp, previous.as_ref());
+            for e in &state.errors {
+                if !previous.as_ref().is_some_and(|p| p.errors.contains(e)) {
+                    loaded.new_errors.push(e.clone());
+                }
+            }
+            self.files.insert(path, state);
+        }
+        for (path, file) in &self.files {
+            loaded.errors.extend(file.errors.iter().cloned());
+            for (key, object) in &file.objects {
+                loaded.inventory.origins.insert(key.clone(), path.clone());
+                insert(&mut loaded.inventory, object.clone());
+            }
+        }
+        loaded
+    }
+}
+
+/// Every `.yaml`, `.yml` and `.json` file under `dir`, recursively, sorted, hidden files skipped
+/// (editors' swap files, `..data` of mounted ConfigMaps is followed through its symlinks).
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    // Bounded: a symlink loop must not hang the agent.
+    let mut budget = 100_000usize;
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                return Err(std::io::Error::other("more than 100000 entries under the directory"));
+            }
+            let entry = entry?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let meta = std::fs::metadata(&path)?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_file(path: &Path, stamp: (SystemTime, u64), previous: Option<&FileState>) -> FileState {
+    let error = |object: Option<String>, field: Option<String>, message: String| ManifestError {
+        file: path.to_path_buf(),
+        object,
+        field,
+        message,
+    };
+    let keep_previous = |e: ManifestError| FileState {
+        stamp,
+        objects: previous.map(|p| p.objects.clone()).unwrap_or_default(),
+        errors: vec![e],
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return keep_previous(error(None, None, format!("cannot read: {e}"))),
+    };
+    let mut documents = Vec::new();
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        match serde_json::Value::deserialize(doc) {
+            Ok(serde_json::Value::Null) => {}
+            Ok(value) => documents.push(value),
+            Err(e) => {
+                let message = format!("document {}: not valid YAML: {e}", index + 1);
+                return keep_previous(error(None, None, message));
+            }
+        }
+    }
+    let mut state = FileState {
+        stamp,
+        objects: BTreeMap::new(),
+        errors: Vec::new(),
+    };
+    let mut pending = documents;
+    // `kind: List` (what `kubectl get -o yaml` writes) holds its objects in `items`.
+    let mut expanded = Vec::new();
+    while let Some(doc) = pending.pop() {
+        if doc.get("kind").and_then(|k| k.as_str()) == Some("List") {
+            if let Some(items) = doc.get("items").and_then(|i| i.as_array()) {
+                pending.extend(items.iter().cloned());
+            }
+        } else {
+            expanded.push(doc);
+        }
+    }
+    expanded.reverse();
+    for doc in expanded {
+        match parse_object(doc) {
+            Ok(None) => {}
+            Ok(Some((key, object))) => {
+                if state.objects.contains_key(&key) {
+                    state.errors.push(error(
+                        Some(key.clone()),
+                        None,
+                        "defined twice in this file; the later one wins".into(),
+                    ));
+                }
+                state.objects.insert(key, object);
+            }
+            Err((key, field, message)) => {
+                if let Some(key) = &key
+                    && let Some(old) = previous.and_then(|p| p.objects.get(key))
+                {
+                    state.objects.insert(key.clone(), old.clone());
+                }
+                state.errors.push(error(key, field, message));
+            }
+        }
+    }
+    state
+}
+
+type ParseError = (Option<String>, Option<String>, String);
+
+/// `Kind ns/name` (or `Kind name` when cluster scoped) of a raw document.
+fn object_key(kind: &str, doc: &serde_json::Value) -> Option<String> {
+    let meta = doc.get("metadata")?;
+    let name = meta.get("name")?.as_str()?;
+    Some(match meta.get("namespace").and_then(|n| n.as_str()) {
+        Some(ns) if !matches!(kind, "Namespace" | "Node" | "ClusterMeshPolicy") => {
+            format!("{kind} {ns}/{name}")
+        }
+        _ if matches!(kind, "Namespace" | "Node" | "ClusterMeshPolicy") => format!("{kind} {name}"),
+        _ => format!("{kind} default/{name}"),
+    })
+}
+
+fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Object)>, ParseError> {
+    let api_version = doc
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let Some(kind) = doc.get("kind").and_then(|v| v.as_str()).map(str::to_owned) else {
+        return Err((None, Some("kind".into()), "missing `kind`".into()));
+    };
+    let key = object_key(&kind, &doc);
+    let Some(key) = key else {
+        return Err((
+            Some(kind),
+            Some("metadata.name".into()),
+            "missing `metadata.name`".into(),
+        ));
+    };
+    let object = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => Object::Namespace(typed(doc, &key)?),
+        ("v1", "Pod") => Object::Pod(typed(doc, &key)?),
+        ("v1", "Node") => Object::Node(typed(doc, &key)?),
+        ("v1", "ServiceAccount") => Object::ServiceAccount(typed(doc, &key)?),
+        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(doc, &key)?),
+        ("nodeward.io/v1alpha1", "MeshPolicy") => Object::MeshPolicy(
+            crate::policy::parse_mesh_policy(doc)
+                .map(Box::new)
+                .map_err(|e| (Some(key.clone()), (!e.field.is_empty()).then_some(e.field), e.message))?,
+        ),
+        ("nodeward.io/v1alpha1", "ClusterMeshPolicy") => Object::ClusterMeshPolicy(
+            crate::policy::parse_cluster_mesh_policy(doc)
+                .map(Box::new)
+                .map_err(|e| (Some(key.clone()), (!e.field.is_empty()).then_some(e.field), e.message))?,
+        ),
+        (_, "MeshPolicy" | "ClusterMeshPolicy") if api_version.starts_with("nodeward.io/") => {
+            return Err((
+                Some(key),
+                Some("apiVersion".into()),
+                format!("unsupported version {api_version:?}, expected nodeward.io/v1alpha1"),
+            ));
+        }
+        // Deployments, Services, ConfigMaps...: not ours to read.
+        _ => return Ok(None),
+    };
+    Ok(Some((key, object)))
+}
+
+fn typed<T: DeserializeOwned>(doc: serde_json::Value, key: &str) -> Result<Box<T>, ParseError> {
+    serde_path_to_error::deserialize(doc)
+        .map(Box::new)
+        .map_err(|e| {
+            let field = e.path().to_string();
+            (
+                Some(key.to_owned()),
+                (field != ".").then_some(field),
+                e.into_inner().to_string(),
+            )
+        })
+}
+
+fn namespaced(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+    ObjectRef {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+fn insert(inv: &mut Inventory, object: Object) {
+    match object {
+        Object::Namespace(o) => {
+            inv.namespaces
+                .insert(o.metadata.name.clone().unwrap_or_default(), *o);
+        }
+        Object::Pod(o) => {
+            inv.pods.insert(namespaced(&o.metadata), *o);
+        }
+        Object::Node(o) => {
+            inv.nodes.insert(o.metadata.name.clone().unwrap_or_default(), *o);
+        }
+        Object::ServiceAccount(o) => {
+            inv.service_accounts.insert(namespaced(&o.metadata), *o);
+        }
+        Object::NetworkPolicy(o) => {
+            inv.network_policies.insert(namespaced(&o.metadata), *o);
+        }
+        Object::MeshPolicy(o) => {
+            inv.mesh_policies.insert(namespaced(&o.metadata), *o);
+        }
+        Object::ClusterMeshPolicy(o) => {
+            inv.cluster_mesh_policies
+                .insert(o.metadata.name.clone().unwrap_or_default(), *o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        // Make the change visible even within the file system's timestamp granularity.
+        let later = SystemTime::now() + std::time::Duration::from_secs(
+            u64::try_from(name.len()).unwrap() + 1,
+        );
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(later).unwrap();
+    }
+
+    const PODS: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: prod, labels: {app: web}}
+spec:
+  nodeName: n1
+  containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.0.0.2}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored}
+";
+
+    #[test]
+    fn reads_multi_document_files_recursively_and_ignores_foreign_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a/b/pods.yaml", PODS);
+        write(
+            dir.path(),
+            "np.yml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: prod}\nspec: {podSelector: {}}\n",
+        );
+        let loaded = ManifestSource::new(dir.path()).load();
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        assert_eq!(loaded.inventory.namespaces.len(), 1);
+        assert_eq!(loaded.inventory.pods.len(), 1);
+        assert_eq!(loaded.inventory.network_policies.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_field_names_file_object_and_field_and_keeps_the_last_good_object() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "pods.yaml", PODS);
+        let mut source = ManifestSource::new(dir.path());
+        assert!(source.load().errors.is_empty());
+        write(
+            dir.path(),
+            "pods.yaml",
+            &PODS.replace("containerPort: 8080", "containerPort: eighty"),
+        );
+        let loaded = source.load();
+        assert_eq!(loaded.new_errors.len(), 1, "{:?}", loaded.new_errors);
+        let line = loaded.new_errors[0].to_string();
+        assert!(line.contains("pods.yaml"), "{line}");
+        assert!(line.contains("Pod prod/web"), "{line}");
+        assert!(line.contains("spec.containers[0].ports[0].containerPort"), "{line}");
+        assert_eq!(loaded.inventory.pods.len(), 1, "the last good pod was dropped");
+        // Reported once: the next load knows it already.
+        assert!(source.load().new_errors.is_empty());
+    }
+
+    #[test]
+    fn a_file_that_no_longer_parses_keeps_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "pods.yaml", PODS);
+        let mut source = ManifestSource::new(dir.path());
+        source.load();
+        write(dir.path(), "pods.yaml", "kind: [unclosed\n");
+        let loaded = source.load();
+        assert_eq!(loaded.errors.len(), 1);
+        assert!(loaded.errors[0].message.contains("not valid YAML"));
+        assert_eq!(loaded.inventory.pods.len(), 1);
+    }
+
+    #[test]
+    fn a_removed_file_removes_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "pods.yaml", PODS);
+        let mut source = ManifestSource::new(dir.path());
+        source.load();
+        std::fs::remove_file(dir.path().join("pods.yaml")).unwrap();
+        assert!(source.load().inventory.pods.is_empty());
+    }
+}

@@ -1,0 +1,124 @@
+//! The Kubernetes objects of a lab (what `kubectl apply -f` would create), as YAML.
+//!
+//! The lab's own objects go to `<manifests>/lab/`; policies that tests or the demo add go next to
+//! that directory as separate files.
+
+use serde_json::{Value, json};
+
+use crate::topology::{DNS_PORT, HTTP_PORT, LabState, METRICS_PORT};
+
+/// `(file name, multi-document YAML)` for the lab's Namespaces, Nodes, ServiceAccounts and Pods.
+pub fn lab_objects(lab: &LabState) -> Vec<(&'static str, String)> {
+    let namespaces = lab.namespaces.iter().map(|ns| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": ns.name, "labels": ns.labels },
+        })
+    });
+    let nodes = lab.nodes.iter().map(|node| {
+        let mut addresses = vec![json!({ "type": "InternalIP", "address": node.ip4.to_string() })];
+        let mut cidrs = vec![json!(node.pod_cidr4)];
+        if lab.ipv6 {
+            addresses.push(json!({ "type": "InternalIP", "address": node.ip6.to_string() }));
+            cidrs.push(json!(node.pod_cidr6));
+        }
+        addresses.push(json!({ "type": "Hostname", "address": node.name }));
+        json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": node.name, "labels": { "kubernetes.io/hostname": node.name } },
+            "spec": { "podCIDR": node.pod_cidr4, "podCIDRs": cidrs },
+            "status": { "addresses": addresses },
+        })
+    });
+    let service_accounts = lab.namespaces.iter().flat_map(|ns| {
+        ["default", ns.app.as_str()].map(|sa| {
+            json!({
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": { "name": sa, "namespace": ns.name },
+            })
+        })
+    });
+    let pods = lab.pods.iter().map(|pod| {
+        let node = lab.node(&pod.node).expect("a pod's node is in the lab");
+        let mut ips = vec![json!({ "ip": pod.ip4.to_string() })];
+        let mut host_ips = vec![json!({ "ip": node.ip4.to_string() })];
+        if lab.ipv6 {
+            ips.push(json!({ "ip": pod.ip6.to_string() }));
+            host_ips.push(json!({ "ip": node.ip6.to_string() }));
+        }
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "uid": pod.uid,
+                "labels": pod.labels,
+            },
+            "spec": {
+                "nodeName": pod.node,
+                "serviceAccountName": pod.service_account,
+                "containers": [{
+                    "name": pod.labels.get("app").map_or("app", String::as_str),
+                    "image": "nodeward-lab/echo:latest",
+                    "ports": [
+                        { "name": "http", "containerPort": HTTP_PORT, "protocol": "TCP" },
+                        { "name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP" },
+                        { "name": "dns", "containerPort": DNS_PORT, "protocol": "UDP" },
+                    ],
+                }],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": pod.ip4.to_string(),
+                "podIPs": ips,
+                "hostIP": node.ip4.to_string(),
+                "hostIPs": host_ips,
+            },
+        })
+    });
+    vec![
+        ("00-namespaces.yaml", documents(namespaces)),
+        ("10-nodes.yaml", documents(nodes)),
+        ("20-serviceaccounts.yaml", documents(service_accounts)),
+        ("30-pods.yaml", documents(pods)),
+    ]
+}
+
+/// Joins objects into one multi-document YAML file.
+pub fn documents(objects: impl IntoIterator<Item = Value>) -> String {
+    objects
+        .into_iter()
+        .map(|o| format!("---\n{}", serde_yaml_ng::to_string(&o).expect("JSON values serialize to YAML")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::topology::{LabSpec, plan};
+
+    #[test]
+    fn pod_manifest_carries_node_ips_ports_and_labels() {
+        let lab = plan(&LabSpec::default(), "t", Path::new("/l"), Path::new("/c"), Path::new("/b"), None, 0)
+            .unwrap();
+        let files = lab_objects(&lab);
+        let pods: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&files[3].1)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        assert_eq!(pods.len(), 9);
+        let api1 = pods.iter().find(|p| p["metadata"]["name"] == "api-1").unwrap();
+        assert_eq!(api1["metadata"]["namespace"], "backend");
+        assert_eq!(api1["metadata"]["labels"]["app"], "api");
+        assert_eq!(api1["spec"]["nodeName"], "node-2");
+        assert_eq!(api1["status"]["hostIP"], "10.250.0.12");
+        assert_eq!(api1["status"]["podIP"], "10.244.2.11");
+        assert_eq!(api1["spec"]["containers"][0]["ports"][2]["name"], "dns");
+        assert!(files[0].1.contains("team: backend"));
+    }
+}
