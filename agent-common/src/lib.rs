@@ -276,8 +276,8 @@ pub mod tcp_flags {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        CtKey, CtValue, DatapathConfig, EndpointInfo, FlowEvent, FragKey, FragValue,
-        IpcacheValue, PolicyKey, PolicyValue,
+        CtKey, CtValue, DatapathConfig, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue,
+        PolicyKey, PolicyValue,
     };
 
     // SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with every

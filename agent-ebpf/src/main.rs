@@ -14,10 +14,10 @@ mod policy;
 use agent_common::{
     COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS, COUNTER_PACKETS, COUNTER_PASSED,
     COUNTER_POLICY_REEVALUATED, COUNTERS_LEN, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
-    DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EVENTS_RING_BYTES, EndpointInfo, FlowEvent,
-    FragKey, FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS,
-    MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey, PolicyValue,
-    VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason,
+    DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EVENTS_RING_BYTES, EndpointInfo, FlowEvent, FragKey,
+    FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES,
+    MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, VERDICT_DROPPED,
+    VERDICT_FORWARDED, drop_reason,
 };
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -41,7 +41,8 @@ static NW_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::with_max_entries(MAX_
 
 /// `LpmTrie` adds `BPF_F_NO_PREALLOC`, which the kernel requires for LPM tries.
 #[map]
-static NW_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
+static NW_POLICY: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
 
 #[map]
 static NW_IPCACHE: LpmTrie<[u8; 16], IpcacheValue> =

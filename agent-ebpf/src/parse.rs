@@ -64,7 +64,9 @@ pub fn ethertype(ctx: &TcContext) -> Result<u16, u8> {
 
 #[inline(always)]
 fn ipv4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 /// Parses an IPv4 packet into `ev` (addresses, protocol, ports, TCP flags). A separate BPF
@@ -147,7 +149,9 @@ pub fn parse_ipv6(ctx: &TcContext, ev: &mut FlowEvent) -> Result<L4Info, u8> {
 
     let mut next = hdr[6];
     let mut off = ETH_HLEN + 40;
-    let mut head_id: Option<u32> = None;
+    // Not an `Option`: see `policy::evaluate` on undefined payloads and the verifier.
+    let mut is_head = false;
+    let mut head_id = 0u32;
     let mut found_l4 = false;
     // Constant bound: one iteration per extension header, plus one to see the L4 protocol.
     for _ in 0..MAX_IPV6_EXT_HEADERS + 1 {
@@ -179,7 +183,8 @@ pub fn parse_ipv6(ctx: &TcContext, ev: &mut FlowEvent) -> Result<L4Info, u8> {
                     return Ok(L4Info::default());
                 }
                 if more_fragments {
-                    head_id = Some(id);
+                    is_head = true;
+                    head_id = id;
                 }
             }
             IPV6_ROUTING => return Err(drop_reason::IPV6_ROUTING_HEADER),
@@ -198,8 +203,8 @@ pub fn parse_ipv6(ctx: &TcContext, ev: &mut FlowEvent) -> Result<L4Info, u8> {
 
     ev.protocol = next;
     let info = parse_l4(ctx, ev, off, end)?;
-    if let Some(id) = head_id {
-        record_head(ev, id);
+    if is_head {
+        record_head(ev, head_id);
     }
     Ok(info)
 }

@@ -1,10 +1,10 @@
 //! Policy evaluation (ipcache, CIDR identities, the policy LPM trie) and conntrack.
 
 use agent_common::{
-    CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED,
-    EndpointInfo, FlowEvent, IDENTITY_ANY, IDENTITY_WORLD, IpcacheValue, POLICY_ALLOW,
-    POLICY_DENY, POLICY_KEY_PREFIX_FULL, PolicyKey, PolicyValue, VERDICT_DROPPED,
-    VERDICT_FORWARDED, drop_reason,
+    CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, EndpointInfo,
+    FlowEvent, IDENTITY_ANY, IDENTITY_WORLD, IpcacheValue, POLICY_ALLOW, POLICY_DENY,
+    POLICY_KEY_PREFIX_FULL, PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED,
+    drop_reason,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -28,7 +28,13 @@ fn lookup_identity(
 }
 
 #[inline(always)]
-fn lookup_policy(set_be: u32, peer: u32, direction: u8, protocol: u8, dport_be: u16) -> PolicyValue {
+fn lookup_policy(
+    set_be: u32,
+    peer: u32,
+    direction: u8,
+    protocol: u8,
+    dport_be: u16,
+) -> PolicyValue {
     let key = Key::new(
         POLICY_KEY_PREFIX_FULL,
         PolicyKey {
@@ -62,14 +68,26 @@ pub fn evaluate(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
         &key.saddr
     };
     let peer_identity = lookup_identity(&NW_IPCACHE, peer).unwrap_or(IDENTITY_WORLD);
-    let cidr_identity = lookup_identity(&NW_POLICY_CIDRS, peer);
+    // Plain values rather than `Option`s: LLVM may spill the undefined payload of a `None`,
+    // which the verifier rejects as a read of an uninitialised register.
+    let (has_cidr, cidr_identity) = match lookup_identity(&NW_POLICY_CIDRS, peer) {
+        Some(id) => (true, id),
+        None => (false, 0),
+    };
     let set_be = ep.policy_set.to_be();
     out.peer_identity = peer_identity;
 
-    let peers = [Some(peer_identity), cidr_identity, Some(IDENTITY_ANY)];
-    let mut allow: Option<u32> = None;
-    for candidate in peers {
-        let Some(candidate) = candidate else { continue };
+    let peers = [
+        (true, peer_identity),
+        (has_cidr, cidr_identity),
+        (true, IDENTITY_ANY),
+    ];
+    let mut allowed = false;
+    let mut allow_rule = 0u32;
+    for (valid, candidate) in peers {
+        if !valid {
+            continue;
+        }
         for (proto, port) in [(key.protocol, key.dport_be), (0, 0)] {
             let v = lookup_policy(set_be, candidate, direction, proto, port);
             if v.verdict == POLICY_DENY {
@@ -78,15 +96,16 @@ pub fn evaluate(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
                 out.rule_id = v.rule_id;
                 return;
             }
-            if v.verdict == POLICY_ALLOW && allow.is_none() {
-                allow = Some(v.rule_id);
+            if v.verdict == POLICY_ALLOW && !allowed {
+                allowed = true;
+                allow_rule = v.rule_id;
             }
         }
     }
-    if let Some(rule_id) = allow {
+    if allowed {
         out.verdict = VERDICT_FORWARDED;
         out.drop_reason = drop_reason::NONE;
-        out.rule_id = rule_id;
+        out.rule_id = allow_rule;
         return;
     }
     let (enforced, default_rule) = if direction == DIR_INGRESS {

@@ -89,7 +89,10 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
-async fn write_json(w: &mut (impl AsyncWriteExt + Unpin), value: &impl Serialize) -> std::io::Result<()> {
+async fn write_json(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    value: &impl Serialize,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
@@ -99,14 +102,20 @@ async fn handle(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // Requests are small; a client that sends an endless line is cut off.
-    let n = BufReader::new(read.take(64 * 1024)).read_line(&mut line).await?;
+    let n = BufReader::new(read.take(64 * 1024))
+        .read_line(&mut line)
+        .await?;
     if n == 0 {
         return Ok(());
     }
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            return write_json(&mut write, &serde_json::json!({"error": format!("bad request: {e}")})).await;
+            return write_json(
+                &mut write,
+                &serde_json::json!({"error": format!("bad request: {e}")}),
+            )
+            .await;
         }
     };
     match request {
@@ -167,8 +176,8 @@ pub async fn call(
     write_json(&mut write, request).await?;
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
-        let value: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("agent sent a line that is not JSON: {line}"))?;
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("agent sent a line that is not JSON: {line}"))?;
         if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
             anyhow::bail!("{error}");
         }

@@ -162,13 +162,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             config.manifests.display()
         );
     }
-    let mut datapath = Datapath::open(Some(&config.bpffs_dir))
-        .with_context(|| format!("loading the datapath (pinned under {})", config.bpffs_dir.display()))?;
+    let mut datapath = Datapath::open(Some(&config.bpffs_dir)).with_context(|| {
+        format!(
+            "loading the datapath (pinned under {})",
+            config.bpffs_dir.display()
+        )
+    })?;
     // The sync and the flow reader get their own handles on the pinned maps; the loader keeps
     // its own for the programs.
     let mut maps = PinnedMaps::from_pins(&config.bpffs_dir.join("maps"))
         .context("opening the pinned datapath maps")?;
-    let events = maps.take_events().context("opening the flow event ring buffer")?;
+    let events = maps
+        .take_events()
+        .context("opening the flow event ring buffer")?;
     let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
     tracing::info!(
         node = %config.node,
@@ -197,16 +203,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     });
     {
         let syncer = syncer.clone();
-        *shared.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(Box::new(move || {
-                syncer
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .maps()
-                    .counters()
-                    .map(|c| c.to_vec())
-                    .unwrap_or_default()
-            }));
+        *shared
+            .counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(move || {
+            syncer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .maps()
+                .counters()
+                .map(|c| c.to_vec())
+                .unwrap_or_default()
+        }));
     }
 
     let listener = crate::api::bind(&config.api_socket).await?;
@@ -449,19 +457,36 @@ impl Control {
         if let Err(e) = self.identities.save(&self.identities_path) {
             self.report(format!("saving {}: {e}", self.identities_path.display()));
         }
-        self.publish(&inv, &compiled, endpoints, failures, manifest_errors, fill, generation, sync_error, started);
+        self.publish(
+            &inv,
+            &compiled,
+            endpoints,
+            failures,
+            manifest_errors,
+            fill,
+            generation,
+            sync_error,
+            started,
+        );
         if result.is_ok() && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");
         }
     }
 
     /// Translates every policy; a failure keeps the last good version and is reported.
-    fn translate_policies(&mut self, inv: &Inventory, errors: &mut BTreeSet<String>) -> Vec<Failure> {
+    fn translate_policies(
+        &mut self,
+        inv: &Inventory,
+        errors: &mut BTreeSet<String>,
+    ) -> Vec<Failure> {
         let mut seen = BTreeSet::new();
         let mut failures = Vec::new();
         let mut outcomes = Vec::new();
         for (r, np) in &inv.network_policies {
-            outcomes.push((format!("NetworkPolicy {r}"), policy::translate_network_policy(np)));
+            outcomes.push((
+                format!("NetworkPolicy {r}"),
+                policy::translate_network_policy(np),
+            ));
         }
         for (r, mp) in &inv.mesh_policies {
             outcomes.push((format!("MeshPolicy {r}"), policy::translate_mesh_policy(mp)));
@@ -503,7 +528,10 @@ impl Control {
         failures
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one call site, assembling one status")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, assembling one status"
+    )]
     fn publish(
         &self,
         inv: &Inventory,
@@ -528,7 +556,10 @@ impl Control {
                 .iter()
                 .flatten()
                 .map(|(k, v)| format!("k8s:{k}={v}"))
-                .chain(std::iter::once(format!("k8s:io.kubernetes.pod.namespace={}", r.namespace)))
+                .chain(std::iter::once(format!(
+                    "k8s:io.kubernetes.pod.namespace={}",
+                    r.namespace
+                )))
                 .collect();
             let ips = pod
                 .status
@@ -553,8 +584,15 @@ impl Control {
             }
         }
         let named = (1..agent_common::IDENTITY_FIRST_ALLOCATED)
-            .filter_map(|id| crate::identity::reserved_name(id).map(|n| (id, format!("reserved:{n}"))))
-            .chain(compiled.policy_cidrs.iter().map(|(net, id)| (*id, format!("cidr:{net}"))));
+            .filter_map(|id| {
+                crate::identity::reserved_name(id).map(|n| (id, format!("reserved:{n}")))
+            })
+            .chain(
+                compiled
+                    .policy_cidrs
+                    .iter()
+                    .map(|(net, id)| (*id, format!("cidr:{net}"))),
+            );
         for (id, label) in named {
             index.identity_labels.entry(id).or_default().push(label);
         }

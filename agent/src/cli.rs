@@ -234,13 +234,29 @@ fn filter_of(args: &ObserveArgs) -> anyhow::Result<FlowFilter> {
         to_pod: args.to_pod.as_deref().map(PodMatch::parse),
         pod: args.pod.as_deref().map(PodMatch::parse),
         namespace: args.namespace.clone(),
-        from_ip: args.from_ip.as_deref().map(|v| ip_arg("--from-ip", v)).transpose()?,
-        to_ip: args.to_ip.as_deref().map(|v| ip_arg("--to-ip", v)).transpose()?,
+        from_ip: args
+            .from_ip
+            .as_deref()
+            .map(|v| ip_arg("--from-ip", v))
+            .transpose()?,
+        to_ip: args
+            .to_ip
+            .as_deref()
+            .map(|v| ip_arg("--to-ip", v))
+            .transpose()?,
         port: args.port,
         protocol: args.protocol.clone(),
         identity: args.identity,
-        since: args.since.as_deref().map(|v| time_arg("--since", v)).transpose()?,
-        until: args.until.as_deref().map(|v| time_arg("--until", v)).transpose()?,
+        since: args
+            .since
+            .as_deref()
+            .map(|v| time_arg("--since", v))
+            .transpose()?,
+        until: args
+            .until
+            .as_deref()
+            .map(|v| time_arg("--until", v))
+            .transpose()?,
     };
     filter.validate()?;
     Ok(filter)
@@ -296,7 +312,11 @@ fn table_row(flow: &Flow) -> String {
         "{:<24} {:<30} {:<30} {:<8} {:<10} {}",
         flow.time.get(..23).unwrap_or(&flow.time),
         end(&flow.source, &flow.ip.source, ports.map(|p| p.source_port)),
-        end(&flow.destination, &flow.ip.destination, ports.map(|p| p.destination_port)),
+        end(
+            &flow.destination,
+            &flow.ip.destination,
+            ports.map(|p| p.destination_port)
+        ),
         flow.traffic_direction,
         flow.verdict,
         flow.summary
@@ -325,7 +345,11 @@ fn status_text(s: &serde_json::Value) -> String {
         out,
         "node {}: {}  (policy generation {}, {} syncs, last took {:.1} ms)",
         s["node"].as_str().unwrap_or("?"),
-        if s["ready"].as_bool() == Some(true) { "ready" } else { "NOT READY" },
+        if s["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "NOT READY"
+        },
         s["generation"],
         s["syncs"],
         s["last_sync"]["duration_ms"].as_f64().unwrap_or(0.0),
@@ -344,12 +368,19 @@ fn status_text(s: &serde_json::Value) -> String {
             e["identity"],
             e["interface"].as_str().unwrap_or(""),
             e["error"].as_str().map_or_else(
-                || if e["attached"] == true { "attached".to_owned() } else { "not attached".to_owned() },
+                || if e["attached"] == true {
+                    "attached".to_owned()
+                } else {
+                    "not attached".to_owned()
+                },
                 ToOwned::to_owned
             ),
         );
     }
-    let failed = s["policies"]["failed"].as_array().cloned().unwrap_or_default();
+    let failed = s["policies"]["failed"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let _ = writeln!(
         out,
         "\npolicies: {} applied, {} failed",

@@ -67,6 +67,8 @@ pub fn net_from_bytes(bytes: [u8; 16], bits: u32) -> Option<IpNet> {
         Some(v4) if bits >= 96 => ipnet::Ipv4Net::new(v4, u8::try_from(bits - 96).ok()?)
             .ok()
             .map(IpNet::V4),
-        _ => ipnet::Ipv6Net::new(v6, u8::try_from(bits).ok()?).ok().map(IpNet::V6),
+        _ => ipnet::Ipv6Net::new(v6, u8::try_from(bits).ok()?)
+            .ok()
+            .map(IpNet::V6),
     }
 }

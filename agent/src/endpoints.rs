@@ -24,7 +24,9 @@ pub enum EndpointError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no host route to {addr} in this network namespace (the pod's interface is not here yet)")]
+    #[error(
+        "no host route to {addr} in this network namespace (the pod's interface is not here yet)"
+    )]
     NoHostRoute { addr: IpAddr },
     #[error("the host route to {addr} uses {dev}, which is not a pod interface")]
     NotAPodInterface { addr: IpAddr, dev: String },
@@ -60,7 +62,9 @@ pub fn host_route_interface(addr: IpAddr) -> Result<Interface, EndpointError> {
     if !output.status.success() {
         return Err(EndpointError::Ip {
             addr,
-            source: std::io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_owned()),
+            source: std::io::Error::other(
+                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            ),
         });
     }
     let routes: Vec<Route> = serde_json::from_slice(&output.stdout).unwrap_or_default();

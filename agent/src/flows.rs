@@ -345,7 +345,10 @@ impl FlowStore {
     pub fn push(&self, flow: Flow) {
         let flow = Arc::new(flow);
         {
-            let mut ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut ring = self
+                .ring
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if ring.len() == self.capacity {
                 ring.pop_front();
                 self.lost.store_overwritten.fetch_add(1, Ordering::Relaxed);
@@ -360,7 +363,10 @@ impl FlowStore {
     /// The last `n` stored flows that match, oldest first.
     #[must_use]
     pub fn last(&self, n: usize, filter: &FlowFilter) -> Vec<Arc<Flow>> {
-        let ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ring = self
+            .ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out: Vec<Arc<Flow>> = ring
             .iter()
             .rev()
@@ -427,7 +433,11 @@ pub fn compact(flow: &Flow) -> String {
     format!(
         "{time}: {} -> {} {}{policy} {}{reason} ({})",
         end(&flow.source, &flow.ip.source, ports.map(|p| p.source_port)),
-        end(&flow.destination, &flow.ip.destination, ports.map(|p| p.destination_port)),
+        end(
+            &flow.destination,
+            &flow.ip.destination,
+            ports.map(|p| p.destination_port)
+        ),
         flow.traffic_direction.to_lowercase(),
         flow.verdict,
         flow.summary,
@@ -441,8 +451,12 @@ mod tests {
 
     fn event() -> FlowEvent {
         FlowEvent {
-            saddr: std::net::Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets(),
-            daddr: std::net::Ipv4Addr::new(10, 0, 1, 3).to_ipv6_mapped().octets(),
+            saddr: std::net::Ipv4Addr::new(10, 0, 0, 2)
+                .to_ipv6_mapped()
+                .octets(),
+            daddr: std::net::Ipv4Addr::new(10, 0, 1, 3)
+                .to_ipv6_mapped()
+                .octets(),
             sport_be: 41234u16.to_be(),
             dport_be: 8080u16.to_be(),
             protocol: 6,
@@ -526,7 +540,10 @@ mod tests {
             store.push(f);
         }
         let last = store.last(10, &FlowFilter::default());
-        let ports: Vec<u16> = last.iter().map(|f| f.ports().unwrap().source_port).collect();
+        let ports: Vec<u16> = last
+            .iter()
+            .map(|f| f.ports().unwrap().source_port)
+            .collect();
         assert_eq!(ports, vec![2, 3]);
         assert_eq!(store.lost.store_overwritten.load(Ordering::Relaxed), 1);
     }

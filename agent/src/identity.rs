@@ -21,8 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::policy::selector::Labels;
 use crate::policy::selector::{
-    NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, NS_LABEL_PREFIX, RESERVED_PREFIX,
-    SERVICE_ACCOUNT_LABEL,
+    NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, NS_LABEL_PREFIX, RESERVED_PREFIX, SERVICE_ACCOUNT_LABEL,
 };
 
 /// First CIDR identity; label identities stay below.
@@ -67,11 +66,18 @@ pub fn security_labels(pod: &Pod, namespace: Option<&Namespace>) -> Labels {
     for (k, v) in ns_labels.into_iter().flatten() {
         labels.insert(format!("{NS_LABEL_PREFIX}{k}"), v.clone());
     }
-    labels.insert(format!("{NS_LABEL_PREFIX}{NAMESPACE_NAME_LABEL}"), ns.to_owned());
+    labels.insert(
+        format!("{NS_LABEL_PREFIX}{NAMESPACE_NAME_LABEL}"),
+        ns.to_owned(),
+    );
     let sa = pod
         .spec
         .as_ref()
-        .and_then(|s| s.service_account_name.as_deref().or(s.service_account.as_deref()))
+        .and_then(|s| {
+            s.service_account_name
+                .as_deref()
+                .or(s.service_account.as_deref())
+        })
         .filter(|s| !s.is_empty())
         .unwrap_or("default");
     labels.insert(SERVICE_ACCOUNT_LABEL.to_owned(), sa.to_owned());

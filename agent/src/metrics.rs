@@ -47,7 +47,9 @@ impl Metrics {
                 "map_sync_duration_seconds",
                 "Time to write a policy change into the kernel maps",
             )
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
             &[],
         )?;
         let endpoints = IntGauge::new("endpoints", "Local endpoints with programs attached")?;
@@ -61,7 +63,10 @@ impl Metrics {
             &["map"],
         )?;
         let lost = IntGaugeVec::new(
-            Opts::new("lost_events", "Flow events lost, by the place they were lost"),
+            Opts::new(
+                "lost_events",
+                "Flow events lost, by the place they were lost",
+            ),
             &["place"],
         )?;
         for c in [
@@ -107,7 +112,8 @@ impl Metrics {
     }
 
     pub fn observe_state(&self, endpoints: usize, identities: usize, maps: &[MapFill]) {
-        self.endpoints.set(i64::try_from(endpoints).unwrap_or(i64::MAX));
+        self.endpoints
+            .set(i64::try_from(endpoints).unwrap_or(i64::MAX));
         self.identities
             .set(i64::try_from(identities).unwrap_or(i64::MAX));
         for m in maps {
@@ -139,7 +145,9 @@ fn reply(status: StatusCode, body: String, content_type: &str) -> Response<Full<
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(v) = content_type.parse() {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
     }
     response
 }

@@ -17,8 +17,8 @@ use serde_json::Value;
 
 use crate::probe::{self, Case, Proto};
 use crate::topology::{
-    self, DNS_PORT, GATEWAY4, GATEWAY6, HOST_VETH_MAC, HTTP_PORT, LabSpec, LabState, METRICS_PORT, NodeState,
-    Owner, PodState,
+    self, DNS_PORT, GATEWAY4, GATEWAY6, HOST_VETH_MAC, HTTP_PORT, LabSpec, LabState, METRICS_PORT,
+    NodeState, Owner, PodState,
 };
 use crate::{manifests, paths, sweep, sys, wait};
 
@@ -66,13 +66,32 @@ impl Lab {
             None
         } else {
             let pid = std::process::id();
-            Some(Owner { pid, start_time: sys::process_start_time(pid).context("own start time")? })
+            Some(Owner {
+                pid,
+                start_time: sys::process_start_time(pid).context("own start time")?,
+            })
         };
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let state = topology::plan(spec, &id, &root, &cgroup2, Path::new(sys::BPFFS_ROOT), owner, now)?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let state = topology::plan(
+            spec,
+            &id,
+            &root,
+            &cgroup2,
+            Path::new(sys::BPFFS_ROOT),
+            owner,
+            now,
+        )?;
         // The state file comes first: from here on, `down` and the sweep know every name.
-        std::fs::create_dir_all(&state.dir).with_context(|| format!("creating {}", state.dir.display()))?;
-        let mut lab = Self { state, children: HashMap::new(), torn_down: false, owned: true };
+        std::fs::create_dir_all(&state.dir)
+            .with_context(|| format!("creating {}", state.dir.display()))?;
+        let mut lab = Self {
+            state,
+            children: HashMap::new(),
+            torn_down: false,
+            owned: true,
+        };
         lab.save()?;
         let started = Instant::now();
         if let Err(e) = lab.build(&echo) {
@@ -101,9 +120,16 @@ impl Lab {
     /// Re-opens a lab made by another process (`cargo xtask lab status|down`). Dropping it leaves
     /// the lab alone; [`Lab::down`] removes it.
     pub fn attach(id: &str) -> Result<Self> {
-        let path = paths::lab_root().join(format!("{}{id}", topology::PREFIX)).join("state.json");
+        let path = paths::lab_root()
+            .join(format!("{}{id}", topology::PREFIX))
+            .join("state.json");
         let state = load_state(&path)?;
-        Ok(Self { state, children: HashMap::new(), torn_down: false, owned: false })
+        Ok(Self {
+            state,
+            children: HashMap::new(),
+            torn_down: false,
+            owned: false,
+        })
     }
 
     /// Leaves the lab running when this value is dropped (`cargo xtask lab up`); `down` from
@@ -141,11 +167,17 @@ impl Lab {
     }
 
     pub fn node(&self, name: &str) -> &NodeState {
-        self.state.node(name).unwrap_or_else(|| panic!("no node {name} in lab {}", self.state.id))
+        self.state
+            .node(name)
+            .unwrap_or_else(|| panic!("no node {name} in lab {}", self.state.id))
     }
 
     pub fn pods_in(&self, namespace: &str) -> Vec<&PodState> {
-        self.state.pods.iter().filter(|p| p.namespace == namespace).collect()
+        self.state
+            .pods
+            .iter()
+            .filter(|p| p.namespace == namespace)
+            .collect()
     }
 
     pub fn pods_on(&self, node: &str) -> Vec<&PodState> {
@@ -185,13 +217,24 @@ impl Lab {
             std::fs::write(s.manifests_dir.join("lab").join(file), yaml)?;
         }
 
-        let netns: Vec<String> = s.all_netns().iter().map(|n| format!("netns add {n}")).collect();
+        let netns: Vec<String> = s
+            .all_netns()
+            .iter()
+            .map(|n| format!("netns add {n}"))
+            .collect();
         sys::ip_batch(None, &netns, false)?;
 
-        let mut underlay = vec!["link set lo up".into(), "link add br0 type bridge".into(), "link set br0 up".into()];
+        let mut underlay = vec![
+            "link set lo up".into(),
+            "link add br0 type bridge".into(),
+            "link set br0 up".into(),
+        ];
         for node in &s.nodes {
             let port = &node.underlay_ifname;
-            underlay.push(format!("link add {port} type veth peer name eth0 netns {}", node.netns));
+            underlay.push(format!(
+                "link add {port} type veth peer name eth0 netns {}",
+                node.netns
+            ));
             underlay.push(format!("link set {port} master br0"));
             underlay.push(format!("link set {port} up"));
         }
@@ -227,7 +270,10 @@ impl Lab {
         }
 
         for pod in &s.pods {
-            sys::sysctls(&pod.netns, &[("net/ipv6/conf/eth0/accept_dad".to_string(), "0")])?;
+            sys::sysctls(
+                &pod.netns,
+                &[("net/ipv6/conf/eth0/accept_dad".to_string(), "0")],
+            )?;
             let mut lines = vec![
                 "link set lo up".to_string(),
                 "link set eth0 up".to_string(),
@@ -239,7 +285,9 @@ impl Lab {
             if s.ipv6 {
                 lines.push(format!("addr add {}/128 dev eth0 nodad", pod.ip6));
                 lines.push(format!("route add default via {GATEWAY6} dev eth0"));
-                lines.push(format!("neigh replace {GATEWAY6} lladdr {HOST_VETH_MAC} dev eth0 nud permanent"));
+                lines.push(format!(
+                    "neigh replace {GATEWAY6} lladdr {HOST_VETH_MAC} dev eth0 nud permanent"
+                ));
             }
             sys::ip_batch(Some(&pod.netns), &lines, false)?;
         }
@@ -271,12 +319,14 @@ impl Lab {
         // Pods live in a child of their node's cgroup, which the agent gets with --cgroup, so
         // the agent's cgroup programs see the pods' sockets.
         for node in &s.nodes {
-            std::fs::create_dir_all(&node.cgroup).with_context(|| format!("creating {}", node.cgroup.display()))?;
+            std::fs::create_dir_all(&node.cgroup)
+                .with_context(|| format!("creating {}", node.cgroup.display()))?;
             std::fs::create_dir_all(&node.bpffs_dir)
                 .with_context(|| format!("creating {}", node.bpffs_dir.display()))?;
         }
         for pod in &s.pods {
-            std::fs::create_dir_all(&pod.cgroup).with_context(|| format!("creating {}", pod.cgroup.display()))?;
+            std::fs::create_dir_all(&pod.cgroup)
+                .with_context(|| format!("creating {}", pod.cgroup.display()))?;
         }
 
         for i in 0..self.state.pods.len() {
@@ -287,11 +337,20 @@ impl Lab {
         let pods: Vec<&PodState> = self.state.pods.iter().collect();
         let ready = probe::parallel(&pods, |pod| {
             wait::eventually(Duration::from_secs(5), Duration::from_millis(20), || {
-                probe::tcp_probe(&pod.netns, SocketAddr::new(pod.ip4.into(), HTTP_PORT), Duration::from_millis(200))
+                probe::tcp_probe(
+                    &pod.netns,
+                    SocketAddr::new(pod.ip4.into(), HTTP_PORT),
+                    Duration::from_millis(200),
+                )
             })
         });
         for (pod, ready) in pods.iter().zip(ready) {
-            ensure!(ready, "echo server of {} did not answer: {}", pod.key(), sys::tail(&pod.log, 10));
+            ensure!(
+                ready,
+                "echo server of {} did not answer: {}",
+                pod.key(),
+                sys::tail(&pod.log, 10)
+            );
         }
         Ok(())
     }
@@ -307,7 +366,12 @@ impl Lab {
         cmd.arg(format!("--net={}", sys::netns_path(&pod.netns).display()))
             .arg("--")
             .arg(echo)
-            .args(["--tcp", &format!("{HTTP_PORT},{METRICS_PORT}"), "--udp", &DNS_PORT.to_string()])
+            .args([
+                "--tcp",
+                &format!("{HTTP_PORT},{METRICS_PORT}"),
+                "--udp",
+                &DNS_PORT.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -323,7 +387,9 @@ impl Lab {
                 }
             });
         }
-        let child = cmd.spawn().with_context(|| format!("starting the echo server of {}", pod.key()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting the echo server of {}", pod.key()))?;
         drop(procs);
         let pid = child.id();
         self.children.insert(pid, child);
@@ -338,7 +404,10 @@ impl Lab {
         let bin = paths::nodeward_bin()?;
         let n = self.node(node).clone();
         std::fs::create_dir_all(&n.state_dir)?;
-        let log = OpenOptions::new().create(true).append(true).open(&n.agent_log)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.agent_log)?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", sys::netns_path(&n.netns).display()))
             .arg("--")
@@ -359,7 +428,9 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id();
         self.children.insert(pid, child);
         self.node_mut(node).agent_pid = Some(pid);
@@ -368,7 +439,11 @@ impl Lab {
     }
 
     fn node_mut(&mut self, node: &str) -> &mut NodeState {
-        self.state.nodes.iter_mut().find(|n| n.name == node).expect("known node")
+        self.state
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .expect("known node")
     }
 
     /// Polls `nodeward status` until it says `"ready": true`; the error shows the agent log.
@@ -421,11 +496,17 @@ impl Lab {
     }
 
     fn signal_agent(&mut self, node: &str, signal: i32, wait: Duration) -> Result<()> {
-        let pid = self.node(node).agent_pid.with_context(|| format!("no agent runs on {node}"))?;
+        let pid = self
+            .node(node)
+            .agent_pid
+            .with_context(|| format!("no agent runs on {node}"))?;
         sys::signal(pid, signal);
         let deadline = Instant::now() + wait;
         while self.reap_is_alive(pid) {
-            ensure!(Instant::now() < deadline, "the agent of {node} (pid {pid}) did not exit within {wait:?}");
+            ensure!(
+                Instant::now() < deadline,
+                "the agent of {node} (pid {pid}) did not exit within {wait:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         self.node_mut(node).agent_pid = None;
@@ -436,7 +517,14 @@ impl Lab {
         let bin = paths::nodeward_bin()?;
         let socket = &self.node(node).api_socket;
         let (sub, rest) = args.split_first().context("no subcommand")?;
-        sys::run_timeout(Command::new(&bin).arg(sub).arg("--api-socket").arg(socket).args(rest), timeout)
+        sys::run_timeout(
+            Command::new(&bin)
+                .arg(sub)
+                .arg("--api-socket")
+                .arg(socket)
+                .args(rest),
+            timeout,
+        )
     }
 
     /// `nodeward status --api-socket S -o json`.
@@ -452,14 +540,20 @@ impl Lab {
         let out = self.nodeward(node, &all, Duration::from_secs(10))?;
         out.lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("nodeward observe printed {l:?}")))
+            .map(|l| {
+                serde_json::from_str(l).with_context(|| format!("nodeward observe printed {l:?}"))
+            })
             .collect()
     }
 
     /// Writes `<manifests>/<name>.yaml` atomically (a rename), so the agent never reads half a file.
     pub fn write_manifest(&self, name: &str, yaml: &str) -> Result<PathBuf> {
         let path = self.manifest_path(name);
-        let tmp = self.state.dir.join("tmp").join(path.file_name().expect("has a name"));
+        let tmp = self
+            .state
+            .dir
+            .join("tmp")
+            .join(path.file_name().expect("has a name"));
         std::fs::write(&tmp, yaml).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
@@ -489,8 +583,15 @@ impl Lab {
     }
 
     fn manifest_path(&self, name: &str) -> PathBuf {
-        let file = if name.ends_with(".yaml") || name.ends_with(".yml") { name.to_string() } else { format!("{name}.yaml") };
-        assert!(!file.contains('/') && file != "lab", "manifest names are plain file names: {name}");
+        let file = if name.ends_with(".yaml") || name.ends_with(".yml") {
+            name.to_string()
+        } else {
+            format!("{name}.yaml")
+        };
+        assert!(
+            !file.contains('/') && file != "lab",
+            "manifest names are plain file names: {name}"
+        );
         self.state.manifests_dir.join(file)
     }
 
@@ -530,7 +631,12 @@ impl Lab {
         let mut wrong = Vec::new();
         let ok = wait::eventually(within, Duration::from_millis(100), || {
             let got = self.probe_all(cases);
-            wrong = cases.iter().zip(got).filter(|(c, got)| c.allowed != *got).map(|(c, _)| c.to_string()).collect();
+            wrong = cases
+                .iter()
+                .zip(got)
+                .filter(|(c, got)| c.allowed != *got)
+                .map(|(c, _)| c.to_string())
+                .collect();
             wrong.is_empty()
         });
         if !ok {
@@ -551,7 +657,14 @@ impl Lab {
             .nodes
             .iter()
             .filter(|n| n.agent_log.exists())
-            .map(|n| format!("--- {} ({}):\n{}\n", n.name, n.agent_log.display(), sys::tail(&n.agent_log, lines)))
+            .map(|n| {
+                format!(
+                    "--- {} ({}):\n{}\n",
+                    n.name,
+                    n.agent_log.display(),
+                    sys::tail(&n.agent_log, lines)
+                )
+            })
             .collect()
     }
 
@@ -559,11 +672,19 @@ impl Lab {
     pub fn report(&self) -> String {
         use std::fmt::Write as _;
         let s = &self.state;
-        let mut out = format!("lab {} ({})\nmanifests: {}\n", s.id, s.dir.display(), s.manifests_dir.display());
+        let mut out = format!(
+            "lab {} ({})\nmanifests: {}\n",
+            s.id,
+            s.dir.display(),
+            s.manifests_dir.display()
+        );
         for node in &s.nodes {
             let agent = match node.agent_pid {
                 Some(pid) if sys::process_alive(pid) => match self.status(&node.name) {
-                    Ok(st) => format!("agent pid {pid}, ready={}, generation={}", st["ready"], st["generation"]),
+                    Ok(st) => format!(
+                        "agent pid {pid}, ready={}, generation={}",
+                        st["ready"], st["generation"]
+                    ),
                     Err(_) => format!("agent pid {pid}, status unavailable"),
                 },
                 Some(pid) => format!("agent pid {pid} NOT RUNNING"),
@@ -606,9 +727,17 @@ impl Lab {
         }
         self.torn_down = true;
         if keep_logs {
-            eprintln!("lab {}: torn down; logs kept in {}", self.state.id, self.state.dir.display());
+            eprintln!(
+                "lab {}: torn down; logs kept in {}",
+                self.state.id,
+                self.state.dir.display()
+            );
         } else {
-            eprintln!("lab {}: torn down in {:.2?}", self.state.id, started.elapsed());
+            eprintln!(
+                "lab {}: torn down in {:.2?}",
+                self.state.id,
+                started.elapsed()
+            );
         }
         result
     }
@@ -631,7 +760,8 @@ impl Drop for Lab {
 }
 
 pub(crate) fn load_state(path: &Path) -> Result<LabState> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -639,7 +769,11 @@ pub(crate) fn load_state(path: &Path) -> Result<LabState> {
 pub(crate) fn teardown(state: &LabState, keep_logs: bool) -> Result<()> {
     let mut errors = Vec::new();
     // Processes first: every process in one of the lab's namespaces, plus the recorded ones.
-    let mut pids: Vec<u32> = state.all_netns().iter().flat_map(|ns| sys::netns_pids(ns)).collect();
+    let mut pids: Vec<u32> = state
+        .all_netns()
+        .iter()
+        .flat_map(|ns| sys::netns_pids(ns))
+        .collect();
     pids.extend(state.nodes.iter().filter_map(|n| n.agent_pid));
     pids.extend(state.pods.iter().filter_map(|p| p.echo_pid));
     pids.retain(|&p| p != std::process::id() && sys::process_alive(p) && in_lab(state, p));
@@ -651,8 +785,12 @@ pub(crate) fn teardown(state: &LabState, keep_logs: bool) -> Result<()> {
         errors.push(format!("removing {}: {e}", state.bpffs_dir.display()));
     }
     let existing = sys::netns_list();
-    let del: Vec<String> =
-        state.all_netns().into_iter().filter(|n| existing.contains(n)).map(|n| format!("netns del {n}")).collect();
+    let del: Vec<String> = state
+        .all_netns()
+        .into_iter()
+        .filter(|n| existing.contains(n))
+        .map(|n| format!("netns del {n}"))
+        .collect();
     if let Err(e) = sys::ip_batch(None, &del, true) {
         errors.push(format!("{e:#}"));
     }
@@ -669,16 +807,26 @@ pub(crate) fn teardown(state: &LabState, keep_logs: bool) -> Result<()> {
     if !left.is_empty() {
         errors.push(format!("still present: {}", left.join(", ")));
     }
-    ensure!(errors.is_empty(), "tearing down lab {}: {}", state.id, errors.join("; "));
+    ensure!(
+        errors.is_empty(),
+        "tearing down lab {}: {}",
+        state.id,
+        errors.join("; ")
+    );
     Ok(())
 }
 
 /// A recorded pid is only ours if it still runs in one of the lab's namespaces or is an agent
 /// reading this lab's manifests (pids get recycled).
 fn in_lab(state: &LabState, pid: u32) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     let cmdline = String::from_utf8_lossy(&cmdline);
-    state.all_netns().iter().any(|ns| sys::netns_pids(ns).contains(&pid))
+    state
+        .all_netns()
+        .iter()
+        .any(|ns| sys::netns_pids(ns).contains(&pid))
         || cmdline.contains(&*state.manifests_dir.to_string_lossy())
 }
 
@@ -691,8 +839,12 @@ fn remove_dir_all_if_exists(path: &Path) -> std::io::Result<()> {
 
 fn leftovers(state: &LabState) -> Vec<String> {
     let existing = sys::netns_list();
-    let mut left: Vec<String> =
-        state.all_netns().into_iter().filter(|n| existing.contains(n)).map(|n| format!("netns {n}")).collect();
+    let mut left: Vec<String> = state
+        .all_netns()
+        .into_iter()
+        .filter(|n| existing.contains(n))
+        .map(|n| format!("netns {n}"))
+        .collect();
     for path in [&state.cgroup_dir, &state.bpffs_dir] {
         if path.exists() {
             left.push(path.display().to_string());
@@ -706,5 +858,8 @@ fn random_id() -> Result<String> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut bytes = [0u8; 5];
     std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut bytes)?;
-    Ok(bytes.iter().map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()])).collect())
+    Ok(bytes
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect())
 }

@@ -92,7 +92,12 @@ pub fn lab_objects(lab: &LabState) -> Vec<(&'static str, String)> {
 pub fn documents(objects: impl IntoIterator<Item = Value>) -> String {
     objects
         .into_iter()
-        .map(|o| format!("---\n{}", serde_yaml_ng::to_string(&o).expect("JSON values serialize to YAML")))
+        .map(|o| {
+            format!(
+                "---\n{}",
+                serde_yaml_ng::to_string(&o).expect("JSON values serialize to YAML")
+            )
+        })
         .collect()
 }
 
@@ -105,14 +110,25 @@ mod tests {
 
     #[test]
     fn pod_manifest_carries_node_ips_ports_and_labels() {
-        let lab = plan(&LabSpec::default(), "t", Path::new("/l"), Path::new("/c"), Path::new("/b"), None, 0)
-            .unwrap();
+        let lab = plan(
+            &LabSpec::default(),
+            "t",
+            Path::new("/l"),
+            Path::new("/c"),
+            Path::new("/b"),
+            None,
+            0,
+        )
+        .unwrap();
         let files = lab_objects(&lab);
         let pods: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&files[3].1)
             .map(|d| serde::Deserialize::deserialize(d).unwrap())
             .collect();
         assert_eq!(pods.len(), 9);
-        let api1 = pods.iter().find(|p| p["metadata"]["name"] == "api-1").unwrap();
+        let api1 = pods
+            .iter()
+            .find(|p| p["metadata"]["name"] == "api-1")
+            .unwrap();
         assert_eq!(api1["metadata"]["namespace"], "backend");
         assert_eq!(api1["metadata"]["labels"]["app"], "api");
         assert_eq!(api1["spec"]["nodeName"], "node-2");

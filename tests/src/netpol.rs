@@ -16,17 +16,31 @@ pub fn network_policy(namespace: &str, name: &str, spec: &Value) -> String {
 
 /// Selects every pod of `namespace` for ingress and allows nothing.
 pub fn deny_all_ingress(namespace: &str) -> String {
-    network_policy(namespace, "deny-all-ingress", &json!({ "podSelector": {}, "policyTypes": ["Ingress"] }))
+    network_policy(
+        namespace,
+        "deny-all-ingress",
+        &json!({ "podSelector": {}, "policyTypes": ["Ingress"] }),
+    )
 }
 
 /// Selects every pod of `namespace` for egress and allows nothing.
 pub fn deny_all_egress(namespace: &str) -> String {
-    network_policy(namespace, "deny-all-egress", &json!({ "podSelector": {}, "policyTypes": ["Egress"] }))
+    network_policy(
+        namespace,
+        "deny-all-egress",
+        &json!({ "podSelector": {}, "policyTypes": ["Egress"] }),
+    )
 }
 
 /// Ingress to the pods matching `pod_labels` (all pods if empty) from `from` peers on `ports`
 /// (any port if empty).
-pub fn allow_ingress(namespace: &str, name: &str, pod_labels: &Value, from: &[Value], ports: &[Value]) -> String {
+pub fn allow_ingress(
+    namespace: &str,
+    name: &str,
+    pod_labels: &Value,
+    from: &[Value],
+    ports: &[Value],
+) -> String {
     let mut rule = json!({ "from": from });
     if !ports.is_empty() {
         rule["ports"] = json!(ports);

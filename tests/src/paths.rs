@@ -6,17 +6,22 @@ use anyhow::{Result, ensure};
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// `CARGO_TARGET_DIR` or `<workspace>/target`.
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// Where lab directories go: `NODEWARD_LAB_ROOT` or `/tmp/nodeward-lab`.
 pub fn lab_root() -> PathBuf {
-    std::env::var_os("NODEWARD_LAB_ROOT").map_or_else(|| PathBuf::from("/tmp/nodeward-lab"), PathBuf::from)
+    std::env::var_os("NODEWARD_LAB_ROOT")
+        .map_or_else(|| PathBuf::from("/tmp/nodeward-lab"), PathBuf::from)
 }
 
 /// The agent: `NODEWARD_BIN` or `<target>/debug/nodeward`.
@@ -31,7 +36,11 @@ pub fn echo_bin() -> Result<PathBuf> {
         && let Ok(exe) = std::env::current_exe()
         && let Some(dir) = exe.parent()
     {
-        let dir = if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir };
+        let dir = if dir.ends_with("deps") {
+            dir.parent().unwrap_or(dir)
+        } else {
+            dir
+        };
         let candidate = dir.join("nodeward-lab-echo");
         if candidate.is_file() {
             return Ok(candidate);
@@ -41,7 +50,12 @@ pub fn echo_bin() -> Result<PathBuf> {
 }
 
 fn binary(var: &str, name: &str) -> Result<PathBuf> {
-    let path = std::env::var_os(var).map_or_else(|| target_dir().join("debug").join(name), PathBuf::from);
-    ensure!(path.is_file(), "{} not found: run `cargo xtask build` (or set {var})", path.display());
+    let path =
+        std::env::var_os(var).map_or_else(|| target_dir().join("debug").join(name), PathBuf::from);
+    ensure!(
+        path.is_file(),
+        "{} not found: run `cargo xtask build` (or set {var})",
+        path.display()
+    );
     Ok(path)
 }

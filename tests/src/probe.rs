@@ -14,12 +14,18 @@ use crate::sys::in_netns;
 static NONCE: AtomicU64 = AtomicU64::new(1);
 
 fn nonce(tag: &str) -> Vec<u8> {
-    format!("nodeward-lab {tag} {}\n", NONCE.fetch_add(1, Ordering::Relaxed)).into_bytes()
+    format!(
+        "nodeward-lab {tag} {}\n",
+        NONCE.fetch_add(1, Ordering::Relaxed)
+    )
+    .into_bytes()
 }
 
 /// Opens a TCP connection from inside `netns`.
 pub fn connect_from(netns: &str, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
-    Ok(in_netns(netns, || TcpStream::connect_timeout(&to, timeout))??)
+    Ok(in_netns(netns, || {
+        TcpStream::connect_timeout(&to, timeout)
+    })??)
 }
 
 /// Sends a line over `stream` and reads the echo within `timeout`.
@@ -60,7 +66,9 @@ pub fn udp_probe(netns: &str, to: SocketAddr, timeout: Duration) -> bool {
         IpAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
         IpAddr::V6(_) => "[::]:0".parse().expect("literal"),
     };
-    let Ok(Ok(socket)) = in_netns(netns, || UdpSocket::bind(bind)) else { return false };
+    let Ok(Ok(socket)) = in_netns(netns, || UdpSocket::bind(bind)) else {
+        return false;
+    };
     let msg = nonce("udp");
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 512];
@@ -69,7 +77,9 @@ pub fn udp_probe(netns: &str, to: SocketAddr, timeout: Duration) -> bool {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
-        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(200));
         if wait.is_zero() || socket.set_read_timeout(Some(wait)).is_err() {
             break;
         }
@@ -101,11 +111,23 @@ pub struct Case {
 
 impl Case {
     pub fn tcp(from: &str, to: &str, port: u16, allowed: bool) -> Self {
-        Self { from: from.into(), to: to.into(), proto: Proto::Tcp, port, allowed }
+        Self {
+            from: from.into(),
+            to: to.into(),
+            proto: Proto::Tcp,
+            port,
+            allowed,
+        }
     }
 
     pub fn udp(from: &str, to: &str, port: u16, allowed: bool) -> Self {
-        Self { from: from.into(), to: to.into(), proto: Proto::Udp, port, allowed }
+        Self {
+            from: from.into(),
+            to: to.into(),
+            proto: Proto::Udp,
+            port,
+            allowed,
+        }
     }
 }
 
@@ -116,14 +138,24 @@ impl fmt::Display for Case {
             Proto::Udp => "udp",
         };
         let want = if self.allowed { "allowed" } else { "denied" };
-        write!(f, "{} -> {} {proto}/{} should be {want}", self.from, self.to, self.port)
+        write!(
+            f,
+            "{} -> {} {proto}/{} should be {want}",
+            self.from, self.to, self.port
+        )
     }
 }
 
 /// Runs `probe` for every item on its own thread; results in input order.
 pub fn parallel<T: Sync, R: Send>(items: &[T], probe: impl Fn(&T) -> R + Sync) -> Vec<R> {
     std::thread::scope(|scope| {
-        let handles: Vec<_> = items.iter().map(|item| scope.spawn(|| probe(item))).collect();
-        handles.into_iter().map(|h| h.join().expect("probe thread panicked")).collect()
+        let handles: Vec<_> = items
+            .iter()
+            .map(|item| scope.spawn(|| probe(item)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("probe thread panicked"))
+            .collect()
     })
 }

@@ -16,12 +16,17 @@ use crate::topology::{LabState, PREFIX};
 use crate::{paths, sys};
 
 fn owner_alive(state: &LabState) -> bool {
-    state.owner.as_ref().is_none_or(|o| sys::process_start_time(o.pid) == Some(o.start_time))
+    state
+        .owner
+        .as_ref()
+        .is_none_or(|o| sys::process_start_time(o.pid) == Some(o.start_time))
 }
 
 /// Labs (by state file) in the lab root.
 pub fn labs() -> Vec<LabState> {
-    let Ok(entries) = std::fs::read_dir(paths::lab_root()) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(paths::lab_root()) else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
@@ -61,11 +66,22 @@ fn sweep(keep: impl Fn(&LabState) -> bool) -> Result<Vec<String>> {
         }
     }
     let is_leftover = |name: &str| id_of(name).is_some_and(|id| !live.contains(id));
-    let orphans: Vec<String> = sys::netns_list().into_iter().filter(|n| is_leftover(n)).collect();
+    let orphans: Vec<String> = sys::netns_list()
+        .into_iter()
+        .filter(|n| is_leftover(n))
+        .collect();
     let pids: Vec<u32> = orphans.iter().flat_map(|ns| sys::netns_pids(ns)).collect();
     sys::terminate(&pids, Duration::from_secs(3));
-    for root in [Some(Path::new(sys::BPFFS_ROOT).to_path_buf()), sys::cgroup2_root().ok()].into_iter().flatten() {
-        let Ok(entries) = std::fs::read_dir(&root) else { continue };
+    for root in [
+        Some(Path::new(sys::BPFFS_ROOT).to_path_buf()),
+        sys::cgroup2_root().ok(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if is_leftover(&name) {

@@ -15,9 +15,16 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 /// Runs a command to completion; an error carries the command line and its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("spawning {cmd:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -34,9 +41,18 @@ pub fn ip_batch(netns: Option<&str>, lines: &[String], force: bool) -> Result<()
     if force {
         cmd.arg("-force");
     }
-    cmd.args(["-batch", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("spawning ip -batch (is iproute2 installed?)")?;
-    child.stdin.take().expect("piped").write_all(lines.join("\n").as_bytes())?;
+    cmd.args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .context("spawning ip -batch (is iproute2 installed?)")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(lines.join("\n").as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() && !force {
         bail!(
@@ -81,7 +97,8 @@ pub fn sysctls(netns: &str, settings: &[(String, &str)]) -> Result<()> {
     in_netns(netns, || -> Result<()> {
         for (key, value) in settings {
             let path = Path::new("/proc/sys").join(key);
-            std::fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))?;
+            std::fs::write(&path, value)
+                .with_context(|| format!("writing {value} to {}", path.display()))?;
         }
         Ok(())
     })?
@@ -99,15 +116,24 @@ pub fn netns_interfaces(netns: &str) -> Result<Vec<String>> {
 }
 
 pub fn netns_list() -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else { return Vec::new() };
-    entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Pids of the processes (thread group leaders) whose network namespace is `netns`.
 pub fn netns_pids(netns: &str) -> Vec<u32> {
-    let Ok(target) = std::fs::metadata(netns_path(netns)) else { return Vec::new() };
+    let Ok(target) = std::fs::metadata(netns_path(netns)) else {
+        return Vec::new();
+    };
     let me = std::process::id();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
@@ -122,11 +148,13 @@ pub fn netns_pids(netns: &str) -> Vec<u32> {
 pub fn process_alive(pid: u32) -> bool {
     // A zombie has no namespace links any more; treat it as gone.
     process_start_time(pid).is_some()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !stat_state(&s).starts_with('Z'))
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !stat_state(&s).starts_with('Z'))
 }
 
 fn stat_state(stat: &str) -> &str {
-    stat.rsplit_once(')').map_or("", |(_, rest)| rest.trim_start())
+    stat.rsplit_once(')')
+        .map_or("", |(_, rest)| rest.trim_start())
 }
 
 /// `starttime` (field 22) of `/proc/<pid>/stat`.
@@ -182,7 +210,8 @@ pub fn mount_point(fstype: &str) -> Result<Option<PathBuf>> {
 }
 
 pub fn mount_points(fstype: &str) -> Result<Vec<PathBuf>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     Ok(info
         .lines()
         .filter_map(|line| {
@@ -196,7 +225,10 @@ pub fn mount_points(fstype: &str) -> Result<Vec<PathBuf>> {
 pub fn ensure_root() -> Result<()> {
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
-    ensure!(euid == 0, "the lab needs root (network namespaces, cgroups, bpffs); running as uid {euid}");
+    ensure!(
+        euid == 0,
+        "the lab needs root (network namespaces, cgroups, bpffs); running as uid {euid}"
+    );
     Ok(())
 }
 
@@ -227,7 +259,8 @@ pub fn remove_cgroup_tree(dir: &Path) -> Result<()> {
 
 /// Last `lines` lines of a file, for error messages.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -267,7 +300,10 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Result<String> {
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
     if !status.success() {
-        bail!("{cmd:?} failed ({status}): {}", String::from_utf8_lossy(&stderr).trim());
+        bail!(
+            "{cmd:?} failed ({status}): {}",
+            String::from_utf8_lossy(&stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&stdout).into_owned())
 }

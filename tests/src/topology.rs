@@ -45,7 +45,15 @@ pub struct LabSpec {
 
 impl Default for LabSpec {
     fn default() -> Self {
-        Self { name: None, nodes: 2, namespaces: 3, pods: 3, agents: true, ipv6: true, persistent: false }
+        Self {
+            name: None,
+            nodes: 2,
+            namespaces: 3,
+            pods: 3,
+            agents: true,
+            ipv6: true,
+            persistent: false,
+        }
     }
 }
 
@@ -144,13 +152,19 @@ impl LabState {
     pub fn all_netns(&self) -> Vec<String> {
         let pods = self.pods.iter().map(|p| p.netns.clone());
         let nodes = self.nodes.iter().map(|n| n.netns.clone());
-        pods.chain(nodes).chain([self.underlay_netns.clone()]).collect()
+        pods.chain(nodes)
+            .chain([self.underlay_netns.clone()])
+            .collect()
     }
 }
 
 pub fn validate_id(id: &str) -> Result<()> {
     ensure!(
-        !id.is_empty() && id.len() <= 6 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        !id.is_empty()
+            && id.len() <= 6
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
         "lab name {id:?} must be 1 to 6 characters of [a-z0-9] (it goes into interface names)"
     );
     Ok(())
@@ -183,7 +197,16 @@ pub fn plan(
                 netns: format!("{prefix}-{name}"),
                 underlay_ifname: format!("{IFNAME_PREFIX}{id}u{i}"),
                 ip4,
-                ip6: Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, u16::try_from(i).expect("small")),
+                ip6: Ipv6Addr::new(
+                    0xfd00,
+                    0x250,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    u16::try_from(i).expect("small"),
+                ),
                 pod_cidr4: format!("10.244.{i}.0/24"),
                 pod_cidr6: format!("fd00:244:{i:x}::/64"),
                 cgroup: cgroup_dir.join(&name),
@@ -214,7 +237,11 @@ pub fn plan(
             let node = &nodes[k % spec.nodes];
             let host = next_host[k % spec.nodes];
             next_host[k % spec.nodes] += 1;
-            ensure!(host < 255, "too many pods on {}: a node has a /24", node.name);
+            ensure!(
+                host < 255,
+                "too many pods on {}: a node has a /24",
+                node.name
+            );
             let name = format!("{app}-{k}");
             let index = pods.len();
             let node_index = u8::try_from(node.index).expect("at most 200 nodes");
@@ -237,10 +264,18 @@ pub fn plan(
                 name,
             });
         }
-        namespaces.push(NamespaceState { name: ns, app, labels });
+        namespaces.push(NamespaceState {
+            name: ns,
+            app,
+            labels,
+        });
     }
     for pod in &pods {
-        ensure!(pod.host_ifname.len() <= 15, "interface name {} is too long", pod.host_ifname);
+        ensure!(
+            pod.host_ifname.len() <= 15,
+            "interface name {} is too long",
+            pod.host_ifname
+        );
     }
     Ok(LabState {
         id: id.to_string(),
@@ -263,7 +298,9 @@ pub fn plan(
 fn pod_uid(id: &str, ns: &str, name: &str) -> String {
     // FNV-1a, twice with different seeds, is plenty for uniqueness inside one lab.
     let hash = |seed: u64| {
-        format!("{id}/{ns}/{name}").bytes().fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+        format!("{id}/{ns}/{name}").bytes().fold(seed, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
     };
     let (a, b) = (hash(0xcbf2_9ce4_8422_2325), hash(0x8422_2325_cbf2_9ce4));
     format!(
@@ -281,12 +318,26 @@ mod tests {
     use super::*;
 
     fn lab(spec: &LabSpec) -> LabState {
-        plan(spec, "t1", Path::new("/tmp/l"), Path::new("/cg"), Path::new("/sys/fs/bpf"), None, 0).unwrap()
+        plan(
+            spec,
+            "t1",
+            Path::new("/tmp/l"),
+            Path::new("/cg"),
+            Path::new("/sys/fs/bpf"),
+            None,
+            0,
+        )
+        .unwrap()
     }
 
     #[test]
     fn pods_spread_over_nodes_with_unique_addresses_and_short_ifnames() {
-        let state = lab(&LabSpec { nodes: 2, namespaces: 3, pods: 3, ..LabSpec::default() });
+        let state = lab(&LabSpec {
+            nodes: 2,
+            namespaces: 3,
+            pods: 3,
+            ..LabSpec::default()
+        });
         assert_eq!(state.pods.len(), 9);
         let on_node1 = state.pods.iter().filter(|p| p.node == "node-1").count();
         assert_eq!(on_node1, 6, "pods 0 and 2 of each namespace go to node-1");
@@ -307,8 +358,22 @@ mod tests {
         assert!(validate_id("abcdefg").is_err());
         assert!(validate_id("Dev").is_err());
         assert!(validate_id("dev").is_ok());
-        let spec = LabSpec { namespaces: 5, pods: 40, nodes: 3, ..LabSpec::default() };
-        let state = plan(&spec, "abcdef", Path::new("/l"), Path::new("/c"), Path::new("/b"), None, 0).unwrap();
+        let spec = LabSpec {
+            namespaces: 5,
+            pods: 40,
+            nodes: 3,
+            ..LabSpec::default()
+        };
+        let state = plan(
+            &spec,
+            "abcdef",
+            Path::new("/l"),
+            Path::new("/c"),
+            Path::new("/b"),
+            None,
+            0,
+        )
+        .unwrap();
         assert!(state.pods.iter().all(|p| p.host_ifname.len() <= 15));
         assert_eq!(state.namespaces[4].name, "ns5");
     }

@@ -18,7 +18,11 @@ pub fn eventually(timeout: Duration, interval: Duration, mut check: impl FnMut()
 }
 
 /// Like [`eventually`], for a check that yields a value once it is ready.
-pub fn poll<T>(timeout: Duration, interval: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn poll<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {

@@ -8,7 +8,10 @@ use nodeward_lab::topology::Owner;
 use nodeward_lab::{Case, DNS_PORT, HTTP_PORT, Lab, LabSpec, METRICS_PORT, probe, sys};
 
 fn network_only() -> LabSpec {
-    LabSpec { agents: false, ..LabSpec::default() }
+    LabSpec {
+        agents: false,
+        ..LabSpec::default()
+    }
 }
 
 #[test]
@@ -32,14 +35,31 @@ fn without_agents_every_pod_reaches_every_pod_and_down_removes_everything() {
     lab.expect(&cases, Duration::from_secs(5));
     let probes = probes.elapsed();
 
-    let v6 = [("frontend/web-0", "backend/api-1"), ("data/db-1", "data/db-0"), ("backend/api-0", "frontend/web-2")];
+    let v6 = [
+        ("frontend/web-0", "backend/api-1"),
+        ("data/db-1", "data/db-0"),
+        ("backend/api-0", "frontend/web-2"),
+    ];
     for (from, to) in v6 {
         let netns = &lab.pod(from).netns;
-        assert!(probe::tcp_probe(netns, lab.addr6(to, HTTP_PORT), Duration::from_secs(2)), "tcp6 {from} -> {to}");
-        assert!(probe::udp_probe(netns, lab.addr6(to, DNS_PORT), Duration::from_secs(2)), "udp6 {from} -> {to}");
+        assert!(
+            probe::tcp_probe(netns, lab.addr6(to, HTTP_PORT), Duration::from_secs(2)),
+            "tcp6 {from} -> {to}"
+        );
+        assert!(
+            probe::udp_probe(netns, lab.addr6(to, DNS_PORT), Duration::from_secs(2)),
+            "udp6 {from} -> {to}"
+        );
     }
     // A long-lived connection keeps working.
-    let mut conn = lab.connect("frontend/web-1", "data/db-0", HTTP_PORT, Duration::from_secs(1)).expect("connect");
+    let mut conn = lab
+        .connect(
+            "frontend/web-1",
+            "data/db-0",
+            HTTP_PORT,
+            Duration::from_secs(1),
+        )
+        .expect("connect");
     for _ in 0..20 {
         assert!(probe::echo_roundtrip(&mut conn, Duration::from_secs(1)));
     }
@@ -50,10 +70,20 @@ fn without_agents_every_pod_reaches_every_pod_and_down_removes_everything() {
     let down = Instant::now();
     lab.down().expect("lab down");
     let down = down.elapsed();
-    assert_eq!(lab.leftovers(), Vec::<String>::new(), "down left objects behind");
+    assert_eq!(
+        lab.leftovers(),
+        Vec::<String>::new(),
+        "down left objects behind"
+    );
     let existing = sys::netns_list();
-    assert!(netns.iter().all(|n| !existing.contains(n)), "namespaces remain");
-    assert!(pids.iter().all(|&p| !sys::process_alive(p)), "echo servers still run");
+    assert!(
+        netns.iter().all(|n| !existing.contains(n)),
+        "namespaces remain"
+    );
+    assert!(
+        pids.iter().all(|&p| !sys::process_alive(p)),
+        "echo servers still run"
+    );
     assert!(!lab.state().dir.exists(), "lab directory remains");
     eprintln!(
         "lab up {up:.2?}, {} probes {probes:.2?}, down {down:.2?}",
@@ -69,13 +99,23 @@ fn a_crashed_run_is_swept_by_the_next_lab() {
     drop(crashed);
     // Pretend its owner died: rewrite the owner to a pid that cannot exist.
     let mut dead = state.clone();
-    dead.owner = Some(Owner { pid: u32::MAX, start_time: 0 });
+    dead.owner = Some(Owner {
+        pid: u32::MAX,
+        start_time: 0,
+    });
     std::fs::write(state.state_file(), serde_json::to_vec(&dead).unwrap()).unwrap();
 
     let next = Lab::up(&network_only()).expect("second lab up");
     let existing = sys::netns_list();
-    let left: Vec<_> = state.all_netns().into_iter().filter(|n| existing.contains(n)).collect();
-    assert!(left.is_empty(), "the crashed lab's namespaces survived the sweep: {left:?}");
+    let left: Vec<_> = state
+        .all_netns()
+        .into_iter()
+        .filter(|n| existing.contains(n))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the crashed lab's namespaces survived the sweep: {left:?}"
+    );
     assert!(!state.cgroup_dir.exists() && !state.bpffs_dir.exists() && !state.dir.exists());
     let web = next.pod("frontend/web-0");
     assert!(probe::tcp_probe(

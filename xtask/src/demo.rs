@@ -7,22 +7,34 @@ use anyhow::{Context as _, Result};
 use nodeward_lab::{Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, paths};
 
 pub fn run() -> Result<()> {
-    let lab = Lab::up(&LabSpec { name: Some("demo".into()), ..LabSpec::default() })?;
+    let lab = Lab::up(&LabSpec {
+        name: Some("demo".into()),
+        ..LabSpec::default()
+    })?;
     print!("{}", lab.report());
 
     let examples = paths::workspace_root().join("policies").join("examples");
     let mut applied = 0;
-    for entry in std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))? {
+    for entry in
+        std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))?
+    {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            let name = path.file_name().expect("a file").to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .expect("a file")
+                .to_string_lossy()
+                .into_owned();
             lab.write_manifest(&name, &std::fs::read_to_string(&path)?)?;
             println!("applied {}", path.display());
             applied += 1;
         }
     }
     if applied == 0 {
-        println!("no policies in {}: every flow is allowed", examples.display());
+        println!(
+            "no policies in {}: every flow is allowed",
+            examples.display()
+        );
     }
     // Let the agents pick the policies up.
     for node in lab.node_names() {
@@ -39,7 +51,10 @@ pub fn run() -> Result<()> {
         ("data/db-0", "frontend/web-1", HTTP_PORT),
         ("backend/api-1", "frontend/web-0", HTTP_PORT),
     ];
-    let cases: Vec<Case> = pairs.iter().map(|(from, to, port)| Case::tcp(from, to, *port, true)).collect();
+    let cases: Vec<Case> = pairs
+        .iter()
+        .map(|(from, to, port)| Case::tcp(from, to, *port, true))
+        .collect();
     println!("\ntraffic:");
     for (case, reached) in cases.iter().zip(lab.probe_all(&cases)) {
         let (from, to) = (lab.pod(&case.from), lab.pod(&case.to));

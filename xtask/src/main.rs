@@ -95,7 +95,9 @@ fn main() -> Result<()> {
             demo::run()
         }
         Cmd::Test => test(),
-        Cmd::Bench { what: BenchCmd::Datapath } => {
+        Cmd::Bench {
+            what: BenchCmd::Datapath,
+        } => {
             setup::run()?;
             bail!("bench datapath: not yet implemented")
         }
@@ -113,9 +115,17 @@ fn cargo(args: &[&str]) -> Result<()> {
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
-        bail!("`cargo {}` failed ({status}) after {:.1?}", args.join(" "), started.elapsed());
+        bail!(
+            "`cargo {}` failed ({status}) after {:.1?}",
+            args.join(" "),
+            started.elapsed()
+        );
     }
-    println!("==> ok: cargo {} ({:.1?})", args.join(" "), started.elapsed());
+    println!(
+        "==> ok: cargo {} ({:.1?})",
+        args.join(" "),
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -177,12 +187,29 @@ fn test() -> Result<()> {
     let started = Instant::now();
     setup::run()?;
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     cargo(&["build"])?;
     // Unit and privileged tests of every crate but the lab, in parallel ...
-    cargo(&["test", "--workspace", "--exclude", "nodeward-lab", "--exclude", "agent-ebpf"])?;
+    cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "nodeward-lab",
+        "--exclude",
+        "agent-ebpf",
+    ])?;
     // ... then the lab's: one lab per test binary, tests taking turns with it.
     cargo(&["test", "-p", "nodeward-lab", "--", "--test-threads=1"])?;
-    println!("\n==> cargo xtask test: all passed in {:.1?}", started.elapsed());
+    println!(
+        "\n==> cargo xtask test: all passed in {:.1?}",
+        started.elapsed()
+    );
     Ok(())
 }

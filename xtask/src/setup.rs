@@ -21,7 +21,9 @@ pub fn run() -> Result<()> {
     step("nightly rust-src", nightly_rust_src)?;
     step("bpf-linker", bpf_linker)?;
     step("bpffs at /sys/fs/bpf", bpffs)?;
-    step("cgroup v2", || Ok((true, sys::cgroup2_root()?.display().to_string())))?;
+    step("cgroup v2", || {
+        Ok((true, sys::cgroup2_root()?.display().to_string()))
+    })?;
     step("Debian packages", packages)?;
     Ok(())
 }
@@ -29,7 +31,10 @@ pub fn run() -> Result<()> {
 /// Runs a step that returns (already done?, detail).
 fn step(name: &str, f: impl FnOnce() -> Result<(bool, String)>) -> Result<()> {
     let (already, detail) = f().with_context(|| format!("setup: {name}"))?;
-    println!("setup: {name}: {} ({detail})", if already { "already done" } else { "done" });
+    println!(
+        "setup: {name}: {} ({detail})",
+        if already { "already done" } else { "done" }
+    );
     Ok(())
 }
 
@@ -38,8 +43,14 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn nightly_rust_src() -> Result<(bool, String)> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
     if installed.is_empty() {
         sys::run(Command::new("rustup").args([
             "toolchain",
@@ -50,13 +61,25 @@ fn nightly_rust_src() -> Result<(bool, String)> {
             "--component",
             "rust-src",
         ]))?;
-        return Ok((false, "installed the nightly toolchain with rust-src".into()));
+        return Ok((
+            false,
+            "installed the nightly toolchain with rust-src".into(),
+        ));
     }
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok((true, "rust-src is installed".into()));
     }
-    sys::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
-    Ok((false, "rustup component add rust-src --toolchain nightly".into()))
+    sys::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    Ok((
+        false,
+        "rustup component add rust-src --toolchain nightly".into(),
+    ))
 }
 
 fn bpf_linker() -> Result<(bool, String)> {
@@ -65,10 +88,14 @@ fn bpf_linker() -> Result<(bool, String)> {
     }
     // A bpf-linker linked against the nightly's libLLVM without an rpath runs when rustup puts
     // the nightly's lib directory on the library path, which is how aya-build invokes it.
-    if let Ok(v) = output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])) {
+    if let Ok(v) =
+        output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]))
+    {
         return Ok((true, format!("{} (with the nightly's libLLVM)", v.trim())));
     }
-    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+    );
     let verbose = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let major = verbose
         .lines()
@@ -80,24 +107,44 @@ fn bpf_linker() -> Result<(bool, String)> {
     let libllvm = std::fs::read_dir(&lib_dir)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
         .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
     let prefix = paths::target_dir().join("xtask").join("llvm-prefix");
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib").join("libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&libllvm, &link)?;
-    println!("setup: bpf-linker: building against {} (LLVM {major}); this takes a few minutes", libllvm.display());
+    println!(
+        "setup: bpf-linker: building against {} (LLVM {major}); this takes a few minutes",
+        libllvm.display()
+    );
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .env("LLVM_PREFIX", &prefix)
         // So that it also runs outside `rustup run nightly`.
-        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()))
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()),
+        )
         .status()?;
     if !status.success() {
         bail!("cargo install bpf-linker failed ({status})");
     }
-    Ok((false, output(Command::new("bpf-linker").arg("--version"))?.trim().to_string()))
+    Ok((
+        false,
+        output(Command::new("bpf-linker").arg("--version"))?
+            .trim()
+            .to_string(),
+    ))
 }
 
 fn bpffs() -> Result<(bool, String)> {
@@ -109,12 +156,20 @@ fn bpffs() -> Result<(bool, String)> {
 }
 
 fn packages() -> Result<(bool, String)> {
-    let missing: Vec<&str> = BINARIES.iter().filter(|(bin, _)| which::which(bin).is_err()).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = BINARIES
+        .iter()
+        .filter(|(bin, _)| which::which(bin).is_err())
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         let names: Vec<&str> = BINARIES.iter().map(|(bin, _)| *bin).collect();
         return Ok((true, format!("found {}", names.join(", "))));
     }
-    sys::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    sys::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     sys::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])

@@ -31,7 +31,8 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use crate::datapath::maps::{MapsError, PinnedMaps};
 
 /// The compiled `agent-ebpf` object, built by `build.rs` through aya-build.
-static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+static DATAPATH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
 /// Where bpffs is normally mounted; mounted by [`Datapath::open`] when it is not.
 const BPFFS_ROOT: &str = "/sys/fs/bpf";

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use agent_common::{
-    COUNTERS_LEN, CtKey, CtValue, DatapathConfig, EndpointInfo, FragKey, FragValue,
-    IpcacheValue, PolicyKey, PolicyValue, map_names,
+    COUNTERS_LEN, CtKey, CtValue, DatapathConfig, EndpointInfo, FragKey, FragValue, IpcacheValue,
+    PolicyKey, PolicyValue, map_names,
 };
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};

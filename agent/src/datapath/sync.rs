@@ -21,9 +21,9 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use agent_common::{
-    EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ENFORCED, EndpointInfo,
-    MAX_ENDPOINTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, POLICY_ALLOW,
-    POLICY_DENY, POLICY_KEY_PREFIX_NO_PORT, PolicyKey, PolicyValue,
+    EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ENFORCED, EndpointInfo, MAX_ENDPOINTS,
+    MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY,
+    POLICY_KEY_PREFIX_NO_PORT, PolicyKey, PolicyValue,
 };
 use ipnet::IpNet;
 
@@ -83,7 +83,9 @@ pub struct Syncer<M: MapWriter> {
 
 type Slices = BTreeMap<SliceKey, BTreeMap<PolicyEntryKey, PolicyValue>>;
 
-fn map_err<E: std::error::Error + Send + Sync + 'static>(map: &'static str) -> impl Fn(E) -> SyncError {
+fn map_err<E: std::error::Error + Send + Sync + 'static>(
+    map: &'static str,
+) -> impl Fn(E) -> SyncError {
     move |e| SyncError::Map {
         map,
         source: Box::new(e),
@@ -207,7 +209,9 @@ impl<M: MapWriter> Syncer<M> {
             .copied()
             .collect();
         for prefix in stale {
-            self.maps.delete_ipcache(prefix).map_err(map_err("ipcache"))?;
+            self.maps
+                .delete_ipcache(prefix)
+                .map_err(map_err("ipcache"))?;
             self.ipcache.remove(&prefix);
             stats.ipcache_changed += 1;
         }
@@ -253,7 +257,9 @@ impl<M: MapWriter> Syncer<M> {
     }
 
     fn put_policy(&mut self, key: PolicyEntryKey, value: PolicyValue) -> Result<(), SyncError> {
-        self.maps.put_policy(key, value).map_err(map_err("policy"))?;
+        self.maps
+            .put_policy(key, value)
+            .map_err(map_err("policy"))?;
         self.policy.insert(key, value);
         Ok(())
     }
@@ -608,10 +614,14 @@ mod tests {
     const PEER_B: &str = "10.0.0.3";
 
     fn ipcache() -> BTreeMap<IpNet, u32> {
-        [("10.0.0.2/32", 300), ("10.0.0.3/32", 301), ("10.0.1.5/32", 302)]
-            .into_iter()
-            .map(|(n, id)| (n.parse().unwrap(), id))
-            .collect()
+        [
+            ("10.0.0.2/32", 300),
+            ("10.0.0.3/32", 301),
+            ("10.0.1.5/32", 302),
+        ]
+        .into_iter()
+        .map(|(n, id)| (n.parse().unwrap(), id))
+        .collect()
     }
 
     /// Probes every (peer, port) through each intermediate state of `old -> new`.
@@ -670,7 +680,10 @@ mod tests {
 
     #[test]
     fn adding_a_peer_never_drops_allowed_traffic() {
-        let old = policy(true, vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])]);
+        let old = policy(
+            true,
+            vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])],
+        );
         let new = policy(
             true,
             vec![
@@ -696,7 +709,10 @@ mod tests {
             true,
             vec![(
                 slice(300, 6),
-                vec![entry(80, 16, POLICY_ALLOW, 1), entry(8080, 15, POLICY_DENY, 3)],
+                vec![
+                    entry(80, 16, POLICY_ALLOW, 1),
+                    entry(8080, 15, POLICY_DENY, 3),
+                ],
             )],
         );
         assert_no_window(&old, &new);
@@ -705,8 +721,14 @@ mod tests {
 
     #[test]
     fn turning_default_deny_on_and_off_has_no_window() {
-        let open = policy(false, vec![(slice(0, 6), vec![entry(443, 16, POLICY_DENY, 4)])]);
-        let closed = policy(true, vec![(slice(300, 0), vec![entry(0, 0, POLICY_ALLOW, 5)])]);
+        let open = policy(
+            false,
+            vec![(slice(0, 6), vec![entry(443, 16, POLICY_DENY, 4)])],
+        );
+        let closed = policy(
+            true,
+            vec![(slice(300, 0), vec![entry(0, 0, POLICY_ALLOW, 5)])],
+        );
         assert_no_window(&open, &closed);
         assert_no_window(&closed, &open);
     }
@@ -719,13 +741,19 @@ mod tests {
             history: history.clone(),
         })
         .unwrap();
-        let p = policy(true, vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])]);
+        let p = policy(
+            true,
+            vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])],
+        );
         let eps = BTreeMap::from([(7, &p)]);
         syncer.apply(&eps, &ipcache(), &BTreeMap::new()).unwrap();
         history.borrow_mut().clear();
         let stats = syncer.apply(&eps, &ipcache(), &BTreeMap::new()).unwrap();
         assert!(!stats.changed(), "{stats:?}");
-        assert!(history.borrow().is_empty(), "an unchanged policy wrote to the maps");
+        assert!(
+            history.borrow().is_empty(),
+            "an unchanged policy wrote to the maps"
+        );
     }
 
     #[test]
@@ -736,7 +764,10 @@ mod tests {
             history: history.clone(),
         })
         .unwrap();
-        let p = policy(true, vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])]);
+        let p = policy(
+            true,
+            vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])],
+        );
         let eps = BTreeMap::from([(7, &p)]);
         first.apply(&eps, &ipcache(), &BTreeMap::new()).unwrap();
         let pinned = first.maps().state.clone();
@@ -768,8 +799,14 @@ mod tests {
         let err = syncer
             .apply(&BTreeMap::from([(7, &p)]), &ipcache(), &BTreeMap::new())
             .unwrap_err();
-        assert!(matches!(err, SyncError::Overflow { map: "policy", .. }), "{err}");
-        assert!(history.borrow().is_empty(), "a rejected set wrote to the maps");
+        assert!(
+            matches!(err, SyncError::Overflow { map: "policy", .. }),
+            "{err}"
+        );
+        assert!(
+            history.borrow().is_empty(),
+            "a rejected set wrote to the maps"
+        );
     }
 
     #[test]
@@ -780,16 +817,27 @@ mod tests {
             history,
         })
         .unwrap();
-        let p = policy(true, vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])]);
+        let p = policy(
+            true,
+            vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])],
+        );
         syncer
-            .apply(&BTreeMap::from([(7, &p), (8, &p)]), &ipcache(), &BTreeMap::new())
+            .apply(
+                &BTreeMap::from([(7, &p), (8, &p)]),
+                &ipcache(),
+                &BTreeMap::new(),
+            )
             .unwrap();
         syncer
             .apply(&BTreeMap::from([(8, &p)]), &ipcache(), &BTreeMap::new())
             .unwrap();
         let state = &syncer.maps().state;
         assert_eq!(state.endpoints.keys().copied().collect::<Vec<_>>(), vec![8]);
-        assert_eq!(state.policy.len(), 1, "entries of the removed endpoint remain");
+        assert_eq!(
+            state.policy.len(),
+            1,
+            "entries of the removed endpoint remain"
+        );
         let _ = (PEER_A, PEER_B, DIR_EGRESS);
     }
 }

@@ -86,9 +86,10 @@ impl FlowFilter {
             self.verdict = Some(upper);
         }
         if let Some(p) = &self.protocol {
-            let found = PROTOCOLS
-                .iter()
-                .find(|known| known.eq_ignore_ascii_case(p) || (p.eq_ignore_ascii_case("icmp") && **known == "ICMPv4"));
+            let found = PROTOCOLS.iter().find(|known| {
+                known.eq_ignore_ascii_case(p)
+                    || (p.eq_ignore_ascii_case("icmp") && **known == "ICMPv4")
+            });
             match found {
                 Some(known) => self.protocol = Some((*known).to_owned()),
                 None => {
@@ -107,8 +108,14 @@ impl FlowFilter {
     pub fn matches(&self, flow: &Flow) -> bool {
         let ports = flow.ports();
         self.verdict.as_ref().is_none_or(|v| *v == flow.verdict)
-            && self.from_pod.as_ref().is_none_or(|m| m.matches(&flow.source))
-            && self.to_pod.as_ref().is_none_or(|m| m.matches(&flow.destination))
+            && self
+                .from_pod
+                .as_ref()
+                .is_none_or(|m| m.matches(&flow.source))
+            && self
+                .to_pod
+                .as_ref()
+                .is_none_or(|m| m.matches(&flow.destination))
             && self
                 .pod
                 .as_ref()
@@ -118,7 +125,9 @@ impl FlowFilter {
                 .as_ref()
                 .is_none_or(|ns| *ns == flow.source.namespace || *ns == flow.destination.namespace)
             && self.from_ip.is_none_or(|net| net.contains(&flow.ip.source))
-            && self.to_ip.is_none_or(|net| net.contains(&flow.ip.destination))
+            && self
+                .to_ip
+                .is_none_or(|net| net.contains(&flow.ip.destination))
             && self.port.is_none_or(|p| {
                 ports.is_some_and(|ports| ports.source_port == p || ports.destination_port == p)
             })
@@ -231,6 +240,11 @@ mod tests {
             verdict: Some("ALLOWED".into()),
             ..FlowFilter::default()
         };
-        assert!(f.validate().unwrap_err().to_string().contains("FORWARDED, DROPPED"));
+        assert!(
+            f.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("FORWARDED, DROPPED")
+        );
     }
 }

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::Pod;
 use super::compiled::{CompiledState, EndpointPolicy, ObjectRef, PortEntry, RuleInfo, SliceKey};
 use super::mesh::{translate_cluster_mesh_policy, translate_mesh_policy};
 use super::model::{
-    Action, Direction, Entity, Peer, PolicyError, PolicyModel, PortSpec, PROTO_TCP,
+    Action, Direction, Entity, PROTO_TCP, Peer, PolicyError, PolicyModel, PortSpec,
 };
 use super::netpol::translate_network_policy;
 use crate::identity::{IdentityAllocator, Labels, security_labels};
@@ -53,7 +53,11 @@ pub fn translate_inventory(inv: &Inventory) -> Result<Vec<PolicyModel>, Vec<Poli
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() { Ok(ok) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(ok)
+    } else {
+        Err(errors)
+    }
 }
 
 /// A pod that can send or receive: it has an address and is neither finished nor on the host
@@ -224,9 +228,7 @@ pub fn compile(
                     peers: r
                         .peers
                         .iter()
-                        .flat_map(|peer| {
-                            resolve_peer(peer, &by_identity, &state.policy_cidrs)
-                        })
+                        .flat_map(|peer| resolve_peer(peer, &by_identity, &state.policy_cidrs))
                         .collect(),
                     rule: r,
                 })
@@ -406,12 +408,11 @@ fn add_rule(
                 // that identity. "Any" stands for every pod identity here; reserved and CIDR
                 // identities have no named ports.
                 Direction::Egress => {
-                    let pods: Box<dyn Iterator<Item = u32>> =
-                        if cr.peers.contains(&IDENTITY_ANY) {
-                            Box::new(by_identity.keys().copied())
-                        } else {
-                            Box::new(cr.peers.iter().copied())
-                        };
+                    let pods: Box<dyn Iterator<Item = u32>> = if cr.peers.contains(&IDENTITY_ANY) {
+                        Box::new(by_identity.keys().copied())
+                    } else {
+                        Box::new(cr.peers.iter().copied())
+                    };
                     for peer in pods {
                         let ports: BTreeSet<u16> = by_identity
                             .get(&peer)
@@ -517,10 +518,7 @@ pub fn port_range_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
             bits -= 1;
         }
         let bits_u8 = u8::try_from(bits).expect("at most 16");
-        out.push((
-            u16::try_from(lo).expect("below 65536"),
-            16 - bits_u8,
-        ));
+        out.push((u16::try_from(lo).expect("below 65536"), 16 - bits_u8));
         lo += 1 << bits;
     }
     out
@@ -535,7 +533,6 @@ pub fn direction_name(direction: u8) -> &'static str {
         _ => "unknown",
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -633,10 +630,12 @@ status: {podIP: 10.0.1.9, phase: Succeeded}
                         .insert(name, serde_json::from_value(v).expect("namespace"));
                 }
                 Some("Node") => {
-                    inv.nodes.insert(name, serde_json::from_value(v).expect("node"));
+                    inv.nodes
+                        .insert(name, serde_json::from_value(v).expect("node"));
                 }
                 Some("Pod") => {
-                    inv.pods.insert(key, serde_json::from_value(v).expect("pod"));
+                    inv.pods
+                        .insert(key, serde_json::from_value(v).expect("pod"));
                 }
                 other => panic!("unexpected kind {other:?}"),
             }
@@ -697,7 +696,10 @@ status: {podIP: 10.0.1.9, phase: Succeeded}
         let peer_id = lpm(&state.ipcache, peer).unwrap_or(IDENTITY_WORLD);
         let cidr_id = lpm(&state.policy_cidrs, peer);
         let mut allow = false;
-        for id in [Some(peer_id), cidr_id, Some(IDENTITY_ANY)].into_iter().flatten() {
+        for id in [Some(peer_id), cidr_id, Some(IDENTITY_ANY)]
+            .into_iter()
+            .flatten()
+        {
             for proto in [protocol, 0] {
                 let key = SliceKey {
                     peer_identity: id,
@@ -1177,7 +1179,10 @@ spec: {podSelector: {}}
         assert_eq!(api.ipv6, Some("fd00::2".parse().expect("ip")));
         let rule = api.ingress_default_deny.expect("ingress default deny");
         assert_eq!(state.rules[&rule].rule, DEFAULT_DENY_RULE);
-        assert_eq!(state.rules[&rule].policy(), "NetworkPolicy/backend/deny-all");
+        assert_eq!(
+            state.rules[&rule].policy(),
+            "NetworkPolicy/backend/deny-all"
+        );
         assert_eq!(api.egress_default_deny, None);
         let ip = |s: &str| IpNet::from(s.parse::<IpAddr>().expect("ip"));
         assert_eq!(state.ipcache[&ip("192.168.0.1")], IDENTITY_HOST);
@@ -1226,18 +1231,29 @@ spec: {podSelector: {}}
                 })
                 .collect();
             assert_eq!(matching.len(), 1, "port {port}: {matching:?}");
-            let want = if port == 80 { POLICY_DENY } else { POLICY_ALLOW };
+            let want = if port == 80 {
+                POLICY_DENY
+            } else {
+                POLICY_ALLOW
+            };
             assert_eq!(matching[0].verdict, want, "port {port}");
         }
         // 81..=65535 merges allows of rules 7 and 3 and takes the lowest; 0..=79 is rule 7's.
         let rule_at = |port: u16| {
             entries
                 .iter()
-                .filter(|e| e.prefix_len == 0 || (e.port >> (16 - e.prefix_len)) == (port >> (16 - e.prefix_len)))
+                .filter(|e| {
+                    e.prefix_len == 0
+                        || (e.port >> (16 - e.prefix_len)) == (port >> (16 - e.prefix_len))
+                })
                 .map(|e| e.rule_id)
                 .next()
         };
-        assert_eq!(rule_at(81), Some(3), "a merged allow takes the lowest rule id");
+        assert_eq!(
+            rule_at(81),
+            Some(3),
+            "a merged allow takes the lowest rule id"
+        );
         assert_eq!(rule_at(65535), Some(3));
         assert_eq!(rule_at(0), Some(7));
     }
@@ -1273,6 +1289,23 @@ spec: {podSelector: {}}
             assert_eq!(next, u32::from(last) + 1, "covers {first}..={last}");
             assert!(prefixes.len() <= 30, "at most 2*16-2 prefixes");
         }
+    }
+
+    #[test]
+    fn example_policies_translate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples");
+        let mut translated = 0;
+        for entry in std::fs::read_dir(&dir).expect("policies/examples") {
+            let path = entry.expect("dir entry").path();
+            let text = std::fs::read_to_string(&path).expect("readable example");
+            let policies: String = docs(&text)
+                .into_iter()
+                .filter(|v| v["kind"] != "Namespace")
+                .map(|v| format!("---\n{}", serde_yaml_ng::to_string(&v).expect("yaml")))
+                .collect();
+            translated += models(&policies).len();
+        }
+        assert!(translated >= 5, "only {translated} example policies");
     }
 
     #[test]

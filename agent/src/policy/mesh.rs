@@ -5,8 +5,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 
 use super::crd::{
-    CidrRule, ClusterMeshPolicy, EgressRule, EndpointSelector, Entity as CrdEntity,
-    IngressRule, MeshPolicy, PortRule, Protocol, SpecView,
+    CidrRule, ClusterMeshPolicy, EgressRule, EndpointSelector, Entity as CrdEntity, IngressRule,
+    MeshPolicy, PortRule, Protocol, SpecView,
 };
 use super::model::{
     Action, Direction, Entity, FieldError, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, PolicyError,
@@ -342,7 +342,10 @@ mod tests {
             json!({"endpointSelector": {"matchExpressions": [{"key": "a", "operator": "Like"}]}}),
         ))
         .expect_err("bad operator");
-        assert_eq!(e.field, "spec.endpointSelector.matchExpressions[0].operator");
+        assert_eq!(
+            e.field,
+            "spec.endpointSelector.matchExpressions[0].operator"
+        );
         let e = parse_mesh_policy(mp(json!({"ingress": [{"fromEntities": ["moon"]}]})))
             .expect_err("bad entity");
         assert_eq!(e.field, "spec.ingress[0].fromEntities[0]");
@@ -405,7 +408,11 @@ mod tests {
         };
         assert_eq!(sel(0), "app=web,nodeward.io/namespace=backend");
         assert_eq!(sel(1), "app=web,nodeward.io/ns-label.team=a");
-        assert_eq!(m.rules[2].peers, vec![Peer::Any], "L4-only rule applies to all");
+        assert_eq!(
+            m.rules[2].peers,
+            vec![Peer::Any],
+            "L4-only rule applies to all"
+        );
         assert!(m.rules[3].peers.is_empty(), "empty rule matches nothing");
         assert_eq!(m.rules[4].name, "egressDeny[0]");
         assert_eq!(m.rules[4].action, Action::Deny);

@@ -114,7 +114,10 @@ pub enum Peer {
     Endpoints(LabelSelector),
     Entity(Entity),
     /// Addresses in `net` but in none of `except` (each inside `net`).
-    Cidr { net: IpNet, except: Vec<IpNet> },
+    Cidr {
+        net: IpNet,
+        except: Vec<IpNet>,
+    },
 }
 
 /// Destination ports of a rule. Protocols are IP protocol numbers.

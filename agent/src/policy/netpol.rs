@@ -12,16 +12,13 @@
 //!   only with a numeric `port`, and `endPort >= port`.
 //! - There are no deny rules; policies add up.
 
-use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
-};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as K8sSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::model::{
-    Action, Direction, FieldError, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, PolicyError,
-    PolicyKind, PolicyModel, PortSpec, Rule, RuleOrigin, Subject, check_port, check_port_name,
-    parse_cidr,
+    Action, Direction, FieldError, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, PolicyError, PolicyKind,
+    PolicyModel, PortSpec, Rule, RuleOrigin, Subject, check_port, check_port_name, parse_cidr,
 };
 use super::selector::{LabelSelector, NAMESPACE_LABEL, NS_LABEL_PREFIX, Requirement};
 
@@ -123,13 +120,10 @@ fn translate(
 fn k8s_selector(s: &K8sSelector, path: &str) -> Result<LabelSelector, FieldError> {
     LabelSelector::parse(
         s.match_labels.as_ref(),
-        s.match_expressions.iter().flatten().map(|e| {
-            (
-                e.key.as_str(),
-                e.operator.as_str(),
-                e.values.as_deref(),
-            )
-        }),
+        s.match_expressions
+            .iter()
+            .flatten()
+            .map(|e| (e.key.as_str(), e.operator.as_str(), e.values.as_deref())),
         path,
     )
 }
@@ -294,7 +288,10 @@ mod tests {
         )))
         .expect("valid");
         assert!(!m.ingress_enforced && m.egress_enforced);
-        assert!(m.rules.is_empty(), "ingress rules of an Egress-only policy are ignored");
+        assert!(
+            m.rules.is_empty(),
+            "ingress rules of an Egress-only policy are ignored"
+        );
     }
 
     #[test]

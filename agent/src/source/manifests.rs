@@ -150,7 +150,9 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         for entry in std::fs::read_dir(&d)? {
             budget = budget.saturating_sub(1);
             if budget == 0 {
-                return Err(std::io::Error::other("more than 100000 entries under the directory"));
+                return Err(std::io::Error::other(
+                    "more than 100000 entries under the directory",
+                ));
             }
             let entry = entry?;
             let name = entry.file_name();
@@ -285,12 +287,24 @@ fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Object)>, Pars
         ("nodeward.io/v1alpha1", "MeshPolicy") => Object::MeshPolicy(
             crate::policy::parse_mesh_policy(doc)
                 .map(Box::new)
-                .map_err(|e| (Some(key.clone()), (!e.field.is_empty()).then_some(e.field), e.message))?,
+                .map_err(|e| {
+                    (
+                        Some(key.clone()),
+                        (!e.field.is_empty()).then_some(e.field),
+                        e.message,
+                    )
+                })?,
         ),
         ("nodeward.io/v1alpha1", "ClusterMeshPolicy") => Object::ClusterMeshPolicy(
             crate::policy::parse_cluster_mesh_policy(doc)
                 .map(Box::new)
-                .map_err(|e| (Some(key.clone()), (!e.field.is_empty()).then_some(e.field), e.message))?,
+                .map_err(|e| {
+                    (
+                        Some(key.clone()),
+                        (!e.field.is_empty()).then_some(e.field),
+                        e.message,
+                    )
+                })?,
         ),
         (_, "MeshPolicy" | "ClusterMeshPolicy") if api_version.starts_with("nodeward.io/") => {
             return Err((
@@ -335,7 +349,8 @@ fn insert(inv: &mut Inventory, object: Object) {
             inv.pods.insert(namespaced(&o.metadata), *o);
         }
         Object::Node(o) => {
-            inv.nodes.insert(o.metadata.name.clone().unwrap_or_default(), *o);
+            inv.nodes
+                .insert(o.metadata.name.clone().unwrap_or_default(), *o);
         }
         Object::ServiceAccount(o) => {
             inv.service_accounts.insert(namespaced(&o.metadata), *o);
@@ -362,9 +377,8 @@ mod tests {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, text).unwrap();
         // Make the change visible even within the file system's timestamp granularity.
-        let later = SystemTime::now() + std::time::Duration::from_secs(
-            u64::try_from(name.len()).unwrap() + 1,
-        );
+        let later = SystemTime::now()
+            + std::time::Duration::from_secs(u64::try_from(name.len()).unwrap() + 1);
         let f = std::fs::File::options().write(true).open(&path).unwrap();
         f.set_modified(later).unwrap();
     }
@@ -419,8 +433,15 @@ metadata: {name: ignored}
         let line = loaded.new_errors[0].to_string();
         assert!(line.contains("pods.yaml"), "{line}");
         assert!(line.contains("Pod prod/web"), "{line}");
-        assert!(line.contains("spec.containers[0].ports[0].containerPort"), "{line}");
-        assert_eq!(loaded.inventory.pods.len(), 1, "the last good pod was dropped");
+        assert!(
+            line.contains("spec.containers[0].ports[0].containerPort"),
+            "{line}"
+        );
+        assert_eq!(
+            loaded.inventory.pods.len(),
+            1,
+            "the last good pod was dropped"
+        );
         // Reported once: the next load knows it already.
         assert!(source.load().new_errors.is_empty());
     }

@@ -21,7 +21,10 @@ fn main() -> anyhow::Result<()> {
         };
         let value = args.next().context("missing port list")?;
         for port in value.split(',').filter(|p| !p.is_empty()) {
-            list.push(port.parse::<u16>().with_context(|| format!("bad port {port:?}"))?);
+            list.push(
+                port.parse::<u16>()
+                    .with_context(|| format!("bad port {port:?}"))?,
+            );
         }
     }
     let mut threads = Vec::new();

@@ -1,0 +1,249 @@
+//! The agent's life: live policy changes, a crash and a restart, a broken manifest. Enforcement
+//! must never lapse (DESIGN: "fail closed, never partial", "state survives the agent").
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nodeward_lab::shared::shared_lab;
+use nodeward_lab::{Case, HTTP_PORT, netpol, probe};
+use serde_json::json;
+
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn allow(from: &str, to: &str) -> Case {
+    Case::tcp(from, to, HTTP_PORT, true)
+}
+
+fn deny(from: &str, to: &str) -> Case {
+    Case::tcp(from, to, HTTP_PORT, false)
+}
+
+fn from_frontend(namespace: &str) -> String {
+    let from = [json!({ "namespaceSelector": { "matchLabels": { "team": "frontend" } } })];
+    netpol::allow_ingress(namespace, "from-frontend", &json!({}), &from, &[])
+}
+
+#[test]
+fn live_policy_change_takes_effect_without_restart() {
+    let lab = shared_lab();
+    let pids: Vec<_> = lab.node_names().iter().map(|n| lab.agent_pid(n)).collect();
+    lab.write_manifest("data-policy", &netpol::deny_all_ingress("data"))
+        .unwrap();
+    lab.expect(
+        &[
+            deny("frontend/web-0", "data/db-1"),
+            deny("backend/api-0", "data/db-0"),
+        ],
+        SETTLE,
+    );
+
+    let changed = Instant::now();
+    lab.write_manifest("data-policy", &from_frontend("data"))
+        .unwrap();
+    lab.expect(
+        &[
+            allow("frontend/web-0", "data/db-1"),
+            deny("backend/api-0", "data/db-1"),
+        ],
+        SETTLE,
+    );
+    eprintln!("replaced policy enforced within {:.2?}", changed.elapsed());
+
+    lab.remove_manifest("data-policy").unwrap();
+    lab.expect(
+        &[
+            allow("backend/api-0", "data/db-1"),
+            allow("backend/api-1", "data/db-0"),
+        ],
+        SETTLE,
+    );
+    let after: Vec<_> = lab.node_names().iter().map(|n| lab.agent_pid(n)).collect();
+    assert_eq!(pids, after, "the agents restarted");
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    rounds: u32,
+    denied_passed: Vec<String>,
+    established_broken: Vec<String>,
+    new_allowed_failed: Vec<String>,
+}
+
+#[test]
+fn killing_and_restarting_the_agent_keeps_enforcing() {
+    let mut lab = shared_lab();
+    lab.write_manifest("backend-policy", &from_frontend("backend"))
+        .unwrap();
+    // api-0 is on node-1; web-1 and db-1 on node-2, web-0 and db-2 on node-1.
+    lab.expect(
+        &[
+            allow("frontend/web-1", "backend/api-0"),
+            deny("data/db-1", "backend/api-0"),
+            deny("data/db-2", "backend/api-0"),
+        ],
+        SETTLE,
+    );
+    let mut established = lab
+        .connect(
+            "frontend/web-1",
+            "backend/api-0",
+            HTTP_PORT,
+            Duration::from_secs(2),
+        )
+        .expect("allowed connection");
+    assert!(probe::echo_roundtrip(
+        &mut established,
+        Duration::from_secs(2)
+    ));
+
+    let netns = |pod: &str| lab.pod(pod).netns.clone();
+    let (db1, db2, web0) = (
+        netns("data/db-1"),
+        netns("data/db-2"),
+        netns("frontend/web-0"),
+    );
+    let api0 = lab.addr("backend/api-0", HTTP_PORT);
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let tally = std::thread::scope(|scope| {
+        let monitor = scope.spawn(|| {
+            let mut t = Tally::default();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let at = format!("{:.2?}", started.elapsed());
+                if !probe::echo_roundtrip(&mut established, Duration::from_secs(1)) {
+                    t.established_broken.push(at.clone());
+                }
+                for (name, ns) in [("db-1", &db1), ("db-2", &db2)] {
+                    if probe::tcp_probe(ns, api0, Duration::from_millis(300)) {
+                        t.denied_passed.push(format!("{name} at {at}"));
+                    }
+                }
+                if !probe::tcp_probe(&web0, api0, Duration::from_millis(500)) {
+                    t.new_allowed_failed.push(at);
+                }
+                t.rounds += 1;
+            }
+            t
+        });
+        let pause = || std::thread::sleep(Duration::from_millis(700));
+        pause();
+        // node-1 (api-0's node) crashes and stays down a while, then comes back ...
+        lab.kill_agent("node-1").expect("kill agent");
+        pause();
+        lab.start_agent("node-1").expect("restart agent");
+        pause();
+        // ... and node-2 is restarted the way a rollout would.
+        lab.stop_agent("node-2").expect("stop agent");
+        pause();
+        lab.start_agent("node-2").expect("restart agent");
+        pause();
+        stop.store(true, Ordering::Relaxed);
+        monitor.join().expect("monitor thread")
+    });
+    eprintln!("{tally:?}");
+    assert!(
+        tally.rounds >= 5,
+        "too few probe rounds to prove anything: {tally:?}"
+    );
+    assert!(
+        tally.denied_passed.is_empty(),
+        "denied flows passed during the restart: {tally:?}"
+    );
+    assert!(
+        tally.established_broken.is_empty(),
+        "the established allowed connection broke: {tally:?}"
+    );
+    assert!(
+        tally.new_allowed_failed.is_empty(),
+        "new allowed connections failed during the restart: {tally:?}"
+    );
+    lab.expect(
+        &[
+            allow("frontend/web-1", "backend/api-0"),
+            deny("data/db-1", "backend/api-0"),
+        ],
+        SETTLE,
+    );
+}
+
+#[test]
+fn broken_manifest_leaves_the_previous_enforcement_in_place() {
+    let lab = shared_lab();
+    lab.write_manifest("data-policy", &netpol::deny_all_ingress("data"))
+        .unwrap();
+    lab.expect(
+        &[
+            deny("frontend/web-0", "data/db-1"),
+            deny("backend/api-1", "data/db-0"),
+        ],
+        SETTLE,
+    );
+    let pids: Vec<_> = lab.node_names().iter().map(|n| lab.agent_pid(n)).collect();
+
+    // The same file, now unparseable: the policy it held stays enforced.
+    lab.write_manifest(
+        "data-policy",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all-ingress, namespace: data\nspec: [\n",
+    )
+    .unwrap();
+    // A new, well-formed YAML file whose policy cannot be compiled (endPort below port).
+    let invalid = netpol::allow_ingress(
+        "backend",
+        "bad-range",
+        &json!({}),
+        &[json!({ "namespaceSelector": {} })],
+        &[json!({ "protocol": "TCP", "port": 9000, "endPort": 8000 })],
+    );
+    lab.write_manifest("backend-bad-range", &invalid).unwrap();
+
+    for node in lab.node_names() {
+        let reported = nodeward_lab::eventually(SETTLE, Duration::from_millis(200), || {
+            lab.status(&node).is_ok_and(|s| {
+                let failed = s["policies"]["failed"].to_string();
+                failed.contains("bad-range") || failed.contains("backend-bad-range")
+            })
+        });
+        assert!(
+            reported,
+            "{node} does not report the invalid policy: {:?}",
+            lab.status(&node)
+        );
+    }
+    // Nothing changed: data stays isolated, backend (whose only policy is invalid) stays open.
+    lab.expect(
+        &[
+            deny("frontend/web-0", "data/db-1"),
+            deny("backend/api-1", "data/db-0"),
+            allow("data/db-0", "backend/api-1"),
+        ],
+        Duration::from_secs(2),
+    );
+    let after: Vec<_> = lab.node_names().iter().map(|n| lab.agent_pid(n)).collect();
+    assert_eq!(pids, after, "an agent exited on a broken manifest");
+
+    // Fixing the file applies it.
+    lab.write_manifest("data-policy", &from_frontend("data"))
+        .unwrap();
+    lab.remove_manifest("backend-bad-range").unwrap();
+    lab.expect(
+        &[
+            allow("frontend/web-0", "data/db-1"),
+            deny("backend/api-1", "data/db-0"),
+        ],
+        SETTLE,
+    );
+    for node in lab.node_names() {
+        let clean = nodeward_lab::eventually(SETTLE, Duration::from_millis(200), || {
+            lab.status(&node).is_ok_and(|s| {
+                s["policies"]["failed"]
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+            })
+        });
+        assert!(
+            clean,
+            "{node} still reports failures after the fix: {:?}",
+            lab.status(&node)
+        );
+    }
+}
