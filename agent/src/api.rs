@@ -24,7 +24,7 @@ pub enum Request {
         last: Option<usize>,
         follow: bool,
         #[serde(default)]
-        filter: FlowFilter,
+        filter: Box<FlowFilter>,
     },
 }
 

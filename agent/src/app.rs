@@ -94,6 +94,9 @@ pub struct Status {
     pub last_sync: SyncStatus,
 }
 
+/// Reads the datapath's per-CPU counters, summed (indices are `agent_common::COUNTER_*`).
+pub type CounterReader = Box<dyn Fn() -> Vec<u64> + Send>;
+
 /// State shared by the control loop, the flow reader, the API and metrics.
 pub struct Shared {
     pub node: String,
@@ -102,7 +105,7 @@ pub struct Shared {
     pub status: RwLock<Status>,
     pub ready: AtomicBool,
     pub metrics: Metrics,
-    pub counters: Mutex<Option<Box<dyn Fn() -> Vec<u64> + Send>>>,
+    pub counters: Mutex<Option<CounterReader>>,
     pub syncs: AtomicU64,
 }
 
@@ -448,10 +451,11 @@ impl Control {
             .map(|(_, n)| n.as_str())
             .collect();
         for name in datapath.attached().unwrap_or_default() {
-            if !wanted.contains(name.as_str()) && result.is_ok() {
-                if let Err(e) = datapath.detach(&name) {
-                    self.report(format!("detaching from {name}: {e}"));
-                }
+            if !wanted.contains(name.as_str())
+                && result.is_ok()
+                && let Err(e) = datapath.detach(&name)
+            {
+                self.report(format!("detaching from {name}: {e}"));
             }
         }
         if let Err(e) = self.identities.save(&self.identities_path) {

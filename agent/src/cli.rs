@@ -267,13 +267,13 @@ async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
     let request = Request::Observe {
         last: args.last,
         follow: args.follow,
-        filter,
+        filter: Box::new(filter),
     };
     let output = args.output;
     if output == FlowOutput::Table {
         println!(
-            "{:<24} {:<30} {:<30} {:<8} {:<10} {}",
-            "TIME", "SOURCE", "DESTINATION", "DIR", "VERDICT", "SUMMARY"
+            "{:<24} {:<30} {:<30} {:<8} {:<10} SUMMARY",
+            "TIME", "SOURCE", "DESTINATION", "DIR", "VERDICT"
         );
     }
     api::call(&args.api_socket, &request, |value| {

@@ -362,6 +362,8 @@ impl Lab {
             .write(true)
             .open(pod.cgroup.join("cgroup.procs"))
             .with_context(|| format!("opening {}/cgroup.procs", pod.cgroup.display()))?;
+        let mut tcp_ports = vec![HTTP_PORT.to_string(), METRICS_PORT.to_string()];
+        tcp_ports.extend(pod.extra_tcp_ports.iter().map(|(_, port)| port.to_string()));
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", sys::netns_path(&pod.netns).display()))
             .arg("--")

@@ -49,6 +49,14 @@ pub fn lab_objects(lab: &LabState) -> Vec<(&'static str, String)> {
             ips.push(json!({ "ip": pod.ip6.to_string() }));
             host_ips.push(json!({ "ip": node.ip6.to_string() }));
         }
+        let mut ports = vec![
+            json!({ "name": "http", "containerPort": HTTP_PORT, "protocol": "TCP" }),
+            json!({ "name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP" }),
+            json!({ "name": "dns", "containerPort": DNS_PORT, "protocol": "UDP" }),
+        ];
+        for (name, port) in &pod.extra_tcp_ports {
+            ports.push(json!({ "name": name, "containerPort": port, "protocol": "TCP" }));
+        }
         json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -64,11 +72,7 @@ pub fn lab_objects(lab: &LabState) -> Vec<(&'static str, String)> {
                 "containers": [{
                     "name": pod.labels.get("app").map_or("app", String::as_str),
                     "image": "nodeward-lab/echo:latest",
-                    "ports": [
-                        { "name": "http", "containerPort": HTTP_PORT, "protocol": "TCP" },
-                        { "name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP" },
-                        { "name": "dns", "containerPort": DNS_PORT, "protocol": "UDP" },
-                    ],
+                    "ports": ports,
                 }],
             },
             "status": {
@@ -86,6 +90,19 @@ pub fn lab_objects(lab: &LabState) -> Vec<(&'static str, String)> {
         ("20-serviceaccounts.yaml", documents(service_accounts)),
         ("30-pods.yaml", documents(pods)),
     ]
+}
+
+/// The documents of `yaml` that are not Namespaces (the lab defines its own), or `None` if there
+/// are none left.
+pub fn without_namespaces(yaml: &str) -> anyhow::Result<Option<String>> {
+    let mut kept = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let value: Value = serde::Deserialize::deserialize(doc)?;
+        if !value.is_null() && value["kind"] != "Namespace" {
+            kept.push(value);
+        }
+    }
+    Ok((!kept.is_empty()).then(|| documents(kept)))
 }
 
 /// Joins objects into one multi-document YAML file.
@@ -136,5 +153,19 @@ mod tests {
         assert_eq!(api1["status"]["podIP"], "10.244.2.11");
         assert_eq!(api1["spec"]["containers"][0]["ports"][2]["name"], "dns");
         assert!(files[0].1.contains("team: backend"));
+        let db0 = pods
+            .iter()
+            .find(|p| p["metadata"]["name"] == "db-0")
+            .unwrap();
+        assert_eq!(db0["spec"]["containers"][0]["ports"][3]["name"], "postgres");
+    }
+
+    #[test]
+    fn namespaces_are_filtered_out_of_example_files() {
+        let yaml =
+            "kind: Namespace\nmetadata: {name: a}\n---\nkind: NetworkPolicy\nmetadata: {name: p}\n";
+        let kept = without_namespaces(yaml).unwrap().unwrap();
+        assert!(kept.contains("NetworkPolicy") && !kept.contains("Namespace\n"));
+        assert_eq!(without_namespaces("kind: Namespace\n").unwrap(), None);
     }
 }

@@ -42,7 +42,7 @@ fn id_of(name: &str) -> Option<&str> {
 
 /// Removes leftovers of labs whose owner is gone; returns what it removed.
 pub fn sweep_stale() -> Result<Vec<String>> {
-    sweep(|state| owner_alive(state))
+    sweep(owner_alive)
 }
 
 /// Removes every lab, live or not (`cargo xtask lab down --all`).

@@ -23,6 +23,10 @@ pub const HTTP_PORT: u16 = 8080;
 pub const METRICS_PORT: u16 = 9090;
 pub const DNS_PORT: u16 = 5353;
 pub const AGENT_METRICS_PORT: u16 = 9962;
+/// Extra ports by app, so that `policies/examples/` (named port `postgres`, api debug ports) have
+/// something to select: `db` pods serve `postgres`, `api` pods `debug`.
+pub const POSTGRES_PORT: u16 = 5432;
+pub const DEBUG_PORT: u16 = 6060;
 /// Well-known namespaces and their apps, so that `policies/examples/` match the lab.
 pub const NAMESPACES: [(&str, &str); 3] = [("frontend", "web"), ("backend", "api"), ("data", "db")];
 
@@ -122,6 +126,9 @@ pub struct PodState {
     pub ip6: Ipv6Addr,
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
+    /// Named TCP ports beyond `http` and `metrics` (all pods serve those and UDP `dns`).
+    #[serde(default)]
+    pub extra_tcp_ports: Vec<(String, u16)>,
     pub uid: String,
     pub cgroup: PathBuf,
     pub log: PathBuf,
@@ -231,6 +238,7 @@ pub fn plan(
         };
         let labels = BTreeMap::from([
             ("team".to_string(), ns.clone()),
+            ("tier".to_string(), ns.clone()),
             ("kubernetes.io/metadata.name".to_string(), ns.clone()),
         ]);
         for k in 0..spec.pods {
@@ -255,6 +263,11 @@ pub fn plan(
                     ("instance".to_string(), name.clone()),
                 ]),
                 service_account: app.clone(),
+                extra_tcp_ports: match app.as_str() {
+                    "db" => vec![("postgres".to_string(), POSTGRES_PORT)],
+                    "api" => vec![("debug".to_string(), DEBUG_PORT)],
+                    _ => Vec::new(),
+                },
                 uid: pod_uid(id, &ns, &name),
                 cgroup: node.cgroup.join(format!("{ns}.{name}")),
                 log: dir.join("pods").join(format!("{ns}.{name}.log")),

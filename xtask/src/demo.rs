@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use nodeward_lab::{Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, paths};
+use nodeward_lab::topology::{DEBUG_PORT, POSTGRES_PORT};
+use nodeward_lab::{Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, manifests, paths};
 
 pub fn run() -> Result<()> {
     let lab = Lab::up(&LabSpec {
@@ -25,9 +26,21 @@ pub fn run() -> Result<()> {
                 .expect("a file")
                 .to_string_lossy()
                 .into_owned();
-            lab.write_manifest(&name, &std::fs::read_to_string(&path)?)?;
-            println!("applied {}", path.display());
-            applied += 1;
+            let yaml = std::fs::read_to_string(&path)?;
+            // The lab writes its own Namespaces (same names, with `team` and `tier` labels).
+            let parsed = manifests::without_namespaces(&yaml)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            match parsed {
+                Some(yaml) => {
+                    lab.write_manifest(&name, &yaml)?;
+                    println!("applied {}", path.display());
+                    applied += 1;
+                }
+                None => println!(
+                    "skipped {} (the lab defines the namespaces)",
+                    path.display()
+                ),
+            }
         }
     }
     if applied == 0 {
@@ -37,17 +50,27 @@ pub fn run() -> Result<()> {
         );
     }
     // Let the agents pick the policies up.
+    std::thread::sleep(Duration::from_secs(2));
     for node in lab.node_names() {
         let status = lab.status(&node)?;
-        println!("{node}: {}", serde_json::to_string(&status["policies"])?);
+        println!(
+            "{node}: generation {} policies {}",
+            status["generation"],
+            serde_json::to_string(&status["policies"])?
+        );
     }
-    std::thread::sleep(Duration::from_secs(1));
 
     let pairs = [
         ("frontend/web-0", "backend/api-1", HTTP_PORT),
+        ("frontend/web-1", "backend/api-0", HTTP_PORT),
         ("frontend/web-0", "backend/api-0", METRICS_PORT),
+        ("backend/api-2", "backend/api-1", METRICS_PORT),
+        ("frontend/web-0", "backend/api-0", DEBUG_PORT),
+        ("backend/api-0", "data/db-1", POSTGRES_PORT),
+        ("backend/api-1", "data/db-0", POSTGRES_PORT),
         ("backend/api-0", "data/db-1", HTTP_PORT),
-        ("frontend/web-1", "data/db-0", HTTP_PORT),
+        ("frontend/web-1", "data/db-0", POSTGRES_PORT),
+        ("frontend/web-0", "data/db-2", HTTP_PORT),
         ("data/db-0", "frontend/web-1", HTTP_PORT),
         ("backend/api-1", "frontend/web-0", HTTP_PORT),
     ];
@@ -69,7 +92,7 @@ pub fn run() -> Result<()> {
         );
     }
     for node in lab.node_names() {
-        println!("\nnodeward observe --last 20 on {node}:");
+        println!("\nnodeward observe -o json --last 20 on {node}:");
         match lab.observe(&node, &["--last", "20"]) {
             Ok(flows) => {
                 for flow in flows {

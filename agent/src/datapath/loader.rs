@@ -245,7 +245,7 @@ impl Datapath {
                 program: hook.program,
                 ifname: ifname.to_owned(),
                 path: PathBuf::new(),
-                detail: format!("not a bpf link: {e}"),
+                detail: format!("not a bpf link: {}", chain(&e)),
             })?;
             match &self.bpffs_dir {
                 Some(dir) => pin_replacing(link, dir, ifname, hook)?,
@@ -307,14 +307,11 @@ impl Datapath {
                     source,
                 })?;
                 let file = entry.file_name().to_string_lossy().into_owned();
-                if file.starts_with('.') {
-                    continue;
-                }
-                let ifname = HOOKS
+                let stem = HOOKS
                     .iter()
                     .find_map(|h| file.strip_suffix(&format!("-{}", h.suffix)));
-                if let Some(ifname) = ifname {
-                    names.push(ifname.to_owned());
+                if let Some(stem) = stem {
+                    names.push(ifname_from_pin_stem(stem));
                 }
             }
         }
@@ -362,14 +359,43 @@ fn links_dir(dir: &Path) -> PathBuf {
     dir.join("links")
 }
 
+/// bpffs refuses names with a dot (they are reserved for its own files), and interface names
+/// may have one (`eth0.100`) but never a colon: pin names swap the two.
+fn pin_stem(ifname: &str) -> String {
+    ifname.replace('.', ":")
+}
+
+fn ifname_from_pin_stem(stem: &str) -> String {
+    stem.replace(':', ".")
+}
+
+/// Marks a pin being made; never a suffix of a final pin name, as `:` is not in interface names.
+const TEMP_PIN_SUFFIX: &str = ":new";
+
 fn link_pin(dir: &Path, ifname: &str, hook: Hook) -> PathBuf {
-    links_dir(dir).join(format!("{ifname}-{}", hook.suffix))
+    links_dir(dir).join(format!("{}-{}", pin_stem(ifname), hook.suffix))
+}
+
+/// The whole error chain on one line (aya's errors keep the errno in their sources).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Pins `link` at its place, replacing (make-before-break) a link pinned there before.
 fn pin_replacing(link: FdLink, dir: &Path, ifname: &str, hook: Hook) -> Result<(), DatapathError> {
     let final_path = link_pin(dir, ifname, hook);
-    let temp_path = links_dir(dir).join(format!(".{ifname}-{}.new", hook.suffix));
+    let temp_path = links_dir(dir).join(format!(
+        "{}-{}{TEMP_PIN_SUFFIX}",
+        pin_stem(ifname),
+        hook.suffix
+    ));
     let pin_err = |path: &Path, detail: String| DatapathError::PinLink {
         program: hook.program,
         ifname: ifname.to_owned(),
@@ -380,7 +406,7 @@ fn pin_replacing(link: FdLink, dir: &Path, ifname: &str, hook: Hook) -> Result<(
     let _ = std::fs::remove_file(&temp_path);
     let pinned = link
         .pin(&temp_path)
-        .map_err(|e| pin_err(&temp_path, e.to_string()))?;
+        .map_err(|e| pin_err(&temp_path, chain(&e)))?;
     // rename(2) replaces the old pin atomically; the old link loses its last reference and is
     // released (detached) only now, after the new program is attached.
     if let Err(e) = std::fs::rename(&temp_path, &final_path) {
@@ -405,8 +431,10 @@ fn check_ifname(ifname: &str) -> Result<(), DatapathError> {
     // IFNAMSIZ is 16 with the NUL; a name is also a file name under links/.
     if ifname.is_empty()
         || ifname.len() >= 16
-        || ifname.starts_with('.')
-        || ifname.contains(['/', '\0'])
+        || ifname == "."
+        || ifname == ".."
+        || ifname.contains(['/', ':', '\0'])
+        || ifname.contains(char::is_whitespace)
     {
         return Err(DatapathError::InvalidInterfaceName(ifname.to_owned()));
     }

@@ -101,10 +101,10 @@ fn workloads<'a>(
             .into_iter()
             .chain(listed)
         {
-            if let Ok(ip) = ip.parse::<IpAddr>() {
-                if !ips.contains(&ip) {
-                    ips.push(ip);
-                }
+            if let Ok(ip) = ip.parse::<IpAddr>()
+                && !ips.contains(&ip)
+            {
+                ips.push(ip);
             }
         }
         if ips.is_empty() {

@@ -195,10 +195,10 @@ fn rule(
     let mut peers = Vec::new();
     for (i, s) in r.endpoints.into_iter().flatten().enumerate() {
         let mut sel = selector(s, &format!("{path}.{pre}Endpoints[{i}]"))?;
-        if let Some(ns) = namespace {
-            if !sel.constrains_namespace() {
-                sel = sel.with(Requirement::equals(NAMESPACE_LABEL, ns));
-            }
+        if let Some(ns) = namespace
+            && !sel.constrains_namespace()
+        {
+            sel = sel.with(Requirement::equals(NAMESPACE_LABEL, ns));
         }
         peers.push(Peer::Endpoints(sel));
     }

@@ -226,12 +226,12 @@ pub fn validate_label_key(key: &str) -> Result<(), String> {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    if let Some(prefix) = prefix {
-        if prefix.is_empty() || prefix.len() > 253 || !is_dns_subdomain(prefix) {
-            return Err(format!(
-                "invalid label key {key:?}: the prefix must be a DNS subdomain"
-            ));
-        }
+    if let Some(prefix) = prefix
+        && (prefix.is_empty() || prefix.len() > 253 || !is_dns_subdomain(prefix))
+    {
+        return Err(format!(
+            "invalid label key {key:?}: the prefix must be a DNS subdomain"
+        ));
     }
     if !is_qualified_name(name) {
         return Err(format!(
@@ -330,7 +330,7 @@ mod tests {
         let err = LabelSelector::parse(None, [("app", "In", None)], "spec.podSelector")
             .expect_err("In without values");
         assert_eq!(err.field, "spec.podSelector.matchExpressions[0].values");
-        let v = vec!["x".to_owned()];
+        let v = ["x".to_owned()];
         let err = LabelSelector::parse(None, [("app", "Exists", Some(&v[..]))], "sel")
             .expect_err("Exists with values");
         assert_eq!(err.field, "sel.matchExpressions[0].values");
