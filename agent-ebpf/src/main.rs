@@ -115,7 +115,7 @@ fn process(ctx: &TcContext, direction: u8, ev: &mut FlowEvent) -> Result<i32, u8
         _ => return Err(drop_reason::UNSUPPORTED_L3),
     }
 
-    let ep = match NW_ENDPOINTS.get_ptr(&ev.ifindex) {
+    let ep = match NW_ENDPOINTS.get_ptr(ev.ifindex) {
         // SAFETY: a map value pointer from a successful lookup; copied so a concurrent update
         // cannot change the endpoint halfway through the packet.
         Some(p) => unsafe { *p },

@@ -283,13 +283,13 @@ fn record_head(ev: &FlowEvent, id: u32) {
         dport_be: ev.dport_be,
     };
     // A failed insert only means the later fragments will be dropped: fail closed.
-    let _ = NW_FRAGMENTS.insert(&frag_key(ev, id), &value, 0);
+    let _ = NW_FRAGMENTS.insert(frag_key(ev, id), value, 0);
 }
 
 /// Ports of a non-first fragment, from its first fragment.
 #[inline(always)]
 fn ports_from_head(ev: &mut FlowEvent, id: u32) -> Result<(), u8> {
-    match NW_FRAGMENTS.get_ptr(&frag_key(ev, id)) {
+    match NW_FRAGMENTS.get_ptr(frag_key(ev, id)) {
         Some(p) => {
             // SAFETY: a map value pointer from a successful lookup, valid for this program run.
             let v = unsafe { *p };

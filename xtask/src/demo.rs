@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use nodeward_lab::topology::{DEBUG_PORT, POSTGRES_PORT};
 use nodeward_lab::{Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, manifests, paths};
 
@@ -60,35 +60,40 @@ pub fn run() -> Result<()> {
         );
     }
 
-    let pairs = [
-        ("frontend/web-0", "backend/api-1", HTTP_PORT),
-        ("frontend/web-1", "backend/api-0", HTTP_PORT),
-        ("frontend/web-0", "backend/api-0", METRICS_PORT),
-        ("backend/api-2", "backend/api-1", METRICS_PORT),
-        ("frontend/web-0", "backend/api-0", DEBUG_PORT),
-        ("backend/api-0", "data/db-1", POSTGRES_PORT),
-        ("backend/api-1", "data/db-0", POSTGRES_PORT),
-        ("backend/api-0", "data/db-1", HTTP_PORT),
-        ("frontend/web-1", "data/db-0", POSTGRES_PORT),
-        ("frontend/web-0", "data/db-2", HTTP_PORT),
-        ("data/db-0", "frontend/web-1", HTTP_PORT),
-        ("backend/api-1", "frontend/web-0", HTTP_PORT),
+    // What the examples intend (see the comments in policies/examples/).
+    let cases = [
+        Case::tcp("frontend/web-0", "backend/api-1", HTTP_PORT, true),
+        Case::tcp("frontend/web-1", "backend/api-0", HTTP_PORT, true),
+        Case::tcp("frontend/web-0", "backend/api-0", METRICS_PORT, false),
+        Case::tcp("backend/api-2", "backend/api-1", METRICS_PORT, true),
+        Case::tcp("frontend/web-0", "backend/api-0", DEBUG_PORT, false),
+        Case::tcp("backend/api-0", "data/db-1", POSTGRES_PORT, true),
+        Case::tcp("backend/api-1", "data/db-0", POSTGRES_PORT, true),
+        Case::tcp("backend/api-0", "data/db-1", HTTP_PORT, false),
+        Case::tcp("frontend/web-1", "data/db-0", POSTGRES_PORT, false),
+        Case::tcp("frontend/web-0", "data/db-2", HTTP_PORT, false),
+        Case::tcp("data/db-0", "frontend/web-1", HTTP_PORT, true),
+        Case::tcp("backend/api-1", "frontend/web-0", HTTP_PORT, true),
     ];
-    let cases: Vec<Case> = pairs
-        .iter()
-        .map(|(from, to, port)| Case::tcp(from, to, *port, true))
-        .collect();
+    let verdict = |allowed: bool| if allowed { "ALLOWED" } else { "DENIED" };
     println!("\ntraffic:");
+    let mut unexpected = 0;
     for (case, reached) in cases.iter().zip(lab.probe_all(&cases)) {
         let (from, to) = (lab.pod(&case.from), lab.pod(&case.to));
+        let note = if reached == case.allowed {
+            String::new()
+        } else {
+            unexpected += 1;
+            format!("  <-- the examples intend {}", verdict(case.allowed))
+        };
         println!(
-            "  {:<16} ({}) -> {:<16} ({}) tcp/{:<5} {}",
+            "  {:<16} ({}) -> {:<16} ({}) tcp/{:<5} {}{note}",
             case.from,
             from.node,
             case.to,
             to.node,
             case.port,
-            if reached { "ALLOWED" } else { "DENIED" }
+            verdict(reached)
         );
     }
     for node in lab.node_names() {
@@ -102,5 +107,13 @@ pub fn run() -> Result<()> {
             Err(e) => println!("  unavailable: {e:#}"),
         }
     }
+    drop(lab);
+    if unexpected > 0 {
+        bail!(
+            "demo: {unexpected} of {} flows differ from what the examples intend",
+            cases.len()
+        );
+    }
+    println!("\ndemo: all {} flows as the examples intend", cases.len());
     Ok(())
 }

@@ -140,6 +140,11 @@ impl Datapath {
         let pin_paths: Vec<(&'static str, PathBuf)>;
         if let Some(dir) = bpffs_dir {
             ensure_bpffs_mounted()?;
+            // Check before creating anything, so a wrong path leaves no directories behind.
+            let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
+            if !is_bpffs(existing) {
+                return Err(DatapathError::NotBpffs { path: dir.into() });
+            }
             for sub in [maps_dir(dir), links_dir(dir)] {
                 std::fs::create_dir_all(&sub).map_err(|source| DatapathError::Io {
                     what: "creating",
@@ -161,7 +166,7 @@ impl Datapath {
             pin_paths = Vec::new();
         }
         for (name, path) in &pin_paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
 
         let mut ebpf = loader
