@@ -240,6 +240,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         identities_path,
         last_good: BTreeMap::new(),
         reported: BTreeSet::new(),
+        round: BTreeSet::new(),
+        attached_here: BTreeMap::new(),
         resolver: Resolver::default(),
         syncer,
         shared: shared.clone(),
@@ -270,7 +272,18 @@ fn watch(
 ) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Reading the manifests is an access event too: only changes count, or every sync
+        // would trigger the next.
+        let changed = event.is_ok_and(|e| {
+            matches!(
+                e.kind,
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Modify(_)
+                    | notify::EventKind::Remove(_)
+                    | notify::EventKind::Any
+            )
+        });
+        if changed {
             // Full channel: a sync is already pending and will see this change too.
             let _ = tx.try_send(());
         }
@@ -324,6 +337,21 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
     }
 }
 
+/// `error: cause: cause` on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}
+
 struct Control {
     source: ManifestSource,
     identities: IdentityAllocator,
@@ -332,6 +360,11 @@ struct Control {
     last_good: BTreeMap<String, PolicyModel>,
     /// Error lines already logged, so each is reported once.
     reported: BTreeSet<String>,
+    /// Error lines of the current reconciliation.
+    round: BTreeSet<String>,
+    /// Interfaces this run attached its programs to (by name, with the ifindex they had).
+    /// Programs pinned by an earlier agent are replaced once by this run's (an upgrade).
+    attached_here: BTreeMap<String, u32>,
     resolver: Resolver,
     syncer: Arc<Mutex<Syncer<PinnedMaps>>>,
     shared: Arc<Shared>,
@@ -340,6 +373,7 @@ struct Control {
 
 impl Control {
     fn report(&mut self, line: String) {
+        self.round.insert(line.clone());
         if self.reported.insert(line.clone()) {
             tracing::error!("{line}");
         }
@@ -348,16 +382,13 @@ impl Control {
     fn reconcile(&mut self, datapath: &mut Datapath) {
         let started = Instant::now();
         let loaded = self.source.load();
-        let mut current_errors: BTreeSet<String> = BTreeSet::new();
+        self.round.clear();
         let manifest_errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
         for line in &manifest_errors {
-            current_errors.insert(line.clone());
             self.report(line.clone());
         }
         let inv = loaded.inventory;
-        let failures = self.translate_policies(&inv, &mut current_errors);
-        // Forget what no longer fails, so it is reported again if it breaks again.
-        self.reported.retain(|l| current_errors.contains(l));
+        let failures = self.translate_policies(&inv);
 
         let models: Vec<PolicyModel> = self.last_good.values().cloned().collect();
         let compiled = policy::compile(&self.node, &inv, &models, &mut self.identities);
@@ -416,7 +447,6 @@ impl Control {
             }
             Err(e @ SyncError::Overflow { .. }) => {
                 let line = format!("policy set rejected: {e}");
-                current_errors.insert(line.clone());
                 self.report(line.clone());
                 sync_error = Some(line);
             }
@@ -436,10 +466,24 @@ impl Control {
             if !in_maps.contains(&status.ifindex) || status.ifindex == 0 {
                 continue;
             }
+            if self.attached_here.get(&status.interface) == Some(&status.ifindex) {
+                status.attached = true;
+                continue;
+            }
             match datapath.attach(status.ifindex, &status.interface) {
-                Ok(()) => status.attached = true,
+                Ok(()) => {
+                    status.attached = true;
+                    self.attached_here
+                        .insert(status.interface.clone(), status.ifindex);
+                    tracing::info!(pod = %status.pod, interface = %status.interface, "programs attached");
+                }
                 Err(e) => {
-                    let line = format!("attaching to {} ({}): {e}", status.interface, status.pod);
+                    let line = format!(
+                        "attaching to {} ({}): {}",
+                        status.interface,
+                        status.pod,
+                        error_chain(&e)
+                    );
                     self.report(line.clone());
                     status.error = Some(line);
                 }
@@ -453,14 +497,22 @@ impl Control {
         for name in datapath.attached().unwrap_or_default() {
             if !wanted.contains(name.as_str())
                 && result.is_ok()
-                && let Err(e) = datapath.detach(&name)
             {
-                self.report(format!("detaching from {name}: {e}"));
+                match datapath.detach(&name) {
+                    Ok(()) => {
+                        self.attached_here.remove(&name);
+                        tracing::info!(interface = %name, "programs detached");
+                    }
+                    Err(e) => self.report(format!("detaching from {name}: {}", error_chain(&e))),
+                }
             }
         }
         if let Err(e) = self.identities.save(&self.identities_path) {
             self.report(format!("saving {}: {e}", self.identities_path.display()));
         }
+        // Forget what no longer fails, so it is reported again if it breaks again.
+        let round = std::mem::take(&mut self.round);
+        self.reported.retain(|l| round.contains(l));
         self.publish(
             &inv,
             &compiled,
@@ -478,11 +530,7 @@ impl Control {
     }
 
     /// Translates every policy; a failure keeps the last good version and is reported.
-    fn translate_policies(
-        &mut self,
-        inv: &Inventory,
-        errors: &mut BTreeSet<String>,
-    ) -> Vec<Failure> {
+    fn translate_policies(&mut self, inv: &Inventory) -> Vec<Failure> {
         let mut seen = BTreeSet::new();
         let mut failures = Vec::new();
         let mut outcomes = Vec::new();
@@ -519,7 +567,6 @@ impl Control {
                         ""
                     };
                     let line = format!("{file}{e}{kept}");
-                    errors.insert(line.clone());
                     self.report(line.clone());
                     failures.push(Failure {
                         object: key,

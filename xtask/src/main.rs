@@ -112,7 +112,8 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 /// Prints and runs a command in the workspace root; fails if it fails.
 fn run(cmd: &mut Command) -> Result<()> {
-    let line = std::iter::once(cmd.get_program())
+    let program = std::path::Path::new(cmd.get_program());
+    let line = std::iter::once(program.file_name().unwrap_or(program.as_os_str()))
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
