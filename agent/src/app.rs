@@ -495,9 +495,7 @@ impl Control {
             .map(|(_, n)| n.as_str())
             .collect();
         for name in datapath.attached().unwrap_or_default() {
-            if !wanted.contains(name.as_str())
-                && result.is_ok()
-            {
+            if !wanted.contains(name.as_str()) && result.is_ok() {
                 match datapath.detach(&name) {
                     Ok(()) => {
                         self.attached_here.remove(&name);
