@@ -370,7 +370,7 @@ impl Lab {
             .arg(echo)
             .args([
                 "--tcp",
-                &format!("{HTTP_PORT},{METRICS_PORT}"),
+                &tcp_ports.join(","),
                 "--udp",
                 &DNS_PORT.to_string(),
             ])
@@ -546,6 +546,18 @@ impl Lab {
                 serde_json::from_str(l).with_context(|| format!("nodeward observe printed {l:?}"))
             })
             .collect()
+    }
+
+    /// `nodeward observe` as a person reads it (`-o compact`), for the demo.
+    pub fn observe_text(&self, node: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["observe", "-o", "compact"];
+        all.extend_from_slice(args);
+        self.nodeward(node, &all, Duration::from_secs(10))
+    }
+
+    /// `nodeward status` (text), for the demo.
+    pub fn status_text(&self, node: &str) -> Result<String> {
+        self.nodeward(node, &["status"], Duration::from_secs(10))
     }
 
     /// Writes `<manifests>/<name>.yaml` atomically (a rename), so the agent never reads half a file.

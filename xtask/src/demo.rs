@@ -97,13 +97,24 @@ pub fn run() -> Result<()> {
         );
     }
     for node in lab.node_names() {
-        println!("\nnodeward observe -o json --last 20 on {node}:");
-        match lab.observe(&node, &["--last", "20"]) {
-            Ok(flows) => {
-                for flow in flows {
-                    println!("  {flow}");
-                }
-            }
+        println!("\n$ nodeward status   # on {node}");
+        match lab.status_text(&node) {
+            Ok(text) => print!("{text}"),
+            Err(e) => println!("  unavailable: {e:#}"),
+        }
+        println!("\n$ nodeward observe --last 20   # on {node}");
+        match lab.observe_text(&node, &["--last", "20"]) {
+            Ok(text) => print!("{text}"),
+            Err(e) => println!("  unavailable: {e:#}"),
+        }
+    }
+    let first_node = lab.node_names().into_iter().next();
+    if let Some(node) = first_node {
+        println!(
+            "\n$ nodeward observe -o json --verdict DROPPED --last 1   # on {node}, Hubble field names"
+        );
+        match lab.observe(&node, &["--verdict", "DROPPED", "--last", "1"]) {
+            Ok(flows) => flows.iter().for_each(|f| println!("{f}")),
             Err(e) => println!("  unavailable: {e:#}"),
         }
     }
