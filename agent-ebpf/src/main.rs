@@ -12,7 +12,7 @@ mod parse;
 mod policy;
 
 use agent_common::{
-    COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS, COUNTER_PACKETS, COUNTER_PASSED,
+    CONFIG_EVENTS_ALL_FLOWS, COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS, COUNTER_PACKETS, COUNTER_PASSED,
     COUNTER_POLICY_REEVALUATED, COUNTERS_LEN, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
     DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EVENTS_RING_BYTES, EndpointInfo, FlowEvent, FragKey,
     FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES,
@@ -158,10 +158,13 @@ const fn link_control(info: &L4Info) -> bool {
 /// Not inlined: a separate BPF function keeps each frame under the 512-byte stack limit.
 #[inline(never)]
 fn conntrack_and_policy(ep: &EndpointInfo, direction: u8, ev: &mut FlowEvent) -> Result<i32, u8> {
-    let generation = match NW_CONFIG.get(0) {
-        Some(cfg) => cfg.policy_generation,
-        None => 0,
+    let (generation, flags) = match NW_CONFIG.get(0) {
+        Some(cfg) => (cfg.policy_generation, cfg.flags),
+        None => (0, 0),
     };
+    // Forwarded new flows are reported only when the agent asked for every flow; drops always
+    // are (by `run`).
+    let all_flows = flags & CONFIG_EVENTS_ALL_FLOWS != 0;
     let key = policy::ct_key(ev, direction);
     let reverse = policy::ct_reverse_key(ev, direction);
 
@@ -172,7 +175,7 @@ fn conntrack_and_policy(ep: &EndpointInfo, direction: u8, ev: &mut FlowEvent) ->
         let value = policy::ct_value(ep, direction, &decision, generation);
         policy::ct_insert(&key, &value);
         count(COUNTER_NEW_FLOWS);
-        return report(ev, &value, false, true);
+        return report(ev, &value, false, all_flows);
     };
 
     let original: &CtKey = if hit.is_reply { &reverse } else { &key };
@@ -190,7 +193,12 @@ fn conntrack_and_policy(ep: &EndpointInfo, direction: u8, ev: &mut FlowEvent) ->
     // SAFETY: as above; a plain store into the map value.
     unsafe { *hit.value = value };
     count(COUNTER_POLICY_REEVALUATED);
-    report(ev, &value, hit.is_reply, value.verdict != stored.verdict)
+    report(
+        ev,
+        &value,
+        hit.is_reply,
+        all_flows && value.verdict != stored.verdict,
+    )
 }
 
 /// Applies a conntrack verdict to the packet: fills the event, emits it for a pass when `notify`

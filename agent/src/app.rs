@@ -15,6 +15,7 @@ use crate::datapath::loader::Datapath;
 use crate::datapath::maps::PinnedMaps;
 use crate::datapath::sync::{SyncError, Syncer};
 use crate::endpoints::Resolver;
+use crate::flows::log::{FlowLog, FlowLogConfig};
 use crate::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore};
 use crate::identity::IdentityAllocator;
 use crate::metrics::Metrics;
@@ -33,6 +34,10 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     pub cgroup: Option<PathBuf>,
     pub flow_buffer: usize,
+    /// `--flow-log DIR`: every flow also goes to rotated JSON-lines files.
+    pub flow_log: Option<FlowLogConfig>,
+    /// Report every new flow (`--flow-events all`), or only drops (`drops`).
+    pub flow_events_all: bool,
     /// Full resync even without a file event (a safety net for missed notifications).
     pub resync_interval: Duration,
 }
@@ -101,6 +106,7 @@ pub type CounterReader = Box<dyn Fn() -> Vec<u64> + Send>;
 pub struct Shared {
     pub node: String,
     pub flows: FlowStore,
+    pub flow_log: Option<FlowLog>,
     pub index: RwLock<Arc<EnrichmentIndex>>,
     pub status: RwLock<Status>,
     pub ready: AtomicBool,
@@ -149,8 +155,13 @@ impl Shared {
                 "kernel_ring_full": get(agent_common::COUNTER_EVENTS_LOST),
                 "store_overwritten": self.flows.lost.store_overwritten.load(Ordering::Relaxed),
                 "follower_lagged": self.flows.lost.follower_lagged.load(Ordering::Relaxed),
+                "flow_log_dropped": self.flows.lost.flow_log_dropped.load(Ordering::Relaxed),
+                "flow_log_write_failed": self.flow_log.as_ref().map_or(0, |l| l.status().write_failed),
             },
         });
+        if let Some(log) = &self.flow_log {
+            value["flow_log"] = serde_json::to_value(log.status()).unwrap_or_default();
+        }
         value
     }
 }
@@ -178,6 +189,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let events = maps
         .take_events()
         .context("opening the flow event ring buffer")?;
+    maps.set_config_flags(if config.flow_events_all {
+        agent_common::CONFIG_EVENTS_ALL_FLOWS
+    } else {
+        0
+    })
+    .context("setting the datapath's flow event flags")?;
+    let flow_log = config
+        .flow_log
+        .clone()
+        .map(FlowLog::start)
+        .transpose()
+        .context("starting the flow log writer")?;
     let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
     tracing::info!(
         node = %config.node,
@@ -191,6 +214,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         node: config.node.clone(),
         flows: FlowStore::new(config.flow_buffer),
+        flow_log,
         index: RwLock::new(Arc::new(EnrichmentIndex {
             node_name: config.node.clone(),
             ..EnrichmentIndex::default()
@@ -261,6 +285,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = term.recv() => break,
         }
     }
+    if let Some(log) = &shared.flow_log
+        && !log.sync(Duration::from_secs(2))
+    {
+        tracing::warn!("the flow log writer did not catch up before exit");
+    }
     tracing::info!("stopping; pinned programs and maps keep enforcing");
     let _ = std::fs::remove_file(&config.api_socket);
     Ok(())
@@ -329,8 +358,17 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
             let event: agent_common::FlowEvent =
                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            let flow = crate::flows::from_event(&event, &index, &clock);
+            let flow = Arc::new(crate::flows::from_event(&event, &index, &clock));
             shared.metrics.observe_flow(&flow);
+            if let Some(log) = &shared.flow_log
+                && !log.offer(flow.clone())
+            {
+                shared
+                    .flows
+                    .lost
+                    .flow_log_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             shared.flows.push(flow);
         }
         guard.clear_ready();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
 use crate::api::{self, Request};
 use crate::flows::filter::PodMatch;
@@ -76,12 +76,32 @@ struct AgentArgs {
     /// Flows kept in memory for `observe --last`.
     #[arg(long, default_value_t = 65_536)]
     flow_buffer: usize,
+    /// Also append every flow as a JSON line to DIR/flows.jsonl (rotated by size).
+    #[arg(long, value_name = "DIR")]
+    flow_log: Option<PathBuf>,
+    /// Size cap of one flow log file.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    flow_log_max_bytes: u64,
+    /// Flow log files kept, the current one included.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    flow_log_files: u64,
+    /// Which new flows the datapath reports: `all`, or only `drops` (cheaper).
+    #[arg(long, value_enum, default_value = "all")]
+    flow_events: FlowEvents,
     /// Re-read the manifests this often even without a file event.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     resync_interval: Duration,
     /// Log filter (tracing EnvFilter syntax), also RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum FlowEvents {
+    /// Every new flow, forwarded or dropped.
+    All,
+    /// Drops only.
+    Drops,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -94,16 +114,44 @@ enum FlowOutput {
     Table,
 }
 
+/// Filter flags, in the order `--not` may precede them (each negates only the next one).
+/// Every filter may be given once positively and any number of times after `--not`.
+const FILTER_FLAGS: &[&str] = &[
+    "verdict",
+    "from_pod",
+    "to_pod",
+    "pod",
+    "namespace",
+    "from_ip",
+    "to_ip",
+    "port",
+    "protocol",
+    "identity",
+    "from_label",
+    "to_label",
+    "to_fqdn",
+];
+
+/// The filter fields define the flags; their values are read from `ArgMatches` in command-line
+/// order (see [`filter_of`]) so that `--not` applies to the flag after it.
 #[derive(Args, Debug)]
 struct ObserveArgs {
     #[arg(long, default_value = DEFAULT_SOCKET)]
     api_socket: PathBuf,
+    /// Read flows from a flow log (a file, or an agent's --flow-log DIR with its rotated files)
+    /// instead of the agent.
+    #[arg(long, value_name = "FILE_OR_DIR", conflicts_with_all = ["node", "follow"])]
+    flow_log: Option<PathBuf>,
+    /// Read another node's agent through its metrics address (`host[:port]`, port 9962 by
+    /// default); repeat to merge several nodes in time order.
+    #[arg(long, value_name = "NAME_OR_ADDR")]
+    node: Vec<String>,
     #[arg(short, long, value_enum, default_value = "compact")]
     output: FlowOutput,
     /// Keep printing new flows as they happen.
     #[arg(short, long)]
     follow: bool,
-    /// Print the last N stored flows first (default 20, or 0 with --follow).
+    /// Print the last N stored flows first (default 20, or 0 with --follow; all in a flow log).
     #[arg(long, value_name = "N")]
     last: Option<usize>,
     /// Only flows since a duration ago (`5m`) or an RFC 3339 time.
@@ -112,36 +160,48 @@ struct ObserveArgs {
     /// Only flows until an RFC 3339 time or a duration ago.
     #[arg(long)]
     until: Option<String>,
+    /// Negate the next filter flag: `--not --verdict FORWARDED`.
+    #[arg(long, action = ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    not: Vec<String>,
     /// FORWARDED or DROPPED.
-    #[arg(long)]
-    verdict: Option<String>,
+    #[arg(long, action = ArgAction::Append)]
+    verdict: Vec<String>,
     /// Source pod, `[namespace/]name-prefix`.
-    #[arg(long)]
-    from_pod: Option<String>,
+    #[arg(long, action = ArgAction::Append)]
+    from_pod: Vec<String>,
     /// Destination pod, `[namespace/]name-prefix`.
-    #[arg(long)]
-    to_pod: Option<String>,
+    #[arg(long, action = ArgAction::Append)]
+    to_pod: Vec<String>,
     /// Either end's pod, `[namespace/]name-prefix`.
-    #[arg(long)]
-    pod: Option<String>,
+    #[arg(long, action = ArgAction::Append)]
+    pod: Vec<String>,
     /// Either end's namespace.
-    #[arg(long)]
-    namespace: Option<String>,
+    #[arg(long, action = ArgAction::Append)]
+    namespace: Vec<String>,
     /// Source address or CIDR.
-    #[arg(long)]
-    from_ip: Option<String>,
+    #[arg(long, action = ArgAction::Append)]
+    from_ip: Vec<String>,
     /// Destination address or CIDR.
-    #[arg(long)]
-    to_ip: Option<String>,
+    #[arg(long, action = ArgAction::Append)]
+    to_ip: Vec<String>,
     /// Either port.
-    #[arg(long)]
-    port: Option<u16>,
+    #[arg(long, action = ArgAction::Append)]
+    port: Vec<String>,
     /// TCP, UDP, SCTP, ICMPv4 or ICMPv6.
-    #[arg(long)]
-    protocol: Option<String>,
+    #[arg(long, action = ArgAction::Append)]
+    protocol: Vec<String>,
     /// Either end's identity.
-    #[arg(long)]
-    identity: Option<u32>,
+    #[arg(long, action = ArgAction::Append)]
+    identity: Vec<String>,
+    /// Source label `key=value` (or `k8s:key=value`, or `key` for any value).
+    #[arg(long, action = ArgAction::Append)]
+    from_label: Vec<String>,
+    /// Destination label `key=value` (or `k8s:key=value`, or `key` for any value).
+    #[arg(long, action = ArgAction::Append)]
+    to_label: Vec<String>,
+    /// A name the destination was resolved from (`api.example.com`, `*.example.com`).
+    #[arg(long, action = ArgAction::Append)]
+    to_fqdn: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -160,7 +220,8 @@ struct StatusArgs {
 
 /// Entry point of the binary.
 pub fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -168,7 +229,13 @@ pub fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Agent(args) => runtime.block_on(agent(args)),
-        Command::Observe(args) => runtime.block_on(observe(args)),
+        Command::Observe(args) => {
+            let sub = matches
+                .subcommand_matches("observe")
+                .context("observe arguments")?;
+            let filter = filter_of(&args, sub)?;
+            runtime.block_on(observe(args, filter))
+        }
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Crd { write } => crd(write),
         Command::Cleanup { bpffs_dir } => {
@@ -205,6 +272,14 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         cgroup: args.cgroup,
         flow_buffer: args.flow_buffer,
+        flow_log: args
+            .flow_log
+            .map(|dir| crate::flows::log::FlowLogConfig {
+                dir,
+                max_bytes: args.flow_log_max_bytes,
+                files: usize::try_from(args.flow_log_files).unwrap_or(8),
+            }),
+        flow_events_all: args.flow_events == FlowEvents::All,
         resync_interval: args.resync_interval,
     };
     crate::app::run(config).await
@@ -227,48 +302,99 @@ fn ip_arg(flag: &str, value: &str) -> anyhow::Result<ipnet::IpNet> {
         .with_context(|| format!("{flag} {value:?}: expected an address or a CIDR"))
 }
 
-fn filter_of(args: &ObserveArgs) -> anyhow::Result<FlowFilter> {
-    let mut filter = FlowFilter {
-        verdict: args.verdict.clone(),
-        from_pod: args.from_pod.as_deref().map(PodMatch::parse),
-        to_pod: args.to_pod.as_deref().map(PodMatch::parse),
-        pod: args.pod.as_deref().map(PodMatch::parse),
-        namespace: args.namespace.clone(),
-        from_ip: args
-            .from_ip
-            .as_deref()
-            .map(|v| ip_arg("--from-ip", v))
-            .transpose()?,
-        to_ip: args
-            .to_ip
-            .as_deref()
-            .map(|v| ip_arg("--to-ip", v))
-            .transpose()?,
-        port: args.port,
-        protocol: args.protocol.clone(),
-        identity: args.identity,
-        since: args
-            .since
-            .as_deref()
-            .map(|v| time_arg("--since", v))
-            .transpose()?,
-        until: args
-            .until
-            .as_deref()
-            .map(|v| time_arg("--until", v))
-            .transpose()?,
+/// Sets one filter flag's value on `filter`.
+fn set_filter(filter: &mut FlowFilter, id: &str, value: &str) -> anyhow::Result<()> {
+    let flag = format!("--{}", id.replace('_', "-"));
+    let number = |what: &str| -> anyhow::Result<u32> {
+        value
+            .parse()
+            .with_context(|| format!("{flag} {value:?}: expected {what}"))
     };
+    let taken = match id {
+        "verdict" => filter.verdict.replace(value.to_owned()).is_some(),
+        "from_pod" => filter.from_pod.replace(PodMatch::parse(value)).is_some(),
+        "to_pod" => filter.to_pod.replace(PodMatch::parse(value)).is_some(),
+        "pod" => filter.pod.replace(PodMatch::parse(value)).is_some(),
+        "namespace" => filter.namespace.replace(value.to_owned()).is_some(),
+        "from_ip" => filter.from_ip.replace(ip_arg(&flag, value)?).is_some(),
+        "to_ip" => filter.to_ip.replace(ip_arg(&flag, value)?).is_some(),
+        "port" => {
+            let port = u16::try_from(number("a port number")?)
+                .with_context(|| format!("{flag} {value:?}: expected a port number"))?;
+            filter.port.replace(port).is_some()
+        }
+        "protocol" => filter.protocol.replace(value.to_owned()).is_some(),
+        "identity" => filter
+            .identity
+            .replace(number("an identity number")?)
+            .is_some(),
+        "from_label" => filter.from_label.replace(value.to_owned()).is_some(),
+        "to_label" => filter.to_label.replace(value.to_owned()).is_some(),
+        "to_fqdn" => filter.to_fqdn.replace(value.to_owned()).is_some(),
+        other => anyhow::bail!("unknown filter {other}"),
+    };
+    if taken {
+        anyhow::bail!("{flag} given twice; use it once (and `--not {flag} X` to exclude values)");
+    }
+    Ok(())
+}
+
+/// The filter of an `observe` command line. Filter flags are read in command-line order so
+/// that `--not` applies to exactly the filter flag after it.
+fn filter_of(args: &ObserveArgs, matches: &ArgMatches) -> anyhow::Result<FlowFilter> {
+    enum Token<'a> {
+        Not,
+        Value(&'a str, &'a str),
+    }
+    let mut tokens: Vec<(usize, Token<'_>)> = matches
+        .indices_of("not")
+        .into_iter()
+        .flatten()
+        .map(|i| (i, Token::Not))
+        .collect();
+    for id in FILTER_FLAGS {
+        let (Some(indices), Some(values)) = (
+            matches.indices_of(id),
+            matches.get_many::<String>(id),
+        ) else {
+            continue;
+        };
+        tokens.extend(indices.zip(values).map(|(i, v)| (i, Token::Value(id, v.as_str()))));
+    }
+    tokens.sort_by_key(|(i, _)| *i);
+    let mut filter = FlowFilter::default();
+    let mut negate = false;
+    for (_, token) in tokens {
+        match token {
+            Token::Not if negate => anyhow::bail!("--not --not: give one --not before the filter to negate"),
+            Token::Not => negate = true,
+            Token::Value(id, value) if negate => {
+                let mut negated = FlowFilter::default();
+                set_filter(&mut negated, id, value)?;
+                filter.not.push(negated);
+                negate = false;
+            }
+            Token::Value(id, value) => set_filter(&mut filter, id, value)?,
+        }
+    }
+    if negate {
+        anyhow::bail!("--not must be followed by the filter flag it negates, e.g. --not --verdict DROPPED");
+    }
+    filter.since = args
+        .since
+        .as_deref()
+        .map(|v| time_arg("--since", v))
+        .transpose()?;
+    filter.until = args
+        .until
+        .as_deref()
+        .map(|v| time_arg("--until", v))
+        .transpose()?;
     filter.validate()?;
     Ok(filter)
 }
 
-async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
-    let filter = filter_of(&args)?;
-    let request = Request::Observe {
-        last: args.last,
-        follow: args.follow,
-        filter: Box::new(filter),
-    };
+async fn observe(args: ObserveArgs, filter: FlowFilter) -> anyhow::Result<()> {
     let output = args.output;
     if output == FlowOutput::Table {
         println!(
@@ -276,25 +402,133 @@ async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
             "TIME", "SOURCE", "DESTINATION", "DIR", "VERDICT"
         );
     }
-    api::call(&args.api_socket, &request, |value| {
-        if let Some(n) = value.get("lost_flows") {
-            eprintln!("warning: this client fell behind and missed {n} flows");
-            return Ok(());
-        }
-        match output {
-            FlowOutput::Json => println!("{value}"),
-            FlowOutput::Compact | FlowOutput::Table => {
-                let flow: Flow = serde_json::from_value(value).context("decoding a flow")?;
-                if output == FlowOutput::Compact {
-                    println!("{}", crate::flows::compact(&flow));
-                } else {
-                    println!("{}", table_row(&flow));
-                }
+    if let Some(path) = &args.flow_log {
+        return observe_log(path, args.last, &filter, output);
+    }
+    if !args.node.is_empty() {
+        return observe_nodes(&args.node, args.last, args.follow, &filter, output).await;
+    }
+    let request = Request::Observe {
+        last: args.last,
+        follow: args.follow,
+        filter: Box::new(filter),
+    };
+    api::call(&args.api_socket, &request, |value| print_flow(output, value)).await
+}
+
+/// Prints one line the agent sent: a flow, or a note that this client missed some.
+fn print_flow(output: FlowOutput, value: serde_json::Value) -> anyhow::Result<()> {
+    if let Some(n) = value.get("lost_flows") {
+        eprintln!("warning: this client fell behind and missed {n} flows");
+        return Ok(());
+    }
+    match output {
+        FlowOutput::Json => println!("{value}"),
+        FlowOutput::Compact | FlowOutput::Table => {
+            let flow: Flow = serde_json::from_value(value).context("decoding a flow")?;
+            if output == FlowOutput::Compact {
+                println!("{}", crate::flows::compact(&flow));
+            } else {
+                println!("{}", table_row(&flow));
             }
         }
-        Ok(())
+    }
+    Ok(())
+}
+
+/// `--flow-log`: the filter applies here, as the agent would apply it.
+fn observe_log(
+    path: &std::path::Path,
+    last: Option<usize>,
+    filter: &FlowFilter,
+    output: FlowOutput,
+) -> anyhow::Result<()> {
+    let mut kept = std::collections::VecDeque::new();
+    let skipped = crate::flows::log::read(path, |flow| {
+        if filter.matches(&flow) {
+            kept.push_back(flow);
+            if last.is_some_and(|n| kept.len() > n) {
+                kept.pop_front();
+            }
+        }
     })
-    .await
+    .with_context(|| format!("reading the flow log {}", path.display()))?;
+    if skipped > 0 {
+        eprintln!("warning: skipped {skipped} lines that are not flows (a log cut short by a crash)");
+    }
+    for flow in kept {
+        print_flow(output, serde_json::to_value(&flow)?)?;
+    }
+    Ok(())
+}
+
+/// `--node`: each node's agent through its metrics address; several are merged in time order
+/// (when following, in arrival order after that).
+async fn observe_nodes(
+    nodes: &[String],
+    last: Option<usize>,
+    follow: bool,
+    filter: &FlowFilter,
+    output: FlowOutput,
+) -> anyhow::Result<()> {
+    let query = crate::metrics::FlowQuery {
+        last: Some(last.unwrap_or(if follow { 0 } else { 20 })),
+        follow,
+        filter: filter.clone(),
+    };
+    // Unbounded is bounded here: by `last` without --follow, and by the agents' own
+    // per-client queues with it.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<serde_json::Value>>();
+    for node in nodes {
+        let addr = node_addr(node);
+        let (tx, query) = (tx.clone(), query.clone());
+        tokio::spawn(async move {
+            let lines = tx.clone();
+            let result = crate::metrics::fetch_flows(&addr, &query, |v| {
+                lines
+                    .send(Ok(v))
+                    .map_err(|_| anyhow::anyhow!("output closed"))
+            })
+            .await
+            .with_context(|| format!("--node {addr}"));
+            if let Err(e) = result {
+                let _ = tx.send(Err(e));
+            }
+        });
+    }
+    drop(tx);
+    let mut batch = Vec::new();
+    while let Some(line) = rx.recv().await {
+        let value = line?;
+        if follow {
+            print_flow(output, value)?;
+        } else {
+            batch.push(value);
+        }
+    }
+    // RFC 3339 UTC times with nanoseconds sort as text.
+    batch.sort_by(|a, b| a["time"].as_str().cmp(&b["time"].as_str()));
+    let skip = batch.len().saturating_sub(query.last.unwrap_or(usize::MAX));
+    for value in batch.into_iter().skip(skip) {
+        print_flow(output, value)?;
+    }
+    Ok(())
+}
+
+/// `host:port`, `host` (port 9962), an IPv6 address with or without `[...]:port`.
+fn node_addr(node: &str) -> String {
+    if node.parse::<SocketAddr>().is_ok() {
+        node.to_owned()
+    } else if let Ok(ip) = node.parse::<std::net::IpAddr>() {
+        SocketAddr::new(ip, 9962).to_string()
+    } else if node
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        node.to_owned()
+    } else {
+        format!("{node}:9962")
+    }
 }
 
 fn table_row(flow: &Flow) -> String {

@@ -5,6 +5,7 @@
 //! `l4.TCP.destination_port`, `source.pod_name`, ...) so existing jq habits work.
 
 pub mod filter;
+pub mod log;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -99,6 +100,9 @@ pub struct Flow {
     /// selection made the endpoint default-deny.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRef>,
+    /// Names the destination was looked up by (filled by the DNS proxy), for `--to-fqdn`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_names: Vec<String>,
     #[serde(rename = "Summary", default)]
     pub summary: String,
 }
@@ -293,6 +297,7 @@ pub fn from_event(ev: &FlowEvent, index: &EnrichmentIndex, clock: &Clock) -> Flo
         node_name: index.node_name.clone(),
         kind: "L3_L4".into(),
         policy,
+        destination_names: Vec::new(),
         summary: String::new(),
     };
     flow.summary = summary(&flow);
@@ -318,6 +323,8 @@ pub struct LossCounters {
     pub store_overwritten: AtomicU64,
     /// A following client fell behind and missed flows.
     pub follower_lagged: AtomicU64,
+    /// The flow log's writer was behind (its queue full) and the flow was not logged.
+    pub flow_log_dropped: AtomicU64,
 }
 
 /// The in-memory flow ring and the broadcast to followers.
@@ -342,8 +349,8 @@ impl FlowStore {
         }
     }
 
-    pub fn push(&self, flow: Flow) {
-        let flow = Arc::new(flow);
+    pub fn push(&self, flow: impl Into<Arc<Flow>>) {
+        let flow = flow.into();
         {
             let mut ring = self
                 .ring
@@ -445,9 +452,14 @@ pub fn compact(flow: &Flow) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use agent_common::{DIR_EGRESS, VERDICT_FORWARDED};
+
+    /// A dropped TCP SYN from `prod/web` (10.0.0.2:41234) to 10.0.1.3:8080.
+    pub(crate) fn sample() -> Flow {
+        from_event(&event(), &index(), &Clock::new())
+    }
 
     fn event() -> FlowEvent {
         FlowEvent {

@@ -131,6 +131,10 @@ impl Env {
         let stranger_if = ifindex("nwt-pod");
         let mut dp = Datapath::open(None).expect("loading the datapath (verifier)");
         let events = dp.maps_mut().take_events().expect("events ring");
+        // These tests expect forwarded new flows as events, as the agent's default asks.
+        dp.maps_mut()
+            .set_config_flags(agent_common::CONFIG_EVENTS_ALL_FLOWS)
+            .expect("setting the all-flows flag");
         Self {
             dp,
             events,

@@ -58,8 +58,51 @@ pub struct FlowFilter {
     pub port: Option<u16>,
     pub protocol: Option<String>,
     pub identity: Option<u32>,
+    /// `k8s:key=value` (or `k8s:key` for any value) in the source's labels.
+    pub from_label: Option<String>,
+    /// The same for the destination.
+    pub to_label: Option<String>,
+    /// A name the destination was looked up by; `*.example.com` matches any subdomain.
+    pub to_fqdn: Option<String>,
     pub since: Option<SystemTime>,
     pub until: Option<SystemTime>,
+    /// Filters that must NOT match (`--not --verdict DROPPED`), each on its own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not: Vec<FlowFilter>,
+}
+
+/// `key=value` as the flows hold it: `k8s:key=value`. A source prefix (`k8s:`, `reserved:`)
+/// is kept.
+fn normalise_label(label: &str) -> String {
+    let key = label.split_once('=').map_or(label, |(k, _)| k);
+    if key.contains(':') {
+        label.to_owned()
+    } else {
+        format!("k8s:{label}")
+    }
+}
+
+fn label_matches(want: &str, labels: &[String]) -> bool {
+    if want.contains('=') {
+        labels.iter().any(|l| l == want)
+    } else {
+        labels
+            .iter()
+            .any(|l| l.strip_prefix(want).is_some_and(|rest| rest.starts_with('=')) || l == want)
+    }
+}
+
+fn fqdn_matches(pattern: &str, names: &[String]) -> bool {
+    let pattern = pattern.trim_end_matches('.').to_ascii_lowercase();
+    names.iter().any(|n| {
+        let name = n.trim_end_matches('.').to_ascii_lowercase();
+        match pattern.strip_prefix("*.") {
+            Some(suffix) => name
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.ends_with('.')),
+            None => name == pattern,
+        }
+    })
 }
 
 /// A filter value that is not one of the accepted ones.
@@ -100,6 +143,33 @@ impl FlowFilter {
                     });
                 }
             }
+        }
+        for (what, label) in [
+            ("from-label", &mut self.from_label),
+            ("to-label", &mut self.to_label),
+        ] {
+            if let Some(l) = label.as_mut() {
+                if l.trim().is_empty() || l.starts_with('=') {
+                    return Err(InvalidFilter {
+                        what,
+                        value: l.clone(),
+                        valid: vec!["key=value".into(), "k8s:key=value".into(), "key".into()],
+                    });
+                }
+                *l = normalise_label(l.trim());
+            }
+        }
+        if let Some(f) = &self.to_fqdn
+            && (f.trim().is_empty() || f.contains(char::is_whitespace))
+        {
+            return Err(InvalidFilter {
+                what: "to-fqdn",
+                value: f.clone(),
+                valid: vec!["name.example.com".into(), "*.example.com".into()],
+            });
+        }
+        for n in &mut self.not {
+            n.validate()?;
         }
         Ok(())
     }
@@ -144,6 +214,19 @@ impl FlowFilter {
             && self
                 .until
                 .is_none_or(|t| flow.system_time().is_some_and(|ft| ft <= t))
+            && self
+                .from_label
+                .as_ref()
+                .is_none_or(|l| label_matches(l, &flow.source.labels))
+            && self
+                .to_label
+                .as_ref()
+                .is_none_or(|l| label_matches(l, &flow.destination.labels))
+            && self
+                .to_fqdn
+                .as_ref()
+                .is_none_or(|f| fqdn_matches(f, &flow.destination_names))
+            && !self.not.iter().any(|n| n.matches(flow))
     }
 }
 
@@ -182,6 +265,7 @@ mod tests {
             node_name: "n1".into(),
             kind: "L3_L4".into(),
             policy: None,
+            destination_names: Vec::new(),
             summary: String::new(),
         }
     }
@@ -226,6 +310,71 @@ mod tests {
             }),
             [false, false]
         );
+    }
+
+    #[test]
+    fn not_negates_its_filter_only() {
+        let a = flow("web-1", "10.0.1.3", 8080, "FORWARDED");
+        let b = flow("api-1", "10.0.2.3", 9090, "DROPPED");
+        let mut f = FlowFilter {
+            not: vec![FlowFilter {
+                verdict: Some("DROPPED".into()),
+                ..FlowFilter::default()
+            }],
+            ..FlowFilter::default()
+        };
+        f.validate().unwrap();
+        assert_eq!([f.matches(&a), f.matches(&b)], [true, false]);
+        // A positive filter and a negated one: both must hold.
+        f.port = Some(9090);
+        assert_eq!([f.matches(&a), f.matches(&b)], [false, false]);
+        // The filter travels to the agent as JSON and keeps its meaning.
+        let back: FlowFilter = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
+    }
+
+    #[test]
+    fn labels_match_with_or_without_the_source_prefix() {
+        let mut a = flow("web-1", "10.0.1.3", 8080, "FORWARDED");
+        a.source.labels = vec!["k8s:app=web".into(), "k8s:io.kubernetes.pod.namespace=prod".into()];
+        a.destination.labels = vec!["k8s:app=api".into()];
+        for (from, to, want) in [
+            (Some("app=web"), None, true),
+            (Some("k8s:app=web"), None, true),
+            (Some("app"), None, true),
+            (Some("app=api"), None, false),
+            (Some("ap"), None, false),
+            (None, Some("app=api"), true),
+            (None, Some("app=web"), false),
+        ] {
+            let mut f = FlowFilter {
+                from_label: from.map(Into::into),
+                to_label: to.map(Into::into),
+                ..FlowFilter::default()
+            };
+            f.validate().unwrap();
+            assert_eq!(f.matches(&a), want, "{from:?} {to:?}");
+        }
+    }
+
+    #[test]
+    fn to_fqdn_matches_destination_names() {
+        let mut a = flow("web-1", "10.0.1.3", 443, "FORWARDED");
+        a.destination_names = vec!["api.example.com.".into()];
+        let pick = |p: &str| {
+            FlowFilter {
+                to_fqdn: Some(p.into()),
+                ..FlowFilter::default()
+            }
+            .matches(&a)
+        };
+        assert!(pick("api.example.com"));
+        assert!(pick("*.example.com"));
+        assert!(!pick("example.com"));
+        assert!(!pick("*.api.example.com"));
+        // A flow without names (no DNS seen) never matches.
+        a.destination_names.clear();
+        assert!(!pick("api.example.com"));
     }
 
     #[test]

@@ -1,0 +1,252 @@
+//! The benchmark's load generator, run inside a lab pod's network namespace (`nsenter --net`).
+//!
+//! - `serve --sink 7100-7131 --echo 7000`: on each sink port accept and close at once (the
+//!   server closes first, so the client never holds TIME_WAIT and its ports do not run out); on
+//!   each echo port, echo with `TCP_NODELAY`.
+//! - `crr --addr IP:PORT --threads N --secs S`: new connections per second. Each thread loops
+//!   connect, read to EOF, close. Prints one JSON line.
+//! - `rr --addr IP:PORT --secs S --size B`: one connection, one message in flight; prints
+//!   percentiles of the round-trip time in microseconds as one JSON line.
+//!
+//! Every loop is bounded by `--secs` (at most 60) and every socket operation has a timeout.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_SECS: f64 = 60.0;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args
+        .split_first()
+        .context("usage: nodeward-lab-load serve|crr|rr [--flag value]...")?;
+    let flags = Flags::parse(rest)?;
+    match cmd.as_str() {
+        "serve" => serve(&flags),
+        "crr" => crr(&flags),
+        "rr" => rr(&flags),
+        other => bail!("unknown command {other:?} (serve, crr, rr)"),
+    }
+}
+
+struct Flags(Vec<(String, String)>);
+
+impl Flags {
+    fn parse(args: &[String]) -> anyhow::Result<Self> {
+        ensure!(args.len() % 2 == 0, "flags come in pairs: --name value");
+        let pairs = args
+            .chunks(2)
+            .map(|p| {
+                let name = p[0]
+                    .strip_prefix("--")
+                    .with_context(|| format!("expected a --flag, got {:?}", p[0]))?;
+                Ok((name.to_string(), p[1].clone()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self(pairs))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn parse_or<T: std::str::FromStr>(&self, name: &str, default: T) -> anyhow::Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--{name} {v:?}: {e}")),
+        }
+    }
+
+    fn addr(&self) -> anyhow::Result<SocketAddr> {
+        let v = self.get("addr").context("--addr IP:PORT is required")?;
+        v.parse().with_context(|| format!("--addr {v:?}"))
+    }
+
+    fn secs(&self) -> anyhow::Result<Duration> {
+        let secs: f64 = self.parse_or("secs", 3.0)?;
+        ensure!(
+            secs > 0.0 && secs <= MAX_SECS,
+            "--secs must be in (0, {MAX_SECS}]"
+        );
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    /// `7100-7131,7199` into ports.
+    fn ports(&self, name: &str) -> anyhow::Result<Vec<u16>> {
+        let mut ports = Vec::new();
+        for part in self.get(name).unwrap_or("").split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('-') {
+                Some((a, b)) => ports.extend(a.parse::<u16>()?..=b.parse::<u16>()?),
+                None => ports.push(part.parse()?),
+            }
+        }
+        Ok(ports)
+    }
+}
+
+fn bind(port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        .or_else(|_| TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))
+        .with_context(|| format!("binding port {port}"))
+}
+
+fn serve(flags: &Flags) -> anyhow::Result<()> {
+    let mut threads = Vec::new();
+    for port in flags.ports("sink")? {
+        let listener = bind(port)?;
+        threads.push(std::thread::spawn(move || {
+            // Accept and drop: the server sends the first FIN.
+            for stream in listener.incoming() {
+                drop(stream);
+            }
+        }));
+    }
+    for port in flags.ports("echo")? {
+        let listener = bind(port)?;
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || echo(stream));
+            }
+        }));
+    }
+    ensure!(!threads.is_empty(), "nothing to serve: give --sink and/or --echo");
+    println!("ready");
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+fn crr(flags: &Flags) -> anyhow::Result<()> {
+    let addr = flags.addr()?;
+    let secs = flags.secs()?;
+    let threads: usize = flags.parse_or("threads", 4)?;
+    ensure!((1..=64).contains(&threads), "--threads must be 1..=64");
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let start = Instant::now();
+    let deadline = start + secs;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (done, errors, first_error) = (done.clone(), errors.clone(), first_error.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while Instant::now() < deadline {
+                    match one_connection(addr, &mut buf) {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            first_error
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .get_or_insert_with(|| e.to_string());
+                            errors.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let done = done.load(Ordering::Relaxed);
+    let first_error = first_error
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    println!(
+        "{}",
+        serde_json::json!({
+            "connections": done,
+            "errors": errors.load(Ordering::Relaxed),
+            "first_error": first_error,
+            "secs": elapsed,
+            "per_sec": done as f64 / elapsed,
+        })
+    );
+    Ok(())
+}
+
+/// Connect, wait for the server's FIN, close.
+fn one_connection(addr: SocketAddr, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    while stream.read(buf)? > 0 {}
+    Ok(())
+}
+
+fn rr(flags: &Flags) -> anyhow::Result<()> {
+    let addr = flags.addr()?;
+    let secs = flags.secs()?;
+    let size: usize = flags.parse_or("size", 64)?;
+    ensure!((1..=65_536).contains(&size), "--size must be 1..=65536");
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let msg = vec![0x5a_u8; size];
+    let mut got = vec![0u8; size];
+    // The first 10% warms up caches and conntrack; it is not recorded.
+    let warmup = secs / 10;
+    let start = Instant::now();
+    let mut samples: Vec<u32> = Vec::with_capacity(1 << 20);
+    loop {
+        let t0 = Instant::now();
+        stream.write_all(&msg)?;
+        stream.read_exact(&mut got)?;
+        let rtt = t0.elapsed();
+        let since = start.elapsed();
+        if since >= warmup {
+            samples.push(u32::try_from(rtt.as_nanos()).unwrap_or(u32::MAX));
+        }
+        if since >= secs {
+            break;
+        }
+    }
+    ensure!(!samples.is_empty(), "no round trips recorded");
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        // Nearest rank.
+        let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+        f64::from(samples[rank.clamp(1, samples.len()) - 1]) / 1000.0
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "round_trips": samples.len(),
+            "p50_us": pct(50.0),
+            "p90_us": pct(90.0),
+            "p99_us": pct(99.0),
+            "max_us": pct(100.0),
+        })
+    );
+    Ok(())
+}
