@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use clap::{ArgAction, ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+use clap::{
+    ArgAction, ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand,
+    ValueEnum,
+};
 
 use crate::api::{self, Request};
 use crate::flows::filter::PodMatch;
@@ -28,9 +31,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node agent (one per node).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Print flows recorded by the local agent.
-    Observe(ObserveArgs),
+    Observe(Box<ObserveArgs>),
     /// Show whether the datapath is loaded and attached, map fill, policies and errors.
     Status(StatusArgs),
     /// Print the CustomResourceDefinitions of the nodeward.io kinds (or write them to a directory).
@@ -228,13 +231,13 @@ pub fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
-        Command::Agent(args) => runtime.block_on(agent(args)),
+        Command::Agent(args) => runtime.block_on(agent(*args)),
         Command::Observe(args) => {
             let sub = matches
                 .subcommand_matches("observe")
                 .context("observe arguments")?;
             let filter = filter_of(&args, sub)?;
-            runtime.block_on(observe(args, filter))
+            runtime.block_on(observe(*args, filter))
         }
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Crd { write } => crd(write),
@@ -272,13 +275,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         cgroup: args.cgroup,
         flow_buffer: args.flow_buffer,
-        flow_log: args
-            .flow_log
-            .map(|dir| crate::flows::log::FlowLogConfig {
-                dir,
-                max_bytes: args.flow_log_max_bytes,
-                files: usize::try_from(args.flow_log_files).unwrap_or(8),
-            }),
+        flow_log: args.flow_log.map(|dir| crate::flows::log::FlowLogConfig {
+            dir,
+            max_bytes: args.flow_log_max_bytes,
+            files: usize::try_from(args.flow_log_files).unwrap_or(8),
+        }),
         flow_events_all: args.flow_events == FlowEvents::All,
         resync_interval: args.resync_interval,
     };
@@ -353,20 +354,25 @@ fn filter_of(args: &ObserveArgs, matches: &ArgMatches) -> anyhow::Result<FlowFil
         .map(|i| (i, Token::Not))
         .collect();
     for id in FILTER_FLAGS {
-        let (Some(indices), Some(values)) = (
-            matches.indices_of(id),
-            matches.get_many::<String>(id),
-        ) else {
+        let (Some(indices), Some(values)) =
+            (matches.indices_of(id), matches.get_many::<String>(id))
+        else {
             continue;
         };
-        tokens.extend(indices.zip(values).map(|(i, v)| (i, Token::Value(id, v.as_str()))));
+        tokens.extend(
+            indices
+                .zip(values)
+                .map(|(i, v)| (i, Token::Value(id, v.as_str()))),
+        );
     }
     tokens.sort_by_key(|(i, _)| *i);
     let mut filter = FlowFilter::default();
     let mut negate = false;
     for (_, token) in tokens {
         match token {
-            Token::Not if negate => anyhow::bail!("--not --not: give one --not before the filter to negate"),
+            Token::Not if negate => {
+                anyhow::bail!("--not --not: give one --not before the filter to negate")
+            }
             Token::Not => negate = true,
             Token::Value(id, value) if negate => {
                 let mut negated = FlowFilter::default();
@@ -378,7 +384,9 @@ fn filter_of(args: &ObserveArgs, matches: &ArgMatches) -> anyhow::Result<FlowFil
         }
     }
     if negate {
-        anyhow::bail!("--not must be followed by the filter flag it negates, e.g. --not --verdict DROPPED");
+        anyhow::bail!(
+            "--not must be followed by the filter flag it negates, e.g. --not --verdict DROPPED"
+        );
     }
     filter.since = args
         .since
@@ -413,7 +421,10 @@ async fn observe(args: ObserveArgs, filter: FlowFilter) -> anyhow::Result<()> {
         follow: args.follow,
         filter: Box::new(filter),
     };
-    api::call(&args.api_socket, &request, |value| print_flow(output, value)).await
+    api::call(&args.api_socket, &request, |value| {
+        print_flow(output, value)
+    })
+    .await
 }
 
 /// Prints one line the agent sent: a flow, or a note that this client missed some.
@@ -454,7 +465,9 @@ fn observe_log(
     })
     .with_context(|| format!("reading the flow log {}", path.display()))?;
     if skipped > 0 {
-        eprintln!("warning: skipped {skipped} lines that are not flows (a log cut short by a crash)");
+        eprintln!(
+            "warning: skipped {skipped} lines that are not flows (a log cut short by a crash)"
+        );
     }
     for flow in kept {
         print_flow(output, serde_json::to_value(&flow)?)?;
@@ -655,6 +668,23 @@ fn status_text(s: &serde_json::Value) -> String {
         f["lost"]["store_overwritten"],
         f["lost"]["follower_lagged"]
     );
+    let _ = writeln!(
+        out,
+        "       flow log behind {}, flow log write failed {}",
+        f["lost"]["flow_log_dropped"], f["lost"]["flow_log_write_failed"]
+    );
+    if let Some(log) = s["flow_log"].as_object() {
+        let _ = writeln!(
+            out,
+            "flow log: {} ({} written){}",
+            log.get("dir").and_then(|d| d.as_str()).unwrap_or(""),
+            log.get("written").unwrap_or(&serde_json::Value::Null),
+            log.get("error")
+                .and_then(|e| e.as_str())
+                .map(|e| format!("; ERROR {e}"))
+                .unwrap_or_default()
+        );
+    }
     out
 }
 
@@ -668,4 +698,62 @@ fn crd(write: Option<PathBuf>) -> anyhow::Result<()> {
         None => print!("{}", crate::policy::crd::crds_yaml()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(args: &[&str]) -> anyhow::Result<FlowFilter> {
+        let matches = Cli::command()
+            .try_get_matches_from(["nodeward", "observe"].iter().chain(args).copied())?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        let Command::Observe(observe) = cli.command else {
+            panic!("not observe");
+        };
+        filter_of(
+            &observe,
+            matches.subcommand_matches("observe").expect("observe"),
+        )
+    }
+
+    #[test]
+    fn not_negates_exactly_the_next_filter_flag() {
+        let f = filter(&[
+            "--not",
+            "--verdict",
+            "DROPPED",
+            "--port",
+            "80",
+            "--not",
+            "--to-label=app=db",
+        ])
+        .unwrap();
+        assert_eq!(f.verdict, None);
+        assert_eq!(f.port, Some(80));
+        assert_eq!(f.not.len(), 2);
+        assert_eq!(f.not[0].verdict.as_deref(), Some("DROPPED"));
+        assert_eq!(f.not[1].to_label.as_deref(), Some("k8s:app=db"));
+        // A flag may be given once positively and again negated.
+        let f = filter(&["--namespace", "a", "--not", "--namespace", "b"]).unwrap();
+        assert_eq!(f.namespace.as_deref(), Some("a"));
+        assert_eq!(f.not[0].namespace.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn filter_mistakes_are_errors() {
+        let err = |args: &[&str]| filter(args).unwrap_err().to_string();
+        assert!(err(&["--not"]).contains("--not must be followed"));
+        assert!(err(&["--verdict", "DROPPED", "--verdict", "FORWARDED"]).contains("given twice"));
+        assert!(err(&["--not", "--verdict", "nope"]).contains("FORWARDED, DROPPED"));
+        assert!(err(&["--port", "http"]).contains("port number"));
+    }
+
+    #[test]
+    fn node_addresses_get_the_metrics_port() {
+        assert_eq!(node_addr("10.0.0.1"), "10.0.0.1:9962");
+        assert_eq!(node_addr("10.0.0.1:1234"), "10.0.0.1:1234");
+        assert_eq!(node_addr("node-2"), "node-2:9962");
+        assert_eq!(node_addr("fd00::1"), "[fd00::1]:9962");
+    }
 }

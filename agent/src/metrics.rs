@@ -10,8 +10,8 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -236,12 +236,15 @@ impl FlowQuery {
         let mut out = Self::default();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| format!("{key}: bad percent-encoding"))?;
+            let value =
+                percent_decode(value).ok_or_else(|| format!("{key}: bad percent-encoding"))?;
             match key {
                 "last" => {
-                    out.last = Some(value.parse().map_err(|_| {
-                        format!("last={value:?}: expected a number of flows")
-                    })?);
+                    out.last = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("last={value:?}: expected a number of flows"))?,
+                    );
                 }
                 "follow" => {
                     out.follow = match value.as_str() {
@@ -388,13 +391,10 @@ pub async fn fetch_flows(
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use http_body_util::BodyExt as _;
-    let stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))?
-    .with_context(|| format!("cannot reach the agent's metrics address {addr}"))?;
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))?
+        .with_context(|| format!("cannot reach the agent's metrics address {addr}"))?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -470,6 +470,25 @@ async fn handle(
     })
 }
 
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/v1/flows` until the listener fails.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(req, shared.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,25 +519,10 @@ mod tests {
     fn a_bad_flow_query_says_what_was_expected() {
         let err = FlowQuery::parse("filter=%7B%22verdict%22%3A%22NOPE%22%7D").unwrap_err();
         assert!(err.contains("FORWARDED, DROPPED"), "{err}");
-        assert!(FlowQuery::parse("lats=3").unwrap_err().contains("expected last"));
-    }
-}
-
-/// Serves `/metrics`, `/healthz`, `/readyz` and `/v1/flows` until the listener fails.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(req, shared.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
+        assert!(
+            FlowQuery::parse("lats=3")
+                .unwrap_err()
+                .contains("expected last")
+        );
     }
 }

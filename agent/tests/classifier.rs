@@ -542,6 +542,36 @@ fn allowed_tcp_syn_passes_creates_conntrack_and_reports_the_rule() {
 }
 
 #[test]
+fn with_drops_only_events_a_forwarded_flow_is_silent_and_a_drop_is_reported() {
+    let mut env = Env::new();
+    env.dp
+        .maps_mut()
+        .set_config_flags(0)
+        .expect("clearing the all-flows flag");
+    env.add_pod(EP_EGRESS_ENFORCED);
+    env.allow(PEER_IDENTITY, DIR_EGRESS, PROTO_TCP, 80, 11);
+
+    assert_eq!(
+        env.send_from_pod(&syn_v4(POD_V4, PEER_V4, 40000, 80)),
+        TC_ACT_OK,
+        "an allowed SYN must pass"
+    );
+    assert!(
+        env.take_events().is_empty(),
+        "a forwarded new flow must not be reported without CONFIG_EVENTS_ALL_FLOWS"
+    );
+    assert_eq!(env.counters()[COUNTER_NEW_FLOWS as usize], 1);
+
+    assert_eq!(
+        env.send_from_pod(&syn_v4(POD_V4, PEER_V4, 40001, 81)),
+        TC_ACT_SHOT,
+        "a SYN to a port without an allow must be dropped"
+    );
+    let ev = env.one_event();
+    assert_eq!(ev.verdict, VERDICT_DROPPED, "drops are always reported");
+}
+
+#[test]
 fn reply_to_an_allowed_flow_passes_without_an_ingress_rule() {
     let mut env = Env::new();
     env.add_pod(EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED);

@@ -192,6 +192,11 @@ impl Lab {
         self.node(node).agent_log.clone()
     }
 
+    /// The agent's `--flow-log` directory: `<lab>/<node>/flows`.
+    pub fn flow_log_dir(&self, node: &str) -> PathBuf {
+        self.node(node).state_dir.with_file_name("flows")
+    }
+
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         self.node(node).agent_pid.filter(|&p| sys::process_alive(p))
     }
@@ -425,6 +430,8 @@ impl Lab {
             .arg("--api-socket")
             .arg(&n.api_socket)
             .args(["--metrics-addr", &n.metrics_addr])
+            .arg("--flow-log")
+            .arg(self.flow_log_dir(node))
             .arg("--cgroup")
             .arg(&n.cgroup)
             .stdin(Stdio::null())
@@ -546,6 +553,105 @@ impl Lab {
                 serde_json::from_str(l).with_context(|| format!("nodeward observe printed {l:?}"))
             })
             .collect()
+    }
+
+    /// `nodeward observe -o json ARGS...` run inside `node`'s network namespace without a
+    /// socket: for `--node ADDR`, which reads agents through their metrics addresses.
+    pub fn observe_in(&self, node: &str, args: &[&str]) -> Result<Vec<Value>> {
+        let bin = paths::nodeward_bin()?;
+        let out = sys::run_timeout(
+            Command::new("nsenter")
+                .arg(format!(
+                    "--net={}",
+                    sys::netns_path(&self.node(node).netns).display()
+                ))
+                .arg("--")
+                .arg(&bin)
+                .args(["observe", "-o", "json"])
+                .args(args),
+            Duration::from_secs(10),
+        )?;
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).with_context(|| format!("nodeward observe printed {l:?}"))
+            })
+            .collect()
+    }
+
+    /// `nodeward observe --node <each node's metrics address> ARGS...`, run in the first node's
+    /// namespace (the underlay reaches every node) with this process's stdout: every node's
+    /// flows merged in time order. Runs until the command ends (with `--follow`, until ^C).
+    pub fn observe_merged(&self, args: &[String]) -> Result<()> {
+        let bin = paths::nodeward_bin()?;
+        let first = self.nodes().first().context("the lab has no nodes")?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", sys::netns_path(&first.netns).display()))
+            .arg("--")
+            .arg(&bin)
+            .arg("observe");
+        for n in self.nodes() {
+            cmd.args(["--node", &n.metrics_addr]);
+        }
+        let status = cmd
+            .args(args)
+            .status()
+            .with_context(|| format!("running {} observe", bin.display()))?;
+        ensure!(status.success(), "nodeward observe failed ({status})");
+        Ok(())
+    }
+
+    /// Starts `nodeward observe -o json --follow ARGS...` against `node`'s agent; its flows
+    /// arrive through [`Follow::next_matching`]. The process ends when the handle drops.
+    pub fn follow(&self, node: &str, args: &[&str]) -> Result<Follow> {
+        let bin = paths::nodeward_bin()?;
+        let mut child = Command::new(&bin)
+            .arg("observe")
+            .arg("--api-socket")
+            .arg(&self.node(node).api_socket)
+            .args(["-o", "json", "--follow"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} observe --follow", bin.display()))?;
+        let stdout = child.stdout.take().context("observe's stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Follow { child, lines: rx })
+    }
+
+    /// `GET path` on `node`'s agent metrics address (from inside the node's namespace): the
+    /// body of a 200 answer.
+    pub fn agent_http_get(&self, node: &str, path: &str) -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let n = self.node(node);
+        let addr: SocketAddr = n.metrics_addr.parse().context("metrics address")?;
+        let mut stream = sys::in_netns(&n.netns, || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        })?
+        .with_context(|| format!("connecting to {addr} in {}", n.netns))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("GET {path}: not an HTTP answer: {text:?}"))?;
+        ensure!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "GET {path} on {addr}: {head}"
+        );
+        Ok(body.to_owned())
     }
 
     /// `nodeward observe` as a person reads it (`-o compact`), for the demo.
@@ -876,4 +982,33 @@ fn random_id() -> Result<String> {
         .iter()
         .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
         .collect())
+}
+
+/// A running `nodeward observe --follow` (see [`Lab::follow`]).
+pub struct Follow {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follow {
+    /// The first flow printed before `deadline` for which `want` holds; lines that do not
+    /// match are passed over.
+    pub fn next_matching(&self, deadline: Instant, want: impl Fn(&Value) -> bool) -> Option<Value> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && want(&v)
+            {
+                return Some(v);
+            }
+        }
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -49,9 +49,7 @@ impl Prober {
                             let connected =
                                 TcpStream::connect_timeout(&addr, ATTEMPT_PERIOD).is_ok();
                             lock(&attempts).push(Attempt { start, connected });
-                            std::thread::sleep(
-                                ATTEMPT_PERIOD.saturating_sub(start.elapsed()),
-                            );
+                            std::thread::sleep(ATTEMPT_PERIOD.saturating_sub(start.elapsed()));
                         }
                     });
                 })
@@ -66,7 +64,12 @@ impl Prober {
 
     /// Waits until the outcome has flipped to `connected` for good after `changed`; returns the
     /// latency, or an error after `timeout`.
-    pub fn wait_flip(&self, changed: Instant, connected: bool, timeout: Duration) -> Result<Duration> {
+    pub fn wait_flip(
+        &self,
+        changed: Instant,
+        connected: bool,
+        timeout: Duration,
+    ) -> Result<Duration> {
         // Attempts that started this long after the flip have all finished, and agree.
         let settle = ATTEMPT_PERIOD * 2;
         loop {

@@ -21,7 +21,9 @@ pub const LAB_HTTP_PORT: u16 = 8080;
 /// 1,000 peers (one identity each) x 10 ports, split over 10 policies.
 pub const PEERS: usize = 1000;
 pub const POLICIES: usize = 10;
-pub const RULE_PORTS: (u16, u16) = (6000, 6009);
+/// Ten ports that are not adjacent, so that each (identity, port) rule is its own map entry
+/// (adjacent ports would be merged into port prefixes: 6000-6009 is two entries, not ten).
+pub const RULE_PORTS: [u16; 10] = [6000, 6010, 6020, 6030, 6040, 6050, 6060, 6070, 6080, 6090];
 pub const PEER_NAMESPACE: &str = "bench-peers";
 
 /// Who the rules are for.
@@ -38,7 +40,7 @@ pub struct Target<'a> {
 }
 
 pub fn rule_count() -> usize {
-    PEERS * usize::from(RULE_PORTS.1 - RULE_PORTS.0 + 1)
+    PEERS * RULE_PORTS.len()
 }
 
 /// Peer `i`'s address: 10.245.0.0/16 is not used by the lab (pods are 10.244.N.0/24).
@@ -140,7 +142,8 @@ pub fn rule_policies(t: &Target) -> Vec<Value> {
                     })
                 })
                 .collect();
-            let ports: Vec<Value> = (RULE_PORTS.0..=RULE_PORTS.1)
+            let ports: Vec<Value> = RULE_PORTS
+                .iter()
                 .map(|p| json!({ "protocol": "TCP", "port": p }))
                 .collect();
             json!({
@@ -171,7 +174,7 @@ pub fn iptables_restore(t: &Target, chain: &str) -> String {
     );
     for i in 0..PEERS {
         let peer = peer_ip(i);
-        for port in RULE_PORTS.0..=RULE_PORTS.1 {
+        for port in RULE_PORTS {
             let _ = writeln!(
                 out,
                 "-A {chain} -s {peer}/32 -d {server}/32 -p tcp -m tcp --dport {port} -j ACCEPT"
@@ -232,7 +235,10 @@ mod tests {
     #[test]
     fn iptables_has_the_shortcut_first_and_the_same_rules() {
         let text = iptables_restore(&target(), "NWBENCH");
-        let rules: Vec<&str> = text.lines().filter(|l| l.starts_with("-A NWBENCH")).collect();
+        let rules: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("-A NWBENCH"))
+            .collect();
         assert!(rules[0].contains("ESTABLISHED,RELATED"));
         assert_eq!(rules.len(), 1 + rule_count() + 2 + 1);
         assert!(rules[rules.len() - 2].contains("--dports 5201,7000,7168:7199,8080"));

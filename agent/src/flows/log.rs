@@ -120,7 +120,8 @@ impl FlowLog {
     pub fn sync(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.stats.handled.load(Ordering::Acquire) >= self.stats.queued.load(Ordering::Relaxed)
+            if self.stats.handled.load(Ordering::Acquire)
+                >= self.stats.queued.load(Ordering::Relaxed)
             {
                 return true;
             }
@@ -303,7 +304,7 @@ pub fn files(path: &Path) -> Vec<PathBuf> {
             Some((n, e.path()))
         })
         .collect();
-    numbered.sort_by(|a, b| b.0.cmp(&a.0));
+    numbered.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     let mut out: Vec<PathBuf> = numbered.into_iter().map(|(_, p)| p).collect();
     let current = path.join(FILE_NAME);
     if current.exists() {

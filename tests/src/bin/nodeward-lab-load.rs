@@ -39,7 +39,10 @@ struct Flags(Vec<(String, String)>);
 
 impl Flags {
     fn parse(args: &[String]) -> anyhow::Result<Self> {
-        ensure!(args.len() % 2 == 0, "flags come in pairs: --name value");
+        ensure!(
+            args.len().is_multiple_of(2),
+            "flags come in pairs: --name value"
+        );
         let pairs = args
             .chunks(2)
             .map(|p| {
@@ -88,7 +91,12 @@ impl Flags {
     /// `7100-7131,7199` into ports.
     fn ports(&self, name: &str) -> anyhow::Result<Vec<u16>> {
         let mut ports = Vec::new();
-        for part in self.get(name).unwrap_or("").split(',').filter(|p| !p.is_empty()) {
+        for part in self
+            .get(name)
+            .unwrap_or("")
+            .split(',')
+            .filter(|p| !p.is_empty())
+        {
             match part.split_once('-') {
                 Some((a, b)) => ports.extend(a.parse::<u16>()?..=b.parse::<u16>()?),
                 None => ports.push(part.parse()?),
@@ -123,7 +131,10 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
             }
         }));
     }
-    ensure!(!threads.is_empty(), "nothing to serve: give --sink and/or --echo");
+    ensure!(
+        !threads.is_empty(),
+        "nothing to serve: give --sink and/or --echo"
+    );
     println!("ready");
     for thread in threads {
         let _ = thread.join();

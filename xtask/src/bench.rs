@@ -1,0 +1,1032 @@
+//! `cargo xtask bench datapath`: on one 2-node lab, cross-node pod to pod (client on node-1,
+//! server on node-2), side by side in one invocation:
+//!
+//! - no agent (agents stopped and their pinned state removed: nothing attached),
+//! - nodeward with 1 policy (the client's allow),
+//! - nodeward with 10,000 rules over 1,000 identities (plus the client's allow),
+//! - no agent, the same 10,000 rules as iptables in the server node's FORWARD chain, with the
+//!   conntrack shortcut first.
+//!
+//! Each scenario: new TCP connections per second (connect, accept, close), request/response
+//! latency p50/p99 over one connection, bulk throughput (iperf3). Scenarios run in rounds in
+//! ABBA order and each figure is the median over the rounds. Then, with 1,000 pods in the
+//! manifests: policy change to enforcement latency, and the agents' RSS.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use nodeward_lab::manifests::documents;
+use nodeward_lab::{Lab, LabSpec, PodState, paths, sys, wait};
+use serde_json::Value;
+
+use crate::bench_flip::Prober;
+use crate::bench_rules::{self as rules, Target};
+
+const CLIENT: &str = "frontend/web-0";
+const SERVER: &str = "backend/api-1";
+/// Same namespace as the server's client, but not allowed: the "is anything enforced" check.
+const OUTSIDER: &str = "backend/api-0";
+const ROUNDS: usize = 5;
+const CRR_SECS: f64 = 2.0;
+const CRR_THREADS: u32 = 4;
+const RR_SECS: f64 = 1.5;
+const IPERF_SECS: u32 = 2;
+const FLIP_CHANGES: usize = 20;
+const IPT_CHAIN: &str = "NWBENCH";
+/// `sysconf(_SC_CLK_TCK)`: 100 on every Linux architecture this runs on.
+const CLK_TCK: f64 = 100.0;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Scenario {
+    NoAgent,
+    Nodeward1,
+    Nodeward10k,
+    Iptables10k,
+}
+
+impl Scenario {
+    const ALL: [Self; 4] = [
+        Self::NoAgent,
+        Self::Nodeward1,
+        Self::Nodeward10k,
+        Self::Iptables10k,
+    ];
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::NoAgent => "no agent",
+            Self::Nodeward1 => "nodeward, 1 policy",
+            Self::Nodeward10k => "nodeward, 10k rules",
+            Self::Iptables10k => "iptables, 10k rules",
+        }
+    }
+}
+
+/// ABBA: drift over the run affects every scenario alike, and agents start only twice.
+const ORDER: [[Scenario; 4]; 2] = [
+    [
+        Scenario::NoAgent,
+        Scenario::Iptables10k,
+        Scenario::Nodeward1,
+        Scenario::Nodeward10k,
+    ],
+    [
+        Scenario::Nodeward10k,
+        Scenario::Nodeward1,
+        Scenario::Iptables10k,
+        Scenario::NoAgent,
+    ],
+];
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    conn_per_sec: f64,
+    rr_p50_us: f64,
+    rr_p99_us: f64,
+    gbit_per_sec: f64,
+    /// CPU of both agents during the connections test, in % of one core.
+    agent_cpu_pct: f64,
+}
+
+#[derive(Clone, Copy)]
+enum Figure {
+    Crr,
+    P50,
+    P99,
+    Bulk,
+}
+
+impl Figure {
+    const ALL: [Self; 4] = [Self::Crr, Self::P50, Self::P99, Self::Bulk];
+
+    fn of(self, s: &Sample) -> f64 {
+        match self {
+            Self::Crr => s.conn_per_sec,
+            Self::P50 => s.rr_p50_us,
+            Self::P99 => s.rr_p99_us,
+            Self::Bulk => s.gbit_per_sec,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::Crr => "new TCP connections/s",
+            Self::P50 => "request/response p50 (µs)",
+            Self::P99 => "request/response p99 (µs)",
+            Self::Bulk => "bulk throughput (Gbit/s)",
+        }
+    }
+
+    fn higher_is_better(self) -> bool {
+        matches!(self, Self::Crr | Self::Bulk)
+    }
+
+    fn format(self, v: f64) -> String {
+        match self {
+            Self::Crr => format!("{v:.0}"),
+            Self::P50 | Self::P99 => format!("{v:.1}"),
+            Self::Bulk => format!("{v:.2}"),
+        }
+    }
+}
+
+/// Where the lab is: which of the four set-ups is in force.
+#[derive(Default)]
+struct Setup {
+    agents: bool,
+    iptables: bool,
+    ten_k: bool,
+}
+
+/// The processes the benchmark started in the lab; killed (by pid) on the way out.
+#[derive(Default)]
+struct Servers(Vec<Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Bench {
+    lab: Lab,
+    load: PathBuf,
+    nodeward: PathBuf,
+    client: PodState,
+    server: PodState,
+    outsider: PodState,
+    server_node: String,
+    target_ips: Vec<std::net::Ipv4Addr>,
+    setup: Setup,
+    next_sink: u16,
+    iptables_nft: bool,
+}
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    crate::cargo(&["build", "--release", "--bins"])?;
+    let release = paths::target_dir().join("release");
+    let nodeward = release.join("nodeward");
+    // SAFETY: set before the benchmark starts any thread; the lab reads these to find its
+    // binaries, and a benchmark measures the release build.
+    unsafe {
+        std::env::set_var("NODEWARD_BIN", &nodeward);
+        std::env::set_var("NODEWARD_ECHO_BIN", release.join("nodeward-lab-echo"));
+    }
+    let iptables_nft = sys::run(Command::new("iptables").arg("-V"))?.contains("nf_tables");
+
+    let lab = Lab::up(&LabSpec {
+        name: None,
+        nodes: 2,
+        namespaces: 2,
+        pods: 2,
+        agents: false,
+        ipv6: false,
+        persistent: false,
+    })?;
+    let client = lab.pod(CLIENT).clone();
+    let server = lab.pod(SERVER).clone();
+    let outsider = lab.pod(OUTSIDER).clone();
+    ensure!(
+        client.node != server.node,
+        "the client and the server must be on different nodes"
+    );
+    let target_ips = lab
+        .pods()
+        .iter()
+        .filter(|p| p.namespace == client.namespace && p.labels["app"] == client.labels["app"])
+        .map(|p| p.ip4)
+        .collect();
+    let mut bench = Bench {
+        server_node: server.node.clone(),
+        lab,
+        load: release.join("nodeward-lab-load"),
+        nodeward,
+        client,
+        server,
+        outsider,
+        target_ips,
+        setup: Setup::default(),
+        next_sink: rules::SINK_PORTS.0,
+        iptables_nft,
+    };
+    let servers = bench.start_servers()?;
+    // The client makes ~100k connections over the run: give it every port.
+    sys::sysctls(
+        &bench.client.netns,
+        &[("net/ipv4/ip_local_port_range".to_string(), "10000 65000")],
+    )?;
+
+    let mut samples: BTreeMap<Scenario, Vec<Sample>> = BTreeMap::new();
+    let mut flip_small = None;
+    let mut rss_small = None;
+    for round in 0..ROUNDS {
+        for &scenario in &ORDER[round % 2] {
+            bench.enter(scenario)?;
+            if round == ROUNDS - 1 && scenario == Scenario::Nodeward1 {
+                // Reference figures at the lab's own size, before the 1,000 pods arrive.
+                flip_small = Some(bench.change_latency()?);
+                rss_small = Some(bench.rss()?);
+            }
+            let sample = bench.measure()?;
+            eprintln!(
+                "bench: round {} {:<22} {:>8.0} conn/s  rr p50 {:>6.1} µs p99 {:>6.1} µs  {:>6.2} Gbit/s  agents {:>3.0}% CPU",
+                round + 1,
+                scenario.title(),
+                sample.conn_per_sec,
+                sample.rr_p50_us,
+                sample.rr_p99_us,
+                sample.gbit_per_sec,
+                sample.agent_cpu_pct
+            );
+            samples.entry(scenario).or_default().push(sample);
+        }
+    }
+    // The last round ends with 10k rules and 1,000 pods in the manifests.
+    ensure!(
+        bench.setup.ten_k && bench.setup.agents,
+        "the last scenario is 10k rules"
+    );
+    let flip_large = bench.change_latency()?;
+    let rss_large = bench.rss()?;
+    let status = bench.lab.status(&bench.server_node)?;
+    let entries = policy_entries(&status);
+    let identities = status["identities"].as_u64().unwrap_or(0);
+    let flows_stored = status["flows"]["stored"].as_u64().unwrap_or(0);
+    let sync_ms = status["last_sync"]["duration_ms"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    // Where the cost is: the agents stopped, their pinned programs and maps still enforcing the
+    // 10k rules, nobody reading flow events.
+    for node in bench.lab.node_names() {
+        bench.lab.stop_agent(&node)?;
+    }
+    bench.setup.agents = false;
+    ensure!(
+        !bench.lab.tcp_probe(
+            OUTSIDER,
+            SERVER,
+            rules::LAB_HTTP_PORT,
+            Duration::from_millis(300)
+        ),
+        "the pinned datapath stopped enforcing when the agents stopped"
+    );
+    let datapath_only = bench.measure()?;
+    eprintln!(
+        "bench: datapath only (agents stopped, 10k rules pinned): {:.0} conn/s  rr p50 {:.1} µs p99 {:.1} µs  {:.2} Gbit/s",
+        datapath_only.conn_per_sec,
+        datapath_only.rr_p50_us,
+        datapath_only.rr_p99_us,
+        datapath_only.gbit_per_sec
+    );
+    // Memory at the same size without the flows the load left in the agents' buffers: fresh
+    // agents adopting the pinned state.
+    bench.start_agents()?;
+    bench.wait_applied(true)?;
+    let rss_fresh = bench.rss()?;
+
+    let report = Report {
+        samples,
+        flip_small: flip_small.context("no small-size change latency")?,
+        flip_large,
+        rss_small: rss_small.context("no small-size RSS")?,
+        rss_large,
+        datapath_only,
+        rss_fresh,
+        flows_stored,
+        sync_ms,
+        policy_entries: entries,
+        identities,
+        iptables: if bench.iptables_nft {
+            "iptables-nft"
+        } else {
+            "iptables-legacy"
+        },
+        runtime: started.elapsed(),
+    };
+    drop(servers);
+    drop(bench);
+    let table = report.markdown();
+    println!("\n{table}");
+    update_readme(&table)?;
+    println!(
+        "README.md: Benchmarks updated. bench datapath took {:.0?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+impl Bench {
+    /// The load server (sink and echo ports) and iperf3 in the server pod.
+    fn start_servers(&self) -> Result<Servers> {
+        let mut servers = Servers::default();
+        let sink = format!("{}-{}", rules::SINK_PORTS.0, rules::TOGGLE_PORT);
+        let echo = rules::ECHO_PORT.to_string();
+        let mut load = in_pod(
+            &self.server,
+            self.load.as_os_str(),
+            &["serve", "--sink", &sink, "--echo", &echo],
+        );
+        servers.0.push(
+            load.stdout(Stdio::null())
+                .spawn()
+                .context("starting the load server")?,
+        );
+        let port = rules::IPERF_PORT.to_string();
+        let mut iperf = in_pod(&self.server, "iperf3".as_ref(), &["-s", "-p", &port]);
+        servers.0.push(
+            iperf
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting iperf3 -s")?,
+        );
+        for port in [rules::ECHO_PORT, rules::IPERF_PORT, rules::TOGGLE_PORT] {
+            let addr = self.server_addr(port);
+            ensure!(
+                wait::eventually(Duration::from_secs(5), Duration::from_millis(20), || {
+                    nodeward_lab::probe::connect_from(
+                        &self.client.netns,
+                        addr,
+                        Duration::from_millis(200),
+                    )
+                    .is_ok()
+                }),
+                "the server pod does not answer on {addr}"
+            );
+        }
+        Ok(servers)
+    }
+
+    fn server_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.server.ip4), port)
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
+            namespace: &self.server.namespace,
+            instance: &self.server.labels["instance"],
+            ip: self.server.ip4,
+            client_namespace: &self.client.namespace,
+            client_app: &self.client.labels["app"],
+            client_ips: self.target_ips.clone(),
+        }
+    }
+
+    /// Moves the lab to `scenario` from wherever it is, and checks that it took.
+    fn enter(&mut self, scenario: Scenario) -> Result<()> {
+        let t = Instant::now();
+        match scenario {
+            Scenario::NoAgent | Scenario::Iptables10k => {
+                self.stop_agents()?;
+                if scenario == Scenario::Iptables10k {
+                    self.iptables_on()?;
+                } else {
+                    self.iptables_off()?;
+                }
+            }
+            Scenario::Nodeward1 | Scenario::Nodeward10k => {
+                self.iptables_off()?;
+                self.write_policies(scenario == Scenario::Nodeward10k)?;
+                self.start_agents()?;
+                self.wait_applied(scenario == Scenario::Nodeward10k)?;
+            }
+        }
+        // Allowed stays allowed; the outsider gets through only without enforcement.
+        let enforced = scenario != Scenario::NoAgent;
+        let http = rules::LAB_HTTP_PORT;
+        ensure!(
+            self.lab
+                .tcp_probe(CLIENT, SERVER, http, Duration::from_secs(1)),
+            "{}: the client cannot reach the server",
+            scenario.title()
+        );
+        let outsider_ok = self.lab.tcp_probe(
+            &self.outsider.key(),
+            SERVER,
+            http,
+            Duration::from_millis(300),
+        );
+        ensure!(
+            outsider_ok != enforced,
+            "{}: the outsider {} reach the server",
+            scenario.title(),
+            if outsider_ok { "can" } else { "cannot" }
+        );
+        eprintln!("bench: {} in force ({:.1?})", scenario.title(), t.elapsed());
+        Ok(())
+    }
+
+    fn stop_agents(&mut self) -> Result<()> {
+        if !self.setup.agents {
+            return Ok(());
+        }
+        for node in self.lab.node_names() {
+            self.lab.stop_agent(&node)?;
+            let dir = self.lab.node(&node).bpffs_dir.clone();
+            // A stopped agent keeps enforcing from bpffs; "no agent" means none of that left.
+            sys::run(
+                Command::new(&self.nodeward)
+                    .args(["cleanup", "--bpffs-dir"])
+                    .arg(&dir),
+            )?;
+            std::fs::create_dir_all(&dir)?;
+        }
+        self.setup.agents = false;
+        Ok(())
+    }
+
+    fn start_agents(&mut self) -> Result<()> {
+        if self.setup.agents {
+            return Ok(());
+        }
+        for node in self.lab.node_names() {
+            self.lab.start_agent(&node)?;
+        }
+        self.setup.agents = true;
+        Ok(())
+    }
+
+    fn write_policies(&mut self, ten_k: bool) -> Result<()> {
+        let t = self.target();
+        let allow = rules::client_allow(&t, "bench-allow-client", &rules::client_ports());
+        // The toggled policy starts "off": it allows a port nothing uses.
+        let toggle = self.toggle_policy(false);
+        let rules_yaml = ten_k.then(|| documents(rules::rule_policies(&t)));
+        self.lab
+            .write_manifest("bench-allow", &documents([allow]))?;
+        self.lab.write_manifest("bench-toggle", &toggle)?;
+        if let Some(yaml) = rules_yaml {
+            self.lab
+                .write_manifest("bench-peers", &documents(rules::peer_objects()))?;
+            self.lab.write_manifest("bench-rules", &yaml)?;
+        } else if self.setup.ten_k {
+            self.lab.remove_manifest("bench-rules")?;
+            self.lab.remove_manifest("bench-peers")?;
+        }
+        self.setup.ten_k = ten_k;
+        Ok(())
+    }
+
+    fn toggle_policy(&self, on: bool) -> String {
+        let port = if on {
+            rules::TOGGLE_PORT
+        } else {
+            rules::TOGGLE_PORT + 1
+        };
+        documents([rules::client_allow(
+            &self.target(),
+            "bench-toggle",
+            &[(port, None)],
+        )])
+    }
+
+    /// Waits until the server's agent has the policies in its maps.
+    fn wait_applied(&self, ten_k: bool) -> Result<()> {
+        let min_entries = if ten_k { rules::rule_count() } else { 1 };
+        let max_entries = if ten_k { usize::MAX } else { 100 };
+        let policies = if ten_k { 2 + rules::POLICIES } else { 2 };
+        let mut last = Value::Null;
+        let ok = wait::eventually(Duration::from_secs(30), Duration::from_millis(100), || {
+            let Ok(status) = self.lab.status(&self.server_node) else {
+                return false;
+            };
+            let entries = policy_entries(&status);
+            let applied = status["policies"]["applied"].as_u64() == Some(policies as u64);
+            last = status;
+            applied && entries >= min_entries && entries <= max_entries
+        });
+        ensure!(
+            ok,
+            "the agent of {} did not apply the benchmark's policies; last status: {last}",
+            self.server_node
+        );
+        let failed = &last["policies"]["failed"];
+        ensure!(
+            failed.as_array().is_none_or(Vec::is_empty)
+                && last["manifest_errors"] == serde_json::json!([]),
+            "policy errors: {failed} {}",
+            last["manifest_errors"]
+        );
+        Ok(())
+    }
+
+    fn node_netns(&self) -> String {
+        self.lab.node(&self.server_node).netns.clone()
+    }
+
+    fn iptables_on(&mut self) -> Result<()> {
+        if self.setup.iptables {
+            return Ok(());
+        }
+        let text = rules::iptables_restore(&self.target(), IPT_CHAIN);
+        let path = self
+            .lab
+            .state()
+            .dir
+            .join("tmp")
+            .join("bench-iptables.rules");
+        std::fs::write(&path, text)?;
+        let t = Instant::now();
+        sys::run_timeout(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.node_netns(),
+                    "iptables-restore",
+                    "--noflush",
+                ])
+                .arg(&path),
+            Duration::from_secs(60),
+        )
+        .context("loading the iptables rules into the server's node")?;
+        eprintln!(
+            "bench: {} iptables rules loaded in {:.1?}",
+            rules::rule_count() + 4,
+            t.elapsed()
+        );
+        self.setup.iptables = true;
+        Ok(())
+    }
+
+    fn iptables_off(&mut self) -> Result<()> {
+        if !self.setup.iptables {
+            return Ok(());
+        }
+        let ns = self.node_netns();
+        if self.iptables_nft {
+            // The whole table: an empty base chain would still be a hook on every packet.
+            sys::run(Command::new("ip").args([
+                "netns", "exec", &ns, "nft", "delete", "table", "ip", "filter",
+            ]))?;
+        } else {
+            for args in [
+                vec!["-D", "FORWARD", "-j", IPT_CHAIN],
+                vec!["-F", IPT_CHAIN],
+                vec!["-X", IPT_CHAIN],
+            ] {
+                sys::run(
+                    Command::new("ip")
+                        .args(["netns", "exec", &ns, "iptables"])
+                        .args(&args),
+                )?;
+            }
+        }
+        self.setup.iptables = false;
+        Ok(())
+    }
+
+    /// One sample of every figure.
+    fn measure(&mut self) -> Result<Sample> {
+        ensure!(
+            self.next_sink <= rules::SINK_PORTS.1,
+            "out of fresh sink ports"
+        );
+        let sink = self.server_addr(self.next_sink);
+        self.next_sink += 1;
+        let (cpu0, t0) = (self.agent_cpu_ticks(), Instant::now());
+        let crr = self.client_json(
+            self.load.as_os_str(),
+            &[
+                "crr",
+                "--addr",
+                &sink.to_string(),
+                "--threads",
+                &CRR_THREADS.to_string(),
+                "--secs",
+                &CRR_SECS.to_string(),
+            ],
+            CRR_SECS,
+        )?;
+        let ticks = self.agent_cpu_ticks().saturating_sub(cpu0);
+        let agent_cpu_pct = ticks as f64 / CLK_TCK / t0.elapsed().as_secs_f64() * 100.0;
+        let errors = crr["errors"].as_u64().unwrap_or(0);
+        if errors > 0 {
+            eprintln!(
+                "bench: warning: {errors} failed connections ({})",
+                crr["first_error"]
+            );
+        }
+        let rr = self.client_json(
+            self.load.as_os_str(),
+            &[
+                "rr",
+                "--addr",
+                &self.server_addr(rules::ECHO_PORT).to_string(),
+                "--secs",
+                &RR_SECS.to_string(),
+                "--size",
+                "64",
+            ],
+            RR_SECS,
+        )?;
+        let iperf = self.client_json(
+            "iperf3".as_ref(),
+            &[
+                "-c",
+                &self.server.ip4.to_string(),
+                "-p",
+                &rules::IPERF_PORT.to_string(),
+                "-t",
+                &IPERF_SECS.to_string(),
+                "-J",
+            ],
+            f64::from(IPERF_SECS),
+        )?;
+        let bits = iperf["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .with_context(|| format!("iperf3 printed no end.sum_received: {iperf}"))?;
+        Ok(Sample {
+            conn_per_sec: crr["per_sec"].as_f64().context("crr per_sec")?,
+            rr_p50_us: rr["p50_us"].as_f64().context("rr p50")?,
+            rr_p99_us: rr["p99_us"].as_f64().context("rr p99")?,
+            gbit_per_sec: bits / 1e9,
+            agent_cpu_pct,
+        })
+    }
+
+    /// utime + stime of every running agent, in clock ticks.
+    fn agent_cpu_ticks(&self) -> u64 {
+        self.lab
+            .node_names()
+            .iter()
+            .filter_map(|n| self.lab.agent_pid(n))
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .map(|stat| {
+                // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
+                let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let field = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+                field(14).unwrap_or(0) + field(15).unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Runs a client in the client pod and parses its (last) JSON output.
+    fn client_json(&self, program: &std::ffi::OsStr, args: &[&str], secs: f64) -> Result<Value> {
+        let out = sys::run_timeout(
+            &mut in_pod(&self.client, program, args),
+            Duration::from_secs_f64(secs + 15.0),
+        )?;
+        serde_json::from_str(out.trim())
+            .or_else(|_| {
+                let last = out.lines().last().unwrap_or_default();
+                serde_json::from_str(last)
+            })
+            .with_context(|| format!("{} printed {out:?}", Path::new(program).display()))
+    }
+
+    /// Toggles a policy that allows the client on the toggle port, [`FLIP_CHANGES`] times.
+    fn change_latency(&mut self) -> Result<Vec<Duration>> {
+        let prober = Prober::start(&self.client.netns, self.server_addr(rules::TOGGLE_PORT));
+        let mut latencies = Vec::new();
+        let mut on = false;
+        // The toggle starts off: confirm the prober sees that first.
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..FLIP_CHANGES {
+            on = !on;
+            prober.clear();
+            std::thread::sleep(Duration::from_millis(60));
+            let yaml = self.toggle_policy(on);
+            self.lab.write_manifest("bench-toggle", &yaml)?;
+            let changed = Instant::now();
+            let latency = prober
+                .wait_flip(changed, on, Duration::from_secs(5))
+                .with_context(|| format!("policy change {}", i + 1))?;
+            latencies.push(latency);
+            // Let the agents settle; vary the phase against the agents' timers.
+            std::thread::sleep(Duration::from_millis(50 + (i as u64 * 37) % 60));
+        }
+        drop(prober);
+        if on {
+            self.lab
+                .write_manifest("bench-toggle", &self.toggle_policy(false))?;
+        }
+        latencies.sort();
+        eprintln!(
+            "bench: policy change to enforced ({} changes): p50 {:.1?} p99 {:.1?}",
+            latencies.len(),
+            percentile(&latencies, 50.0),
+            percentile(&latencies, 99.0)
+        );
+        Ok(latencies)
+    }
+
+    /// (VmRSS, VmHWM) in KiB of the server node's agent and the largest over all agents.
+    fn rss(&self) -> Result<Rss> {
+        let mut rss = Rss::default();
+        for node in self.lab.node_names() {
+            let pid = self
+                .lab
+                .agent_pid(&node)
+                .with_context(|| format!("no agent on {node}"))?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let (now, peak) = (field("VmRSS:"), field("VmHWM:"));
+            if node == self.server_node {
+                rss.server_kib = now;
+                rss.server_peak_kib = peak;
+            }
+            rss.max_kib = rss.max_kib.max(now);
+        }
+        Ok(rss)
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Rss {
+    server_kib: u64,
+    server_peak_kib: u64,
+    max_kib: u64,
+}
+
+/// `sh -c` puts itself into the pod's cgroup (where the agents' cgroup programs see it, as they
+/// see the pod's own processes), then becomes `nsenter --net=<pod> -- program args`.
+fn in_pod(pod: &PodState, program: &std::ffi::OsStr, args: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"echo $$ > "$0" && exec "$@""#)
+        .arg(pod.cgroup.join("cgroup.procs"))
+        .arg("nsenter")
+        .arg(format!("--net={}", sys::netns_path(&pod.netns).display()))
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn policy_entries(status: &Value) -> usize {
+    status["maps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| {
+            let name = m["name"].as_str().unwrap_or("").to_ascii_lowercase();
+            name.contains("polic") && !name.contains("cidr")
+        })
+        .filter_map(|m| m["entries"].as_u64())
+        .map(|e| usize::try_from(e).unwrap_or(usize::MAX))
+        .sum()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Report {
+    samples: BTreeMap<Scenario, Vec<Sample>>,
+    flip_small: Vec<Duration>,
+    flip_large: Vec<Duration>,
+    rss_small: Rss,
+    rss_large: Rss,
+    datapath_only: Sample,
+    rss_fresh: Rss,
+    flows_stored: u64,
+    sync_ms: f64,
+    policy_entries: usize,
+    identities: u64,
+    iptables: &'static str,
+    runtime: Duration,
+}
+
+impl Report {
+    fn median(&self, scenario: Scenario, figure: Figure) -> f64 {
+        median(
+            self.samples
+                .get(&scenario)
+                .into_iter()
+                .flatten()
+                .map(|s| figure.of(s))
+                .collect(),
+        )
+    }
+
+    /// Run-to-run spread of the baseline: (max - min) / median, in percent.
+    fn noise(&self, figure: Figure) -> f64 {
+        let v: Vec<f64> = self
+            .samples
+            .get(&Scenario::NoAgent)
+            .into_iter()
+            .flatten()
+            .map(|s| figure.of(s))
+            .collect();
+        let max = v.iter().copied().fold(f64::MIN, f64::max);
+        let min = v.iter().copied().fold(f64::MAX, f64::min);
+        (max - min) / median(v) * 100.0
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = String::new();
+        let date = sys::run(Command::new("date").args(["-u", "+%Y-%m-%d"]))
+            .map(|d| d.trim().to_string())
+            .unwrap_or_default();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+        let kernel = sys::run(Command::new("uname").arg("-r"))
+            .map(|k| k.trim().to_string())
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "Measured {date} on {cores} cores ({cpu}), kernel {kernel}, a shared and noisy \
+             machine: compare the ratios, not the absolute numbers. Median of {ROUNDS} rounds \
+             (ABBA order), cross-node pod to pod; ratio to no agent in parentheses.\n"
+        );
+        let titles: Vec<&str> = Scenario::ALL.iter().map(|s| s.title()).collect();
+        let _ = writeln!(out, "| figure | {} |", titles.join(" | "));
+        let _ = writeln!(out, "| --- |{}", " --- |".repeat(titles.len()));
+        for figure in Figure::ALL {
+            let base = self.median(Scenario::NoAgent, figure);
+            let cells: Vec<String> = Scenario::ALL
+                .iter()
+                .map(|&s| {
+                    let v = self.median(s, figure);
+                    if s == Scenario::NoAgent {
+                        figure.format(v)
+                    } else {
+                        format!("{} ({:.2}x)", figure.format(v), v / base)
+                    }
+                })
+                .collect();
+            let _ = writeln!(out, "| {} | {} |", figure.title(), cells.join(" | "));
+        }
+        let cpu: Vec<String> = Scenario::ALL
+            .iter()
+            .map(|&s| {
+                let v = median(
+                    self.samples
+                        .get(&s)
+                        .into_iter()
+                        .flatten()
+                        .map(|x| x.agent_cpu_pct)
+                        .collect(),
+                );
+                format!("{v:.0}%")
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| agents' CPU during the connections test (% of a core) | {} |",
+            cpu.join(" | ")
+        );
+        let d = &self.datapath_only;
+        let _ = writeln!(
+            out,
+            "\nDatapath only (the 10k rules still pinned and enforcing, both agents stopped, so \
+             nobody reads flow events; one run): {} new TCP connections/s ({:.2}x no agent).",
+            Figure::Crr.format(d.conn_per_sec),
+            d.conn_per_sec / self.median(Scenario::NoAgent, Figure::Crr),
+        );
+        let noise: Vec<String> = Figure::ALL
+            .iter()
+            .map(|&f| format!("{} {:.0}%", f.title(), self.noise(f)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nRun-to-run spread of the no-agent baseline ((max - min) / median): {}.\n",
+            noise.join(", ")
+        );
+
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let (p50l, p99l) = (
+            percentile(&self.flip_large, 50.0),
+            percentile(&self.flip_large, 99.0),
+        );
+        let target_verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+        let _ = writeln!(
+            out,
+            "| figure | 1,000 pods, 10k rules | lab only (4 pods, 1 policy) | target |"
+        );
+        let _ = writeln!(out, "| --- | --- | --- | --- |");
+        let _ = writeln!(
+            out,
+            "| manifest change to enforced, p50 / p99 ({} changes) | {:.1} / {:.1} ms | {:.1} / {:.1} ms | p99 < 50 ms: {} |",
+            self.flip_large.len(),
+            ms(p50l),
+            ms(p99l),
+            ms(percentile(&self.flip_small, 50.0)),
+            ms(percentile(&self.flip_small, 99.0)),
+            target_verdict(p99l < Duration::from_millis(50))
+        );
+        let _ = writeln!(
+            out,
+            "| agent RSS, server node (peak), after the load ({} flows in its buffer) | {:.1} MiB ({:.1}) | | < 40 MiB: {} |",
+            self.flows_stored,
+            mib(self.rss_large.server_kib),
+            mib(self.rss_large.server_peak_kib),
+            target_verdict(self.rss_large.max_kib < 40 * 1024)
+        );
+        let _ = writeln!(
+            out,
+            "| agent RSS, server node (peak), fresh agent before any load | {:.1} MiB ({:.1}) | {:.1} MiB ({:.1}) | < 40 MiB: {} |",
+            mib(self.rss_fresh.server_kib),
+            mib(self.rss_fresh.server_peak_kib),
+            mib(self.rss_small.server_kib),
+            mib(self.rss_small.server_peak_kib),
+            target_verdict(self.rss_fresh.max_kib < 40 * 1024)
+        );
+        let _ = writeln!(
+            out,
+            "\nThe server agent's own last sync at 1,000 pods took {:.1} ms (`last_sync.duration_ms`).",
+            self.sync_ms
+        );
+        let within: Vec<String> = Figure::ALL
+            .iter()
+            .filter(|&&f| {
+                let r = self.median(Scenario::Nodeward10k, f) / self.median(Scenario::NoAgent, f);
+                if f.higher_is_better() {
+                    r < 0.97
+                } else {
+                    r > 1.03
+                }
+            })
+            .map(|f| f.title().to_string())
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nTarget \"nodeward at 10,000 rules within 3% of no agent on every figure\": {}.",
+            if within.is_empty() {
+                "met".to_string()
+            } else {
+                format!("**missed** on {}", within.join(", "))
+            }
+        );
+        let _ = writeln!(
+            out,
+            "\nHow: connections/s is `nodeward-lab-load crr` ({CRR_THREADS} threads, {CRR_SECS} s: \
+             connect, the server accepts and closes, the client closes; a fresh server port per \
+             run so no 4-tuple repeats); request/response is one connection, 64-byte messages, \
+             one in flight, {RR_SECS} s (`nodeward-lab-load rr`); bulk is `iperf3 -t {IPERF_SECS}`, \
+             one stream. The 10k rules are 10 NetworkPolicies on the server allowing 1,000 \
+             remote pods (1,000 identities) x 10 ports ({} policy map entries, {} identities on \
+             the server's node); iptables ({}) has the same rules in the server node's FORWARD \
+             chain after an ESTABLISHED,RELATED accept, the client's rule after them. A change \
+             is the rename of a manifest toggling an allow; enforced is the first fresh connect \
+             from the client with the new outcome (probed every ~1 ms). Whole run: {:.0?}.",
+            self.policy_entries, self.identities, self.iptables, self.runtime
+        );
+        out
+    }
+}
+
+/// Replaces the "## Benchmarks" section's table (everything after its first paragraph, up to the
+/// next section).
+fn update_readme(table: &str) -> Result<()> {
+    let path = paths::workspace_root().join("README.md");
+    let text = std::fs::read_to_string(&path)?;
+    let start = text
+        .find("## Benchmarks\n")
+        .context("README.md has no \"## Benchmarks\" section")?;
+    let end = text[start + 1..]
+        .find("\n## ")
+        .map_or(text.len(), |i| start + 1 + i + 1);
+    let intro = "## Benchmarks\n\n`cargo xtask bench datapath` measures, on the lab, nodeward side \
+                 by side with the baselines in one run and reports ratios (it rewrites this \
+                 section).\n\n";
+    let updated = format!("{}{intro}{table}\n{}", &text[..start], &text[end..]);
+    if updated.matches("## Benchmarks").count() != 1 {
+        bail!("README.md: could not replace the Benchmarks section cleanly");
+    }
+    std::fs::write(&path, updated)?;
+    Ok(())
+}
