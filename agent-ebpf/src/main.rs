@@ -17,10 +17,10 @@ use agent_common::{
     DIR_EGRESS, DIR_INGRESS, DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EVENTS_RING_BYTES,
     EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS,
     MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey,
-    PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason,
+    PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason, tcp_flags,
 };
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -168,7 +168,16 @@ fn conntrack_and_policy(ep: &EndpointInfo, direction: u8, ev: &mut FlowEvent) ->
     let key = policy::ct_key(ev, direction);
     let reverse = policy::ct_reverse_key(ev, direction);
 
-    let Some(hit) = policy::ct_lookup(&key, &reverse) else {
+    // A SYN without ACK opens a connection, even on a tuple conntrack still remembers (a client
+    // reusing its port after a close): evaluate and report it as the new flow it is.
+    let opens = ev.protocol == parse::IPPROTO_TCP
+        && ev.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let hit = if opens {
+        None
+    } else {
+        policy::ct_lookup(&key, &reverse)
+    };
+    let Some(hit) = hit else {
         // A new flow, evaluated in this packet's direction.
         let mut decision = Decision::default();
         policy::evaluate(ep, &key, &mut decision);
@@ -265,11 +274,25 @@ fn count(index: u32) {
     }
 }
 
+/// Unread bytes in the ring beyond which an event wakes the reader (about 800 events).
+const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
+
 #[inline(always)]
 fn emit(ev: &mut FlowEvent) {
     // SAFETY: a helper without preconditions.
     ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    if NW_EVENTS.output::<FlowEvent>(&*ev, 0).is_err() {
+    // Waking the reader for every event costs more than the event (a context switch per new
+    // flow). The agent drains the ring on a short timer anyway, so only a ring that is filling
+    // up wakes it early.
+    let flags = if NW_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if NW_EVENTS
+        .output::<FlowEvent>(&*ev, u64::from(flags))
+        .is_err()
+    {
         count(COUNTER_EVENTS_LOST);
     }
 }

@@ -19,6 +19,8 @@ use crate::flows::FlowFilter;
 #[serde(rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// The certificates the agent holds (`nodeward certs`).
+    Certs,
     Observe {
         /// Stored flows to send first (default 20 when not following, 0 when following).
         last: Option<usize>,
@@ -120,6 +122,7 @@ async fn handle(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
     };
     match request {
         Request::Status => write_json(&mut write, &shared.status()).await,
+        Request::Certs => write_json(&mut write, &certs_reply(shared)).await,
         Request::Observe {
             last,
             follow,
@@ -154,6 +157,32 @@ async fn handle(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// The answer to [`Request::Certs`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CertsReply {
+    pub trust_domain: String,
+    /// The issuing CA's subject.
+    pub issuer: String,
+    /// Where the CA comes from: `generated in DIR` or `loaded from FILE`.
+    pub ca: String,
+    pub trust_roots: usize,
+    pub certificates: Vec<crate::ca::manager::CertInfo>,
+}
+
+fn certs_reply(shared: &Shared) -> CertsReply {
+    let ca = &shared.authority;
+    CertsReply {
+        trust_domain: ca.trust_domain().to_owned(),
+        issuer: ca.issuer_name().to_owned(),
+        ca: match ca.origin() {
+            crate::ca::CaOrigin::Generated(dir) => format!("generated in {}", dir.display()),
+            crate::ca::CaOrigin::Files { cert, .. } => format!("loaded from {}", cert.display()),
+        },
+        trust_roots: ca.roots().len(),
+        certificates: shared.certs.info(),
     }
 }
 

@@ -20,14 +20,25 @@ use crate::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore};
 use crate::identity::IdentityAllocator;
 use crate::metrics::Metrics;
 use crate::policy::{self, PolicyModel};
-use crate::source::Inventory;
+use crate::source::kubernetes::report::PolicyOutcome;
+use crate::source::kubernetes::{KubernetesOptions, KubernetesSource};
 use crate::source::manifests::ManifestSource;
+use crate::source::{Inventory, Source, SourceStatus};
+
+/// Where the objects come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// `--manifests DIR`: standalone mode.
+    Manifests(PathBuf),
+    /// `--kubernetes [--kubeconfig PATH]`: the API server (in-cluster config by default).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
 
 /// The agent's configuration, validated once at start-up.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node: String,
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub state_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub api_socket: PathBuf,
@@ -40,6 +51,10 @@ pub struct AgentConfig {
     pub flow_events_all: bool,
     /// Full resync even without a file event (a safety net for missed notifications).
     pub resync_interval: Duration,
+    /// The mesh CA and trust roots (`--ca-cert`, `--ca-key`, `--trust-bundle`, `--trust-domain`).
+    pub ca: crate::ca::CaConfig,
+    /// Lifetime of workload certificates (`--cert-ttl`).
+    pub cert_ttl: Duration,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -97,6 +112,9 @@ pub struct Status {
     pub maps: Vec<MapFill>,
     pub identities: usize,
     pub last_sync: SyncStatus,
+    /// Where the objects come from and whether it is reachable (a disconnected API server means
+    /// the last known state is enforced).
+    pub source: SourceStatus,
 }
 
 /// Reads the datapath's per-CPU counters, summed (indices are `agent_common::COUNTER_*`).
@@ -113,6 +131,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub counters: Mutex<Option<CounterReader>>,
     pub syncs: AtomicU64,
+    /// The mesh CA, and the certificates of the local workloads and of this agent.
+    pub authority: Arc<crate::ca::Authority>,
+    pub certs: crate::ca::manager::CertManager,
 }
 
 impl Shared {
@@ -170,12 +191,24 @@ impl Shared {
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
-    if !config.manifests.is_dir() {
-        anyhow::bail!(
-            "--manifests {}: not a directory",
-            config.manifests.display()
-        );
+    if let SourceConfig::Manifests(dir) = &config.source
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--manifests {}: not a directory", dir.display());
     }
+    // A missing or broken configuration is fatal; an unreachable API server is not (the
+    // watchers retry and the pinned state keeps enforcing meanwhile).
+    let kube_client = match &config.source {
+        SourceConfig::Kubernetes { kubeconfig } => Some(
+            crate::source::kubernetes::client(kubeconfig.as_deref())
+                .await
+                .context("--kubernetes")?,
+        ),
+        SourceConfig::Manifests(_) => None,
+    };
+    // A CA file that cannot be read or does not fit stops start-up, before anything changes.
+    let (authority, certs) =
+        crate::ca::start(&config.ca, config.cert_ttl).context("loading the mesh CA")?;
     let mut datapath = Datapath::open(Some(&config.bpffs_dir)).with_context(|| {
         format!(
             "loading the datapath (pinned under {})",
@@ -227,6 +260,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         metrics,
         counters: Mutex::new(None),
         syncs: AtomicU64::new(0),
+        authority,
+        certs,
     });
     {
         let syncer = syncer.clone();
@@ -253,13 +288,28 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tokio::spawn(read_events(events, shared.clone()));
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let _watcher = watch(&config.manifests, tx).context("watching the manifests directory")?;
+    let (source, _watcher) = match (&config.source, kube_client) {
+        (SourceConfig::Manifests(dir), _) => (
+            Source::Manifests(ManifestSource::new(dir)),
+            Some(watch(dir, tx).context("watching the manifests directory")?),
+        ),
+        (SourceConfig::Kubernetes { .. }, Some(client)) => (
+            Source::Kubernetes(KubernetesSource::start(
+                client,
+                &config.node,
+                tx,
+                &KubernetesOptions::default(),
+            )),
+            None,
+        ),
+        (SourceConfig::Kubernetes { .. }, None) => unreachable!("the client was created above"),
+    };
 
     let identities_path = config.state_dir.join("identities.json");
     let identities = IdentityAllocator::load(&identities_path)
         .with_context(|| format!("reading {}", identities_path.display()))?;
     let mut control = Control {
-        source: ManifestSource::new(&config.manifests),
+        source,
         identities,
         identities_path,
         last_good: BTreeMap::new(),
@@ -335,20 +385,30 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
             return;
         }
     };
+    // The datapath wakes us only when the ring is filling up (see `emit` in agent-ebpf); a
+    // short tick drains it otherwise, so a flow shows up within this delay.
+    let mut tick = tokio::time::interval(EVENTS_DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %e, "polling the flow ring buffer failed");
-                return;
-            }
+        let woken = tokio::select! {
+            ready = fd.readable_mut() => match ready {
+                Ok(guard) => Some(guard),
+                Err(e) => {
+                    tracing::error!(error = %e, "polling the flow ring buffer failed");
+                    return;
+                }
+            },
+            _ = tick.tick() => None,
         };
+        if let Some(mut guard) = woken {
+            guard.clear_ready();
+        }
         let index = shared
             .index
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let ring = guard.get_inner_mut();
+        let ring = fd.get_mut();
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<agent_common::FlowEvent>() {
                 continue;
@@ -371,9 +431,11 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
             }
             shared.flows.push(flow);
         }
-        guard.clear_ready();
     }
 }
+
+/// How often the flow reader drains the ring without a wakeup.
+const EVENTS_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
 /// `error: cause: cause` on one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -391,7 +453,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 struct Control {
-    source: ManifestSource,
+    source: Source,
     identities: IdentityAllocator,
     identities_path: PathBuf,
     /// The last version of each policy that translated cleanly, by `Kind ns/name`.
@@ -418,6 +480,16 @@ impl Control {
     }
 
     fn reconcile(&mut self, datapath: &mut Datapath) {
+        if !self.source.synced() {
+            // Not everything has been listed yet: syncing now would take enforcement away
+            // from what is not read yet. The pinned state keeps enforcing meanwhile.
+            self.shared
+                .status
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .source = self.source.status();
+            return;
+        }
         let started = Instant::now();
         let loaded = self.source.load();
         self.round.clear();
@@ -546,9 +618,11 @@ impl Control {
         if let Err(e) = self.identities.save(&self.identities_path) {
             self.report(format!("saving {}: {e}", self.identities_path.display()));
         }
+        self.ensure_certificates(&inv, &compiled);
         // Forget what no longer fails, so it is reported again if it breaks again.
         let round = std::mem::take(&mut self.round);
         self.reported.retain(|l| round.contains(l));
+        self.report_policies(&inv, &failures, sync_error.as_ref());
         self.publish(
             &inv,
             &compiled,
@@ -562,6 +636,55 @@ impl Control {
         );
         if result.is_ok() && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");
+        }
+    }
+
+    /// Tells the source how each policy fares on this node (policy status and Events in a
+    /// cluster): enforced when its current version compiled and the maps took it.
+    fn report_policies(&self, inv: &Inventory, failures: &[Failure], sync_error: Option<&String>) {
+        let keys = inv
+            .network_policies
+            .keys()
+            .map(|r| format!("NetworkPolicy {r}"))
+            .chain(inv.mesh_policies.keys().map(|r| format!("MeshPolicy {r}")))
+            .chain(
+                inv.cluster_mesh_policies
+                    .keys()
+                    .map(|n| format!("ClusterMeshPolicy {n}")),
+            );
+        let outcomes: BTreeMap<String, PolicyOutcome> = keys
+            .map(|key| {
+                let error = failures
+                    .iter()
+                    .find(|f| f.object == key)
+                    .map(|f| f.error.clone())
+                    .or_else(|| sync_error.cloned());
+                let outcome = PolicyOutcome {
+                    enforced: error.is_none() && self.last_good.contains_key(&key),
+                    error,
+                };
+                (key, outcome)
+            })
+            .collect();
+        self.source.report_policies(&outcomes);
+    }
+
+    /// Every local endpoint has its workload certificate: issued once here (cheap), renewed in
+    /// the background; those of departed workloads are dropped.
+    fn ensure_certificates(&mut self, inv: &Inventory, compiled: &policy::CompiledState) {
+        let trust_domain = self.shared.authority.trust_domain().to_owned();
+        let mut wanted = BTreeSet::new();
+        for r in compiled.endpoints.keys() {
+            let Some(pod) = inv.pods.get(r) else { continue };
+            match crate::ca::spiffe::pod_identity(&trust_domain, &r.namespace, pod) {
+                Ok(id) => {
+                    wanted.insert(id);
+                }
+                Err(e) => self.report(format!("Pod {r}: no workload identity: {e}")),
+            }
+        }
+        for (id, e) in self.shared.certs.ensure(&wanted) {
+            self.report(format!("certificate for {id}: {e}"));
         }
     }
 
@@ -715,6 +838,7 @@ impl Control {
             manifest_errors,
             maps,
             identities: self.identities.len(),
+            source: self.source.status(),
             last_sync: SyncStatus {
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 duration_ms: started.elapsed().as_secs_f64() * 1000.0,

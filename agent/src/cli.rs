@@ -36,6 +36,9 @@ enum Command {
     Observe(Box<ObserveArgs>),
     /// Show whether the datapath is loaded and attached, map fill, policies and errors.
     Status(StatusArgs),
+    /// Show the certificates of the local workloads and of the agent: identity, issuer,
+    /// serial, expiry and time to renewal.
+    Certs(StatusArgs),
     /// Print the CustomResourceDefinitions of the nodeward.io kinds (or write them to a directory).
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -58,9 +61,12 @@ struct AgentArgs {
     /// Standalone mode: read every YAML document under DIR (recursively) and watch it.
     #[arg(long, value_name = "DIR", required_unless_present = "kubernetes")]
     manifests: Option<PathBuf>,
-    /// Read objects from the Kubernetes API server (not available yet in this build).
+    /// Read objects from the Kubernetes API server: in-cluster service account, or --kubeconfig.
     #[arg(long, conflicts_with = "manifests")]
     kubernetes: bool,
+    /// With --kubernetes: the kubeconfig to use instead of the in-cluster configuration.
+    #[arg(long, value_name = "PATH", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
     /// CA, identities, flow log and other state.
     #[arg(long, default_value = "/var/lib/nodeward")]
     state_dir: PathBuf,
@@ -71,29 +77,60 @@ struct AgentArgs {
     #[arg(long, default_value = DEFAULT_SOCKET)]
     api_socket: PathBuf,
     /// Prometheus metrics and /healthz, /readyz.
-    #[arg(long, default_value = "0.0.0.0:9962")]
+    #[arg(long, env = "NODEWARD_METRICS_ADDR", default_value = "0.0.0.0:9962")]
     metrics_addr: SocketAddr,
     /// The cgroup (v2 path) for socket-level programs; never the machine's root cgroup.
-    #[arg(long)]
+    #[arg(long, env = "NODEWARD_CGROUP")]
     cgroup: Option<PathBuf>,
     /// Flows kept in memory for `observe --last`.
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, env = "NODEWARD_FLOW_BUFFER", default_value_t = 65_536)]
     flow_buffer: usize,
     /// Also append every flow as a JSON line to DIR/flows.jsonl (rotated by size).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, env = "NODEWARD_FLOW_LOG", value_name = "DIR")]
     flow_log: Option<PathBuf>,
     /// Size cap of one flow log file.
-    #[arg(long, default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "NODEWARD_FLOW_LOG_MAX_BYTES",
+        default_value_t = 16 * 1024 * 1024,
+        value_name = "BYTES"
+    )]
     flow_log_max_bytes: u64,
     /// Flow log files kept, the current one included.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    #[arg(
+        long,
+        env = "NODEWARD_FLOW_LOG_FILES",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u64).range(1..=1000)
+    )]
     flow_log_files: u64,
     /// Which new flows the datapath reports: `all`, or only `drops` (cheaper).
-    #[arg(long, value_enum, default_value = "all")]
+    #[arg(long, env = "NODEWARD_FLOW_EVENTS", value_enum, default_value = "all")]
     flow_events: FlowEvents,
     /// Re-read the manifests this often even without a file event.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(
+        long,
+        env = "NODEWARD_RESYNC_INTERVAL",
+        default_value = "10s",
+        value_parser = humantime::parse_duration
+    )]
     resync_interval: Duration,
+    /// Trust domain of the mesh's SPIFFE IDs (spiffe://<trust-domain>/ns/<ns>/sa/<account>).
+    #[arg(long, default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Issuing CA certificate (PEM, optionally followed by its issuers) shared by the nodes;
+    /// without it the agent creates a root in --state-dir/ca on first start.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The --ca-cert's private key (PKCS#8 PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// More trust roots (PEM), e.g. the old root while a new one rolls out; repeatable.
+    #[arg(long, value_name = "FILE")]
+    trust_bundle: Vec<PathBuf>,
+    /// Lifetime of workload certificates; each is renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = cert_ttl_arg)]
+    cert_ttl: Duration,
     /// Log filter (tracing EnvFilter syntax), also RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -240,6 +277,7 @@ pub fn main() -> anyhow::Result<()> {
             runtime.block_on(observe(*args, filter))
         }
         Command::Status(args) => runtime.block_on(status(args)),
+        Command::Certs(args) => runtime.block_on(certs(args)),
         Command::Crd { write } => crd(write),
         Command::Cleanup { bpffs_dir } => {
             crate::datapath::loader::Datapath::remove_all(&bpffs_dir)
@@ -258,18 +296,18 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if args.kubernetes {
-        anyhow::bail!(
-            "--kubernetes: the Kubernetes API source is not in this build yet; use --manifests DIR"
-        );
-    }
     if args.node.trim().is_empty() {
         anyhow::bail!("--node: must not be empty");
     }
     let config = crate::app::AgentConfig {
         node: args.node,
-        manifests: args.manifests.unwrap_or_default(),
-        state_dir: args.state_dir,
+        source: match args.manifests {
+            Some(dir) => crate::app::SourceConfig::Manifests(dir),
+            None => crate::app::SourceConfig::Kubernetes {
+                kubeconfig: args.kubeconfig,
+            },
+        },
+        state_dir: args.state_dir.clone(),
         bpffs_dir: args.bpffs_dir,
         api_socket: args.api_socket,
         metrics_addr: args.metrics_addr,
@@ -282,8 +320,73 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         }),
         flow_events_all: args.flow_events == FlowEvents::All,
         resync_interval: args.resync_interval,
+        ca: crate::ca::CaConfig {
+            state_dir: args.state_dir,
+            ca_cert: args.ca_cert,
+            ca_key: args.ca_key,
+            trust_bundle: args.trust_bundle,
+            trust_domain: args.trust_domain,
+        },
+        cert_ttl: args.cert_ttl,
     };
     crate::app::run(config).await
+}
+
+fn cert_ttl_arg(value: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if ttl < crate::ca::MIN_CERT_TTL {
+        return Err(format!(
+            "at least {}",
+            humantime::format_duration(crate::ca::MIN_CERT_TTL)
+        ));
+    }
+    Ok(ttl)
+}
+
+async fn certs(args: StatusArgs) -> anyhow::Result<()> {
+    let mut reply = serde_json::Value::Null;
+    api::call(&args.api_socket, &Request::Certs, |v| {
+        reply = v;
+        Ok(())
+    })
+    .await?;
+    if args.output == StatusOutput::Json {
+        println!("{reply}");
+    } else {
+        print!("{}", certs_text(&reply)?);
+    }
+    Ok(())
+}
+
+fn certs_text(reply: &serde_json::Value) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let report: api::CertsReply =
+        serde_json::from_value(reply.clone()).context("decoding the agent's certificates")?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "trust domain {}, issuer {} ({}), {} trust roots",
+        report.trust_domain, report.issuer, report.ca, report.trust_roots
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<56} {:<34} {:<21} {:<10} SERIAL",
+        "IDENTITY", "ISSUER", "NOT AFTER", "RENEWS IN"
+    );
+    for c in &report.certificates {
+        let renews = humantime::format_duration(Duration::from_secs(c.renews_in_seconds));
+        let _ = writeln!(
+            out,
+            "{:<56} {:<34} {:<21} {:<10} {}{}",
+            c.identity,
+            c.issuer,
+            c.not_after,
+            renews.to_string(),
+            c.serial,
+            if c.agent { "  (agent)" } else { "" }
+        );
+    }
+    Ok(out)
 }
 
 fn time_arg(flag: &str, value: &str) -> anyhow::Result<SystemTime> {

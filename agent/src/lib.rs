@@ -1,6 +1,7 @@
 //! nodeward: the node agent and its CLI.
 pub mod api;
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod datapath;
 pub mod endpoints;

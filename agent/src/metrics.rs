@@ -36,6 +36,8 @@ pub struct Metrics {
     map_capacity: IntGaugeVec,
     lost: IntGaugeVec,
     policy_verdicts: IntCounterVec,
+    cert_expiry: prometheus::Gauge,
+    cert_renewals: IntCounterVec,
 }
 
 impl Metrics {
@@ -83,8 +85,21 @@ impl Metrics {
             ),
             &["policy", "verdict"],
         )?;
+        let cert_expiry = prometheus::Gauge::new(
+            "certificate_expiry_seconds",
+            "Seconds until the first of this agent's certificates (workloads' and its own) expires; +Inf with none",
+        )?;
+        let cert_renewals = IntCounterVec::new(
+            Opts::new(
+                "certificate_renewals_total",
+                "Certificate renewals, by result (success, failure)",
+            ),
+            &["result"],
+        )?;
         for c in [
-            Box::new(policy_verdicts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cert_expiry.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cert_renewals.clone()),
+            Box::new(policy_verdicts.clone()),
             Box::new(flows.clone()),
             Box::new(drops.clone()),
             Box::new(sync_seconds.clone()),
@@ -107,6 +122,8 @@ impl Metrics {
             map_capacity,
             lost,
             policy_verdicts,
+            cert_expiry,
+            cert_renewals,
         })
     }
 
@@ -152,6 +169,22 @@ impl Metrics {
         }
     }
 
+    /// Read at scrape time: the expiry is "seconds from now", and renewals happen off the
+    /// control loop.
+    fn observe_certs(&self, certs: &crate::ca::manager::CertManager) {
+        let now = std::time::SystemTime::now();
+        self.cert_expiry
+            .set(certs.earliest_expiry().map_or(f64::INFINITY, |t| {
+                t.duration_since(now)
+                    .map_or(0.0, |d| d.as_secs_f64().floor())
+            }));
+        let counts = certs.renewals();
+        for (result, total) in [("success", &counts.succeeded), ("failure", &counts.failed)] {
+            let counter = self.cert_renewals.with_label_values(&[result]);
+            counter.inc_by(total.load(Ordering::Relaxed).saturating_sub(counter.get()));
+        }
+    }
+
     fn render(&self, shared: &Shared) -> String {
         let status = shared.status();
         let lost = &status["flows"]["lost"];
@@ -166,6 +199,7 @@ impl Metrics {
                 .with_label_values(&[place])
                 .set(lost[place].as_i64().unwrap_or(0));
         }
+        self.observe_certs(&shared.certs);
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

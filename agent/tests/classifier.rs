@@ -606,6 +606,31 @@ fn reply_to_an_allowed_flow_passes_without_an_ingress_rule() {
 }
 
 #[test]
+fn a_new_syn_on_a_remembered_tuple_is_a_new_flow() {
+    let mut env = Env::new();
+    env.add_pod(EP_EGRESS_ENFORCED);
+    env.allow(PEER_IDENTITY, DIR_EGRESS, PROTO_TCP, 80, 11);
+    let syn = syn_v4(POD_V4, PEER_V4, 40000, 80);
+    assert_eq!(env.send_from_pod(&syn), TC_ACT_OK);
+    env.take_events();
+    // Mid-connection packets are not new flows...
+    let ack = V4::new(POD_V4, PEER_V4, PROTO_TCP).packet(&tcp(40000, 80, tcp_flags::ACK));
+    assert_eq!(env.send_from_pod(&ack), TC_ACT_OK);
+    assert!(env.take_events().is_empty(), "an ACK is not a new flow");
+    // ...but the client reusing its port for the next connection is one: it is evaluated and
+    // reported, as `observe` users expect one flow per connection.
+    assert_eq!(env.send_from_pod(&syn), TC_ACT_OK);
+    let ev = env.one_event();
+    assert_eq!((ev.verdict, ev.rule_id), (VERDICT_FORWARDED, 11));
+    assert_eq!(env.counters()[COUNTER_NEW_FLOWS as usize], 2);
+    assert_eq!(
+        env.dp.maps().conntrack().expect("ct").len(),
+        1,
+        "the entry is reused"
+    );
+}
+
+#[test]
 fn default_deny_drops_and_reports_reason_and_rule() {
     let mut env = Env::new();
     env.add_pod(EP_INGRESS_ENFORCED);
@@ -621,11 +646,16 @@ fn default_deny_drops_and_reports_reason_and_rule() {
     );
     assert_eq!(env.drops(drop_reason::POLICY_DEFAULT_DENY), 1);
 
-    // The stored denial still reports every drop.
+    // A retried SYN is another connection attempt: evaluated again and reported again.
     let verdict = env.send_to_pod(&syn_v4(WORLD_V4, POD_V4, 5555, 8080));
     env.assert_dropped(verdict, drop_reason::POLICY_DEFAULT_DENY);
     assert_eq!(env.drops(drop_reason::POLICY_DEFAULT_DENY), 2);
-    assert_eq!(env.counters()[COUNTER_NEW_FLOWS as usize], 1);
+    assert_eq!(env.counters()[COUNTER_NEW_FLOWS as usize], 2);
+    // Any other packet of the denied tuple is dropped from conntrack, and reported too.
+    let ack = V4::new(WORLD_V4, POD_V4, PROTO_TCP).packet(&tcp(5555, 8080, tcp_flags::ACK));
+    let verdict = env.send_to_pod(&ack);
+    env.assert_dropped(verdict, drop_reason::POLICY_DEFAULT_DENY);
+    assert_eq!(env.counters()[COUNTER_NEW_FLOWS as usize], 2);
 }
 
 #[test]

@@ -1,6 +1,18 @@
-//! The `nodeward.io/v1alpha1` CRDs: `MeshPolicy` (namespaced) and `ClusterMeshPolicy` (cluster
-//! scoped). Both have the same spec; the Rust types are the source of truth for the schemas in
-//! `policies/crds/` (regenerate with `cargo run -p nodeward -- crd --write policies/crds`).
+//! The `nodeward.io/v1alpha1` CRDs: `MeshPolicy` (namespaced), `ClusterMeshPolicy` (cluster
+//! scoped) and `MutualTLS` (namespaced). The two policy kinds have the same spec; the Rust types
+//! are the source of truth for the schemas in `policies/crds/` and `deploy/crds.yaml`
+//! (regenerate with `cargo run -p nodeward -- crd --write policies/crds` and
+//! `cargo run -p nodeward -- crd > deploy/crds.yaml`, or `NODEWARD_UPDATE_CRDS=1 cargo test -p
+//! nodeward crd`).
+//!
+//! The schemas reject at admission what the compiler would reject (enums, port numbers and
+//! names, `endPort` without a numeric `port`, CIDR syntax, selector operators and their values,
+//! label values, required fields), so `kubectl apply` fails early. What a structural schema
+//! cannot express without CEL (`endPort` below `port`, an `except` outside its `cidr`, label key
+//! syntax) is still checked by the agent, which reports it on the object.
+//!
+//! The policy kinds have a `status` subresource written by the agents, each with its own
+//! server-side-apply field manager, so agents never overwrite each other: see [`PolicyStatus`].
 //!
 //! Semantics (Cilium's, where Cilium has one):
 //!
@@ -32,8 +44,189 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
+
+/// A port number as a string (1-65535, no leading zeros) or a port name (IANA service name
+/// syntax: 1-15 lowercase alphanumerics or `-`, at least one letter, no leading, trailing or
+/// double `-`). RE2 and ECMA compatible (the API server and test validators use either).
+pub const PORT_PATTERN: &str = concat!(
+    "^(?:",
+    "[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]",
+    "|(?:[a-z0-9]+-)*[a-z0-9]*[a-z][a-z0-9]*(?:-[a-z0-9]+)*",
+    ")$"
+);
+
+macro_rules! ipv4 {
+    () => {
+        "(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+    };
+}
+macro_rules! h16 {
+    () => {
+        "[0-9a-fA-F]{1,4}"
+    };
+}
+macro_rules! ipv6 {
+    () => {
+        concat!(
+            "(?:",
+            "(?:",
+            h16!(),
+            ":){7}",
+            h16!(),
+            "|(?:",
+            h16!(),
+            ":){1,7}:",
+            "|(?:",
+            h16!(),
+            ":){1,6}:",
+            h16!(),
+            "|(?:",
+            h16!(),
+            ":){1,5}(?::",
+            h16!(),
+            "){1,2}",
+            "|(?:",
+            h16!(),
+            ":){1,4}(?::",
+            h16!(),
+            "){1,3}",
+            "|(?:",
+            h16!(),
+            ":){1,3}(?::",
+            h16!(),
+            "){1,4}",
+            "|(?:",
+            h16!(),
+            ":){1,2}(?::",
+            h16!(),
+            "){1,5}",
+            "|",
+            h16!(),
+            ":(?::",
+            h16!(),
+            "){1,6}",
+            "|:(?:(?::",
+            h16!(),
+            "){1,7}|:)",
+            "|(?:",
+            h16!(),
+            ":){6}",
+            ipv4!(),
+            "|::(?:",
+            h16!(),
+            ":){0,5}",
+            ipv4!(),
+            "|(?:",
+            h16!(),
+            ":){1}:(?:",
+            h16!(),
+            ":){0,4}",
+            ipv4!(),
+            "|(?:",
+            h16!(),
+            ":){2}:(?:",
+            h16!(),
+            ":){0,3}",
+            ipv4!(),
+            "|(?:",
+            h16!(),
+            ":){3}:(?:",
+            h16!(),
+            ":){0,2}",
+            ipv4!(),
+            "|(?:",
+            h16!(),
+            ":){4}:(?:",
+            h16!(),
+            ":){0,1}",
+            ipv4!(),
+            "|(?:",
+            h16!(),
+            ":){5}:",
+            ipv4!(),
+            ")"
+        )
+    };
+}
+
+/// An IPv4 CIDR (prefix 0-32) or an IPv6 CIDR (prefix 0-128, any textual form Rust and Go
+/// parse). Host bits may be set (they are ignored), as `net.ParseCIDR` allows.
+pub const CIDR_PATTERN: &str = concat!(
+    "^(?:",
+    ipv4!(),
+    "/(?:3[0-2]|[12]?[0-9])|",
+    ipv6!(),
+    "/(?:12[0-8]|1[01][0-9]|[1-9]?[0-9]))$"
+);
+
+/// A Kubernetes label value: empty, or up to 63 alphanumerics, `-`, `_`, `.`, starting and
+/// ending with an alphanumeric.
+pub const LABEL_VALUE_PATTERN: &str = "^(?:(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+
+fn label_value_schema() -> serde_json::Value {
+    serde_json::json!({"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN})
+}
+
+fn match_labels_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "Labels that must all be present with these values.",
+        "type": "object",
+        "nullable": true,
+        "additionalProperties": label_value_schema(),
+    })
+}
+
+fn selector_values_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "Required (non-empty) for In and NotIn, forbidden for Exists and DoesNotExist.",
+        "type": "array",
+        "nullable": true,
+        "items": label_value_schema(),
+    })
+}
+
+fn port_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "A number (1-65535) or the name of a container port of the destination pod. Absent: every port of `protocol`.",
+        "x-kubernetes-int-or-string": true,
+        "nullable": true,
+        // Number validations apply to an integer, string validations to a string.
+        "minimum": 1,
+        "maximum": 65535,
+        "maxLength": 15,
+        "pattern": PORT_PATTERN,
+    })
+}
+
+fn end_port_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "Last port of a range starting at `port` (which must be a number, not above endPort).",
+        "type": "integer",
+        "format": "int32",
+        "nullable": true,
+        "minimum": 1,
+        "maximum": 65535,
+    })
+}
+
+fn cidr_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "An IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8 or fd00::/64.",
+        "type": "string",
+        "format": "cidr",
+        "pattern": CIDR_PATTERN,
+    })
+}
+
+fn except_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "CIDRs strictly inside `cidr` to leave out.",
+        "type": "array",
+        "items": {"type": "string", "format": "cidr", "pattern": CIDR_PATTERN},
+    })
+}
 
 /// A label selector over a pod's security labels (its labels and the reserved `nodeward.io/*`
 /// ones). Empty selects everything in scope.
@@ -42,6 +235,7 @@ use serde::{Deserialize, Serialize};
 pub struct EndpointSelector {
     /// Labels that must all be present with these values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "match_labels_schema")]
     pub match_labels: Option<BTreeMap<String, String>>,
     /// Requirements that must all hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,11 +245,28 @@ pub struct EndpointSelector {
 /// One `matchExpressions` requirement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// In and NotIn need at least one value; Exists and DoesNotExist take none. (`not`/`allOf`, not
+// `anyOf`, so kube's structural rewriter leaves the junctors alone.)
+#[schemars(extend("allOf" = [
+    {"not": {
+        "required": ["operator"],
+        "properties": {"operator": {"enum": ["In", "NotIn"]}},
+        "not": {"required": ["values"], "properties": {"values": {"minItems": 1}}},
+    }},
+    {"not": {
+        "required": ["operator", "values"],
+        "properties": {"operator": {"enum": ["Exists", "DoesNotExist"]}, "values": {"minItems": 1}},
+    }},
+]))]
 pub struct SelectorRequirement {
+    /// A label key (`nodeward.io/namespace`, `nodeward.io/ns-label.<key>` and
+    /// `nodeward.io/serviceaccount` are the reserved ones).
+    #[schemars(length(min = 1, max = 317))]
     pub key: String,
     pub operator: SelectorOperator,
     /// Required (non-empty) for In and NotIn, forbidden for Exists and DoesNotExist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "selector_values_schema")]
     pub values: Option<Vec<String>>,
 }
 
@@ -101,8 +312,10 @@ pub enum Entity {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CidrRule {
+    #[schemars(schema_with = "cidr_schema")]
     pub cidr: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "except_schema")]
     pub except: Vec<String>,
 }
 
@@ -122,13 +335,20 @@ pub enum Protocol {
 /// Destination ports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// `endPort` needs a numeric `port`: not (endPort and not (port and port is a number)).
+#[schemars(extend("not" = {
+    "required": ["endPort"],
+    "not": {"required": ["port"], "properties": {"port": {"pattern": "^[0-9]+$"}}},
+}))]
 pub struct PortRule {
     /// A number (1-65535) or the name of a container port of the destination pod. Absent: every
     /// port of `protocol`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "port_schema")]
     pub port: Option<IntOrString>,
     /// Last port of a range starting at `port` (which must be a number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "end_port_schema")]
     pub end_port: Option<i32>,
     /// Defaults to ANY.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -225,11 +445,18 @@ policy_spec!(
         derive = "PartialEq",
         derive = "Default",
         doc = "Identity-based L3/L4 policy for the pods of one namespace.",
+        status = "PolicyStatus",
         printcolumn(
             name = "Selector",
             type_ = "string",
             json_path = ".spec.endpointSelector",
             description = "the pods the policy applies to"
+        ),
+        printcolumn(
+            name = "Enforcing",
+            type_ = "integer",
+            json_path = ".status.enforcingNodes",
+            description = "nodes whose agent enforces the current generation"
         ),
         printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
     )]
@@ -247,16 +474,119 @@ policy_spec!(
         derive = "PartialEq",
         derive = "Default",
         doc = "Identity-based L3/L4 policy for pods of any namespace.",
+        status = "PolicyStatus",
         printcolumn(
             name = "Selector",
             type_ = "string",
             json_path = ".spec.endpointSelector",
             description = "the pods the policy applies to"
         ),
+        printcolumn(
+            name = "Enforcing",
+            type_ = "integer",
+            json_path = ".status.enforcingNodes",
+            description = "nodes whose agent enforces the current generation"
+        ),
         printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
     )]
     ClusterMeshPolicySpec
 );
+
+/// Where a policy is enforced: the `status` subresource of `MeshPolicy` and `ClusterMeshPolicy`.
+///
+/// Written by the agents with server-side apply: the agent of node `N` applies
+/// `{"status": {"nodes": {"N": {...}}, "enforcingNodes": <count>}}` to the `status` subresource
+/// with field manager `nodeward-N` (force), so each agent owns only its own `nodes` entry (a
+/// granular map) and a removed node's entry can be dropped by applying without it.
+/// `enforcingNodes` is the number of `nodes` entries with `enforced: true` for the current
+/// generation as last computed by an agent (informational; the per-node entries are the truth).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// Nodes whose agent has compiled the current generation and has it in its maps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub enforcing_nodes: Option<i32>,
+    /// Per node name: that node's agent's view of this policy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, NodePolicyStatus>,
+}
+
+/// One agent's report on one policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePolicyStatus {
+    /// The policy (at `observedGeneration`) compiled and is in this node's maps.
+    pub enforced: bool,
+    /// Why not, as one line naming the field; absent when enforced. While it is set the node
+    /// keeps enforcing its previous good state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The `metadata.generation` this entry describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The mutual TLS mode of the selected pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MutualTlsMode {
+    /// Only mTLS (tunnelled) traffic reaches the selected pods; plaintext is dropped.
+    #[default]
+    #[serde(rename = "STRICT")]
+    Strict,
+    /// mTLS when the peer is meshed, plaintext accepted otherwise.
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+    /// No tunnel for the selected pods: plaintext only (kernel policy still applies).
+    #[serde(rename = "DISABLE")]
+    Disable,
+}
+
+/// Mutual TLS for the pods of one namespace (like Istio's PeerAuthentication).
+///
+/// Only the type and its CRD exist so far, so the resource can be created and validated at
+/// admission; nothing enforces it until the HBONE tunnel lands (until then all traffic takes
+/// the plaintext kernel path, whatever the mode).
+#[expect(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn has its own type_"
+)]
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "nodeward.io",
+    version = "v1alpha1",
+    kind = "MutualTLS",
+    plural = "mutualtlses",
+    singular = "mutualtls",
+    namespaced,
+    shortname = "mtls",
+    category = "nodeward",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "Mutual TLS mode for the pods of one namespace (not enforced yet: the tunnel comes later).",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "Selector",
+        type_ = "string",
+        json_path = ".spec.selector",
+        description = "the pods the mode applies to"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MutualTLSSpec {
+    /// The pods of this namespace the mode applies to (empty: all of them).
+    #[serde(default)]
+    pub selector: EndpointSelector,
+    /// STRICT, PERMISSIVE or DISABLE.
+    pub mode: MutualTlsMode,
+}
 
 /// A borrowed view of either spec, so the translation is written once.
 #[derive(Clone, Copy, Debug)]
@@ -292,7 +622,11 @@ view!(ClusterMeshPolicySpec);
 /// The CRDs, in a stable order.
 #[must_use]
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![MeshPolicy::crd(), ClusterMeshPolicy::crd()]
+    vec![
+        MeshPolicy::crd(),
+        ClusterMeshPolicy::crd(),
+        MutualTLS::crd(),
+    ]
 }
 
 const HEADER: &str = "# Generated by `nodeward crd` from agent/src/policy/crd.rs. Do not edit.\n";
@@ -344,11 +678,15 @@ mod tests {
 
     #[test]
     fn crd_files_in_the_repository_are_up_to_date() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/crds");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = root.join("policies/crds");
+        let deploy = root.join("deploy/crds.yaml");
         // Also refreshable without the CLI: `NODEWARD_UPDATE_CRDS=1 cargo test -p nodeward crd`.
         if std::env::var_os("NODEWARD_UPDATE_CRDS").is_some() {
             write_crds(&dir).expect("write policies/crds");
+            std::fs::write(&deploy, crds_yaml()).expect("write deploy/crds.yaml");
         }
+        let mut want_names: Vec<String> = Vec::new();
         for (name, want) in crd_files() {
             let path = dir.join(&name);
             let have = std::fs::read_to_string(&path).unwrap_or_default();
@@ -357,7 +695,22 @@ mod tests {
                 "{} is stale or missing; refresh it with `cargo run -p nodeward -- crd --write policies/crds`",
                 path.display()
             );
+            want_names.push(name);
         }
+        // No leftover file of a renamed or removed kind.
+        let mut have_names: Vec<String> = std::fs::read_dir(&dir)
+            .expect("policies/crds")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        have_names.sort();
+        want_names.sort();
+        assert_eq!(have_names, want_names, "files in policies/crds");
+        let have = std::fs::read_to_string(&deploy).unwrap_or_default();
+        assert!(
+            have == crds_yaml(),
+            "{} is stale or missing; refresh it with `cargo run -p nodeward -- crd > deploy/crds.yaml`",
+            deploy.display()
+        );
     }
 
     #[test]
@@ -386,14 +739,19 @@ mod tests {
                     "Cluster".to_owned(),
                     vec!["cmp".to_owned()]
                 ),
+                (
+                    "mutualtlses.nodeward.io".to_owned(),
+                    "Namespaced".to_owned(),
+                    vec!["mtls".to_owned()]
+                ),
             ]
         );
         let yaml = crds_yaml();
         assert!(yaml.starts_with("# Generated by `nodeward crd`"));
         assert_eq!(
             yaml.lines().filter(|l| *l == "---").count(),
-            2,
-            "two documents"
+            3,
+            "three documents"
         );
         assert!(yaml.contains("fromCIDRSet"));
         assert!(yaml.contains("x-kubernetes-int-or-string"));

@@ -246,10 +246,11 @@ fn read_file(path: &Path, stamp: (SystemTime, u64), previous: Option<&FileState>
     state
 }
 
-type ParseError = (Option<String>, Option<String>, String);
+/// `(object key, field path, message)` of a document that did not become an object.
+pub(crate) type ParseError = (Option<String>, Option<String>, String);
 
 /// `Kind ns/name` (or `Kind name` when cluster scoped) of a raw document.
-fn object_key(kind: &str, doc: &serde_json::Value) -> Option<String> {
+pub(crate) fn object_key(kind: &str, doc: &serde_json::Value) -> Option<String> {
     let meta = doc.get("metadata")?;
     let name = meta.get("name")?.as_str()?;
     Some(match meta.get("namespace").and_then(|n| n.as_str()) {
@@ -261,7 +262,8 @@ fn object_key(kind: &str, doc: &serde_json::Value) -> Option<String> {
     })
 }
 
-fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Object)>, ParseError> {
+/// Shared with the Kubernetes source, so both read an object the same way.
+pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Object)>, ParseError> {
     let api_version = doc
         .get("apiVersion")
         .and_then(|v| v.as_str())
@@ -278,6 +280,14 @@ fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Object)>, Pars
             "missing `metadata.name`".into(),
         ));
     };
+    // A policy's `status` is written by the agents (per node), never read: an old or foreign
+    // status must not make the policy itself invalid.
+    let mut doc = doc;
+    if api_version.starts_with("nodeward.io/")
+        && let Some(map) = doc.as_object_mut()
+    {
+        map.remove("status");
+    }
     let object = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => Object::Namespace(typed(doc, &key)?),
         ("v1", "Pod") => Object::Pod(typed(doc, &key)?),
@@ -339,7 +349,7 @@ fn namespaced(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
     }
 }
 
-fn insert(inv: &mut Inventory, object: Object) {
+pub(crate) fn insert(inv: &mut Inventory, object: Object) {
     match object {
         Object::Namespace(o) => {
             inv.namespaces
