@@ -94,7 +94,7 @@ pub const MAX_IPCACHE_ENTRIES: u32 = 65_536;
 pub const MAX_POLICY_CIDRS: u32 = 16_384;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_FRAGMENTS: u32 = 8192;
-pub const EVENTS_RING_BYTES: u32 = 4 * 1024 * 1024;
+pub const EVENTS_RING_BYTES: u32 = 1024 * 1024;
 
 /// Map names, as pinned in bpffs; the agent opens them by these names.
 pub mod map_names {

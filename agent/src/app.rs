@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::datapath::loader::Datapath;
 use crate::datapath::maps::PinnedMaps;
-use crate::datapath::sync::{SyncError, Syncer};
+use crate::datapath::sync::{SyncError, SyncStats, Syncer};
 use crate::endpoints::Resolver;
 use crate::flows::log::{FlowLog, FlowLogConfig};
 use crate::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore};
@@ -312,6 +312,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         source,
         identities,
         identities_path,
+        identities_saved: Vec::new(),
         last_good: BTreeMap::new(),
         reported: BTreeSet::new(),
         round: BTreeSet::new(),
@@ -327,7 +328,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = rx.recv() => {
                 // Let an editor's write-rename-chmod burst settle into one sync.
-                tokio::time::sleep(Duration::from_millis(15)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
                 while rx.try_recv().is_ok() {}
             }
             () = tokio::time::sleep(config.resync_interval) => {}
@@ -456,6 +457,8 @@ struct Control {
     source: Source,
     identities: IdentityAllocator,
     identities_path: PathBuf,
+    /// What `identities_path` holds (serialized), to write it only when it changes.
+    identities_saved: Vec<u8>,
     /// The last version of each policy that translated cleanly, by `Kind ns/name`.
     last_good: BTreeMap<String, PolicyModel>,
     /// Error lines already logged, so each is reported once.
@@ -615,10 +618,22 @@ impl Control {
                 }
             }
         }
-        if let Err(e) = self.identities.save(&self.identities_path) {
-            self.report(format!("saving {}: {e}", self.identities_path.display()));
+        // Written (and fsynced) only when an identity was allocated or released: most syncs
+        // change policy, not identities.
+        let snapshot = serde_json::to_vec(&self.identities).unwrap_or_default();
+        if snapshot != self.identities_saved {
+            match self.identities.save(&self.identities_path) {
+                Ok(()) => self.identities_saved = snapshot,
+                Err(e) => self.report(format!("saving {}: {e}", self.identities_path.display())),
+            }
         }
         self.ensure_certificates(&inv, &compiled);
+        if result.as_ref().is_ok_and(SyncStats::changed) {
+            // A compile allocates and frees a lot at once; glibc keeps freed memory in its
+            // arenas unless asked, and the agent's steady state is far smaller than its peak.
+            // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
         // Forget what no longer fails, so it is reported again if it breaks again.
         let round = std::mem::take(&mut self.round);
         self.reported.retain(|l| round.contains(l));

@@ -83,7 +83,7 @@ struct AgentArgs {
     #[arg(long, env = "NODEWARD_CGROUP")]
     cgroup: Option<PathBuf>,
     /// Flows kept in memory for `observe --last`.
-    #[arg(long, env = "NODEWARD_FLOW_BUFFER", default_value_t = 65_536)]
+    #[arg(long, env = "NODEWARD_FLOW_BUFFER", default_value_t = 4096)]
     flow_buffer: usize,
     /// Also append every flow as a JSON line to DIR/flows.jsonl (rotated by size).
     #[arg(long, env = "NODEWARD_FLOW_LOG", value_name = "DIR")]
@@ -850,6 +850,34 @@ mod tests {
         assert!(err(&["--verdict", "DROPPED", "--verdict", "FORWARDED"]).contains("given twice"));
         assert!(err(&["--not", "--verdict", "nope"]).contains("FORWARDED, DROPPED"));
         assert!(err(&["--port", "http"]).contains("port number"));
+    }
+
+    #[test]
+    fn certs_are_listed_one_line_each() {
+        let reply = serde_json::json!({
+            "trust_domain": "cluster.local",
+            "issuer": "O=cluster.local, CN=nodeward root CA 0a0b0c0d",
+            "ca": "generated in /var/lib/nodeward/ca",
+            "trust_roots": 1,
+            "certificates": [{
+                "identity": "spiffe://cluster.local/ns/shop/sa/api",
+                "issuer": "O=cluster.local, CN=nodeward root CA 0a0b0c0d",
+                "serial": "7F01",
+                "not_before": "2026-01-01T00:00:00Z",
+                "not_after": "2026-01-02T00:00:00Z",
+                "renew_at": "2026-01-01T12:00:00Z",
+                "renews_in_seconds": 3600,
+                "expires_in_seconds": 7200,
+                "agent": false
+            }]
+        });
+        let text = certs_text(&reply).unwrap();
+        assert!(text.starts_with("trust domain cluster.local"), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("spiffe://cluster.local/ns/shop/sa/api"))
+            .unwrap_or_else(|| panic!("no line for the workload in:\n{text}"));
+        assert!(line.contains("1h") && line.contains("7F01"), "{line}");
     }
 
     #[test]

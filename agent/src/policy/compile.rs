@@ -23,6 +23,7 @@ use super::model::{
     Action, Direction, Entity, PROTO_TCP, Peer, PolicyError, PolicyModel, PortSpec,
 };
 use super::netpol::translate_network_policy;
+use super::selector::{LabelSelector, Operator};
 use crate::identity::{IdentityAllocator, Labels, security_labels};
 use crate::source::Inventory;
 
@@ -194,6 +195,8 @@ pub fn compile(
         by_identity.entry(w.identity).or_default().push(w);
     }
 
+    let index = IdentityIndex::new(&by_identity);
+
     // Policy CIDRs: every cidr and except prefix gets its own identity.
     for p in policies {
         for r in &p.rules {
@@ -228,7 +231,9 @@ pub fn compile(
                     peers: r
                         .peers
                         .iter()
-                        .flat_map(|peer| resolve_peer(peer, &by_identity, &state.policy_cidrs))
+                        .flat_map(|peer| {
+                            resolve_peer(peer, &by_identity, &index, &state.policy_cidrs)
+                        })
                         .collect(),
                     rule: r,
                 })
@@ -303,19 +308,73 @@ struct CompiledRule<'a> {
     peers: BTreeSet<u32>,
 }
 
+/// Identities by `key=value` label, so that a selector with an equality (`matchLabels`, `In`)
+/// looks only at the identities that could match rather than at all of them: with a thousand
+/// peers, each named by its own selector, a full scan per selector is what a policy change
+/// would spend its time on.
+struct IdentityIndex<'a> {
+    by_pair: std::collections::HashMap<(&'a str, &'a str), Vec<u32>>,
+}
+
+impl<'a> IdentityIndex<'a> {
+    fn new(by_identity: &'a BTreeMap<u32, Vec<&Workload<'_>>>) -> Self {
+        let mut by_pair: std::collections::HashMap<(&'a str, &'a str), Vec<u32>> =
+            std::collections::HashMap::new();
+        for (id, workloads) in by_identity {
+            for (k, v) in &workloads[0].labels {
+                by_pair
+                    .entry((k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(*id);
+            }
+        }
+        Self { by_pair }
+    }
+
+    /// The smallest set of identities that can satisfy one of `sel`'s `In` requirements, or
+    /// `None` when it has none (then every identity is a candidate).
+    fn candidates(&self, sel: &LabelSelector) -> Option<BTreeSet<u32>> {
+        sel.requirements
+            .iter()
+            .filter_map(|r| match &r.operator {
+                Operator::In(values) => Some(
+                    values
+                        .iter()
+                        .filter_map(|v| self.by_pair.get(&(r.key.as_str(), v.as_str())))
+                        .flatten()
+                        .copied()
+                        .collect::<BTreeSet<u32>>(),
+                ),
+                _ => None,
+            })
+            .min_by_key(BTreeSet::len)
+    }
+}
+
 /// The identities a peer stands for.
 fn resolve_peer(
     peer: &Peer,
     by_identity: &BTreeMap<u32, Vec<&Workload<'_>>>,
+    index: &IdentityIndex<'_>,
     policy_cidrs: &BTreeMap<IpNet, u32>,
 ) -> BTreeSet<u32> {
     match peer {
         Peer::Any => BTreeSet::from([IDENTITY_ANY]),
-        Peer::Endpoints(sel) => by_identity
-            .iter()
-            .filter(|(_, ws)| sel.matches(&ws[0].labels))
-            .map(|(id, _)| *id)
-            .collect(),
+        Peer::Endpoints(sel) => match index.candidates(sel) {
+            Some(candidates) => candidates
+                .into_iter()
+                .filter(|id| {
+                    by_identity
+                        .get(id)
+                        .is_some_and(|ws| sel.matches(&ws[0].labels))
+                })
+                .collect(),
+            None => by_identity
+                .iter()
+                .filter(|(_, ws)| sel.matches(&ws[0].labels))
+                .map(|(id, _)| *id)
+                .collect(),
+        },
         Peer::Entity(Entity::World) => BTreeSet::from([IDENTITY_WORLD]),
         Peer::Entity(Entity::Host) => BTreeSet::from([IDENTITY_HOST]),
         Peer::Entity(Entity::RemoteNode) => BTreeSet::from([IDENTITY_REMOTE_NODE]),
