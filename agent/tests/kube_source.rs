@@ -211,6 +211,49 @@ fn rule_policies(state: &CompiledState) -> Vec<String> {
     v
 }
 
+/// Every request the source made, as (API group, resource, verb), must be one the ClusterRole in
+/// `deploy/` grants (`nodeward::source::rbac`, which a deploy test keeps equal to the YAML): the
+/// code side of "the RBAC rules cover exactly the verbs the code uses".
+fn assert_requests_within_rbac(requests: &[String]) {
+    for line in requests {
+        let (method, rest) = line.split_once(' ').expect("METHOD path?query");
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if path == "/version" {
+            continue; // Non-resource URL, allowed to every authenticated user.
+        }
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match parts.as_slice() {
+            ["api", "v1", rest @ ..] => ("", rest),
+            ["apis", group, _version, rest @ ..] => (*group, rest),
+            _ => panic!("unexpected request path {path}"),
+        };
+        let rest = match rest {
+            ["namespaces", _ns, tail @ ..] if !tail.is_empty() => tail,
+            other => other,
+        };
+        let (resource, named) = match rest {
+            [resource] => ((*resource).to_owned(), false),
+            [resource, _name] => ((*resource).to_owned(), true),
+            [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+            other => panic!("unexpected resource path {other:?} in {path}"),
+        };
+        let verb = match (method, named) {
+            ("GET", false) if query.contains("watch=true") || query.contains("watch=1") => "watch",
+            ("GET", false) => "list",
+            ("GET", true) => "get",
+            ("POST", _) => "create",
+            ("PATCH", _) => "patch",
+            ("PUT", _) => "update",
+            ("DELETE", _) => "delete",
+            other => panic!("unexpected method {other:?}"),
+        };
+        assert!(
+            nodeward::source::rbac::allows(group, &resource, verb),
+            "the code did {verb} on {group}/{resource} ({line}), which deploy/clusterrole.yaml does not grant"
+        );
+    }
+}
+
 #[tokio::test]
 async fn initial_sync_gives_the_same_inventory_and_compiled_policy_as_the_manifests_source() {
     let fake = FakeApi::start().await;
@@ -258,6 +301,7 @@ async fn initial_sync_gives_the_same_inventory_and_compiled_policy_as_the_manife
     );
     let status = source.status();
     assert!(status.connected && status.synced, "{status:?}");
+    assert_requests_within_rbac(&fake.requests());
 }
 
 #[tokio::test]
@@ -642,4 +686,6 @@ async fn policy_status_is_applied_per_node_and_failures_become_events() {
             .iter()
             .any(|e| e["type"] == "Normal" && e["reason"] == "PolicyEnforced")
     );
+    // Status applies and events included, nothing the ClusterRole does not grant.
+    assert_requests_within_rbac(&fake.requests());
 }
