@@ -34,6 +34,8 @@ pub struct Lab {
     torn_down: bool,
     /// Whether dropping this `Lab` tears the lab down (not for one merely attached to).
     owned: bool,
+    /// Extra arguments for agents started from now on (see [`Lab::set_agent_args`]).
+    agent_args: Vec<String>,
 }
 
 impl Lab {
@@ -89,6 +91,7 @@ impl Lab {
         let mut lab = Self {
             state,
             children: HashMap::new(),
+            agent_args: Vec::new(),
             torn_down: false,
             owned: true,
         };
@@ -127,6 +130,7 @@ impl Lab {
         Ok(Self {
             state,
             children: HashMap::new(),
+            agent_args: Vec::new(),
             torn_down: false,
             owned: false,
         })
@@ -403,6 +407,12 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Extra `nodeward agent` arguments (e.g. `--flow-events drops`) for the agents started from
+    /// now on; running agents keep theirs.
+    pub fn set_agent_args(&mut self, args: &[&str]) {
+        self.agent_args = args.iter().map(|a| (*a).to_string()).collect();
+    }
+
     /// Starts `nodeward agent` in the node's namespace and waits until it reports ready.
     pub fn start_agent(&mut self, node: &str) -> Result<Value> {
         if let Some(pid) = self.agent_pid(node) {
@@ -434,6 +444,7 @@ impl Lab {
             .arg(self.flow_log_dir(node))
             .arg("--cgroup")
             .arg(&n.cgroup)
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -756,7 +756,7 @@ struct Rss {
 
 /// `sh -c` puts itself into the pod's cgroup (where the agents' cgroup programs see it, as they
 /// see the pod's own processes), then becomes `nsenter --net=<pod> -- program args`.
-fn in_pod(pod: &PodState, program: &std::ffi::OsStr, args: &[&str]) -> Command {
+pub(crate) fn in_pod(pod: &PodState, program: &std::ffi::OsStr, args: &[&str]) -> Command {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#"echo $$ > "$0" && exec "$@""#)
@@ -793,7 +793,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;
@@ -1023,6 +1023,15 @@ fn update_readme(table: &str) -> Result<()> {
     let intro = "## Benchmarks\n\n`cargo xtask bench datapath` measures, on the lab, nodeward side \
                  by side with the baselines in one run and reports ratios (it rewrites this \
                  section).\n\n";
+    // `bench flows` owns the "### Flows" subsection: keep it.
+    let flows = text[start..end]
+        .find("### Flows\n")
+        .map_or("", |i| &text[start + i..end]);
+    let table = if flows.is_empty() {
+        table.to_string()
+    } else {
+        format!("{table}\n{}\n", flows.trim_end())
+    };
     let updated = format!("{}{intro}{table}\n{}", &text[..start], &text[end..]);
     if updated.matches("## Benchmarks").count() != 1 {
         bail!("README.md: could not replace the Benchmarks section cleanly");

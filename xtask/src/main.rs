@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_flip;
+mod bench_flows;
 mod bench_rules;
 mod demo;
 mod setup;
@@ -95,6 +96,9 @@ enum BenchCmd {
     /// 10k rules, iptables with 10k rules (connections/s, request/response latency, throughput);
     /// then policy change latency and agent RSS with 1,000 pods. Rewrites README's Benchmarks.
     Datapath,
+    /// Flow events: the highest new-connections rate with zero lost flows, and the datapath
+    /// cost of `--flow-events all` versus `drops`. Rewrites README's Benchmarks / Flows.
+    Flows,
 }
 
 fn main() -> Result<()> {
@@ -113,6 +117,12 @@ fn main() -> Result<()> {
         } => {
             setup::run()?;
             bench::run()
+        }
+        Cmd::Bench {
+            what: BenchCmd::Flows,
+        } => {
+            setup::run()?;
+            bench_flows::run()
         }
     }
 }
