@@ -15,6 +15,7 @@ use crate::datapath::loader::Datapath;
 use crate::datapath::maps::PinnedMaps;
 use crate::datapath::sync::{SyncError, SyncStats, Syncer};
 use crate::endpoints::Resolver;
+use crate::error_chain;
 use crate::flows::log::{FlowLog, FlowLogConfig};
 use crate::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore};
 use crate::identity::IdentityAllocator;
@@ -437,21 +438,6 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
 
 /// How often the flow reader drains the ring without a wakeup.
 const EVENTS_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
-
-/// `error: cause: cause` on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    line
-}
 
 struct Control {
     source: Source,

@@ -250,7 +250,7 @@ impl Datapath {
                 program: hook.program,
                 ifname: ifname.to_owned(),
                 path: PathBuf::new(),
-                detail: format!("not a bpf link: {}", chain(&e)),
+                detail: format!("not a bpf link: {}", crate::error_chain(&e)),
             })?;
             match &self.bpffs_dir {
                 Some(dir) => pin_replacing(link, dir, ifname, hook)?,
@@ -381,18 +381,6 @@ fn link_pin(dir: &Path, ifname: &str, hook: Hook) -> PathBuf {
     links_dir(dir).join(format!("{}-{}", pin_stem(ifname), hook.suffix))
 }
 
-/// The whole error chain on one line (aya's errors keep the errno in their sources).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// Pins `link` at its place, replacing (make-before-break) a link pinned there before.
 fn pin_replacing(link: FdLink, dir: &Path, ifname: &str, hook: Hook) -> Result<(), DatapathError> {
     let final_path = link_pin(dir, ifname, hook);
@@ -411,7 +399,7 @@ fn pin_replacing(link: FdLink, dir: &Path, ifname: &str, hook: Hook) -> Result<(
     let _ = std::fs::remove_file(&temp_path);
     let pinned = link
         .pin(&temp_path)
-        .map_err(|e| pin_err(&temp_path, chain(&e)))?;
+        .map_err(|e| pin_err(&temp_path, crate::error_chain(&e)))?;
     // rename(2) replaces the old pin atomically; the old link loses its last reference and is
     // released (detached) only now, after the new program is attached.
     if let Err(e) = std::fs::rename(&temp_path, &final_path) {

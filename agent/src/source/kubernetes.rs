@@ -469,21 +469,6 @@ impl kube::runtime::utils::Backoff for Doubling {
     }
 }
 
-/// `error: cause: cause` on one line.
-fn error_line(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    line
-}
-
 async fn watch_kind(
     client: kube::Client,
     resource: ApiResource,
@@ -514,7 +499,7 @@ async fn watch_kind(
                 changed || !was_connected
             }
             Err(e) => {
-                let line = format!("watching {}: {}", resource.plural, error_line(&e));
+                let line = format!("watching {}: {}", resource.plural, crate::error_chain(&e));
                 tracing::warn!(kind = %resource.kind, error = %line, "watch failed; retrying with backoff, the last known state stays enforced");
                 lock(&store).note_error(line)
             }
@@ -538,7 +523,10 @@ async fn probe(
             let mut s = lock(&store);
             match result {
                 Ok(_) => !std::mem::replace(&mut s.connected, true),
-                Err(e) => s.note_error(format!("reaching the API server: {}", error_line(&e))),
+                Err(e) => s.note_error(format!(
+                    "reaching the API server: {}",
+                    crate::error_chain(&e)
+                )),
             }
         };
         if wake {
