@@ -57,7 +57,11 @@ pub mod drop_reason {
     pub const IPV6_EXT_TOO_DEEP: u8 = 8;
     /// IPv6 routing header (type 0 is deprecated, others are not expected from pods).
     pub const IPV6_ROUTING_HEADER: u8 = 9;
-    pub const COUNT: u8 = 10;
+    /// Plaintext TCP to a pod in mTLS STRICT mode (only the tunnel may reach it).
+    pub const AUTH_REQUIRED: u8 = 10;
+    /// A connection to be tunnelled found no outbound listener (the agent is not running).
+    pub const PROXY_UNAVAILABLE: u8 = 11;
+    pub const COUNT: u8 = 12;
 
     /// Hubble-style description for flows and metrics.
     #[must_use]
@@ -73,6 +77,8 @@ pub mod drop_reason {
             UNKNOWN_ENDPOINT => "UNKNOWN_ENDPOINT",
             IPV6_EXT_TOO_DEEP => "IPV6_EXTENSION_HEADERS_TOO_DEEP",
             IPV6_ROUTING_HEADER => "IPV6_ROUTING_HEADER",
+            AUTH_REQUIRED => "AUTH_REQUIRED",
+            PROXY_UNAVAILABLE => "PROXY_REDIRECTION_FAILED",
             _ => "UNKNOWN_REASON",
         }
     }
@@ -84,6 +90,8 @@ pub const COUNTER_PASSED: u32 = 1;
 pub const COUNTER_EVENTS_LOST: u32 = 2;
 pub const COUNTER_NEW_FLOWS: u32 = 3;
 pub const COUNTER_POLICY_REEVALUATED: u32 = 4;
+/// New TCP flows steered to the agent's outbound listener (the mTLS tunnel).
+pub const COUNTER_REDIRECTED: u32 = 5;
 pub const COUNTER_DROP_BASE: u32 = 16;
 pub const COUNTERS_LEN: u32 = 32;
 
@@ -107,6 +115,7 @@ pub mod map_names {
     pub const EVENTS: &str = "NW_EVENTS";
     pub const COUNTERS: &str = "NW_COUNTERS";
     pub const CONFIG: &str = "NW_CONFIG";
+    pub const PROXY_SOCKETS: &str = "NW_PROXY_SOCKETS";
 }
 
 /// Program names (the function names in `agent-ebpf`).
@@ -115,6 +124,35 @@ pub mod program_names {
     pub const FROM_WORKLOAD: &str = "from_workload";
     /// TC egress of the host-side interface: packets going to the pod.
     pub const TO_WORKLOAD: &str = "to_workload";
+    /// `sk_lookup` of the agent's network namespace: hands new tunnelled connections to the
+    /// agent's outbound listener.
+    pub const TO_PROXY: &str = "to_proxy";
+}
+
+/// The mTLS tunnel's interception. A new TCP flow from a meshed pod to a meshed pod is marked in
+/// conntrack (`CT_F_REDIRECT`) and every packet of it gets [`MARK_TO_PROXY`]; a policy route
+/// (`ip rule add fwmark MARK_TO_PROXY/MARK_MASK lookup ROUTE_TABLE` with
+/// `local default dev lo table ROUTE_TABLE`) delivers them locally, where the `to_proxy`
+/// `sk_lookup` program gives the first packet to the agent's transparent listener (the accepted
+/// socket's local address is the original destination) and the kernel finds the rest by their
+/// 4-tuple. Replies to the connections the agent opens to pods (tunnel deliveries, sent with
+/// [`MARK_FROM_AGENT`] from the original source address) are marked the same way, so they reach
+/// the agent rather than being routed towards the source's node.
+pub mod mesh {
+    /// The bits of `skb->mark` nodeward owns.
+    pub const MARK_MASK: u32 = 0x0f00_0000;
+    /// Deliver locally (to the agent), by the policy route.
+    pub const MARK_TO_PROXY: u32 = 0x0100_0000;
+    /// Sent by the agent itself (`SO_MARK`): a tunnel delivery, already authorized by the agent.
+    pub const MARK_FROM_AGENT: u32 = 0x0200_0000;
+    /// Routing table of the policy route, and the priority of its rule.
+    pub const ROUTE_TABLE: u32 = 0x4e57;
+    pub const RULE_PRIORITY: u32 = 90;
+    /// The agent's outbound listeners: `127.0.0.1:OUTBOUND_PORT` and `[::1]:OUTBOUND_PORT`.
+    pub const OUTBOUND_PORT: u16 = 15001;
+    /// `NW_PROXY_SOCKETS` slots.
+    pub const PROXY_SOCKET_V4: u32 = 0;
+    pub const PROXY_SOCKET_V6: u32 = 1;
 }
 
 /// `EndpointInfo::flags`.
@@ -122,6 +160,21 @@ pub const EP_INGRESS_ENFORCED: u32 = 1 << 0;
 pub const EP_EGRESS_ENFORCED: u32 = 1 << 1;
 pub const EP_HAS_IPV4: u32 = 1 << 2;
 pub const EP_HAS_IPV6: u32 = 1 << 3;
+/// The pod is in the mesh (mTLS PERMISSIVE or STRICT): its new TCP flows to meshed pods go
+/// through the agent's tunnel.
+pub const EP_MESHED: u32 = 1 << 4;
+/// mTLS STRICT: new plaintext TCP flows to the pod are dropped (`AUTH_REQUIRED`) unless the
+/// agent delivers them from the tunnel or they come from the node itself (kubelet probes).
+pub const EP_MTLS_STRICT: u32 = 1 << 5;
+
+/// `IpcacheValue::flags`: the address is a pod in the mesh, so traffic to it is tunnelled.
+pub const IPCACHE_MESHED: u32 = 1 << 0;
+
+/// `CtValue::flags`: the flow goes to the agent's outbound listener (every packet is marked).
+pub const CT_F_REDIRECT: u8 = 1 << 0;
+/// `CtValue::flags`: the agent opened this flow to the pod (a tunnel delivery): replies are
+/// marked for local delivery to the agent.
+pub const CT_F_TUNNELED: u8 = 1 << 1;
 
 /// `NW_ENDPOINTS` value, keyed by the `u32` ifindex of the pod's host-side interface.
 #[repr(C)]
@@ -173,7 +226,8 @@ pub struct PolicyValue {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpcacheValue {
     pub identity: u32,
-    pub _pad: u32,
+    /// `IPCACHE_*` bits (always 0 in `NW_POLICY_CIDRS`).
+    pub flags: u32,
 }
 
 /// `NW_CONNTRACK` key: the tuple as the packet that created the entry carried it, plus the
@@ -200,7 +254,9 @@ pub struct CtValue {
     pub rule_id: u32,
     pub verdict: u8,
     pub drop_reason: u8,
-    pub _pad: [u8; 2],
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
     pub src_identity: u32,
     pub dst_identity: u32,
     pub _pad2: u32,

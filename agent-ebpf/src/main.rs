@@ -5,6 +5,12 @@
 //! Each packet: parse (fail closed), find the endpoint by interface, anti-spoofing for what the
 //! pod sends, conntrack, and for a new flow (or a flow whose verdict predates the current policy
 //! generation) the policy lookup. Every drop and every new flow becomes a `FlowEvent`.
+//!
+//! The mTLS tunnel (see `agent_common::mesh`): a new TCP flow from a meshed pod to a meshed pod
+//! that egress policy allows is marked for local delivery, and `to_proxy` (`sk_lookup` in the
+//! agent's network namespace) hands it to the agent's outbound listener. What the agent sends to
+//! a pod with `MARK_FROM_AGENT` is a tunnel delivery it has already authorized: it passes without
+//! kernel policy, and its replies are marked back to the agent.
 #![no_std]
 #![no_main]
 
@@ -13,18 +19,22 @@ mod policy;
 
 use agent_common::{
     CONFIG_EVENTS_ALL_FLOWS, COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS,
-    COUNTER_PACKETS, COUNTER_PASSED, COUNTER_POLICY_REEVALUATED, COUNTERS_LEN, CtKey, CtValue,
-    DIR_EGRESS, DIR_INGRESS, DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EVENTS_RING_BYTES,
-    EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS,
-    MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey,
-    PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason, tcp_flags,
+    COUNTER_PACKETS, COUNTER_PASSED, COUNTER_POLICY_REEVALUATED, COUNTER_REDIRECTED, COUNTERS_LEN,
+    CT_F_REDIRECT, CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DatapathConfig,
+    EP_HAS_IPV4, EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT, EVENTS_RING_BYTES, EndpointInfo,
+    FlowEvent, FragKey, FragValue, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue, MAX_CONNTRACK,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES,
+    PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason, mesh, tcp_flags,
 };
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::TcContext,
+    macros::{classifier, map, sk_lookup},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap},
+    programs::{SkLookupContext, TcContext},
 };
 
 use crate::{
@@ -67,6 +77,11 @@ static NW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LE
 
 #[map]
 static NW_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// The agent's outbound listeners (`mesh::PROXY_SOCKET_V4`, `PROXY_SOCKET_V6`). Private to each
+/// loaded instance, never pinned: the sockets live and die with the agent process.
+#[map]
+static NW_PROXY_SOCKETS: SockMap = SockMap::with_max_entries(2, 0);
 
 #[classifier]
 pub fn from_workload(ctx: TcContext) -> i32 {
@@ -145,7 +160,15 @@ fn process(ctx: &TcContext, direction: u8, ev: &mut FlowEvent) -> Result<i32, u8
         return Ok(TC_ACT_OK);
     }
 
-    conntrack_and_policy(&ep, direction, ev)
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    // Only the node's own stack can set a mark on what goes to a pod: the kernel clears it on
+    // packets that cross from another network namespace (a pod, another node's wire).
+    let from_agent = direction == DIR_INGRESS && mark & mesh::MARK_MASK == mesh::MARK_FROM_AGENT;
+    if conntrack_and_policy(&ep, direction, from_agent, ev)? {
+        ctx.set_mark((mark & !mesh::MARK_MASK) | mesh::MARK_TO_PROXY);
+    }
+    Ok(TC_ACT_OK)
 }
 
 /// ICMPv6 ND/RD/MLD is link-local control traffic: it passes without policy in both directions
@@ -155,9 +178,18 @@ const fn link_control(info: &L4Info) -> bool {
     info.icmpv6_link_control
 }
 
+/// Conntrack, and policy for new flows: `Ok(true)` passes the packet marked for local delivery
+/// to the agent (a tunnelled flow, or a reply to one the agent opened), `Ok(false)` passes it
+/// as is, `Err(reason)` drops it.
+///
 /// Not inlined: a separate BPF function keeps each frame under the 512-byte stack limit.
 #[inline(never)]
-fn conntrack_and_policy(ep: &EndpointInfo, direction: u8, ev: &mut FlowEvent) -> Result<i32, u8> {
+fn conntrack_and_policy(
+    ep: &EndpointInfo,
+    direction: u8,
+    from_agent: bool,
+    ev: &mut FlowEvent,
+) -> Result<bool, u8> {
     let (generation, flags) = match NW_CONFIG.get(0) {
         Some(cfg) => (cfg.policy_generation, cfg.flags),
         None => (0, 0),
@@ -178,27 +210,62 @@ fn conntrack_and_policy(ep: &EndpointInfo, direction: u8, ev: &mut FlowEvent) ->
         policy::ct_lookup(&key, &reverse)
     };
     let Some(hit) = hit else {
+        count(COUNTER_NEW_FLOWS);
+        if from_agent {
+            // A tunnel delivery: the agent checked this pod's ingress policy against the
+            // peer's certificate, which the kernel cannot see. The agent reports the flow.
+            let (peer_identity, _) = policy::peer(&key.saddr);
+            let decision = Decision {
+                verdict: VERDICT_FORWARDED,
+                peer_identity,
+                ..Decision::default()
+            };
+            let value = policy::ct_value(ep, direction, &decision, generation, CT_F_TUNNELED);
+            policy::ct_insert(&key, &value);
+            report(ev, &value, false, false)?;
+            return Ok(false);
+        }
         // A new flow, evaluated in this packet's direction.
         let mut decision = Decision::default();
         policy::evaluate(ep, &key, &mut decision);
-        let value = policy::ct_value(ep, direction, &decision, generation);
+        let ct_flags = mesh_decision(ep, direction, ev.protocol, &mut decision);
+        if ct_flags & CT_F_REDIRECT != 0 {
+            count(COUNTER_REDIRECTED);
+        }
+        let value = policy::ct_value(ep, direction, &decision, generation, ct_flags);
         policy::ct_insert(&key, &value);
-        count(COUNTER_NEW_FLOWS);
-        return report(ev, &value, false, all_flows);
+        report(ev, &value, false, all_flows)?;
+        return Ok(ct_flags & CT_F_REDIRECT != 0);
     };
 
     let original: &CtKey = if hit.is_reply { &reverse } else { &key };
     // SAFETY: a map value pointer from a successful lookup, valid for this program run.
     let stored = unsafe { *hit.value };
-    if stored.generation == generation {
-        return report(ev, &stored, hit.is_reply, false);
+    // Replies of a tunnel delivery go back to the agent; the packets of a redirected flow go on
+    // to it.
+    let steer_bit = if hit.is_reply {
+        CT_F_TUNNELED
+    } else {
+        CT_F_REDIRECT
+    };
+    if stored.generation == generation || stored.flags & CT_F_TUNNELED != 0 {
+        // Tunnel deliveries keep the agent's verdict: the kernel cannot re-check a certificate.
+        report(ev, &stored, hit.is_reply, false)?;
+        return Ok(stored.flags & steer_bit != 0);
     }
 
     // Policy changed since the verdict: evaluate again, for the entry's original direction, with
-    // this endpoint as the subject.
+    // this endpoint as the subject. A flow keeps the path it started on (tunnelled or not): a
+    // live connection cannot move between the two.
     let mut decision = Decision::default();
     policy::evaluate(ep, original, &mut decision);
-    let value = policy::ct_value(ep, original.direction, &decision, generation);
+    let _ = mesh_decision(ep, original.direction, original.protocol, &mut decision);
+    let ct_flags = if decision.verdict == VERDICT_FORWARDED {
+        stored.flags & CT_F_REDIRECT
+    } else {
+        0
+    };
+    let value = policy::ct_value(ep, original.direction, &decision, generation, ct_flags);
     // SAFETY: as above; a plain store into the map value.
     unsafe { *hit.value = value };
     count(COUNTER_POLICY_REEVALUATED);
@@ -207,13 +274,36 @@ fn conntrack_and_policy(ep: &EndpointInfo, direction: u8, ev: &mut FlowEvent) ->
         &value,
         hit.is_reply,
         all_flows && value.verdict != stored.verdict,
-    )
+    )?;
+    Ok(value.flags & steer_bit != 0)
+}
+
+/// The mesh's part of a new flow's verdict, after policy: plaintext TCP to a STRICT pod is
+/// dropped (except from the node itself: kubelet probes), and allowed TCP from a meshed pod to a
+/// meshed pod goes to the tunnel (`CT_F_REDIRECT`). Returns the conntrack flags.
+#[inline(always)]
+fn mesh_decision(ep: &EndpointInfo, direction: u8, protocol: u8, decision: &mut Decision) -> u8 {
+    if decision.verdict != VERDICT_FORWARDED || protocol != parse::IPPROTO_TCP {
+        return 0;
+    }
+    if direction == DIR_INGRESS {
+        if ep.flags & EP_MTLS_STRICT != 0 && decision.peer_identity != IDENTITY_HOST {
+            decision.verdict = VERDICT_DROPPED;
+            decision.drop_reason = drop_reason::AUTH_REQUIRED;
+            decision.rule_id = 0;
+        }
+        return 0;
+    }
+    if ep.flags & EP_MESHED != 0 && decision.peer_flags & IPCACHE_MESHED != 0 {
+        return CT_F_REDIRECT;
+    }
+    0
 }
 
 /// Applies a conntrack verdict to the packet: fills the event, emits it for a pass when `notify`
 /// (drops are reported by [`run`]).
 #[inline(always)]
-fn report(ev: &mut FlowEvent, value: &CtValue, is_reply: bool, notify: bool) -> Result<i32, u8> {
+fn report(ev: &mut FlowEvent, value: &CtValue, is_reply: bool, notify: bool) -> Result<(), u8> {
     // Stored identities follow the original tuple; a reply travels the other way.
     if is_reply {
         ev.direction = policy::opposite(ev.direction);
@@ -232,7 +322,107 @@ fn report(ev: &mut FlowEvent, value: &CtValue, is_reply: bool, notify: bool) -> 
         ev.verdict = VERDICT_FORWARDED;
         emit(ev);
     }
-    Ok(TC_ACT_OK)
+    Ok(())
+}
+
+/// `sk_lookup` in the agent's network namespace: a new connection the classifiers redirected
+/// (conntrack says `CT_F_REDIRECT` for its tuple, as the pod sent it) goes to the agent's
+/// outbound listener, whatever its destination address and port. Everything else is left to
+/// the normal lookup. The kernel runs this only for listener lookups (a SYN, or a SYN on a
+/// tuple in TIME_WAIT), after established sockets had their chance, so the packets of an
+/// accepted connection find it by their 4-tuple.
+#[sk_lookup]
+pub fn to_proxy(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the context pointer the kernel passed; each field is read on its own, at its own
+    // width, as the verifier requires of this context.
+    let (protocol, family) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.lookup).protocol),
+            core::ptr::read_volatile(&raw const (*ctx.lookup).family),
+        )
+    };
+    if protocol != u32::from(parse::IPPROTO_TCP) {
+        return SK_PASS;
+    }
+    let mut key = CtKey {
+        protocol: parse::IPPROTO_TCP,
+        direction: DIR_EGRESS,
+        ..CtKey::default()
+    };
+    let slot = if family == AF_INET {
+        // SAFETY: as above.
+        let (remote, local) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*ctx.lookup).remote_ip4),
+                core::ptr::read_volatile(&raw const (*ctx.lookup).local_ip4),
+            )
+        };
+        key.saddr = parse::ipv4_mapped(remote.to_ne_bytes());
+        key.daddr = parse::ipv4_mapped(local.to_ne_bytes());
+        mesh::PROXY_SOCKET_V4
+    } else if family == AF_INET6 {
+        // SAFETY: as above.
+        let (remote, local) = unsafe {
+            let l = ctx.lookup;
+            (
+                [
+                    core::ptr::read_volatile(&raw const (*l).remote_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*l).remote_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*l).remote_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*l).remote_ip6[3]),
+                ],
+                [
+                    core::ptr::read_volatile(&raw const (*l).local_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*l).local_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*l).local_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*l).local_ip6[3]),
+                ],
+            )
+        };
+        key.saddr = words_to_bytes(remote);
+        key.daddr = words_to_bytes(local);
+        mesh::PROXY_SOCKET_V6
+    } else {
+        return SK_PASS;
+    };
+    // SAFETY: as above. `remote_port` is in network order, `local_port` in host order.
+    let (remote_port, local_port) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.lookup).remote_port),
+            core::ptr::read_volatile(&raw const (*ctx.lookup).local_port),
+        )
+    };
+    key.sport_be = remote_port;
+    key.dport_be = (local_port as u16).to_be();
+    let redirected = NW_CONNTRACK
+        .get_ptr(key)
+        // SAFETY: a map value pointer from a successful lookup.
+        .is_some_and(|v| unsafe { (*v).flags } & CT_F_REDIRECT != 0);
+    if !redirected {
+        return SK_PASS;
+    }
+    match NW_PROXY_SOCKETS.redirect_sk_lookup(&ctx, slot, 0) {
+        Ok(()) => SK_PASS,
+        // No listener (the agent is not running): refuse now, so the client fails fast
+        // rather than reaching whatever else listens on the destination port here.
+        Err(_) => {
+            count(COUNTER_DROP_BASE + u32::from(drop_reason::PROXY_UNAVAILABLE));
+            SK_DROP
+        }
+    }
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// Four 32-bit words as they lie in memory (network order) into 16 address bytes.
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let [a, b, c, d] = w.map(u32::to_ne_bytes);
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }
 
 #[inline(always)]

@@ -63,7 +63,7 @@ pub fn ethertype(ctx: &TcContext) -> Result<u16, u8> {
 }
 
 #[inline(always)]
-fn ipv4_mapped(a: [u8; 4]) -> [u8; 16] {
+pub fn ipv4_mapped(a: [u8; 4]) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
     ]

@@ -17,6 +17,8 @@ pub struct Decision {
     pub drop_reason: u8,
     pub rule_id: u32,
     pub peer_identity: u32,
+    /// The peer's `IPCACHE_*` flags (0 when the ipcache does not know it).
+    pub peer_flags: u32,
 }
 
 #[inline(always)]
@@ -25,6 +27,15 @@ fn lookup_identity(
     addr: &[u8; 16],
 ) -> Option<u32> {
     trie.get(Key::new(128, *addr)).map(|v| v.identity)
+}
+
+/// The ipcache's identity and flags for `addr` (world and no flags when it has none).
+#[inline(always)]
+pub fn peer(addr: &[u8; 16]) -> (u32, u32) {
+    match NW_IPCACHE.get(Key::new(128, *addr)) {
+        Some(v) => (v.identity, v.flags),
+        None => (IDENTITY_WORLD, 0),
+    }
 }
 
 #[inline(always)]
@@ -67,7 +78,7 @@ pub fn evaluate(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
     } else {
         &key.saddr
     };
-    let peer_identity = lookup_identity(&NW_IPCACHE, peer).unwrap_or(IDENTITY_WORLD);
+    let (peer_identity, peer_flags) = self::peer(peer);
     // Plain values rather than `Option`s: LLVM may spill the undefined payload of a `None`,
     // which the verifier rejects as a read of an uninitialised register.
     let (has_cidr, cidr_identity) = match lookup_identity(&NW_POLICY_CIDRS, peer) {
@@ -76,6 +87,7 @@ pub fn evaluate(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
     };
     let set_be = ep.policy_set.to_be();
     out.peer_identity = peer_identity;
+    out.peer_flags = peer_flags;
 
     let peers = [
         (true, peer_identity),
@@ -190,9 +202,15 @@ pub fn ct_insert(key: &CtKey, value: &CtValue) {
 }
 
 /// The conntrack value recording `decision` for a flow of endpoint `ep` whose original
-/// direction is `direction`.
+/// direction is `direction`, with `CT_F_*` `flags`.
 #[inline(always)]
-pub fn ct_value(ep: &EndpointInfo, direction: u8, decision: &Decision, generation: u32) -> CtValue {
+pub fn ct_value(
+    ep: &EndpointInfo,
+    direction: u8,
+    decision: &Decision,
+    generation: u32,
+    flags: u8,
+) -> CtValue {
     let (src_identity, dst_identity) = if direction == DIR_EGRESS {
         (ep.identity, decision.peer_identity)
     } else {
@@ -203,7 +221,8 @@ pub fn ct_value(ep: &EndpointInfo, direction: u8, decision: &Decision, generatio
         rule_id: decision.rule_id,
         verdict: decision.verdict,
         drop_reason: decision.drop_reason,
-        _pad: [0; 2],
+        flags,
+        _pad: 0,
         src_identity,
         dst_identity,
         _pad2: 0,

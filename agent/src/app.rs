@@ -56,6 +56,9 @@ pub struct AgentConfig {
     pub ca: crate::ca::CaConfig,
     /// Lifetime of workload certificates (`--cert-ttl`).
     pub cert_ttl: Duration,
+    /// mTLS mode of pods no `MutualTLS` selects (`--mtls-mode`).
+    pub mtls_default: policy::MeshMode,
+    pub tunnel: crate::tunnel::TunnelConfig,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -135,6 +138,33 @@ pub struct Shared {
     /// The mesh CA, and the certificates of the local workloads and of this agent.
     pub authority: Arc<crate::ca::Authority>,
     pub certs: crate::ca::manager::CertManager,
+    /// The mTLS tunnel, once it runs.
+    pub tunnel: std::sync::OnceLock<Arc<crate::tunnel::Context>>,
+}
+
+impl Shared {
+    /// Records a flow: metrics, the flow log, the in-memory ring and its followers.
+    pub fn record(&self, flow: Arc<crate::flows::Flow>) {
+        self.metrics.observe_flow(&flow);
+        if let Some(log) = &self.flow_log
+            && !log.offer(flow.clone())
+        {
+            self.flows
+                .lost
+                .flow_log_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.flows.push(flow);
+    }
+
+    /// The enrichment index of the last sync.
+    #[must_use]
+    pub fn index(&self) -> Arc<EnrichmentIndex> {
+        self.index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Shared {
@@ -183,6 +213,21 @@ impl Shared {
         });
         if let Some(log) = &self.flow_log {
             value["flow_log"] = serde_json::to_value(log.status()).unwrap_or_default();
+        }
+        if let Some(tunnel) = self.tunnel.get() {
+            use crate::tunnel::TunnelStats as S;
+            let s = &tunnel.stats;
+            let view = tunnel.view();
+            let meshed_here = view.workloads.values().filter(|w| w.local && w.mode.meshed());
+            value["tunnel"] = serde_json::json!({
+                "hbone_addr": tunnel.config.hbone_addr.to_string(),
+                "meshed_endpoints": meshed_here.count(),
+                "outbound": {"ok": S::get(&s.outbound_ok), "denied": S::get(&s.outbound_denied), "failed": S::get(&s.outbound_failed), "active": S::get(&s.outbound_active)},
+                "inbound": {"ok": S::get(&s.inbound_ok), "denied": S::get(&s.inbound_denied), "failed": S::get(&s.inbound_failed), "active": S::get(&s.inbound_active)},
+                "pooled_connections": S::get(&s.pool_open),
+                "handshake_failures": {"client": S::get(&s.client_handshake_failures), "server": S::get(&s.server_handshake_failures)},
+                "redirected_flows": get(agent_common::COUNTER_REDIRECTED),
+            });
         }
         value
     }
@@ -263,6 +308,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         syncs: AtomicU64::new(0),
         authority,
         certs,
+        tunnel: std::sync::OnceLock::new(),
     });
     {
         let syncer = syncer.clone();
@@ -287,6 +333,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
     tokio::spawn(crate::metrics::serve(metrics_listener, shared.clone()));
     tokio::spawn(read_events(events, shared.clone()));
+    let tunnel = start_tunnel(&config, &mut datapath, &shared)
+        .await
+        .context("starting the mTLS tunnel")?;
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let (source, _watcher) = match (&config.source, kube_client) {
@@ -322,6 +371,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         syncer,
         shared: shared.clone(),
         node: config.node.clone(),
+        mtls_default: config.mtls_default,
+        tunnel,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -345,6 +396,58 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tracing::info!("stopping; pinned programs and maps keep enforcing");
     let _ = std::fs::remove_file(&config.api_socket);
     Ok(())
+}
+
+/// Starts the tunnel: the policy route and the `to_proxy` hook in this network namespace, the
+/// outbound listeners (handed to the datapath) and the HBONE server. Any failure stops start-up
+/// with what failed: a node that cannot tunnel must not pretend to be in the mesh.
+async fn start_tunnel(
+    config: &AgentConfig,
+    datapath: &mut Datapath,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<Arc<crate::tunnel::Context>> {
+    use crate::tunnel;
+    tunnel::net::ensure_policy_route()?;
+    let weak = Arc::downgrade(shared);
+    let sink: tunnel::FlowSink = Arc::new(move |record: &crate::flows::TunnelRecord| {
+        if let Some(shared) = weak.upgrade() {
+            let flow = crate::flows::from_tunnel(record, &shared.index());
+            shared.record(Arc::new(flow));
+        }
+    });
+    let ctx = Arc::new(tunnel::Context {
+        config: config.tunnel.clone(),
+        view: RwLock::new(Arc::default()),
+        certs: shared.certs.clone(),
+        trust: shared.authority.trust(),
+        stats: tunnel::TunnelStats::default(),
+        flows: sink,
+    });
+    let pool = Arc::new(tunnel::pool::Pool::default());
+    let [v4, v6] = tunnel::outbound::listeners().context("binding the outbound listeners")?;
+    for (slot, listener) in [
+        (agent_common::mesh::PROXY_SOCKET_V4, &v4),
+        (agent_common::mesh::PROXY_SOCKET_V6, &v6),
+    ] {
+        use std::os::fd::AsFd as _;
+        datapath
+            .set_proxy_listener(slot, listener.as_fd())
+            .context("handing the outbound listener to the datapath")?;
+    }
+    datapath
+        .attach_to_proxy()
+        .context("attaching the to_proxy hook")?;
+    let acceptor = tunnel::inbound::acceptor(&ctx)
+        .map_err(|e| anyhow::anyhow!("the HBONE server's TLS: {e}"))?;
+    let hbone = tunnel::net::listener(config.tunnel.hbone_addr)
+        .with_context(|| format!("binding --hbone-addr {}", config.tunnel.hbone_addr))?;
+    for listener in [v4, v6] {
+        tokio::spawn(tunnel::outbound::serve(listener, ctx.clone(), pool.clone()));
+    }
+    tokio::spawn(tunnel::inbound::serve(hbone, acceptor, ctx.clone()));
+    tracing::info!(hbone = %config.tunnel.hbone_addr, "mTLS tunnel ready");
+    let _ = shared.tunnel.set(ctx.clone());
+    Ok(ctx)
 }
 
 fn watch(
@@ -405,11 +508,7 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
         if let Some(mut guard) = woken {
             guard.clear_ready();
         }
-        let index = shared
-            .index
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let index = shared.index();
         let ring = fd.get_mut();
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<agent_common::FlowEvent>() {
@@ -420,20 +519,52 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
             let event: agent_common::FlowEvent =
                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            let flow = Arc::new(crate::flows::from_event(&event, &index, &clock));
-            shared.metrics.observe_flow(&flow);
-            if let Some(log) = &shared.flow_log
-                && !log.offer(flow.clone())
-            {
-                shared
-                    .flows
-                    .lost
-                    .flow_log_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            shared.flows.push(flow);
+            shared.record(Arc::new(crate::flows::from_event(&event, &index, &clock)));
         }
     }
+}
+
+/// The ipcache as the datapath gets it: each prefix's identity, and `IPCACHE_MESHED` on the
+/// addresses of pods in the mesh (traffic to them is tunnelled).
+fn ipcache_values(
+    inv: &Inventory,
+    compiled: &policy::CompiledState,
+    modes: &BTreeMap<policy::ObjectRef, policy::MeshMode>,
+) -> BTreeMap<ipnet::IpNet, agent_common::IpcacheValue> {
+    let meshed: BTreeSet<IpAddr> = inv
+        .pods
+        .iter()
+        .filter(|(r, _)| modes.get(*r).is_some_and(|m| m.meshed()))
+        .flat_map(|(_, pod)| {
+            pod.status.iter().flat_map(|s| {
+                s.pod_ips
+                    .iter()
+                    .flatten()
+                    .map(|i| i.ip.clone())
+                    .chain(s.pod_ip.clone())
+            })
+        })
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    compiled
+        .ipcache
+        .iter()
+        .map(|(net, identity)| {
+            let host = net.prefix_len() == net.max_prefix_len();
+            let flags = if host && meshed.contains(&net.addr()) {
+                agent_common::IPCACHE_MESHED
+            } else {
+                0
+            };
+            (
+                *net,
+                agent_common::IpcacheValue {
+                    identity: *identity,
+                    flags,
+                },
+            )
+        })
+        .collect()
 }
 
 /// How often the flow reader drains the ring without a wakeup.
@@ -458,6 +589,8 @@ struct Control {
     syncer: Arc<Mutex<Syncer<PinnedMaps>>>,
     shared: Arc<Shared>,
     node: String,
+    mtls_default: policy::MeshMode,
+    tunnel: Arc<crate::tunnel::Context>,
 }
 
 impl Control {
@@ -490,7 +623,12 @@ impl Control {
         let failures = self.translate_policies(&inv);
 
         let models: Vec<PolicyModel> = self.last_good.values().cloned().collect();
-        let compiled = policy::compile(&self.node, &inv, &models, &mut self.identities);
+        let mut compiled = policy::compile(&self.node, &inv, &models, &mut self.identities);
+        let modes = self.mesh_modes(&inv);
+        for (pod, ep) in &mut compiled.endpoints {
+            ep.mesh = modes.get(pod).copied().unwrap_or_default();
+        }
+        let ipcache = ipcache_values(&inv, &compiled, &modes);
 
         let mut endpoints = Vec::new();
         let mut desired = BTreeMap::new();
@@ -526,7 +664,7 @@ impl Control {
         let mut syncer = syncer_handle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let result = syncer.apply(&desired, &compiled.ipcache, &compiled.policy_cidrs);
+        let result = syncer.apply(&desired, &ipcache, &compiled.policy_cidrs);
         let mut sync_error = None;
         match &result {
             Ok(stats) => {
@@ -624,6 +762,17 @@ impl Control {
         let round = std::mem::take(&mut self.round);
         self.reported.retain(|l| round.contains(l));
         self.report_policies(&inv, &failures, sync_error.as_ref());
+        let compiled = Arc::new(compiled);
+        if result.is_ok() {
+            // The tunnel answers from what the kernel now enforces.
+            self.tunnel.set_view(crate::tunnel::MeshView::build(
+                &self.node,
+                self.shared.authority.trust_domain(),
+                &inv,
+                compiled.clone(),
+                &modes,
+            ));
+        }
         self.publish(
             &inv,
             &compiled,
@@ -638,6 +787,14 @@ impl Control {
         if result.is_ok() && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");
         }
+    }
+
+    /// Each pod's place in the mesh.
+    fn mesh_modes(&self, inv: &Inventory) -> BTreeMap<policy::ObjectRef, policy::MeshMode> {
+        inv.pods
+            .keys()
+            .map(|r| (r.clone(), self.mtls_default))
+            .collect()
     }
 
     /// Tells the source how each policy fares on this node (policy status and Events in a

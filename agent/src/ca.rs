@@ -490,6 +490,28 @@ fn add_root(
 /// Creates the generated CA in `dir` unless it is there. A key without its certificate (a
 /// crash between the two renames) is replaced; a certificate without its key is an error, not
 /// a silent new root.
+/// Creates a new self-signed root in `dir` (`ca-cert.pem`, and `ca-key.pem` with mode 0600)
+/// for `--ca-cert`/`--ca-key` on every node: one issuer for the whole cluster. Refuses to
+/// replace an existing one.
+///
+/// # Errors
+/// A root is already there, the trust domain is invalid, or the files cannot be written.
+pub fn create_root(dir: &Path, trust_domain: &str) -> Result<(PathBuf, PathBuf), CaError> {
+    spiffe::validate_trust_domain(trust_domain).map_err(CaError::TrustDomain)?;
+    let cert_path = dir.join(CA_CERT_FILE);
+    let key_path = dir.join(CA_KEY_FILE);
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            return Err(invalid(
+                path,
+                "already exists; remove it first to create a new root".into(),
+            ));
+        }
+    }
+    ensure_generated(dir, trust_domain)?;
+    Ok((cert_path, key_path))
+}
+
 fn ensure_generated(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);

@@ -39,6 +39,16 @@ enum Command {
     /// Show the certificates of the local workloads and of the agent: identity, issuer,
     /// serial, expiry and time to renewal.
     Certs(StatusArgs),
+    /// Create a root CA (ca-cert.pem, ca-key.pem) for --ca-cert/--ca-key on every node, so all
+    /// agents of a cluster issue and trust the same certificates.
+    CaCreate {
+        /// Directory to write the two files into (created, mode 0700).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Trust domain the root is named for.
+        #[arg(long, default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
     /// Print the CustomResourceDefinitions of the nodeward.io kinds (or write them to a directory).
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -131,9 +141,25 @@ struct AgentArgs {
     /// Lifetime of workload certificates; each is renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = cert_ttl_arg)]
     cert_ttl: Duration,
+    /// mTLS mode of pods no MutualTLS object selects: DISABLE (not in the mesh), PERMISSIVE
+    /// (tunnel between meshed pods, plaintext accepted) or STRICT (only the tunnel reaches them).
+    #[arg(long, env = "NODEWARD_MTLS_MODE", value_enum, default_value = "DISABLE")]
+    mtls_mode: MtlsModeArg,
+    /// Where the HBONE (mTLS tunnel) server listens; peers connect to port 15008 of this node's
+    /// addresses.
+    #[arg(long, env = "NODEWARD_HBONE_ADDR", default_value = "[::]:15008")]
+    hbone_addr: SocketAddr,
     /// Log filter (tracing EnvFilter syntax), also RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+#[value(rename_all = "UPPER")]
+enum MtlsModeArg {
+    Disable,
+    Permissive,
+    Strict,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -278,6 +304,15 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Certs(args) => runtime.block_on(certs(args)),
+        Command::CaCreate { dir, trust_domain } => {
+            let (cert, key) = crate::ca::create_root(&dir, &trust_domain)?;
+            println!(
+                "created a root CA for trust domain {trust_domain}:\n  --ca-cert {}\n  --ca-key  {}",
+                cert.display(),
+                key.display()
+            );
+            Ok(())
+        }
         Command::Crd { write } => crd(write),
         Command::Cleanup { bpffs_dir } => {
             crate::datapath::loader::Datapath::remove_all(&bpffs_dir)
@@ -328,6 +363,15 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             trust_domain: args.trust_domain,
         },
         cert_ttl: args.cert_ttl,
+        mtls_default: match args.mtls_mode {
+            MtlsModeArg::Disable => crate::policy::MeshMode::Off,
+            MtlsModeArg::Permissive => crate::policy::MeshMode::Permissive,
+            MtlsModeArg::Strict => crate::policy::MeshMode::Strict,
+        },
+        tunnel: crate::tunnel::TunnelConfig {
+            hbone_addr: args.hbone_addr,
+            ..crate::tunnel::TunnelConfig::default()
+        },
     };
     crate::app::run(config).await
 }

@@ -6,7 +6,7 @@ pub mod loader;
 pub mod maps;
 pub mod sync;
 
-use agent_common::{EndpointInfo, PolicyKey, PolicyValue};
+use agent_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 
@@ -25,7 +25,7 @@ pub trait MapWriter {
     /// Current contents, read at start-up to adopt pinned state.
     fn read_endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, Self::Error>;
     fn read_policy(&self) -> Result<BTreeMap<PolicyEntryKey, PolicyValue>, Self::Error>;
-    fn read_ipcache(&self) -> Result<BTreeMap<IpNet, u32>, Self::Error>;
+    fn read_ipcache(&self) -> Result<BTreeMap<IpNet, IpcacheValue>, Self::Error>;
     fn read_policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, Self::Error>;
     fn read_generation(&self) -> Result<u32, Self::Error>;
 
@@ -33,7 +33,7 @@ pub trait MapWriter {
     fn delete_endpoint(&mut self, ifindex: u32) -> Result<(), Self::Error>;
     fn put_policy(&mut self, key: PolicyEntryKey, value: PolicyValue) -> Result<(), Self::Error>;
     fn delete_policy(&mut self, key: PolicyEntryKey) -> Result<(), Self::Error>;
-    fn put_ipcache(&mut self, prefix: IpNet, identity: u32) -> Result<(), Self::Error>;
+    fn put_ipcache(&mut self, prefix: IpNet, value: IpcacheValue) -> Result<(), Self::Error>;
     fn delete_ipcache(&mut self, prefix: IpNet) -> Result<(), Self::Error>;
     fn put_policy_cidr(&mut self, prefix: IpNet, identity: u32) -> Result<(), Self::Error>;
     fn delete_policy_cidr(&mut self, prefix: IpNet) -> Result<(), Self::Error>;

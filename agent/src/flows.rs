@@ -304,6 +304,90 @@ pub fn from_event(ev: &FlowEvent, index: &EnrichmentIndex, clock: &Clock) -> Flo
     flow
 }
 
+/// What the tunnel knows about a connection it carried or refused.
+#[derive(Clone, Debug)]
+pub struct TunnelRecord {
+    pub source: std::net::SocketAddr,
+    pub destination: std::net::SocketAddr,
+    pub source_spiffe_id: String,
+    pub destination_spiffe_id: String,
+    /// `DIR_INGRESS` on the destination's node, `DIR_EGRESS` on the source's.
+    pub direction: u8,
+    pub forwarded: bool,
+    /// Hubble-style reason for a drop (`POLICY_DENIED`, ...).
+    pub drop_reason: &'static str,
+    pub rule_id: u32,
+    /// Node-local identities, as far as known (0 otherwise).
+    pub source_identity: u32,
+    pub destination_identity: u32,
+    /// Why, in words, for the summary (`denied by node-2`, `connect: refused`).
+    pub note: String,
+}
+
+/// Builds the flow record for a tunnelled connection (`Type` `TUNNEL`).
+#[must_use]
+pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
+    let endpoint = |addr: IpAddr, identity: u32, spiffe: &str| {
+        let info = index.addresses.get(&addr);
+        Endpoint {
+            namespace: info.map(|i| i.namespace.clone()).unwrap_or_default(),
+            pod_name: info.map(|i| i.pod_name.clone()).unwrap_or_default(),
+            identity,
+            labels: info.map(|i| i.labels.clone()).unwrap_or_default(),
+            spiffe_id: (!spiffe.is_empty()).then(|| spiffe.to_owned()),
+        }
+    };
+    let (src, dst) = (rec.source.ip(), rec.destination.ip());
+    let policy = index.rules.get(&rec.rule_id).map(|r| PolicyRef {
+        kind: r.kind.clone(),
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        rule: r.rule.clone(),
+    });
+    let mut flow = Flow {
+        time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+        verdict: if rec.forwarded { "FORWARDED" } else { "DROPPED" }.into(),
+        drop_reason_desc: if rec.forwarded {
+            String::new()
+        } else {
+            rec.drop_reason.into()
+        },
+        ip: Ip {
+            source: src,
+            destination: dst,
+            ip_version: if src.is_ipv6() { "IPv6" } else { "IPv4" }.into(),
+        },
+        l4: L4 {
+            tcp: Some(Ports {
+                source_port: rec.source.port(),
+                destination_port: rec.destination.port(),
+                flags: BTreeMap::new(),
+            }),
+            ..L4::default()
+        },
+        source: endpoint(src, rec.source_identity, &rec.source_spiffe_id),
+        destination: endpoint(dst, rec.destination_identity, &rec.destination_spiffe_id),
+        traffic_direction: if rec.direction == DIR_INGRESS {
+            "INGRESS"
+        } else {
+            "EGRESS"
+        }
+        .into(),
+        is_reply: false,
+        node_name: index.node_name.clone(),
+        kind: "TUNNEL".into(),
+        policy,
+        destination_names: Vec::new(),
+        summary: String::new(),
+    };
+    flow.summary = if rec.note.is_empty() {
+        "HBONE".to_owned()
+    } else {
+        format!("HBONE: {}", rec.note)
+    };
+    flow
+}
+
 fn summary(flow: &Flow) -> String {
     match &flow.l4.tcp {
         Some(tcp) if !tcp.flags.is_empty() => {

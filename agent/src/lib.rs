@@ -10,6 +10,7 @@ pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod source;
+pub mod tunnel;
 
 /// An error and its causes on one line (`what failed: why: why`), skipping a cause whose text
 /// the line already holds (thiserror messages often embed their source).

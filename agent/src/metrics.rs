@@ -38,6 +38,12 @@ pub struct Metrics {
     policy_verdicts: IntCounterVec,
     cert_expiry: prometheus::Gauge,
     cert_renewals: IntCounterVec,
+    tunnel_streams: IntCounterVec,
+    tunnel_active: IntGaugeVec,
+    tunnel_connections: IntCounterVec,
+    tunnel_pooled: IntGauge,
+    tunnel_handshake_failures: IntCounterVec,
+    tunnel_bytes: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,8 +102,50 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let tunnel_streams = IntCounterVec::new(
+            Opts::new(
+                "tunnel_streams_total",
+                "Tunnelled connections, by side (outbound: from a local pod; inbound: to one) and result (ok, denied, failed)",
+            ),
+            &["side", "result"],
+        )?;
+        let tunnel_active = IntGaugeVec::new(
+            Opts::new("tunnel_active_streams", "Tunnelled connections open now, by side"),
+            &["side"],
+        )?;
+        let tunnel_connections = IntCounterVec::new(
+            Opts::new(
+                "tunnel_connections_total",
+                "HBONE (mTLS) connections established, by side (client, server)",
+            ),
+            &["side"],
+        )?;
+        let tunnel_pooled = IntGauge::new(
+            "tunnel_pooled_connections",
+            "HBONE client connections open in the pool",
+        )?;
+        let tunnel_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "tunnel_handshake_failures_total",
+                "HBONE handshakes refused or failed, by side (client, server)",
+            ),
+            &["side"],
+        )?;
+        let tunnel_bytes = IntCounterVec::new(
+            Opts::new(
+                "tunnel_bytes_total",
+                "Payload bytes carried by the tunnel, by direction (into_tunnel: read from a pod; out_of_tunnel: written to one)",
+            ),
+            &["direction"],
+        )?;
         for c in [
-            Box::new(cert_expiry.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tunnel_streams.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tunnel_active.clone()),
+            Box::new(tunnel_connections.clone()),
+            Box::new(tunnel_pooled.clone()),
+            Box::new(tunnel_handshake_failures.clone()),
+            Box::new(tunnel_bytes.clone()),
+            Box::new(cert_expiry.clone()),
             Box::new(cert_renewals.clone()),
             Box::new(policy_verdicts.clone()),
             Box::new(flows.clone()),
@@ -124,7 +172,74 @@ impl Metrics {
             policy_verdicts,
             cert_expiry,
             cert_renewals,
+            tunnel_streams,
+            tunnel_active,
+            tunnel_connections,
+            tunnel_pooled,
+            tunnel_handshake_failures,
+            tunnel_bytes,
         })
+    }
+
+    /// Read at scrape time from the tunnel's own counters.
+    fn observe_tunnel(&self, stats: &crate::tunnel::TunnelStats) {
+        use crate::tunnel::TunnelStats as S;
+        let catch_up = |counter: prometheus::IntCounter, total: u64| {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        for (side, result, total) in [
+            ("outbound", "ok", &stats.outbound_ok),
+            ("outbound", "denied", &stats.outbound_denied),
+            ("outbound", "failed", &stats.outbound_failed),
+            ("inbound", "ok", &stats.inbound_ok),
+            ("inbound", "denied", &stats.inbound_denied),
+            ("inbound", "failed", &stats.inbound_failed),
+        ] {
+            catch_up(
+                self.tunnel_streams.with_label_values(&[side, result]),
+                S::get(total),
+            );
+        }
+        for (side, gauge) in [
+            ("outbound", &stats.outbound_active),
+            ("inbound", &stats.inbound_active),
+        ] {
+            self.tunnel_active
+                .with_label_values(&[side])
+                .set(i64::try_from(S::get(gauge)).unwrap_or(i64::MAX));
+        }
+        for (side, made, failed) in [
+            (
+                "client",
+                &stats.client_connections,
+                &stats.client_handshake_failures,
+            ),
+            (
+                "server",
+                &stats.server_connections,
+                &stats.server_handshake_failures,
+            ),
+        ] {
+            catch_up(
+                self.tunnel_connections.with_label_values(&[side]),
+                S::get(made),
+            );
+            catch_up(
+                self.tunnel_handshake_failures.with_label_values(&[side]),
+                S::get(failed),
+            );
+        }
+        self.tunnel_pooled
+            .set(i64::try_from(S::get(&stats.pool_open)).unwrap_or(i64::MAX));
+        for (direction, total) in [
+            ("into_tunnel", &stats.bytes_sent),
+            ("out_of_tunnel", &stats.bytes_received),
+        ] {
+            catch_up(
+                self.tunnel_bytes.with_label_values(&[direction]),
+                S::get(total),
+            );
+        }
     }
 
     pub fn observe_flow(&self, flow: &Flow) {
@@ -200,6 +315,9 @@ impl Metrics {
                 .set(lost[place].as_i64().unwrap_or(0));
         }
         self.observe_certs(&shared.certs);
+        if let Some(tunnel) = shared.tunnel.get() {
+            self.observe_tunnel(&tunnel.stats);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -413,12 +413,40 @@ impl Lab {
         self.agent_args = args.iter().map(|a| (*a).to_string()).collect();
     }
 
+    /// The lab's CA (`<lab>/ca/ca-cert.pem`, `ca-key.pem`), created with `nodeward ca-create`
+    /// on first use: every agent gets it, so the nodes trust each other's certificates.
+    pub fn ca_files(&self) -> Result<(PathBuf, PathBuf)> {
+        let dir = self.state.dir.join("ca");
+        let files = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
+        if !files.0.exists() {
+            let bin = paths::nodeward_bin()?;
+            sys::run_timeout(
+                Command::new(&bin).arg("ca-create").arg("--dir").arg(&dir),
+                Duration::from_secs(10),
+            )
+            .context("creating the lab's CA")?;
+        }
+        Ok(files)
+    }
+
     /// Starts `nodeward agent` in the node's namespace and waits until it reports ready.
     pub fn start_agent(&mut self, node: &str) -> Result<Value> {
         if let Some(pid) = self.agent_pid(node) {
             bail!("the agent of {node} is already running (pid {pid})");
         }
         let bin = paths::nodeward_bin()?;
+        // Extra arguments may bring their own CA (a foreign one, in tests).
+        let ca: Vec<std::ffi::OsString> = if self.agent_args.iter().any(|a| a == "--ca-cert") {
+            Vec::new()
+        } else {
+            let (cert, key) = self.ca_files()?;
+            vec![
+                "--ca-cert".into(),
+                cert.into(),
+                "--ca-key".into(),
+                key.into(),
+            ]
+        };
         let n = self.node(node).clone();
         std::fs::create_dir_all(&n.state_dir)?;
         let log = OpenOptions::new()
@@ -444,6 +472,7 @@ impl Lab {
             .arg(self.flow_log_dir(node))
             .arg("--cgroup")
             .arg(&n.cgroup)
+            .args(&ca)
             .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

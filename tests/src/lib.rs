@@ -8,6 +8,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod capture;
 pub mod lab;
 pub mod manifests;
 pub mod netpol;

@@ -55,3 +55,24 @@ pub fn allow_ingress(
         }),
     )
 }
+
+/// A `nodeward.io/v1alpha1` MutualTLS for every pod of `namespace` (`STRICT`, `PERMISSIVE` or
+/// `DISABLE`), as YAML.
+pub fn mutual_tls(namespace: &str, mode: &str) -> String {
+    documents([json!({
+        "apiVersion": "nodeward.io/v1alpha1",
+        "kind": "MutualTLS",
+        "metadata": { "name": "mesh", "namespace": namespace },
+        "spec": { "mode": mode },
+    })])
+}
+
+/// A `nodeward.io/v1alpha1` MeshPolicy with the given spec, as YAML.
+pub fn mesh_policy(namespace: &str, name: &str, spec: &Value) -> String {
+    documents([json!({
+        "apiVersion": "nodeward.io/v1alpha1",
+        "kind": "MeshPolicy",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": spec,
+    })])
+}

@@ -7,7 +7,11 @@
 //! <dir>/maps/NW_*                 every map, by name; adopted by the next load
 //! <dir>/links/<ifname>-ingress    tcx link of `from_workload` (TC ingress of the interface)
 //! <dir>/links/<ifname>-egress     tcx link of `to_workload` (TC egress)
+//! <dir>/links/to_proxy            sk_lookup link of `to_proxy` (the agent's network namespace)
 //! ```
+//!
+//! `NW_PROXY_SOCKETS` (the agent's outbound listeners) is the one map that is never pinned: its
+//! sockets belong to the running agent.
 //!
 //! Pinned links keep enforcing while no agent runs; a restarted agent re-attaches its (possibly
 //! newer) programs make-before-break over them.
@@ -25,7 +29,8 @@ use agent_common::{
 use aya::maps::{MapError, MapInfo, MapType};
 use aya::programs::links::FdLink;
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::maps::SockMap;
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 use crate::datapath::maps::{MapsError, PinnedMaps};
@@ -125,6 +130,8 @@ pub struct Datapath {
     bpffs_dir: Option<PathBuf>,
     /// Links held in memory when not pinning, by interface name.
     unpinned_links: BTreeMap<String, Vec<FdLink>>,
+    /// The `to_proxy` link when not pinning.
+    unpinned_to_proxy: Option<FdLink>,
 }
 
 impl Datapath {
@@ -180,13 +187,88 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         }
+        sk_lookup_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                program: program_names::TO_PROXY,
+                op: "loading (verifier)",
+                source: Box::new(source),
+            })?;
         let maps = PinnedMaps::from_ebpf(&mut ebpf)?;
         Ok(Self {
             ebpf,
             maps,
             bpffs_dir: bpffs_dir.map(Path::to_path_buf),
             unpinned_links: BTreeMap::new(),
+            unpinned_to_proxy: None,
         })
+    }
+
+    /// Attaches `to_proxy` (`sk_lookup`) to the current network namespace, pinned at
+    /// `links/to_proxy` when pinning, replacing a previous agent's link make-before-break.
+    ///
+    /// # Errors
+    /// Attach or pin failure.
+    pub fn attach_to_proxy(&mut self) -> Result<(), DatapathError> {
+        let program = program_names::TO_PROXY;
+        let netns_path = PathBuf::from("/proc/thread-self/ns/net");
+        let netns = std::fs::File::open(&netns_path).map_err(|source| DatapathError::Io {
+            what: "opening",
+            path: netns_path,
+            source,
+        })?;
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            ifname: "(network namespace)".into(),
+            source: Box::new(source),
+        };
+        let prog = sk_lookup_mut(&mut self.ebpf)?;
+        let id = prog.attach(&netns).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let link = FdLink::from(link);
+        match &self.bpffs_dir {
+            Some(dir) => pin_replacing(
+                link,
+                &links_dir(dir).join(TO_PROXY_PIN),
+                program,
+                "(network namespace)",
+            ),
+            None => {
+                self.unpinned_to_proxy = Some(link);
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts the agent's outbound listener in slot `slot` of `NW_PROXY_SOCKETS`
+    /// (`agent_common::mesh::PROXY_SOCKET_V4` or `PROXY_SOCKET_V6`). The kernel drops the entry
+    /// when the socket closes.
+    ///
+    /// # Errors
+    /// The map is missing or refuses the socket (it must be a listening TCP socket).
+    pub fn set_proxy_listener(
+        &mut self,
+        slot: u32,
+        listener: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), DatapathError> {
+        let name = map_names::PROXY_SOCKETS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(MapsError::Missing { map: name })?;
+        let mut sockets = SockMap::try_from(map).map_err(|source| MapsError::Op {
+            map: name,
+            op: "open",
+            source,
+        })?;
+        sockets
+            .set(slot, &listener, 0)
+            .map_err(|source| MapsError::Op {
+                map: name,
+                op: "insert the outbound listener",
+                source,
+            })?;
+        Ok(())
     }
 
     #[must_use]
@@ -253,7 +335,7 @@ impl Datapath {
                 detail: format!("not a bpf link: {}", crate::error_chain(&e)),
             })?;
             match &self.bpffs_dir {
-                Some(dir) => pin_replacing(link, dir, ifname, hook)?,
+                Some(dir) => pin_replacing(link, &link_pin(dir, ifname, hook), hook.program, ifname)?,
                 None => held.push(link),
             }
         }
@@ -292,7 +374,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// Interfaces with an attached (pinned, or held by this instance) link, sorted.
+    /// Interfaces with an attached (pinned, or held by this instance) link, sorted. The
+    /// `to_proxy` link is not an interface's and is not listed.
     ///
     /// # Errors
     /// The links directory cannot be read.
@@ -376,21 +459,25 @@ fn ifname_from_pin_stem(stem: &str) -> String {
 
 /// Marks a pin being made; never a suffix of a final pin name, as `:` is not in interface names.
 const TEMP_PIN_SUFFIX: &str = ":new";
+/// The `to_proxy` link's pin in `links/`; no interface pin ends like this (see [`HOOKS`]).
+const TO_PROXY_PIN: &str = "to_proxy";
 
 fn link_pin(dir: &Path, ifname: &str, hook: Hook) -> PathBuf {
     links_dir(dir).join(format!("{}-{}", pin_stem(ifname), hook.suffix))
 }
 
-/// Pins `link` at its place, replacing (make-before-break) a link pinned there before.
-fn pin_replacing(link: FdLink, dir: &Path, ifname: &str, hook: Hook) -> Result<(), DatapathError> {
-    let final_path = link_pin(dir, ifname, hook);
-    let temp_path = links_dir(dir).join(format!(
-        "{}-{}{TEMP_PIN_SUFFIX}",
-        pin_stem(ifname),
-        hook.suffix
-    ));
+/// Pins `link` at `final_path`, replacing (make-before-break) a link pinned there before.
+fn pin_replacing(
+    link: FdLink,
+    final_path: &Path,
+    program: &'static str,
+    ifname: &str,
+) -> Result<(), DatapathError> {
+    let mut temp_name = final_path.file_name().unwrap_or_default().to_os_string();
+    temp_name.push(TEMP_PIN_SUFFIX);
+    let temp_path = final_path.with_file_name(temp_name);
     let pin_err = |path: &Path, detail: String| DatapathError::PinLink {
-        program: hook.program,
+        program,
         ifname: ifname.to_owned(),
         path: path.into(),
         detail,
@@ -402,13 +489,19 @@ fn pin_replacing(link: FdLink, dir: &Path, ifname: &str, hook: Hook) -> Result<(
         .map_err(|e| pin_err(&temp_path, crate::error_chain(&e)))?;
     // rename(2) replaces the old pin atomically; the old link loses its last reference and is
     // released (detached) only now, after the new program is attached.
-    if let Err(e) = std::fs::rename(&temp_path, &final_path) {
+    if let Err(e) = std::fs::rename(&temp_path, final_path) {
         // Dropping `pinned` would leave the temp pin attached: remove it.
         let _ = std::fs::remove_file(&temp_path);
-        return Err(pin_err(&final_path, format!("renaming the new pin: {e}")));
+        return Err(pin_err(final_path, format!("renaming the new pin: {e}")));
     }
     drop(pinned);
     Ok(())
+}
+
+fn sk_lookup_mut(ebpf: &mut Ebpf) -> Result<&mut SkLookup, DatapathError> {
+    ebpf.program_mut(program_names::TO_PROXY)
+        .and_then(|p| <&mut SkLookup>::try_from(p).ok())
+        .ok_or(DatapathError::MissingProgram(program_names::TO_PROXY))
 }
 
 fn classifier_mut<'a>(

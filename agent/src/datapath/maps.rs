@@ -180,14 +180,14 @@ impl PinnedMaps {
     fn read_prefixes(
         trie: &LpmTrie<MapData, [u8; 16], IpcacheValue>,
         map: &'static str,
-    ) -> Result<BTreeMap<IpNet, u32>, MapsError> {
+    ) -> Result<BTreeMap<IpNet, IpcacheValue>, MapsError> {
         let mut out = BTreeMap::new();
         for entry in trie.iter() {
             let (key, value) = entry.map_err(op(map, "read"))?;
             let bits = key.prefix_len();
             let net =
                 net_from_bytes(key.data(), bits).ok_or(MapsError::InvalidPrefix { map, bits })?;
-            out.insert(net, value.identity);
+            out.insert(net, value);
         }
         Ok(out)
     }
@@ -212,7 +212,7 @@ fn prefix_key(prefix: IpNet) -> Key<[u8; 16]> {
 }
 
 fn ipcache_value(identity: u32) -> IpcacheValue {
-    IpcacheValue { identity, _pad: 0 }
+    IpcacheValue { identity, flags: 0 }
 }
 
 impl MapWriter for PinnedMaps {
@@ -240,12 +240,15 @@ impl MapWriter for PinnedMaps {
         Ok(out)
     }
 
-    fn read_ipcache(&self) -> Result<BTreeMap<IpNet, u32>, MapsError> {
+    fn read_ipcache(&self) -> Result<BTreeMap<IpNet, IpcacheValue>, MapsError> {
         Self::read_prefixes(&self.ipcache, map_names::IPCACHE)
     }
 
     fn read_policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, MapsError> {
-        Self::read_prefixes(&self.policy_cidrs, map_names::POLICY_CIDRS)
+        Ok(Self::read_prefixes(&self.policy_cidrs, map_names::POLICY_CIDRS)?
+            .into_iter()
+            .map(|(net, v)| (net, v.identity))
+            .collect())
     }
 
     fn read_generation(&self) -> Result<u32, MapsError> {
@@ -276,9 +279,9 @@ impl MapWriter for PinnedMaps {
             .map_err(op(map_names::POLICY, "delete"))
     }
 
-    fn put_ipcache(&mut self, prefix: IpNet, identity: u32) -> Result<(), MapsError> {
+    fn put_ipcache(&mut self, prefix: IpNet, value: IpcacheValue) -> Result<(), MapsError> {
         self.ipcache
-            .insert(&prefix_key(prefix), ipcache_value(identity), 0)
+            .insert(&prefix_key(prefix), value, 0)
             .map_err(op(map_names::IPCACHE, "insert"))
     }
 

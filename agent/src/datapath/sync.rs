@@ -21,14 +21,15 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use agent_common::{
-    EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ENFORCED, EndpointInfo, MAX_ENDPOINTS,
-    MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY,
-    POLICY_KEY_PREFIX_NO_PORT, PolicyKey, PolicyValue,
+    EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ENFORCED, EP_MESHED, EP_MTLS_STRICT,
+    EndpointInfo, IpcacheValue, MAX_ENDPOINTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS,
+    MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY, POLICY_KEY_PREFIX_NO_PORT, PolicyKey,
+    PolicyValue,
 };
 use ipnet::IpNet;
 
 use super::{MapWriter, PolicyEntryKey, addr_bytes};
-use crate::policy::{EndpointPolicy, SliceKey};
+use crate::policy::{EndpointPolicy, MeshMode, SliceKey};
 
 /// Why a sync was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +77,7 @@ pub struct Syncer<M: MapWriter> {
     maps: M,
     endpoints: BTreeMap<u32, EndpointInfo>,
     policy: BTreeMap<PolicyEntryKey, PolicyValue>,
-    ipcache: BTreeMap<IpNet, u32>,
+    ipcache: BTreeMap<IpNet, IpcacheValue>,
     policy_cidrs: BTreeMap<IpNet, u32>,
     generation: u32,
 }
@@ -140,7 +141,7 @@ impl<M: MapWriter> Syncer<M> {
     pub fn apply(
         &mut self,
         endpoints: &BTreeMap<u32, &EndpointPolicy>,
-        ipcache: &BTreeMap<IpNet, u32>,
+        ipcache: &BTreeMap<IpNet, IpcacheValue>,
         policy_cidrs: &BTreeMap<IpNet, u32>,
     ) -> Result<SyncStats, SyncError> {
         let started = Instant::now();
@@ -179,12 +180,12 @@ impl<M: MapWriter> Syncer<M> {
             }
         }
         stats.policy_sets_switched = plan.switched;
-        for (prefix, identity) in ipcache {
-            if self.ipcache.get(prefix) != Some(identity) {
+        for (prefix, value) in ipcache {
+            if self.ipcache.get(prefix) != Some(value) {
                 self.maps
-                    .put_ipcache(*prefix, *identity)
+                    .put_ipcache(*prefix, *value)
                     .map_err(map_err("ipcache"))?;
-                self.ipcache.insert(*prefix, *identity);
+                self.ipcache.insert(*prefix, *value);
                 stats.ipcache_changed += 1;
             }
         }
@@ -429,6 +430,11 @@ pub fn endpoint_info(policy: &EndpointPolicy) -> EndpointInfo {
         info.flags |= EP_HAS_IPV6;
         info.ipv6 = addr_bytes(IpAddr::V6(v6));
     }
+    info.flags |= match policy.mesh {
+        MeshMode::Off => 0,
+        MeshMode::Permissive => EP_MESHED,
+        MeshMode::Strict => EP_MESHED | EP_MTLS_STRICT,
+    };
     info
 }
 
@@ -447,7 +453,7 @@ mod tests {
     struct State {
         endpoints: BTreeMap<u32, EndpointInfo>,
         policy: BTreeMap<PolicyEntryKey, PolicyValue>,
-        ipcache: BTreeMap<IpNet, u32>,
+        ipcache: BTreeMap<IpNet, IpcacheValue>,
         cidrs: BTreeMap<IpNet, u32>,
         generation: u32,
     }
@@ -472,7 +478,7 @@ mod tests {
         fn read_policy(&self) -> Result<BTreeMap<PolicyEntryKey, PolicyValue>, Infallible> {
             Ok(self.state.policy.clone())
         }
-        fn read_ipcache(&self) -> Result<BTreeMap<IpNet, u32>, Infallible> {
+        fn read_ipcache(&self) -> Result<BTreeMap<IpNet, IpcacheValue>, Infallible> {
             Ok(self.state.ipcache.clone())
         }
         fn read_policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, Infallible> {
@@ -501,8 +507,8 @@ mod tests {
             self.record();
             Ok(())
         }
-        fn put_ipcache(&mut self, p: IpNet, id: u32) -> Result<(), Infallible> {
-            self.state.ipcache.insert(p, id);
+        fn put_ipcache(&mut self, p: IpNet, v: IpcacheValue) -> Result<(), Infallible> {
+            self.state.ipcache.insert(p, v);
             self.record();
             Ok(())
         }
@@ -566,7 +572,9 @@ mod tests {
         let Some(ep) = state.endpoints.get(&ifindex) else {
             return false;
         };
-        let peer_id = longest(&state.ipcache, peer).unwrap_or(IDENTITY_WORLD);
+        let identities: BTreeMap<IpNet, u32> =
+            state.ipcache.iter().map(|(n, v)| (*n, v.identity)).collect();
+        let peer_id = longest(&identities, peer).unwrap_or(IDENTITY_WORLD);
         let cidr_id = longest(&state.cidrs, peer);
         let mut allow = false;
         for id in [Some(peer_id), cidr_id, Some(0)].into_iter().flatten() {
@@ -613,14 +621,14 @@ mod tests {
     const PEER_A: &str = "10.0.0.2";
     const PEER_B: &str = "10.0.0.3";
 
-    fn ipcache() -> BTreeMap<IpNet, u32> {
+    fn ipcache() -> BTreeMap<IpNet, IpcacheValue> {
         [
             ("10.0.0.2/32", 300),
             ("10.0.0.3/32", 301),
             ("10.0.1.5/32", 302),
         ]
         .into_iter()
-        .map(|(n, id)| (n.parse().unwrap(), id))
+        .map(|(n, identity)| (n.parse().unwrap(), IpcacheValue { identity, flags: 0 }))
         .collect()
     }
 

@@ -44,6 +44,26 @@ pub struct PortEntry {
     pub rule_id: u32,
 }
 
+/// A pod's place in the mTLS mesh, from its `MutualTLS` mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum MeshMode {
+    /// Not in the mesh (`DISABLE`): plaintext only, under L3/L4 policy.
+    #[default]
+    Off,
+    /// In the mesh, and plaintext is accepted too (`PERMISSIVE`).
+    Permissive,
+    /// In the mesh, and only the tunnel may reach it with TCP (`STRICT`).
+    Strict,
+}
+
+impl MeshMode {
+    /// Whether traffic between two pods of these modes is tunnelled (both in the mesh).
+    #[must_use]
+    pub fn meshed(self) -> bool {
+        self != Self::Off
+    }
+}
+
 /// Everything the datapath needs for one local endpoint (a pod on this node).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointPolicy {
@@ -55,6 +75,8 @@ pub struct EndpointPolicy {
     pub ingress_default_deny: Option<u32>,
     pub egress_default_deny: Option<u32>,
     pub slices: BTreeMap<SliceKey, Vec<PortEntry>>,
+    /// Filled in after compilation from the pod's `MutualTLS` mode.
+    pub mesh: MeshMode,
 }
 
 impl EndpointPolicy {

@@ -1,0 +1,177 @@
+//! The mTLS tunnel: pod-to-pod TCP between meshed pods, carried by the node agents over HBONE
+//! (HTTP/2 CONNECT over mutual TLS 1.3, port 15008), with SPIFFE identities.
+//!
+//! ```text
+//!  pod A ──TCP──▶ [from_workload marks, to_proxy hands it over] ──▶ outbound listener
+//!                   agent 1: A's certificate, CONNECT B:8080, forwarded: for=A
+//!                 ══ mTLS + h2 (pooled per source identity and destination node) ══▶
+//!  agent 2 (:15008): verify the chain and trust domain, B's ingress policy with the
+//!                   certificate's identity, connect to B *from A's address* ──TCP──▶ pod B
+//! ```
+//!
+//! * [`outbound`]: the transparent listeners the datapath steers meshed connections to; the
+//!   accepted socket's local address is the original destination.
+//! * [`pool`]: HBONE client connections per (source identity, destination node), with a stream
+//!   limit and an idle timeout.
+//! * [`inbound`]: the HBONE server: authorization by the certificate's identity against the
+//!   same compiled policy the kernel enforces, then a transparent connect to the pod.
+//! * [`splice`]: bytes between a TCP socket and an h2 stream, with flow control and half-close.
+//! * [`view`]: who is where (pods, their identities, nodes and mesh modes), swapped after every
+//!   sync.
+//! * [`net`]: socket options and the policy route the interception needs.
+
+pub mod inbound;
+pub mod net;
+pub mod outbound;
+pub mod pool;
+pub mod splice;
+pub mod view;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::ca::manager::CertManager;
+use crate::ca::tls::Trust;
+use crate::flows::TunnelRecord;
+
+pub use view::{MeshView, Workload};
+
+/// The HBONE port.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Tunnel settings, validated once at start-up.
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    /// Where the HBONE server listens (`--hbone-addr`, default `[::]:15008`).
+    pub hbone_addr: SocketAddr,
+    /// The port of the peers' HBONE servers.
+    pub peer_port: u16,
+    /// Streams per pooled HBONE connection before another one is opened.
+    pub max_streams_per_connection: usize,
+    /// A pooled connection without streams for this long is closed.
+    pub idle_timeout: Duration,
+    /// TCP connect plus TLS and HTTP/2 handshakes, either side.
+    pub handshake_timeout: Duration,
+    /// Connecting to the destination pod (server side).
+    pub connect_timeout: Duration,
+    /// Concurrent streams one client connection may open on our server.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            hbone_addr: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, HBONE_PORT)),
+            peer_port: HBONE_PORT,
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            max_concurrent_streams: 1024,
+        }
+    }
+}
+
+/// Counters for metrics and status. Label sets are fixed here, so cardinality is bounded.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Outbound connections (pods' connections into the tunnel), by outcome.
+    pub outbound_ok: AtomicU64,
+    pub outbound_denied: AtomicU64,
+    pub outbound_failed: AtomicU64,
+    /// Inbound streams (CONNECTs on our server), by outcome.
+    pub inbound_ok: AtomicU64,
+    pub inbound_denied: AtomicU64,
+    pub inbound_failed: AtomicU64,
+    /// Streams open right now, each side.
+    pub outbound_active: AtomicU64,
+    pub inbound_active: AtomicU64,
+    /// HBONE (TLS) connections made and accepted.
+    pub client_connections: AtomicU64,
+    pub server_connections: AtomicU64,
+    /// Pooled client connections open now.
+    pub pool_open: AtomicU64,
+    /// Handshakes refused or failed, by side.
+    pub client_handshake_failures: AtomicU64,
+    pub server_handshake_failures: AtomicU64,
+    /// Payload bytes, by direction as the pod sees them.
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+impl TunnelStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[must_use]
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements a gauge when dropped (an active stream ending by any path).
+pub struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    pub fn up(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where tunnel flows go (the agent's flow store, log and metrics).
+pub type FlowSink = Arc<dyn Fn(&TunnelRecord) + Send + Sync>;
+
+/// What both sides of the tunnel share: inputs only, assembled in `app.rs`.
+pub struct Context {
+    pub config: TunnelConfig,
+    pub view: RwLock<Arc<MeshView>>,
+    pub certs: CertManager,
+    pub trust: Trust,
+    pub stats: TunnelStats,
+    pub flows: FlowSink,
+}
+
+impl Context {
+    /// The current view (cheap: an `Arc` clone).
+    #[must_use]
+    pub fn view(&self) -> Arc<MeshView> {
+        self.view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_view(&self, view: MeshView) {
+        *self
+            .view
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(view);
+    }
+}
+
+/// Why a tunnelled connection did not go through, as a flow and a log say it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TunnelError {
+    #[error("{0} is not a meshed pod of this node")]
+    UnknownSource(std::net::IpAddr),
+    #[error("{0} is not a meshed pod")]
+    UnknownDestination(SocketAddr),
+    #[error("no certificate for {identity}: {reason}")]
+    NoCertificate { identity: String, reason: String },
+    #[error("connecting to the agent at {peer}: {reason}")]
+    PeerUnreachable { peer: SocketAddr, reason: String },
+    #[error("the agent at {peer} refused the CONNECT: {status}")]
+    Refused { peer: SocketAddr, status: u16 },
+    #[error("the tunnel to {peer} broke: {reason}")]
+    Broken { peer: SocketAddr, reason: String },
+}

@@ -1,0 +1,254 @@
+//! The HBONE server (port 15008): mutual TLS, then HTTP/2 CONNECT streams, each authorized
+//! against the destination pod's ingress policy with the identity the client's certificate
+//! proves, then carried to the pod by a connection made from the original source address.
+//!
+//! Answers: 200 and the stream carries the connection; 401 when policy denies it (a DROPPED
+//! flow names the rule); 503 when the destination is not a meshed pod of this node or does not
+//! answer; 400 and 405 for requests that are not a well-formed CONNECT. A handshake that fails
+//! (plaintext, a foreign or expired certificate, a self-signed leaf, a stalled client) is
+//! counted and logged and costs the listener nothing: every connection is its own task with a
+//! handshake deadline, and each client connection may open at most
+//! `max_concurrent_streams` streams.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use agent_common::{DIR_INGRESS, IDENTITY_WORLD, mesh::MARK_FROM_AGENT};
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::net::transparent_connect;
+use super::outbound::parse_forwarded_for;
+use super::splice::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, splice};
+use super::view::canonical;
+use super::{Context, Gauge, TunnelStats};
+use crate::ca::SpiffeId;
+use crate::ca::tls::{self, CertResolver};
+use crate::flows::TunnelRecord;
+use crate::policy::model::PROTO_TCP;
+
+/// The TLS side of the server: it presents the node agent's own certificate (pinned in the
+/// certificate manager, so it is renewed like the workloads') and requires a client's.
+///
+/// # Errors
+/// The agent has no certificate, or the TLS configuration cannot be built.
+pub fn acceptor(ctx: &Context) -> Result<tokio_rustls::TlsAcceptor, String> {
+    let agent = SpiffeId::agent(ctx.trust.trust_domain()).map_err(|e| e.to_string())?;
+    ctx.certs.pin(&agent).map_err(|e| e.to_string())?;
+    let config = tls::server_config(&ctx.trust, CertResolver::new(ctx.certs.clone(), agent))
+        .map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts HBONE connections until the task is dropped.
+pub async fn serve(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ctx: Arc<Context>) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                tokio::spawn(connection(tcp, peer, acceptor.clone(), ctx.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "HBONE listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Arc<Context>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let timeout = ctx.config.handshake_timeout;
+    let refuse = |reason: String| {
+        TunnelStats::add(&ctx.stats.server_handshake_failures, 1);
+        tracing::warn!(peer = %peer, reason = %reason, "HBONE: refused a connection");
+    };
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return refuse(tls::describe_handshake_error(&e)),
+        Err(_) => return refuse(format!("no TLS handshake within {timeout:?}")),
+    };
+    let Some(client) = tls::peer_identity(tls.get_ref().1) else {
+        return refuse("the client presented no SPIFFE ID".into());
+    };
+    let handshake = h2::server::Builder::new()
+        .max_concurrent_streams(ctx.config.max_concurrent_streams)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return refuse(format!("HTTP/2 handshake with {client}: {e}")),
+        Err(_) => return refuse(format!("no HTTP/2 preface from {client} within {timeout:?}")),
+    };
+    TunnelStats::add(&ctx.stats.server_connections, 1);
+    tracing::debug!(peer = %peer, client = %client, "HBONE connection");
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((request, respond)) => {
+                tokio::spawn(stream(request, respond, client.clone(), ctx.clone()));
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer, client = %client, error = %e, "HBONE connection ended");
+                break;
+            }
+        }
+    }
+}
+
+/// Answers a request that will not be carried, with a status and no body.
+fn answer(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .unwrap_or_default();
+    let _ = respond.send_response(response, true);
+}
+
+/// What authorization decided, with what the flow needs.
+struct Decision {
+    allowed: bool,
+    drop_reason: &'static str,
+    rule_id: u32,
+    source_identity: u32,
+    destination_identity: u32,
+    destination_spiffe: String,
+    note: String,
+}
+
+async fn stream(
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    client: SpiffeId,
+    ctx: Arc<Context>,
+) {
+    if request.method() != http::Method::CONNECT {
+        return answer(respond, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let dst = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let src = request
+        .headers()
+        .get(http::header::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_forwarded_for);
+    let (Some(dst), Some(src)) = (dst, src) else {
+        return answer(respond, StatusCode::BAD_REQUEST);
+    };
+    let (src, dst) = (
+        SocketAddr::new(canonical(src.ip()), src.port()),
+        SocketAddr::new(canonical(dst.ip()), dst.port()),
+    );
+    let Some(decision) = authorize(&ctx, &client, src, dst) else {
+        tracing::info!(source = %src, destination = %dst, client = %client, "HBONE: no meshed pod at the destination on this node");
+        return answer(respond, StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let record = |forwarded: bool, drop_reason: &'static str, note: String| TunnelRecord {
+        source: src,
+        destination: dst,
+        source_spiffe_id: client.uri(),
+        destination_spiffe_id: decision.destination_spiffe.clone(),
+        direction: DIR_INGRESS,
+        forwarded,
+        drop_reason,
+        rule_id: decision.rule_id,
+        source_identity: decision.source_identity,
+        destination_identity: decision.destination_identity,
+        note,
+    };
+    if !decision.allowed {
+        TunnelStats::add(&ctx.stats.inbound_denied, 1);
+        tracing::info!(source = %src, destination = %dst, client = %client, reason = %decision.note, "HBONE: denied");
+        (ctx.flows)(&record(false, decision.drop_reason, decision.note.clone()));
+        return answer(respond, StatusCode::UNAUTHORIZED);
+    }
+    let pod = match transparent_connect(src.ip(), dst, MARK_FROM_AGENT, ctx.config.connect_timeout)
+        .await
+    {
+        Ok(pod) => pod,
+        Err(e) => {
+            TunnelStats::add(&ctx.stats.inbound_failed, 1);
+            tracing::info!(source = %src, destination = %dst, error = %e, "HBONE: the destination did not accept");
+            (ctx.flows)(&record(false, "PROXY_CONNECT_FAILED", format!("connect: {e}")));
+            return answer(respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let mut respond = respond;
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .unwrap_or_default();
+    let send = match respond.send_response(ok, false) {
+        Ok(send) => send,
+        // The client gave up meanwhile.
+        Err(_) => return,
+    };
+    TunnelStats::add(&ctx.stats.inbound_ok, 1);
+    (ctx.flows)(&record(true, "", decision.note.clone()));
+    let _active = Gauge::up(&ctx.stats.inbound_active);
+    if let Err(e) = splice(
+        pod,
+        send,
+        request.into_body(),
+        &ctx.stats.bytes_sent,
+        &ctx.stats.bytes_received,
+    )
+    .await
+    {
+        tracing::debug!(source = %src, destination = %dst, error = %e, "tunnelled connection ended with an error");
+    }
+}
+
+/// The destination pod's ingress policy for `src -> dst`, with the identity the certificate
+/// proves. `None` when `dst` is not a meshed pod of this node.
+///
+/// The source address only counts when it belongs to the certificate's workload (or to no pod
+/// at all): a client cannot borrow another pod's address, and so its labels, to satisfy an
+/// endpoint selector.
+fn authorize(ctx: &Context, client: &SpiffeId, src: SocketAddr, dst: SocketAddr) -> Option<Decision> {
+    let view = ctx.view();
+    let destination = view.workload(dst.ip()).filter(|w| w.local && w.mode.meshed())?;
+    let policy = view.endpoint_policy(&destination.pod)?;
+    let compiled = &view.compiled;
+    let mut decision = Decision {
+        allowed: false,
+        drop_reason: "POLICY_DENIED",
+        rule_id: 0,
+        source_identity: 0,
+        destination_identity: policy.identity,
+        destination_spiffe: destination.identity.uri(),
+        note: String::new(),
+    };
+    if let Some(source) = view.workload(src.ip())
+        && source.identity != *client
+    {
+        decision.note = format!(
+            "{} belongs to {}, but the client is {client}",
+            src.ip(),
+            source.identity
+        );
+        return Some(decision);
+    }
+    let identity = compiled.ipcache_lookup(src.ip()).unwrap_or(IDENTITY_WORLD);
+    decision.source_identity = identity;
+    let facts = crate::policy::PeerFacts {
+        identity,
+        cidr_identity: compiled.policy_cidr_lookup(src.ip()),
+        principal_identities: compiled.principal_identities(client),
+    };
+    let verdict = crate::policy::evaluate(policy, DIR_INGRESS, &facts, PROTO_TCP, dst.port());
+    decision.allowed = verdict.allowed;
+    decision.rule_id = verdict.rule_id;
+    decision.drop_reason = agent_common::drop_reason::describe(verdict.drop_reason);
+    Some(decision)
+}

@@ -1,0 +1,165 @@
+//! The sockets and routes the tunnel needs from the kernel: transparent listeners and
+//! connections (`IP_TRANSPARENT`), the agent's packet mark, and the policy route that delivers
+//! marked packets locally (see `agent_common::mesh`).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd as _;
+use std::process::Command;
+use std::time::Duration;
+
+use agent_common::mesh::{MARK_MASK, MARK_TO_PROXY, ROUTE_TABLE, RULE_PRIORITY};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Sets `IP_TRANSPARENT` or `IPV6_TRANSPARENT` (needs `CAP_NET_ADMIN`): a listener accepts
+/// connections to any address the policy route delivers to it, and a socket may bind to an
+/// address that is not the node's (the original source of a tunnelled connection).
+fn set_transparent(socket: &Socket, v6: bool) -> io::Result<()> {
+    let (level, name) = if v6 {
+        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+    } else {
+        (libc::SOL_IP, libc::IP_TRANSPARENT)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a pointer to an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw const one).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn tcp_socket(addr: &SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    Ok(socket)
+}
+
+/// A transparent listener at `addr` (the outbound listener, on loopback).
+///
+/// # Errors
+/// Socket, option, bind or listen failure.
+pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = tcp_socket(&addr)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    set_transparent(&socket, addr.is_ipv6())?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A listener at `addr` for the HBONE server (`[::]` is dual stack).
+///
+/// # Errors
+/// Socket, bind or listen failure.
+pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = tcp_socket(&addr)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Connects to `dst` from `src` (any port), which need not be one of the node's addresses,
+/// with the agent's mark so the datapath knows it as a tunnel delivery.
+///
+/// # Errors
+/// Socket or option failure, the connect failing or taking longer than `timeout`.
+pub async fn transparent_connect(
+    src: IpAddr,
+    dst: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = tcp_socket(&dst)?;
+    set_transparent(&socket, dst.is_ipv6())?;
+    socket.set_mark(mark)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&SocketAddr::new(src, 0).into())?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )),
+    }
+}
+
+/// Makes the next close of `stream` send a reset rather than a FIN: the pod learns at once that
+/// its connection failed, instead of seeing a clean end of an empty stream.
+pub fn reset_on_close(stream: &TcpStream) {
+    // A failure leaves an ordinary close, which ends the connection too.
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("setting up the tunnel's policy route (`ip {args}`): {reason}")]
+pub struct RouteError {
+    args: String,
+    reason: String,
+}
+
+/// Installs, idempotently, the policy route in the agent's network namespace: packets with
+/// `MARK_TO_PROXY` are delivered locally (to the agent's sockets), for IPv4 and IPv6.
+///
+/// # Errors
+/// `ip` cannot be run or refuses a command.
+pub fn ensure_policy_route() -> Result<(), RouteError> {
+    let fwmark = format!("{MARK_TO_PROXY:#x}/{MARK_MASK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    let priority = RULE_PRIORITY.to_string();
+    for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        ip(
+            &[
+                family, "rule", "add", "fwmark", &fwmark, "lookup", &table, "priority", &priority,
+            ],
+            true,
+        )?;
+        ip(
+            &[
+                family, "route", "replace", "local", default, "dev", "lo", "table", &table,
+            ],
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str], exists_ok: bool) -> Result<(), RouteError> {
+    let err = |reason: String| RouteError {
+        args: args.join(" "),
+        reason,
+    };
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| err(e.to_string()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if exists_ok && stderr.contains("File exists") {
+        return Ok(());
+    }
+    Err(err(stderr.trim().to_owned()))
+}

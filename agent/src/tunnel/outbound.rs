@@ -1,0 +1,234 @@
+//! The outbound side: the transparent listeners the datapath hands meshed connections to, and
+//! for each accepted connection a CONNECT to the destination node's agent.
+//!
+//! The accepted socket's peer is the pod (its own address and port) and its local address is
+//! where the pod wanted to go. A connection the tunnel cannot carry (the source or destination
+//! no longer meshed after a policy change, no certificate, the peer agent unreachable, a 401 or
+//! 503) is reset at once, so the pod's connect fails promptly instead of hanging.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use agent_common::{DIR_EGRESS, mesh::OUTBOUND_PORT};
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::net::{reset_on_close, transparent_listener};
+use super::pool::{Lease, Pool};
+use super::splice::{h2_io, splice};
+use super::view::{Workload, canonical};
+use super::{Context, Gauge, TunnelError, TunnelStats};
+use crate::flows::TunnelRecord;
+
+/// The two outbound listeners, `127.0.0.1:15001` and `[::1]:15001`: loopback, so nothing off
+/// the node can reach them; the datapath's `sk_lookup` program hands connections to them.
+///
+/// # Errors
+/// A listener cannot be made (`IP_TRANSPARENT` needs `CAP_NET_ADMIN`).
+pub fn listeners() -> std::io::Result<[TcpListener; 2]> {
+    Ok([
+        transparent_listener(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)))?,
+        transparent_listener(SocketAddr::from((
+            std::net::Ipv6Addr::LOCALHOST,
+            OUTBOUND_PORT,
+        )))?,
+    ])
+}
+
+/// Accepts until the task is dropped.
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>, pool: Arc<Pool>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, ctx.clone(), pool.clone()));
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off rather than spin.
+                tracing::warn!(error = %e, "outbound listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+struct Opened {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    _lease: Lease,
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Arc<Pool>) {
+    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let dst = SocketAddr::new(canonical(local.ip()), local.port());
+    let _ = stream.set_nodelay(true);
+    let view = ctx.view();
+    let source = view
+        .workload(peer.ip())
+        .filter(|w| w.local && w.mode.meshed())
+        .cloned();
+    let destination = view.workload(dst.ip()).filter(|w| w.mode.meshed()).cloned();
+    drop(view);
+    let record = |forwarded: bool, drop_reason: &'static str, note: String| TunnelRecord {
+        source: peer,
+        destination: dst,
+        source_spiffe_id: source.as_ref().map(|w| w.identity.uri()).unwrap_or_default(),
+        destination_spiffe_id: destination
+            .as_ref()
+            .map(|w| w.identity.uri())
+            .unwrap_or_default(),
+        direction: DIR_EGRESS,
+        forwarded,
+        drop_reason,
+        rule_id: 0,
+        source_identity: 0,
+        destination_identity: 0,
+        note,
+    };
+    let opened = match (&source, &destination) {
+        (Some(s), Some(d)) => open(&ctx, &pool, s, d, peer, dst).await,
+        (None, _) => Err(TunnelError::UnknownSource(peer.ip())),
+        (_, None) => Err(TunnelError::UnknownDestination(dst)),
+    };
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            let (counter, reason) = match &e {
+                TunnelError::Refused { status: 401, .. } => {
+                    (&ctx.stats.outbound_denied, "POLICY_DENIED")
+                }
+                _ => (&ctx.stats.outbound_failed, "PROXY_CONNECT_FAILED"),
+            };
+            TunnelStats::add(counter, 1);
+            tracing::info!(source = %peer, destination = %dst, error = %e, "tunnel refused a connection");
+            (ctx.flows)(&record(false, reason, e.to_string()));
+            reset_on_close(&stream);
+            return;
+        }
+    };
+    TunnelStats::add(&ctx.stats.outbound_ok, 1);
+    (ctx.flows)(&record(true, "", String::new()));
+    let _active = Gauge::up(&ctx.stats.outbound_active);
+    let Opened {
+        send,
+        recv,
+        _lease: lease,
+    } = opened;
+    if let Err(e) = splice(
+        stream,
+        send,
+        recv,
+        &ctx.stats.bytes_sent,
+        &ctx.stats.bytes_received,
+    )
+    .await
+    {
+        tracing::debug!(source = %peer, destination = %dst, error = %e, "tunnelled connection ended with an error");
+    }
+    drop(lease);
+}
+
+async fn open(
+    ctx: &Arc<Context>,
+    pool: &Arc<Pool>,
+    source: &Workload,
+    destination: &Workload,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Result<Opened, TunnelError> {
+    let hbone = destination
+        .hbone_peer(dst.ip(), ctx.config.peer_port)
+        .ok_or(TunnelError::UnknownDestination(dst))?;
+    if let Err(e) = ctx.certs.get(&source.identity) {
+        return Err(TunnelError::NoCertificate {
+            identity: source.identity.uri(),
+            reason: e.to_string(),
+        });
+    }
+    let broken = |reason: String| TunnelError::Broken {
+        peer: hbone,
+        reason,
+    };
+    let lease = pool.lease(ctx, &source.identity, hbone).await?;
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(dst.to_string())
+        .header(http::header::FORWARDED, forwarded_for(peer))
+        .body(())
+        .map_err(|e| broken(e.to_string()))?;
+    let exchange = async {
+        let mut sender = lease
+            .sender()
+            .ready()
+            .await
+            .map_err(|e| broken(h2_io(e).to_string()))?;
+        let (response, send) = sender
+            .send_request(request, false)
+            .map_err(|e| broken(h2_io(e).to_string()))?;
+        let response = response
+            .await
+            .map_err(|e| broken(h2_io(e).to_string()))?;
+        Ok::<_, TunnelError>((response, send))
+    };
+    let (response, send) = tokio::time::timeout(ctx.config.handshake_timeout, exchange)
+        .await
+        .map_err(|_| {
+            broken(format!(
+                "no answer to the CONNECT within {:?}",
+                ctx.config.handshake_timeout
+            ))
+        })??;
+    if response.status() != http::StatusCode::OK {
+        return Err(TunnelError::Refused {
+            peer: hbone,
+            status: response.status().as_u16(),
+        });
+    }
+    Ok(Opened {
+        send,
+        recv: response.into_body(),
+        _lease: lease,
+    })
+}
+
+/// `Forwarded: for="10.0.0.1:41234"` (RFC 7239; quoted, as an address with a port must be).
+#[must_use]
+pub fn forwarded_for(addr: SocketAddr) -> String {
+    format!("for=\"{addr}\"")
+}
+
+/// The `for=` address of a `Forwarded` header as [`forwarded_for`] writes it (the first
+/// element, the one the sending agent set).
+#[must_use]
+pub fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
+    let first = value.split(',').next()?;
+    first.split(';').find_map(|pair| {
+        let (name, v) = pair.trim().split_once('=')?;
+        if !name.eq_ignore_ascii_case("for") {
+            return None;
+        }
+        v.trim_matches('"').parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_round_trips_both_families() {
+        for addr in ["10.0.0.1:41234", "[fd00:244:1::5]:8080"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(parse_forwarded_for(&forwarded_for(addr)), Some(addr));
+        }
+        assert_eq!(
+            parse_forwarded_for("proto=https;For=\"10.1.2.3:9\", for=\"10.9.9.9:1\""),
+            Some("10.1.2.3:9".parse().unwrap())
+        );
+        assert_eq!(parse_forwarded_for("for=unknown"), None);
+        assert_eq!(parse_forwarded_for(""), None);
+    }
+}

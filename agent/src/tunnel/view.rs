@@ -1,0 +1,215 @@
+//! Who is where, for the tunnel: every pod by address with its SPIFFE ID, mesh mode and node
+//! addresses, and the compiled policy of the local ones. Built after every sync from the same
+//! inventory and compiled state the datapath got, and swapped whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::ca::SpiffeId;
+use crate::policy::{CompiledState, EndpointPolicy, MeshMode, ObjectRef};
+use crate::source::Inventory;
+
+/// A pod as the tunnel sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub pod: ObjectRef,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub identity: SpiffeId,
+    pub mode: MeshMode,
+    /// On this node.
+    pub local: bool,
+    /// Its node's addresses (`status.hostIPs`, else the Node's `InternalIP`s).
+    pub host_ips: Vec<IpAddr>,
+}
+
+/// The tunnel's snapshot of the cluster.
+#[derive(Debug, Default)]
+pub struct MeshView {
+    pub workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// The same compiled state the datapath enforces.
+    pub compiled: Arc<CompiledState>,
+}
+
+impl MeshView {
+    /// Every pod with an address and a valid identity; `modes` gives each pod's mesh mode
+    /// (missing: not in the mesh).
+    #[must_use]
+    pub fn build(
+        node: &str,
+        trust_domain: &str,
+        inv: &Inventory,
+        compiled: Arc<CompiledState>,
+        modes: &BTreeMap<ObjectRef, MeshMode>,
+    ) -> Self {
+        let mut workloads = HashMap::new();
+        for (r, pod) in &inv.pods {
+            // A pod without a valid identity cannot take part; the control loop reports it.
+            let Ok(identity) = crate::ca::spiffe::pod_identity(trust_domain, &r.namespace, pod)
+            else {
+                continue;
+            };
+            let spec_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            let workload = Arc::new(Workload {
+                pod: r.clone(),
+                identity,
+                mode: modes.get(r).copied().unwrap_or_default(),
+                local: spec_node == Some(node),
+                host_ips: host_ips(pod, spec_node, inv),
+            });
+            for ip in pod_ips(pod) {
+                workloads.entry(ip).or_insert_with(|| workload.clone());
+            }
+        }
+        Self {
+            workloads,
+            compiled,
+        }
+    }
+
+    #[must_use]
+    pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&canonical(ip))
+    }
+
+    /// The compiled policy of a local pod.
+    #[must_use]
+    pub fn endpoint_policy(&self, pod: &ObjectRef) -> Option<&EndpointPolicy> {
+        self.compiled.endpoints.get(pod)
+    }
+}
+
+impl Workload {
+    /// The HBONE address of this workload's node, in the family of `towards` (the pod address
+    /// being connected to), or any family when the node has no address of that one.
+    #[must_use]
+    pub fn hbone_peer(&self, towards: IpAddr, port: u16) -> Option<SocketAddr> {
+        self.host_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == towards.is_ipv4())
+            .or_else(|| self.host_ips.first())
+            .map(|ip| SocketAddr::new(*ip, port))
+    }
+}
+
+/// IPv4-mapped IPv6 (as an accepted dual-stack socket reports IPv4 peers) as plain IPv4.
+#[must_use]
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|i| i.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
+}
+
+fn host_ips(pod: &Pod, node: Option<&str>, inv: &Inventory) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = pod
+        .status
+        .iter()
+        .flat_map(|s| {
+            s.host_ips
+                .iter()
+                .flatten()
+                .map(|i| i.ip.as_str())
+                .chain(s.host_ip.as_deref())
+        })
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(n) = node.and_then(|n| inv.nodes.get(n))
+    {
+        ips = n
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+    }
+    ips.dedup();
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inventory() -> Inventory {
+        let mut inv = Inventory::default();
+        for (name, node, ip, host) in [
+            ("web", "n1", "10.0.1.2", Some("192.168.0.1")),
+            ("api", "n2", "10.0.2.2", None),
+        ] {
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"nodeName": node, "serviceAccountName": name, "containers": []},
+                "status": {"podIP": ip, "hostIP": host},
+            }))
+            .unwrap();
+            inv.pods.insert(
+                ObjectRef {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                },
+                pod,
+            );
+        }
+        inv.nodes.insert(
+            "n2".into(),
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "n2"},
+                "status": {"addresses": [{"type": "Hostname", "address": "n2"}, {"type": "InternalIP", "address": "192.168.0.2"}]},
+            }))
+            .unwrap(),
+        );
+        inv
+    }
+
+    #[test]
+    fn pods_are_found_by_address_with_their_identity_mode_and_node() {
+        let inv = inventory();
+        let modes = BTreeMap::from([(
+            ObjectRef {
+                namespace: "shop".into(),
+                name: "api".into(),
+            },
+            MeshMode::Strict,
+        )]);
+        let view = MeshView::build("n1", "cluster.local", &inv, Arc::default(), &modes);
+        let web = view.workload("10.0.1.2".parse().unwrap()).unwrap();
+        assert!(web.local);
+        assert_eq!(web.mode, MeshMode::Off, "no mode given: not in the mesh");
+        assert_eq!(
+            web.identity.uri(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        // An IPv4-mapped peer address (a dual-stack socket's view) finds the same pod.
+        let api = view.workload("::ffff:10.0.2.2".parse().unwrap()).unwrap();
+        assert!(!api.local);
+        assert_eq!(api.mode, MeshMode::Strict);
+        // No hostIP on the pod: the node's InternalIP.
+        assert_eq!(
+            api.hbone_peer("10.0.2.2".parse().unwrap(), 15008),
+            Some("192.168.0.2:15008".parse().unwrap())
+        );
+        assert_eq!(
+            web.hbone_peer("10.0.1.2".parse().unwrap(), 15008),
+            Some("192.168.0.1:15008".parse().unwrap())
+        );
+    }
+}
