@@ -6,6 +6,7 @@ pub mod compiled;
 pub mod crd;
 pub mod mesh;
 pub mod model;
+pub mod mtls;
 pub mod netpol;
 pub mod selector;
 
@@ -16,4 +17,5 @@ pub use mesh::{
     translate_mesh_policy,
 };
 pub use model::{PolicyError, PolicyModel};
+pub use mtls::parse_mutual_tls;
 pub use netpol::translate_network_policy;

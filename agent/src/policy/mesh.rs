@@ -64,15 +64,21 @@ pub fn parse_cluster_mesh_policy(
     parse(value, "ClusterMeshPolicy")
 }
 
-fn parse<T: DeserializeOwned>(value: serde_json::Value, kind: &str) -> Result<T, PolicyError> {
+/// Deserializes a `nodeward.io/v1alpha1` object of `kind`, naming the object as errors do
+/// (`Kind ns/name` for the namespaced kinds, `Kind name` otherwise).
+pub(super) fn parse<T: DeserializeOwned>(
+    value: serde_json::Value,
+    kind: &str,
+) -> Result<T, PolicyError> {
     let meta = |key: &str| {
         value
             .pointer(&format!("/metadata/{key}"))
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
     };
+    let namespaced = kind != "ClusterMeshPolicy";
     let object = match (meta("namespace"), meta("name")) {
-        (Some(ns), Some(name)) if kind == "MeshPolicy" => format!("{kind} {ns}/{name}"),
+        (Some(ns), Some(name)) if namespaced => format!("{kind} {ns}/{name}"),
         (_, Some(name)) => format!("{kind} {name}"),
         (_, None) => format!("{kind} <unnamed>"),
     };
