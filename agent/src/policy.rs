@@ -17,5 +17,5 @@ pub use mesh::{
     translate_mesh_policy,
 };
 pub use model::{PolicyError, PolicyModel};
-pub use mtls::parse_mutual_tls;
+pub use mtls::{MtlsModel, parse_mutual_tls, pod_modes, translate_mutual_tls};
 pub use netpol::translate_network_policy;

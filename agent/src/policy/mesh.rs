@@ -246,7 +246,8 @@ fn rule(
     })
 }
 
-fn selector(s: &EndpointSelector, path: &str) -> Result<LabelSelector, FieldError> {
+/// A CRD selector as a validated [`LabelSelector`]; `path` names it in errors.
+pub(super) fn selector(s: &EndpointSelector, path: &str) -> Result<LabelSelector, FieldError> {
     LabelSelector::parse(
         s.match_labels.as_ref(),
         s.match_expressions
