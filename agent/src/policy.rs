@@ -16,6 +16,6 @@ pub use mesh::{
     parse_cluster_mesh_policy, parse_mesh_policy, translate_cluster_mesh_policy,
     translate_mesh_policy,
 };
-pub use model::{PolicyError, PolicyModel};
+pub use model::{PolicyError, PolicyModel, PrincipalMatch};
 pub use mtls::{MtlsModel, parse_mutual_tls, pod_modes, translate_mutual_tls};
 pub use netpol::translate_network_policy;

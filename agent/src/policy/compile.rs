@@ -157,8 +157,9 @@ fn rule_id(rules: &mut BTreeMap<u32, RuleInfo>, info: RuleInfo) -> u32 {
     id
 }
 
-/// Compiles the state of node `node_name`. Allocates identities for every pod with an address
-/// and every policy CIDR, then releases (`gc`) every identity no longer used.
+/// Compiles the state of node `node_name`. Allocates identities for every pod with an address,
+/// every policy CIDR and every principal peer, then releases (`gc`) every identity no longer
+/// used.
 #[must_use]
 pub fn compile(
     node_name: &str,
@@ -197,14 +198,25 @@ pub fn compile(
 
     let index = IdentityIndex::new(&by_identity);
 
-    // Policy CIDRs: every cidr and except prefix gets its own identity.
+    // Policy CIDRs: every cidr and except prefix gets its own identity. So does every principal
+    // peer: its slices are emitted like any peer's, and since no address maps to it the kernel
+    // never matches them, while the tunnel evaluates the same slices with the principal
+    // identities the peer's certificate matches. One model, two enforcement points.
     for p in policies {
         for r in &p.rules {
             for peer in &r.peers {
-                if let Peer::Cidr { net, except } = peer {
-                    for n in std::iter::once(net).chain(except) {
-                        state.policy_cidrs.insert(*n, ids.allocate_cidr(*n));
+                match peer {
+                    Peer::Cidr { net, except } => {
+                        for n in std::iter::once(net).chain(except) {
+                            state.policy_cidrs.insert(*n, ids.allocate_cidr(*n));
+                        }
                     }
+                    Peer::Principal(m) if !state.principals.contains_key(m) => {
+                        state
+                            .principals
+                            .insert(m.clone(), ids.allocate_principal(m));
+                    }
+                    _ => {}
                 }
             }
         }
@@ -231,9 +243,7 @@ pub fn compile(
                     peers: r
                         .peers
                         .iter()
-                        .flat_map(|peer| {
-                            resolve_peer(peer, &by_identity, &index, &state.policy_cidrs)
-                        })
+                        .flat_map(|peer| resolve_peer(peer, &by_identity, &index, &state))
                         .collect(),
                     rule: r,
                 })
@@ -290,6 +300,7 @@ pub fn compile(
         .iter()
         .map(|w| w.identity)
         .chain(state.policy_cidrs.values().copied())
+        .chain(state.principals.values().copied())
         .collect();
     ids.gc(&in_use);
     state
@@ -351,12 +362,12 @@ impl<'a> IdentityIndex<'a> {
     }
 }
 
-/// The identities a peer stands for.
+/// The identities a peer stands for. `state` has its policy CIDRs and principals already.
 fn resolve_peer(
     peer: &Peer,
     by_identity: &BTreeMap<u32, Vec<&Workload<'_>>>,
     index: &IdentityIndex<'_>,
-    policy_cidrs: &BTreeMap<IpNet, u32>,
+    state: &CompiledState,
 ) -> BTreeSet<u32> {
     match peer {
         Peer::Any => BTreeSet::from([IDENTITY_ANY]),
@@ -386,11 +397,13 @@ fn resolve_peer(
             .collect(),
         // Exact under longest-prefix match: an address's longest policy prefix P is inside `net`
         // and inside no except exactly when the address is in `net` and in no except.
-        Peer::Cidr { net, except } => policy_cidrs
+        Peer::Cidr { net, except } => state
+            .policy_cidrs
             .iter()
             .filter(|(p, _)| net.contains(*p) && !except.iter().any(|e| e.contains(*p)))
             .map(|(_, id)| *id)
             .collect(),
+        Peer::Principal(m) => state.principals.get(m).copied().into_iter().collect(),
     }
 }
 

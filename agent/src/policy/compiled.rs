@@ -6,6 +6,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use super::model::PrincipalMatch;
+
 /// Namespace and name of a pod (or any namespaced object).
 #[derive(
     Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
@@ -98,6 +100,10 @@ pub struct CompiledState {
     pub ipcache: BTreeMap<IpNet, u32>,
     /// Prefix to CIDR identity: every CIDR and `except` prefix named by a policy.
     pub policy_cidrs: BTreeMap<IpNet, u32>,
+    /// Principal peer to its identity: every `fromPrincipals` and `fromServiceAccounts` entry.
+    /// No ipcache entry maps to one, so the kernel never matches their slices; the tunnel adds
+    /// the ones the peer's certificate matches.
+    pub principals: BTreeMap<PrincipalMatch, u32>,
     /// Rule id to its origin.
     pub rules: BTreeMap<u32, RuleInfo>,
 }
