@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod compiled;
 pub mod crd;
+pub mod evaluate;
 pub mod mesh;
 pub mod model;
 pub mod mtls;
@@ -12,6 +13,7 @@ pub mod selector;
 
 pub use compile::{compile, translate_inventory};
 pub use compiled::*;
+pub use evaluate::{PeerFacts, Verdict, evaluate};
 pub use mesh::{
     parse_cluster_mesh_policy, parse_mesh_policy, translate_cluster_mesh_policy,
     translate_mesh_policy,

@@ -1,5 +1,6 @@
 //! The compiler's output: plain data that the datapath sync turns into map entries and the
-//! tunnel (later) consults. Produced by [`super::compile`], consumed by `datapath::sync`.
+//! tunnel consults (through [`super::evaluate()`]). Produced by [`super::compile()`], consumed by
+//! `datapath::sync`.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -102,7 +103,7 @@ pub struct CompiledState {
     pub policy_cidrs: BTreeMap<IpNet, u32>,
     /// Principal peer to its identity: every `fromPrincipals` and `fromServiceAccounts` entry.
     /// No ipcache entry maps to one, so the kernel never matches their slices; the tunnel adds
-    /// the ones the peer's certificate matches.
+    /// the ones the peer's certificate matches (see [`CompiledState::principal_identities`]).
     pub principals: BTreeMap<PrincipalMatch, u32>,
     /// Rule id to its origin.
     pub rules: BTreeMap<u32, RuleInfo>,
