@@ -10,13 +10,13 @@
 //! not. The tests below check the compiler through that evaluator.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use agent_common::{
     DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_KUBE_APISERVER,
     IDENTITY_REMOTE_NODE, IDENTITY_UNMANAGED, IDENTITY_WORLD, POLICY_ALLOW, POLICY_DENY,
 };
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Pod;
 
 use super::compiled::{CompiledState, EndpointPolicy, ObjectRef, PortEntry, RuleInfo, SliceKey};
@@ -222,6 +222,19 @@ pub fn compile(
                 }
             }
         }
+    }
+
+    // The kernel keys IPv4 as IPv4-mapped IPv6, so an IPv6 prefix over all of `::ffff:0:0/96`
+    // (`::/0` above all) is also the longest match of every IPv4 address that no IPv4 policy
+    // prefix covers, and an allow for `::/0` would let IPv4 through. An IPv4 /0 of its own
+    // catches those addresses first, and no IPv6 rule includes its identity.
+    let mapped = IpNet::V6(Ipv6Net::new(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96).expect("/96"));
+    if state.policy_cidrs.keys().any(|n| n.contains(&mapped)) {
+        let all_ipv4 = IpNet::V4(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0"));
+        state
+            .policy_cidrs
+            .entry(all_ipv4)
+            .or_insert_with(|| ids.allocate_cidr(all_ipv4));
     }
 
     // Policies in a stable order, with their rule ids.
@@ -1169,6 +1182,24 @@ spec:
                 ("frontend/web", "1.2.3.4", 80, "TCP", true),
                 ("frontend/web", "2.2.2.2", 80, "TCP", false),
                 ("backend/api", "2.2.2.2", 80, "TCP", true),
+            ],
+        },
+        Case {
+            name: "an IPv6 CIDR covering the IPv4-mapped range does not let IPv4 through",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: v6-only, namespace: frontend}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: '::/0'}}]
+",
+            flows: &[
+                ("frontend/web", "2001:db8::1", 443, "TCP", true),
+                ("frontend/web", "8.8.8.8", 443, "TCP", false),
+                ("frontend/web", "10.0.1.2", 80, "TCP", false),
             ],
         },
         Case {
