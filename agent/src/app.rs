@@ -960,6 +960,12 @@ impl Control {
                     .policy_cidrs
                     .iter()
                     .map(|(net, id)| (*id, format!("cidr:{net}"))),
+            )
+            .chain(
+                compiled
+                    .principals
+                    .iter()
+                    .map(|(principal, id)| (*id, format!("principal:{principal}"))),
             );
         for (id, label) in named {
             index.identity_labels.entry(id).or_default().push(label);

@@ -19,6 +19,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde::{Deserialize, Serialize};
 
+use crate::policy::model::PrincipalMatch;
 pub use crate::policy::selector::Labels;
 use crate::policy::selector::{
     NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, NS_LABEL_PREFIX, RESERVED_PREFIX, SERVICE_ACCOUNT_LABEL,
@@ -32,6 +33,8 @@ const IDENTITY_CIDR_END: u32 = 1 << 30;
 pub const RESERVED_LABEL: &str = "nodeward.io/reserved";
 /// Label carried by CIDR identities in [`IdentityAllocator::labels_of`].
 pub const CIDR_LABEL: &str = "nodeward.io/cidr";
+/// The one label of a principal identity (see [`IdentityAllocator::allocate_principal`]).
+pub const PRINCIPAL_LABEL: &str = "nodeward.io/principal";
 
 /// The name of a reserved identity (`host`, `world`, ...), as flows show it.
 #[must_use]
@@ -201,6 +204,17 @@ impl IdentityAllocator {
         id
     }
 
+    /// The identity of a principal peer (`fromPrincipals`, `fromServiceAccounts`): the label set
+    /// `nodeward.io/principal=<match>`, which no pod can have (pods cannot claim `nodeward.io/`
+    /// labels and always carry `nodeward.io/namespace`), so it is persisted and released like
+    /// any other label identity and never shared with a workload.
+    pub fn allocate_principal(&mut self, principal: &PrincipalMatch) -> u32 {
+        self.allocate(&Labels::from([(
+            PRINCIPAL_LABEL.to_owned(),
+            principal.to_string(),
+        )]))
+    }
+
     /// The identity of a label set, if it has one.
     #[must_use]
     pub fn lookup(&self, labels: &Labels) -> Option<u32> {
@@ -215,7 +229,8 @@ impl IdentityAllocator {
 
     /// The labels of an identity, for flows: the security labels of an allocated identity,
     /// `nodeward.io/reserved=<name>` for a reserved one, `nodeward.io/cidr=<prefix>` for a CIDR
-    /// identity, `None` for a number that is not (or no longer) allocated.
+    /// identity, `nodeward.io/principal=<match>` for a principal identity, `None` for a number
+    /// that is not (or no longer) allocated.
     #[must_use]
     pub fn labels_of(&self, id: u32) -> Option<Labels> {
         if let Some(name) = reserved_name(id) {
@@ -334,6 +349,25 @@ mod tests {
             ids.labels_of(IDENTITY_WORLD),
             Some(l(&[(RESERVED_LABEL, "world")]))
         );
+    }
+
+    #[test]
+    fn principal_identities_are_label_identities_no_pod_can_have() {
+        let mut ids = IdentityAllocator::new();
+        let sa = PrincipalMatch::ServiceAccount {
+            namespace: "shop".into(),
+            name: "api".into(),
+        };
+        let id = ids.allocate_principal(&sa);
+        assert_eq!(ids.allocate_principal(&sa), id, "one identity per match");
+        assert_eq!(ids.labels_of(id), Some(l(&[(PRINCIPAL_LABEL, "shop/api")])));
+        let pod: Pod = serde_yaml_ng::from_str(
+            "metadata: {name: p, namespace: shop, labels: {nodeward.io/principal: shop/api}}\nspec: {containers: []}",
+        )
+        .expect("pod");
+        assert_ne!(ids.allocate(&security_labels(&pod, None)), id);
+        ids.gc(&BTreeSet::new());
+        assert!(ids.is_empty(), "released like the others");
     }
 
     #[test]

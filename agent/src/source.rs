@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::policy::ObjectRef;
-use crate::policy::crd::{ClusterMeshPolicy, MeshPolicy};
+use crate::policy::crd::{ClusterMeshPolicy, MeshPolicy, MutualTLS};
 
 /// Everything nodeward reads, keyed for stable iteration order.
 #[derive(Clone, Debug, Default)]
@@ -26,6 +26,8 @@ pub struct Inventory {
     pub mesh_policies: BTreeMap<ObjectRef, MeshPolicy>,
     /// Cluster scoped: `namespace` is empty.
     pub cluster_mesh_policies: BTreeMap<String, ClusterMeshPolicy>,
+    /// Mutual TLS modes (see [`crate::policy::mtls`]).
+    pub mutual_tls: BTreeMap<ObjectRef, MutualTLS>,
     /// The file each object was read from (for error messages), keyed by `Kind/ns/name`.
     pub origins: BTreeMap<String, PathBuf>,
 }

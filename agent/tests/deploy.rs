@@ -561,6 +561,14 @@ fn cidr(c: &str) -> Value {
     json!({"egress": [{"toCIDRSet": [{"cidr": c}]}]})
 }
 
+fn principal(p: &str) -> Value {
+    json!({"ingress": [{"fromPrincipals": [p]}]})
+}
+
+fn service_account(a: &str) -> Value {
+    json!({"ingress": [{"fromServiceAccounts": [a]}]})
+}
+
 fn expression(e: &Value) -> Value {
     json!({"endpointSelector": {"matchExpressions": [e]}})
 }
@@ -593,6 +601,14 @@ fn the_schema_rejects_what_the_compiler_rejects() {
         json!({"ingress": [{"fromEntities": ["world", "host", "cluster", "remote-node", "kube-apiserver", "all"]}]}),
         json!({"endpointSelector": {"matchLabels": {"app": "web", "tier": ""}}}),
         json!({"ingressDeny": [{}], "enableDefaultDeny": {"ingress": false}}),
+        json!({"ingress": [{"fromPrincipals": [
+            "spiffe://cluster.local/ns/shop/sa/api",
+            "spiffe://cluster.local/ns/.shop/sa/...",
+            "spiffe://cluster.local/ns/shop/*",
+            "spiffe://cluster.local/ns/shop/sa/api*",
+            "spiffe://*",
+        ]}]}),
+        json!({"ingressDeny": [{"fromServiceAccounts": ["api", "shop/api", "a-1/b2"]}]}),
     ];
     for spec in &accepted {
         let object = mesh_policy(spec);
@@ -634,6 +650,22 @@ fn the_schema_rejects_what_the_compiler_rejects() {
         expression(&json!({"operator": "Exists"})),
         expression(&json!({"key": "app", "operator": "In", "values": ["bad value!"]})),
         json!({"endpointSelector": {"matchLabels": {"app": "-web"}}}),
+        principal("cluster.local/ns/shop/sa/api"),
+        principal("spiffe://cluster.local/ns/shop"),
+        principal("spiffe://cluster.local/ns/shop/sa/api/x"),
+        principal("spiffe://cluster.local/ns/*/sa/api"),
+        principal("spiffe://**"),
+        principal("spiffe://Cluster.local/ns/shop/sa/api"),
+        principal("spiffe://cluster.local/ns/../sa/api"),
+        principal("spiffe://cluster.local/ns/shop/sa/."),
+        principal("spiffe:///ns/shop/sa/api"),
+        service_account("Shop/api"),
+        service_account("shop/api/x"),
+        service_account("-api"),
+        service_account("shop/"),
+        service_account("/api"),
+        service_account(""),
+        service_account("my.sa"),
     ];
     for spec in &rejected {
         let object = mesh_policy(spec);

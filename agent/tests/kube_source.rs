@@ -3,7 +3,7 @@
 
 mod fakeapi;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use fakeapi::FakeApi;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use nodeward::identity::IdentityAllocator;
-use nodeward::policy::crd::MeshPolicy;
+use nodeward::policy::crd::{MeshPolicy, MutualTlsMode};
 use nodeward::policy::{self, CompiledState};
 use nodeward::source::Inventory;
 use nodeward::source::kubernetes::report::PolicyOutcome;
@@ -96,6 +96,11 @@ spec:
   endpointSelector: {}
   egressDeny:
   - toCIDRSet: [{cidr: 203.0.113.0/24}]
+---
+apiVersion: nodeward.io/v1alpha1
+kind: MutualTLS
+metadata: {name: prod-strict, namespace: prod}
+spec: {mode: STRICT}
 ";
 
 /// Every document of `OBJECTS`, typed by k8s-openapi (or the CRD types), into the fake.
@@ -116,6 +121,7 @@ fn apply_typed(fake: &FakeApi, value: Value) {
         "NetworkPolicy" => fake.apply(&serde_json::from_value::<NetworkPolicy>(value).unwrap()),
         "MeshPolicy" => fake.apply(&policy::parse_mesh_policy(value).unwrap()),
         "ClusterMeshPolicy" => fake.apply(&policy::parse_cluster_mesh_policy(value).unwrap()),
+        "MutualTLS" => fake.apply(&policy::parse_mutual_tls(value).unwrap()),
         other => panic!("no typed object for kind {other}"),
     }
 }
@@ -171,6 +177,7 @@ fn normalized(inv: &Inventory) -> Value {
         "network_policies": strip(inv.network_policies.iter().map(|(k, o)| (k.to_string(), o))),
         "mesh_policies": strip(inv.mesh_policies.iter().map(|(k, o)| (k.to_string(), o))),
         "cluster_mesh_policies": strip(inv.cluster_mesh_policies.iter().map(|(k, o)| (k.clone(), o))),
+        "mutual_tls": strip(inv.mutual_tls.iter().map(|(k, o)| (k.to_string(), o))),
     })
 }
 
@@ -213,8 +220,9 @@ fn rule_policies(state: &CompiledState) -> Vec<String> {
 
 /// Every request the source made, as (API group, resource, verb), must be one the ClusterRole in
 /// `deploy/` grants (`nodeward::source::rbac`, which a deploy test keeps equal to the YAML): the
-/// code side of "the RBAC rules cover exactly the verbs the code uses".
-fn assert_requests_within_rbac(requests: &[String]) {
+/// code side of "the RBAC rules cover exactly the verbs the code uses". Returns what was used.
+fn assert_requests_within_rbac(requests: &[String]) -> BTreeSet<(String, String, String)> {
+    let mut used = BTreeSet::new();
     for line in requests {
         let (method, rest) = line.split_once(' ').expect("METHOD path?query");
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -251,6 +259,32 @@ fn assert_requests_within_rbac(requests: &[String]) {
             nodeward::source::rbac::allows(group, &resource, verb),
             "the code did {verb} on {group}/{resource} ({line}), which deploy/clusterrole.yaml does not grant"
         );
+        used.insert((group.to_owned(), resource, verb.to_owned()));
+    }
+    used
+}
+
+/// The other side: every resource the ClusterRole lets the agent read is listed and watched (a
+/// grant nothing uses is a privilege to take away, or a watcher someone forgot).
+fn assert_every_readable_resource_is_watched(used: &BTreeSet<(String, String, String)>) {
+    for rule in nodeward::source::rbac::RBAC {
+        if rule.verbs != nodeward::source::rbac::READ {
+            continue;
+        }
+        for resource in rule.resources {
+            for verb in ["list", "watch"] {
+                let triple = (
+                    rule.api_group.to_owned(),
+                    (*resource).to_owned(),
+                    verb.to_owned(),
+                );
+                assert!(
+                    used.contains(&triple),
+                    "deploy/clusterrole.yaml grants {verb} on {}/{resource} but the source never did it",
+                    rule.api_group
+                );
+            }
+        }
     }
 }
 
@@ -279,6 +313,16 @@ async fn initial_sync_gives_the_same_inventory_and_compiled_policy_as_the_manife
     );
     assert_eq!(from_api.inventory.pods.len(), 3);
     assert_eq!(
+        from_api
+            .inventory
+            .mutual_tls
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![ref_("prod", "prod-strict")],
+        "the MutualTLS object is in the inventory"
+    );
+    assert_eq!(
         compiled(&from_api.inventory),
         compiled(&from_files.inventory),
         "the same objects compiled to different maps"
@@ -301,7 +345,8 @@ async fn initial_sync_gives_the_same_inventory_and_compiled_policy_as_the_manife
     );
     let status = source.status();
     assert!(status.connected && status.synced, "{status:?}");
-    assert_requests_within_rbac(&fake.requests());
+    let used = assert_requests_within_rbac(&fake.requests());
+    assert_every_readable_resource_is_watched(&used);
 }
 
 #[tokio::test]
@@ -376,6 +421,72 @@ async fn pod_and_policy_changes_reach_the_snapshot_and_the_compiled_policy() {
             .contains(&"MeshPolicy/other/client-egress".into())
     })
     .await;
+}
+
+#[tokio::test]
+async fn mutual_tls_changes_reach_the_snapshot() {
+    let fake = FakeApi::start().await;
+    load_objects(&fake, OBJECTS);
+    let (source, _changed) = start(&fake, NODE);
+    until("every kind is listed", || source.synced()).await;
+    let mode = |source: &KubernetesSource, name: &str| {
+        source
+            .snapshot()
+            .mutual_tls
+            .get(&ref_("other", name))
+            .map(|m| m.spec.mode)
+    };
+
+    let mut mtls = policy::parse_mutual_tls(serde_json::json!({
+        "apiVersion": "nodeward.io/v1alpha1", "kind": "MutualTLS",
+        "metadata": {"name": "client", "namespace": "other"},
+        "spec": {"mode": "PERMISSIVE", "selector": {"matchLabels": {"app": "client"}}},
+    }))
+    .unwrap();
+    fake.apply(&mtls);
+    until("the new MutualTLS is in the snapshot", || {
+        mode(&source, "client") == Some(MutualTlsMode::Permissive)
+    })
+    .await;
+
+    mtls.spec.mode = MutualTlsMode::Disable;
+    fake.apply(&mtls);
+    until("the changed mode is in the snapshot", || {
+        mode(&source, "client") == Some(MutualTlsMode::Disable)
+    })
+    .await;
+
+    // Applied without the schema: reported by object and field, the last good version stays.
+    let mut bad = serde_json::to_value(&mtls).unwrap();
+    bad["spec"]["mode"] = serde_json::json!("STRICTER");
+    fake.apply(&bad);
+    until("the invalid MutualTLS is reported", || {
+        !source.load().errors.is_empty()
+    })
+    .await;
+    let errors = source.load().errors;
+    assert!(
+        errors[0].contains("MutualTLS other/client") && errors[0].contains("spec.mode"),
+        "the error does not name the object and the field: {errors:?}"
+    );
+    assert_eq!(mode(&source, "client"), Some(MutualTlsMode::Disable));
+
+    fake.delete("nodeward.io/v1alpha1", "MutualTLS", Some("other"), "client");
+    until("the deleted MutualTLS leaves the snapshot", || {
+        mode(&source, "client").is_none()
+    })
+    .await;
+    assert!(
+        source.load().errors.is_empty(),
+        "the deleted object's error stays"
+    );
+    assert!(
+        source
+            .snapshot()
+            .mutual_tls
+            .contains_key(&ref_("prod", "prod-strict")),
+        "another MutualTLS went with it"
+    );
 }
 
 #[tokio::test]
@@ -546,7 +657,11 @@ async fn an_unreachable_api_server_at_start_is_not_synced_until_it_answers() {
         !status.connected && status.last_error.is_some(),
         "{status:?}"
     );
-    assert_eq!(status.waiting_for.len(), 7, "{status:?}");
+    assert_eq!(
+        status.waiting_for.len(),
+        nodeward::source::kubernetes::watched_kinds().len(),
+        "{status:?}"
+    );
     assert!(source.snapshot().pods.is_empty());
 
     fake.restart().await;

@@ -1,20 +1,22 @@
 //! The compiler: inventory plus translated policies to the [`CompiledState`] of one node.
 //!
-//! How the datapath reads the output (and how the reference evaluator in the tests reads it):
-//! the peer's identity is the longest ipcache match of its address (world when none); its CIDR
-//! identity is the longest `policy_cidrs` match, if any. The endpoint's slices are looked up for
-//! peer in {identity, CIDR identity, 0} and protocol in {protocol, 0}, each with a longest
-//! port-prefix match; any deny wins, then any allow; otherwise the endpoint's default deny for
-//! that direction applies, if it has one, and the flow passes if not.
+//! How the datapath reads the output, and the tunnel with it, is [`super::evaluate()`]: the
+//! peer's identity is the longest ipcache match of its address (world when none); its CIDR
+//! identity is the longest `policy_cidrs` match, if any; over the tunnel, its principal
+//! identities are the ones its certificate matches. The endpoint's slices are looked up for
+//! peer in {identity, CIDR identity, principal identities, 0} and protocol in {protocol, 0},
+//! each with a longest port-prefix match; any deny wins, then any allow; otherwise the
+//! endpoint's default deny for that direction applies, if it has one, and the flow passes if
+//! not. The tests below check the compiler through that evaluator.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use agent_common::{
     DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_KUBE_APISERVER,
     IDENTITY_REMOTE_NODE, IDENTITY_UNMANAGED, IDENTITY_WORLD, POLICY_ALLOW, POLICY_DENY,
 };
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Pod;
 
 use super::compiled::{CompiledState, EndpointPolicy, ObjectRef, PortEntry, RuleInfo, SliceKey};
@@ -157,8 +159,9 @@ fn rule_id(rules: &mut BTreeMap<u32, RuleInfo>, info: RuleInfo) -> u32 {
     id
 }
 
-/// Compiles the state of node `node_name`. Allocates identities for every pod with an address
-/// and every policy CIDR, then releases (`gc`) every identity no longer used.
+/// Compiles the state of node `node_name`. Allocates identities for every pod with an address,
+/// every policy CIDR and every principal peer, then releases (`gc`) every identity no longer
+/// used.
 #[must_use]
 pub fn compile(
     node_name: &str,
@@ -197,17 +200,41 @@ pub fn compile(
 
     let index = IdentityIndex::new(&by_identity);
 
-    // Policy CIDRs: every cidr and except prefix gets its own identity.
+    // Policy CIDRs: every cidr and except prefix gets its own identity. So does every principal
+    // peer: its slices are emitted like any peer's, and since no address maps to it the kernel
+    // never matches them, while the tunnel evaluates the same slices with the principal
+    // identities the peer's certificate matches. One model, two enforcement points.
     for p in policies {
         for r in &p.rules {
             for peer in &r.peers {
-                if let Peer::Cidr { net, except } = peer {
-                    for n in std::iter::once(net).chain(except) {
-                        state.policy_cidrs.insert(*n, ids.allocate_cidr(*n));
+                match peer {
+                    Peer::Cidr { net, except } => {
+                        for n in std::iter::once(net).chain(except) {
+                            state.policy_cidrs.insert(*n, ids.allocate_cidr(*n));
+                        }
                     }
+                    Peer::Principal(m) if !state.principals.contains_key(m) => {
+                        state
+                            .principals
+                            .insert(m.clone(), ids.allocate_principal(m));
+                    }
+                    _ => {}
                 }
             }
         }
+    }
+
+    // The kernel keys IPv4 as IPv4-mapped IPv6, so an IPv6 prefix over all of `::ffff:0:0/96`
+    // (`::/0` above all) is also the longest match of every IPv4 address that no IPv4 policy
+    // prefix covers, and an allow for `::/0` would let IPv4 through. An IPv4 /0 of its own
+    // catches those addresses first, and no IPv6 rule includes its identity.
+    let mapped = IpNet::V6(Ipv6Net::new(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96).expect("/96"));
+    if state.policy_cidrs.keys().any(|n| n.contains(&mapped)) {
+        let all_ipv4 = IpNet::V4(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0"));
+        state
+            .policy_cidrs
+            .entry(all_ipv4)
+            .or_insert_with(|| ids.allocate_cidr(all_ipv4));
     }
 
     // Policies in a stable order, with their rule ids.
@@ -231,9 +258,7 @@ pub fn compile(
                     peers: r
                         .peers
                         .iter()
-                        .flat_map(|peer| {
-                            resolve_peer(peer, &by_identity, &index, &state.policy_cidrs)
-                        })
+                        .flat_map(|peer| resolve_peer(peer, &by_identity, &index, &state))
                         .collect(),
                     rule: r,
                 })
@@ -290,6 +315,7 @@ pub fn compile(
         .iter()
         .map(|w| w.identity)
         .chain(state.policy_cidrs.values().copied())
+        .chain(state.principals.values().copied())
         .collect();
     ids.gc(&in_use);
     state
@@ -351,12 +377,12 @@ impl<'a> IdentityIndex<'a> {
     }
 }
 
-/// The identities a peer stands for.
+/// The identities a peer stands for. `state` has its policy CIDRs and principals already.
 fn resolve_peer(
     peer: &Peer,
     by_identity: &BTreeMap<u32, Vec<&Workload<'_>>>,
     index: &IdentityIndex<'_>,
-    policy_cidrs: &BTreeMap<IpNet, u32>,
+    state: &CompiledState,
 ) -> BTreeSet<u32> {
     match peer {
         Peer::Any => BTreeSet::from([IDENTITY_ANY]),
@@ -386,11 +412,13 @@ fn resolve_peer(
             .collect(),
         // Exact under longest-prefix match: an address's longest policy prefix P is inside `net`
         // and inside no except exactly when the address is in `net` and in no except.
-        Peer::Cidr { net, except } => policy_cidrs
+        Peer::Cidr { net, except } => state
+            .policy_cidrs
             .iter()
             .filter(|(p, _)| net.contains(*p) && !except.iter().any(|e| e.contains(*p)))
             .map(|(_, id)| *id)
             .collect(),
+        Peer::Principal(m) => state.principals.get(m).copied().into_iter().collect(),
     }
 }
 
@@ -596,6 +624,7 @@ pub fn direction_name(direction: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::evaluate::{PeerFacts, Verdict, evaluate};
     use crate::policy::mesh::parse_mesh_policy;
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     use serde::Deserialize as _;
@@ -723,27 +752,19 @@ status: {podIP: 10.0.1.9, phase: Succeeded}
             .collect()
     }
 
-    /// Longest-prefix match over a prefix map, as the kernel's LPM trie does.
-    fn lpm(map: &BTreeMap<IpNet, u32>, ip: IpAddr) -> Option<u32> {
-        map.iter()
-            .filter(|(net, _)| net.contains(&ip))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .map(|(_, id)| *id)
+    /// What the kernel knows about a peer at `ip`, plus the principal identities of its
+    /// certificate when it comes through the tunnel.
+    fn peer_facts(state: &CompiledState, ip: IpAddr, certificate: Option<&str>) -> PeerFacts {
+        PeerFacts {
+            identity: state.ipcache_lookup(ip).unwrap_or(IDENTITY_WORLD),
+            cidr_identity: state.policy_cidr_lookup(ip),
+            principal_identities: certificate
+                .map(|uri| state.principal_identities(&uri.parse().expect("test SPIFFE ID")))
+                .unwrap_or_default(),
+        }
     }
 
-    /// Longest port-prefix match within one slice.
-    fn port_lpm(entries: &[PortEntry], port: u16) -> Option<PortEntry> {
-        entries
-            .iter()
-            .filter(|e| {
-                let shift = 16 - u32::from(e.prefix_len);
-                e.prefix_len == 0 || (e.port >> shift) == (port >> shift)
-            })
-            .max_by_key(|e| e.prefix_len)
-            .copied()
-    }
-
-    /// The datapath's decision for one endpoint and one new flow.
+    /// The datapath's decision for one endpoint and one new plaintext flow.
     fn decide(
         state: &CompiledState,
         ep: &EndpointPolicy,
@@ -752,33 +773,14 @@ status: {podIP: 10.0.1.9, phase: Succeeded}
         protocol: u8,
         port: u16,
     ) -> bool {
-        let peer_id = lpm(&state.ipcache, peer).unwrap_or(IDENTITY_WORLD);
-        let cidr_id = lpm(&state.policy_cidrs, peer);
-        let mut allow = false;
-        for id in [Some(peer_id), cidr_id, Some(IDENTITY_ANY)]
-            .into_iter()
-            .flatten()
-        {
-            for proto in [protocol, 0] {
-                let key = SliceKey {
-                    peer_identity: id,
-                    direction,
-                    protocol: proto,
-                };
-                if let Some(e) = ep.slices.get(&key).and_then(|s| port_lpm(s, port)) {
-                    if e.verdict == POLICY_DENY {
-                        return false;
-                    }
-                    allow |= e.verdict == POLICY_ALLOW;
-                }
-            }
-        }
-        let default_deny = if direction == DIR_INGRESS {
-            ep.ingress_default_deny
-        } else {
-            ep.egress_default_deny
-        };
-        allow || default_deny.is_none()
+        evaluate(
+            ep,
+            direction,
+            &peer_facts(state, peer, None),
+            protocol,
+            port,
+        )
+        .allowed
     }
 
     /// Resolves `ns/pod` to its endpoint (if local) and first address, or an IP literal to
@@ -807,20 +809,46 @@ status: {podIP: 10.0.1.9, phase: Succeeded}
         (state.endpoints.get(&key), ip)
     }
 
-    fn allowed(state: &CompiledState, inv: &Inventory, flow: &Flow) -> bool {
-        let (src_ep, src_ip) = place(state, inv, flow.0);
-        let (dst_ep, dst_ip) = place(state, inv, flow.1);
-        let proto = match flow.3 {
+    fn protocol(name: &str) -> u8 {
+        match name {
             "TCP" => PROTO_TCP,
             "UDP" => super::super::model::PROTO_UDP,
             "SCTP" => super::super::model::PROTO_SCTP,
             other => panic!("protocol {other}"),
-        };
+        }
+    }
+
+    fn allowed(state: &CompiledState, inv: &Inventory, flow: &Flow) -> bool {
+        let (src_ep, src_ip) = place(state, inv, flow.0);
+        let (dst_ep, dst_ip) = place(state, inv, flow.1);
+        let proto = protocol(flow.3);
         let egress_ok =
             src_ep.is_none_or(|ep| decide(state, ep, DIR_EGRESS, dst_ip, proto, flow.2));
         let ingress_ok =
             dst_ep.is_none_or(|ep| decide(state, ep, DIR_INGRESS, src_ip, proto, flow.2));
         egress_ok && ingress_ok
+    }
+
+    /// The destination's ingress verdict on a flow from `src` (carrying `certificate` when it
+    /// comes through the tunnel) to the local pod `dst`.
+    fn ingress_verdict(
+        state: &CompiledState,
+        inv: &Inventory,
+        src: &str,
+        certificate: Option<&str>,
+        dst: &str,
+        port: u16,
+    ) -> Verdict {
+        let (_, src_ip) = place(state, inv, src);
+        let (dst_ep, _) = place(state, inv, dst);
+        let ep = dst_ep.expect("the destination is a local endpoint");
+        evaluate(
+            ep,
+            DIR_INGRESS,
+            &peer_facts(state, src_ip, certificate),
+            PROTO_TCP,
+            port,
+        )
     }
 
     /// (source, destination, port, protocol, allowed?)
@@ -1157,6 +1185,24 @@ spec:
             ],
         },
         Case {
+            name: "an IPv6 CIDR covering the IPv4-mapped range does not let IPv4 through",
+            policies: r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: v6-only, namespace: frontend}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: '::/0'}}]
+",
+            flows: &[
+                ("frontend/web", "2001:db8::1", 443, "TCP", true),
+                ("frontend/web", "8.8.8.8", 443, "TCP", false),
+                ("frontend/web", "10.0.1.2", 80, "TCP", false),
+            ],
+        },
+        Case {
             name: "MeshPolicy peers default to the policy namespace; enableDefaultDeny off",
             policies: r"
 apiVersion: nodeward.io/v1alpha1
@@ -1209,6 +1255,215 @@ spec:
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// (source, SPIFFE ID of its certificate or `None` for plaintext, local destination,
+    /// TCP port, allowed?)
+    type TunnelFlow = (&'static str, Option<&'static str>, &'static str, u16, bool);
+
+    const WEB_ID: &str = "spiffe://cluster.local/ns/frontend/sa/default";
+    const API_ID: &str = "spiffe://cluster.local/ns/backend/sa/api";
+    const TOOL_ID: &str = "spiffe://cluster.local/ns/backend/sa/default";
+    const DB_ID: &str = "spiffe://cluster.local/ns/data/sa/default";
+
+    const PRINCIPAL_CASES: &[(&str, &str, &[TunnelFlow])] = &[
+        (
+            "fromServiceAccounts lets that service account in, and only it",
+            r"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: db, namespace: data}
+spec:
+  ingress:
+  - fromServiceAccounts: [backend/api]
+",
+            &[
+                ("backend/api", Some(API_ID), "data/db", 5432, true),
+                ("backend/api-2", Some(API_ID), "data/db", 5432, true),
+                (
+                    "backend/api",
+                    Some("spiffe://other.domain/ns/backend/sa/api"),
+                    "data/db",
+                    5432,
+                    true,
+                ),
+                ("backend/tool", Some(TOOL_ID), "data/db", 5432, false),
+                ("frontend/web", Some(WEB_ID), "data/db", 5432, false),
+                ("backend/api", None, "data/db", 5432, false),
+            ],
+        ),
+        (
+            "fromPrincipals exact and by prefix; a bare service account is the policy's namespace",
+            r"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromPrincipals: [spiffe://cluster.local/ns/frontend/sa/default]
+    toPorts: [{port: 8080, protocol: TCP}]
+  - fromPrincipals: ['spiffe://cluster.local/ns/data/*']
+  - fromServiceAccounts: [default]
+    toPorts: [{port: 9090}]
+",
+            &[
+                ("frontend/web", Some(WEB_ID), "backend/api", 8080, true),
+                ("frontend/web", Some(WEB_ID), "backend/api", 9090, false),
+                (
+                    "frontend/web",
+                    Some("spiffe://cluster.local/ns/frontend/sa/other"),
+                    "backend/api",
+                    8080,
+                    false,
+                ),
+                ("data/db", Some(DB_ID), "backend/api", 1, true),
+                (
+                    "data/db",
+                    Some("spiffe://cluster.local/ns/database/sa/default"),
+                    "backend/api",
+                    1,
+                    false,
+                ),
+                ("backend/tool", Some(TOOL_ID), "backend/api", 9090, true),
+                ("backend/tool", Some(TOOL_ID), "backend/api", 8080, false),
+                ("frontend/web", None, "backend/api", 8080, false),
+                ("data/db", None, "backend/api", 1, false),
+            ],
+        ),
+        (
+            "a deny by principal beats an endpoint allow, over the tunnel only",
+            r"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {nodeward.io/namespace: frontend}}]
+  ingressDeny:
+  - fromPrincipals: ['spiffe://cluster.local/ns/frontend/*']
+    toPorts: [{port: 9090, protocol: TCP}]
+",
+            &[
+                ("frontend/web", Some(WEB_ID), "backend/api", 9090, false),
+                ("frontend/web", Some(WEB_ID), "backend/api", 8080, true),
+                // What STRICT is for: plaintext carries no certificate to deny.
+                ("frontend/web", None, "backend/api", 9090, true),
+            ],
+        ),
+        (
+            "a named ingress port with a principal peer resolves on the endpoint",
+            r"
+apiVersion: nodeward.io/v1alpha1
+kind: ClusterMeshPolicy
+metadata: {name: api-http}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromServiceAccounts: [frontend/default]
+    toPorts: [{port: http, protocol: TCP}]
+",
+            &[
+                ("frontend/web", Some(WEB_ID), "backend/api", 8080, true),
+                ("frontend/web", Some(WEB_ID), "backend/api", 9090, false),
+                ("frontend/web", Some(WEB_ID), "backend/api", 80, false),
+                ("backend/tool", Some(TOOL_ID), "backend/api", 8080, false),
+                ("frontend/web", None, "backend/api", 8080, false),
+            ],
+        ),
+    ];
+
+    #[test]
+    fn principal_table() {
+        let inv = inventory();
+        let mut failures = Vec::new();
+        for (name, policies, flows) in PRINCIPAL_CASES {
+            let state = compile(NODE, &inv, &models(policies), &mut IdentityAllocator::new());
+            for (src, certificate, dst, port, want) in *flows {
+                let got = ingress_verdict(&state, &inv, src, *certificate, dst, *port).allowed;
+                if got != *want {
+                    failures.push(format!(
+                        "{name}: {src} ({}) -> {dst} {port}/TCP: expected {}, got {}",
+                        certificate.unwrap_or("plaintext"),
+                        if *want { "allow" } else { "deny" },
+                        if got { "allow" } else { "deny" },
+                    ));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn a_deny_by_principal_names_its_rule() {
+        let inv = inventory();
+        let (_, policies, _) = PRINCIPAL_CASES[2];
+        let state = compile(NODE, &inv, &models(policies), &mut IdentityAllocator::new());
+        let v = ingress_verdict(
+            &state,
+            &inv,
+            "frontend/web",
+            Some(WEB_ID),
+            "backend/api",
+            9090,
+        );
+        assert_eq!(v.drop_reason, agent_common::drop_reason::POLICY_DENY);
+        assert_eq!(state.rules[&v.rule_id].rule, "ingressDeny[0]");
+        let v = ingress_verdict(
+            &state,
+            &inv,
+            "frontend/web",
+            Some(WEB_ID),
+            "backend/api",
+            8080,
+        );
+        assert!(v.allowed);
+        assert_eq!(state.rules[&v.rule_id].rule, "ingress[0]");
+    }
+
+    #[test]
+    fn principals_get_identities_that_no_address_has_and_gc_keeps() {
+        let inv = inventory();
+        let mut ids = IdentityAllocator::new();
+        let (_, policies, _) = PRINCIPAL_CASES[1];
+        let policies = models(policies);
+        let state = compile(NODE, &inv, &policies, &mut ids);
+        let names: Vec<String> = state.principals.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "spiffe://cluster.local/ns/frontend/sa/default",
+                "spiffe://cluster.local/ns/data/*",
+                "backend/default",
+            ]
+        );
+        for (m, id) in &state.principals {
+            assert!(
+                !state.ipcache.values().any(|i| i == id)
+                    && !state.policy_cidrs.values().any(|i| i == id),
+                "{m}: an address maps to principal identity {id}"
+            );
+            assert_eq!(
+                ids.labels_of(*id),
+                Some(crate::identity::Labels::from([(
+                    crate::identity::PRINCIPAL_LABEL.to_owned(),
+                    m.to_string()
+                )])),
+                "{m}: flows can name the identity"
+            );
+        }
+        // Compiling again keeps the numbers (gc kept them); without the policy they go.
+        assert_eq!(compile(NODE, &inv, &policies, &mut ids), state);
+        let ids_before = ids.len();
+        let _ = compile(NODE, &inv, &[], &mut ids);
+        assert_eq!(ids.len(), ids_before - state.principals.len());
+        assert!(
+            state
+                .principals
+                .values()
+                .all(|id| ids.labels_of(*id).is_none())
+        );
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The compiler's output: plain data that the datapath sync turns into map entries and the
-//! tunnel (later) consults. Produced by [`super::compile`], consumed by `datapath::sync`.
+//! tunnel consults (through [`super::evaluate()`]). Produced by [`super::compile()`], consumed by
+//! `datapath::sync`.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
+
+use super::model::PrincipalMatch;
 
 /// Namespace and name of a pod (or any namespaced object).
 #[derive(
@@ -120,6 +123,10 @@ pub struct CompiledState {
     pub ipcache: BTreeMap<IpNet, u32>,
     /// Prefix to CIDR identity: every CIDR and `except` prefix named by a policy.
     pub policy_cidrs: BTreeMap<IpNet, u32>,
+    /// Principal peer to its identity: every `fromPrincipals` and `fromServiceAccounts` entry.
+    /// No ipcache entry maps to one, so the kernel never matches their slices; the tunnel adds
+    /// the ones the peer's certificate matches (see [`CompiledState::principal_identities`]).
+    pub principals: BTreeMap<PrincipalMatch, u32>,
     /// Rule id to its origin.
     pub rules: BTreeMap<u32, RuleInfo>,
 }

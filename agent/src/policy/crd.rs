@@ -9,7 +9,9 @@
 //! names, `endPort` without a numeric `port`, CIDR syntax, selector operators and their values,
 //! label values, required fields), so `kubectl apply` fails early. What a structural schema
 //! cannot express without CEL (`endPort` below `port`, an `except` outside its `cidr`, label key
-//! syntax) is still checked by the agent, which reports it on the object.
+//! syntax, a ClusterMeshPolicy's `fromServiceAccounts` entry without a namespace, since both
+//! policy kinds share one rule type) is still checked by the agent, which reports it on the
+//! object.
 //!
 //! The policy kinds have a `status` subresource written by the agents, each with its own
 //! server-side-apply field manager, so agents never overwrite each other: see [`PolicyStatus`].
@@ -24,10 +26,18 @@
 //! - In a MeshPolicy, a peer selector that constrains neither `nodeward.io/namespace` nor any
 //!   `nodeward.io/ns-label.*` key means pods of the policy's own namespace. In a
 //!   ClusterMeshPolicy it means pods of every namespace.
-//! - Within a rule, the peer fields (`fromEndpoints`, `fromEntities`, `fromCIDRSet`) are
-//!   alternatives, and `toPorts` restricts the ports. A rule with `toPorts` but no peer field
-//!   applies to every peer (an L4-only rule). A rule with neither (`{}`) matches nothing: it is
-//!   the way to enable default deny without allowing anything.
+//! - Within a rule, the peer fields (`fromEndpoints`, `fromEntities`, `fromCIDRSet`,
+//!   `fromPrincipals`, `fromServiceAccounts`) are alternatives, and `toPorts` restricts the
+//!   ports. A rule with `toPorts` but no peer field applies to every peer (an L4-only rule). A
+//!   rule with neither (`{}`) matches nothing: it is the way to enable default deny without
+//!   allowing anything.
+//! - `fromPrincipals` (SPIFFE IDs, exact or a prefix ending in `*`) and `fromServiceAccounts`
+//!   (`namespace/name`; in a MeshPolicy a bare `name` is one of its own namespace, in a
+//!   ClusterMeshPolicy the namespace is required) match the source's certificate, in ingress
+//!   rules only. Principal peers can only be satisfied over the mTLS tunnel (the kernel never
+//!   sees a certificate), so a plaintext flow never matches them, allow or deny: use STRICT
+//!   mode (a `MutualTLS` object) on the destination to make sure a deny by principal covers
+//!   everything.
 //! - A deny rule (`ingressDeny`, `egressDeny`) wins over every allow, from any policy.
 //! - Default deny: a pod selected by a policy whose spec has `ingress` or `ingressDeny` (even an
 //!   empty list) drops ingress that no rule allows; likewise for egress. `enableDefaultDeny`
@@ -161,6 +171,33 @@ pub const CIDR_PATTERN: &str = concat!(
     "/(?:12[0-8]|1[01][0-9]|[1-9]?[0-9]))$"
 );
 
+/// One path segment of a SPIFFE ID (namespace, service account): letters, digits, `.`, `-`,
+/// `_`, but not `.` or `..` (RE2 has no lookahead, hence the three alternatives).
+macro_rules! spiffe_segment {
+    () => {
+        "(?:[A-Za-z0-9_-][A-Za-z0-9._-]*|\\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\\.\\.[A-Za-z0-9._-]+)"
+    };
+}
+
+/// A `fromPrincipals` entry: a workload SPIFFE ID (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`)
+/// or `spiffe://` followed by a prefix and one `*` at the end.
+pub const PRINCIPAL_PATTERN: &str = concat!(
+    "^spiffe://(?:[a-z0-9._-]{1,255}/ns/",
+    spiffe_segment!(),
+    "/sa/",
+    spiffe_segment!(),
+    "|[^*]*\\*)$"
+);
+
+macro_rules! dns_label {
+    () => {
+        "[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+    };
+}
+
+/// A `fromServiceAccounts` entry: `namespace/name` or a bare `name`, each a DNS label.
+pub const SERVICE_ACCOUNT_PATTERN: &str = concat!("^(?:", dns_label!(), "/)?", dns_label!(), "$");
+
 /// A Kubernetes label value: empty, or up to 63 alphanumerics, `-`, `_`, `.`, starting and
 /// ending with an alphanumeric.
 pub const LABEL_VALUE_PATTERN: &str = "^(?:(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
@@ -217,6 +254,24 @@ fn cidr_schema(_: &mut SchemaGenerator) -> Schema {
         "type": "string",
         "format": "cidr",
         "pattern": CIDR_PATTERN,
+    })
+}
+
+fn principals_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "SPIFFE IDs of the sources' certificates: exact (spiffe://cluster.local/ns/shop/sa/api) or a prefix ending in * (spiffe://cluster.local/ns/shop/*). Only traffic through the mTLS tunnel can match.",
+        "type": "array",
+        "nullable": true,
+        "items": {"type": "string", "pattern": PRINCIPAL_PATTERN},
+    })
+}
+
+fn service_accounts_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "Service accounts of the sources' certificates, as namespace/name (a bare name: the MeshPolicy's namespace; a ClusterMeshPolicy must name the namespace). Only traffic through the mTLS tunnel can match.",
+        "type": "array",
+        "nullable": true,
+        "items": {"type": "string", "maxLength": 127, "pattern": SERVICE_ACCOUNT_PATTERN},
     })
 }
 
@@ -356,7 +411,9 @@ pub struct PortRule {
 }
 
 /// Sources of ingress (`ingress`, `ingressDeny`). Peer fields are alternatives; with none,
-/// a rule with `toPorts` applies to every source and a rule without matches nothing.
+/// a rule with `toPorts` applies to every source and a rule without matches nothing. The
+/// principal fields (`fromPrincipals`, `fromServiceAccounts`) exist for ingress only: the
+/// tunnel checks the certificate of the source that connects.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressRule {
@@ -371,6 +428,17 @@ pub struct IngressRule {
         skip_serializing_if = "Option::is_none"
     )]
     pub from_cidr_set: Option<Vec<CidrRule>>,
+    /// Sources by the SPIFFE ID of their certificate: exact
+    /// (`spiffe://cluster.local/ns/shop/sa/api`) or a prefix ending in `*`
+    /// (`spiffe://cluster.local/ns/shop/*`). Only traffic through the mTLS tunnel can match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "principals_schema")]
+    pub from_principals: Option<Vec<String>>,
+    /// Sources by the service account of their certificate, `namespace/name` (a bare `name`:
+    /// the MeshPolicy's own namespace). Only traffic through the mTLS tunnel can match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "service_accounts_schema")]
+    pub from_service_accounts: Option<Vec<String>>,
     /// Destination ports on the selected pod; absent means every port of every protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_ports: Option<Vec<PortRule>>,

@@ -11,7 +11,7 @@ use super::crd::{
 use super::model::{
     Action, Direction, Entity, FieldError, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, PolicyError,
     PolicyKind, PolicyModel, PortSpec, Rule, RuleOrigin, Subject, check_port, check_port_name,
-    parse_cidr,
+    parse_cidr, parse_principal, parse_service_account,
 };
 use super::selector::{LabelSelector, NAMESPACE_LABEL, Requirement};
 
@@ -64,15 +64,21 @@ pub fn parse_cluster_mesh_policy(
     parse(value, "ClusterMeshPolicy")
 }
 
-fn parse<T: DeserializeOwned>(value: serde_json::Value, kind: &str) -> Result<T, PolicyError> {
+/// Deserializes a `nodeward.io/v1alpha1` object of `kind`, naming the object as errors do
+/// (`Kind ns/name` for the namespaced kinds, `Kind name` otherwise).
+pub(super) fn parse<T: DeserializeOwned>(
+    value: serde_json::Value,
+    kind: &str,
+) -> Result<T, PolicyError> {
     let meta = |key: &str| {
         value
             .pointer(&format!("/metadata/{key}"))
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
     };
+    let namespaced = kind != "ClusterMeshPolicy";
     let object = match (meta("namespace"), meta("name")) {
-        (Some(ns), Some(name)) if kind == "MeshPolicy" => format!("{kind} {ns}/{name}"),
+        (Some(ns), Some(name)) if namespaced => format!("{kind} {ns}/{name}"),
         (_, Some(name)) => format!("{kind} {name}"),
         (_, None) => format!("{kind} <unnamed>"),
     };
@@ -128,6 +134,8 @@ fn translate(
                     endpoints: r.from_endpoints.as_deref(),
                     entities: r.from_entities.as_deref(),
                     cidrs: r.from_cidr_set.as_deref(),
+                    principals: r.from_principals.as_deref(),
+                    service_accounts: r.from_service_accounts.as_deref(),
                     ports: r.to_ports.as_deref(),
                     prefix: "from",
                 },
@@ -152,6 +160,9 @@ fn translate(
                     endpoints: r.to_endpoints.as_deref(),
                     entities: r.to_entities.as_deref(),
                     cidrs: r.to_cidr_set.as_deref(),
+                    // A certificate names the source: egress has no principal peers.
+                    principals: None,
+                    service_accounts: None,
                     ports: r.to_ports.as_deref(),
                     prefix: "to",
                 },
@@ -178,6 +189,10 @@ struct RulePeers<'a> {
     endpoints: Option<&'a [EndpointSelector]>,
     entities: Option<&'a [CrdEntity]>,
     cidrs: Option<&'a [CidrRule]>,
+    /// `fromPrincipals` (ingress only).
+    principals: Option<&'a [String]>,
+    /// `fromServiceAccounts` (ingress only).
+    service_accounts: Option<&'a [String]>,
     ports: Option<&'a [PortRule]>,
     /// `from` or `to`, for field names.
     prefix: &'static str,
@@ -221,13 +236,27 @@ fn rule(
             &format!("{field}.except"),
         )?);
     }
+    for (i, p) in r.principals.into_iter().flatten().enumerate() {
+        let field = format!("{path}.{pre}Principals[{i}]");
+        peers.push(Peer::Principal(parse_principal(p, &field)?));
+    }
+    for (i, a) in r.service_accounts.into_iter().flatten().enumerate() {
+        let field = format!("{path}.{pre}ServiceAccounts[{i}]");
+        peers.push(Peer::Principal(parse_service_account(
+            a, namespace, &field,
+        )?));
+    }
     let mut ports = Vec::new();
     for (i, p) in r.ports.into_iter().flatten().enumerate() {
         ports.extend(port(p, &format!("{path}.toPorts[{i}]"))?);
     }
     // An L4-only rule (ports but no peer field) applies to every peer, as in Cilium. A rule
     // with neither stays peerless and matches nothing.
-    let no_peer_field = r.endpoints.is_none() && r.entities.is_none() && r.cidrs.is_none();
+    let no_peer_field = r.endpoints.is_none()
+        && r.entities.is_none()
+        && r.cidrs.is_none()
+        && r.principals.is_none()
+        && r.service_accounts.is_none();
     if no_peer_field && r.ports.is_some_and(|p| !p.is_empty()) {
         peers.push(Peer::Any);
     }
@@ -240,7 +269,8 @@ fn rule(
     })
 }
 
-fn selector(s: &EndpointSelector, path: &str) -> Result<LabelSelector, FieldError> {
+/// A CRD selector as a validated [`LabelSelector`]; `path` names it in errors.
+pub(super) fn selector(s: &EndpointSelector, path: &str) -> Result<LabelSelector, FieldError> {
     LabelSelector::parse(
         s.match_labels.as_ref(),
         s.match_expressions
@@ -316,6 +346,7 @@ fn port(p: &PortRule, path: &str) -> Result<Vec<PortSpec>, FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::model::PrincipalMatch;
     use serde_json::json;
 
     fn mp(spec: serde_json::Value) -> serde_json::Value {
@@ -384,6 +415,82 @@ mod tests {
             let e = translate_mesh_policy(&p).expect_err("invalid");
             assert_eq!(e.to_string(), want, "for {spec}");
         }
+    }
+
+    #[test]
+    fn principal_peers_translate_with_the_policy_namespace_for_bare_service_accounts() {
+        let p = parse_mesh_policy(mp(json!({
+            "ingress": [
+                {"fromPrincipals": ["spiffe://cluster.local/ns/shop/sa/api", "spiffe://cluster.local/ns/shop/*"]},
+                {"fromServiceAccounts": ["web", "shop/api"], "toPorts": [{"port": 80, "protocol": "TCP"}]},
+                {"fromPrincipals": [], "toPorts": [{"port": 80}]},
+            ],
+        })))
+        .expect("parses");
+        let m = translate_mesh_policy(&p).expect("valid");
+        assert_eq!(
+            m.rules[0].peers,
+            vec![
+                Peer::Principal(PrincipalMatch::Exact(
+                    "spiffe://cluster.local/ns/shop/sa/api".into()
+                )),
+                Peer::Principal(PrincipalMatch::Prefix(
+                    "spiffe://cluster.local/ns/shop/".into()
+                )),
+            ]
+        );
+        let sa = |namespace: &str, name: &str| {
+            Peer::Principal(PrincipalMatch::ServiceAccount {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+        };
+        assert_eq!(
+            m.rules[1].peers,
+            vec![sa("backend", "web"), sa("shop", "api")]
+        );
+        assert!(
+            m.rules[2].peers.is_empty(),
+            "an empty principal list is a peer field: the rule matches nothing, not everyone"
+        );
+    }
+
+    #[test]
+    fn principal_errors_name_the_path() {
+        let cases = [
+            (
+                json!({"ingress": [{"fromPrincipals": ["spiffe://cluster.local/ns/a/sa/b", "spiffe://cluster.local/*/sa/b*"]}]}),
+                "MeshPolicy backend/api: spec.ingress[0].fromPrincipals[1]: invalid principal \"spiffe://cluster.local/*/sa/b*\": '*' may only be the last character",
+            ),
+            (
+                json!({"ingressDeny": [{"fromPrincipals": ["spiffe://cluster.local/ns/a"]}]}),
+                "MeshPolicy backend/api: spec.ingressDeny[0].fromPrincipals[0]: invalid principal \"spiffe://cluster.local/ns/a\": \"spiffe://cluster.local/ns/a\" is not a SPIFFE ID (expected spiffe://<trust-domain>/ns/<namespace>/sa/<account>)",
+            ),
+            (
+                json!({"ingress": [{}, {"fromServiceAccounts": ["shop/Api"]}]}),
+                "MeshPolicy backend/api: spec.ingress[1].fromServiceAccounts[0]: invalid service account name \"Api\" in \"shop/Api\": expected 1-63 lowercase alphanumerics or '-', starting and ending with an alphanumeric",
+            ),
+        ];
+        for (spec, want) in cases {
+            let p = parse_mesh_policy(mp(spec.clone())).expect("parses");
+            let e = translate_mesh_policy(&p).expect_err("invalid");
+            assert_eq!(e.to_string(), want, "for {spec}");
+        }
+        let e = parse_mesh_policy(mp(json!({"egress": [{"toPrincipals": []}]})))
+            .expect_err("no egress counterpart");
+        assert_eq!(e.field, "spec.egress[0].toPrincipals");
+        let c = parse_cluster_mesh_policy(json!({
+            "apiVersion": "nodeward.io/v1alpha1",
+            "kind": "ClusterMeshPolicy",
+            "metadata": {"name": "all"},
+            "spec": {"ingress": [{"fromServiceAccounts": ["shop/api", "api"]}]},
+        }))
+        .expect("parses");
+        let e = translate_cluster_mesh_policy(&c).expect_err("bare name");
+        assert_eq!(
+            e.to_string(),
+            "ClusterMeshPolicy all: spec.ingress[0].fromServiceAccounts[1]: service account \"api\" has no namespace: a ClusterMeshPolicy names it as namespace/name"
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::fmt;
 use ipnet::IpNet;
 
 pub use super::selector::LabelSelector;
+use super::selector::is_dns_label;
+use crate::ca::SpiffeId;
 
 /// The front end a policy came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -118,6 +120,50 @@ pub enum Peer {
         net: IpNet,
         except: Vec<IpNet>,
     },
+    /// Sources whose certificate's SPIFFE ID matches: only traffic through the mTLS tunnel
+    /// can match (ingress only).
+    Principal(PrincipalMatch),
+}
+
+/// Which SPIFFE IDs a principal peer stands for. The compiler gives each distinct match its own
+/// identity, which no address ever has: the kernel never matches it, the tunnel does when the
+/// peer's certificate matches.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PrincipalMatch {
+    /// This SPIFFE ID, as its URI (`spiffe://cluster.local/ns/shop/sa/api`).
+    Exact(String),
+    /// Every SPIFFE ID whose URI starts with this (`spiffe://cluster.local/ns/shop/`, written
+    /// `spiffe://cluster.local/ns/shop/*`).
+    Prefix(String),
+    /// Every certificate of this namespace and service account. Its trust domain is not
+    /// compared here: the TLS handshake only accepts the trusted ones.
+    ServiceAccount { namespace: String, name: String },
+}
+
+impl PrincipalMatch {
+    /// Whether a certificate with SPIFFE ID `id` is one of the peers this stands for.
+    #[must_use]
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(uri) => *uri == id.uri(),
+            Self::Prefix(prefix) => id.uri().starts_with(prefix.as_str()),
+            Self::ServiceAccount { namespace, name } => {
+                id.namespace() == namespace && id.service_account() == name
+            }
+        }
+    }
+}
+
+impl fmt::Display for PrincipalMatch {
+    /// The form a policy writes it in (`spiffe://td/ns/shop/sa/api`, `spiffe://td/ns/shop/*`,
+    /// `shop/api`), unique per match: also the label of its identity.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(uri) => f.write_str(uri),
+            Self::Prefix(prefix) => write!(f, "{prefix}*"),
+            Self::ServiceAccount { namespace, name } => write!(f, "{namespace}/{name}"),
+        }
+    }
 }
 
 /// Destination ports of a rule. Protocols are IP protocol numbers.
@@ -272,5 +318,139 @@ pub(crate) fn check_port_name(name: &str, field: &str) -> Result<(), FieldError>
                 "invalid port name {name:?}: expected 1-15 lowercase alphanumerics or '-', with a letter, or a number"
             ),
         ))
+    }
+}
+
+/// Parses a `fromPrincipals` entry: a SPIFFE ID, or a prefix of one ending in `*`.
+pub(crate) fn parse_principal(principal: &str, field: &str) -> Result<PrincipalMatch, FieldError> {
+    let invalid =
+        |why: &str| FieldError::new(field, format!("invalid principal {principal:?}: {why}"));
+    if !principal.starts_with("spiffe://") {
+        return Err(invalid(
+            "expected a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<account>) or a prefix of one ending in '*'",
+        ));
+    }
+    match principal.find('*') {
+        Some(i) if i + 1 == principal.len() => {
+            Ok(PrincipalMatch::Prefix(principal[..i].to_owned()))
+        }
+        Some(_) => Err(invalid("'*' may only be the last character")),
+        None => principal
+            .parse::<SpiffeId>()
+            .map(|id| PrincipalMatch::Exact(id.uri()))
+            .map_err(|e| invalid(&e.to_string())),
+    }
+}
+
+/// Parses a `fromServiceAccounts` entry: `namespace/name`, or a bare `name` of `namespace` when
+/// the policy has one.
+pub(crate) fn parse_service_account(
+    account: &str,
+    namespace: Option<&str>,
+    field: &str,
+) -> Result<PrincipalMatch, FieldError> {
+    let (ns, name) = match (account.split_once('/'), namespace) {
+        (Some((ns, name)), _) => (ns, name),
+        (None, Some(ns)) => (ns, account),
+        (None, None) => {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "service account {account:?} has no namespace: a ClusterMeshPolicy names it as namespace/name"
+                ),
+            ));
+        }
+    };
+    for (what, value) in [("namespace", ns), ("service account name", name)] {
+        if !is_dns_label(value) {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "invalid {what} {value:?} in {account:?}: expected 1-63 lowercase alphanumerics or '-', starting and ending with an alphanumeric"
+                ),
+            ));
+        }
+    }
+    Ok(PrincipalMatch::ServiceAccount {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(uri: &str) -> SpiffeId {
+        uri.parse().expect("test SPIFFE ID")
+    }
+
+    #[test]
+    fn principals_match_exactly_by_prefix_or_by_service_account() {
+        let exact = parse_principal("spiffe://cluster.local/ns/shop/sa/api", "f").expect("exact");
+        assert!(exact.matches(&id("spiffe://cluster.local/ns/shop/sa/api")));
+        assert!(!exact.matches(&id("spiffe://cluster.local/ns/shop/sa/api2")));
+        assert!(!exact.matches(&id("spiffe://other.td/ns/shop/sa/api")));
+
+        let prefix = parse_principal("spiffe://cluster.local/ns/shop/*", "f").expect("prefix");
+        assert_eq!(
+            prefix,
+            PrincipalMatch::Prefix("spiffe://cluster.local/ns/shop/".into())
+        );
+        assert!(prefix.matches(&id("spiffe://cluster.local/ns/shop/sa/api")));
+        assert!(!prefix.matches(&id("spiffe://cluster.local/ns/shopping/sa/api")));
+
+        let sa = parse_service_account("shop/api", None, "f").expect("service account");
+        assert!(sa.matches(&id("spiffe://cluster.local/ns/shop/sa/api")));
+        assert!(
+            sa.matches(&id("spiffe://other.td/ns/shop/sa/api")),
+            "the trust domain is the handshake's business"
+        );
+        assert!(!sa.matches(&id("spiffe://cluster.local/ns/shop/sa/web")));
+        assert!(!sa.matches(&id("spiffe://cluster.local/ns/other/sa/api")));
+    }
+
+    #[test]
+    fn principals_display_as_written() {
+        for written in [
+            "spiffe://cluster.local/ns/shop/sa/api",
+            "spiffe://cluster.local/ns/shop/*",
+            "spiffe://*",
+        ] {
+            let m = parse_principal(written, "f").expect("valid");
+            assert_eq!(m.to_string(), written);
+        }
+        let sa = parse_service_account("api", Some("shop"), "f").expect("bare name");
+        assert_eq!(sa.to_string(), "shop/api");
+    }
+
+    #[test]
+    fn invalid_principals_and_service_accounts_say_why() {
+        let err = |r: Result<PrincipalMatch, FieldError>| r.expect_err("invalid").message;
+        assert!(
+            err(parse_principal("cluster.local/ns/a/sa/b", "f")).contains("expected a SPIFFE ID")
+        );
+        assert!(
+            err(parse_principal("spiffe://cluster.local/ns/*/sa/b", "f"))
+                .contains("last character")
+        );
+        assert!(err(parse_principal("spiffe://**", "f")).contains("last character"));
+        assert!(
+            err(parse_principal("spiffe://cluster.local/ns/a", "f")).contains("not a SPIFFE ID")
+        );
+        assert!(
+            err(parse_principal("spiffe://cluster.local/ns/../sa/b", "f")).contains("namespace")
+        );
+        assert!(err(parse_service_account("api", None, "f")).contains("namespace/name"));
+        assert!(err(parse_service_account("Shop/api", None, "f")).contains("namespace \"Shop\""));
+        assert!(err(parse_service_account("shop/api/x", None, "f")).contains("\"api/x\""));
+        assert!(err(parse_service_account("shop/", Some("x"), "f")).contains("name \"\""));
+        assert_eq!(
+            parse_service_account("other/api", Some("shop"), "f").expect("explicit namespace"),
+            PrincipalMatch::ServiceAccount {
+                namespace: "other".into(),
+                name: "api".into()
+            }
+        );
     }
 }

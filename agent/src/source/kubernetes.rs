@@ -1,11 +1,11 @@
 //! Cluster mode: the same objects as the manifests source, from the Kubernetes API server.
 //!
 //! One kube-runtime watcher per kind (Namespaces, Pods, Nodes, ServiceAccounts,
-//! NetworkPolicies, MeshPolicies, ClusterMeshPolicies) feeds one store. Every object, whatever its
-//! kind, is read as raw JSON and goes through the manifests source's own parser
-//! ([`super::manifests::parse_object`]), so both sources give the same [`Inventory`] for the same
-//! objects, and an invalid object (a CRD applied without its schema) is reported by object and
-//! field and skipped; its last good version, if any, stays.
+//! NetworkPolicies, MeshPolicies, ClusterMeshPolicies, MutualTLSes) feeds one store. Every
+//! object, whatever its kind, is read as raw JSON and goes through the manifests source's own
+//! parser ([`super::manifests::parse_object`]), so both sources give the same [`Inventory`] for
+//! the same objects, and an invalid object (a CRD applied without its schema) is reported by
+//! object and field and skipped; its last good version, if any, stays.
 //!
 //! Pods are watched cluster-wide, not field-selected to this node: the compiler needs every pod
 //! (local ones are endpoints, the others are peers in the ipcache), so a second, node-selected
@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 
 use super::manifests::{self, Object};
 use super::{Inventory, Snapshot, SourceStatus};
-use crate::policy::crd::{ClusterMeshPolicy, MeshPolicy};
+use crate::policy::crd::{ClusterMeshPolicy, MeshPolicy, MutualTLS};
 
 /// Creating the API client failed (no in-cluster environment, unreadable kubeconfig...).
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,7 @@ pub fn watched_kinds() -> Vec<ApiResource> {
         ApiResource::erase::<NetworkPolicy>(&()),
         ApiResource::erase::<MeshPolicy>(&()),
         ApiResource::erase::<ClusterMeshPolicy>(&()),
+        ApiResource::erase::<MutualTLS>(&()),
     ]
 }
 

@@ -17,7 +17,8 @@ use serde::de::DeserializeOwned;
 
 use super::Inventory;
 use crate::policy::ObjectRef;
-use crate::policy::crd::{ClusterMeshPolicy, MeshPolicy};
+use crate::policy::PolicyError;
+use crate::policy::crd::{ClusterMeshPolicy, MeshPolicy, MutualTLS};
 
 /// A problem with one file or one object in it. Displayed as one line.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -53,6 +54,7 @@ pub enum Object {
     NetworkPolicy(Box<NetworkPolicy>),
     MeshPolicy(Box<MeshPolicy>),
     ClusterMeshPolicy(Box<ClusterMeshPolicy>),
+    MutualTLS(Box<MutualTLS>),
 }
 
 #[derive(Clone, Debug)]
@@ -294,29 +296,18 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
         ("v1", "Node") => Object::Node(typed(doc, &key)?),
         ("v1", "ServiceAccount") => Object::ServiceAccount(typed(doc, &key)?),
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(doc, &key)?),
-        ("nodeward.io/v1alpha1", "MeshPolicy") => Object::MeshPolicy(
-            crate::policy::parse_mesh_policy(doc)
-                .map(Box::new)
-                .map_err(|e| {
-                    (
-                        Some(key.clone()),
-                        (!e.field.is_empty()).then_some(e.field),
-                        e.message,
-                    )
-                })?,
-        ),
-        ("nodeward.io/v1alpha1", "ClusterMeshPolicy") => Object::ClusterMeshPolicy(
-            crate::policy::parse_cluster_mesh_policy(doc)
-                .map(Box::new)
-                .map_err(|e| {
-                    (
-                        Some(key.clone()),
-                        (!e.field.is_empty()).then_some(e.field),
-                        e.message,
-                    )
-                })?,
-        ),
-        (_, "MeshPolicy" | "ClusterMeshPolicy") if api_version.starts_with("nodeward.io/") => {
+        ("nodeward.io/v1alpha1", "MeshPolicy") => {
+            Object::MeshPolicy(ours(crate::policy::parse_mesh_policy(doc), &key)?)
+        }
+        ("nodeward.io/v1alpha1", "ClusterMeshPolicy") => {
+            Object::ClusterMeshPolicy(ours(crate::policy::parse_cluster_mesh_policy(doc), &key)?)
+        }
+        ("nodeward.io/v1alpha1", "MutualTLS") => {
+            Object::MutualTLS(ours(crate::policy::parse_mutual_tls(doc), &key)?)
+        }
+        (_, "MeshPolicy" | "ClusterMeshPolicy" | "MutualTLS")
+            if api_version.starts_with("nodeward.io/") =>
+        {
             return Err((
                 Some(key),
                 Some("apiVersion".into()),
@@ -327,6 +318,17 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
         _ => return Ok(None),
     };
     Ok(Some((key, object)))
+}
+
+/// A `nodeward.io` object from its own parser, whose errors already name the field.
+fn ours<T>(parsed: Result<T, PolicyError>, key: &str) -> Result<Box<T>, ParseError> {
+    parsed.map(Box::new).map_err(|e| {
+        (
+            Some(key.to_owned()),
+            (!e.field.is_empty()).then_some(e.field),
+            e.message,
+        )
+    })
 }
 
 fn typed<T: DeserializeOwned>(doc: serde_json::Value, key: &str) -> Result<Box<T>, ParseError> {
@@ -374,6 +376,9 @@ pub(crate) fn insert(inv: &mut Inventory, object: Object) {
         Object::ClusterMeshPolicy(o) => {
             inv.cluster_mesh_policies
                 .insert(o.metadata.name.clone().unwrap_or_default(), *o);
+        }
+        Object::MutualTLS(o) => {
+            inv.mutual_tls.insert(namespaced(&o.metadata), *o);
         }
     }
 }
@@ -454,6 +459,57 @@ metadata: {name: ignored}
         );
         // Reported once: the next load knows it already.
         assert!(source.load().new_errors.is_empty());
+    }
+
+    const MTLS: &str = "
+apiVersion: nodeward.io/v1alpha1
+kind: MutualTLS
+metadata: {name: strict, namespace: prod}
+spec: {mode: STRICT, selector: {matchLabels: {app: web}}}
+";
+
+    #[test]
+    fn mutual_tls_objects_reach_the_inventory_with_their_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "mtls.yaml", MTLS);
+        let loaded = ManifestSource::new(dir.path()).load();
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let key = ObjectRef {
+            namespace: "prod".into(),
+            name: "strict".into(),
+        };
+        let mtls = &loaded.inventory.mutual_tls[&key];
+        assert_eq!(mtls.spec.mode, crate::policy::crd::MutualTlsMode::Strict);
+        assert_eq!(
+            loaded.inventory.origins.get("MutualTLS prod/strict"),
+            Some(&dir.path().join("mtls.yaml"))
+        );
+    }
+
+    #[test]
+    fn a_mutual_tls_with_an_unknown_field_names_file_object_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "mtls.yaml", &MTLS.replace("mode:", "mood:"));
+        let loaded = ManifestSource::new(dir.path()).load();
+        assert!(loaded.inventory.mutual_tls.is_empty());
+        let line = loaded.errors.first().map(ToString::to_string);
+        let line = line.as_deref().unwrap_or("no error");
+        assert!(
+            line.contains("mtls.yaml: MutualTLS prod/strict: field spec.mood")
+                && line.contains("unknown field `mood`"),
+            "{line}"
+        );
+        write(
+            dir.path(),
+            "mtls.yaml",
+            &MTLS.replace("v1alpha1", "v1beta1"),
+        );
+        let loaded = ManifestSource::new(dir.path()).load();
+        assert!(
+            loaded.errors[0].to_string().contains("field apiVersion"),
+            "{}",
+            loaded.errors[0]
+        );
     }
 
     #[test]

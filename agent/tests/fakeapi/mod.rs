@@ -60,6 +60,7 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         "clustermeshpolicies",
         false,
     ),
+    ("nodeward.io/v1alpha1", "MutualTLS", "mutualtlses", true),
     ("events.k8s.io/v1", "Event", "events", true),
 ];
 
