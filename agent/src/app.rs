@@ -57,7 +57,7 @@ pub struct AgentConfig {
     /// Lifetime of workload certificates (`--cert-ttl`).
     pub cert_ttl: Duration,
     /// mTLS mode of pods no `MutualTLS` selects (`--mtls-mode`).
-    pub mtls_default: policy::MeshMode,
+    pub mtls_default: policy::crd::MutualTlsMode,
     pub tunnel: crate::tunnel::TunnelConfig,
 }
 
@@ -218,10 +218,15 @@ impl Shared {
             use crate::tunnel::TunnelStats as S;
             let s = &tunnel.stats;
             let view = tunnel.view();
-            let meshed_here = view.workloads.values().filter(|w| w.local && w.mode.meshed());
+            let meshed_here: BTreeSet<&policy::ObjectRef> = view
+                .workloads
+                .values()
+                .filter(|w| w.local && w.mode.meshed())
+                .map(|w| &w.pod)
+                .collect();
             value["tunnel"] = serde_json::json!({
                 "hbone_addr": tunnel.config.hbone_addr.to_string(),
-                "meshed_endpoints": meshed_here.count(),
+                "meshed_endpoints": meshed_here.len(),
                 "outbound": {"ok": S::get(&s.outbound_ok), "denied": S::get(&s.outbound_denied), "failed": S::get(&s.outbound_failed), "active": S::get(&s.outbound_active)},
                 "inbound": {"ok": S::get(&s.inbound_ok), "denied": S::get(&s.inbound_denied), "failed": S::get(&s.inbound_failed), "active": S::get(&s.inbound_active)},
                 "pooled_connections": S::get(&s.pool_open),
@@ -372,6 +377,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         shared: shared.clone(),
         node: config.node.clone(),
         mtls_default: config.mtls_default,
+        mtls_last_good: BTreeMap::new(),
         tunnel,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -589,7 +595,9 @@ struct Control {
     syncer: Arc<Mutex<Syncer<PinnedMaps>>>,
     shared: Arc<Shared>,
     node: String,
-    mtls_default: policy::MeshMode,
+    mtls_default: policy::crd::MutualTlsMode,
+    /// The last version of each MutualTLS that translated cleanly, by `MutualTLS ns/name`.
+    mtls_last_good: BTreeMap<String, policy::mtls::MtlsModel>,
     tunnel: Arc<crate::tunnel::Context>,
 }
 
@@ -620,11 +628,11 @@ impl Control {
             self.report(line.clone());
         }
         let inv = loaded.inventory;
-        let failures = self.translate_policies(&inv);
+        let mut failures = self.translate_policies(&inv);
 
         let models: Vec<PolicyModel> = self.last_good.values().cloned().collect();
         let mut compiled = policy::compile(&self.node, &inv, &models, &mut self.identities);
-        let modes = self.mesh_modes(&inv);
+        let modes = self.mesh_modes(&inv, &mut failures);
         for (pod, ep) in &mut compiled.endpoints {
             ep.mesh = modes.get(pod).copied().unwrap_or_default();
         }
@@ -789,12 +797,60 @@ impl Control {
         }
     }
 
-    /// Each pod's place in the mesh.
-    fn mesh_modes(&self, inv: &Inventory) -> BTreeMap<policy::ObjectRef, policy::MeshMode> {
-        inv.pods
-            .keys()
-            .map(|r| (r.clone(), self.mtls_default))
+    /// Each pod's place in the mesh, from the MutualTLS objects (an invalid one is reported
+    /// and its last good version stays in force) and `--mtls-mode`.
+    fn mesh_modes(
+        &mut self,
+        inv: &Inventory,
+        failures: &mut Vec<Failure>,
+    ) -> BTreeMap<policy::ObjectRef, policy::MeshMode> {
+        let mut seen = BTreeSet::new();
+        for (r, obj) in &inv.mutual_tls {
+            let key = format!("MutualTLS {r}");
+            seen.insert(key.clone());
+            match policy::mtls::translate_mutual_tls(obj) {
+                Ok(model) => {
+                    self.mtls_last_good.insert(key, model);
+                }
+                Err(e) => {
+                    let line = self.failure_line(inv, &key, &e);
+                    self.report(line.clone());
+                    failures.push(Failure {
+                        object: key,
+                        error: line,
+                    });
+                }
+            }
+        }
+        self.mtls_last_good.retain(|k, _| seen.contains(k));
+        let models: Vec<policy::mtls::MtlsModel> = self.mtls_last_good.values().cloned().collect();
+        policy::mtls::pod_modes(inv, &models, self.mtls_default)
+            .into_iter()
+            .map(|(r, mode)| {
+                let mode = match mode {
+                    policy::crd::MutualTlsMode::Disable => policy::MeshMode::Off,
+                    policy::crd::MutualTlsMode::Permissive => policy::MeshMode::Permissive,
+                    policy::crd::MutualTlsMode::Strict => policy::MeshMode::Strict,
+                };
+                (r, mode)
+            })
             .collect()
+    }
+
+    /// `<file>: <error>` and whether the previous version stays, for an object `key` of
+    /// `last_good` kind that failed to translate.
+    fn failure_line(&self, inv: &Inventory, key: &str, e: &impl std::fmt::Display) -> String {
+        let file = inv
+            .origins
+            .get(key)
+            .map(|p| format!("{}: ", p.display()))
+            .unwrap_or_default();
+        let kept = if self.last_good.contains_key(key) || self.mtls_last_good.contains_key(key) {
+            " (the previous version stays enforced)"
+        } else {
+            ""
+        };
+        format!("{file}{e}{kept}")
     }
 
     /// Tells the source how each policy fares on this node (policy status and Events in a
@@ -873,17 +929,7 @@ impl Control {
                     self.last_good.insert(key, model);
                 }
                 Err(e) => {
-                    let file = inv
-                        .origins
-                        .get(&key)
-                        .map(|p| format!("{}: ", p.display()))
-                        .unwrap_or_default();
-                    let kept = if self.last_good.contains_key(&key) {
-                        " (the previous version stays enforced)"
-                    } else {
-                        ""
-                    };
-                    let line = format!("{file}{e}{kept}");
+                    let line = self.failure_line(inv, &key, &e);
                     self.report(line.clone());
                     failures.push(Failure {
                         object: key,

@@ -504,7 +504,7 @@ pub fn create_root(dir: &Path, trust_domain: &str) -> Result<(PathBuf, PathBuf),
         if path.exists() {
             return Err(invalid(
                 path,
-                "already exists; remove it first to create a new root".into(),
+                "already exists; remove it first to create a new root",
             ));
         }
     }

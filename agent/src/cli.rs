@@ -143,7 +143,12 @@ struct AgentArgs {
     cert_ttl: Duration,
     /// mTLS mode of pods no MutualTLS object selects: DISABLE (not in the mesh), PERMISSIVE
     /// (tunnel between meshed pods, plaintext accepted) or STRICT (only the tunnel reaches them).
-    #[arg(long, env = "NODEWARD_MTLS_MODE", value_enum, default_value = "DISABLE")]
+    #[arg(
+        long,
+        env = "NODEWARD_MTLS_MODE",
+        value_enum,
+        default_value = "DISABLE"
+    )]
     mtls_mode: MtlsModeArg,
     /// Where the HBONE (mTLS tunnel) server listens; peers connect to port 15008 of this node's
     /// addresses.
@@ -323,6 +328,28 @@ pub fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Every tunnelled connection holds two descriptors in the agent (the pod's socket, and on the
+/// other node the socket to the pod): the soft limit, often 1024, would cap the mesh at a few
+/// hundred connections. Raised to the hard limit, as Go's runtime does for every program.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+        {
+            let soft = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                tracing::warn!(soft, "could not raise the open files limit");
+            }
+        }
+    }
+}
+
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -334,6 +361,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if args.node.trim().is_empty() {
         anyhow::bail!("--node: must not be empty");
     }
+    raise_open_files_limit();
     let config = crate::app::AgentConfig {
         node: args.node,
         source: match args.manifests {
@@ -364,9 +392,9 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         cert_ttl: args.cert_ttl,
         mtls_default: match args.mtls_mode {
-            MtlsModeArg::Disable => crate::policy::MeshMode::Off,
-            MtlsModeArg::Permissive => crate::policy::MeshMode::Permissive,
-            MtlsModeArg::Strict => crate::policy::MeshMode::Strict,
+            MtlsModeArg::Disable => crate::policy::crd::MutualTlsMode::Disable,
+            MtlsModeArg::Permissive => crate::policy::crd::MutualTlsMode::Permissive,
+            MtlsModeArg::Strict => crate::policy::crd::MutualTlsMode::Strict,
         },
         tunnel: crate::tunnel::TunnelConfig {
             hbone_addr: args.hbone_addr,

@@ -346,7 +346,12 @@ pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
     });
     let mut flow = Flow {
         time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
-        verdict: if rec.forwarded { "FORWARDED" } else { "DROPPED" }.into(),
+        verdict: if rec.forwarded {
+            "FORWARDED"
+        } else {
+            "DROPPED"
+        }
+        .into(),
         drop_reason_desc: if rec.forwarded {
             String::new()
         } else {
@@ -521,8 +526,16 @@ pub fn compact(flow: &Flow) -> String {
     } else {
         format!(" {}", flow.drop_reason_desc)
     };
+    let identities = match (&flow.source.spiffe_id, &flow.destination.spiffe_id) {
+        (None, None) => String::new(),
+        (s, d) => format!(
+            " mtls={} -> {}",
+            s.as_deref().unwrap_or("?"),
+            d.as_deref().unwrap_or("?")
+        ),
+    };
     format!(
-        "{time}: {} -> {} {}{policy} {}{reason} ({})",
+        "{time}: {} -> {} {}{policy}{identities} {}{reason} ({})",
         end(&flow.source, &flow.ip.source, ports.map(|p| p.source_port)),
         end(
             &flow.destination,

@@ -110,7 +110,10 @@ impl Metrics {
             &["side", "result"],
         )?;
         let tunnel_active = IntGaugeVec::new(
-            Opts::new("tunnel_active_streams", "Tunnelled connections open now, by side"),
+            Opts::new(
+                "tunnel_active_streams",
+                "Tunnelled connections open now, by side",
+            ),
             &["side"],
         )?;
         let tunnel_connections = IntCounterVec::new(

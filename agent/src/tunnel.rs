@@ -27,6 +27,9 @@ pub mod pool;
 pub mod splice;
 pub mod view;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};

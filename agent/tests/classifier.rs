@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use agent_common::{
     COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS, COUNTER_PACKETS, COUNTER_PASSED,
-    COUNTER_POLICY_REEVALUATED, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ENFORCED, EP_HAS_IPV4,
-    EP_HAS_IPV6, EP_INGRESS_ENFORCED, EndpointInfo, FlowEvent, POLICY_ALLOW, POLICY_DENY,
-    POLICY_KEY_PREFIX_FULL, POLICY_KEY_PREFIX_NO_PORT, PolicyKey, PolicyValue, VERDICT_DROPPED,
-    VERDICT_FORWARDED, drop_reason, program_names, tcp_flags,
+    COUNTER_POLICY_REEVALUATED, COUNTER_REDIRECTED, CT_F_REDIRECT, CT_F_TUNNELED, DIR_EGRESS,
+    DIR_INGRESS, EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ENFORCED, EP_MESHED,
+    EP_MTLS_STRICT, EndpointInfo, FlowEvent, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue,
+    POLICY_ALLOW, POLICY_DENY, POLICY_KEY_PREFIX_FULL, POLICY_KEY_PREFIX_NO_PORT, PolicyKey,
+    PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason, mesh, program_names, tcp_flags,
 };
 use aya::maps::{MapData, RingBuf};
 use aya::programs::{SchedClassifier, TcAttachType, TestRun as _, TestRunOptions};
@@ -165,11 +166,18 @@ impl Env {
             (format!("{PEER_V6}/128"), PEER_IDENTITY),
             (format!("{POD_V4}/32"), POD_IDENTITY),
         ] {
-            self.dp
-                .maps_mut()
-                .put_ipcache(net.parse().expect("prefix"), id)
-                .expect("put ipcache");
+            self.put_ipcache(&net, id, 0);
         }
+    }
+
+    fn put_ipcache(&mut self, net: &str, identity: u32, flags: u32) {
+        self.dp
+            .maps_mut()
+            .put_ipcache(
+                net.parse().expect("prefix"),
+                IpcacheValue { identity, flags },
+            )
+            .expect("put ipcache");
     }
 
     fn policy_key(
@@ -215,17 +223,35 @@ impl Env {
     }
 
     fn run_on(&self, program: &'static str, ifindex: u32, packet: &[u8]) -> u32 {
+        self.run_marked(program, ifindex, packet, 0).0
+    }
+
+    /// Runs `program` on `packet` with `skb->mark` = `mark`; returns the verdict and the mark
+    /// the program left.
+    fn run_marked(
+        &self,
+        program: &'static str,
+        ifindex: u32,
+        packet: &[u8],
+        mark: u32,
+    ) -> (u32, u32) {
         let prog: &SchedClassifier = self.dp.program(program).expect("program");
         // `struct __sk_buff` up to and including `ifindex` (offset 40): the kernel resolves it in
-        // the caller's netns and sets skb->dev from it.
+        // the caller's netns and sets skb->dev from it. `mark` is at offset 8.
         let mut ctx = [0u8; 44];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        // The kernel writes the whole `struct __sk_buff` back (192 bytes on 6.x), or fails
+        // with ENOSPC.
+        let mut ctx_out = [0u8; 256];
         let opts = TestRunOptions {
             data_in: Some(packet),
             ctx_in: Some(&ctx),
+            ctx_out: Some(&mut ctx_out),
             ..TestRunOptions::default()
         };
-        prog.test_run(opts)
+        let verdict = prog
+            .test_run(opts)
             .unwrap_or_else(|e| {
                 panic!(
                     "BPF_PROG_TEST_RUN of {program} on a {}-byte packet failed: {}",
@@ -233,7 +259,9 @@ impl Env {
                     error_chain(&e)
                 )
             })
-            .return_value
+            .return_value;
+        let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
+        (verdict, mark)
     }
 
     /// A packet leaving the pod (TC ingress of its host-side veth).
@@ -1167,8 +1195,10 @@ fn map_writer_reads_back_what_it_wrote() {
     assert_eq!(endpoints.len(), 1);
     let ipcache = maps.read_ipcache().expect("ipcache");
     assert_eq!(
-        ipcache.get(&"10.200.1.1/32".parse().expect("net")),
-        Some(&PEER_IDENTITY)
+        ipcache
+            .get(&"10.200.1.1/32".parse().expect("net"))
+            .map(|v| v.identity),
+        Some(PEER_IDENTITY)
     );
     assert_eq!(ipcache.len(), 3);
     let cidrs = maps.read_policy_cidrs().expect("cidrs");
@@ -1341,4 +1371,152 @@ fn unpinned_attach_lives_with_the_datapath() {
     env.dp.detach("nwt-host").expect("detach");
     wait_for_programs("nwt-host", TcAttachType::Ingress, 0);
     wait_for_programs("nwt-host", TcAttachType::Egress, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The mTLS tunnel's interception
+
+/// The `CT_F_*` flags of the conntrack entries of flows from source port `sport`.
+fn ct_flags(env: &Env, sport: u16) -> Vec<u8> {
+    env.dp
+        .maps()
+        .conntrack()
+        .expect("conntrack")
+        .iter()
+        .filter(|(k, _)| k.sport_be == port_be(sport))
+        .map(|(_, v)| v.flags)
+        .collect()
+}
+
+#[test]
+fn meshed_tcp_to_a_meshed_peer_is_marked_for_the_tunnel_and_the_rest_is_not() {
+    let mut env = Env::new();
+    env.add_pod(EP_MESHED);
+    env.put_ipcache(&format!("{PEER_V4}/32"), PEER_IDENTITY, IPCACHE_MESHED);
+    env.put_ipcache(&format!("{PEER_V6}/128"), PEER_IDENTITY, IPCACHE_MESHED);
+    let other_mark = 0x0000_0042;
+
+    let (verdict, mark) = env.run_marked(
+        program_names::FROM_WORKLOAD,
+        env.pod_if,
+        &syn_v4(POD_V4, PEER_V4, 40000, 8080),
+        other_mark,
+    );
+    assert_eq!(verdict, TC_ACT_OK, "a meshed SYN passes (to the agent)");
+    assert_eq!(
+        mark,
+        other_mark | mesh::MARK_TO_PROXY,
+        "the SYN must carry the to-proxy mark, keeping the bits nodeward does not own"
+    );
+    assert_eq!(ct_flags(&env, 40000), vec![CT_F_REDIRECT]);
+    assert_eq!(env.counters()[COUNTER_REDIRECTED as usize], 1);
+    // The rest of the connection follows the SYN.
+    let ack = V4::new(POD_V4, PEER_V4, PROTO_TCP).packet(&tcp(40000, 8080, tcp_flags::ACK));
+    let (verdict, mark) = env.run_marked(program_names::FROM_WORKLOAD, env.pod_if, &ack, 0);
+    assert_eq!((verdict, mark), (TC_ACT_OK, mesh::MARK_TO_PROXY));
+    // IPv6 the same.
+    let syn6 = ipv6(
+        POD_V6,
+        PEER_V6,
+        PROTO_TCP,
+        &tcp(40001, 8080, tcp_flags::SYN),
+    );
+    let (verdict, mark) = env.run_marked(program_names::FROM_WORKLOAD, env.pod_if, &syn6, 0);
+    assert_eq!((verdict, mark), (TC_ACT_OK, mesh::MARK_TO_PROXY));
+
+    // UDP is not tunnelled; neither is TCP to a peer outside the mesh.
+    let dgram = V4::new(POD_V4, PEER_V4, PROTO_UDP).packet(&udp(40002, 5353, 8));
+    let (verdict, mark) = env.run_marked(program_names::FROM_WORKLOAD, env.pod_if, &dgram, 0);
+    assert_eq!((verdict, mark), (TC_ACT_OK, 0), "UDP stays plaintext");
+    env.put_ipcache("10.200.1.2/32", PEER_IDENTITY, 0);
+    let (verdict, mark) = env.run_marked(
+        program_names::FROM_WORKLOAD,
+        env.pod_if,
+        &syn_v4(POD_V4, Ipv4Addr::new(10, 200, 1, 2), 40003, 9090),
+        0,
+    );
+    assert_eq!(
+        (verdict, mark),
+        (TC_ACT_OK, 0),
+        "an unmeshed peer gets plaintext"
+    );
+    assert_eq!(ct_flags(&env, 40003), vec![0]);
+}
+
+#[test]
+fn egress_policy_still_decides_before_the_tunnel() {
+    let mut env = Env::new();
+    env.add_pod(EP_MESHED | EP_EGRESS_ENFORCED);
+    env.put_ipcache(&format!("{PEER_V4}/32"), PEER_IDENTITY, IPCACHE_MESHED);
+    let (verdict, mark) = env.run_marked(
+        program_names::FROM_WORKLOAD,
+        env.pod_if,
+        &syn_v4(POD_V4, PEER_V4, 40000, 8080),
+        0,
+    );
+    assert_eq!(mark, 0, "a denied flow is not steered anywhere");
+    env.assert_dropped(verdict, drop_reason::POLICY_DEFAULT_DENY);
+    assert_eq!(env.counters()[COUNTER_REDIRECTED as usize], 0);
+}
+
+#[test]
+fn strict_drops_plaintext_tcp_but_not_the_tunnel_the_node_or_udp() {
+    let mut env = Env::new();
+    env.add_pod(EP_MESHED | EP_MTLS_STRICT);
+    let host = Ipv4Addr::new(10, 200, 9, 9);
+    env.put_ipcache(&format!("{host}/32"), IDENTITY_HOST, 0);
+
+    // Plaintext from a pod.
+    let verdict = env.send_to_pod(&syn_v4(PEER_V4, POD_V4, 40000, 8080));
+    let ev = env.assert_dropped(verdict, drop_reason::AUTH_REQUIRED);
+    assert_eq!(ev.direction, DIR_INGRESS);
+    assert_eq!(ev.src_identity, PEER_IDENTITY);
+
+    // The same SYN sent by the agent (a tunnel delivery, authorized by the agent).
+    let (verdict, mark) = env.run_marked(
+        program_names::TO_WORKLOAD,
+        env.pod_if,
+        &syn_v4(PEER_V4, POD_V4, 40001, 8080),
+        mesh::MARK_FROM_AGENT,
+    );
+    assert_eq!(verdict, TC_ACT_OK, "the agent's delivery must pass");
+    assert_eq!(mark, mesh::MARK_FROM_AGENT, "the delivery keeps its mark");
+    assert!(
+        env.take_events().is_empty(),
+        "the agent reports its own deliveries; the kernel must not duplicate them"
+    );
+    assert_eq!(ct_flags(&env, 40001), vec![CT_F_TUNNELED]);
+    // The pod's replies go back to the agent's socket, not towards the source's node.
+    let syn_ack = V4::new(POD_V4, PEER_V4, PROTO_TCP).packet(&tcp(
+        8080,
+        40001,
+        tcp_flags::SYN | tcp_flags::ACK,
+    ));
+    let (verdict, mark) = env.run_marked(program_names::FROM_WORKLOAD, env.pod_if, &syn_ack, 0);
+    assert_eq!((verdict, mark), (TC_ACT_OK, mesh::MARK_TO_PROXY));
+
+    // The node itself (kubelet probes) and UDP are not held to STRICT.
+    assert_eq!(
+        env.send_to_pod(&syn_v4(host, POD_V4, 40002, 8080)),
+        TC_ACT_OK,
+        "the node's own probe must pass"
+    );
+    let dgram = V4::new(PEER_V4, POD_V4, PROTO_UDP).packet(&udp(40003, 5353, 8));
+    assert_eq!(env.send_to_pod(&dgram), TC_ACT_OK, "UDP is not tunnelled");
+}
+
+#[test]
+fn a_pod_cannot_claim_the_agents_mark() {
+    let mut env = Env::new();
+    env.add_pod(EP_MESHED | EP_MTLS_STRICT);
+    // A packet *from* the pod carrying the agent's mark gains nothing: the mark only counts
+    // on what goes to a pod (the kernel clears marks crossing namespaces anyway).
+    let (verdict, mark) = env.run_marked(
+        program_names::FROM_WORKLOAD,
+        env.pod_if,
+        &syn_v4(POD_V4, PEER_V4, 40000, 8080),
+        mesh::MARK_FROM_AGENT,
+    );
+    assert_eq!((verdict, mark), (TC_ACT_OK, mesh::MARK_FROM_AGENT));
+    assert_eq!(ct_flags(&env, 40000), vec![0], "an ordinary egress flow");
 }

@@ -21,7 +21,20 @@ impl Capture {
         let log = file.with_extension("log");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", sys::netns_path(netns).display()))
-            .args(["--", "tcpdump", "-i", iface, "-s", "0", "-U", "-n", "-w"])
+            // Immediate mode: without it, packets still in the kernel's ring when tcpdump is
+            // stopped are counted as received but never written.
+            .args([
+                "--",
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                iface,
+                "-s",
+                "0",
+                "-U",
+                "-n",
+                "-w",
+            ])
             .arg(file)
             .arg(filter)
             .stdin(Stdio::null())

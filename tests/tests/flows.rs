@@ -442,7 +442,29 @@ fn sum(metrics: &BTreeMap<String, f64>, prefix: &str, label: &str) -> f64 {
 fn metrics_parse_and_the_drop_counter_moves_by_the_denied_probes() {
     let lab = shared_lab();
     deny_data(&lab);
-    std::thread::sleep(Duration::from_millis(300));
+    // The probes that waited for the policy may still retransmit a SYN (after 1 s) or have a drop
+    // in flight: start counting once the counter has stood still for a while.
+    let drops_now = || {
+        sum(
+            &parse_prometheus(&lab.agent_http_get("node-1", "/metrics").unwrap()),
+            "nodeward_drops_total",
+            "POLICY_DENIED",
+        )
+    };
+    let mut last = drops_now();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(1200));
+        let now = drops_now();
+        if now == last {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1's drop counter never stood still"
+        );
+        last = now;
+    }
     let before = parse_prometheus(&lab.agent_http_get("node-1", "/metrics").unwrap());
     for name in [
         "nodeward_flows_total",

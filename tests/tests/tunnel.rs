@@ -23,10 +23,32 @@ fn deny(from: &str, to: &str) -> Case {
     Case::tcp(from, to, HTTP_PORT, false)
 }
 
+/// Puts each namespace in the mesh with its mode and waits until both agents count the pods as
+/// meshed (a probe that passes proves nothing: plaintext passes too without policy).
 fn mesh(lab: &Lab, namespaces: &[(&str, &str)]) {
     for (ns, mode) in namespaces {
         lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, mode))
             .unwrap();
+    }
+    for node in lab.node_names() {
+        let want = lab
+            .pods_on(&node)
+            .iter()
+            .filter(|p| {
+                namespaces
+                    .iter()
+                    .any(|(ns, mode)| p.namespace == *ns && *mode != "DISABLE")
+            })
+            .count() as u64;
+        let meshed = eventually(SETTLE, Duration::from_millis(50), || {
+            lab.status(&node)
+                .is_ok_and(|s| s["tunnel"]["meshed_endpoints"].as_u64() == Some(want))
+        });
+        assert!(
+            meshed,
+            "{node}: the agent did not count {want} meshed endpoints: {:?}",
+            lab.status(&node).map(|s| s["tunnel"].clone())
+        );
     }
 }
 
@@ -67,12 +89,14 @@ fn tunnel_stat(lab: &Lab, node: &str, path: &[&str]) -> u64 {
 
 /// Sends `payload` over a fresh connection and checks the echo.
 fn echo_once(lab: &Lab, from: &str, to: std::net::SocketAddr, payload: &[u8]) {
-    let mut stream = nodeward_lab::probe::connect_from(
-        &lab.pod(from).netns,
-        to,
-        Duration::from_secs(3),
-    )
-    .unwrap_or_else(|e| panic!("{from} -> {to}: connect: {e:#}\n{}", lab.agent_logs_tail(15)));
+    let mut stream =
+        nodeward_lab::probe::connect_from(&lab.pod(from).netns, to, Duration::from_secs(3))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{from} -> {to}: connect: {e:#}\n{}",
+                    lab.agent_logs_tail(15)
+                )
+            });
     stream
         .set_read_timeout(Some(Duration::from_secs(3)))
         .unwrap();
@@ -87,7 +111,10 @@ fn echo_once(lab: &Lab, from: &str, to: std::net::SocketAddr, payload: &[u8]) {
 #[test]
 fn meshed_pods_talk_through_the_tunnel_and_the_wire_sees_only_tls() {
     let lab = shared_lab();
-    mesh(&lab, &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")]);
+    mesh(
+        &lab,
+        &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")],
+    );
     // web-1 is on node-2, api-0 on node-1.
     lab.expect(&[allow("frontend/web-1", "backend/api-0")], SETTLE);
     let redirected_before = tunnel_stat(&lab, "node-2", &["redirected_flows"]);
@@ -96,8 +123,18 @@ fn meshed_pods_talk_through_the_tunnel_and_the_wire_sees_only_tls() {
     let pcap = lab.state().dir.join("tmp").join("underlay.pcap");
     let capture = Capture::start(&lab.state().underlay_netns, "br0", "tcp", &pcap).unwrap();
     let secret = b"nodeward-tunnel-secret-3f9c2a77d1 and nothing else\n";
-    echo_once(&lab, "frontend/web-1", lab.addr("backend/api-0", HTTP_PORT), secret);
-    echo_once(&lab, "frontend/web-1", lab.addr6("backend/api-0", HTTP_PORT), secret);
+    echo_once(
+        &lab,
+        "frontend/web-1",
+        lab.addr("backend/api-0", HTTP_PORT),
+        secret,
+    );
+    echo_once(
+        &lab,
+        "frontend/web-1",
+        lab.addr6("backend/api-0", HTTP_PORT),
+        secret,
+    );
     let (bytes, packets) = capture.stop().unwrap();
 
     let lines: Vec<&str> = packets.lines().collect();
@@ -133,8 +170,16 @@ fn meshed_pods_talk_through_the_tunnel_and_the_wire_sees_only_tls() {
             && f["traffic_direction"] == "INGRESS"
             && f["IP"]["destination"] == api0.as_str()
     });
-    assert_eq!(flow["source"]["spiffe_id"], spiffe("frontend", "web"), "{flow}");
-    assert_eq!(flow["destination"]["spiffe_id"], spiffe("backend", "api"), "{flow}");
+    assert_eq!(
+        flow["source"]["spiffe_id"],
+        spiffe("frontend", "web"),
+        "{flow}"
+    );
+    assert_eq!(
+        flow["destination"]["spiffe_id"],
+        spiffe("backend", "api"),
+        "{flow}"
+    );
     assert_eq!(flow["source"]["pod_name"], "web-1", "{flow}");
     flow_on(&lab, "node-2", "of the tunnel out of web-1", |f| {
         f["Type"] == "TUNNEL"
@@ -151,12 +196,12 @@ fn strict_drops_plaintext_and_permissive_lets_it_through() {
     mesh(&lab, &[("frontend", "PERMISSIVE"), ("backend", "STRICT")]);
     lab.expect(
         &[
-            deny("data/db-1", "backend/api-0"),     // plaintext to STRICT, across nodes
-            deny("data/db-0", "backend/api-2"),     // plaintext to STRICT, same node
+            deny("data/db-1", "backend/api-0"), // plaintext to STRICT, across nodes
+            deny("data/db-0", "backend/api-2"), // plaintext to STRICT, same node
             allow("frontend/web-1", "backend/api-0"), // the tunnel reaches STRICT
             allow("frontend/web-0", "backend/api-2"), // also on one node
-            allow("data/db-1", "frontend/web-0"),   // plaintext to PERMISSIVE
-            allow("backend/api-0", "data/db-1"),    // meshed to unmeshed: plaintext
+            allow("data/db-1", "frontend/web-0"), // plaintext to PERMISSIVE
+            allow("backend/api-0", "data/db-1"), // meshed to unmeshed: plaintext
         ],
         SETTLE,
     );
@@ -217,7 +262,10 @@ fn a_service_account_rule_admits_one_account_and_refuses_another() {
 #[test]
 fn a_peer_with_a_certificate_from_a_foreign_ca_is_refused() {
     let mut lab = shared_lab();
-    mesh(&lab, &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")]);
+    mesh(
+        &lab,
+        &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")],
+    );
     lab.expect(&[allow("frontend/web-1", "backend/api-0")], SETTLE);
 
     let foreign = lab.state().dir.join("foreign-ca");
@@ -261,7 +309,10 @@ fn a_peer_with_a_certificate_from_a_foreign_ca_is_refused() {
 #[test]
 fn a_long_lived_connection_survives_certificate_renewals() {
     let mut lab = shared_lab();
-    mesh(&lab, &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")]);
+    mesh(
+        &lab,
+        &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")],
+    );
     for node in lab.node_names() {
         lab.stop_agent(&node).unwrap();
     }
@@ -274,7 +325,12 @@ fn a_long_lived_connection_survives_certificate_renewals() {
     lab.expect(&[allow("frontend/web-1", "backend/api-0")], SETTLE);
 
     let mut stream = lab
-        .connect("frontend/web-1", "backend/api-0", HTTP_PORT, Duration::from_secs(3))
+        .connect(
+            "frontend/web-1",
+            "backend/api-0",
+            HTTP_PORT,
+            Duration::from_secs(3),
+        )
         .unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(3)))
@@ -287,7 +343,10 @@ fn a_long_lived_connection_survives_certificate_renewals() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    let before: Vec<u64> = ["node-1", "node-2"].iter().map(|n| renewals(&lab, n)).collect();
+    let before: Vec<u64> = ["node-1", "node-2"]
+        .iter()
+        .map(|n| renewals(&lab, n))
+        .collect();
     let started = Instant::now();
     let mut rounds = 0u32;
     while started.elapsed() < Duration::from_secs(9) {
@@ -325,15 +384,26 @@ fn a_long_lived_connection_survives_certificate_renewals() {
 #[test]
 fn the_destination_agent_restarting_fails_fast_and_recovers_within_seconds() {
     let mut lab = shared_lab();
-    mesh(&lab, &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")]);
+    mesh(
+        &lab,
+        &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")],
+    );
     lab.expect(&[allow("frontend/web-1", "backend/api-0")], SETTLE);
 
     lab.kill_agent("node-1").unwrap();
     // No HBONE server on node-1: the client's connection is reset at once, not left hanging.
     let tried = Instant::now();
-    let reached = lab.tcp_probe("frontend/web-1", "backend/api-0", HTTP_PORT, Duration::from_secs(5));
+    let reached = lab.tcp_probe(
+        "frontend/web-1",
+        "backend/api-0",
+        HTTP_PORT,
+        Duration::from_secs(5),
+    );
     let took = tried.elapsed();
-    assert!(!reached, "web-1 reached api-0 although node-1's agent is down");
+    assert!(
+        !reached,
+        "web-1 reached api-0 although node-1's agent is down"
+    );
     assert!(
         took < Duration::from_secs(2),
         "the failure took {took:.1?}: clients must fail promptly when the peer agent is down"
@@ -342,8 +412,19 @@ fn the_destination_agent_restarting_fails_fast_and_recovers_within_seconds() {
     lab.start_agent("node-1").unwrap();
     let ready = Instant::now();
     let back = eventually(Duration::from_secs(10), Duration::from_millis(100), || {
-        lab.tcp_probe("frontend/web-1", "backend/api-0", HTTP_PORT, Duration::from_secs(1))
+        lab.tcp_probe(
+            "frontend/web-1",
+            "backend/api-0",
+            HTTP_PORT,
+            Duration::from_secs(1),
+        )
     });
-    assert!(back, "no new connection succeeded within 10 s of node-1's agent being ready");
-    eprintln!("tunnel back {:.2?} after the agent was ready", ready.elapsed());
+    assert!(
+        back,
+        "no new connection succeeded within 10 s of node-1's agent being ready"
+    );
+    eprintln!(
+        "tunnel back {:.2?} after the agent was ready",
+        ready.elapsed()
+    );
 }

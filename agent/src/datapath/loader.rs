@@ -26,10 +26,10 @@ use agent_common::{
     FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES,
     MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, map_names, program_names,
 };
+use aya::maps::SockMap;
 use aya::maps::{MapError, MapInfo, MapType};
 use aya::programs::links::FdLink;
 use aya::programs::tc::TcAttachOptions;
-use aya::maps::SockMap;
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
@@ -335,7 +335,9 @@ impl Datapath {
                 detail: format!("not a bpf link: {}", crate::error_chain(&e)),
             })?;
             match &self.bpffs_dir {
-                Some(dir) => pin_replacing(link, &link_pin(dir, ifname, hook), hook.program, ifname)?,
+                Some(dir) => {
+                    pin_replacing(link, &link_pin(dir, ifname, hook), hook.program, ifname)?
+                }
                 None => held.push(link),
             }
         }

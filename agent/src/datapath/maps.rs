@@ -245,10 +245,12 @@ impl MapWriter for PinnedMaps {
     }
 
     fn read_policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, MapsError> {
-        Ok(Self::read_prefixes(&self.policy_cidrs, map_names::POLICY_CIDRS)?
-            .into_iter()
-            .map(|(net, v)| (net, v.identity))
-            .collect())
+        Ok(
+            Self::read_prefixes(&self.policy_cidrs, map_names::POLICY_CIDRS)?
+                .into_iter()
+                .map(|(net, v)| (net, v.identity))
+                .collect(),
+        )
     }
 
     fn read_generation(&self) -> Result<u32, MapsError> {

@@ -572,8 +572,11 @@ mod tests {
         let Some(ep) = state.endpoints.get(&ifindex) else {
             return false;
         };
-        let identities: BTreeMap<IpNet, u32> =
-            state.ipcache.iter().map(|(n, v)| (*n, v.identity)).collect();
+        let identities: BTreeMap<IpNet, u32> = state
+            .ipcache
+            .iter()
+            .map(|(n, v)| (*n, v.identity))
+            .collect();
         let peer_id = longest(&identities, peer).unwrap_or(IDENTITY_WORLD);
         let cidr_id = longest(&state.cidrs, peer);
         let mut allow = false;
@@ -683,6 +686,7 @@ mod tests {
             ingress_default_deny: default_deny.then_some(9),
             egress_default_deny: None,
             slices: slices.into_iter().collect(),
+            mesh: MeshMode::Off,
         }
     }
 

@@ -87,7 +87,11 @@ async fn connection(
     let mut conn = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return refuse(format!("HTTP/2 handshake with {client}: {e}")),
-        Err(_) => return refuse(format!("no HTTP/2 preface from {client} within {timeout:?}")),
+        Err(_) => {
+            return refuse(format!(
+                "no HTTP/2 preface from {client} within {timeout:?}"
+            ));
+        }
     };
     TunnelStats::add(&ctx.stats.server_connections, 1);
     tracing::debug!(peer = %peer, client = %client, "HBONE connection");
@@ -179,7 +183,11 @@ async fn stream(
         Err(e) => {
             TunnelStats::add(&ctx.stats.inbound_failed, 1);
             tracing::info!(source = %src, destination = %dst, error = %e, "HBONE: the destination did not accept");
-            (ctx.flows)(&record(false, "PROXY_CONNECT_FAILED", format!("connect: {e}")));
+            (ctx.flows)(&record(
+                false,
+                "PROXY_CONNECT_FAILED",
+                format!("connect: {e}"),
+            ));
             return answer(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -215,9 +223,16 @@ async fn stream(
 /// The source address only counts when it belongs to the certificate's workload (or to no pod
 /// at all): a client cannot borrow another pod's address, and so its labels, to satisfy an
 /// endpoint selector.
-fn authorize(ctx: &Context, client: &SpiffeId, src: SocketAddr, dst: SocketAddr) -> Option<Decision> {
+fn authorize(
+    ctx: &Context,
+    client: &SpiffeId,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Option<Decision> {
     let view = ctx.view();
-    let destination = view.workload(dst.ip()).filter(|w| w.local && w.mode.meshed())?;
+    let destination = view
+        .workload(dst.ip())
+        .filter(|w| w.local && w.mode.meshed())?;
     let policy = view.endpoint_policy(&destination.pod)?;
     let compiled = &view.compiled;
     let mut decision = Decision {

@@ -52,10 +52,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, pool: Arc<Pool>) {
     }
 }
 
-struct Opened {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    _lease: Lease,
+/// A stream the peer agent accepted (200), ready to carry a connection.
+pub struct Opened {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    /// Holds the stream's place on its pooled connection.
+    pub lease: Lease,
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Arc<Pool>) {
@@ -75,7 +77,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
     let record = |forwarded: bool, drop_reason: &'static str, note: String| TunnelRecord {
         source: peer,
         destination: dst,
-        source_spiffe_id: source.as_ref().map(|w| w.identity.uri()).unwrap_or_default(),
+        source_spiffe_id: source
+            .as_ref()
+            .map(|w| w.identity.uri())
+            .unwrap_or_default(),
         destination_spiffe_id: destination
             .as_ref()
             .map(|w| w.identity.uri())
@@ -112,11 +117,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
     TunnelStats::add(&ctx.stats.outbound_ok, 1);
     (ctx.flows)(&record(true, "", String::new()));
     let _active = Gauge::up(&ctx.stats.outbound_active);
-    let Opened {
-        send,
-        recv,
-        _lease: lease,
-    } = opened;
+    let Opened { send, recv, lease } = opened;
     if let Err(e) = splice(
         stream,
         send,
@@ -131,7 +132,12 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
     drop(lease);
 }
 
-async fn open(
+/// Opens a stream from `source` (at `peer`) to `dst` on `destination`'s node agent.
+///
+/// # Errors
+/// No route to the destination's node, no certificate, the peer unreachable, or a CONNECT it
+/// refused (401, 503) or did not answer in time.
+pub async fn open(
     ctx: &Arc<Context>,
     pool: &Arc<Pool>,
     source: &Workload,
@@ -168,9 +174,7 @@ async fn open(
         let (response, send) = sender
             .send_request(request, false)
             .map_err(|e| broken(h2_io(e).to_string()))?;
-        let response = response
-            .await
-            .map_err(|e| broken(h2_io(e).to_string()))?;
+        let response = response.await.map_err(|e| broken(h2_io(e).to_string()))?;
         Ok::<_, TunnelError>((response, send))
     };
     let (response, send) = tokio::time::timeout(ctx.config.handshake_timeout, exchange)
@@ -190,7 +194,7 @@ async fn open(
     Ok(Opened {
         send,
         recv: response.into_body(),
-        _lease: lease,
+        lease,
     })
 }
 

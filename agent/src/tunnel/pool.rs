@@ -161,7 +161,8 @@ impl Pool {
             peer: key.peer,
             reason,
         };
-        let agent = SpiffeId::agent(ctx.trust.trust_domain()).map_err(|e| unreachable(e.to_string()))?;
+        let agent =
+            SpiffeId::agent(ctx.trust.trust_domain()).map_err(|e| unreachable(e.to_string()))?;
         let config = tls::client_config(
             &ctx.trust,
             CertResolver::new(ctx.certs.clone(), key.source.clone()),

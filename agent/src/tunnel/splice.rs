@@ -119,7 +119,9 @@ async fn stream_to_socket(
 #[must_use]
 pub fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
     }
     let kind = if e.is_reset() {
         io::ErrorKind::ConnectionReset

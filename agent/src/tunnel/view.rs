@@ -194,10 +194,7 @@ mod tests {
         let web = view.workload("10.0.1.2".parse().unwrap()).unwrap();
         assert!(web.local);
         assert_eq!(web.mode, MeshMode::Off, "no mode given: not in the mesh");
-        assert_eq!(
-            web.identity.uri(),
-            "spiffe://cluster.local/ns/shop/sa/web"
-        );
+        assert_eq!(web.identity.uri(), "spiffe://cluster.local/ns/shop/sa/web");
         // An IPv4-mapped peer address (a dual-stack socket's view) finds the same pod.
         let api = view.workload("::ffff:10.0.2.2".parse().unwrap()).unwrap();
         assert!(!api.local);

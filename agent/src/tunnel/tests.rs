@@ -1,0 +1,332 @@
+//! The tunnel end to end in one process, on loopback: a client context dials a server context
+//! over real mutual TLS and HTTP/2, the server authorizes against a compiled policy and
+//! connects (transparently, with the agent's mark) to an echo "pod". Needs root
+//! (`IP_TRANSPARENT`, `SO_MARK`); fails, never skips, without it.
+//!
+//! The "pods": the destination is 127.0.0.1 (the echo server), the source 127.0.0.2 (any
+//! loopback address is local, so the transparent connect from it needs no route).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use agent_common::{DIR_INGRESS, POLICY_ALLOW};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::outbound::{Opened, open};
+use super::pool::Pool;
+use super::splice::splice;
+use super::{Context, MeshView, TunnelConfig, TunnelStats, Workload, inbound};
+use crate::ca::manager::CertManager;
+use crate::ca::testing::authority;
+use crate::ca::{Authority, SpiffeId};
+use crate::flows::TunnelRecord;
+use crate::policy::{CompiledState, EndpointPolicy, MeshMode, ObjectRef, PortEntry, SliceKey};
+
+const TD: &str = "cluster.local";
+const POD: &str = "127.0.0.1";
+const CLIENT: &str = "127.0.0.2";
+const CLIENT_IDENTITY: u32 = 301;
+const ALLOW_RULE: u32 = 7;
+const DEFAULT_DENY_RULE: u32 = 8;
+
+fn require_root() {
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the tunnel tests need root (IP_TRANSPARENT, SO_MARK); running as uid {euid}"
+    );
+}
+
+fn workload(ns: &str, sa: &str, ip: &str, local: bool) -> Workload {
+    Workload {
+        pod: ObjectRef {
+            namespace: ns.into(),
+            name: format!("{sa}-0"),
+        },
+        identity: SpiffeId::workload(TD, ns, sa).unwrap(),
+        mode: MeshMode::Permissive,
+        local,
+        host_ips: vec![ip.parse().unwrap()],
+    }
+}
+
+/// The destination's compiled policy: default deny on ingress, and, when `allow_client`, an
+/// allow of TCP/8080.. from the client's identity.
+fn compiled(allow_client: bool) -> CompiledState {
+    let mut ep = EndpointPolicy {
+        identity: 300,
+        ingress_default_deny: Some(DEFAULT_DENY_RULE),
+        mesh: MeshMode::Permissive,
+        ..EndpointPolicy::default()
+    };
+    if allow_client {
+        ep.slices.insert(
+            SliceKey {
+                peer_identity: CLIENT_IDENTITY,
+                direction: DIR_INGRESS,
+                protocol: 6,
+            },
+            vec![PortEntry {
+                port: 0,
+                prefix_len: 0,
+                verdict: POLICY_ALLOW,
+                rule_id: ALLOW_RULE,
+            }],
+        );
+    }
+    let mut state = CompiledState::default();
+    state.endpoints.insert(
+        ObjectRef {
+            namespace: "backend".into(),
+            name: "api-0".into(),
+        },
+        ep,
+    );
+    state
+        .ipcache
+        .insert(format!("{CLIENT}/32").parse().unwrap(), CLIENT_IDENTITY);
+    state
+}
+
+struct Side {
+    ctx: Arc<Context>,
+    records: Arc<Mutex<Vec<TunnelRecord>>>,
+}
+
+fn side(ca: &Arc<Authority>, local: &str, compiled: CompiledState, config: TunnelConfig) -> Side {
+    let records: Arc<Mutex<Vec<TunnelRecord>>> = Arc::default();
+    let sink = records.clone();
+    let mut workloads = std::collections::HashMap::new();
+    for w in [
+        workload("backend", "api", POD, local == "server"),
+        workload("frontend", "web", CLIENT, local == "client"),
+    ] {
+        let ip = w.host_ips[0];
+        workloads.insert(ip, Arc::new(w));
+    }
+    let ctx = Arc::new(Context {
+        config,
+        view: RwLock::new(Arc::new(MeshView {
+            workloads,
+            compiled: Arc::new(compiled),
+        })),
+        certs: CertManager::new(ca.clone(), Duration::from_secs(3600)),
+        trust: ca.trust(),
+        stats: TunnelStats::default(),
+        flows: Arc::new(move |r: &TunnelRecord| sink.lock().unwrap().push(r.clone())),
+    });
+    Side { ctx, records }
+}
+
+/// An echo "pod" on 127.0.0.1, and the HBONE server (on 127.0.0.1 too) in front of it.
+async fn server(ca: &Arc<Authority>, allow_client: bool) -> (Side, SocketAddr, SocketAddr) {
+    let echo = TcpListener::bind((POD, 0)).await.unwrap();
+    let pod = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let config = TunnelConfig {
+        handshake_timeout: Duration::from_millis(500),
+        ..TunnelConfig::default()
+    };
+    let srv = side(ca, "server", compiled(allow_client), config);
+    let listener = TcpListener::bind((POD, 0)).await.unwrap();
+    let hbone = listener.local_addr().unwrap();
+    let acceptor = inbound::acceptor(&srv.ctx).unwrap();
+    tokio::spawn(inbound::serve(listener, acceptor, srv.ctx.clone()));
+    (srv, hbone, pod)
+}
+
+fn client(ca: &Arc<Authority>, hbone: SocketAddr) -> Side {
+    side(
+        ca,
+        "client",
+        CompiledState::default(),
+        TunnelConfig {
+            peer_port: hbone.port(),
+            ..TunnelConfig::default()
+        },
+    )
+}
+
+async fn connect(
+    c: &Side,
+    pool: &Arc<Pool>,
+    pod: SocketAddr,
+) -> Result<Opened, super::TunnelError> {
+    let view = c.ctx.view();
+    let source = view.workload(CLIENT.parse().unwrap()).unwrap().clone();
+    let destination = view.workload(POD.parse().unwrap()).unwrap().clone();
+    let from: SocketAddr = (CLIENT.parse::<std::net::IpAddr>().unwrap(), 40000).into();
+    open(&c.ctx, pool, &source, &destination, from, pod).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_is_carried_to_the_pod_and_both_halves_close() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    let (srv, hbone, pod) = server(&ca, true).await;
+    let c = client(&ca, hbone);
+    let pool = Arc::new(Pool::default());
+
+    let opened = connect(&c, &pool, pod)
+        .await
+        .expect("the CONNECT is accepted");
+    // A local socket pair stands in for the pod's connection to the outbound listener.
+    let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(local.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = local.accept().await.unwrap();
+    let stats = &c.ctx.stats;
+    let spliced = tokio::spawn({
+        let ctx = c.ctx.clone();
+        async move {
+            let Opened { send, recv, lease } = opened;
+            let moved = splice(
+                accepted,
+                send,
+                recv,
+                &ctx.stats.bytes_sent,
+                &ctx.stats.bytes_received,
+            )
+            .await;
+            drop(lease);
+            moved
+        }
+    });
+    let payload = vec![0x5au8; 1 << 20];
+    app.write_all(&payload).await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut echoed))
+        .await
+        .expect("the echo completes")
+        .unwrap();
+    assert_eq!(
+        echoed.len(),
+        payload.len(),
+        "every byte came back, then EOF"
+    );
+    assert_eq!(echoed, payload);
+    let moved = spliced.await.unwrap().expect("a clean end");
+    assert_eq!((moved.up, moved.down), (1 << 20, 1 << 20));
+    assert_eq!(TunnelStats::get(&stats.bytes_sent), 1 << 20);
+    assert_eq!(TunnelStats::get(&srv.ctx.stats.inbound_ok), 1);
+
+    let rec = srv.records.lock().unwrap()[0].clone();
+    assert!(rec.forwarded);
+    assert_eq!(rec.rule_id, ALLOW_RULE);
+    assert_eq!(rec.source_identity, CLIENT_IDENTITY);
+    assert_eq!(
+        rec.source_spiffe_id,
+        "spiffe://cluster.local/ns/frontend/sa/web"
+    );
+    assert_eq!(
+        rec.destination_spiffe_id,
+        "spiffe://cluster.local/ns/backend/sa/api"
+    );
+    assert_eq!(
+        rec.source,
+        "127.0.0.2:40000".parse().unwrap(),
+        "forwarded: the original source"
+    );
+
+    // A second stream reuses the pooled connection.
+    drop(connect(&c, &pool, pod).await.unwrap());
+    assert_eq!(TunnelStats::get(&stats.client_connections), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_connect_gets_401_and_a_dropped_flow_naming_the_rule() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    let (srv, hbone, pod) = server(&ca, false).await;
+    let c = client(&ca, hbone);
+    let pool = Arc::new(Pool::default());
+    match connect(&c, &pool, pod).await {
+        Err(super::TunnelError::Refused { status: 401, .. }) => {}
+        Err(e) => panic!("expected a 401, got {e}"),
+        Ok(_) => panic!("expected a 401, the CONNECT was accepted"),
+    }
+    let records = srv.records.lock().unwrap();
+    let rec = records.first().expect("the server recorded the denial");
+    assert!(!rec.forwarded);
+    assert_eq!(rec.drop_reason, "POLICY_DENIED");
+    assert_eq!(rec.rule_id, DEFAULT_DENY_RULE);
+    assert_eq!(TunnelStats::get(&srv.ctx.stats.inbound_denied), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_and_stalled_clients_neither_crash_nor_block_the_listener() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    let (srv, hbone, pod) = server(&ca, true).await;
+
+    let mut plaintext = TcpStream::connect(hbone).await.unwrap();
+    plaintext
+        .write_all(b"CONNECT 127.0.0.1:8080 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut stalled = TcpStream::connect(hbone).await.unwrap();
+
+    // Meanwhile a real client gets through.
+    let c = client(&ca, hbone);
+    let pool = Arc::new(Pool::default());
+    tokio::time::timeout(Duration::from_secs(3), connect(&c, &pool, pod))
+        .await
+        .expect("a valid client is served while others misbehave")
+        .expect("the CONNECT is accepted");
+
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(3), plaintext.read(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the plaintext client must be answered (an alert) or closed at once, not left waiting"
+    );
+    // The stalled one is dropped after the handshake deadline (500 ms here).
+    let read = tokio::time::timeout(Duration::from_secs(3), stalled.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the stalled client was not dropped: {read:?}"
+    );
+    assert!(
+        TunnelStats::get(&srv.ctx.stats.server_handshake_failures) >= 2,
+        "both bad handshakes are counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_foreign_ca_is_refused_at_the_handshake() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    let other = tempfile::tempdir().unwrap();
+    let foreign = Arc::new(authority(other.path(), TD));
+    let (srv, hbone, pod) = server(&ca, true).await;
+    let c = client(&foreign, hbone);
+    let pool = Arc::new(Pool::default());
+    match connect(&c, &pool, pod).await {
+        Err(super::TunnelError::PeerUnreachable { reason, .. }) => assert!(
+            reason.contains("invalid peer certificate"),
+            "the refusal names the certificate: {reason}"
+        ),
+        Err(e) => panic!("expected a refused handshake, got {e}"),
+        Ok(_) => panic!("a client of a foreign CA was accepted"),
+    }
+    assert_eq!(TunnelStats::get(&c.ctx.stats.client_handshake_failures), 1);
+    // The server never carried anything for it.
+    assert!(srv.records.lock().unwrap().is_empty());
+}
