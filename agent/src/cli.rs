@@ -126,20 +126,37 @@ struct AgentArgs {
     )]
     resync_interval: Duration,
     /// Trust domain of the mesh's SPIFFE IDs (spiffe://<trust-domain>/ns/<ns>/sa/<account>).
-    #[arg(long, default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
-    /// Issuing CA certificate (PEM, optionally followed by its issuers) shared by the nodes;
-    /// without it the agent creates a root in --state-dir/ca on first start.
-    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    /// Issuing CA certificate (PEM, optionally followed by its issuers) shared by the nodes
+    /// (`nodeward ca-create` makes one); without it the agent creates a root of its own in
+    /// --state-dir/ca on first start, which only its own node trusts.
+    #[arg(
+        long,
+        env = "NODEWARD_CA_CERT",
+        value_name = "FILE",
+        requires = "ca_key"
+    )]
     ca_cert: Option<PathBuf>,
     /// The --ca-cert's private key (PKCS#8 PEM).
-    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    #[arg(
+        long,
+        env = "NODEWARD_CA_KEY",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
     ca_key: Option<PathBuf>,
-    /// More trust roots (PEM), e.g. the old root while a new one rolls out; repeatable.
-    #[arg(long, value_name = "FILE")]
+    /// More trust roots (PEM), e.g. the old root while a new one rolls out; repeatable (or
+    /// comma-separated in the environment).
+    #[arg(
+        long,
+        env = "NODEWARD_TRUST_BUNDLE",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
     trust_bundle: Vec<PathBuf>,
     /// Lifetime of workload certificates; each is renewed at half of it.
-    #[arg(long, default_value = "24h", value_parser = cert_ttl_arg)]
+    #[arg(long, env = "NODEWARD_CERT_TTL", default_value = "24h", value_parser = cert_ttl_arg)]
     cert_ttl: Duration,
     /// mTLS mode of pods no MutualTLS object selects: DISABLE (not in the mesh), PERMISSIVE
     /// (tunnel between meshed pods, plaintext accepted) or STRICT (only the tunnel reaches them).

@@ -701,6 +701,11 @@ impl Lab {
         self.nodeward(node, &all, Duration::from_secs(10))
     }
 
+    /// `nodeward certs` (text), for the demo.
+    pub fn certs_text(&self, node: &str) -> Result<String> {
+        self.nodeward(node, &["certs"], Duration::from_secs(10))
+    }
+
     /// `nodeward status` (text), for the demo.
     pub fn status_text(&self, node: &str) -> Result<String> {
         self.nodeward(node, &["status"], Duration::from_secs(10))

@@ -74,6 +74,8 @@ pub fn run() -> Result<()> {
         Case::tcp("frontend/web-0", "data/db-2", HTTP_PORT, false),
         Case::tcp("data/db-0", "frontend/web-1", HTTP_PORT, true),
         Case::tcp("backend/api-1", "frontend/web-0", HTTP_PORT, true),
+        // backend is STRICT (60-mtls.yaml): plaintext from outside the mesh never reaches it.
+        Case::tcp("data/db-1", "backend/api-0", METRICS_PORT, false),
     ];
     let verdict = |allowed: bool| if allowed { "ALLOWED" } else { "DENIED" };
     println!("\ntraffic:");
@@ -109,6 +111,23 @@ pub fn run() -> Result<()> {
         }
     }
     let first_node = lab.node_names().into_iter().next();
+    if let Some(node) = &first_node {
+        println!("\n$ nodeward certs   # on {node}: the workloads' SPIFFE certificates");
+        match lab.certs_text(node) {
+            Ok(text) => print!("{text}"),
+            Err(e) => println!("  unavailable: {e:#}"),
+        }
+        println!(
+            "\n$ nodeward observe -o json --last 100 | jq 'select(.Type==\"TUNNEL\")' | tail -1   # on {node}: a tunnelled connection"
+        );
+        match lab.observe(node, &["--last", "100"]) {
+            Ok(flows) => match flows.iter().rev().find(|f| f["Type"] == "TUNNEL") {
+                Some(f) => println!("{f}"),
+                None => println!("  no tunnelled connection recorded"),
+            },
+            Err(e) => println!("  unavailable: {e:#}"),
+        }
+    }
     if let Some(node) = first_node {
         println!(
             "\n$ nodeward observe -o json --verdict DROPPED --last 1   # on {node}, Hubble field names"

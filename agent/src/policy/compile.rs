@@ -1614,7 +1614,7 @@ spec: {podSelector: {}}
             let text = std::fs::read_to_string(&path).expect("readable example");
             let policies: String = docs(&text)
                 .into_iter()
-                .filter(|v| v["kind"] != "Namespace")
+                .filter(|v| v["kind"] != "Namespace" && v["kind"] != "MutualTLS")
                 .map(|v| format!("---\n{}", serde_yaml_ng::to_string(&v).expect("yaml")))
                 .collect();
             translated += models(&policies).len();

@@ -610,11 +610,10 @@ pub enum MutualTlsMode {
     Disable,
 }
 
-/// Mutual TLS for the pods of one namespace (like Istio's PeerAuthentication).
-///
-/// Only the type and its CRD exist so far, so the resource can be created and validated at
-/// admission; nothing enforces it until the HBONE tunnel lands (until then all traffic takes
-/// the plaintext kernel path, whatever the mode).
+/// Mutual TLS for the pods of one namespace (like Istio's PeerAuthentication): whether they
+/// are in the mesh, and whether plaintext may still reach them. Traffic between two meshed pods
+/// goes through the agents' HBONE tunnel, authenticated by SPIFFE certificates; see
+/// [`crate::policy::mtls`] for which object decides a pod's mode.
 #[expect(
     clippy::duplicated_attributes,
     reason = "each printcolumn has its own type_"
@@ -633,7 +632,7 @@ pub enum MutualTlsMode {
     category = "nodeward",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Mutual TLS mode for the pods of one namespace (not enforced yet: the tunnel comes later).",
+    doc = "Mutual TLS mode for the pods of one namespace: STRICT (only the mTLS tunnel reaches them over TCP), PERMISSIVE (in the mesh, plaintext accepted too) or DISABLE (not in the mesh).",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(
         name = "Selector",

@@ -73,6 +73,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
         .filter(|w| w.local && w.mode.meshed())
         .cloned();
     let destination = view.workload(dst.ip()).filter(|w| w.mode.meshed()).cloned();
+    let identities = (
+        view.compiled.ipcache_lookup(peer.ip()).unwrap_or_default(),
+        view.compiled.ipcache_lookup(dst.ip()).unwrap_or_default(),
+    );
     drop(view);
     let record = |forwarded: bool, drop_reason: &'static str, note: String| TunnelRecord {
         source: peer,
@@ -89,8 +93,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
         forwarded,
         drop_reason,
         rule_id: 0,
-        source_identity: 0,
-        destination_identity: 0,
+        source_identity: identities.0,
+        destination_identity: identities.1,
         note,
     };
     let opened = match (&source, &destination) {
