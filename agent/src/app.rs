@@ -428,16 +428,18 @@ async fn start_tunnel(
         trust: shared.authority.trust(),
         stats: tunnel::TunnelStats::default(),
         flows: sink,
+        live: tunnel::inbound::LiveStreams::default(),
     });
     let pool = Arc::new(tunnel::pool::Pool::default());
-    let [v4, v6] = tunnel::outbound::listeners().context("binding the outbound listeners")?;
-    for (slot, listener) in [
-        (agent_common::mesh::PROXY_SOCKET_V4, &v4),
-        (agent_common::mesh::PROXY_SOCKET_V6, &v6),
-    ] {
+    let (v4, v6) = tunnel::outbound::listeners().context("binding the outbound listeners")?;
+    let listeners: Vec<(u32, tokio::net::TcpListener)> =
+        std::iter::once((agent_common::mesh::PROXY_SOCKET_V4, v4))
+            .chain(v6.map(|l| (agent_common::mesh::PROXY_SOCKET_V6, l)))
+            .collect();
+    for (slot, listener) in &listeners {
         use std::os::fd::AsFd as _;
         datapath
-            .set_proxy_listener(slot, listener.as_fd())
+            .set_proxy_listener(*slot, listener.as_fd())
             .context("handing the outbound listener to the datapath")?;
     }
     datapath
@@ -447,7 +449,7 @@ async fn start_tunnel(
         .map_err(|e| anyhow::anyhow!("the HBONE server's TLS: {e}"))?;
     let hbone = tunnel::net::listener(config.tunnel.hbone_addr)
         .with_context(|| format!("binding --hbone-addr {}", config.tunnel.hbone_addr))?;
-    for listener in [v4, v6] {
+    for (_, listener) in listeners {
         tokio::spawn(tunnel::outbound::serve(listener, ctx.clone(), pool.clone()));
     }
     tokio::spawn(tunnel::inbound::serve(hbone, acceptor, ctx.clone()));

@@ -142,6 +142,8 @@ pub struct Context {
     pub trust: Trust,
     pub stats: TunnelStats,
     pub flows: FlowSink,
+    /// Connections the HBONE server carries now, re-authorized after every policy change.
+    pub live: inbound::LiveStreams,
 }
 
 impl Context {
@@ -154,11 +156,14 @@ impl Context {
             .clone()
     }
 
+    /// Swaps in a new view, then ends the carried connections its policy no longer allows (as
+    /// the kernel stops a live flow whose allow was revoked).
     pub fn set_view(&self, view: MeshView) {
         *self
             .view
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(view);
+        inbound::reauthorize(self);
     }
 }
 

@@ -204,16 +204,128 @@ async fn stream(
     TunnelStats::add(&ctx.stats.inbound_ok, 1);
     (ctx.flows)(&record(true, "", decision.note.clone()));
     let _active = Gauge::up(&ctx.stats.inbound_active);
-    if let Err(e) = splice(
+    let live = ctx.live.register(&client, src, dst);
+    let carried = splice(
         pod,
         send,
         request.into_body(),
         &ctx.stats.bytes_sent,
         &ctx.stats.bytes_received,
-    )
-    .await
-    {
-        tracing::debug!(source = %src, destination = %dst, error = %e, "tunnelled connection ended with an error");
+    );
+    tokio::select! {
+        result = carried => if let Err(e) = result {
+            tracing::debug!(source = %src, destination = %dst, error = %e, "tunnelled connection ended with an error");
+        },
+        // Dropping the splice closes the pod's socket and resets the stream.
+        () = live.revoked() => {
+            tracing::info!(source = %src, destination = %dst, client = %client, "HBONE: a policy change revoked a live connection");
+        }
+    }
+}
+
+/// The connections the server carries, so a policy change can end those it no longer allows.
+#[derive(Default)]
+pub struct LiveStreams {
+    next: std::sync::atomic::AtomicU64,
+    streams: std::sync::Mutex<std::collections::HashMap<u64, Live>>,
+}
+
+struct Live {
+    client: SpiffeId,
+    src: SocketAddr,
+    dst: SocketAddr,
+    revoke: Arc<tokio::sync::Notify>,
+}
+
+/// One registered connection; unregisters when dropped.
+pub struct LiveGuard<'a> {
+    streams: &'a LiveStreams,
+    id: u64,
+    revoke: Arc<tokio::sync::Notify>,
+}
+
+impl LiveGuard<'_> {
+    /// Resolves when a policy change revokes the connection.
+    pub async fn revoked(&self) {
+        self.revoke.notified().await;
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.streams.lock().remove(&self.id);
+    }
+}
+
+impl LiveStreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Live>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self, client: &SpiffeId, src: SocketAddr, dst: SocketAddr) -> LiveGuard<'_> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let revoke = Arc::new(tokio::sync::Notify::new());
+        self.lock().insert(
+            id,
+            Live {
+                client: client.clone(),
+                src,
+                dst,
+                revoke: revoke.clone(),
+            },
+        );
+        LiveGuard {
+            streams: self,
+            id,
+            revoke,
+        }
+    }
+
+    /// Connections carried now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Checks every carried connection against the current view; ends (and records as DROPPED)
+/// those it denies.
+pub fn reauthorize(ctx: &Context) {
+    let live: Vec<(SpiffeId, SocketAddr, SocketAddr, Arc<tokio::sync::Notify>)> = ctx
+        .live
+        .lock()
+        .values()
+        .map(|l| (l.client.clone(), l.src, l.dst, l.revoke.clone()))
+        .collect();
+    for (client, src, dst, revoke) in live {
+        let decision = authorize(ctx, &client, src, dst);
+        if decision.as_ref().is_some_and(|d| d.allowed) {
+            continue;
+        }
+        revoke.notify_one();
+        TunnelStats::add(&ctx.stats.inbound_denied, 1);
+        if let Some(d) = decision {
+            (ctx.flows)(&TunnelRecord {
+                source: src,
+                destination: dst,
+                source_spiffe_id: client.uri(),
+                destination_spiffe_id: d.destination_spiffe,
+                direction: DIR_INGRESS,
+                forwarded: false,
+                drop_reason: d.drop_reason,
+                rule_id: d.rule_id,
+                source_identity: d.source_identity,
+                destination_identity: d.destination_identity,
+                note: "revoked by a policy change".into(),
+            });
+        }
     }
 }
 

@@ -64,11 +64,23 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// A listener at `addr` for the HBONE server (`[::]` is dual stack).
+/// A listener at `addr` for the HBONE server (`[::]` is dual stack; on a node without IPv6 it
+/// falls back to `0.0.0.0`).
 ///
 /// # Errors
 /// Socket, bind or listen failure.
 pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    match bind_listener(addr) {
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::warn!(error = %e, fallback = %v4, "cannot listen on {addr}");
+            bind_listener(v4)
+        }
+        other => other,
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = tcp_socket(&addr)?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
@@ -120,29 +132,35 @@ pub struct RouteError {
 }
 
 /// Installs, idempotently, the policy route in the agent's network namespace: packets with
-/// `MARK_TO_PROXY` are delivered locally (to the agent's sockets), for IPv4 and IPv6.
+/// `MARK_TO_PROXY` are delivered locally (to the agent's sockets), for IPv4 and, where the node
+/// has it, IPv6.
 ///
 /// # Errors
-/// `ip` cannot be run or refuses a command.
+/// `ip` cannot be run or refuses an IPv4 command.
 pub fn ensure_policy_route() -> Result<(), RouteError> {
+    family_route("-4", "0.0.0.0/0")?;
+    if let Err(e) = family_route("-6", "::/0") {
+        tracing::warn!(error = %e, "no IPv6 policy route; tunnelling IPv4 only");
+    }
+    Ok(())
+}
+
+fn family_route(family: &str, default: &str) -> Result<(), RouteError> {
     let fwmark = format!("{MARK_TO_PROXY:#x}/{MARK_MASK:#x}");
     let table = ROUTE_TABLE.to_string();
     let priority = RULE_PRIORITY.to_string();
-    for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
-        ip(
-            &[
-                family, "rule", "add", "fwmark", &fwmark, "lookup", &table, "priority", &priority,
-            ],
-            true,
-        )?;
-        ip(
-            &[
-                family, "route", "replace", "local", default, "dev", "lo", "table", &table,
-            ],
-            false,
-        )?;
-    }
-    Ok(())
+    ip(
+        &[
+            family, "rule", "add", "fwmark", &fwmark, "lookup", &table, "priority", &priority,
+        ],
+        true,
+    )?;
+    ip(
+        &[
+            family, "route", "replace", "local", default, "dev", "lo", "table", &table,
+        ],
+        false,
+    )
 }
 
 fn ip(args: &[&str], exists_ok: bool) -> Result<(), RouteError> {

@@ -21,19 +21,27 @@ use super::view::{Workload, canonical};
 use super::{Context, Gauge, TunnelError, TunnelStats};
 use crate::flows::TunnelRecord;
 
-/// The two outbound listeners, `127.0.0.1:15001` and `[::1]:15001`: loopback, so nothing off
-/// the node can reach them; the datapath's `sk_lookup` program hands connections to them.
+/// The outbound listeners, `127.0.0.1:15001` and (where the node has IPv6) `[::1]:15001`:
+/// loopback, so nothing off the node can reach them; the datapath's `sk_lookup` program hands
+/// connections to them.
 ///
 /// # Errors
-/// A listener cannot be made (`IP_TRANSPARENT` needs `CAP_NET_ADMIN`).
-pub fn listeners() -> std::io::Result<[TcpListener; 2]> {
-    Ok([
-        transparent_listener(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)))?,
-        transparent_listener(SocketAddr::from((
-            std::net::Ipv6Addr::LOCALHOST,
-            OUTBOUND_PORT,
-        )))?,
-    ])
+/// The IPv4 listener cannot be made (`IP_TRANSPARENT` needs `CAP_NET_ADMIN`, or the port is
+/// taken).
+pub fn listeners() -> std::io::Result<(TcpListener, Option<TcpListener>)> {
+    let v4 = transparent_listener(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)))?;
+    let v6 = match transparent_listener(SocketAddr::from((
+        std::net::Ipv6Addr::LOCALHOST,
+        OUTBOUND_PORT,
+    ))) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            // IPv6 disabled on the node: IPv6 pods cannot exist there either.
+            tracing::warn!(error = %e, "no IPv6 outbound listener; tunnelling IPv4 only");
+            None
+        }
+    };
+    Ok((v4, v6))
 }
 
 /// Accepts until the task is dropped.

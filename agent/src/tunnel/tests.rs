@@ -117,6 +117,7 @@ fn side(ca: &Arc<Authority>, local: &str, compiled: CompiledState, config: Tunne
         trust: ca.trust(),
         stats: TunnelStats::default(),
         flows: Arc::new(move |r: &TunnelRecord| sink.lock().unwrap().push(r.clone())),
+        live: inbound::LiveStreams::default(),
     });
     Side { ctx, records }
 }
@@ -329,4 +330,52 @@ async fn a_client_of_a_foreign_ca_is_refused_at_the_handshake() {
     assert_eq!(TunnelStats::get(&c.ctx.stats.client_handshake_failures), 1);
     // The server never carried anything for it.
     assert!(srv.records.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_ends_a_live_connection_it_no_longer_allows() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    let (srv, hbone, pod) = server(&ca, true).await;
+    let c = client(&ca, hbone);
+    let pool = Arc::new(Pool::default());
+    let Opened {
+        mut send,
+        mut recv,
+        lease: _lease,
+    } = connect(&c, &pool, pod).await.expect("allowed at first");
+    send.send_data(bytes::Bytes::from_static(b"ping"), false)
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(3), recv.data())
+        .await
+        .expect("an echo")
+        .expect("data")
+        .unwrap();
+    assert_eq!(&echoed[..], b"ping");
+    assert_eq!(srv.ctx.live.len(), 1);
+
+    // The allow goes away: the server ends the connection and says why.
+    let view = srv.ctx.view();
+    srv.ctx.set_view(MeshView {
+        workloads: view.workloads.clone(),
+        compiled: Arc::new(compiled(false)),
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(3), recv.data()).await;
+    assert!(
+        matches!(ended, Ok(None | Some(Err(_)))),
+        "the revoked connection must end: {ended:?}"
+    );
+    let records = srv.records.lock().unwrap().clone();
+    assert!(
+        records
+            .iter()
+            .any(|r| !r.forwarded && r.note.contains("revoked") && r.rule_id == DEFAULT_DENY_RULE),
+        "a DROPPED flow names the revocation: {records:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        srv.ctx.live.is_empty(),
+        "the connection is no longer carried"
+    );
 }
