@@ -39,7 +39,7 @@ const IPERF_SECS: u32 = 2;
 const FLIP_CHANGES: usize = 20;
 const IPT_CHAIN: &str = "NWBENCH";
 /// `sysconf(_SC_CLK_TCK)`: 100 on every Linux architecture this runs on.
-const CLK_TCK: f64 = 100.0;
+pub(crate) const CLK_TCK: f64 = 100.0;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Scenario {
@@ -1023,14 +1023,14 @@ fn update_readme(table: &str) -> Result<()> {
     let intro = "## Benchmarks\n\n`cargo xtask bench datapath` measures, on the lab, nodeward side \
                  by side with the baselines in one run and reports ratios (it rewrites this \
                  section).\n\n";
-    // `bench flows` owns the "### Flows" subsection: keep it.
-    let flows = text[start..end]
-        .find("### Flows\n")
-        .map_or("", |i| &text[start + i..end]);
-    let table = if flows.is_empty() {
+    // The other benches own the "### " subsections (`bench flows`, `bench tunnel`): keep them.
+    let subsections = text[start..end]
+        .find("\n### ")
+        .map_or("", |i| &text[start + i + 1..end]);
+    let table = if subsections.is_empty() {
         table.to_string()
     } else {
-        format!("{table}\n{}\n", flows.trim_end())
+        format!("{table}\n{}\n", subsections.trim_end())
     };
     let updated = format!("{}{intro}{table}\n{}", &text[..start], &text[end..]);
     if updated.matches("## Benchmarks").count() != 1 {
@@ -1038,4 +1038,66 @@ fn update_readme(table: &str) -> Result<()> {
     }
     std::fs::write(&path, updated)?;
     Ok(())
+}
+
+/// Replaces (or appends at the end) the "### {title}" subsection of README's Benchmarks
+/// section with `body`, up to the next subsection or section; the rest stays as it is.
+pub(crate) fn update_readme_subsection(title: &str, body: &str) -> Result<()> {
+    let path = paths::workspace_root().join("README.md");
+    let text = std::fs::read_to_string(&path)?;
+    let updated = replace_subsection(&text, title, body).context("README.md")?;
+    std::fs::write(&path, updated)?;
+    Ok(())
+}
+
+fn replace_subsection(text: &str, title: &str, body: &str) -> Result<String> {
+    let start = text
+        .find("## Benchmarks\n")
+        .context("no \"## Benchmarks\" section")?;
+    let end = text[start + 1..]
+        .find("\n## ")
+        .map_or(text.len(), |i| start + 1 + i + 1);
+    let section = &text[start..end];
+    let heading = format!("### {title}\n");
+    let (before, after) = match section.find(&heading) {
+        Some(i) => {
+            let next = section[i..]
+                .find("\n### ")
+                .map_or(section.len(), |j| i + j + 1);
+            (section[..i].trim_end(), section[next..].trim_end())
+        }
+        None => (section.trim_end(), ""),
+    };
+    let mut new_section = format!("{before}\n\n{heading}\n{}\n", body.trim_end());
+    if !after.is_empty() {
+        new_section = format!("{new_section}\n{after}\n");
+    }
+    let updated = format!("{}{new_section}\n{}", &text[..start], &text[end..]);
+    ensure!(
+        updated.matches(heading.as_str()).count() == 1,
+        "could not replace the {title} subsection cleanly"
+    );
+    Ok(updated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_subsection;
+
+    const README: &str =
+        "# x\n\n## Benchmarks\n\nintro\n\n### Flows\n\nold flows\n\n## Development\n\nend\n";
+
+    #[test]
+    fn a_new_subsection_goes_after_the_others_and_keeps_them() {
+        let once = replace_subsection(README, "Tunnel", "tunnel 1\n").unwrap();
+        assert_eq!(
+            once,
+            "# x\n\n## Benchmarks\n\nintro\n\n### Flows\n\nold flows\n\n### Tunnel\n\ntunnel 1\n\n## Development\n\nend\n"
+        );
+        // Rewriting one subsection leaves its neighbours alone, whichever comes first.
+        let flows = replace_subsection(&once, "Flows", "new flows").unwrap();
+        assert_eq!(flows, once.replace("old flows", "new flows"));
+        let tunnel = replace_subsection(&flows, "Tunnel", "tunnel 2").unwrap();
+        assert_eq!(tunnel, flows.replace("tunnel 1", "tunnel 2"));
+    }
 }

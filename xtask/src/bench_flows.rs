@@ -552,29 +552,7 @@ fn markdown(steps: &[Step], all: &[CostSample], drops: &[CostSample], runtime: D
     out
 }
 
-/// Replaces (or appends) the "### Flows" subsection at the end of README's Benchmarks section.
+/// Replaces (or appends) the "### Flows" subsection of README's Benchmarks section.
 fn update_readme(table: &str) -> Result<()> {
-    let path = paths::workspace_root().join("README.md");
-    let text = std::fs::read_to_string(&path)?;
-    let start = text
-        .find("## Benchmarks\n")
-        .context("README.md has no \"## Benchmarks\" section")?;
-    let end = text[start + 1..]
-        .find("\n## ")
-        .map_or(text.len(), |i| start + 1 + i + 1);
-    let section = &text[start..end];
-    let keep = section
-        .find("### Flows\n")
-        .map_or(section.trim_end(), |i| section[..i].trim_end());
-    let updated = format!(
-        "{}{keep}\n\n### Flows\n\n{table}\n{}",
-        &text[..start],
-        &text[end..]
-    );
-    ensure!(
-        updated.matches("### Flows").count() == 1,
-        "README.md: could not replace the Flows subsection cleanly"
-    );
-    std::fs::write(&path, updated)?;
-    Ok(())
+    crate::bench::update_readme_subsection("Flows", table)
 }

@@ -4,6 +4,7 @@ mod bench;
 mod bench_flip;
 mod bench_flows;
 mod bench_rules;
+mod bench_tunnel;
 mod demo;
 mod setup;
 
@@ -99,6 +100,15 @@ enum BenchCmd {
     /// Flow events: the highest new-connections rate with zero lost flows, and the datapath
     /// cost of `--flow-events all` versus `drops`. Rewrites README's Benchmarks / Flows.
     Flows,
+    /// The mTLS tunnel against plaintext (no agent, and nodeward L3/L4 only), cross-node pod to
+    /// pod: throughput, request/response latency, connections/s; then agent RSS and CPU at
+    /// 1,000 idle tunnelled connections. Rewrites README's Benchmarks / Tunnel.
+    Tunnel {
+        /// A short smoke run (1 round, sub-second loads, 2 s CPU windows) that only prints its
+        /// results and leaves README.md alone. Also NODEWARD_BENCH_QUICK=1.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -123,6 +133,14 @@ fn main() -> Result<()> {
         } => {
             setup::run()?;
             bench_flows::run()
+        }
+        Cmd::Bench {
+            what: BenchCmd::Tunnel { quick },
+        } => {
+            setup::run()?;
+            let quick = quick
+                || std::env::var("NODEWARD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+            bench_tunnel::run(quick)
         }
     }
 }

@@ -7,8 +7,13 @@
 //!   connect, read to EOF, close. Prints one JSON line.
 //! - `rr --addr IP:PORT --secs S --size B`: one connection, one message in flight; prints
 //!   percentiles of the round-trip time in microseconds as one JSON line.
+//! - `hold --addr IP:PORT --count N --secs S`: opens N connections to an echo port one after
+//!   another, checks each with one round trip, prints one JSON line (`opened`, `errors`), holds
+//!   them idle for S seconds, checks each again and prints a second JSON line (`alive`), then
+//!   exits (closing them all).
 //!
-//! Every loop is bounded by `--secs` (at most 60) and every socket operation has a timeout.
+//! Every loop is bounded by `--secs` (at most 60) or `--count` (at most 10,000) and every socket
+//! operation has a timeout.
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -25,13 +30,14 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
         .split_first()
-        .context("usage: nodeward-lab-load serve|crr|rr [--flag value]...")?;
+        .context("usage: nodeward-lab-load serve|crr|rr|hold [--flag value]...")?;
     let flags = Flags::parse(rest)?;
     match cmd.as_str() {
         "serve" => serve(&flags),
         "crr" => crr(&flags),
         "rr" => rr(&flags),
-        other => bail!("unknown command {other:?} (serve, crr, rr)"),
+        "hold" => hold(&flags),
+        other => bail!("unknown command {other:?} (serve, crr, rr, hold)"),
     }
 }
 
@@ -259,5 +265,115 @@ fn rr(flags: &Flags) -> anyhow::Result<()> {
             "max_us": pct(100.0),
         })
     );
+    Ok(())
+}
+
+fn hold(flags: &Flags) -> anyhow::Result<()> {
+    let addr = flags.addr()?;
+    let secs = flags.secs()?;
+    let count: usize = flags.parse_or("count", 1000)?;
+    ensure!((1..=10_000).contains(&count), "--count must be 1..=10000");
+    raise_nofile_limit(count)?;
+    let start = Instant::now();
+    let mut streams = Vec::with_capacity(count);
+    let mut errors = 0_u64;
+    let mut first_error = None::<String>;
+    for i in 0..count {
+        match open_checked(addr, i) {
+            Ok(stream) => streams.push(stream),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("connection {}: {e}", i + 1));
+            }
+        }
+    }
+    let open_secs = start.elapsed().as_secs_f64();
+    // The first line tells whoever watches that the connections are open and idle from now on.
+    println!(
+        "{}",
+        serde_json::json!({
+            "opened": streams.len(),
+            "errors": errors,
+            "first_error": first_error,
+            "open_secs": open_secs,
+        })
+    );
+    std::io::stdout().flush()?;
+    std::thread::sleep(secs);
+    // Idle does not mean gone: each connection must still carry a round trip.
+    let mut alive = 0_u64;
+    let mut first_dead = None::<String>;
+    for (i, stream) in streams.iter_mut().enumerate() {
+        match round_trip(stream, i) {
+            Ok(()) => alive += 1,
+            Err(e) => {
+                first_dead.get_or_insert_with(|| format!("connection {}: {e}", i + 1));
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "opened": streams.len(),
+            "alive": alive,
+            "first_dead": first_dead,
+            "held_secs": secs.as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
+/// Connects and checks one echo round trip.
+fn open_checked(addr: SocketAddr, i: usize) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    round_trip(&mut stream, i)?;
+    Ok(stream)
+}
+
+/// Eight bytes naming the connection, echoed back unchanged.
+fn round_trip(stream: &mut TcpStream, i: usize) -> std::io::Result<()> {
+    let msg = (i as u64).to_be_bytes();
+    stream.write_all(&msg)?;
+    let mut got = [0u8; 8];
+    stream.read_exact(&mut got)?;
+    if got == msg {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("the echo differs"))
+    }
+}
+
+/// Room for `count` sockets: the soft limit on open files is often 1,024.
+fn raise_nofile_limit(count: usize) -> anyhow::Result<()> {
+    let want = libc::rlim_t::try_from(count + 64).unwrap_or(libc::rlim_t::MAX);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        ensure!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0,
+            "getrlimit(RLIMIT_NOFILE): {}",
+            std::io::Error::last_os_error()
+        );
+        if lim.rlim_cur >= want {
+            return Ok(());
+        }
+        ensure!(
+            lim.rlim_max >= want,
+            "--count {count} needs {want} open files; the hard limit is {}",
+            lim.rlim_max
+        );
+        lim.rlim_cur = want;
+        ensure!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) == 0,
+            "setrlimit(RLIMIT_NOFILE, {want}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
     Ok(())
 }
