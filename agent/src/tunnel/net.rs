@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use agent_common::mesh::{MARK_MASK, MARK_TO_PROXY, ROUTE_TABLE, RULE_PRIORITY};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use std::net::TcpListener;
+
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Sets `IP_TRANSPARENT` or `IPV6_TRANSPARENT` (needs `CAP_NET_ADMIN`): a listener accepts
 /// connections to any address the policy route delivers to it, and a socket may bind to an
@@ -48,7 +50,8 @@ fn tcp_socket(addr: &SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// A transparent listener at `addr` (the outbound listener, on loopback).
+/// A transparent listener at `addr` (the outbound listener, on loopback); non-blocking, for
+/// the tunnel's runtime to adopt.
 ///
 /// # Errors
 /// Socket, option, bind or listen failure.
@@ -61,7 +64,7 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     set_transparent(&socket, addr.is_ipv6())?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// A listener at `addr` for the HBONE server (`[::]` is dual stack; on a node without IPv6 it
@@ -88,7 +91,7 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Connects to `dst` from `src` (any port), which need not be one of the node's addresses,

@@ -28,7 +28,7 @@ use crate::flows::TunnelRecord;
 /// # Errors
 /// The IPv4 listener cannot be made (`IP_TRANSPARENT` needs `CAP_NET_ADMIN`, or the port is
 /// taken).
-pub fn listeners() -> std::io::Result<(TcpListener, Option<TcpListener>)> {
+pub fn listeners() -> std::io::Result<(std::net::TcpListener, Option<std::net::TcpListener>)> {
     let v4 = transparent_listener(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)))?;
     let v6 = match transparent_listener(SocketAddr::from((
         std::net::Ipv6Addr::LOCALHOST,

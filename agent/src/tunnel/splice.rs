@@ -20,12 +20,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use super::TunnelStats;
 
 /// One read from the pod's socket, at most.
-pub const READ_CHUNK: usize = 64 * 1024;
+pub const READ_CHUNK: usize = 256 * 1024;
 /// The h2 flow-control window per stream, and per connection.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// The largest DATA frame either side sends.
-pub const MAX_FRAME: u32 = 64 * 1024;
+pub const MAX_FRAME: u32 = 256 * 1024;
 
 /// Bytes moved each way by one [`splice`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
