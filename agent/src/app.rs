@@ -545,16 +545,7 @@ fn ipcache_values(
         .pods
         .iter()
         .filter(|(r, _)| modes.get(*r).is_some_and(|m| m.meshed()))
-        .flat_map(|(_, pod)| {
-            pod.status.iter().flat_map(|s| {
-                s.pod_ips
-                    .iter()
-                    .flatten()
-                    .map(|i| i.ip.clone())
-                    .chain(s.pod_ip.clone())
-            })
-        })
-        .filter_map(|ip| ip.parse().ok())
+        .flat_map(|(_, pod)| crate::tunnel::view::pod_ips(pod))
         .collect();
     compiled
         .ipcache
@@ -808,25 +799,17 @@ impl Control {
         inv: &Inventory,
         failures: &mut Vec<Failure>,
     ) -> BTreeMap<policy::ObjectRef, policy::MeshMode> {
-        let mut seen = BTreeSet::new();
-        for (r, obj) in &inv.mutual_tls {
-            let key = format!("MutualTLS {r}");
-            seen.insert(key.clone());
-            match policy::mtls::translate_mutual_tls(obj) {
-                Ok(model) => {
-                    self.mtls_last_good.insert(key, model);
-                }
-                Err(e) => {
-                    let line = self.failure_line(inv, &key, &e);
-                    self.report(line.clone());
-                    failures.push(Failure {
-                        object: key,
-                        error: line,
-                    });
-                }
-            }
-        }
-        self.mtls_last_good.retain(|k, _| seen.contains(k));
+        let outcomes = inv
+            .mutual_tls
+            .iter()
+            .map(|(r, obj)| {
+                (
+                    format!("MutualTLS {r}"),
+                    policy::mtls::translate_mutual_tls(obj),
+                )
+            })
+            .collect();
+        failures.extend(self.merge_last_good(inv, outcomes, |c| &mut c.mtls_last_good));
         let models: Vec<policy::mtls::MtlsModel> = self.mtls_last_good.values().cloned().collect();
         policy::mtls::pod_modes(inv, &models, self.mtls_default)
             .into_iter()
@@ -908,8 +891,6 @@ impl Control {
 
     /// Translates every policy; a failure keeps the last good version and is reported.
     fn translate_policies(&mut self, inv: &Inventory) -> Vec<Failure> {
-        let mut seen = BTreeSet::new();
-        let mut failures = Vec::new();
         let mut outcomes = Vec::new();
         for (r, np) in &inv.network_policies {
             outcomes.push((
@@ -926,11 +907,25 @@ impl Control {
                 policy::translate_cluster_mesh_policy(cmp),
             ));
         }
+        self.merge_last_good(inv, outcomes, |c| &mut c.last_good)
+    }
+
+    /// Takes translation outcomes into a last-good map: a success replaces the object's
+    /// entry, a failure is reported and keeps the previous version, and objects no longer in
+    /// `outcomes` are forgotten. Returns the failures.
+    fn merge_last_good<M, E: std::fmt::Display>(
+        &mut self,
+        inv: &Inventory,
+        outcomes: Vec<(String, Result<M, E>)>,
+        last_good: fn(&mut Self) -> &mut BTreeMap<String, M>,
+    ) -> Vec<Failure> {
+        let mut seen = BTreeSet::new();
+        let mut failures = Vec::new();
         for (key, outcome) in outcomes {
             seen.insert(key.clone());
             match outcome {
                 Ok(model) => {
-                    self.last_good.insert(key, model);
+                    last_good(self).insert(key, model);
                 }
                 Err(e) => {
                     let line = self.failure_line(inv, &key, &e);
@@ -942,7 +937,7 @@ impl Control {
                 }
             }
         }
-        self.last_good.retain(|k, _| seen.contains(k));
+        last_good(self).retain(|k, _| seen.contains(k));
         failures
     }
 
@@ -979,17 +974,7 @@ impl Control {
                     r.namespace
                 )))
                 .collect();
-            let ips = pod
-                .status
-                .iter()
-                .flat_map(|s| {
-                    s.pod_ips
-                        .iter()
-                        .flatten()
-                        .map(|i| i.ip.clone())
-                        .chain(s.pod_ip.clone())
-                })
-                .filter_map(|ip| ip.parse::<IpAddr>().ok());
+            let ips = crate::tunnel::view::pod_ips(pod);
             for ip in ips {
                 index.addresses.insert(
                     ip,

@@ -103,7 +103,9 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+/// A pod's addresses (`status.podIPs`, then `status.podIP`), the unparsable ones left out.
+#[must_use]
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = pod.status.as_ref() else {
         return Vec::new();
     };
