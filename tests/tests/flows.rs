@@ -104,8 +104,30 @@ fn a_denied_connection_is_followed_as_dropped_with_its_policy_within_a_second() 
 
 /// Known traffic on node-1 (all pods there): web-0 -> api-0 allowed (TCP and UDP), web-0 -> db-0 denied
 /// (HTTP and metrics port), api-2 -> db-2 denied.
+/// Waits until node-1 records no new flow for a while. A probe that was waiting for a policy
+/// to take effect may still send (a retransmitted SYN after 1 s, the FIN of a connection the
+/// policy cut), and its drop is recorded then: a test that counts flows starts after those.
+fn settle_flows(lab: &Lab) {
+    let total = || lab.status("node-1").expect("status")["flows"]["total"].as_u64();
+    let mut last = total();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(1200));
+        let now = total();
+        if now == last {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 kept recording flows for 10 s"
+        );
+        last = now;
+    }
+}
+
 fn known_traffic(lab: &Lab) -> String {
     deny_data(lab);
+    settle_flows(lab);
     let since = now_rfc3339();
     allowed(lab, "frontend/web-0", "backend/api-0", HTTP_PORT);
     assert!(
@@ -268,7 +290,11 @@ fn json_lines_carry_the_documented_fields() {
         .unwrap();
     let flow = flows
         .iter()
-        .find(|f| f["verdict"] == "DROPPED" && f["l4"]["TCP"]["destination_port"] == HTTP_PORT)
+        .find(|f| {
+            f["verdict"] == "DROPPED"
+                && f["l4"]["TCP"]["destination_port"] == HTTP_PORT
+                && f["l4"]["TCP"]["flags"]["SYN"] == true
+        })
         .unwrap_or_else(|| panic!("no dropped web-0 -> db-0:{HTTP_PORT} flow in {flows:#?}"));
     for path in [
         "/time",
@@ -442,29 +468,7 @@ fn sum(metrics: &BTreeMap<String, f64>, prefix: &str, label: &str) -> f64 {
 fn metrics_parse_and_the_drop_counter_moves_by_the_denied_probes() {
     let lab = shared_lab();
     deny_data(&lab);
-    // The probes that waited for the policy may still retransmit a SYN (after 1 s) or have a drop
-    // in flight: start counting once the counter has stood still for a while.
-    let drops_now = || {
-        sum(
-            &parse_prometheus(&lab.agent_http_get("node-1", "/metrics").unwrap()),
-            "nodeward_drops_total",
-            "POLICY_DENIED",
-        )
-    };
-    let mut last = drops_now();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        std::thread::sleep(Duration::from_millis(1200));
-        let now = drops_now();
-        if now == last {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node-1's drop counter never stood still"
-        );
-        last = now;
-    }
+    settle_flows(&lab);
     let before = parse_prometheus(&lab.agent_http_get("node-1", "/metrics").unwrap());
     for name in [
         "nodeward_flows_total",
