@@ -210,31 +210,28 @@ fn conntrack_and_policy(
         policy::ct_lookup(&key, &reverse)
     };
     let Some(hit) = hit else {
+        // A new flow, evaluated in this packet's direction.
         count(COUNTER_NEW_FLOWS);
-        if from_agent {
+        let mut decision = Decision::default();
+        let (ct_flags, notify) = if from_agent {
             // A tunnel delivery: the agent checked this pod's ingress policy against the
             // peer's certificate, which the kernel cannot see. The agent reports the flow.
-            let (peer_identity, _) = policy::peer(&key.saddr);
-            let decision = Decision {
-                verdict: VERDICT_FORWARDED,
-                peer_identity,
-                ..Decision::default()
-            };
-            let value = policy::ct_value(ep, direction, &decision, generation, CT_F_TUNNELED);
-            policy::ct_insert(&key, &value);
-            report(ev, &value, false, false)?;
-            return Ok(false);
-        }
-        // A new flow, evaluated in this packet's direction.
-        let mut decision = Decision::default();
-        policy::evaluate(ep, &key, &mut decision);
-        let ct_flags = mesh_decision(ep, direction, ev.protocol, &mut decision);
+            (decision.peer_identity, _) = policy::peer(&key.saddr);
+            decision.verdict = VERDICT_FORWARDED;
+            (CT_F_TUNNELED, false)
+        } else {
+            policy::evaluate(ep, &key, &mut decision);
+            (
+                mesh_decision(ep, direction, ev.protocol, &mut decision),
+                all_flows,
+            )
+        };
         if ct_flags & CT_F_REDIRECT != 0 {
             count(COUNTER_REDIRECTED);
         }
         let value = policy::ct_value(ep, direction, &decision, generation, ct_flags);
         policy::ct_insert(&key, &value);
-        report(ev, &value, false, all_flows)?;
+        report(ev, &value, false, notify)?;
         return Ok(ct_flags & CT_F_REDIRECT != 0);
     };
 

@@ -537,22 +537,16 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
 /// The ipcache as the datapath gets it: each prefix's identity, and `IPCACHE_MESHED` on the
 /// addresses of pods in the mesh (traffic to them is tunnelled).
 fn ipcache_values(
-    inv: &Inventory,
     compiled: &policy::CompiledState,
-    modes: &BTreeMap<policy::ObjectRef, policy::MeshMode>,
+    view: &crate::tunnel::MeshView,
 ) -> BTreeMap<ipnet::IpNet, agent_common::IpcacheValue> {
-    let meshed: BTreeSet<IpAddr> = inv
-        .pods
-        .iter()
-        .filter(|(r, _)| modes.get(*r).is_some_and(|m| m.meshed()))
-        .flat_map(|(_, pod)| crate::tunnel::view::pod_ips(pod))
-        .collect();
     compiled
         .ipcache
         .iter()
         .map(|(net, identity)| {
             let host = net.prefix_len() == net.max_prefix_len();
-            let flags = if host && meshed.contains(&net.addr()) {
+            let meshed = host && view.workload(net.addr()).is_some_and(|w| w.mode.meshed());
+            let flags = if meshed {
                 agent_common::IPCACHE_MESHED
             } else {
                 0
@@ -631,7 +625,16 @@ impl Control {
         for (pod, ep) in &mut compiled.endpoints {
             ep.mesh = modes.get(pod).copied().unwrap_or_default();
         }
-        let ipcache = ipcache_values(&inv, &compiled, &modes);
+        let compiled = Arc::new(compiled);
+        // The tunnel's view of this state; it answers from it once the kernel enforces it.
+        let view = crate::tunnel::MeshView::build(
+            &self.node,
+            self.shared.authority.trust_domain(),
+            &inv,
+            compiled.clone(),
+            &modes,
+        );
+        let ipcache = ipcache_values(&compiled, &view);
 
         let mut endpoints = Vec::new();
         let mut desired = BTreeMap::new();
@@ -765,16 +768,8 @@ impl Control {
         let round = std::mem::take(&mut self.round);
         self.reported.retain(|l| round.contains(l));
         self.report_policies(&inv, &failures, sync_error.as_ref());
-        let compiled = Arc::new(compiled);
         if result.is_ok() {
-            // The tunnel answers from what the kernel now enforces.
-            self.tunnel.set_view(crate::tunnel::MeshView::build(
-                &self.node,
-                self.shared.authority.trust_domain(),
-                &inv,
-                compiled.clone(),
-                &modes,
-            ));
+            self.tunnel.set_view(view);
         }
         self.publish(
             &inv,

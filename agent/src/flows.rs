@@ -162,6 +162,37 @@ pub struct EnrichmentIndex {
     pub identity_labels: BTreeMap<u32, Vec<String>>,
 }
 
+impl EnrichmentIndex {
+    /// One end of a flow: the pod at `addr` if there is one, else what the identity is known by.
+    #[must_use]
+    pub fn endpoint(&self, addr: IpAddr, identity: u32) -> Endpoint {
+        let info = self.addresses.get(&addr);
+        Endpoint {
+            namespace: info.map(|i| i.namespace.clone()).unwrap_or_default(),
+            pod_name: info.map(|i| i.pod_name.clone()).unwrap_or_default(),
+            identity,
+            labels: info.map(|i| i.labels.clone()).unwrap_or_else(|| {
+                self.identity_labels
+                    .get(&identity)
+                    .cloned()
+                    .unwrap_or_default()
+            }),
+            spiffe_id: None,
+        }
+    }
+
+    /// The policy and rule a rule id stands for.
+    #[must_use]
+    pub fn policy(&self, rule_id: u32) -> Option<PolicyRef> {
+        self.rules.get(&rule_id).map(|r| PolicyRef {
+            kind: r.kind.clone(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            rule: r.rule.clone(),
+        })
+    }
+}
+
 /// Converts `bpf_ktime_get_ns` (CLOCK_MONOTONIC) to wall-clock time.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
@@ -229,22 +260,6 @@ fn address(bytes: [u8; 16], family: u8) -> IpAddr {
 pub fn from_event(ev: &FlowEvent, index: &EnrichmentIndex, clock: &Clock) -> Flow {
     let src = address(ev.saddr, ev.family);
     let dst = address(ev.daddr, ev.family);
-    let endpoint = |addr: IpAddr, identity: u32| {
-        let info = index.addresses.get(&addr);
-        Endpoint {
-            namespace: info.map(|i| i.namespace.clone()).unwrap_or_default(),
-            pod_name: info.map(|i| i.pod_name.clone()).unwrap_or_default(),
-            identity,
-            labels: info.map(|i| i.labels.clone()).unwrap_or_else(|| {
-                index
-                    .identity_labels
-                    .get(&identity)
-                    .cloned()
-                    .unwrap_or_default()
-            }),
-            spiffe_id: None,
-        }
-    };
     let ports = Ports {
         source_port: u16::from_be(ev.sport_be),
         destination_port: u16::from_be(ev.dport_be),
@@ -265,12 +280,7 @@ pub fn from_event(ev: &FlowEvent, index: &EnrichmentIndex, clock: &Clock) -> Flo
         other => l4.protocol = Some(other),
     }
     let dropped = ev.verdict == VERDICT_DROPPED;
-    let policy = index.rules.get(&ev.rule_id).map(|r| PolicyRef {
-        kind: r.kind.clone(),
-        namespace: r.namespace.clone(),
-        name: r.name.clone(),
-        rule: r.rule.clone(),
-    });
+    let policy = index.policy(ev.rule_id);
     let mut flow = Flow {
         time: humantime::format_rfc3339_nanos(clock.wall(ev.ktime_ns)).to_string(),
         verdict: if dropped { "DROPPED" } else { "FORWARDED" }.into(),
@@ -285,8 +295,8 @@ pub fn from_event(ev: &FlowEvent, index: &EnrichmentIndex, clock: &Clock) -> Flo
             ip_version: if ev.family == 6 { "IPv6" } else { "IPv4" }.into(),
         },
         l4,
-        source: endpoint(src, ev.src_identity),
-        destination: endpoint(dst, ev.dst_identity),
+        source: index.endpoint(src, ev.src_identity),
+        destination: index.endpoint(dst, ev.dst_identity),
         traffic_direction: if ev.direction == DIR_INGRESS {
             "INGRESS"
         } else {
@@ -327,23 +337,12 @@ pub struct TunnelRecord {
 /// Builds the flow record for a tunnelled connection (`Type` `TUNNEL`).
 #[must_use]
 pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
-    let endpoint = |addr: IpAddr, identity: u32, spiffe: &str| {
-        let info = index.addresses.get(&addr);
-        Endpoint {
-            namespace: info.map(|i| i.namespace.clone()).unwrap_or_default(),
-            pod_name: info.map(|i| i.pod_name.clone()).unwrap_or_default(),
-            identity,
-            labels: info.map(|i| i.labels.clone()).unwrap_or_default(),
-            spiffe_id: (!spiffe.is_empty()).then(|| spiffe.to_owned()),
-        }
+    let endpoint = |addr: IpAddr, identity: u32, spiffe: &str| Endpoint {
+        spiffe_id: (!spiffe.is_empty()).then(|| spiffe.to_owned()),
+        ..index.endpoint(addr, identity)
     };
     let (src, dst) = (rec.source.ip(), rec.destination.ip());
-    let policy = index.rules.get(&rec.rule_id).map(|r| PolicyRef {
-        kind: r.kind.clone(),
-        namespace: r.namespace.clone(),
-        name: r.name.clone(),
-        rule: r.rule.clone(),
-    });
+    let policy = index.policy(rec.rule_id);
     let mut flow = Flow {
         time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
         verdict: if rec.forwarded {

@@ -187,9 +187,6 @@ impl Metrics {
     /// Read at scrape time from the tunnel's own counters.
     fn observe_tunnel(&self, stats: &crate::tunnel::TunnelStats) {
         use crate::tunnel::TunnelStats as S;
-        let catch_up = |counter: prometheus::IntCounter, total: u64| {
-            counter.inc_by(total.saturating_sub(counter.get()));
-        };
         for (side, result, total) in [
             ("outbound", "ok", &stats.outbound_ok),
             ("outbound", "denied", &stats.outbound_denied),
@@ -199,7 +196,7 @@ impl Metrics {
             ("inbound", "failed", &stats.inbound_failed),
         ] {
             catch_up(
-                self.tunnel_streams.with_label_values(&[side, result]),
+                &self.tunnel_streams.with_label_values(&[side, result]),
                 S::get(total),
             );
         }
@@ -224,11 +221,11 @@ impl Metrics {
             ),
         ] {
             catch_up(
-                self.tunnel_connections.with_label_values(&[side]),
+                &self.tunnel_connections.with_label_values(&[side]),
                 S::get(made),
             );
             catch_up(
-                self.tunnel_handshake_failures.with_label_values(&[side]),
+                &self.tunnel_handshake_failures.with_label_values(&[side]),
                 S::get(failed),
             );
         }
@@ -239,7 +236,7 @@ impl Metrics {
             ("out_of_tunnel", &stats.bytes_received),
         ] {
             catch_up(
-                self.tunnel_bytes.with_label_values(&[direction]),
+                &self.tunnel_bytes.with_label_values(&[direction]),
                 S::get(total),
             );
         }
@@ -298,8 +295,10 @@ impl Metrics {
             }));
         let counts = certs.renewals();
         for (result, total) in [("success", &counts.succeeded), ("failure", &counts.failed)] {
-            let counter = self.cert_renewals.with_label_values(&[result]);
-            counter.inc_by(total.load(Ordering::Relaxed).saturating_sub(counter.get()));
+            catch_up(
+                &self.cert_renewals.with_label_values(&[result]),
+                total.load(Ordering::Relaxed),
+            );
         }
     }
 
@@ -326,6 +325,11 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// Brings a Prometheus counter up to a total kept elsewhere (counted off the scrape path).
+fn catch_up(counter: &prometheus::IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 /// A whole reply, or flow lines as the agent produces them.

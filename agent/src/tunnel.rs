@@ -208,6 +208,28 @@ pub fn run(
     Ok(())
 }
 
+/// Accepts on `listener` until the task is dropped, each connection in a task of its own. A
+/// failed accept (out of descriptors or memory) backs off rather than spinning.
+pub async fn accept_each<F>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    mut handle: impl FnMut(tokio::net::TcpStream, SocketAddr) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Why a tunnelled connection did not go through, as a flow and a log say it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TunnelError {

@@ -170,8 +170,18 @@ struct Bench {
     iptables_nft: bool,
 }
 
-pub fn run() -> Result<()> {
-    let started = Instant::now();
+/// The release binaries (`nodeward`, `nodeward-lab-load`, ...) and the benchmarks' lab.
+pub(crate) struct ReleaseLab {
+    pub lab: Lab,
+    pub nodeward: PathBuf,
+    pub load: PathBuf,
+    pub client: PodState,
+    pub server: PodState,
+}
+
+/// Builds the release binaries and a 2-node lab without agents (the benchmarks start and stop
+/// them), with `client` and `server` (`namespace/name`) on different nodes.
+pub(crate) fn release_lab(client: &str, server: &str) -> Result<ReleaseLab> {
     crate::cargo(&["build", "--release", "--bins"])?;
     let release = paths::target_dir().join("release");
     let nodeward = release.join("nodeward");
@@ -181,8 +191,6 @@ pub fn run() -> Result<()> {
         std::env::set_var("NODEWARD_BIN", &nodeward);
         std::env::set_var("NODEWARD_ECHO_BIN", release.join("nodeward-lab-echo"));
     }
-    let iptables_nft = sys::run(Command::new("iptables").arg("-V"))?.contains("nf_tables");
-
     let lab = Lab::up(&LabSpec {
         name: None,
         nodes: 2,
@@ -192,13 +200,66 @@ pub fn run() -> Result<()> {
         ipv6: false,
         persistent: false,
     })?;
-    let client = lab.pod(CLIENT).clone();
-    let server = lab.pod(SERVER).clone();
-    let outsider = lab.pod(OUTSIDER).clone();
+    let client = lab.pod(client).clone();
+    let server = lab.pod(server).clone();
     ensure!(
         client.node != server.node,
         "the client and the server must be on different nodes"
     );
+    Ok(ReleaseLab {
+        lab,
+        nodeward,
+        load: release.join("nodeward-lab-load"),
+        client,
+        server,
+    })
+}
+
+/// What the figures were measured on, for the README.
+pub(crate) struct Machine {
+    pub date: String,
+    pub cores: usize,
+    pub cpu: String,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub(crate) fn read() -> Self {
+        let date = sys::run(Command::new("date").args(["-u", "+%Y-%m-%d"]))
+            .map(|d| d.trim().to_string())
+            .unwrap_or_default();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+        let kernel = sys::run(Command::new("uname").arg("-r"))
+            .map(|k| k.trim().to_string())
+            .unwrap_or_default();
+        Self {
+            date,
+            cores,
+            cpu,
+            kernel,
+        }
+    }
+}
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    let iptables_nft = sys::run(Command::new("iptables").arg("-V"))?.contains("nf_tables");
+    let ReleaseLab {
+        lab,
+        nodeward,
+        load,
+        client,
+        server,
+    } = release_lab(CLIENT, SERVER)?;
+    let outsider = lab.pod(OUTSIDER).clone();
     let target_ips = lab
         .pods()
         .iter()
@@ -208,7 +269,7 @@ pub fn run() -> Result<()> {
     let mut bench = Bench {
         server_node: server.node.clone(),
         lab,
-        load: release.join("nodeward-lab-load"),
+        load,
         nodeward,
         client,
         server,
@@ -850,21 +911,12 @@ impl Report {
 
     fn markdown(&self) -> String {
         let mut out = String::new();
-        let date = sys::run(Command::new("date").args(["-u", "+%Y-%m-%d"]))
-            .map(|d| d.trim().to_string())
-            .unwrap_or_default();
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| {
-                c.lines()
-                    .find_map(|l| l.strip_prefix("model name"))
-                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-            .unwrap_or_else(|| "unknown CPU".into());
-        let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-        let kernel = sys::run(Command::new("uname").arg("-r"))
-            .map(|k| k.trim().to_string())
-            .unwrap_or_default();
+        let Machine {
+            date,
+            cores,
+            cpu,
+            kernel,
+        } = Machine::read();
         let _ = writeln!(
             out,
             "Measured {date} on {cores} cores ({cpu}), kernel {kernel}, a shared and noisy \

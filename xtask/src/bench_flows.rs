@@ -13,15 +13,15 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use nodeward_lab::manifests::documents;
-use nodeward_lab::{Lab, LabSpec, PodState, paths, sys, wait};
+use nodeward_lab::{Lab, PodState, sys, wait};
 use serde_json::Value;
 
-use crate::bench::{in_pod, median};
+use crate::bench::{Machine, ReleaseLab, in_pod, median, release_lab};
 use crate::bench_rules::{self as rules, Target};
 
 const CLIENT: &str = "frontend/web-0";
@@ -134,32 +134,16 @@ impl Drop for Server {
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
-    crate::cargo(&["build", "--release", "--bins"])?;
-    let release = paths::target_dir().join("release");
-    // SAFETY: set before the benchmark starts any thread; the lab reads these to find its
-    // binaries, and a benchmark measures the release build.
-    unsafe {
-        std::env::set_var("NODEWARD_BIN", release.join("nodeward"));
-        std::env::set_var("NODEWARD_ECHO_BIN", release.join("nodeward-lab-echo"));
-    }
-    let lab = Lab::up(&LabSpec {
-        name: None,
-        nodes: 2,
-        namespaces: 2,
-        pods: 2,
-        agents: false,
-        ipv6: false,
-        persistent: false,
-    })?;
-    let client = lab.pod(CLIENT).clone();
-    let server = lab.pod(SERVER).clone();
-    ensure!(
-        client.node != server.node,
-        "the client and the server must be on different nodes"
-    );
+    let ReleaseLab {
+        lab,
+        load,
+        client,
+        server,
+        ..
+    } = release_lab(CLIENT, SERVER)?;
     let mut bench = Bench {
         lab,
-        load: release.join("nodeward-lab-load"),
+        load,
         client,
         server,
         events: None,
@@ -433,10 +417,7 @@ type Row = (&'static str, fn(&CostSample) -> f64, bool, usize);
 
 fn markdown(steps: &[Step], all: &[CostSample], drops: &[CostSample], runtime: Duration) -> String {
     let mut out = String::new();
-    let date = sys::run(Command::new("date").args(["-u", "+%Y-%m-%d"]))
-        .map(|d| d.trim().to_string())
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let Machine { date, cores, .. } = Machine::read();
     let _ = writeln!(
         out,
         "`cargo xtask bench flows` (it rewrites this subsection). Measured {date} on {cores} \

@@ -27,10 +27,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use nodeward_lab::{Lab, LabSpec, PodState, netpol, paths, sys, wait};
+use nodeward_lab::{Lab, PodState, netpol, paths, sys, wait};
 use serde_json::Value;
 
-use crate::bench::{CLK_TCK, in_pod, median};
+use crate::bench::{CLK_TCK, Machine, ReleaseLab, in_pod, median, release_lab};
 use crate::bench_rules as rules;
 
 const CLIENT: &str = "frontend/web-0";
@@ -257,35 +257,18 @@ pub fn run(quick: bool) -> Result<()> {
     } else {
         Durations::FULL
     };
-    crate::cargo(&["build", "--release", "--bins"])?;
-    let release = paths::target_dir().join("release");
-    let nodeward = release.join("nodeward");
-    // SAFETY: set before the benchmark starts any thread; the lab reads these to find its
-    // binaries, and a benchmark measures the release build.
-    unsafe {
-        std::env::set_var("NODEWARD_BIN", &nodeward);
-        std::env::set_var("NODEWARD_ECHO_BIN", release.join("nodeward-lab-echo"));
-    }
-    let lab = Lab::up(&LabSpec {
-        name: None,
-        nodes: 2,
-        namespaces: 2,
-        pods: 2,
-        agents: false,
-        ipv6: false,
-        persistent: false,
-    })?;
-    let client = lab.pod(CLIENT).clone();
-    let server = lab.pod(SERVER).clone();
-    ensure!(
-        client.node != server.node,
-        "the client and the server must be on different nodes"
-    );
+    let ReleaseLab {
+        lab,
+        nodeward,
+        load,
+        client,
+        server,
+    } = release_lab(CLIENT, SERVER)?;
     let mut mesh_namespaces = vec![client.namespace.clone(), server.namespace.clone()];
     mesh_namespaces.dedup();
     let mut bench = Bench {
         lab,
-        load: release.join("nodeward-lab-load"),
+        load,
         nodeward,
         client,
         server,
@@ -972,21 +955,12 @@ impl Report {
 
     fn markdown(&self) -> String {
         let mut out = String::new();
-        let date = sys::run(Command::new("date").args(["-u", "+%Y-%m-%d"]))
-            .map(|d| d.trim().to_string())
-            .unwrap_or_default();
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| {
-                c.lines()
-                    .find_map(|l| l.strip_prefix("model name"))
-                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-            .unwrap_or_else(|| "unknown CPU".into());
-        let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-        let kernel = sys::run(Command::new("uname").arg("-r"))
-            .map(|k| k.trim().to_string())
-            .unwrap_or_default();
+        let Machine {
+            date,
+            cores,
+            cpu,
+            kernel,
+        } = Machine::read();
         let n = thousands(HOLD_COUNT);
         let rounds = match self.d.rounds {
             1 => "One round".to_string(),

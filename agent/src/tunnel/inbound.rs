@@ -23,7 +23,6 @@ use tokio::net::{TcpListener, TcpStream};
 use super::net::transparent_connect;
 use super::outbound::parse_forwarded_for;
 use super::splice::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, splice};
-use super::view::canonical;
 use super::{Context, Gauge, TunnelStats};
 use crate::ca::SpiffeId;
 use crate::ca::tls::{self, CertResolver};
@@ -45,17 +44,10 @@ pub fn acceptor(ctx: &Context) -> Result<tokio_rustls::TlsAcceptor, String> {
 
 /// Accepts HBONE connections until the task is dropped.
 pub async fn serve(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ctx: Arc<Context>) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                tokio::spawn(connection(tcp, peer, acceptor.clone(), ctx.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "HBONE listener: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_each(listener, "HBONE", |tcp, peer| {
+        connection(tcp, peer, acceptor.clone(), ctx.clone())
+    })
+    .await;
 }
 
 async fn connection(
@@ -108,13 +100,16 @@ async fn connection(
     }
 }
 
+/// A response head with `status` and nothing else.
+fn head(status: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    response
+}
+
 /// Answers a request that will not be carried, with a status and no body.
 fn answer(mut respond: SendResponse<Bytes>, status: StatusCode) {
-    let response = Response::builder()
-        .status(status)
-        .body(())
-        .unwrap_or_default();
-    let _ = respond.send_response(response, true);
+    let _ = respond.send_response(head(status), true);
 }
 
 /// What authorization decided, with what the flow needs.
@@ -126,6 +121,33 @@ struct Decision {
     destination_identity: u32,
     destination_spiffe: String,
     note: String,
+}
+
+impl Decision {
+    /// The flow of `client`'s connection `src -> dst` under this decision.
+    fn record(
+        &self,
+        client: &SpiffeId,
+        src: SocketAddr,
+        dst: SocketAddr,
+        forwarded: bool,
+        drop_reason: &'static str,
+        note: String,
+    ) -> TunnelRecord {
+        TunnelRecord {
+            source: src,
+            destination: dst,
+            source_spiffe_id: client.uri(),
+            destination_spiffe_id: self.destination_spiffe.clone(),
+            direction: DIR_INGRESS,
+            forwarded,
+            drop_reason,
+            rule_id: self.rule_id,
+            source_identity: self.source_identity,
+            destination_identity: self.destination_identity,
+            note,
+        }
+    }
 }
 
 async fn stream(
@@ -150,25 +172,15 @@ async fn stream(
         return answer(respond, StatusCode::BAD_REQUEST);
     };
     let (src, dst) = (
-        SocketAddr::new(canonical(src.ip()), src.port()),
-        SocketAddr::new(canonical(dst.ip()), dst.port()),
+        SocketAddr::new(src.ip().to_canonical(), src.port()),
+        SocketAddr::new(dst.ip().to_canonical(), dst.port()),
     );
     let Some(decision) = authorize(&ctx, &client, src, dst) else {
         tracing::info!(source = %src, destination = %dst, client = %client, "HBONE: no meshed pod at the destination on this node");
         return answer(respond, StatusCode::SERVICE_UNAVAILABLE);
     };
-    let record = |forwarded: bool, drop_reason: &'static str, note: String| TunnelRecord {
-        source: src,
-        destination: dst,
-        source_spiffe_id: client.uri(),
-        destination_spiffe_id: decision.destination_spiffe.clone(),
-        direction: DIR_INGRESS,
-        forwarded,
-        drop_reason,
-        rule_id: decision.rule_id,
-        source_identity: decision.source_identity,
-        destination_identity: decision.destination_identity,
-        note,
+    let record = |forwarded: bool, drop_reason: &'static str, note: String| {
+        decision.record(&client, src, dst, forwarded, drop_reason, note)
     };
     if !decision.allowed {
         TunnelStats::add(&ctx.stats.inbound_denied, 1);
@@ -192,11 +204,7 @@ async fn stream(
         }
     };
     let mut respond = respond;
-    let ok = Response::builder()
-        .status(StatusCode::OK)
-        .body(())
-        .unwrap_or_default();
-    let send = match respond.send_response(ok, false) {
+    let send = match respond.send_response(head(StatusCode::OK), false) {
         Ok(send) => send,
         // The client gave up meanwhile.
         Err(_) => return,
@@ -312,19 +320,8 @@ pub fn reauthorize(ctx: &Context) {
         revoke.notify_one();
         TunnelStats::add(&ctx.stats.inbound_denied, 1);
         if let Some(d) = decision {
-            (ctx.flows)(&TunnelRecord {
-                source: src,
-                destination: dst,
-                source_spiffe_id: client.uri(),
-                destination_spiffe_id: d.destination_spiffe,
-                direction: DIR_INGRESS,
-                forwarded: false,
-                drop_reason: d.drop_reason,
-                rule_id: d.rule_id,
-                source_identity: d.source_identity,
-                destination_identity: d.destination_identity,
-                note: "revoked by a policy change".into(),
-            });
+            let note = "revoked by a policy change".to_owned();
+            (ctx.flows)(&d.record(&client, src, dst, false, d.drop_reason, note));
         }
     }
 }

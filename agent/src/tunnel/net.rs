@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd as _;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,26 +17,10 @@ use tokio::net::{TcpSocket, TcpStream};
 /// connections to any address the policy route delivers to it, and a socket may bind to an
 /// address that is not the node's (the original source of a tunnelled connection).
 fn set_transparent(socket: &Socket, v6: bool) -> io::Result<()> {
-    let (level, name) = if v6 {
-        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+    if v6 {
+        socket.set_ip_transparent_v6(true)
     } else {
-        (libc::SOL_IP, libc::IP_TRANSPARENT)
-    };
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket fd and a pointer to an int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&raw const one).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        socket.set_ip_transparent_v4(true)
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::net::{reset_on_close, transparent_listener};
 use super::pool::{Lease, Pool};
 use super::splice::{h2_io, splice};
-use super::view::{Workload, canonical};
+use super::view::Workload;
 use super::{Context, Gauge, TunnelError, TunnelStats};
 use crate::flows::TunnelRecord;
 
@@ -46,18 +46,10 @@ pub fn listeners() -> std::io::Result<(std::net::TcpListener, Option<std::net::T
 
 /// Accepts until the task is dropped.
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>, pool: Arc<Pool>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, ctx.clone(), pool.clone()));
-            }
-            Err(e) => {
-                // Out of descriptors or memory: back off rather than spin.
-                tracing::warn!(error = %e, "outbound listener: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_each(listener, "outbound", |stream, peer| {
+        handle(stream, peer, ctx.clone(), pool.clone())
+    })
+    .await;
 }
 
 /// A stream the peer agent accepted (200), ready to carry a connection.
@@ -69,11 +61,11 @@ pub struct Opened {
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Arc<Pool>) {
-    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let dst = SocketAddr::new(canonical(local.ip()), local.port());
+    let dst = SocketAddr::new(local.ip().to_canonical(), local.port());
     let _ = stream.set_nodelay(true);
     let view = ctx.view();
     let source = view

@@ -1,7 +1,8 @@
 //! Bytes between a pod's TCP connection and an HBONE stream, both ways, until both are done.
 //!
 //! Memory stays bounded and idle connections cost no buffers: a read buffer is allocated only
-//! once the socket is readable and dropped as soon as its bytes are handed to h2, whose flow
+//! once the socket is readable (small first, large while the data keeps filling it) and
+//! dropped as soon as its bytes are handed to h2, whose flow
 //! control (the peer's window, at most [`STREAM_WINDOW`]) bounds what is in flight. A FIN from
 //! the pod ends our half of the stream (`END_STREAM`) and the end of the peer's half shuts our
 //! write side down, so half-closed connections behave as they would without the tunnel. An error
@@ -21,6 +22,10 @@ use super::TunnelStats;
 
 /// One read from the pod's socket, at most.
 pub const READ_CHUNK: usize = 256 * 1024;
+/// The first read after the socket turns readable: enough for a request or a response, small
+/// enough that a message does not cost a large allocation. A read that fills it means bulk
+/// data, and the next reads take [`READ_CHUNK`].
+const FIRST_READ: usize = 16 * 1024;
 /// The h2 flow-control window per stream, and per connection.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
@@ -61,9 +66,10 @@ async fn socket_to_stream(
     sent: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0u64;
+    let mut want = FIRST_READ;
     loop {
         read.readable().await?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut buf = BytesMut::with_capacity(want);
         let n = match read.try_read_buf(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -76,6 +82,11 @@ async fn socket_to_stream(
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
+        want = if n >= buf.capacity() {
+            READ_CHUNK
+        } else {
+            FIRST_READ
+        };
         total += n as u64;
         TunnelStats::add(sent, n as u64);
         while !buf.is_empty() {

@@ -71,7 +71,8 @@ impl MeshView {
 
     #[must_use]
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workloads.get(&canonical(ip))
+        // IPv4-mapped IPv6 (as a dual-stack socket reports IPv4 peers) is the IPv4 address.
+        self.workloads.get(&ip.to_canonical())
     }
 
     /// The compiled policy of a local pod.
@@ -91,15 +92,6 @@ impl Workload {
             .find(|ip| ip.is_ipv4() == towards.is_ipv4())
             .or_else(|| self.host_ips.first())
             .map(|ip| SocketAddr::new(*ip, port))
-    }
-}
-
-/// IPv4-mapped IPv6 (as an accepted dual-stack socket reports IPv4 peers) as plain IPv4.
-#[must_use]
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
     }
 }
 
