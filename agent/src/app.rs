@@ -768,9 +768,7 @@ impl Control {
         let round = std::mem::take(&mut self.round);
         self.reported.retain(|l| round.contains(l));
         self.report_policies(&inv, &failures, sync_error.as_ref());
-        if result.is_ok() {
-            self.tunnel.set_view(view);
-        }
+        let synced = result.is_ok();
         self.publish(
             &inv,
             &compiled,
@@ -782,6 +780,11 @@ impl Control {
             sync_error,
             started,
         );
+        // After publish: the connections a change revokes are recorded as flows, which name
+        // their rule through the index publish just replaced.
+        if synced {
+            self.tunnel.set_view(view);
+        }
         if result.is_ok() && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");
         }
