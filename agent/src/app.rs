@@ -95,6 +95,8 @@ pub struct MapFill {
 pub struct SyncStatus {
     pub at: String,
     pub duration_ms: f64,
+    /// Where `duration_ms` went, in order: milliseconds per step of the reconciliation.
+    pub phases_ms: Vec<(&'static str, f64)>,
     pub policy_entries_added: usize,
     pub policy_entries_removed: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -565,6 +567,29 @@ fn ipcache_values(
 /// How often the flow reader drains the ring without a wakeup.
 const EVENTS_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
+/// Times the steps of one reconciliation.
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the step named `name` (it began where the previous one ended).
+    fn end(&mut self, name: &'static str) {
+        let now = Instant::now();
+        let ms = now.duration_since(self.last).as_secs_f64() * 1000.0;
+        self.done.push((name, (ms * 1000.0).round() / 1000.0));
+        self.last = now;
+    }
+}
+
 struct Control {
     source: Source,
     identities: IdentityAllocator,
@@ -610,7 +635,9 @@ impl Control {
             return;
         }
         let started = Instant::now();
+        let mut phases = Phases::start();
         let loaded = self.source.load();
+        phases.end("load");
         self.round.clear();
         let manifest_errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
         for line in &manifest_errors {
@@ -618,9 +645,11 @@ impl Control {
         }
         let inv = loaded.inventory;
         let mut failures = self.translate_policies(&inv);
+        phases.end("translate");
 
         let models: Vec<PolicyModel> = self.last_good.values().cloned().collect();
         let mut compiled = policy::compile(&self.node, &inv, &models, &mut self.identities);
+        phases.end("compile");
         let modes = self.mesh_modes(&inv, &mut failures);
         for (pod, ep) in &mut compiled.endpoints {
             ep.mesh = modes.get(pod).copied().unwrap_or_default();
@@ -635,6 +664,7 @@ impl Control {
             &modes,
         );
         let ipcache = ipcache_values(&compiled, &view);
+        phases.end("mesh");
 
         let mut endpoints = Vec::new();
         let mut desired = BTreeMap::new();
@@ -665,12 +695,14 @@ impl Control {
             .flatten()
             .collect();
         self.resolver.retain(|a| addrs.contains(a));
+        phases.end("endpoints");
 
         let syncer_handle = self.syncer.clone();
         let mut syncer = syncer_handle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let result = syncer.apply(&desired, &ipcache, &compiled.policy_cidrs);
+        phases.end("maps");
         let mut sync_error = None;
         match &result {
             Ok(stats) => {
@@ -748,6 +780,7 @@ impl Control {
                 }
             }
         }
+        phases.end("attach");
         // Written (and fsynced) only when an identity was allocated or released: most syncs
         // change policy, not identities.
         let snapshot = serde_json::to_vec(&self.identities).unwrap_or_default();
@@ -758,17 +791,22 @@ impl Control {
             }
         }
         self.ensure_certificates(&inv, &compiled);
+        phases.end("identities");
         if result.as_ref().is_ok_and(SyncStats::changed) {
             // A compile allocates and frees a lot at once; glibc keeps freed memory in its
             // arenas unless asked, and the agent's steady state is far smaller than its peak.
             // SAFETY: malloc_trim only releases free memory; it has no preconditions.
             unsafe { libc::malloc_trim(0) };
         }
+        phases.end("trim");
         // Forget what no longer fails, so it is reported again if it breaks again.
         let round = std::mem::take(&mut self.round);
         self.reported.retain(|l| round.contains(l));
         self.report_policies(&inv, &failures, sync_error.as_ref());
         let synced = result.is_ok();
+        let (added, removed) = result
+            .as_ref()
+            .map_or((0, 0), |s| (s.policy_added, s.policy_removed));
         self.publish(
             &inv,
             &compiled,
@@ -777,8 +815,15 @@ impl Control {
             manifest_errors,
             fill,
             generation,
-            sync_error,
-            started,
+            SyncStatus {
+                at: String::new(),
+                duration_ms: 0.0,
+                phases_ms: Vec::new(),
+                policy_entries_added: added,
+                policy_entries_removed: removed,
+                error: sync_error,
+            },
+            (started, phases),
         );
         // After publish: the connections a change revokes are recorded as flows, which name
         // their rule through the index publish just replaced.
@@ -952,8 +997,8 @@ impl Control {
         manifest_errors: Vec<String>,
         fill: [(&'static str, usize, u32); 4],
         generation: u32,
-        sync_error: Option<String>,
-        started: Instant,
+        mut last_sync: SyncStatus,
+        (started, mut phases): (Instant, Phases),
     ) {
         let mut index = EnrichmentIndex {
             node_name: self.node.clone(),
@@ -1008,6 +1053,7 @@ impl Control {
             .index
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(index);
+        phases.end("publish");
         let syncs = self.shared.syncs.fetch_add(1, Ordering::SeqCst) + 1;
         let maps: Vec<MapFill> = fill
             .iter()
@@ -1022,8 +1068,11 @@ impl Control {
             self.identities.len(),
             &maps,
         );
+        last_sync.at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        last_sync.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        last_sync.phases_ms = phases.done;
         let status = Status {
-            ready: self.shared.ready.load(Ordering::SeqCst) || sync_error.is_none(),
+            ready: self.shared.ready.load(Ordering::SeqCst) || last_sync.error.is_none(),
             node: self.node.clone(),
             generation,
             syncs,
@@ -1036,13 +1085,7 @@ impl Control {
             maps,
             identities: self.identities.len(),
             source: self.source.status(),
-            last_sync: SyncStatus {
-                at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-                policy_entries_added: 0,
-                policy_entries_removed: 0,
-                error: sync_error,
-            },
+            last_sync,
         };
         *self
             .shared

@@ -249,42 +249,89 @@ impl Machine {
     }
 }
 
+/// `cargo xtask bench datapath --control-plane`: the policy change latency and the agents' RSS,
+/// at the lab's size and with 1,000 pods and 10k rules, printed (a quick loop for work on the
+/// agent's reconciliation; the full run measures the same things the same way).
+pub fn run_control_plane() -> Result<()> {
+    let started = Instant::now();
+    let (mut bench, servers) = Bench::up()?;
+    bench.enter(Scenario::Nodeward1)?;
+    let small = bench.change_latency()?;
+    let rss_small = bench.rss()?;
+    bench.enter(Scenario::Nodeward10k)?;
+    let large = bench.change_latency()?;
+    let rss_large = bench.rss()?;
+    let status = bench.lab.status(&bench.server_node)?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "lab only: change to enforced p50 {:.1} / p99 {:.1} ms; server agent RSS {:.1} MiB (peak {:.1})",
+        ms(percentile(&small, 50.0)),
+        ms(percentile(&small, 99.0)),
+        rss_small.server_kib as f64 / 1024.0,
+        rss_small.server_peak_kib as f64 / 1024.0,
+    );
+    println!(
+        "1,000 pods, 10k rules: change to enforced p50 {:.1} / p99 {:.1} ms; server agent RSS {:.1} MiB (peak {:.1}); last sync {} ms, phases {}",
+        ms(percentile(&large, 50.0)),
+        ms(percentile(&large, 99.0)),
+        rss_large.server_kib as f64 / 1024.0,
+        rss_large.server_peak_kib as f64 / 1024.0,
+        status["last_sync"]["duration_ms"],
+        status["last_sync"]["phases_ms"],
+    );
+    drop(servers);
+    drop(bench);
+    println!(
+        "bench datapath --control-plane took {:.0?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+impl Bench {
+    /// The release lab with the load servers running in the server pod.
+    fn up() -> Result<(Self, Servers)> {
+        let iptables_nft = sys::run(Command::new("iptables").arg("-V"))?.contains("nf_tables");
+        let ReleaseLab {
+            lab,
+            nodeward,
+            load,
+            client,
+            server,
+        } = release_lab(CLIENT, SERVER)?;
+        let outsider = lab.pod(OUTSIDER).clone();
+        let target_ips = lab
+            .pods()
+            .iter()
+            .filter(|p| p.namespace == client.namespace && p.labels["app"] == client.labels["app"])
+            .map(|p| p.ip4)
+            .collect();
+        let bench = Bench {
+            server_node: server.node.clone(),
+            lab,
+            load,
+            nodeward,
+            client,
+            server,
+            outsider,
+            target_ips,
+            setup: Setup::default(),
+            next_sink: rules::SINK_PORTS.0,
+            iptables_nft,
+        };
+        let servers = bench.start_servers()?;
+        // The client makes ~100k connections over the run: give it every port.
+        sys::sysctls(
+            &bench.client.netns,
+            &[("net/ipv4/ip_local_port_range".to_string(), "10000 65000")],
+        )?;
+        Ok((bench, servers))
+    }
+}
+
 pub fn run() -> Result<()> {
     let started = Instant::now();
-    let iptables_nft = sys::run(Command::new("iptables").arg("-V"))?.contains("nf_tables");
-    let ReleaseLab {
-        lab,
-        nodeward,
-        load,
-        client,
-        server,
-    } = release_lab(CLIENT, SERVER)?;
-    let outsider = lab.pod(OUTSIDER).clone();
-    let target_ips = lab
-        .pods()
-        .iter()
-        .filter(|p| p.namespace == client.namespace && p.labels["app"] == client.labels["app"])
-        .map(|p| p.ip4)
-        .collect();
-    let mut bench = Bench {
-        server_node: server.node.clone(),
-        lab,
-        load,
-        nodeward,
-        client,
-        server,
-        outsider,
-        target_ips,
-        setup: Setup::default(),
-        next_sink: rules::SINK_PORTS.0,
-        iptables_nft,
-    };
-    let servers = bench.start_servers()?;
-    // The client makes ~100k connections over the run: give it every port.
-    sys::sysctls(
-        &bench.client.netns,
-        &[("net/ipv4/ip_local_port_range".to_string(), "10000 65000")],
-    )?;
+    let (mut bench, servers) = Bench::up()?;
 
     let mut samples: BTreeMap<Scenario, Vec<Sample>> = BTreeMap::new();
     let mut flip_small = None;

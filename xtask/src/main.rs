@@ -96,7 +96,12 @@ enum BenchCmd {
     /// Cross-node pod to pod, side by side in one run: no agent, nodeward with 1 policy and with
     /// 10k rules, iptables with 10k rules (connections/s, request/response latency, throughput);
     /// then policy change latency and agent RSS with 1,000 pods. Rewrites README's Benchmarks.
-    Datapath,
+    Datapath {
+        /// Only the control-plane figures (policy change latency and agent RSS, at the lab's
+        /// size and with 1,000 pods and 10k rules), printed; README.md is left alone.
+        #[arg(long)]
+        control_plane: bool,
+    },
     /// Flow events: the highest new-connections rate with zero lost flows, and the datapath
     /// cost of `--flow-events all` versus `drops`. Rewrites README's Benchmarks / Flows.
     Flows,
@@ -123,10 +128,14 @@ fn main() -> Result<()> {
         }
         Cmd::Test => test(),
         Cmd::Bench {
-            what: BenchCmd::Datapath,
+            what: BenchCmd::Datapath { control_plane },
         } => {
             setup::run()?;
-            bench::run()
+            if control_plane {
+                bench::run_control_plane()
+            } else {
+                bench::run()
+            }
         }
         Cmd::Bench {
             what: BenchCmd::Flows,

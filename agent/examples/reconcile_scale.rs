@@ -1,0 +1,244 @@
+//! Where a reconciliation spends its time at `bench datapath`'s large size (1,000 remote pods,
+//! 10 NetworkPolicies x 100 peers x 10 ports on one local pod), without a kernel: the manifests
+//! are read from a temporary directory, translated and compiled, and the map diff is planned
+//! against in-memory maps. A policy is toggled between rounds, as the benchmark does.
+//!
+//! `cargo run --release -p nodeward --example reconcile_scale [ROUNDS]`
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use agent_common::{EndpointInfo, IpcacheValue, PolicyValue};
+use ipnet::IpNet;
+use nodeward::datapath::sync::Syncer;
+use nodeward::datapath::{MapWriter, PolicyEntryKey};
+use nodeward::identity::IdentityAllocator;
+use nodeward::policy;
+use nodeward::source::manifests::ManifestSource;
+use serde_json::{Value, json};
+
+const PEERS: usize = 1000;
+const POLICIES: usize = 10;
+const PORTS: [u16; 10] = [6000, 6010, 6020, 6030, 6040, 6050, 6060, 6070, 6080, 6090];
+
+/// Maps that only count what they are asked to do.
+#[derive(Default)]
+struct Counting {
+    writes: usize,
+}
+
+impl MapWriter for Counting {
+    type Error = Infallible;
+    fn read_endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, Infallible> {
+        Ok(BTreeMap::new())
+    }
+    fn read_policy(&self) -> Result<BTreeMap<PolicyEntryKey, PolicyValue>, Infallible> {
+        Ok(BTreeMap::new())
+    }
+    fn read_ipcache(&self) -> Result<BTreeMap<IpNet, IpcacheValue>, Infallible> {
+        Ok(BTreeMap::new())
+    }
+    fn read_policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, Infallible> {
+        Ok(BTreeMap::new())
+    }
+    fn read_generation(&self) -> Result<u32, Infallible> {
+        Ok(0)
+    }
+    fn put_endpoint(&mut self, _: u32, _: &EndpointInfo) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+    fn delete_endpoint(&mut self, _: u32) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+    fn put_policy(&mut self, _: PolicyEntryKey, _: PolicyValue) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+    fn delete_policy(&mut self, _: PolicyEntryKey) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+    fn put_ipcache(&mut self, _: IpNet, _: IpcacheValue) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+    fn delete_ipcache(&mut self, _: IpNet) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+    fn put_policy_cidr(&mut self, _: IpNet, _: u32) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+    fn delete_policy_cidr(&mut self, _: IpNet) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+    fn set_generation(&mut self, _: u32) -> Result<(), Infallible> {
+        self.writes += 1;
+        Ok(())
+    }
+}
+
+fn yaml(docs: &[Value]) -> String {
+    docs.iter()
+        .map(|d| serde_yaml_ng::to_string(d).expect("yaml"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn pod(name: &str, ns: &str, node: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"), "labels": labels },
+        "spec": { "nodeName": node, "containers": [{ "name": "c", "image": "none" }] },
+        "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] },
+    })
+}
+
+fn toggle(on: bool) -> Value {
+    let port = if on { 7200 } else { 7201 };
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": { "name": "toggle", "namespace": "backend" },
+        "spec": {
+            "podSelector": { "matchLabels": { "app": "api" } },
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{ "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "frontend" } } }],
+                "ports": [{ "protocol": "TCP", "port": port }],
+            }],
+        },
+    })
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut lab = Vec::new();
+    for ns in ["frontend", "backend", "bench-peers"] {
+        lab.push(json!({ "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": ns, "labels": { "kubernetes.io/metadata.name": ns } } }));
+    }
+    lab.push(json!({ "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": "node-2" }, "status": { "addresses": [{ "type": "InternalIP", "address": "10.250.0.2" }] } }));
+    lab.push(pod(
+        "api-0",
+        "backend",
+        "node-2",
+        "10.244.2.2",
+        json!({ "app": "api" }),
+    ));
+    lab.push(pod(
+        "web-0",
+        "frontend",
+        "node-1",
+        "10.244.1.2",
+        json!({ "app": "web" }),
+    ));
+    std::fs::write(dir.path().join("lab.yaml"), yaml(&lab)).expect("write");
+    let peers: Vec<Value> = (0..PEERS)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0x0af5_0001 + u32::try_from(i).expect("small"));
+            pod(
+                &format!("peer-{i}"),
+                "bench-peers",
+                "node-absent",
+                &ip.to_string(),
+                json!({ "app": "peer", "peer": format!("p{i}") }),
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("peers.yaml"), yaml(&peers)).expect("write");
+    let per = PEERS / POLICIES;
+    let rules: Vec<Value> = (0..POLICIES)
+        .map(|k| {
+            let from: Vec<Value> = (k * per..(k + 1) * per)
+                .map(|i| json!({
+                    "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "bench-peers" } },
+                    "podSelector": { "matchLabels": { "peer": format!("p{i}") } },
+                }))
+                .collect();
+            let ports: Vec<Value> = PORTS.iter().map(|p| json!({ "protocol": "TCP", "port": p })).collect();
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": { "name": format!("rules-{k}"), "namespace": "backend" },
+                "spec": { "podSelector": { "matchLabels": { "app": "api" } }, "policyTypes": ["Ingress"],
+                          "ingress": [{ "from": from, "ports": ports }] },
+            })
+        })
+        .collect();
+    std::fs::write(dir.path().join("rules.yaml"), yaml(&rules)).expect("write");
+
+    let mut source = ManifestSource::new(dir.path());
+    let mut ids = IdentityAllocator::new();
+    let mut syncer = Syncer::adopt(Counting::default()).expect("adopt");
+    let mut totals: BTreeMap<&str, Duration> = BTreeMap::new();
+    for round in 0..=rounds {
+        std::fs::write(
+            dir.path().join("toggle.yaml"),
+            yaml(&[toggle(round % 2 == 1)]),
+        )
+        .expect("write");
+        let mut t = Instant::now();
+        let mut lap = |name: &'static str, t: &mut Instant| {
+            if round > 0 {
+                *totals.entry(name).or_default() += t.elapsed();
+            }
+            *t = Instant::now();
+        };
+        let loaded = source.load();
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let inv = loaded.inventory;
+        lap("1 load", &mut t);
+        let models = policy::translate_inventory(&inv).expect("translate");
+        lap("2 translate", &mut t);
+        let compiled = policy::compile("node-2", &inv, &models, &mut ids);
+        lap("3 compile", &mut t);
+        let ipcache: BTreeMap<IpNet, IpcacheValue> = compiled
+            .ipcache
+            .iter()
+            .map(|(n, id)| {
+                (
+                    *n,
+                    IpcacheValue {
+                        identity: *id,
+                        flags: 0,
+                    },
+                )
+            })
+            .collect();
+        let desired = compiled
+            .endpoints
+            .values()
+            .enumerate()
+            .map(|(i, ep)| (u32::try_from(i).expect("small") + 10, ep))
+            .collect();
+        let stats = syncer
+            .apply(&desired, &ipcache, &compiled.policy_cidrs)
+            .expect("apply");
+        lap("4 sync (no syscalls)", &mut t);
+        drop((compiled, models, inv));
+        lap("5 drop", &mut t);
+        if round == rounds {
+            println!(
+                "last round: {} policy entries added, {} removed, {} map writes in all",
+                stats.policy_added,
+                stats.policy_removed,
+                syncer.maps().writes
+            );
+        }
+    }
+    for (name, total) in &totals {
+        println!(
+            "{name:<22} {:>8.2} ms per round",
+            total.as_secs_f64() * 1000.0 / rounds as f64
+        );
+    }
+}
