@@ -8,6 +8,7 @@ pub mod rbac;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -17,17 +18,20 @@ use crate::policy::crd::{ClusterMeshPolicy, MeshPolicy, MutualTLS};
 
 /// Everything nodeward reads, keyed for stable iteration order.
 #[derive(Clone, Debug, Default)]
+///
+/// Objects are shared (`Arc`): a round's inventory is assembled from what the source holds
+/// without copying a thousand pods.
 pub struct Inventory {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<ObjectRef, Pod>,
-    pub nodes: BTreeMap<String, Node>,
-    pub service_accounts: BTreeMap<ObjectRef, ServiceAccount>,
-    pub network_policies: BTreeMap<ObjectRef, NetworkPolicy>,
-    pub mesh_policies: BTreeMap<ObjectRef, MeshPolicy>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<ObjectRef, Arc<Pod>>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
+    pub service_accounts: BTreeMap<ObjectRef, Arc<ServiceAccount>>,
+    pub network_policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+    pub mesh_policies: BTreeMap<ObjectRef, Arc<MeshPolicy>>,
     /// Cluster scoped: `namespace` is empty.
-    pub cluster_mesh_policies: BTreeMap<String, ClusterMeshPolicy>,
+    pub cluster_mesh_policies: BTreeMap<String, Arc<ClusterMeshPolicy>>,
     /// Mutual TLS modes (see [`crate::policy::mtls`]).
-    pub mutual_tls: BTreeMap<ObjectRef, MutualTLS>,
+    pub mutual_tls: BTreeMap<ObjectRef, Arc<MutualTLS>>,
     /// The file each object was read from (for error messages), keyed by `Kind/ns/name`.
     pub origins: BTreeMap<String, PathBuf>,
 }

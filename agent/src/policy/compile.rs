@@ -42,12 +42,12 @@ pub fn translate_inventory(inv: &Inventory) -> Result<Vec<PolicyModel>, Vec<Poli
     let results = inv
         .network_policies
         .values()
-        .map(translate_network_policy)
-        .chain(inv.mesh_policies.values().map(translate_mesh_policy))
+        .map(|p| translate_network_policy(p))
+        .chain(inv.mesh_policies.values().map(|p| translate_mesh_policy(p)))
         .chain(
             inv.cluster_mesh_policies
                 .values()
-                .map(translate_cluster_mesh_policy),
+                .map(|p| translate_cluster_mesh_policy(p)),
         );
     let (mut ok, mut errors) = (Vec::new(), Vec::new());
     for r in results {
@@ -114,7 +114,7 @@ fn workloads<'a>(
             continue;
         }
         let ns = pod.metadata.namespace.as_deref().unwrap_or(&key.namespace);
-        let labels = security_labels(pod, inv.namespaces.get(ns));
+        let labels = security_labels(pod, inv.namespaces.get(ns).map(AsRef::as_ref));
         let identity = ids.allocate(&labels);
         out.push(Workload {
             key,
@@ -360,20 +360,30 @@ impl<'a> IdentityIndex<'a> {
     /// The smallest set of identities that can satisfy one of `sel`'s `In` requirements, or
     /// `None` when it has none (then every identity is a candidate).
     fn candidates(&self, sel: &LabelSelector) -> Option<BTreeSet<u32>> {
+        // Sized first, collected once: a namespace requirement matches every identity of its
+        // namespace, and building that set for each of a thousand selectors is what would cost.
         sel.requirements
             .iter()
             .filter_map(|r| match &r.operator {
-                Operator::In(values) => Some(
-                    values
-                        .iter()
-                        .filter_map(|v| self.by_pair.get(&(r.key.as_str(), v.as_str())))
-                        .flatten()
-                        .copied()
-                        .collect::<BTreeSet<u32>>(),
-                ),
+                Operator::In(values) => {
+                    let size: usize = self.lists(&r.key, values).map(Vec::len).sum();
+                    Some((size, &r.key, values))
+                }
                 _ => None,
             })
-            .min_by_key(BTreeSet::len)
+            .min_by_key(|(size, _, _)| *size)
+            .map(|(_, key, values)| self.lists(key, values).flatten().copied().collect())
+    }
+
+    /// The identities of each `key=value` for `values`.
+    fn lists<'s>(
+        &'s self,
+        key: &'s str,
+        values: &'s BTreeSet<String>,
+    ) -> impl Iterator<Item = &'s Vec<u32>> + 's {
+        values
+            .iter()
+            .filter_map(move |v| self.by_pair.get(&(key, v.as_str())))
     }
 }
 

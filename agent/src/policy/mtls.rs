@@ -96,7 +96,7 @@ pub fn pod_modes(
             let mode = if candidates.is_empty() {
                 default
             } else {
-                let labels = security_labels(pod, inv.namespaces.get(ns));
+                let labels = security_labels(pod, inv.namespaces.get(ns).map(AsRef::as_ref));
                 candidates
                     .iter()
                     .filter(|m| m.selector.matches(&labels))

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
@@ -47,14 +48,14 @@ impl std::fmt::Display for ManifestError {
 /// One object read from a manifest.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    Node(Box<Node>),
-    ServiceAccount(Box<ServiceAccount>),
-    NetworkPolicy(Box<NetworkPolicy>),
-    MeshPolicy(Box<MeshPolicy>),
-    ClusterMeshPolicy(Box<ClusterMeshPolicy>),
-    MutualTLS(Box<MutualTLS>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Node(Arc<Node>),
+    ServiceAccount(Arc<ServiceAccount>),
+    NetworkPolicy(Arc<NetworkPolicy>),
+    MeshPolicy(Arc<MeshPolicy>),
+    ClusterMeshPolicy(Arc<ClusterMeshPolicy>),
+    MutualTLS(Arc<MutualTLS>),
 }
 
 #[derive(Clone, Debug)]
@@ -321,8 +322,8 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
 }
 
 /// A `nodeward.io` object from its own parser, whose errors already name the field.
-fn ours<T>(parsed: Result<T, PolicyError>, key: &str) -> Result<Box<T>, ParseError> {
-    parsed.map(Box::new).map_err(|e| {
+fn ours<T>(parsed: Result<T, PolicyError>, key: &str) -> Result<Arc<T>, ParseError> {
+    parsed.map(Arc::new).map_err(|e| {
         (
             Some(key.to_owned()),
             (!e.field.is_empty()).then_some(e.field),
@@ -331,9 +332,9 @@ fn ours<T>(parsed: Result<T, PolicyError>, key: &str) -> Result<Box<T>, ParseErr
     })
 }
 
-fn typed<T: DeserializeOwned>(doc: serde_json::Value, key: &str) -> Result<Box<T>, ParseError> {
+fn typed<T: DeserializeOwned>(doc: serde_json::Value, key: &str) -> Result<Arc<T>, ParseError> {
     serde_path_to_error::deserialize(doc)
-        .map(Box::new)
+        .map(Arc::new)
         .map_err(|e| {
             let field = e.path().to_string();
             (
@@ -355,30 +356,30 @@ pub(crate) fn insert(inv: &mut Inventory, object: Object) {
     match object {
         Object::Namespace(o) => {
             inv.namespaces
-                .insert(o.metadata.name.clone().unwrap_or_default(), *o);
+                .insert(o.metadata.name.clone().unwrap_or_default(), o);
         }
         Object::Pod(o) => {
-            inv.pods.insert(namespaced(&o.metadata), *o);
+            inv.pods.insert(namespaced(&o.metadata), o);
         }
         Object::Node(o) => {
             inv.nodes
-                .insert(o.metadata.name.clone().unwrap_or_default(), *o);
+                .insert(o.metadata.name.clone().unwrap_or_default(), o);
         }
         Object::ServiceAccount(o) => {
-            inv.service_accounts.insert(namespaced(&o.metadata), *o);
+            inv.service_accounts.insert(namespaced(&o.metadata), o);
         }
         Object::NetworkPolicy(o) => {
-            inv.network_policies.insert(namespaced(&o.metadata), *o);
+            inv.network_policies.insert(namespaced(&o.metadata), o);
         }
         Object::MeshPolicy(o) => {
-            inv.mesh_policies.insert(namespaced(&o.metadata), *o);
+            inv.mesh_policies.insert(namespaced(&o.metadata), o);
         }
         Object::ClusterMeshPolicy(o) => {
             inv.cluster_mesh_policies
-                .insert(o.metadata.name.clone().unwrap_or_default(), *o);
+                .insert(o.metadata.name.clone().unwrap_or_default(), o);
         }
         Object::MutualTLS(o) => {
-            inv.mutual_tls.insert(namespaced(&o.metadata), *o);
+            inv.mutual_tls.insert(namespaced(&o.metadata), o);
         }
     }
 }

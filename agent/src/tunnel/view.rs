@@ -160,7 +160,7 @@ mod tests {
                     namespace: "shop".into(),
                     name: name.into(),
                 },
-                pod,
+                pod.into(),
             );
         }
         inv.nodes.insert(
