@@ -368,8 +368,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         source,
         identities,
         identities_path,
-        identities_saved: Vec::new(),
+        identities_saved: None,
         last_good: BTreeMap::new(),
+        translated_from: BTreeMap::new(),
         reported: BTreeSet::new(),
         round: BTreeSet::new(),
         attached_here: BTreeMap::new(),
@@ -594,10 +595,13 @@ struct Control {
     source: Source,
     identities: IdentityAllocator,
     identities_path: PathBuf,
-    /// What `identities_path` holds (serialized), to write it only when it changes.
-    identities_saved: Vec<u8>,
+    /// The allocator revision `identities_path` holds, to write it only when it changes.
+    identities_saved: Option<u64>,
     /// The last version of each policy that translated cleanly, by `Kind ns/name`.
     last_good: BTreeMap<String, PolicyModel>,
+    /// The object each `last_good` entry was translated from. The source hands out the same
+    /// `Arc` until the object changes, so an unchanged policy is not translated again.
+    translated_from: BTreeMap<String, Arc<dyn std::any::Any + Send + Sync>>,
     /// Error lines already logged, so each is reported once.
     reported: BTreeSet<String>,
     /// Error lines of the current reconciliation.
@@ -647,8 +651,8 @@ impl Control {
         let mut failures = self.translate_policies(&inv);
         phases.end("translate");
 
-        let models: Vec<PolicyModel> = self.last_good.values().cloned().collect();
-        let mut compiled = policy::compile(&self.node, &inv, &models, &mut self.identities);
+        let mut compiled =
+            policy::compile(&self.node, &inv, self.last_good.values(), &mut self.identities);
         phases.end("compile");
         let modes = self.mesh_modes(&inv, &mut failures);
         for (pod, ep) in &mut compiled.endpoints {
@@ -783,10 +787,10 @@ impl Control {
         phases.end("attach");
         // Written (and fsynced) only when an identity was allocated or released: most syncs
         // change policy, not identities.
-        let snapshot = serde_json::to_vec(&self.identities).unwrap_or_default();
-        if snapshot != self.identities_saved {
+        let revision = self.identities.revision();
+        if self.identities_saved != Some(revision) {
             match self.identities.save(&self.identities_path) {
-                Ok(()) => self.identities_saved = snapshot,
+                Ok(()) => self.identities_saved = Some(revision),
                 Err(e) => self.report(format!("saving {}: {e}", self.identities_path.display())),
             }
         }
@@ -848,7 +852,7 @@ impl Control {
             .map(|(r, obj)| {
                 (
                     format!("MutualTLS {r}"),
-                    policy::mtls::translate_mutual_tls(obj),
+                    Some(policy::mtls::translate_mutual_tls(obj)),
                 )
             })
             .collect();
@@ -932,40 +936,62 @@ impl Control {
         }
     }
 
-    /// Translates every policy; a failure keeps the last good version and is reported.
+    /// Translates every policy that changed; a failure keeps the last good version and is
+    /// reported.
     fn translate_policies(&mut self, inv: &Inventory) -> Vec<Failure> {
         let mut outcomes = Vec::new();
         for (r, np) in &inv.network_policies {
-            outcomes.push((
-                format!("NetworkPolicy {r}"),
-                policy::translate_network_policy(np),
-            ));
+            let key = format!("NetworkPolicy {r}");
+            outcomes.push(self.translate_changed(key, np, policy::translate_network_policy));
         }
         for (r, mp) in &inv.mesh_policies {
-            outcomes.push((format!("MeshPolicy {r}"), policy::translate_mesh_policy(mp)));
+            let key = format!("MeshPolicy {r}");
+            outcomes.push(self.translate_changed(key, mp, policy::translate_mesh_policy));
         }
         for (name, cmp) in &inv.cluster_mesh_policies {
-            outcomes.push((
-                format!("ClusterMeshPolicy {name}"),
-                policy::translate_cluster_mesh_policy(cmp),
-            ));
+            let key = format!("ClusterMeshPolicy {name}");
+            outcomes.push(self.translate_changed(key, cmp, policy::translate_cluster_mesh_policy));
         }
-        self.merge_last_good(inv, outcomes, |c| &mut c.last_good)
+        let failures = self.merge_last_good(inv, outcomes, |c| &mut c.last_good);
+        let last_good = &self.last_good;
+        self.translated_from.retain(|k, _| last_good.contains_key(k));
+        failures
+    }
+
+    /// `object`'s translation, or `None` when it is the very object `last_good[key]` came from.
+    fn translate_changed<T: Send + Sync + 'static>(
+        &mut self,
+        key: String,
+        object: &Arc<T>,
+        translate: fn(&T) -> Result<PolicyModel, policy::PolicyError>,
+    ) -> (String, Option<Result<PolicyModel, policy::PolicyError>>) {
+        let same = self.translated_from.get(&key).is_some_and(|from| {
+            std::ptr::addr_eq(Arc::as_ptr(from), Arc::as_ptr(object))
+        });
+        if same && self.last_good.contains_key(&key) {
+            return (key, None);
+        }
+        let outcome = translate(object);
+        if outcome.is_ok() {
+            self.translated_from.insert(key.clone(), object.clone());
+        }
+        (key, Some(outcome))
     }
 
     /// Takes translation outcomes into a last-good map: a success replaces the object's
-    /// entry, a failure is reported and keeps the previous version, and objects no longer in
-    /// `outcomes` are forgotten. Returns the failures.
+    /// entry, a failure is reported and keeps the previous version, `None` (unchanged) keeps
+    /// the entry, and objects no longer in `outcomes` are forgotten. Returns the failures.
     fn merge_last_good<M, E: std::fmt::Display>(
         &mut self,
         inv: &Inventory,
-        outcomes: Vec<(String, Result<M, E>)>,
+        outcomes: Vec<(String, Option<Result<M, E>>)>,
         last_good: fn(&mut Self) -> &mut BTreeMap<String, M>,
     ) -> Vec<Failure> {
         let mut seen = BTreeSet::new();
         let mut failures = Vec::new();
         for (key, outcome) in outcomes {
             seen.insert(key.clone());
+            let Some(outcome) = outcome else { continue };
             match outcome {
                 Ok(model) => {
                     last_good(self).insert(key, model);

@@ -88,7 +88,7 @@ pub fn security_labels(pod: &Pod, namespace: Option<&Namespace>) -> Labels {
 }
 
 /// The allocator. Serializes to a stable JSON document (see [`IdentityAllocator::save`]).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(from = "Persisted", into = "Persisted")]
 pub struct IdentityAllocator {
     labels: BTreeMap<u32, Labels>,
@@ -97,7 +97,21 @@ pub struct IdentityAllocator {
     next_cidr: u32,
     by_labels: BTreeMap<Labels, u32>,
     by_cidr: BTreeMap<IpNet, u32>,
+    /// Bumped by every allocation and release (not persisted): see [`Self::revision`].
+    revision: u64,
 }
+
+impl PartialEq for IdentityAllocator {
+    /// The same allocations; the revision counter is bookkeeping, not state.
+    fn eq(&self, other: &Self) -> bool {
+        self.labels == other.labels
+            && self.cidrs == other.cidrs
+            && self.next_label == other.next_label
+            && self.next_cidr == other.next_cidr
+    }
+}
+
+impl Eq for IdentityAllocator {}
 
 #[derive(Serialize, Deserialize)]
 struct Persisted {
@@ -170,7 +184,15 @@ impl IdentityAllocator {
             next_cidr: IDENTITY_FIRST_CIDR,
             by_labels: BTreeMap::new(),
             by_cidr: BTreeMap::new(),
+            revision: 0,
         }
+    }
+
+    /// Changes whenever an identity is allocated or released, so a caller can tell cheaply
+    /// whether there is anything new to save.
+    #[must_use]
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// The identity of a label set, allocating a new number the first time it is seen.
@@ -185,6 +207,7 @@ impl IdentityAllocator {
         );
         self.labels.insert(id, labels.clone());
         self.by_labels.insert(labels.clone(), id);
+        self.revision += 1;
         id
     }
 
@@ -201,6 +224,7 @@ impl IdentityAllocator {
         );
         self.cidrs.insert(id, net);
         self.by_cidr.insert(net, id);
+        self.revision += 1;
         id
     }
 
@@ -256,10 +280,14 @@ impl IdentityAllocator {
     /// Releases every identity not in `in_use`. Released numbers are not handed out again in
     /// this run (nor after a restart, since the counters are persisted).
     pub fn gc(&mut self, in_use: &BTreeSet<u32>) {
+        let before = self.len();
         self.labels.retain(|id, _| in_use.contains(id));
         self.by_labels.retain(|_, id| in_use.contains(id));
         self.cidrs.retain(|id, _| in_use.contains(id));
         self.by_cidr.retain(|_, id| in_use.contains(id));
+        if self.len() != before {
+            self.revision += 1;
+        }
     }
 
     /// Loads the allocator saved at `path`; a missing file gives an empty allocator.

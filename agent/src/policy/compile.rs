@@ -163,12 +163,13 @@ fn rule_id(rules: &mut BTreeMap<u32, RuleInfo>, info: RuleInfo) -> u32 {
 /// every policy CIDR and every principal peer, then releases (`gc`) every identity no longer
 /// used.
 #[must_use]
-pub fn compile(
+pub fn compile<'p>(
     node_name: &str,
     inv: &Inventory,
-    policies: &[PolicyModel],
+    policies: impl IntoIterator<Item = &'p PolicyModel>,
     ids: &mut IdentityAllocator,
 ) -> CompiledState {
+    let policies: Vec<&PolicyModel> = policies.into_iter().collect();
     let mut state = CompiledState::default();
     let workloads = workloads(node_name, inv, ids);
 
@@ -204,7 +205,7 @@ pub fn compile(
     // peer: its slices are emitted like any peer's, and since no address maps to it the kernel
     // never matches them, while the tunnel evaluates the same slices with the principal
     // identities the peer's certificate matches. One model, two enforcement points.
-    for p in policies {
+    for p in &policies {
         for r in &p.rules {
             for peer in &r.peers {
                 match peer {
@@ -238,7 +239,7 @@ pub fn compile(
     }
 
     // Policies in a stable order, with their rule ids.
-    let mut order: Vec<&PolicyModel> = policies.iter().collect();
+    let mut order = policies;
     order.sort_by(|a, b| a.origin.cmp(&b.origin));
     let compiled: Vec<CompiledPolicy<'_>> = order
         .iter()
@@ -1466,7 +1467,7 @@ spec:
         // Compiling again keeps the numbers (gc kept them); without the policy they go.
         assert_eq!(compile(NODE, &inv, &policies, &mut ids), state);
         let ids_before = ids.len();
-        let _ = compile(NODE, &inv, &[], &mut ids);
+        let _ = compile(NODE, &inv, [], &mut ids);
         assert_eq!(ids.len(), ids_before - state.principals.len());
         assert!(
             state
