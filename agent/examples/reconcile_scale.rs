@@ -18,6 +18,32 @@ use nodeward::policy;
 use nodeward::source::manifests::ManifestSource;
 use serde_json::{Value, json};
 
+/// Counts live heap bytes, to say what each structure costs.
+struct Counted;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator and only counts.
+unsafe impl std::alloc::GlobalAlloc for Counted {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counted = Counted;
+
+fn live_kib() -> usize {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed) / 1024
+}
+
 const PEERS: usize = 1000;
 const POLICIES: usize = 10;
 const PORTS: [u16; 10] = [6000, 6010, 6020, 6030, 6040, 6050, 6060, 6070, 6080, 6090];
@@ -115,14 +141,60 @@ fn toggle(on: bool) -> Value {
     })
 }
 
+/// The 1,000 remote peers (and their namespace).
+fn peer_objects() -> Vec<Value> {
+    let mut objects = vec![json!({ "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": "bench-peers", "labels": { "kubernetes.io/metadata.name": "bench-peers" } } })];
+    objects.extend((0..PEERS).map(|i| {
+        let ip = std::net::Ipv4Addr::from(0x0af5_0001 + u32::try_from(i).expect("small"));
+        pod(
+            &format!("peer-{i}"),
+            "bench-peers",
+            "node-absent",
+            &ip.to_string(),
+            json!({ "app": "peer", "peer": format!("p{i}") }),
+        )
+    }));
+    objects
+}
+
+/// 10 NetworkPolicies on backend's `app: api` pods, each allowing 100 peers on 10 ports.
+fn rule_objects() -> Vec<Value> {
+    let per = PEERS / POLICIES;
+    (0..POLICIES)
+        .map(|k| {
+            let from: Vec<Value> = (k * per..(k + 1) * per)
+                .map(|i| json!({
+                    "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "bench-peers" } },
+                    "podSelector": { "matchLabels": { "peer": format!("p{i}") } },
+                }))
+                .collect();
+            let ports: Vec<Value> = PORTS.iter().map(|p| json!({ "protocol": "TCP", "port": p })).collect();
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": { "name": format!("rules-{k}"), "namespace": "backend" },
+                "spec": { "podSelector": { "matchLabels": { "app": "api" } }, "policyTypes": ["Ingress"],
+                          "ingress": [{ "from": from, "ports": ports }] },
+            })
+        })
+        .collect()
+}
+
 fn main() {
     let rounds: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10);
     let dir = tempfile::tempdir().expect("tempdir");
+    // `reconcile_scale 0 DIR` only writes the peers and rules into DIR (a lab's manifests).
+    if let Some(out) = std::env::args().nth(2) {
+        let out = std::path::Path::new(&out);
+        std::fs::write(out.join("scale-peers.yaml"), yaml(&peer_objects())).expect("write");
+        std::fs::write(out.join("scale-rules.yaml"), yaml(&rule_objects())).expect("write");
+        return;
+    }
     let mut lab = Vec::new();
-    for ns in ["frontend", "backend", "bench-peers"] {
+    for ns in ["frontend", "backend"] {
         lab.push(json!({ "apiVersion": "v1", "kind": "Namespace",
             "metadata": { "name": ns, "labels": { "kubernetes.io/metadata.name": ns } } }));
     }
@@ -143,38 +215,8 @@ fn main() {
         json!({ "app": "web" }),
     ));
     std::fs::write(dir.path().join("lab.yaml"), yaml(&lab)).expect("write");
-    let peers: Vec<Value> = (0..PEERS)
-        .map(|i| {
-            let ip = std::net::Ipv4Addr::from(0x0af5_0001 + u32::try_from(i).expect("small"));
-            pod(
-                &format!("peer-{i}"),
-                "bench-peers",
-                "node-absent",
-                &ip.to_string(),
-                json!({ "app": "peer", "peer": format!("p{i}") }),
-            )
-        })
-        .collect();
-    std::fs::write(dir.path().join("peers.yaml"), yaml(&peers)).expect("write");
-    let per = PEERS / POLICIES;
-    let rules: Vec<Value> = (0..POLICIES)
-        .map(|k| {
-            let from: Vec<Value> = (k * per..(k + 1) * per)
-                .map(|i| json!({
-                    "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "bench-peers" } },
-                    "podSelector": { "matchLabels": { "peer": format!("p{i}") } },
-                }))
-                .collect();
-            let ports: Vec<Value> = PORTS.iter().map(|p| json!({ "protocol": "TCP", "port": p })).collect();
-            json!({
-                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                "metadata": { "name": format!("rules-{k}"), "namespace": "backend" },
-                "spec": { "podSelector": { "matchLabels": { "app": "api" } }, "policyTypes": ["Ingress"],
-                          "ingress": [{ "from": from, "ports": ports }] },
-            })
-        })
-        .collect();
-    std::fs::write(dir.path().join("rules.yaml"), yaml(&rules)).expect("write");
+    std::fs::write(dir.path().join("peers.yaml"), yaml(&peer_objects())).expect("write");
+    std::fs::write(dir.path().join("rules.yaml"), yaml(&rule_objects())).expect("write");
 
     let mut source = ManifestSource::new(dir.path());
     let mut ids = IdentityAllocator::new();
@@ -193,14 +235,18 @@ fn main() {
             }
             *t = Instant::now();
         };
+        let before = live_kib();
         let loaded = source.load();
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         let inv = loaded.inventory;
         lap("1 load", &mut t);
+        let after_load = live_kib();
         let models = policy::translate_inventory(&inv).expect("translate");
         lap("2 translate", &mut t);
+        let after_translate = live_kib();
         let compiled = policy::compile("node-2", &inv, &models, &mut ids);
         lap("3 compile", &mut t);
+        let after_compile = live_kib();
         let ipcache: BTreeMap<IpNet, IpcacheValue> = compiled
             .ipcache
             .iter()
@@ -224,6 +270,15 @@ fn main() {
             .apply(&desired, &ipcache, &compiled.policy_cidrs)
             .expect("apply");
         lap("4 sync (no syscalls)", &mut t);
+        if round == 0 {
+            println!(
+                "heap KiB: before {before}, +load {}, +translate {}, +compile (and identities) {}, +sync mirror {}",
+                after_load - before,
+                after_translate - after_load,
+                after_compile - after_translate,
+                live_kib() - after_compile
+            );
+        }
         drop((compiled, models, inv));
         lap("5 drop", &mut t);
         if round == rounds {

@@ -651,8 +651,12 @@ impl Control {
         let mut failures = self.translate_policies(&inv);
         phases.end("translate");
 
-        let mut compiled =
-            policy::compile(&self.node, &inv, self.last_good.values(), &mut self.identities);
+        let mut compiled = policy::compile(
+            &self.node,
+            &inv,
+            self.last_good.values(),
+            &mut self.identities,
+        );
         phases.end("compile");
         let modes = self.mesh_modes(&inv, &mut failures);
         for (pod, ep) in &mut compiled.endpoints {
@@ -954,7 +958,8 @@ impl Control {
         }
         let failures = self.merge_last_good(inv, outcomes, |c| &mut c.last_good);
         let last_good = &self.last_good;
-        self.translated_from.retain(|k, _| last_good.contains_key(k));
+        self.translated_from
+            .retain(|k, _| last_good.contains_key(k));
         failures
     }
 
@@ -965,9 +970,10 @@ impl Control {
         object: &Arc<T>,
         translate: fn(&T) -> Result<PolicyModel, policy::PolicyError>,
     ) -> (String, Option<Result<PolicyModel, policy::PolicyError>>) {
-        let same = self.translated_from.get(&key).is_some_and(|from| {
-            std::ptr::addr_eq(Arc::as_ptr(from), Arc::as_ptr(object))
-        });
+        let same = self
+            .translated_from
+            .get(&key)
+            .is_some_and(|from| std::ptr::addr_eq(Arc::as_ptr(from), Arc::as_ptr(object)));
         if same && self.last_good.contains_key(&key) {
             return (key, None);
         }

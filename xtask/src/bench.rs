@@ -262,6 +262,21 @@ pub fn run_control_plane() -> Result<()> {
     let large = bench.change_latency()?;
     let rss_large = bench.rss()?;
     let status = bench.lab.status(&bench.server_node)?;
+    if let Some(pid) = bench.lab.agent_pid(&bench.server_node) {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let memory: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM") || l.starts_with("Threads"))
+            .collect();
+        println!(
+            "server agent: {}",
+            memory
+                .join(", ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "lab only: change to enforced p50 {:.1} / p99 {:.1} ms; server agent RSS {:.1} MiB (peak {:.1})",

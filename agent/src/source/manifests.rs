@@ -293,7 +293,10 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
     }
     let object = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => Object::Namespace(typed(doc, &key)?),
-        ("v1", "Pod") => Object::Pod(typed(doc, &key)?),
+        ("v1", "Pod") => {
+            let pod: Arc<Pod> = typed(doc, &key)?;
+            Object::Pod(Arc::new(slim_pod(Arc::unwrap_or_clone(pod))))
+        }
         ("v1", "Node") => Object::Node(typed(doc, &key)?),
         ("v1", "ServiceAccount") => Object::ServiceAccount(typed(doc, &key)?),
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(doc, &key)?),
@@ -319,6 +322,62 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
         _ => return Ok(None),
     };
     Ok(Some((key, object)))
+}
+
+/// The parts of a pod nodeward reads: identity (name, namespace, uid, labels), placement
+/// (node, host network), service account, container ports (named ports), phase and addresses.
+/// The rest (images, commands, env, volumes, managed fields...) is dropped when the pod is
+/// read: a node's agent holds every pod of the cluster, and a full `Pod` is kilobytes.
+#[must_use]
+pub fn slim_pod(pod: Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, PodIP, PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let m = pod.metadata;
+    let metadata = ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: m.labels,
+        ..ObjectMeta::default()
+    };
+    let spec = pod.spec.map(|s| {
+        // Only containers with ports matter (named ports), and of them only the ports. A
+        // fresh Vec: collecting in place would keep the old buffer (kilobytes per container).
+        let mut containers = Vec::new();
+        for c in s.containers {
+            if c.ports.as_ref().is_some_and(|p| !p.is_empty()) {
+                containers.push(Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Container::default()
+                });
+            }
+        }
+        PodSpec {
+            node_name: s.node_name,
+            host_network: s.host_network,
+            service_account_name: s.service_account_name,
+            service_account: s.service_account,
+            containers,
+            ..PodSpec::default()
+        }
+    });
+    let status = pod.status.map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s
+            .pod_ips
+            .map(|ips| ips.into_iter().map(|p| PodIP { ip: p.ip }).collect()),
+        host_ip: s.host_ip,
+        host_ips: s.host_ips,
+        ..PodStatus::default()
+    });
+    Pod {
+        metadata,
+        spec,
+        status,
+    }
 }
 
 /// A `nodeward.io` object from its own parser, whose errors already name the field.
@@ -387,6 +446,52 @@ pub(crate) fn insert(inv: &mut Inventory, object: Object) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the policy compiler, the tunnel and the CA read survives; the bulk does not.
+    #[test]
+    fn a_pod_is_kept_slim() {
+        let doc = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "api-0", "namespace": "shop", "uid": "u-1",
+                "labels": { "app": "api" },
+                "annotations": { "big": "x".repeat(4096) },
+                "managedFields": [{ "manager": "kubectl", "operation": "Apply" }],
+            },
+            "spec": {
+                "nodeName": "node-1", "serviceAccountName": "api",
+                "containers": [
+                    { "name": "sidecar", "image": "busybox", "command": ["sleep", "1d"] },
+                    { "name": "app", "image": "api:1",
+                      "env": [{ "name": "A", "value": "b" }],
+                      "ports": [{ "name": "http", "containerPort": 8080 }] },
+                ],
+                "volumes": [{ "name": "data", "emptyDir": {} }],
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.5", "podIPs": [{ "ip": "10.0.0.5" }],
+                "hostIP": "192.168.0.1",
+                "conditions": [{ "type": "Ready", "status": "True" }],
+            },
+        });
+        let Some((_, Object::Pod(pod))) = parse_object(doc).unwrap() else {
+            panic!("not a pod");
+        };
+        let spec = pod.spec.as_ref().unwrap();
+        let status = pod.status.as_ref().unwrap();
+        assert_eq!(pod.metadata.labels.as_ref().unwrap()["app"], "api");
+        assert_eq!(pod.metadata.uid.as_deref(), Some("u-1"));
+        assert!(pod.metadata.annotations.is_none() && pod.metadata.managed_fields.is_none());
+        assert_eq!(spec.node_name.as_deref(), Some("node-1"));
+        assert_eq!(spec.service_account_name.as_deref(), Some("api"));
+        assert_eq!(spec.containers.len(), 1, "only the container with ports");
+        let app = &spec.containers[0];
+        assert_eq!(app.ports.as_ref().unwrap()[0].name.as_deref(), Some("http"));
+        assert!(app.image.is_none() && app.env.is_none() && spec.volumes.is_none());
+        assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "10.0.0.5");
+        assert_eq!(status.host_ip.as_deref(), Some("192.168.0.1"));
+        assert!(status.conditions.is_none());
+    }
 
     fn write(dir: &Path, name: &str, text: &str) {
         let path = dir.join(name);
