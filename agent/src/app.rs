@@ -388,7 +388,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = rx.recv() => {
                 // Let an editor's write-rename-chmod burst settle into one sync.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
                 while rx.try_recv().is_ok() {}
             }
             () = tokio::time::sleep(config.resync_interval) => {}

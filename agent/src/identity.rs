@@ -56,14 +56,14 @@ pub fn reserved_name(id: u32) -> Option<&'static str> {
 #[must_use]
 pub fn security_labels(pod: &Pod, namespace: Option<&Namespace>) -> Labels {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let mut labels: Labels = pod
-        .metadata
-        .labels
-        .iter()
-        .flatten()
-        .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    security_labels_in(pod, &namespace_labels(ns, namespace))
+}
+
+/// The labels every pod of namespace `ns` gets from it (see [`security_labels`]): computed once
+/// per namespace when labelling many pods.
+#[must_use]
+pub fn namespace_labels(ns: &str, namespace: Option<&Namespace>) -> Labels {
+    let mut labels = Labels::new();
     labels.insert(NAMESPACE_LABEL.to_owned(), ns.to_owned());
     let ns_labels = namespace.and_then(|n| n.metadata.labels.as_ref());
     for (k, v) in ns_labels.into_iter().flatten() {
@@ -73,6 +73,21 @@ pub fn security_labels(pod: &Pod, namespace: Option<&Namespace>) -> Labels {
         format!("{NS_LABEL_PREFIX}{NAMESPACE_NAME_LABEL}"),
         ns.to_owned(),
     );
+    labels
+}
+
+/// [`security_labels`] with the namespace's part already computed ([`namespace_labels`]).
+#[must_use]
+pub fn security_labels_in(pod: &Pod, namespace_labels: &Labels) -> Labels {
+    let mut labels: Labels = pod
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.extend(namespace_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
     let sa = pod
         .spec
         .as_ref()
@@ -95,7 +110,9 @@ pub struct IdentityAllocator {
     cidrs: BTreeMap<u32, IpNet>,
     next_label: u32,
     next_cidr: u32,
-    by_labels: BTreeMap<Labels, u32>,
+    /// Hashed: a lookup per pod per sync, and label sets share long prefixes (`nodeward.io/`)
+    /// that make ordered comparisons slow.
+    by_labels: std::collections::HashMap<Labels, u32>,
     by_cidr: BTreeMap<IpNet, u32>,
     /// Bumped by every allocation and release (not persisted): see [`Self::revision`].
     revision: u64,
@@ -182,7 +199,7 @@ impl IdentityAllocator {
             cidrs: BTreeMap::new(),
             next_label: IDENTITY_FIRST_ALLOCATED,
             next_cidr: IDENTITY_FIRST_CIDR,
-            by_labels: BTreeMap::new(),
+            by_labels: std::collections::HashMap::new(),
             by_cidr: BTreeMap::new(),
             revision: 0,
         }

@@ -292,10 +292,10 @@ impl<M: MapWriter> Syncer<M> {
         let mut live_sets = BTreeSet::new();
         for (ifindex, policy) in desired {
             let current = self.endpoints.get(ifindex);
+            let no_slices = Slices::new();
             let current_slices = current
                 .and_then(|c| by_set.get(&c.policy_set))
-                .cloned()
-                .unwrap_or_default();
+                .unwrap_or(&no_slices);
             let mut info = endpoint_info(policy);
             let in_place = current.is_some_and(|c| {
                 c.flags == info.flags
@@ -321,7 +321,7 @@ impl<M: MapWriter> Syncer<M> {
                                 .map(|(k, v)| (*k, *v)),
                         );
                     }
-                    for (slice, entries) in &current_slices {
+                    for (slice, entries) in current_slices {
                         let kept = wanted.get(slice);
                         plan.remove.extend(
                             entries
@@ -390,6 +390,9 @@ fn in_place_safe(
     old: &BTreeMap<PolicyEntryKey, PolicyValue>,
     new: &BTreeMap<PolicyEntryKey, PolicyValue>,
 ) -> bool {
+    if old == new {
+        return true;
+    }
     let ranges = |side: &BTreeMap<PolicyEntryKey, PolicyValue>,
                   other: &BTreeMap<PolicyEntryKey, PolicyValue>| {
         let mut r: Vec<(u32, u32)> = side

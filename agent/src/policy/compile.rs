@@ -26,7 +26,7 @@ use super::model::{
 };
 use super::netpol::translate_network_policy;
 use super::selector::{LabelSelector, Operator};
-use crate::identity::{IdentityAllocator, Labels, security_labels};
+use crate::identity::{IdentityAllocator, Labels, namespace_labels, security_labels_in};
 use crate::source::Inventory;
 
 /// Name of the pseudo-rule that stands for a policy's default deny.
@@ -80,6 +80,7 @@ fn workloads<'a>(
     ids: &mut IdentityAllocator,
 ) -> Vec<Workload<'a>> {
     let mut out = Vec::new();
+    let mut by_namespace: BTreeMap<&str, Labels> = BTreeMap::new();
     for (key, pod) in &inv.pods {
         let status = pod.status.as_ref();
         if matches!(
@@ -114,7 +115,10 @@ fn workloads<'a>(
             continue;
         }
         let ns = pod.metadata.namespace.as_deref().unwrap_or(&key.namespace);
-        let labels = security_labels(pod, inv.namespaces.get(ns).map(AsRef::as_ref));
+        let ns_labels = by_namespace
+            .entry(ns)
+            .or_insert_with(|| namespace_labels(ns, inv.namespaces.get(ns).map(AsRef::as_ref)));
+        let labels = security_labels_in(pod, ns_labels);
         let identity = ids.allocate(&labels);
         out.push(Workload {
             key,
@@ -553,12 +557,12 @@ fn named_ports(pod: &Pod, name: &str, protocol: u8) -> BTreeSet<u16> {
 /// any deny covers it, else allow; merges adjacent pieces of the same verdict (taking the lowest
 /// rule id, so the choice is deterministic), and emits minimal port prefixes.
 fn resolve(segments: &[Segment]) -> Vec<PortEntry> {
-    let mut bounds: BTreeSet<u32> = BTreeSet::new();
-    for s in segments {
-        bounds.insert(u32::from(s.first));
-        bounds.insert(u32::from(s.last) + 1);
-    }
-    let bounds: Vec<u32> = bounds.into_iter().collect();
+    let mut bounds: Vec<u32> = segments
+        .iter()
+        .flat_map(|s| [u32::from(s.first), u32::from(s.last) + 1])
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
     // (first, last, verdict, rule id), disjoint and increasing.
     let mut pieces: Vec<(u32, u32, u8, u32)> = Vec::new();
     for pair in bounds.windows(2) {
