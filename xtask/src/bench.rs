@@ -277,20 +277,20 @@ pub fn run_control_plane() -> Result<()> {
                 .join(" ")
         );
     }
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let line = |latencies: &[Duration], rss: Rss| {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "change to enforced p50 {:.1} / p99 {:.1} ms; server agent RSS {:.1} MiB (peak {:.1})",
+            ms(percentile(latencies, 50.0)),
+            ms(percentile(latencies, 99.0)),
+            rss.server_kib as f64 / 1024.0,
+            rss.server_peak_kib as f64 / 1024.0,
+        )
+    };
+    println!("lab only: {}", line(&small, rss_small));
     println!(
-        "lab only: change to enforced p50 {:.1} / p99 {:.1} ms; server agent RSS {:.1} MiB (peak {:.1})",
-        ms(percentile(&small, 50.0)),
-        ms(percentile(&small, 99.0)),
-        rss_small.server_kib as f64 / 1024.0,
-        rss_small.server_peak_kib as f64 / 1024.0,
-    );
-    println!(
-        "1,000 pods, 10k rules: change to enforced p50 {:.1} / p99 {:.1} ms; server agent RSS {:.1} MiB (peak {:.1}); last sync {} ms, phases {}",
-        ms(percentile(&large, 50.0)),
-        ms(percentile(&large, 99.0)),
-        rss_large.server_kib as f64 / 1024.0,
-        rss_large.server_peak_kib as f64 / 1024.0,
+        "1,000 pods, 10k rules: {}; last sync {} ms, phases {}",
+        line(&large, rss_large),
         status["last_sync"]["duration_ms"],
         status["last_sync"]["phases_ms"],
     );
