@@ -370,7 +370,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         identities_path,
         identities_saved: None,
         last_good: BTreeMap::new(),
-        translated_from: BTreeMap::new(),
         reported: BTreeSet::new(),
         round: BTreeSet::new(),
         attached_here: BTreeMap::new(),
@@ -568,16 +567,26 @@ fn ipcache_values(
 /// How often the flow reader drains the ring without a wakeup.
 const EVENTS_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
+/// A policy's last good translation and the object it came from. The source hands out the same
+/// `Arc` until the object changes, so an unchanged policy is not translated again.
+struct Translated {
+    from: Arc<dyn std::any::Any + Send + Sync>,
+    model: PolicyModel,
+}
+
 /// Times the steps of one reconciliation.
 struct Phases {
+    started: Instant,
     last: Instant,
     done: Vec<(&'static str, f64)>,
 }
 
 impl Phases {
     fn start() -> Self {
+        let now = Instant::now();
         Self {
-            last: Instant::now(),
+            started: now,
+            last: now,
             done: Vec::new(),
         }
     }
@@ -598,10 +607,7 @@ struct Control {
     /// The allocator revision `identities_path` holds, to write it only when it changes.
     identities_saved: Option<u64>,
     /// The last version of each policy that translated cleanly, by `Kind ns/name`.
-    last_good: BTreeMap<String, PolicyModel>,
-    /// The object each `last_good` entry was translated from. The source hands out the same
-    /// `Arc` until the object changes, so an unchanged policy is not translated again.
-    translated_from: BTreeMap<String, Arc<dyn std::any::Any + Send + Sync>>,
+    last_good: BTreeMap<String, Translated>,
     /// Error lines already logged, so each is reported once.
     reported: BTreeSet<String>,
     /// Error lines of the current reconciliation.
@@ -638,7 +644,6 @@ impl Control {
                 .source = self.source.status();
             return;
         }
-        let started = Instant::now();
         let mut phases = Phases::start();
         let loaded = self.source.load();
         phases.end("load");
@@ -654,7 +659,7 @@ impl Control {
         let mut compiled = policy::compile(
             &self.node,
             &inv,
-            self.last_good.values(),
+            self.last_good.values().map(|t| &t.model),
             &mut self.identities,
         );
         phases.end("compile");
@@ -812,7 +817,7 @@ impl Control {
         self.reported.retain(|l| round.contains(l));
         self.report_policies(&inv, &failures, sync_error.as_ref());
         let synced = result.is_ok();
-        let (added, removed) = result
+        let entries = result
             .as_ref()
             .map_or((0, 0), |s| (s.policy_added, s.policy_removed));
         self.publish(
@@ -823,22 +828,15 @@ impl Control {
             manifest_errors,
             fill,
             generation,
-            SyncStatus {
-                at: String::new(),
-                duration_ms: 0.0,
-                phases_ms: Vec::new(),
-                policy_entries_added: added,
-                policy_entries_removed: removed,
-                error: sync_error,
-            },
-            (started, phases),
+            (entries, sync_error),
+            phases,
         );
         // After publish: the connections a change revokes are recorded as flows, which name
         // their rule through the index publish just replaced.
         if synced {
             self.tunnel.set_view(view);
         }
-        if result.is_ok() && !self.shared.ready.swap(true, Ordering::SeqCst) {
+        if synced && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");
         }
     }
@@ -956,31 +954,27 @@ impl Control {
             let key = format!("ClusterMeshPolicy {name}");
             outcomes.push(self.translate_changed(key, cmp, policy::translate_cluster_mesh_policy));
         }
-        let failures = self.merge_last_good(inv, outcomes, |c| &mut c.last_good);
-        let last_good = &self.last_good;
-        self.translated_from
-            .retain(|k, _| last_good.contains_key(k));
-        failures
+        self.merge_last_good(inv, outcomes, |c| &mut c.last_good)
     }
 
     /// `object`'s translation, or `None` when it is the very object `last_good[key]` came from.
     fn translate_changed<T: Send + Sync + 'static>(
-        &mut self,
+        &self,
         key: String,
         object: &Arc<T>,
         translate: fn(&T) -> Result<PolicyModel, policy::PolicyError>,
-    ) -> (String, Option<Result<PolicyModel, policy::PolicyError>>) {
+    ) -> (String, Option<Result<Translated, policy::PolicyError>>) {
         let same = self
-            .translated_from
+            .last_good
             .get(&key)
-            .is_some_and(|from| std::ptr::addr_eq(Arc::as_ptr(from), Arc::as_ptr(object)));
-        if same && self.last_good.contains_key(&key) {
+            .is_some_and(|t| std::ptr::addr_eq(Arc::as_ptr(&t.from), Arc::as_ptr(object)));
+        if same {
             return (key, None);
         }
-        let outcome = translate(object);
-        if outcome.is_ok() {
-            self.translated_from.insert(key.clone(), object.clone());
-        }
+        let outcome = translate(object).map(|model| Translated {
+            from: object.clone(),
+            model,
+        });
         (key, Some(outcome))
     }
 
@@ -1029,8 +1023,8 @@ impl Control {
         manifest_errors: Vec<String>,
         fill: [(&'static str, usize, u32); 4],
         generation: u32,
-        mut last_sync: SyncStatus,
-        (started, mut phases): (Instant, Phases),
+        ((added, removed), sync_error): ((usize, usize), Option<String>),
+        mut phases: Phases,
     ) {
         let mut index = EnrichmentIndex {
             node_name: self.node.clone(),
@@ -1100,11 +1094,8 @@ impl Control {
             self.identities.len(),
             &maps,
         );
-        last_sync.at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        last_sync.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        last_sync.phases_ms = phases.done;
         let status = Status {
-            ready: self.shared.ready.load(Ordering::SeqCst) || last_sync.error.is_none(),
+            ready: self.shared.ready.load(Ordering::SeqCst) || sync_error.is_none(),
             node: self.node.clone(),
             generation,
             syncs,
@@ -1117,7 +1108,14 @@ impl Control {
             maps,
             identities: self.identities.len(),
             source: self.source.status(),
-            last_sync,
+            last_sync: SyncStatus {
+                at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                duration_ms: phases.started.elapsed().as_secs_f64() * 1000.0,
+                phases_ms: phases.done,
+                policy_entries_added: added,
+                policy_entries_removed: removed,
+                error: sync_error,
+            },
         };
         *self
             .shared

@@ -262,29 +262,16 @@ pub fn run_control_plane() -> Result<()> {
     let large = bench.change_latency()?;
     let rss_large = bench.rss()?;
     let status = bench.lab.status(&bench.server_node)?;
-    if let Some(pid) = bench.lab.agent_pid(&bench.server_node) {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let memory: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM") || l.starts_with("Threads"))
-            .collect();
-        println!(
-            "server agent: {}",
-            memory
-                .join(", ")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-    }
     let line = |latencies: &[Duration], rss: Rss| {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         format!(
-            "change to enforced p50 {:.1} / p99 {:.1} ms; server agent RSS {:.1} MiB (peak {:.1})",
+            "change to enforced p50 {:.1} / p99 {:.1} ms; server agent RSS {:.1} MiB (peak {:.1}; anon {:.1}, file-backed {:.1})",
             ms(percentile(latencies, 50.0)),
             ms(percentile(latencies, 99.0)),
             rss.server_kib as f64 / 1024.0,
             rss.server_peak_kib as f64 / 1024.0,
+            rss.server_anon_kib as f64 / 1024.0,
+            rss.server_file_kib as f64 / 1024.0,
         )
     };
     println!("lab only: {}", line(&small, rss_small));
@@ -863,6 +850,8 @@ impl Bench {
             if node == self.server_node {
                 rss.server_kib = now;
                 rss.server_peak_kib = peak;
+                rss.server_anon_kib = field("RssAnon:");
+                rss.server_file_kib = field("RssFile:");
             }
             rss.max_kib = rss.max_kib.max(now);
         }
@@ -874,6 +863,10 @@ impl Bench {
 struct Rss {
     server_kib: u64,
     server_peak_kib: u64,
+    /// The server agent's heap and other private memory, and its mapped files (the binary's
+    /// text, the flow ring buffer), which together are `server_kib`.
+    server_anon_kib: u64,
+    server_file_kib: u64,
     max_kib: u64,
 }
 

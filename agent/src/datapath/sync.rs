@@ -290,9 +290,9 @@ impl<M: MapWriter> Syncer<M> {
             .unwrap_or(0);
         let mut plan = Plan::default();
         let mut live_sets = BTreeSet::new();
+        let no_slices = Slices::new();
         for (ifindex, policy) in desired {
             let current = self.endpoints.get(ifindex);
-            let no_slices = Slices::new();
             let current_slices = current
                 .and_then(|c| by_set.get(&c.policy_set))
                 .unwrap_or(&no_slices);

@@ -292,14 +292,13 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
         map.remove("status");
     }
     let object = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => Object::Namespace(typed(doc, &key)?),
-        ("v1", "Pod") => {
-            let pod: Arc<Pod> = typed(doc, &key)?;
-            Object::Pod(Arc::new(slim_pod(Arc::unwrap_or_clone(pod))))
+        ("v1", "Namespace") => Object::Namespace(Arc::new(typed(doc, &key)?)),
+        ("v1", "Pod") => Object::Pod(Arc::new(slim_pod(typed(doc, &key)?))),
+        ("v1", "Node") => Object::Node(Arc::new(typed(doc, &key)?)),
+        ("v1", "ServiceAccount") => Object::ServiceAccount(Arc::new(typed(doc, &key)?)),
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            Object::NetworkPolicy(Arc::new(typed(doc, &key)?))
         }
-        ("v1", "Node") => Object::Node(typed(doc, &key)?),
-        ("v1", "ServiceAccount") => Object::ServiceAccount(typed(doc, &key)?),
-        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(doc, &key)?),
         ("nodeward.io/v1alpha1", "MeshPolicy") => {
             Object::MeshPolicy(ours(crate::policy::parse_mesh_policy(doc), &key)?)
         }
@@ -391,17 +390,15 @@ fn ours<T>(parsed: Result<T, PolicyError>, key: &str) -> Result<Arc<T>, ParseErr
     })
 }
 
-fn typed<T: DeserializeOwned>(doc: serde_json::Value, key: &str) -> Result<Arc<T>, ParseError> {
-    serde_path_to_error::deserialize(doc)
-        .map(Arc::new)
-        .map_err(|e| {
-            let field = e.path().to_string();
-            (
-                Some(key.to_owned()),
-                (field != ".").then_some(field),
-                e.into_inner().to_string(),
-            )
-        })
+fn typed<T: DeserializeOwned>(doc: serde_json::Value, key: &str) -> Result<T, ParseError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let field = e.path().to_string();
+        (
+            Some(key.to_owned()),
+            (field != ".").then_some(field),
+            e.into_inner().to_string(),
+        )
+    })
 }
 
 fn namespaced(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {

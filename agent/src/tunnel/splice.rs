@@ -2,8 +2,8 @@
 //!
 //! Memory stays bounded and idle connections cost no buffers: a read buffer is allocated only
 //! once the socket is readable (small first, large while the data keeps filling it) and
-//! dropped as soon as its bytes are handed to h2, whose flow
-//! control (the peer's window, at most [`STREAM_WINDOW`]) bounds what is in flight. A FIN from
+//! dropped as soon as its bytes are handed to h2, whose flow control (the peer's window, at
+//! most [`STREAM_WINDOW`]) bounds what is in flight. A FIN from
 //! the pod ends our half of the stream (`END_STREAM`) and the end of the peer's half shuts our
 //! write side down, so half-closed connections behave as they would without the tunnel. An error
 //! either way resets the stream and drops the socket.
