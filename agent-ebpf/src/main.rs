@@ -14,6 +14,7 @@
 #![no_std]
 #![no_main]
 
+mod frame;
 mod parse;
 mod policy;
 
@@ -142,11 +143,12 @@ fn process(ctx: &TcContext, direction: u8, ev: &mut FlowEvent) -> Result<i32, u8
         ev.dst_identity = ep.identity;
     }
 
-    let info = if ethertype == ETH_P_IP {
-        parse::parse_ipv4(ctx, ev)?
+    let mut info = L4Info::default();
+    frame::result(if ethertype == ETH_P_IP {
+        parse::parse_ipv4(ctx, ev, &mut info)
     } else {
-        parse::parse_ipv6(ctx, ev)?
-    };
+        parse::parse_ipv6(ctx, ev, &mut info)
+    })?;
 
     if direction == DIR_EGRESS && !source_is_endpoint(&ep, ev) {
         // Unspecified and link-local sources are what neighbour and router discovery and MLD
@@ -160,14 +162,7 @@ fn process(ctx: &TcContext, direction: u8, ev: &mut FlowEvent) -> Result<i32, u8
         return Ok(TC_ACT_OK);
     }
 
-    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    // Only the node's own stack can set a mark on what goes to a pod: the kernel clears it on
-    // packets that cross from another network namespace (a pod, another node's wire).
-    let from_agent = direction == DIR_INGRESS && mark & mesh::MARK_MASK == mesh::MARK_FROM_AGENT;
-    if conntrack_and_policy(&ep, direction, from_agent, ev)? {
-        ctx.set_mark((mark & !mesh::MARK_MASK) | mesh::MARK_TO_PROXY);
-    }
+    frame::result(conntrack_and_policy(ctx, &ep, direction, ev))?;
     Ok(TC_ACT_OK)
 }
 
@@ -178,13 +173,32 @@ const fn link_control(info: &L4Info) -> bool {
     info.icmpv6_link_control
 }
 
-/// Conntrack, and policy for new flows: `Ok(true)` passes the packet marked for local delivery
-/// to the agent (a tunnelled flow, or a reply to one the agent opened), `Ok(false)` passes it
-/// as is, `Err(reason)` drops it.
-///
-/// Not inlined: a separate BPF function keeps each frame under the 512-byte stack limit.
+/// Conntrack, and policy for new flows: `NONE` passes the packet, marked for local delivery to
+/// the agent when it belongs to a tunnelled flow (or is a reply to one the agent opened); a
+/// drop reason drops it. A separate BPF function (see [`frame`]).
 #[inline(never)]
 fn conntrack_and_policy(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    direction: u8,
+    ev: &mut FlowEvent,
+) -> u8 {
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    // Only the node's own stack can set a mark on what goes to a pod: the kernel clears it on
+    // packets that cross from another network namespace (a pod, another node's wire).
+    let from_agent = direction == DIR_INGRESS && mark & mesh::MARK_MASK == mesh::MARK_FROM_AGENT;
+    let steer = conntrack_verdict(ep, direction, from_agent, ev);
+    if steer == Ok(true) {
+        ctx.set_mark((mark & !mesh::MARK_MASK) | mesh::MARK_TO_PROXY);
+    }
+    frame::code(steer.map(|_| ()))
+}
+
+/// The verdict of [`conntrack_and_policy`]: `Ok(true)` to pass marked for the agent, `Ok(false)`
+/// to pass as is, `Err(reason)` to drop.
+#[inline(always)]
+fn conntrack_verdict(
     ep: &EndpointInfo,
     direction: u8,
     from_agent: bool,
@@ -204,10 +218,10 @@ fn conntrack_and_policy(
     // reusing its port after a close): evaluate and report it as the new flow it is.
     let opens = ev.protocol == parse::IPPROTO_TCP
         && ev.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-    let hit = if opens {
-        None
+    let (hit, remembered) = if opens {
+        (None, NW_CONNTRACK.get_ptr_mut(key))
     } else {
-        policy::ct_lookup(&key, &reverse)
+        (policy::ct_lookup(&key, &reverse), None)
     };
     let Some(hit) = hit else {
         // A new flow, evaluated in this packet's direction.
@@ -230,7 +244,13 @@ fn conntrack_and_policy(
             count(COUNTER_REDIRECTED);
         }
         let value = policy::ct_value(ep, direction, &decision, generation, ct_flags);
-        policy::ct_insert(&key, &value);
+        match remembered {
+            // The tuple's old entry is overwritten in place: cheaper than an LRU update,
+            // which takes a fresh element and frees the old one.
+            // SAFETY: a map value pointer from a successful lookup; a plain store into it.
+            Some(p) => unsafe { *p = value },
+            None => policy::ct_insert(&key, &value),
+        }
         report(ev, &value, false, notify)?;
         return Ok(ct_flags & CT_F_REDIRECT != 0);
     };

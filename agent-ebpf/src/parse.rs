@@ -6,7 +6,7 @@
 use agent_common::{FlowEvent, FragKey, FragValue, drop_reason};
 use aya_ebpf::programs::TcContext;
 
-use crate::NW_FRAGMENTS;
+use crate::{NW_FRAGMENTS, frame};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -69,10 +69,21 @@ pub fn ipv4_mapped(a: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-/// Parses an IPv4 packet into `ev` (addresses, protocol, ports, TCP flags). A separate BPF
-/// function (not inlined) so its stack does not add to the caller's.
+/// Parses an IPv4 packet into `ev` (addresses, protocol, ports, TCP flags) and `info`; a
+/// separate BPF function (see [`frame`]).
 #[inline(never)]
-pub fn parse_ipv4(ctx: &TcContext, ev: &mut FlowEvent) -> Result<L4Info, u8> {
+pub fn parse_ipv4(ctx: &TcContext, ev: &mut FlowEvent, info: &mut L4Info) -> u8 {
+    frame::code(ipv4(ctx, ev).map(|i| *info = i))
+}
+
+/// Parses an IPv6 packet into `ev`, following extension headers; separate, as above.
+#[inline(never)]
+pub fn parse_ipv6(ctx: &TcContext, ev: &mut FlowEvent, info: &mut L4Info) -> u8 {
+    frame::code(ipv6(ctx, ev).map(|i| *info = i))
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, ev: &mut FlowEvent) -> Result<L4Info, u8> {
     let skb_len = ctx.len() as usize;
     let hdr: [u8; 20] = load(ctx, ETH_HLEN, skb_len)?;
     if hdr[0] >> 4 != 4 {
@@ -119,9 +130,8 @@ pub fn parse_ipv4(ctx: &TcContext, ev: &mut FlowEvent) -> Result<L4Info, u8> {
     Ok(info)
 }
 
-/// Parses an IPv6 packet into `ev`, following extension headers. Not inlined, as above.
-#[inline(never)]
-pub fn parse_ipv6(ctx: &TcContext, ev: &mut FlowEvent) -> Result<L4Info, u8> {
+#[inline(always)]
+fn ipv6(ctx: &TcContext, ev: &mut FlowEvent) -> Result<L4Info, u8> {
     let skb_len = ctx.len() as usize;
     let hdr: [u8; 40] = load(ctx, ETH_HLEN, skb_len)?;
     if hdr[0] >> 4 != 6 {

@@ -68,10 +68,15 @@ fn lookup_policy(
 /// wildcard 0; for each, the exact protocol and port, then protocol 0 (any). A deny anywhere
 /// wins; else the first allow; else the direction's default.
 ///
-/// A separate BPF function (not inlined) so its stack does not add to the caller's; three
-/// pointer arguments because BPF functions take at most five.
+/// A separate BPF function (see [`crate::frame`]); it returns the verdict.
 #[inline(never)]
-pub fn evaluate(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
+pub fn evaluate(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) -> u8 {
+    decide(ep, key, out);
+    out.verdict
+}
+
+#[inline(always)]
+fn decide(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
     let direction = key.direction;
     let peer = if direction == DIR_EGRESS {
         &key.daddr
