@@ -17,7 +17,7 @@ use crate::datapath::sync::{SyncError, SyncStats, Syncer};
 use crate::endpoints::Resolver;
 use crate::error_chain;
 use crate::flows::log::{FlowLog, FlowLogConfig};
-use crate::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore};
+use crate::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore, PolicyRef};
 use crate::identity::IdentityAllocator;
 use crate::metrics::Metrics;
 use crate::policy::{self, PolicyModel};
@@ -302,7 +302,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         flows: FlowStore::new(config.flow_buffer),
         flow_log,
         index: RwLock::new(Arc::new(EnrichmentIndex {
-            node_name: config.node.clone(),
+            node_name: config.node.as_str().into(),
             ..EnrichmentIndex::default()
         })),
         status: RwLock::new(Status {
@@ -1026,33 +1026,44 @@ impl Control {
         ((added, removed), sync_error): ((usize, usize), Option<String>),
         mut phases: Phases,
     ) {
+        // Flows share the index's text (see `flows::EnrichmentIndex`): each policy, pod and
+        // label set is built once here, not copied into every flow.
         let mut index = EnrichmentIndex {
-            node_name: self.node.clone(),
-            rules: compiled.rules.clone(),
+            node_name: self.node.as_str().into(),
+            rules: compiled
+                .rules
+                .iter()
+                .map(|(id, rule)| (*id, Arc::new(PolicyRef::from(rule))))
+                .collect(),
             ..EnrichmentIndex::default()
         };
+        let mut namespace: Arc<str> = Arc::default();
         for (r, pod) in &inv.pods {
-            let labels: Vec<String> = pod
-                .metadata
-                .labels
-                .iter()
-                .flatten()
-                .map(|(k, v)| format!("k8s:{k}={v}"))
-                .chain(std::iter::once(format!(
-                    "k8s:io.kubernetes.pod.namespace={}",
-                    r.namespace
-                )))
-                .collect();
             let ips = crate::tunnel::view::pod_ips(pod);
+            if ips.is_empty() {
+                continue;
+            }
+            // Pods come sorted by namespace: one copy of each namespace's name.
+            if *namespace != *r.namespace {
+                namespace = r.namespace.as_str().into();
+            }
+            let info = AddressInfo {
+                namespace: namespace.clone(),
+                pod_name: r.name.as_str().into(),
+                labels: pod
+                    .metadata
+                    .labels
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| format!("k8s:{k}={v}"))
+                    .chain(std::iter::once(format!(
+                        "k8s:io.kubernetes.pod.namespace={}",
+                        r.namespace
+                    )))
+                    .collect(),
+            };
             for ip in ips {
-                index.addresses.insert(
-                    ip,
-                    AddressInfo {
-                        namespace: r.namespace.clone(),
-                        pod_name: r.name.clone(),
-                        labels: labels.clone(),
-                    },
-                );
+                index.addresses.insert(ip, info.clone());
             }
         }
         let named = (1..agent_common::IDENTITY_FIRST_ALLOCATED)
@@ -1071,9 +1082,14 @@ impl Control {
                     .iter()
                     .map(|(principal, id)| (*id, format!("principal:{principal}"))),
             );
+        let mut identity_labels: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for (id, label) in named {
-            index.identity_labels.entry(id).or_default().push(label);
+            identity_labels.entry(id).or_default().push(label);
         }
+        index.identity_labels = identity_labels
+            .into_iter()
+            .map(|(id, labels)| (id, labels.into()))
+            .collect();
         *self
             .shared
             .index

@@ -244,21 +244,16 @@ impl Metrics {
 
     pub fn observe_flow(&self, flow: &Flow) {
         self.flows
-            .with_label_values(&[flow.verdict.as_str(), flow.traffic_direction.as_str()])
+            .with_label_values(&[&*flow.verdict, &*flow.traffic_direction])
             .inc();
         if !flow.drop_reason_desc.is_empty() {
             self.drops
-                .with_label_values(&[flow.drop_reason_desc.as_str()])
+                .with_label_values(&[&*flow.drop_reason_desc])
                 .inc();
         }
         if let Some(p) = &flow.policy {
-            let policy = if p.namespace.is_empty() {
-                format!("{}/{}", p.kind, p.name)
-            } else {
-                format!("{}/{}/{}", p.kind, p.namespace, p.name)
-            };
             self.policy_verdicts
-                .with_label_values(&[policy.as_str(), flow.verdict.as_str()])
+                .with_label_values(&[p.label(), &*flow.verdict])
                 .inc();
         }
     }
@@ -651,6 +646,32 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policy_verdicts_are_labelled_kind_namespace_name() {
+        let metrics = Metrics::new().unwrap();
+        let mut flow = crate::flows::tests::sample();
+        metrics.observe_flow(&flow);
+        flow.policy = Some(Arc::new(crate::flows::PolicyRef::new(
+            "ClusterMeshPolicy".into(),
+            String::new(),
+            "allow-dns".into(),
+            "ingress[0]".into(),
+        )));
+        metrics.observe_flow(&flow);
+        let count = |policy: &str| {
+            metrics
+                .policy_verdicts
+                .with_label_values(&[policy, "DROPPED"])
+                .get()
+        };
+        assert_eq!(count("NetworkPolicy/prod/deny-all"), 1, "namespaced policy");
+        assert_eq!(
+            count("ClusterMeshPolicy/allow-dns"),
+            1,
+            "cluster-scoped policy"
+        );
+    }
 
     #[test]
     fn a_flow_query_survives_the_query_string() {

@@ -31,7 +31,7 @@ impl PodMatch {
 
     fn matches(&self, e: &Endpoint) -> bool {
         !e.pod_name.is_empty()
-            && self.namespace.as_ref().is_none_or(|ns| *ns == e.namespace)
+            && self.namespace.as_ref().is_none_or(|ns| *ns == *e.namespace)
             && e.pod_name.starts_with(&self.name_prefix)
     }
 }
@@ -179,7 +179,7 @@ impl FlowFilter {
     #[must_use]
     pub fn matches(&self, flow: &Flow) -> bool {
         let ports = flow.ports();
-        self.verdict.as_ref().is_none_or(|v| *v == flow.verdict)
+        self.verdict.as_ref().is_none_or(|v| *v == *flow.verdict)
             && self
                 .from_pod
                 .as_ref()
@@ -192,10 +192,9 @@ impl FlowFilter {
                 .pod
                 .as_ref()
                 .is_none_or(|m| m.matches(&flow.source) || m.matches(&flow.destination))
-            && self
-                .namespace
-                .as_ref()
-                .is_none_or(|ns| *ns == flow.source.namespace || *ns == flow.destination.namespace)
+            && self.namespace.as_ref().is_none_or(|ns| {
+                *ns == *flow.source.namespace || *ns == *flow.destination.namespace
+            })
             && self.from_ip.is_none_or(|net| net.contains(&flow.ip.source))
             && self
                 .to_ip
@@ -237,11 +236,11 @@ mod tests {
     use super::*;
     use crate::flows::{Ip, L4, Ports};
 
-    fn flow(src_pod: &str, dst_ip: &str, port: u16, verdict: &str) -> Flow {
+    fn flow(src_pod: &str, dst_ip: &str, port: u16, verdict: &'static str) -> Flow {
         Flow {
             time: "2026-11-22T10:00:00.000000000Z".into(),
             verdict: verdict.into(),
-            drop_reason_desc: String::new(),
+            drop_reason_desc: "".into(),
             ip: Ip {
                 source: "10.0.0.2".parse().unwrap(),
                 destination: dst_ip.parse().unwrap(),
@@ -268,7 +267,7 @@ mod tests {
             kind: "L3_L4".into(),
             policy: None,
             destination_names: Vec::new(),
-            summary: String::new(),
+            summary: "".into(),
         }
     }
 
@@ -338,11 +337,12 @@ mod tests {
     #[test]
     fn labels_match_with_or_without_the_source_prefix() {
         let mut a = flow("web-1", "10.0.1.3", 8080, "FORWARDED");
-        a.source.labels = vec![
+        a.source.labels = [
             "k8s:app=web".into(),
             "k8s:io.kubernetes.pod.namespace=prod".into(),
-        ];
-        a.destination.labels = vec!["k8s:app=api".into()];
+        ]
+        .into();
+        a.destination.labels = ["k8s:app=api".into()].into();
         for (from, to, want) in [
             (Some("app=web"), None, true),
             (Some("k8s:app=web"), None, true),

@@ -238,21 +238,18 @@ impl Writer {
         if self.size > 0 && self.size + len > self.config.max_bytes {
             self.rotate()?;
         }
-        let path = self.current();
-        let out = self.open()?;
-        out.write_all(line)
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        // Called for every flow: the file's name is only worked out for an error.
+        if let Err(e) = self.open()?.write_all(line) {
+            return Err(format!("writing {}: {e}", self.current().display()));
+        }
         self.size += len;
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), String> {
-        let path = self.current();
-        match self.out.as_mut() {
-            Some(out) => out
-                .flush()
-                .map_err(|e| format!("writing {}: {e}", path.display())),
-            None => Ok(()),
+        match self.out.as_mut().map(BufWriter::flush) {
+            Some(Err(e)) => Err(format!("writing {}: {e}", self.current().display())),
+            Some(Ok(())) | None => Ok(()),
         }
     }
 
