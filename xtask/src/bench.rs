@@ -93,6 +93,40 @@ struct Sample {
     agent_cpu_pct: f64,
 }
 
+/// What the TC programs cost per connection, by the kernel's own accounting.
+struct BpfCost {
+    conn_per_sec: f64,
+    runs_per_conn: f64,
+    ns_per_run: f64,
+    cores: f64,
+}
+
+/// `kernel.bpf_stats_enabled` on while this lives; the previous value back on drop.
+struct BpfStatsOn {
+    previous: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStatsOn {
+    fn enable() -> Result<Self> {
+        let previous =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing 1 to {BPF_STATS}"))?;
+        Ok(Self {
+            previous: previous.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(BPF_STATS, &self.previous) {
+            eprintln!("bench: restoring {BPF_STATS} to {}: {e}", self.previous);
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Figure {
     Crr,
@@ -367,6 +401,11 @@ pub fn run() -> Result<()> {
     );
     let flip_large = bench.change_latency()?;
     let rss_large = bench.rss()?;
+    let bpf = bench.bpf_cost()?;
+    eprintln!(
+        "bench: BPF at 10k rules: {:.1} program runs per connection, {:.0} ns per run",
+        bpf.runs_per_conn, bpf.ns_per_run
+    );
     let status = bench.lab.status(&bench.server_node)?;
     let entries = policy_entries(&status);
     let identities = status["identities"].as_u64().unwrap_or(0);
@@ -410,6 +449,7 @@ pub fn run() -> Result<()> {
         rss_small: rss_small.context("no small-size RSS")?,
         rss_large,
         datapath_only,
+        bpf,
         rss_fresh,
         flows_stored,
         sync_ms,
@@ -763,6 +803,76 @@ impl Bench {
         })
     }
 
+    /// One more connections run with the kernel's per-program accounting on: what the TC
+    /// programs of both nodes cost per connection.
+    fn bpf_cost(&mut self) -> Result<BpfCost> {
+        ensure!(
+            self.next_sink <= rules::SINK_PORTS.1,
+            "out of fresh sink ports"
+        );
+        let sink = self.server_addr(self.next_sink);
+        self.next_sink += 1;
+        let _stats = BpfStatsOn::enable()?;
+        let (runs0, ns0) = self.prog_stats();
+        let crr = self.client_json(
+            self.load.as_os_str(),
+            &[
+                "crr",
+                "--addr",
+                &sink.to_string(),
+                "--threads",
+                &CRR_THREADS.to_string(),
+                "--secs",
+                &CRR_SECS.to_string(),
+            ],
+            CRR_SECS,
+        )?;
+        let (runs1, ns1) = self.prog_stats();
+        let connections = crr["connections"].as_f64().context("crr connections")?;
+        let runs = runs1.saturating_sub(runs0) as f64;
+        ensure!(
+            connections > 0.0 && runs > 0.0,
+            "no connections ({connections}) or no program runs ({runs}) to measure"
+        );
+        Ok(BpfCost {
+            conn_per_sec: crr["per_sec"].as_f64().context("crr per_sec")?,
+            runs_per_conn: runs / connections,
+            ns_per_run: ns1.saturating_sub(ns0) as f64 / runs,
+            cores: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+        })
+    }
+
+    /// `run_cnt` and `run_time_ns` summed over the TC programs (`prog_type` 3) the running
+    /// agents hold, from their `/proc/PID/fdinfo`.
+    fn prog_stats(&self) -> (u64, u64) {
+        let mut total = (0, 0);
+        for pid in self
+            .lab
+            .node_names()
+            .iter()
+            .filter_map(|n| self.lab.agent_pid(n))
+        {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+                continue;
+            };
+            for info in fds.flatten() {
+                let Ok(text) = std::fs::read_to_string(info.path()) else {
+                    continue;
+                };
+                let field = |name: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                };
+                if field("prog_type:") == Some(3) {
+                    total.0 += field("run_cnt:").unwrap_or(0);
+                    total.1 += field("run_time_ns:").unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+
     /// utime + stime of every running agent, in clock ticks.
     fn agent_cpu_ticks(&self) -> u64 {
         self.lab
@@ -929,6 +1039,7 @@ struct Report {
     rss_small: Rss,
     rss_large: Rss,
     datapath_only: Sample,
+    bpf: BpfCost,
     rss_fresh: Rss,
     flows_stored: u64,
     sync_ms: f64,
@@ -1022,6 +1133,20 @@ impl Report {
              nobody reads flow events; one run): {} new TCP connections/s ({:.2}x no agent).",
             Figure::Crr.format(d.conn_per_sec),
             d.conn_per_sec / self.median(Scenario::NoAgent, Figure::Crr),
+        );
+        let b = &self.bpf;
+        let per_conn_us = b.runs_per_conn * b.ns_per_run / 1000.0;
+        let _ = writeln!(
+            out,
+            "\nThe programs' own time at 10k rules (`kernel.bpf_stats_enabled` during one more \
+             connections run, {} connections/s): {:.1} runs per connection at {:.0} ns each, \
+             {:.1} µs of BPF per connection, {:.0}% of the {} cores' time.",
+            Figure::Crr.format(b.conn_per_sec),
+            b.runs_per_conn,
+            b.ns_per_run,
+            per_conn_us,
+            per_conn_us * b.conn_per_sec / 1e6 / b.cores * 100.0,
+            b.cores,
         );
         let noise: Vec<String> = Figure::ALL
             .iter()
