@@ -736,26 +736,8 @@ impl Bench {
 
     /// One sample of every figure.
     fn measure(&mut self) -> Result<Sample> {
-        ensure!(
-            self.next_sink <= rules::SINK_PORTS.1,
-            "out of fresh sink ports"
-        );
-        let sink = self.server_addr(self.next_sink);
-        self.next_sink += 1;
         let (cpu0, t0) = (self.agent_cpu_ticks(), Instant::now());
-        let crr = self.client_json(
-            self.load.as_os_str(),
-            &[
-                "crr",
-                "--addr",
-                &sink.to_string(),
-                "--threads",
-                &CRR_THREADS.to_string(),
-                "--secs",
-                &CRR_SECS.to_string(),
-            ],
-            CRR_SECS,
-        )?;
+        let crr = self.crr()?;
         let ticks = self.agent_cpu_ticks().saturating_sub(cpu0);
         let agent_cpu_pct = ticks as f64 / CLK_TCK / t0.elapsed().as_secs_f64() * 100.0;
         let errors = crr["errors"].as_u64().unwrap_or(0);
@@ -803,18 +785,15 @@ impl Bench {
         })
     }
 
-    /// One more connections run with the kernel's per-program accounting on: what the TC
-    /// programs of both nodes cost per connection.
-    fn bpf_cost(&mut self) -> Result<BpfCost> {
+    /// The connections test (`nodeward-lab-load crr`) against a sink port no run used before.
+    fn crr(&mut self) -> Result<Value> {
         ensure!(
             self.next_sink <= rules::SINK_PORTS.1,
             "out of fresh sink ports"
         );
         let sink = self.server_addr(self.next_sink);
         self.next_sink += 1;
-        let _stats = BpfStatsOn::enable()?;
-        let (runs0, ns0) = self.prog_stats();
-        let crr = self.client_json(
+        self.client_json(
             self.load.as_os_str(),
             &[
                 "crr",
@@ -826,7 +805,15 @@ impl Bench {
                 &CRR_SECS.to_string(),
             ],
             CRR_SECS,
-        )?;
+        )
+    }
+
+    /// One more connections run with the kernel's per-program accounting on: what the TC
+    /// programs of both nodes cost per connection.
+    fn bpf_cost(&mut self) -> Result<BpfCost> {
+        let _stats = BpfStatsOn::enable()?;
+        let (runs0, ns0) = self.prog_stats();
+        let crr = self.crr()?;
         let (runs1, ns1) = self.prog_stats();
         let connections = crr["connections"].as_f64().context("crr connections")?;
         let runs = runs1.saturating_sub(runs0) as f64;
