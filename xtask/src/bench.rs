@@ -35,6 +35,9 @@ const ROUNDS: usize = 5;
 const CRR_SECS: f64 = 2.0;
 const CRR_THREADS: u32 = 4;
 const RR_SECS: f64 = 1.5;
+/// Both ends of the request/response test run on this CPU: a round trip is then the path's own
+/// cost, without waking an idle CPU of this VM (which alone takes about 100 µs here, at random).
+const RR_CPU: &str = "0";
 const IPERF_SECS: u32 = 2;
 const FLIP_CHANGES: usize = 20;
 const IPT_CHAIN: &str = "NWBENCH";
@@ -483,7 +486,15 @@ impl Bench {
         let mut load = in_pod(
             &self.server,
             self.load.as_os_str(),
-            &["serve", "--sink", &sink, "--echo", &echo],
+            &[
+                "serve",
+                "--sink",
+                &sink,
+                "--echo",
+                &echo,
+                "--echo-cpu",
+                RR_CPU,
+            ],
         );
         servers.0.push(
             load.stdout(Stdio::null())
@@ -757,6 +768,8 @@ impl Bench {
                 &RR_SECS.to_string(),
                 "--size",
                 "64",
+                "--cpu",
+                RR_CPU,
             ],
             RR_SECS,
         )?;
@@ -1048,6 +1061,19 @@ impl Report {
         )
     }
 
+    /// The median over rounds of `scenario`'s figure divided by no agent's in the same round:
+    /// the two ran minutes apart at most, so a slow spell of the machine affects both.
+    fn ratio(&self, scenario: Scenario, figure: Figure) -> f64 {
+        let of = |s: Scenario| self.samples.get(&s).map(Vec::as_slice).unwrap_or_default();
+        median(
+            of(scenario)
+                .iter()
+                .zip(of(Scenario::NoAgent))
+                .map(|(x, base)| figure.of(x) / figure.of(base))
+                .collect(),
+        )
+    }
+
     /// Run-to-run spread of the baseline: (max - min) / median, in percent.
     fn noise(&self, figure: Figure) -> f64 {
         let v: Vec<f64> = self
@@ -1074,21 +1100,21 @@ impl Report {
             out,
             "Measured {date} on {cores} cores ({cpu}), kernel {kernel}, a shared and noisy \
              machine: compare the ratios, not the absolute numbers. Median of {ROUNDS} rounds \
-             (ABBA order), cross-node pod to pod; ratio to no agent in parentheses.\n"
+             (ABBA order), cross-node pod to pod; in parentheses the median over rounds of the \
+             ratio to no agent in the same round.\n"
         );
         let titles: Vec<&str> = Scenario::ALL.iter().map(|s| s.title()).collect();
         let _ = writeln!(out, "| figure | {} |", titles.join(" | "));
         let _ = writeln!(out, "| --- |{}", " --- |".repeat(titles.len()));
         for figure in Figure::ALL {
-            let base = self.median(Scenario::NoAgent, figure);
             let cells: Vec<String> = Scenario::ALL
                 .iter()
                 .map(|&s| {
-                    let v = self.median(s, figure);
+                    let v = figure.format(self.median(s, figure));
                     if s == Scenario::NoAgent {
-                        figure.format(v)
+                        v
                     } else {
-                        format!("{} ({:.2}x)", figure.format(v), v / base)
+                        format!("{v} ({:.2}x)", self.ratio(s, figure))
                     }
                 })
                 .collect();
@@ -1192,7 +1218,7 @@ impl Report {
         let within: Vec<String> = Figure::ALL
             .iter()
             .filter(|&&f| {
-                let r = self.median(Scenario::Nodeward10k, f) / self.median(Scenario::NoAgent, f);
+                let r = self.ratio(Scenario::Nodeward10k, f);
                 if f.higher_is_better() {
                     r < 0.97
                 } else {
@@ -1215,10 +1241,11 @@ impl Report {
             "\nHow: connections/s is `nodeward-lab-load crr` ({CRR_THREADS} threads, {CRR_SECS} s: \
              connect, the server accepts and closes, the client closes; a fresh server port per \
              run so no 4-tuple repeats); request/response is one connection, 64-byte messages, \
-             one in flight, {RR_SECS} s (`nodeward-lab-load rr`); bulk is `iperf3 -t {IPERF_SECS}`, \
-             one stream. The 10k rules are 10 NetworkPolicies on the server allowing 1,000 \
-             remote pods (1,000 identities) x 10 ports ({} policy map entries, {} identities on \
-             the server's node); iptables ({}) has the same rules in the server node's FORWARD \
+             one in flight, {RR_SECS} s, client and server both on CPU {RR_CPU} \
+             (`nodeward-lab-load rr`); bulk is `iperf3 -t {IPERF_SECS}`, one stream. The 10k \
+             rules are 10 NetworkPolicies on the server allowing 1,000 remote pods (1,000 \
+             identities) x 10 ports ({} policy map entries, {} identities on the server's \
+             node); iptables ({}) has the same rules in the server node's FORWARD \
              chain after an ESTABLISHED,RELATED accept, the client's rule after them. A change \
              is the rename of a manifest toggling an allow; enforced is the first fresh connect \
              from the client with the new outcome (probed every ~1 ms). Whole run: {:.0?}.",

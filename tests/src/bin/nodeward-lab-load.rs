@@ -1,12 +1,12 @@
 //! The benchmark's load generator, run inside a lab pod's network namespace (`nsenter --net`).
 //!
-//! - `serve --sink 7100-7131 --echo 7000`: on each sink port accept and close at once (the
-//!   server closes first, so the client never holds TIME_WAIT and its ports do not run out); on
-//!   each echo port, echo with `TCP_NODELAY`.
+//! - `serve --sink 7100-7131 --echo 7000 [--echo-cpu C]`: on each sink port accept and close at
+//!   once (the server closes first, so the client never holds TIME_WAIT and its ports do not run
+//!   out); on each echo port, echo with `TCP_NODELAY`, on CPU C if given.
 //! - `crr --addr IP:PORT --threads N --secs S`: new connections per second. Each thread loops
 //!   connect, read to EOF, close. Prints one JSON line.
-//! - `rr --addr IP:PORT --secs S --size B`: one connection, one message in flight; prints
-//!   percentiles of the round-trip time in microseconds as one JSON line.
+//! - `rr --addr IP:PORT --secs S --size B [--cpu C]`: one connection, one message in flight, on
+//!   CPU C if given; prints percentiles of the round-trip time in microseconds as one JSON line.
 //! - `hold --addr IP:PORT --count N --secs S`: opens N connections to an echo port one after
 //!   another, checks each with one round trip, prints one JSON line (`opened`, `errors`), holds
 //!   them idle for S seconds, checks each again and prints a second JSON line (`alive`), then
@@ -59,6 +59,16 @@ impl Flags {
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self(pairs))
+    }
+
+    /// `--NAME C`: a CPU number, if given.
+    fn cpu(&self, name: &str) -> anyhow::Result<Option<usize>> {
+        self.get(name)
+            .map(|v| {
+                v.parse()
+                    .with_context(|| format!("--{name} must be a CPU number"))
+            })
+            .transpose()
     }
 
     fn get(&self, name: &str) -> Option<&str> {
@@ -129,11 +139,20 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
             }
         }));
     }
+    let echo_cpu = flags.cpu("echo-cpu")?;
     for port in flags.ports("echo")? {
         let listener = bind(port)?;
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                std::thread::spawn(move || echo(stream));
+                std::thread::spawn(move || {
+                    if let Some(cpu) = echo_cpu
+                        && let Err(e) = pin_to(cpu)
+                    {
+                        eprintln!("echo: {e:#}");
+                        return;
+                    }
+                    echo(stream);
+                });
             }
         }));
     }
@@ -145,6 +164,26 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     for thread in threads {
         let _ = thread.join();
     }
+    Ok(())
+}
+
+/// Runs the calling thread on `cpu` only.
+fn pin_to(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET stays within it (checked below).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    ensure!(
+        cpu < libc::CPU_SETSIZE as usize,
+        "CPU {cpu} is beyond CPU_SETSIZE"
+    );
+    // SAFETY: `cpu` is within the set, as checked.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the set is valid for its size.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &raw const set) };
+    ensure!(
+        rc == 0,
+        "pinning to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 
@@ -224,6 +263,9 @@ fn rr(flags: &Flags) -> anyhow::Result<()> {
     let secs = flags.secs()?;
     let size: usize = flags.parse_or("size", 64)?;
     ensure!((1..=65_536).contains(&size), "--size must be 1..=65536");
+    if let Some(cpu) = flags.cpu("cpu")? {
+        pin_to(cpu)?;
+    }
     let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
