@@ -134,6 +134,7 @@ impl Drop for Server {
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
+    let _stats = crate::bench::BpfStats::set(false)?;
     let ReleaseLab {
         lab,
         load,

@@ -252,6 +252,7 @@ struct Bench {
 
 pub fn run(quick: bool) -> Result<()> {
     let started = Instant::now();
+    let _stats = crate::bench::BpfStats::set(false)?;
     let d = if quick {
         Durations::QUICK
     } else {
