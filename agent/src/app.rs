@@ -380,6 +380,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         mtls_default: config.mtls_default,
         mtls_last_good: BTreeMap::new(),
         tunnel,
+        policy_route: false,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -405,16 +406,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the tunnel: the policy route and the `to_proxy` hook in this network namespace, the
-/// outbound listeners (handed to the datapath) and the HBONE server. Any failure stops start-up
-/// with what failed: a node that cannot tunnel must not pretend to be in the mesh.
+/// Starts the tunnel: the `to_proxy` hook in this network namespace, the outbound listeners
+/// (handed to the datapath) and the HBONE server; the policy route follows with the first meshed
+/// endpoint (`Control::ensure_policy_route`). Any failure stops start-up with what failed: a
+/// node that cannot tunnel must not pretend to be in the mesh.
 fn start_tunnel(
     config: &AgentConfig,
     datapath: &mut Datapath,
     shared: &Arc<Shared>,
 ) -> anyhow::Result<Arc<crate::tunnel::Context>> {
     use crate::tunnel;
-    tunnel::net::ensure_policy_route()?;
     let weak = Arc::downgrade(shared);
     let sink: tunnel::FlowSink = Arc::new(move |record: &crate::flows::TunnelRecord| {
         if let Some(shared) = weak.upgrade() {
@@ -623,9 +624,27 @@ struct Control {
     /// The last version of each MutualTLS that translated cleanly, by `MutualTLS ns/name`.
     mtls_last_good: BTreeMap<String, policy::mtls::MtlsModel>,
     tunnel: Arc<crate::tunnel::Context>,
+    /// The tunnel's policy route is in place (see [`Control::ensure_policy_route`]).
+    policy_route: bool,
 }
 
 impl Control {
+    /// Installs the tunnel's policy route (`tunnel::net::ensure_policy_route`) once some local
+    /// endpoint is in the mesh, and keeps it from then on (live tunnelled connections need it).
+    /// Not at start-up: once a network namespace has a routing rule of its own, the kernel
+    /// looks every route up through the rules, and no longer merges its local and main
+    /// tables, a cost every forwarded packet pays, mesh or not. A failure fails the sync, so
+    /// the maps never steer a connection to a listener no route delivers it to.
+    fn ensure_policy_route(&mut self, compiled: &policy::CompiledState) -> Result<(), String> {
+        if self.policy_route || !compiled.endpoints.values().any(|e| e.mesh.meshed()) {
+            return Ok(());
+        }
+        crate::tunnel::net::ensure_policy_route().map_err(|e| e.to_string())?;
+        tracing::info!("tunnel policy route installed (the first meshed endpoint)");
+        self.policy_route = true;
+        Ok(())
+    }
+
     fn report(&mut self, line: String) {
         self.round.insert(line.clone());
         if self.reported.insert(line.clone()) {
@@ -714,7 +733,15 @@ impl Control {
         let mut syncer = syncer_handle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let result = syncer.apply(&desired, &ipcache, &compiled.policy_cidrs);
+        // The tunnel's policy route goes in before the maps name the first meshed endpoint.
+        let result = self.ensure_policy_route(&compiled).and_then(|()| {
+            syncer
+                .apply(&desired, &ipcache, &compiled.policy_cidrs)
+                .map_err(|e| match e {
+                    e @ SyncError::Overflow { .. } => format!("policy set rejected: {e}"),
+                    e => format!("writing the datapath maps failed: {e}"),
+                })
+        });
         phases.end("maps");
         let mut sync_error = None;
         match &result {
@@ -733,15 +760,9 @@ impl Control {
                     );
                 }
             }
-            Err(e @ SyncError::Overflow { .. }) => {
-                let line = format!("policy set rejected: {e}");
+            Err(line) => {
                 self.report(line.clone());
-                sync_error = Some(line);
-            }
-            Err(e) => {
-                let line = format!("writing the datapath maps failed: {e}");
-                self.report(line.clone());
-                sync_error = Some(line);
+                sync_error = Some(line.clone());
             }
         }
         // Programs go on only where the maps already know the endpoint (else its packets
