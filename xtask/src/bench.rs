@@ -31,7 +31,7 @@ const CLIENT: &str = "frontend/web-0";
 const SERVER: &str = "backend/api-1";
 /// Same namespace as the server's client, but not allowed: the "is anything enforced" check.
 const OUTSIDER: &str = "backend/api-0";
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 const CRR_SECS: f64 = 2.0;
 const CRR_THREADS: u32 = 4;
 const RR_SECS: f64 = 1.5;
