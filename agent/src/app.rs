@@ -743,7 +743,6 @@ impl Control {
                 })
         });
         phases.end("maps");
-        let mut sync_error = None;
         match &result {
             Ok(stats) => {
                 self.shared.metrics.observe_sync(stats.duration);
@@ -760,10 +759,7 @@ impl Control {
                     );
                 }
             }
-            Err(line) => {
-                self.report(line.clone());
-                sync_error = Some(line.clone());
-            }
+            Err(line) => self.report(line.clone()),
         }
         // Programs go on only where the maps already know the endpoint (else its packets
         // would be dropped as unknown), and come off only once the maps forgot it.
@@ -836,11 +832,8 @@ impl Control {
         // Forget what no longer fails, so it is reported again if it breaks again.
         let round = std::mem::take(&mut self.round);
         self.reported.retain(|l| round.contains(l));
-        self.report_policies(&inv, &failures, sync_error.as_ref());
+        self.report_policies(&inv, &failures, result.as_ref().err());
         let synced = result.is_ok();
-        let entries = result
-            .as_ref()
-            .map_or((0, 0), |s| (s.policy_added, s.policy_removed));
         self.publish(
             &inv,
             &compiled,
@@ -849,7 +842,7 @@ impl Control {
             manifest_errors,
             fill,
             generation,
-            (entries, sync_error),
+            &result,
             phases,
         );
         // After publish: the connections a change revokes are recorded as flows, which name
@@ -1044,7 +1037,7 @@ impl Control {
         manifest_errors: Vec<String>,
         fill: [(&'static str, usize, u32); 4],
         generation: u32,
-        ((added, removed), sync_error): ((usize, usize), Option<String>),
+        result: &Result<SyncStats, String>,
         mut phases: Phases,
     ) {
         // Flows share the index's text (see `flows::EnrichmentIndex`): each policy, pod and
@@ -1132,7 +1125,7 @@ impl Control {
             &maps,
         );
         let status = Status {
-            ready: self.shared.ready.load(Ordering::SeqCst) || sync_error.is_none(),
+            ready: self.shared.ready.load(Ordering::SeqCst) || result.is_ok(),
             node: self.node.clone(),
             generation,
             syncs,
@@ -1149,9 +1142,9 @@ impl Control {
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 duration_ms: phases.started.elapsed().as_secs_f64() * 1000.0,
                 phases_ms: phases.done,
-                policy_entries_added: added,
-                policy_entries_removed: removed,
-                error: sync_error,
+                policy_entries_added: result.as_ref().map_or(0, |s| s.policy_added),
+                policy_entries_removed: result.as_ref().map_or(0, |s| s.policy_removed),
+                error: result.as_ref().err().cloned(),
             },
         };
         *self

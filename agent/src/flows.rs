@@ -120,11 +120,7 @@ impl From<&RuleInfo> for PolicyRef {
 impl PolicyRef {
     #[must_use]
     pub fn new(kind: String, namespace: String, name: String, rule: String) -> Self {
-        let label = if namespace.is_empty() {
-            format!("{kind}/{name}")
-        } else {
-            format!("{kind}/{namespace}/{name}")
-        };
+        let label = crate::policy::compiled::policy_label(&kind, &namespace, &name);
         Self {
             kind,
             namespace,

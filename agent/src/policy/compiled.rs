@@ -106,11 +106,18 @@ impl RuleInfo {
     /// `kind/namespace/name` (or `kind/name` when cluster scoped).
     #[must_use]
     pub fn policy(&self) -> String {
-        if self.namespace.is_empty() {
-            format!("{}/{}", self.kind, self.name)
-        } else {
-            format!("{}/{}/{}", self.kind, self.namespace, self.name)
-        }
+        policy_label(&self.kind, &self.namespace, &self.name)
+    }
+}
+
+/// `kind/namespace/name`, or `kind/name` when `namespace` is empty (cluster scoped): how a
+/// policy is named in status, flows and metrics.
+#[must_use]
+pub fn policy_label(kind: &str, namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        format!("{kind}/{name}")
+    } else {
+        format!("{kind}/{namespace}/{name}")
     }
 }
 
