@@ -5,6 +5,7 @@
 //! `l4.TCP.destination_port`, `source.pod_name`, ...) so existing jq habits work.
 
 pub mod filter;
+pub mod json;
 pub mod log;
 
 use std::borrow::Cow;
@@ -220,7 +221,7 @@ pub struct AddressInfo {
 #[derive(Clone, Debug, Default)]
 pub struct EnrichmentIndex {
     pub node_name: Arc<str>,
-    pub addresses: BTreeMap<IpAddr, AddressInfo>,
+    pub addresses: std::collections::HashMap<IpAddr, AddressInfo>,
     pub ifindex_to_pod: BTreeMap<u32, (String, String)>,
     /// Rule id to the policy and rule it stands for.
     pub rules: BTreeMap<u32, Arc<PolicyRef>>,
@@ -885,7 +886,7 @@ pub(crate) mod tests {
     /// Written by the agent at 499c336, before flows shared their text with the index. A flow's
     /// JSON is what the flow log, the API and `nodeward observe -o json` users read: it must not
     /// change when the types behind it do.
-    const GOLDEN: &[&str] = &[
+    pub(super) const GOLDEN: &[&str] = &[
         r#"{"time":"2026-11-18T11:06:41.234567891Z","verdict":"DROPPED","drop_reason_desc":"POLICY_DENIED","IP":{"source":"10.0.0.2","destination":"10.0.1.3","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":41234,"destination_port":8080,"flags":{"SYN":true}}},"source":{"namespace":"prod","pod_name":"web","identity":300,"labels":["app=web"]},"destination":{"identity":301,"labels":[]},"traffic_direction":"EGRESS","is_reply":false,"node_name":"n1","Type":"L3_L4","policy":{"kind":"NetworkPolicy","namespace":"prod","name":"deny-all","rule":"default-deny"},"Summary":"TCP Flags: SYN"}"#,
         r#"{"time":"2026-11-18T11:06:42.000000000Z","verdict":"FORWARDED","IP":{"source":"2001:db8::1","destination":"fd00::7","ipVersion":"IPv6"},"l4":{"UDP":{"source_port":5353,"destination_port":53}},"source":{"identity":2,"labels":["reserved:world"]},"destination":{"namespace":"kube-system","pod_name":"coredns-0","identity":310,"labels":["k8s:k8s-app=kube-dns","k8s:io.kubernetes.pod.namespace=kube-system"]},"traffic_direction":"INGRESS","is_reply":false,"node_name":"n1","Type":"L3_L4","policy":{"kind":"ClusterMeshPolicy","name":"allow-dns","rule":"ingress[0]"},"Summary":"UDP"}"#,
         r#"{"time":"2026-11-18T11:06:43.000000001Z","verdict":"FORWARDED","IP":{"source":"10.0.0.2","destination":"10.0.1.3","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":41234,"destination_port":8080,"flags":{"ACK":true,"FIN":true,"PSH":true}}},"source":{"namespace":"prod","pod_name":"web","identity":300,"labels":["app=web"]},"destination":{"identity":400,"labels":["cidr:192.0.2.0/24","principal:a\"b"]},"traffic_direction":"EGRESS","is_reply":true,"node_name":"n1","Type":"L3_L4","Summary":"TCP Flags: ACK, FIN, PSH"}"#,

@@ -163,9 +163,7 @@ impl Writer {
                     continue;
                 }
                 line.clear();
-                if serde_json::to_writer(&mut line, &*flow).is_err() {
-                    continue;
-                }
+                super::json::write_flow(&mut line, &flow);
                 line.push(b'\n');
                 match self.write(&line) {
                     Ok(()) => {
