@@ -37,7 +37,7 @@ const CRR_THREADS: u32 = 4;
 const RR_SECS: f64 = 1.5;
 /// Both ends of the request/response test run on this CPU: a round trip is then the path's own
 /// cost, without waking an idle CPU of this VM (which alone takes about 100 µs here, at random).
-const RR_CPU: &str = "0";
+pub(crate) const RR_CPU: &str = "0";
 const IPERF_SECS: u32 = 2;
 const FLIP_CHANGES: usize = 20;
 const IPT_CHAIN: &str = "NWBENCH";

@@ -21,7 +21,7 @@ use nodeward_lab::manifests::documents;
 use nodeward_lab::{Lab, PodState, sys, wait};
 use serde_json::Value;
 
-use crate::bench::{Machine, ReleaseLab, in_pod, median, release_lab};
+use crate::bench::{Machine, RR_CPU, ReleaseLab, in_pod, median, release_lab};
 use crate::bench_rules::{self as rules, Target};
 
 const CLIENT: &str = "frontend/web-0";
@@ -238,7 +238,15 @@ impl Bench {
             in_pod(
                 &self.server,
                 self.load.as_os_str(),
-                &["serve", "--sink", &sink, "--echo", &echo],
+                &[
+                    "serve",
+                    "--sink",
+                    &sink,
+                    "--echo",
+                    &echo,
+                    "--echo-cpu",
+                    RR_CPU,
+                ],
             )
             .stdout(Stdio::null())
             .spawn()
@@ -391,6 +399,8 @@ impl Bench {
             &RR_SECS.to_string(),
             "--size",
             "64",
+            "--cpu",
+            RR_CPU,
         ])?;
         let trips = rr["round_trips"].as_f64().context("rr round_trips")?;
         // rr records after a 10% warm-up.
@@ -529,7 +539,8 @@ fn markdown(steps: &[Step], all: &[CostSample], drops: &[CostSample], runtime: D
          are left out. Zero loss: nothing lost and recorded >= new flows on both nodes. The cost \
          rows switch the agents between `--flow-events drops` and `all` (restarted on the \
          pinned state), rr then crr per turn, ABBA, median of {ROUNDS} rounds; rr is one \
-         connection, 64-byte messages, one in flight, {RR_SECS} s. Whole run: {runtime:.0?}."
+         connection, 64-byte messages, one in flight, {RR_SECS} s, client and server both on \
+         CPU {RR_CPU}. Whole run: {runtime:.0?}."
     );
     out
 }

@@ -3,69 +3,113 @@
 //! same keys and labels again for every line.
 //!
 //! The output is byte for byte what `serde_json::to_vec(&flow)` gives (the tests compare them),
-//! so readers and `Flow`'s `Deserialize` are unchanged. A field added to `Flow` must be added
-//! here too, and set in `every_field_and_escape_matches_serde`'s flows.
+//! so readers and `Flow`'s `Deserialize` are unchanged. Each writer names every field of its
+//! type, so a field added to `Flow` or its parts does not compile until it is written here (and
+//! it belongs in `every_field_and_escape_matches_serde`'s flows too).
 
 use std::io::Write as _;
 
-use super::{Endpoint, Flow, L4, Ports};
+use super::{Endpoint, Flow, Ip, L4, PolicyRef, Ports};
 
 /// Appends `flow` as JSON (no newline) to `out`.
 pub fn write_flow(out: &mut Vec<u8>, flow: &Flow) {
+    // Every field by name: a field added to `Flow` does not compile until it is written here.
+    let Flow {
+        time,
+        verdict,
+        drop_reason_desc,
+        ip:
+            Ip {
+                source: ip_source,
+                destination: ip_destination,
+                ip_version,
+            },
+        l4: layer4,
+        source,
+        destination,
+        traffic_direction,
+        is_reply,
+        node_name,
+        kind,
+        policy,
+        destination_names,
+        summary,
+    } = flow;
     out.extend_from_slice(b"{\"time\":");
-    string(out, &flow.time);
+    string(out, time);
     out.extend_from_slice(b",\"verdict\":");
-    string(out, &flow.verdict);
-    if !flow.drop_reason_desc.is_empty() {
+    string(out, verdict);
+    if !drop_reason_desc.is_empty() {
         out.extend_from_slice(b",\"drop_reason_desc\":");
-        string(out, &flow.drop_reason_desc);
+        string(out, drop_reason_desc);
     }
     out.extend_from_slice(b",\"IP\":{\"source\":\"");
     // An address's text never needs escaping.
-    address(out, flow.ip.source);
+    address(out, *ip_source);
     out.extend_from_slice(b"\",\"destination\":\"");
-    address(out, flow.ip.destination);
+    address(out, *ip_destination);
     out.extend_from_slice(b"\",\"ipVersion\":");
-    string(out, &flow.ip.ip_version);
+    string(out, ip_version);
     out.extend_from_slice(b"},\"l4\":");
-    l4(out, &flow.l4);
+    l4(out, layer4);
     out.extend_from_slice(b",\"source\":");
-    endpoint(out, &flow.source);
+    endpoint(out, source);
     out.extend_from_slice(b",\"destination\":");
-    endpoint(out, &flow.destination);
+    endpoint(out, destination);
     out.extend_from_slice(b",\"traffic_direction\":");
-    string(out, &flow.traffic_direction);
-    out.extend_from_slice(if flow.is_reply {
+    string(out, traffic_direction);
+    out.extend_from_slice(if *is_reply {
         b",\"is_reply\":true,\"node_name\":"
     } else {
         b",\"is_reply\":false,\"node_name\":"
     });
-    string(out, &flow.node_name);
+    string(out, node_name);
     out.extend_from_slice(b",\"Type\":");
-    string(out, &flow.kind);
-    if let Some(p) = &flow.policy {
-        out.extend_from_slice(b",\"policy\":{\"kind\":");
-        string(out, &p.kind);
-        if !p.namespace.is_empty() {
-            out.extend_from_slice(b",\"namespace\":");
-            string(out, &p.namespace);
-        }
-        out.extend_from_slice(b",\"name\":");
-        string(out, &p.name);
-        out.extend_from_slice(b",\"rule\":");
-        string(out, &p.rule);
-        out.push(b'}');
+    string(out, kind);
+    if let Some(p) = policy {
+        out.extend_from_slice(b",\"policy\":");
+        self::policy(out, p);
     }
-    if !flow.destination_names.is_empty() {
+    if !destination_names.is_empty() {
         out.extend_from_slice(b",\"destination_names\":");
-        strings(out, &flow.destination_names);
+        strings(out, destination_names);
     }
     out.extend_from_slice(b",\"Summary\":");
-    string(out, &flow.summary);
+    string(out, summary);
+    out.push(b'}');
+}
+
+fn policy(out: &mut Vec<u8>, p: &PolicyRef) {
+    // `label` is the metrics' and is not serialized.
+    let PolicyRef {
+        kind,
+        namespace,
+        name,
+        rule,
+        label: _,
+    } = p;
+    out.extend_from_slice(b"{\"kind\":");
+    string(out, kind);
+    if !namespace.is_empty() {
+        out.extend_from_slice(b",\"namespace\":");
+        string(out, namespace);
+    }
+    out.extend_from_slice(b",\"name\":");
+    string(out, name);
+    out.extend_from_slice(b",\"rule\":");
+    string(out, rule);
     out.push(b'}');
 }
 
 fn l4(out: &mut Vec<u8>, l4: &L4) {
+    let L4 {
+        tcp,
+        udp,
+        sctp,
+        icmpv4,
+        icmpv6,
+        protocol,
+    } = l4;
     let mut first = true;
     let mut key = |out: &mut Vec<u8>, name: &[u8]| {
         out.extend_from_slice(if first { b"{\"" } else { b",\"" });
@@ -74,20 +118,20 @@ fn l4(out: &mut Vec<u8>, l4: &L4) {
         out.extend_from_slice(b"\":");
     };
     for (name, ports) in [
-        (&b"TCP"[..], &l4.tcp),
-        (b"UDP", &l4.udp),
-        (b"SCTP", &l4.sctp),
-        (b"ICMPv4", &l4.icmpv4),
-        (b"ICMPv6", &l4.icmpv6),
+        (&b"TCP"[..], tcp),
+        (b"UDP", udp),
+        (b"SCTP", sctp),
+        (b"ICMPv4", icmpv4),
+        (b"ICMPv6", icmpv6),
     ] {
         if let Some(p) = ports {
             key(out, name);
             self::ports(out, p);
         }
     }
-    if let Some(protocol) = l4.protocol {
+    if let Some(protocol) = protocol {
         key(out, b"protocol");
-        number(out, protocol);
+        number(out, *protocol);
     }
     if first {
         out.push(b'{');
@@ -96,13 +140,18 @@ fn l4(out: &mut Vec<u8>, l4: &L4) {
 }
 
 fn ports(out: &mut Vec<u8>, p: &Ports) {
+    let Ports {
+        source_port,
+        destination_port,
+        flags,
+    } = p;
     out.extend_from_slice(b"{\"source_port\":");
-    number(out, p.source_port);
+    number(out, *source_port);
     out.extend_from_slice(b",\"destination_port\":");
-    number(out, p.destination_port);
-    if !p.flags.is_empty() {
+    number(out, *destination_port);
+    if !flags.is_empty() {
         out.extend_from_slice(b",\"flags\":");
-        for (i, (name, set)) in p.flags.iter().enumerate() {
+        for (i, (name, set)) in flags.iter().enumerate() {
             out.push(if i == 0 { b'{' } else { b',' });
             string(out, name);
             out.extend_from_slice(if *set { b":true" } else { b":false" });
@@ -113,22 +162,29 @@ fn ports(out: &mut Vec<u8>, p: &Ports) {
 }
 
 fn endpoint(out: &mut Vec<u8>, e: &Endpoint) {
+    let Endpoint {
+        namespace,
+        pod_name,
+        identity,
+        labels,
+        spiffe_id,
+    } = e;
     out.push(b'{');
-    if !e.namespace.is_empty() {
+    if !namespace.is_empty() {
         out.extend_from_slice(b"\"namespace\":");
-        string(out, &e.namespace);
+        string(out, namespace);
         out.push(b',');
     }
-    if !e.pod_name.is_empty() {
+    if !pod_name.is_empty() {
         out.extend_from_slice(b"\"pod_name\":");
-        string(out, &e.pod_name);
+        string(out, pod_name);
         out.push(b',');
     }
     out.extend_from_slice(b"\"identity\":");
-    number(out, e.identity);
+    number(out, *identity);
     out.extend_from_slice(b",\"labels\":");
-    strings(out, &e.labels);
-    if let Some(id) = &e.spiffe_id {
+    strings(out, labels);
+    if let Some(id) = spiffe_id {
         out.extend_from_slice(b",\"spiffe_id\":");
         string(out, id);
     }
@@ -222,7 +278,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::flows::{Ip, PolicyRef};
 
     fn written(flow: &Flow) -> String {
         let mut out = Vec::new();
