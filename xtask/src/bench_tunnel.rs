@@ -30,7 +30,7 @@ use anyhow::{Context as _, Result, ensure};
 use nodeward_lab::{Lab, PodState, netpol, paths, sys, wait};
 use serde_json::Value;
 
-use crate::bench::{CLK_TCK, Machine, RR_CPU, ReleaseLab, in_pod, median, release_lab};
+use crate::bench::{CLK_TCK, Machine, ReleaseLab, in_pod, median, release_lab};
 use crate::bench_rules as rules;
 
 const CLIENT: &str = "frontend/web-0";
@@ -360,15 +360,7 @@ impl Bench {
             in_pod(
                 &self.server,
                 self.load.as_os_str(),
-                &[
-                    "serve",
-                    "--sink",
-                    &sink,
-                    "--echo",
-                    &echo,
-                    "--echo-cpu",
-                    RR_CPU,
-                ],
+                &["serve", "--sink", &sink, "--echo", &echo],
             )
             .stdout(Stdio::null())
             .spawn()
@@ -644,8 +636,6 @@ impl Bench {
                 &self.d.rr_secs.to_string(),
                 "--size",
                 "64",
-                "--cpu",
-                RR_CPU,
             ],
             self.d.rr_secs,
         )?;
@@ -1123,8 +1113,7 @@ impl Report {
              no policy selects the pods); the tunnel is the same agents with a PERMISSIVE \
              `MutualTLS` for {} (entered once both agents' `tunnel.meshed_endpoints` equal their \
              local pods there). Bulk is `iperf3 -t {}`, one stream; request/response is one \
-             connection, 64-byte messages, one in flight, {} s, client and server both on CPU \
-             {RR_CPU} (`nodeward-lab-load rr`); \
+             connection, 64-byte messages, one in flight, {} s (`nodeward-lab-load rr`); \
              connections/s is `nodeward-lab-load crr` ({CRR_THREADS} threads, {} s: connect, \
              the server accepts and closes, the client closes; a fresh server port per run). \
              Every tunnel sample must raise node-1's `tunnel.outbound.ok` and node-2's \
