@@ -9,7 +9,7 @@ pub mod json;
 pub mod log;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -221,7 +221,7 @@ pub struct AddressInfo {
 #[derive(Clone, Debug, Default)]
 pub struct EnrichmentIndex {
     pub node_name: Arc<str>,
-    pub addresses: std::collections::HashMap<IpAddr, AddressInfo>,
+    pub addresses: HashMap<IpAddr, AddressInfo>,
     pub ifindex_to_pod: BTreeMap<u32, (String, String)>,
     /// Rule id to the policy and rule it stands for.
     pub rules: BTreeMap<u32, Arc<PolicyRef>>,

@@ -486,23 +486,8 @@ impl Bench {
     /// The load server (sink and echo ports) and iperf3 in the server pod.
     fn start_servers(&self) -> Result<Servers> {
         let mut servers = Servers::default();
-        let sink = format!("{}-{}", rules::SINK_PORTS.0, rules::TOGGLE_PORT);
-        let echo = rules::ECHO_PORT.to_string();
-        let mut load = in_pod(
-            &self.server,
-            self.load.as_os_str(),
-            &[
-                "serve",
-                "--sink",
-                &sink,
-                "--echo",
-                &echo,
-                "--echo-cpu",
-                RR_CPU,
-            ],
-        );
         servers.0.push(
-            load.stdout(Stdio::null())
+            load_server(&self.server, self.load.as_os_str(), rules::TOGGLE_PORT)
                 .spawn()
                 .context("starting the load server")?,
         );
@@ -987,6 +972,29 @@ struct Rss {
 
 /// `sh -c` puts itself into the pod's cgroup (where the agents' cgroup programs see it, as they
 /// see the pod's own processes), then becomes `nsenter --net=<pod> -- program args`.
+/// `nodeward-lab-load serve` in `pod`: sinks on the ports from `rules::SINK_PORTS.0` to
+/// `last_sink`, and the echo port answered on [`RR_CPU`], where the request/response client
+/// runs too.
+pub(crate) fn load_server(pod: &PodState, load: &std::ffi::OsStr, last_sink: u16) -> Command {
+    let sink = format!("{}-{last_sink}", rules::SINK_PORTS.0);
+    let echo = rules::ECHO_PORT.to_string();
+    let mut cmd = in_pod(
+        pod,
+        load,
+        &[
+            "serve",
+            "--sink",
+            &sink,
+            "--echo",
+            &echo,
+            "--echo-cpu",
+            RR_CPU,
+        ],
+    );
+    cmd.stdout(Stdio::null());
+    cmd
+}
+
 pub(crate) fn in_pod(pod: &PodState, program: &std::ffi::OsStr, args: &[&str]) -> Command {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")

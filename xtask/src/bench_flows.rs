@@ -13,7 +13,6 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -21,7 +20,7 @@ use nodeward_lab::manifests::documents;
 use nodeward_lab::{Lab, PodState, sys, wait};
 use serde_json::Value;
 
-use crate::bench::{Machine, RR_CPU, ReleaseLab, in_pod, median, release_lab};
+use crate::bench::{Machine, RR_CPU, ReleaseLab, in_pod, load_server, median, release_lab};
 use crate::bench_rules::{self as rules, Target};
 
 const CLIENT: &str = "frontend/web-0";
@@ -232,25 +231,10 @@ pub fn run() -> Result<()> {
 
 impl Bench {
     fn start_server(&self) -> Result<Server> {
-        let sink = format!("{}-{}", rules::SINK_PORTS.0, rules::SINK_PORTS.1);
-        let echo = rules::ECHO_PORT.to_string();
         let server = Server(
-            in_pod(
-                &self.server,
-                self.load.as_os_str(),
-                &[
-                    "serve",
-                    "--sink",
-                    &sink,
-                    "--echo",
-                    &echo,
-                    "--echo-cpu",
-                    RR_CPU,
-                ],
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the load server")?,
+            load_server(&self.server, self.load.as_os_str(), rules::SINK_PORTS.1)
+                .spawn()
+                .context("starting the load server")?,
         );
         let addr = self.server_addr(rules::ECHO_PORT);
         ensure!(
