@@ -38,29 +38,26 @@ pub struct L4Info {
     pub icmpv6_link_control: bool,
 }
 
-/// The one bounds-checked access to packet bytes: `size_of::<T>()` bytes at `off`, which must
-/// lie before `end` (the end of the L3 packet as its header says, itself checked against the skb
-/// length). Any failure is a malformed packet.
+/// The one bounds-checked access to packet bytes: the `N` bytes at `off`, which must lie before
+/// `end` (the end of the L3 packet as its header says, itself checked against the skb length).
+/// Any failure is a malformed packet.
 #[inline(always)]
-pub fn load<T>(ctx: &TcContext, off: usize, end: usize) -> Result<T, u8> {
-    let last = off
-        .checked_add(core::mem::size_of::<T>())
-        .ok_or(drop_reason::MALFORMED)?;
+pub fn load<const N: usize>(ctx: &TcContext, off: usize, end: usize) -> Result<[u8; N], u8> {
+    let last = off.checked_add(N).ok_or(drop_reason::MALFORMED)?;
     if last > end {
         return Err(drop_reason::MALFORMED);
     }
-    // Headers sit in the linear part of the skb: read them there directly, without a helper
-    // call. The bound on `off` is for the verifier (a packet pointer's offset must stay small).
+    // In place when the bytes are in the linear data; the bound on `off` is for the verifier (a
+    // packet pointer's offset must stay small).
     if off <= DIRECT_MAX_OFF {
         let p = ctx.data() + off;
-        if p + core::mem::size_of::<T>() <= ctx.data_end() {
-            // SAFETY: `p..p + size_of::<T>()` lies inside the skb's linear data (checked
-            // against `data_end` just above); `T` is a byte array, so any bytes are a valid
-            // value and an unaligned read is fine.
-            return Ok(unsafe { core::ptr::read_unaligned(p as *const T) });
+        if p + N <= ctx.data_end() {
+            // SAFETY: `p..p + N` lies inside the skb's linear data (checked against `data_end`
+            // just above); a byte array has no alignment and every value is valid.
+            return Ok(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) });
         }
     }
-    ctx.load::<T>(off).map_err(|_| drop_reason::MALFORMED)
+    ctx.load::<[u8; N]>(off).map_err(|_| drop_reason::MALFORMED)
 }
 
 /// Offsets up to which [`load`] reads the linear data directly.
