@@ -253,7 +253,18 @@ fn a_service_account_rule_admits_one_account_and_refuses_another() {
     assert_eq!(flow["source"]["spiffe_id"], spiffe("data", "db"), "{flow}");
     assert_eq!(flow["policy"]["name"], "api-from-web-sa", "{flow}");
     assert_eq!(flow["drop_reason_desc"], "POLICY_DENIED", "{flow}");
-    // The source's node learned of the refusal too.
+    // The source's node learned of the refusal too. The probes above may have been admitted
+    // before node-1 applied the policy and then revoked (node-2 saw a 200 then), so refuse one
+    // more connection now that node-1's drop shows the policy in force.
+    assert!(
+        !lab.tcp_probe(
+            "data/db-1",
+            "backend/api-0",
+            HTTP_PORT,
+            Duration::from_secs(2)
+        ),
+        "db-1 -> api-0 passed under api-from-web-sa"
+    );
     flow_on(&lab, "node-2", "of the refused CONNECT", |f| {
         f["Type"] == "TUNNEL" && f["verdict"] == "DROPPED" && f["IP"]["source"] == db1.as_str()
     });
