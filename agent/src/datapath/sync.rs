@@ -34,7 +34,7 @@ use agent_common::{
 use ipnet::IpNet;
 
 use super::{MapWriter, PolicyEntryKey, addr_bytes};
-use crate::policy::{EndpointPolicy, MeshMode, SliceKey};
+use crate::policy::{EndpointPolicy, MeshMode, PortEntry, SliceKey};
 
 /// Why a sync was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +87,8 @@ pub struct Syncer<M: MapWriter> {
     generation: u32,
 }
 
-type Slices = BTreeMap<SliceKey, BTreeMap<PolicyEntryKey, PolicyValue>>;
+/// The map entries of one slice (or any set of entries), by key.
+type Slice = BTreeMap<PolicyEntryKey, PolicyValue>;
 
 fn map_err<E: std::error::Error + Send + Sync + 'static>(
     map: &'static str,
@@ -271,74 +272,49 @@ impl<M: MapWriter> Syncer<M> {
     }
 
     /// Decides, per endpoint, between an in-place diff and a new policy set, and checks that the
-    /// policy map can hold the old and the new entries side by side.
+    /// policy map can hold the old and the new entries side by side. Keys order by policy set,
+    /// then slice, so each set and each slice of the mirror is one contiguous range: the plan
+    /// reads the slices the compiler emitted against those ranges and builds entries only where
+    /// they differ, so an unchanged endpoint costs comparisons, not allocations.
     fn plan(&self, desired: &BTreeMap<u32, &EndpointPolicy>) -> Result<Plan, SyncError> {
-        let mut by_set: BTreeMap<u32, Slices> = BTreeMap::new();
-        for (key, value) in &self.policy {
-            by_set
-                .entry(u32::from_be(key.key.policy_set_be))
-                .or_default()
-                .entry(slice_of(&key.key))
-                .or_default()
-                .insert(*key, *value);
+        let mut sets = BTreeSet::new();
+        let mut last = None;
+        for key in self.policy.keys() {
+            if last != Some(key.key.policy_set_be) {
+                last = Some(key.key.policy_set_be);
+                sets.insert(u32::from_be(key.key.policy_set_be));
+            }
         }
-        let mut next_set = by_set
-            .keys()
+        let mut next_set = sets
+            .iter()
             .chain(self.endpoints.values().map(|e| &e.policy_set))
             .max()
             .copied()
             .unwrap_or(0);
         let mut plan = Plan::default();
         let mut live_sets = BTreeSet::new();
-        let no_slices = Slices::new();
         for (ifindex, policy) in desired {
             let current = self.endpoints.get(ifindex);
-            let current_slices = current
-                .and_then(|c| by_set.get(&c.policy_set))
-                .unwrap_or(&no_slices);
             let mut info = endpoint_info(policy);
             let in_place = current.is_some_and(|c| {
                 c.flags == info.flags
                     && c.ingress_default_rule == info.ingress_default_rule
                     && c.egress_default_rule == info.egress_default_rule
             });
-            let desired_for = |set: u32| entries_for(set, policy);
             let in_place_set = current.map(|c| c.policy_set).filter(|_| in_place);
-            if let Some(set) = in_place_set {
-                let wanted = desired_for(set);
-                let diffable = wanted.iter().all(|(slice, entries)| {
-                    current_slices
-                        .get(slice)
-                        .is_none_or(|existing| in_place_safe(existing, entries))
-                });
-                if diffable {
-                    for (slice, entries) in &wanted {
-                        let existing = current_slices.get(slice);
-                        plan.add.extend(
-                            entries
-                                .iter()
-                                .filter(|(k, v)| existing.and_then(|e| e.get(k)) != Some(v))
-                                .map(|(k, v)| (*k, *v)),
-                        );
-                    }
-                    for (slice, entries) in current_slices {
-                        let kept = wanted.get(slice);
-                        plan.remove.extend(
-                            entries
-                                .keys()
-                                .filter(|k| !kept.is_some_and(|w| w.contains_key(k)))
-                                .copied(),
-                        );
-                    }
-                    info.policy_set = set;
-                    live_sets.insert(set);
-                    plan.endpoints.insert(*ifindex, info);
-                    continue;
-                }
+            if let Some(set) = in_place_set
+                && let Some((add, remove)) = self.diff_in_place(set, policy)
+            {
+                plan.add.extend(add);
+                plan.remove.extend(remove);
+                info.policy_set = set;
+                live_sets.insert(set);
+                plan.endpoints.insert(*ifindex, info);
+                continue;
             }
             next_set = next_set.wrapping_add(1).max(1);
-            for entries in desired_for(next_set).values() {
-                plan.add.extend(entries.iter().map(|(k, v)| (*k, *v)));
+            for (slice, ports) in &policy.slices {
+                plan.add.extend(slice_entries(next_set, slice, ports));
             }
             if current.is_some() {
                 plan.switched += 1;
@@ -348,16 +324,58 @@ impl<M: MapWriter> Syncer<M> {
             plan.endpoints.insert(*ifindex, info);
         }
         // Sets no endpoint uses any more (old sets after a switch, removed endpoints, leftovers).
-        for (set, slices) in &by_set {
-            if !live_sets.contains(set) {
-                for entries in slices.values() {
-                    plan.remove.extend(entries.keys().copied());
-                }
-            }
+        for set in sets.difference(&live_sets) {
+            plan.remove
+                .extend(self.policy.range(set_range(*set)).map(|(k, _)| *k));
         }
         let peak = self.policy.len() + plan.add.len();
         check_capacity("policy", peak, MAX_POLICY_ENTRIES)?;
         Ok(plan)
+    }
+
+    /// The adds and removals that take policy set `set` to `policy` entry by entry, or `None`
+    /// when some slice cannot change in place (see [`in_place_safe`]).
+    fn diff_in_place(
+        &self,
+        set: u32,
+        policy: &EndpointPolicy,
+    ) -> Option<(Slice, Vec<PolicyEntryKey>)> {
+        let mut add = Slice::new();
+        let mut remove = Vec::new();
+        for (slice, ports) in &policy.slices {
+            let existing = self.policy.range(slice_range(set, slice));
+            let wanted = slice_entries(set, slice, ports);
+            if wanted.iter().eq(existing.clone()) {
+                continue;
+            }
+            let existing: Slice = existing.map(|(k, v)| (*k, *v)).collect();
+            if !in_place_safe(&existing, &wanted) {
+                return None;
+            }
+            remove.extend(existing.keys().filter(|k| !wanted.contains_key(k)));
+            add.extend(
+                wanted
+                    .into_iter()
+                    .filter(|(k, v)| existing.get(k) != Some(v)),
+            );
+        }
+        // Slices the policy no longer has: one lookup per slice, not per entry.
+        let mut last: Option<(SliceKey, bool)> = None;
+        for key in self.policy.range(set_range(set)).map(|(k, _)| k) {
+            let slice = slice_of(&key.key);
+            let gone = match last {
+                Some((s, gone)) if s == slice => gone,
+                _ => {
+                    let gone = !policy.slices.contains_key(&slice);
+                    last = Some((slice, gone));
+                    gone
+                }
+            };
+            if gone {
+                remove.push(*key);
+            }
+        }
+        Some((add, remove))
     }
 }
 
@@ -438,36 +456,57 @@ fn slice_of(key: &PolicyKey) -> SliceKey {
     }
 }
 
-/// The map entries of one endpoint's policy under policy set `set`.
-fn entries_for(set: u32, policy: &EndpointPolicy) -> Slices {
-    policy
-        .slices
+/// The map entries of one slice of an endpoint's policy under policy set `set`.
+fn slice_entries(set: u32, slice: &SliceKey, ports: &[PortEntry]) -> Slice {
+    ports
         .iter()
-        .map(|(slice, ports)| {
-            let entries = ports
-                .iter()
-                .map(|p| {
-                    let key = PolicyEntryKey {
-                        key: PolicyKey {
-                            policy_set_be: set.to_be(),
-                            peer_identity_be: slice.peer_identity.to_be(),
-                            direction: slice.direction,
-                            protocol: slice.protocol,
-                            dport_be: p.port.to_be(),
-                        },
-                        prefix_len: POLICY_KEY_PREFIX_NO_PORT + u32::from(p.prefix_len),
-                    };
-                    let value = PolicyValue {
-                        verdict: p.verdict,
-                        _pad: [0; 3],
-                        rule_id: p.rule_id,
-                    };
-                    (key, value)
-                })
-                .collect();
-            (*slice, entries)
+        .map(|p| {
+            let key = PolicyEntryKey {
+                key: slice_key(set, slice, p.port.to_be()),
+                prefix_len: POLICY_KEY_PREFIX_NO_PORT + u32::from(p.prefix_len),
+            };
+            let value = PolicyValue {
+                verdict: p.verdict,
+                _pad: [0; 3],
+                rule_id: p.rule_id,
+            };
+            (key, value)
         })
         .collect()
+}
+
+fn slice_key(set: u32, slice: &SliceKey, dport_be: u16) -> PolicyKey {
+    PolicyKey {
+        policy_set_be: set.to_be(),
+        peer_identity_be: slice.peer_identity.to_be(),
+        direction: slice.direction,
+        protocol: slice.protocol,
+        dport_be,
+    }
+}
+
+/// Every key of `slice` in policy set `set`.
+fn slice_range(set: u32, slice: &SliceKey) -> std::ops::RangeInclusive<PolicyEntryKey> {
+    let entry = |dport_be, prefix_len| PolicyEntryKey {
+        key: slice_key(set, slice, dport_be),
+        prefix_len,
+    };
+    entry(0, 0)..=entry(u16::MAX, u32::MAX)
+}
+
+/// Every key of policy set `set`.
+fn set_range(set: u32) -> std::ops::RangeInclusive<PolicyEntryKey> {
+    let entry = |fill: u8, prefix_len| PolicyEntryKey {
+        key: PolicyKey {
+            policy_set_be: set.to_be(),
+            peer_identity_be: u32::from_ne_bytes([fill; 4]),
+            direction: fill,
+            protocol: fill,
+            dport_be: u16::from_ne_bytes([fill; 2]),
+        },
+        prefix_len,
+    };
+    entry(0, 0)..=entry(u8::MAX, u32::MAX)
 }
 
 /// The endpoint map value for a compiled endpoint (policy set filled in by the caller).
@@ -506,7 +545,6 @@ mod tests {
     //! The fake maps record every intermediate state; a model of the datapath's lookup checks
     //! that no intermediate state contradicts a verdict on which the old and new states agree.
     use super::*;
-    use crate::policy::PortEntry;
     use agent_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_WORLD};
     use std::cell::RefCell;
     use std::convert::Infallible;
