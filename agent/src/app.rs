@@ -381,7 +381,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         mtls_last_good: BTreeMap::new(),
         tunnel,
         policy_route: false,
-        trim_pending: false,
+        trim_at: None,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     'run: loop {
@@ -397,7 +397,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     break;
                 }
                 () = &mut resync => break,
-                () = tokio::time::sleep(TRIM_AFTER_IDLE), if control.trim_pending => control.trim(),
+                () = tokio::time::sleep_until(control.trim_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if control.trim_at.is_some() => control.trim(),
                 _ = tokio::signal::ctrl_c() => break 'run,
                 _ = term.recv() => break 'run,
             }
@@ -575,7 +576,7 @@ fn ipcache_values(
 /// How often the flow reader drains the ring without a wakeup.
 const EVENTS_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
-/// How long the manifests must stay unchanged before the agent returns freed memory.
+/// How long the policy must stay unchanged before the agent returns freed memory.
 const TRIM_AFTER_IDLE: Duration = Duration::from_secs(2);
 
 /// A policy's last good translation and the object it came from. The source hands out the same
@@ -636,8 +637,9 @@ struct Control {
     tunnel: Arc<crate::tunnel::Context>,
     /// The tunnel's policy route is in place (see [`Control::ensure_policy_route`]).
     policy_route: bool,
-    /// A sync changed something since the last [`Control::trim`].
-    trim_pending: bool,
+    /// When to [`Control::trim`]: [`TRIM_AFTER_IDLE`] after the last sync that changed
+    /// something (a resync that changes nothing does not postpone it).
+    trim_at: Option<tokio::time::Instant>,
 }
 
 impl Control {
@@ -665,7 +667,7 @@ impl Control {
     fn trim(&mut self) {
         // SAFETY: malloc_trim only releases free memory; it has no preconditions.
         unsafe { libc::malloc_trim(0) };
-        self.trim_pending = false;
+        self.trim_at = None;
     }
 
     fn report(&mut self, line: String) {
@@ -846,7 +848,7 @@ impl Control {
         self.ensure_certificates(&inv, &compiled);
         phases.end("identities");
         if result.as_ref().is_ok_and(SyncStats::changed) {
-            self.trim_pending = true;
+            self.trim_at = Some(tokio::time::Instant::now() + TRIM_AFTER_IDLE);
         }
         // Forget what no longer fails, so it is reported again if it breaks again.
         let round = std::mem::take(&mut self.round);

@@ -274,8 +274,8 @@ impl<M: MapWriter> Syncer<M> {
     /// Decides, per endpoint, between an in-place diff and a new policy set, and checks that the
     /// policy map can hold the old and the new entries side by side. Keys order by policy set,
     /// then slice, so each set and each slice of the mirror is one contiguous range: the plan
-    /// reads the slices the compiler emitted against those ranges and builds entries only where
-    /// they differ, so an unchanged endpoint costs comparisons, not allocations.
+    /// compares each slice the compiler emitted with its range, and diffs entry by entry only
+    /// the slices that differ, instead of regrouping the whole mirror on every sync.
     fn plan(&self, desired: &BTreeMap<u32, &EndpointPolicy>) -> Result<Plan, SyncError> {
         let mut sets = BTreeSet::new();
         let mut last = None;
@@ -496,17 +496,19 @@ fn slice_range(set: u32, slice: &SliceKey) -> std::ops::RangeInclusive<PolicyEnt
 
 /// Every key of policy set `set`.
 fn set_range(set: u32) -> std::ops::RangeInclusive<PolicyEntryKey> {
-    let entry = |fill: u8, prefix_len| PolicyEntryKey {
-        key: PolicyKey {
-            policy_set_be: set.to_be(),
-            peer_identity_be: u32::from_ne_bytes([fill; 4]),
-            direction: fill,
-            protocol: fill,
-            dport_be: u16::from_ne_bytes([fill; 2]),
-        },
-        prefix_len,
+    let first = PolicyKey {
+        policy_set_be: set.to_be(),
+        ..PolicyKey::default()
     };
-    entry(0, 0)..=entry(u8::MAX, u32::MAX)
+    let last = PolicyKey {
+        policy_set_be: set.to_be(),
+        peer_identity_be: u32::MAX,
+        direction: u8::MAX,
+        protocol: u8::MAX,
+        dport_be: u16::MAX,
+    };
+    let entry = |key, prefix_len| PolicyEntryKey { key, prefix_len };
+    entry(first, 0)..=entry(last, u32::MAX)
 }
 
 /// The endpoint map value for a compiled endpoint (policy set filled in by the caller).
