@@ -220,6 +220,7 @@ fn main() {
 
     let mut source = ManifestSource::new(dir.path());
     let mut ids = IdentityAllocator::new();
+    let mut compiler = policy::Compiler::default();
     let mut syncer = Syncer::adopt(Counting::default()).expect("adopt");
     let mut totals: BTreeMap<&str, Duration> = BTreeMap::new();
     for round in 0..=rounds {
@@ -244,9 +245,18 @@ fn main() {
         let models = policy::translate_inventory(&inv).expect("translate");
         lap("2 translate", &mut t);
         let after_translate = live_kib();
-        let compiled = policy::compile("node-2", &inv, &models, &mut ids);
+        let compiled = compiler.compile("node-2", &inv, &models, &mut ids);
         lap("3 compile", &mut t);
         let after_compile = live_kib();
+        let compiled = std::sync::Arc::new(compiled);
+        let view = nodeward::tunnel::MeshView::build(
+            "node-2",
+            "cluster.local",
+            &inv,
+            compiled.clone(),
+            &BTreeMap::new(),
+        );
+        lap("4 mesh view", &mut t);
         let ipcache: BTreeMap<IpNet, IpcacheValue> = compiled
             .ipcache
             .iter()
@@ -269,7 +279,7 @@ fn main() {
         let stats = syncer
             .apply(&desired, &ipcache, &compiled.policy_cidrs)
             .expect("apply");
-        lap("4 sync (no syscalls)", &mut t);
+        lap("5 sync (no syscalls)", &mut t);
         if round == 0 {
             println!(
                 "heap KiB: before {before}, +load {}, +translate {}, +compile (and identities) {}, +sync mirror {}",
@@ -279,8 +289,8 @@ fn main() {
                 live_kib() - after_compile
             );
         }
-        drop((compiled, models, inv));
-        lap("5 drop", &mut t);
+        drop((view, compiled, models, inv));
+        lap("6 drop", &mut t);
         if round == rounds {
             println!(
                 "last round: {} policy entries added, {} removed, {} map writes in all",

@@ -367,6 +367,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut control = Control {
         source,
         identities,
+        compiler: policy::Compiler::default(),
         identities_path,
         identities_saved: None,
         last_good: BTreeMap::new(),
@@ -615,6 +616,8 @@ impl Phases {
 struct Control {
     source: Source,
     identities: IdentityAllocator,
+    /// Reuses what the last compilation derived from objects that have not changed.
+    compiler: policy::Compiler,
     identities_path: PathBuf,
     /// The allocator revision `identities_path` holds, to write it only when it changes.
     identities_saved: Option<u64>,
@@ -700,7 +703,7 @@ impl Control {
         let mut failures = self.translate_policies(&inv);
         phases.end("translate");
 
-        let mut compiled = policy::compile(
+        let mut compiled = self.compiler.compile(
             &self.node,
             &inv,
             self.last_good.values().map(|t| &t.model),

@@ -102,6 +102,12 @@ pub fn security_labels_in(pod: &Pod, namespace_labels: &Labels) -> Labels {
     labels
 }
 
+/// A revision number no allocator in this process has had.
+fn next_revision() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The allocator. Serializes to a stable JSON document (see [`IdentityAllocator::save`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(from = "Persisted", into = "Persisted")]
@@ -114,7 +120,7 @@ pub struct IdentityAllocator {
     /// that make ordered comparisons slow.
     by_labels: std::collections::HashMap<Labels, u32>,
     by_cidr: BTreeMap<IpNet, u32>,
-    /// Bumped by every allocation and release (not persisted): see [`Self::revision`].
+    /// Drawn afresh by every allocation and release (not persisted): see [`Self::revision`].
     revision: u64,
 }
 
@@ -201,12 +207,14 @@ impl IdentityAllocator {
             next_cidr: IDENTITY_FIRST_CIDR,
             by_labels: std::collections::HashMap::new(),
             by_cidr: BTreeMap::new(),
-            revision: 0,
+            revision: next_revision(),
         }
     }
 
     /// Changes whenever an identity is allocated or released, so a caller can tell cheaply
-    /// whether there is anything new to save.
+    /// whether there is anything new to save, or whether what it remembers of the allocations
+    /// still holds. Unique in the process: two allocators (even a clone and its original, once
+    /// either changes) never share one unless they hold the same allocations.
     #[must_use]
     pub fn revision(&self) -> u64 {
         self.revision
@@ -224,7 +232,7 @@ impl IdentityAllocator {
         );
         self.labels.insert(id, labels.clone());
         self.by_labels.insert(labels.clone(), id);
-        self.revision += 1;
+        self.revision = next_revision();
         id
     }
 
@@ -241,7 +249,7 @@ impl IdentityAllocator {
         );
         self.cidrs.insert(id, net);
         self.by_cidr.insert(net, id);
-        self.revision += 1;
+        self.revision = next_revision();
         id
     }
 
@@ -303,7 +311,7 @@ impl IdentityAllocator {
         self.cidrs.retain(|id, _| in_use.contains(id));
         self.by_cidr.retain(|_, id| in_use.contains(id));
         if self.len() != before {
-            self.revision += 1;
+            self.revision = next_revision();
         }
     }
 

@@ -11,7 +11,7 @@ pub mod mtls;
 pub mod netpol;
 pub mod selector;
 
-pub use compile::{compile, translate_inventory};
+pub use compile::{Compiler, compile, translate_inventory};
 pub use compiled::*;
 pub use evaluate::{PeerFacts, Verdict, evaluate};
 pub use mesh::{

@@ -9,20 +9,21 @@
 //! endpoint's default deny for that direction applies, if it has one, and the flow passes if
 //! not. The tests below check the compiler through that evaluator.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use agent_common::{
     DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_KUBE_APISERVER,
     IDENTITY_REMOTE_NODE, IDENTITY_UNMANAGED, IDENTITY_WORLD, POLICY_ALLOW, POLICY_DENY,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use super::compiled::{CompiledState, EndpointPolicy, ObjectRef, PortEntry, RuleInfo, SliceKey};
 use super::mesh::{translate_cluster_mesh_policy, translate_mesh_policy};
 use super::model::{
-    Action, Direction, Entity, PROTO_TCP, Peer, PolicyError, PolicyModel, PortSpec,
+    Action, Direction, Entity, PROTO_TCP, Peer, PolicyError, PolicyModel, PortSpec, PrincipalMatch,
 };
 use super::netpol::translate_network_policy;
 use super::selector::{LabelSelector, Operator};
@@ -68,68 +69,191 @@ pub fn translate_inventory(inv: &Inventory) -> Result<Vec<PolicyModel>, Vec<Poli
 struct Workload<'a> {
     key: &'a ObjectRef,
     pod: &'a Pod,
-    labels: Labels,
+    labels: Arc<Labels>,
     identity: u32,
     ips: Vec<IpAddr>,
     local: bool,
 }
 
-fn workloads<'a>(
+/// What one compilation reuses from the last, so that a policy change at a thousand pods
+/// neither relabels every pod nor resolves every peer again. Each is kept with what it was
+/// derived from and used only while that is unchanged:
+/// - a pod's workload facts, with the very `Arc`s of the pod and its namespace (the source
+///   hands out the same `Arc` until an object changes); the identity among them, while the
+///   allocator's revision is the one the last compilation left;
+/// - a peer's identities, while the pod identities, policy CIDRs and principals are the same
+///   (an identity's labels never change while it is allocated).
+///
+/// The output is the same as [`compile`]'s from scratch; a test holds it to that.
+#[derive(Default)]
+pub struct Compiler {
+    node: String,
+    pods: BTreeMap<ObjectRef, CachedPod>,
+    revision: Option<u64>,
+    peers: PeerCache,
+}
+
+struct CachedPod {
+    pod: Arc<Pod>,
+    namespace: Option<Arc<Namespace>>,
+    /// `None`: not a workload.
+    facts: Option<PodFacts>,
+}
+
+struct PodFacts {
+    labels: Arc<Labels>,
+    identity: u32,
+    ips: Vec<IpAddr>,
+    local: bool,
+}
+
+#[derive(Default)]
+struct PeerCache {
+    identities: BTreeSet<u32>,
+    policy_cidrs: BTreeMap<IpNet, u32>,
+    principals: BTreeMap<PrincipalMatch, u32>,
+    /// Each peer's identities, with the number of the compilation that last used it.
+    resolved: HashMap<Peer, (u64, BTreeSet<u32>)>,
+    round: u64,
+}
+
+impl PeerCache {
+    /// Starts a compilation: what was resolved against other identities is forgotten, and so
+    /// is what the last compilation did not use.
+    fn begin(&mut self, identities: BTreeSet<u32>, state: &CompiledState) {
+        let same = self.identities == identities
+            && self.policy_cidrs == state.policy_cidrs
+            && self.principals == state.principals;
+        if same {
+            let last = self.round;
+            self.resolved.retain(|_, (used, _)| *used == last);
+        } else {
+            self.identities = identities;
+            self.policy_cidrs.clone_from(&state.policy_cidrs);
+            self.principals.clone_from(&state.principals);
+            self.resolved.clear();
+        }
+        self.round += 1;
+    }
+
+    /// `peer`'s identities, resolved by `resolve` if not known yet.
+    fn get(&mut self, peer: &Peer, resolve: impl FnOnce() -> BTreeSet<u32>) -> &BTreeSet<u32> {
+        let round = self.round;
+        // Looked up before inserting so that a hit costs one hash and no clone of the peer.
+        if !self.resolved.contains_key(peer) {
+            self.resolved.insert(peer.clone(), (round, resolve()));
+        }
+        let (used, ids) = self.resolved.get_mut(peer).expect("just inserted");
+        *used = round;
+        ids
+    }
+}
+
+/// The workload facts of a pod, or `None` when it is not a workload.
+fn pod_facts(
     node_name: &str,
-    inv: &'a Inventory,
+    pod: &Pod,
+    ns_labels: &Labels,
     ids: &mut IdentityAllocator,
-) -> Vec<Workload<'a>> {
-    let mut out = Vec::new();
-    let mut by_namespace: BTreeMap<&str, Labels> = BTreeMap::new();
-    for (key, pod) in &inv.pods {
-        let status = pod.status.as_ref();
-        if matches!(
-            status.and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        ) {
-            continue;
-        }
-        let spec = pod.spec.as_ref();
-        // A host-network pod has the node's address and identity; it is not an endpoint.
-        if spec.and_then(|s| s.host_network) == Some(true) {
-            continue;
-        }
-        let mut ips: Vec<IpAddr> = Vec::new();
-        let listed = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|p| p.ip.as_str());
-        for ip in status
-            .and_then(|s| s.pod_ip.as_deref())
-            .into_iter()
-            .chain(listed)
+) -> Option<PodFacts> {
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return None;
+    }
+    let spec = pod.spec.as_ref();
+    // A host-network pod has the node's address and identity; it is not an endpoint.
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        return None;
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let listed = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|p| p.ip.as_str());
+    for ip in status
+        .and_then(|s| s.pod_ip.as_deref())
+        .into_iter()
+        .chain(listed)
+    {
+        if let Ok(ip) = ip.parse::<IpAddr>()
+            && !ips.contains(&ip)
         {
-            if let Ok(ip) = ip.parse::<IpAddr>()
-                && !ips.contains(&ip)
-            {
-                ips.push(ip);
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    let labels = security_labels_in(pod, ns_labels);
+    Some(PodFacts {
+        identity: ids.allocate(&labels),
+        labels: Arc::new(labels),
+        ips,
+        local: spec.and_then(|s| s.node_name.as_deref()) == Some(node_name),
+    })
+}
+
+impl Compiler {
+    /// Every workload of the inventory, from the cache where its pod and namespace are the
+    /// ones it was made from.
+    fn workloads<'a>(
+        &mut self,
+        inv: &'a Inventory,
+        ids: &mut IdentityAllocator,
+    ) -> Vec<Workload<'a>> {
+        let identities_hold = self.revision == Some(ids.revision());
+        let mut by_namespace: BTreeMap<&str, Labels> = BTreeMap::new();
+        let mut out = Vec::new();
+        for (key, pod) in &inv.pods {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or(&key.namespace);
+            let namespace = inv.namespaces.get(ns);
+            let cached = self.pods.get_mut(key).filter(|c| {
+                Arc::ptr_eq(&c.pod, pod)
+                    && match (&c.namespace, namespace) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            });
+            let facts = match cached {
+                Some(c) => {
+                    if let Some(f) = c.facts.as_mut().filter(|_| !identities_hold) {
+                        f.identity = ids.allocate(&f.labels);
+                    }
+                    c.facts.as_ref()
+                }
+                None => {
+                    let ns_labels = by_namespace
+                        .entry(ns)
+                        .or_insert_with(|| namespace_labels(ns, namespace.map(AsRef::as_ref)));
+                    let facts = pod_facts(&self.node, pod, ns_labels, ids);
+                    let entry = CachedPod {
+                        pod: pod.clone(),
+                        namespace: namespace.cloned(),
+                        facts,
+                    };
+                    self.pods.insert(key.clone(), entry);
+                    self.pods[key].facts.as_ref()
+                }
+            };
+            if let Some(f) = facts {
+                out.push(Workload {
+                    key,
+                    pod,
+                    labels: f.labels.clone(),
+                    identity: f.identity,
+                    ips: f.ips.clone(),
+                    local: f.local,
+                });
             }
         }
-        if ips.is_empty() {
-            continue;
-        }
-        let ns = pod.metadata.namespace.as_deref().unwrap_or(&key.namespace);
-        let ns_labels = by_namespace
-            .entry(ns)
-            .or_insert_with(|| namespace_labels(ns, inv.namespaces.get(ns).map(AsRef::as_ref)));
-        let labels = security_labels_in(pod, ns_labels);
-        let identity = ids.allocate(&labels);
-        out.push(Workload {
-            key,
-            pod,
-            labels,
-            identity,
-            ips,
-            local: spec.and_then(|s| s.node_name.as_deref()) == Some(node_name),
-        });
+        self.pods.retain(|key, _| inv.pods.contains_key(key));
+        out
     }
-    out
 }
 
 /// FNV-1a, 32 bits.
@@ -165,7 +289,7 @@ fn rule_id(rules: &mut BTreeMap<u32, RuleInfo>, info: RuleInfo) -> u32 {
 
 /// Compiles the state of node `node_name`. Allocates identities for every pod with an address,
 /// every policy CIDR and every principal peer, then releases (`gc`) every identity no longer
-/// used.
+/// used. A control loop keeps a [`Compiler`] instead, to reuse what has not changed.
 #[must_use]
 pub fn compile<'p>(
     node_name: &str,
@@ -173,9 +297,40 @@ pub fn compile<'p>(
     policies: impl IntoIterator<Item = &'p PolicyModel>,
     ids: &mut IdentityAllocator,
 ) -> CompiledState {
-    let policies: Vec<&PolicyModel> = policies.into_iter().collect();
+    Compiler::default().compile(node_name, inv, policies, ids)
+}
+
+impl Compiler {
+    /// [`compile()`], reusing what the last call derived from unchanged objects.
+    #[must_use]
+    pub fn compile<'p>(
+        &mut self,
+        node_name: &str,
+        inv: &Inventory,
+        policies: impl IntoIterator<Item = &'p PolicyModel>,
+        ids: &mut IdentityAllocator,
+    ) -> CompiledState {
+        if self.node != node_name {
+            *self = Self {
+                node: node_name.to_owned(),
+                ..Self::default()
+            };
+        }
+        let state = compile_state(self, node_name, inv, policies.into_iter().collect(), ids);
+        self.revision = Some(ids.revision());
+        state
+    }
+}
+
+fn compile_state(
+    cache: &mut Compiler,
+    node_name: &str,
+    inv: &Inventory,
+    policies: Vec<&PolicyModel>,
+    ids: &mut IdentityAllocator,
+) -> CompiledState {
     let mut state = CompiledState::default();
-    let workloads = workloads(node_name, inv, ids);
+    let workloads = cache.workloads(inv, ids);
 
     // ipcache: node addresses first, so that they win over a pod claiming the same address.
     for (name, node) in &inv.nodes {
@@ -202,8 +357,6 @@ pub fn compile<'p>(
     for w in &workloads {
         by_identity.entry(w.identity).or_default().push(w);
     }
-
-    let index = IdentityIndex::new(&by_identity);
 
     // Policy CIDRs: every cidr and except prefix gets its own identity. So does every principal
     // peer: its slices are emitted like any peer's, and since no address maps to it the kernel
@@ -242,6 +395,12 @@ pub fn compile<'p>(
             .or_insert_with(|| ids.allocate_cidr(all_ipv4));
     }
 
+    // Built only when a peer is not in the cache.
+    let index = std::cell::OnceCell::new();
+    cache
+        .peers
+        .begin(by_identity.keys().copied().collect(), &state);
+
     // Policies in a stable order, with their rule ids.
     let mut order = policies;
     order.sort_by(|a, b| a.origin.cmp(&b.origin));
@@ -260,11 +419,18 @@ pub fn compile<'p>(
                 .iter()
                 .map(|r| CompiledRule {
                     id: rule_id(&mut state.rules, info(&r.name)),
-                    peers: r
-                        .peers
-                        .iter()
-                        .flat_map(|peer| resolve_peer(peer, &by_identity, &index, &state))
-                        .collect(),
+                    peers: {
+                        let mut peers = BTreeSet::new();
+                        for peer in &r.peers {
+                            let resolved = cache.peers.get(peer, || {
+                                let index = index.get_or_init(|| IdentityIndex::new(&by_identity));
+                                let facts = (&state.policy_cidrs, &state.principals);
+                                resolve_peer(peer, &by_identity, index, facts)
+                            });
+                            peers.extend(resolved.iter().copied());
+                        }
+                        peers
+                    },
                     rule: r,
                 })
                 .collect();
@@ -352,7 +518,7 @@ impl<'a> IdentityIndex<'a> {
         let mut by_pair: std::collections::HashMap<(&'a str, &'a str), Vec<u32>> =
             std::collections::HashMap::new();
         for (id, workloads) in by_identity {
-            for (k, v) in &workloads[0].labels {
+            for (k, v) in workloads[0].labels.iter() {
                 by_pair
                     .entry((k.as_str(), v.as_str()))
                     .or_default()
@@ -392,12 +558,12 @@ impl<'a> IdentityIndex<'a> {
     }
 }
 
-/// The identities a peer stands for. `state` has its policy CIDRs and principals already.
+/// The identities a peer stands for, given the identities of the policy CIDRs and principals.
 fn resolve_peer(
     peer: &Peer,
     by_identity: &BTreeMap<u32, Vec<&Workload<'_>>>,
     index: &IdentityIndex<'_>,
-    state: &CompiledState,
+    (policy_cidrs, principals): (&BTreeMap<IpNet, u32>, &BTreeMap<PrincipalMatch, u32>),
 ) -> BTreeSet<u32> {
     match peer {
         Peer::Any => BTreeSet::from([IDENTITY_ANY]),
@@ -427,13 +593,12 @@ fn resolve_peer(
             .collect(),
         // Exact under longest-prefix match: an address's longest policy prefix P is inside `net`
         // and inside no except exactly when the address is in `net` and in no except.
-        Peer::Cidr { net, except } => state
-            .policy_cidrs
+        Peer::Cidr { net, except } => policy_cidrs
             .iter()
             .filter(|(p, _)| net.contains(*p) && !except.iter().any(|e| e.contains(*p)))
             .map(|(_, id)| *id)
             .collect(),
-        Peer::Principal(m) => state.principals.get(m).copied().into_iter().collect(),
+        Peer::Principal(m) => principals.get(m).copied().into_iter().collect(),
     }
 }
 
@@ -1526,6 +1691,135 @@ spec: {podSelector: {}}
         assert!(!state.ipcache.contains_key(&ip("10.0.1.9")), "finished pod");
         // Deterministic: compiling again gives the same state.
         assert_eq!(compile(NODE, &inv, &policies, &mut ids), state);
+    }
+
+    /// A kept [`Compiler`] must compile exactly what a fresh one does, whatever changed in
+    /// between: each step below edits the inventory, the policies or the allocator, and each
+    /// would be compiled from stale facts if the cache missed that edit.
+    #[test]
+    fn a_kept_compiler_compiles_what_a_fresh_one_does() {
+        type Step = fn(&mut Inventory, &mut Vec<PolicyModel>, &mut [IdentityAllocator; 2]);
+        fn edit_pod(inv: &mut Inventory, key: &str, edit: impl FnOnce(&mut Pod)) {
+            let (namespace, name) = key.split_once('/').expect("ns/name");
+            let key = ObjectRef {
+                namespace: namespace.into(),
+                name: name.into(),
+            };
+            let mut pod = (*inv.pods[&key]).clone();
+            edit(&mut pod);
+            inv.pods.insert(key, Arc::new(pod));
+        }
+        fn set_label(pod: &mut Pod, key: &str, value: &str) {
+            let labels = pod.metadata.labels.get_or_insert_default();
+            labels.insert(key.into(), value.into());
+        }
+        let policies = r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: api, namespace: backend}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: fe}}, podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: http}]
+  - from: [{podSelector: {matchLabels: {app: tool}}}]
+  egress:
+  - to: [{namespaceSelector: {matchLabels: {team: be}}}]
+  - to: [{ipBlock: {cidr: 10.9.0.0/16, except: [10.9.1.0/24]}}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: db, namespace: data}
+spec:
+  podSelector: {}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {team: be}}}], ports: [{port: pg}]}]
+";
+        let steps: [(&str, Step); 11] = [
+            ("first compilation", |_, _, _| {}),
+            ("nothing changed", |_, _, _| {}),
+            ("a pod's labels", |inv, _, _| {
+                edit_pod(inv, "backend/tool", |p| set_label(p, "app", "web"));
+            }),
+            ("a namespace's labels", |inv, _, _| {
+                let mut ns = (*inv.namespaces["backend"]).clone();
+                ns.metadata.labels = Some([("team".into(), "fe".into())].into());
+                inv.namespaces.insert("backend".into(), Arc::new(ns));
+            }),
+            ("a namespace goes", |inv, _, _| {
+                inv.namespaces.remove("frontend");
+            }),
+            ("a pod's named port", |inv, _, _| {
+                edit_pod(inv, "backend/api", |p| {
+                    let spec = p.spec.as_mut().expect("spec");
+                    let port = &mut spec.containers[0].ports.as_mut().expect("ports")[0];
+                    port.container_port = 8443;
+                });
+            }),
+            (
+                "a pod moves to this node and another finishes",
+                |inv, _, _| {
+                    edit_pod(inv, "backend/api-2", |p| {
+                        p.spec.as_mut().expect("spec").node_name = Some(NODE.into());
+                    });
+                    edit_pod(inv, "data/db", |p| {
+                        p.status.as_mut().expect("status").phase = Some("Failed".into());
+                    });
+                },
+            ),
+            (
+                "a pod goes and one comes with the same name",
+                |inv, _, _| {
+                    let key = ObjectRef {
+                        namespace: "backend".into(),
+                        name: "tool".into(),
+                    };
+                    inv.pods.remove(&key);
+                    edit_pod(inv, "frontend/web", |p| set_label(p, "app", "tool"));
+                },
+            ),
+            ("a policy CIDR is added", |_, pols, _| {
+                pols.extend(models(
+                    r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: out, namespace: frontend}
+spec: {podSelector: {}, egress: [{to: [{ipBlock: {cidr: 10.8.0.0/16}}]}]}
+",
+                ));
+            }),
+            ("the policies go", |_, pols, _| pols.clear()),
+            (
+                "the allocator is replaced by one that numbers differently",
+                |_, pols, ids| {
+                    *pols = models(
+                        r"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {name: all, namespace: backend}
+spec: {podSelector: {}, ingress: [{from: [{podSelector: {matchLabels: {app: api}}}]}]}
+",
+                    );
+                    for a in ids.iter_mut() {
+                        *a = IdentityAllocator::new();
+                        a.allocate(&Labels::from([("other".to_owned(), "x".to_owned())]));
+                    }
+                },
+            ),
+        ];
+        let mut inv = inventory();
+        let mut policies = models(policies);
+        // [kept compiler's allocator, fresh compilations' allocator]
+        let mut ids = [IdentityAllocator::new(), IdentityAllocator::new()];
+        let mut kept = Compiler::default();
+        for (what, step) in steps {
+            step(&mut inv, &mut policies, &mut ids);
+            let [kept_ids, fresh_ids] = &mut ids;
+            let fresh = compile(NODE, &inv, &policies, fresh_ids);
+            let reused = kept.compile(NODE, &inv, &policies, kept_ids);
+            assert_eq!(reused, fresh, "after {what}");
+            assert_eq!(kept_ids, fresh_ids, "identities after {what}");
+            assert!(!fresh.endpoints.is_empty(), "{what}: something to compare");
+        }
     }
 
     #[test]

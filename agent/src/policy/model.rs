@@ -107,7 +107,7 @@ pub enum Entity {
 }
 
 /// One peer of a rule. A rule's peers are alternatives (any one matches).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Every peer, inside or outside the cluster (identity 0).
     Any,
