@@ -550,14 +550,14 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
 /// addresses of pods in the mesh (traffic to them is tunnelled).
 fn ipcache_values(
     compiled: &policy::CompiledState,
-    view: &crate::tunnel::MeshView,
+    meshed: &std::collections::HashMap<IpAddr, bool>,
 ) -> BTreeMap<ipnet::IpNet, agent_common::IpcacheValue> {
     compiled
         .ipcache
         .iter()
         .map(|(net, identity)| {
             let host = net.prefix_len() == net.max_prefix_len();
-            let meshed = host && view.workload(net.addr()).is_some_and(|w| w.mode.meshed());
+            let meshed = host && meshed.get(&net.addr().to_canonical()) == Some(&true);
             let flags = if meshed {
                 agent_common::IPCACHE_MESHED
             } else {
@@ -715,16 +715,13 @@ impl Control {
             ep.mesh = modes.get(pod).copied().unwrap_or_default();
         }
         let compiled = Arc::new(compiled);
-        // The tunnel's view of this state; it answers from it once the kernel enforces it.
-        let view = crate::tunnel::MeshView::build(
-            &self.node,
+        let meshed = crate::tunnel::MeshView::meshed_addresses(
             self.shared.authority.trust_domain(),
             &inv,
-            compiled.clone(),
             &modes,
         );
-        let ipcache = ipcache_values(&compiled, &view);
-        phases.end("mesh");
+        let ipcache = ipcache_values(&compiled, &meshed);
+        phases.end("modes");
 
         let mut endpoints = Vec::new();
         let mut desired = BTreeMap::new();
@@ -839,6 +836,16 @@ impl Control {
             }
         }
         phases.end("attach");
+        // The tunnel's view of this state; it answers from it once the kernel enforces it.
+        // Built after the maps are written: nothing in the kernel waits for it.
+        let view = crate::tunnel::MeshView::build(
+            &self.node,
+            self.shared.authority.trust_domain(),
+            &inv,
+            compiled.clone(),
+            &modes,
+        );
+        phases.end("view");
         // Written (and fsynced) only when an identity was allocated or released: most syncs
         // change policy, not identities.
         let revision = self.identities.revision();

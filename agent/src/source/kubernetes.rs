@@ -380,12 +380,14 @@ impl KubernetesSource {
     pub fn load(&self) -> Snapshot {
         let store = lock(&self.store);
         let mut snapshot = Snapshot::default();
+        let mut inventory = manifests::InventoryBuilder::default();
         for kind in store.kinds.values() {
             for object in kind.objects.values() {
-                manifests::insert(&mut snapshot.inventory, object.clone());
+                inventory.add(object.clone());
             }
             snapshot.errors.extend(kind.errors.values().cloned());
         }
+        snapshot.inventory = inventory.build();
         snapshot
     }
 

@@ -69,6 +69,28 @@ impl MeshView {
         }
     }
 
+    /// Whether each pod address belongs to a meshed pod, as [`MeshView::build`] would say
+    /// (`view.workload(ip).is_some_and(|w| w.mode.meshed())`) without building the view: the
+    /// ipcache needs this before the maps are written, the view only after.
+    #[must_use]
+    pub fn meshed_addresses(
+        trust_domain: &str,
+        inv: &Inventory,
+        modes: &BTreeMap<ObjectRef, MeshMode>,
+    ) -> HashMap<IpAddr, bool> {
+        let mut meshed = HashMap::new();
+        for (r, pod) in &inv.pods {
+            if crate::ca::spiffe::pod_identity(trust_domain, &r.namespace, pod).is_err() {
+                continue;
+            }
+            let mode = modes.get(r).copied().unwrap_or_default();
+            for ip in pod_ips(pod) {
+                meshed.entry(ip).or_insert(mode.meshed());
+            }
+        }
+        meshed
+    }
+
     #[must_use]
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         // IPv4-mapped IPv6 (as a dual-stack socket reports IPv4 peers) is the IPv4 address.
@@ -201,6 +223,59 @@ mod tests {
         assert_eq!(
             web.hbone_peer("10.0.1.2".parse().unwrap(), 15008),
             Some("192.168.0.1:15008".parse().unwrap())
+        );
+    }
+
+    /// The ipcache's meshed flags come from `meshed_addresses` before the view exists: it must
+    /// say what the view says for every address, including a pod without a valid identity (not
+    /// in the view at all) and an address two pods claim (the first one's).
+    #[test]
+    fn meshed_addresses_agree_with_the_view() {
+        let mut inv = inventory();
+        let extra = [
+            ("bad", "Bad_Account!", "10.0.1.7", MeshMode::Strict),
+            ("twin", "twin", "10.0.1.2", MeshMode::Permissive),
+        ];
+        let mut modes = BTreeMap::new();
+        for (name, account, ip, mode) in extra {
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"nodeName": "n1", "serviceAccountName": account, "containers": []},
+                "status": {"podIP": ip},
+            }))
+            .unwrap();
+            let key = ObjectRef {
+                namespace: "shop".into(),
+                name: name.into(),
+            };
+            inv.pods.insert(key.clone(), pod.into());
+            modes.insert(key, mode);
+        }
+        modes.insert(
+            ObjectRef {
+                namespace: "shop".into(),
+                name: "api".into(),
+            },
+            MeshMode::Strict,
+        );
+        let view = MeshView::build("n1", "cluster.local", &inv, Arc::default(), &modes);
+        let meshed = MeshView::meshed_addresses("cluster.local", &inv, &modes);
+        for ip in ["10.0.1.2", "10.0.2.2", "10.0.1.7"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let from_view = view.workload(ip).is_some_and(|w| w.mode.meshed());
+            assert_eq!(meshed.get(&ip) == Some(&true), from_view, "{ip}");
+        }
+        assert_eq!(meshed.get(&"10.0.2.2".parse().unwrap()), Some(&true));
+        // shop/twin sorts before shop/web, whose mode is off: the first claim is twin's.
+        assert_eq!(
+            meshed.get(&"10.0.1.2".parse().unwrap()),
+            Some(&true),
+            "the first claim"
+        );
+        assert_eq!(
+            meshed.get(&"10.0.1.7".parse().unwrap()),
+            None,
+            "no valid identity"
         );
     }
 }
