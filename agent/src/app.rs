@@ -387,6 +387,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     'run: loop {
         control.reconcile(&mut datapath);
+        settle_heap();
         let resync = tokio::time::sleep(config.resync_interval);
         tokio::pin!(resync);
         loop {
@@ -572,6 +573,17 @@ fn ipcache_values(
             )
         })
         .collect()
+}
+
+/// Sorts what the last reconciliation freed into glibc's bins now, while nothing waits for it.
+/// Its frees sit in the fast bins until a request above the small sizes makes malloc consolidate
+/// them, and the next reconciliation's first such request (at 1,000 pods, `opendir`'s 32 KiB
+/// buffer in `load`) paid for that on the way to enforcing a change: `load` 2.0-2.15 -> 1.44-1.55
+/// ms (medians) in the lab. Memory is not given back here: that is [`Control::trim`], after
+/// changes stop.
+fn settle_heap() {
+    // Above the small-bin sizes and below the mmap threshold: served from the arena.
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(64 * 1024)));
 }
 
 /// How often the flow reader drains the ring without a wakeup.
@@ -915,6 +927,8 @@ impl Control {
                 };
                 (r, mode)
             })
+            // Every reader takes a missing pod as off: a cluster without a mesh has an empty map.
+            .filter(|(_, mode)| mode.meshed())
             .collect()
     }
 

@@ -79,6 +79,10 @@ impl MeshView {
         modes: &BTreeMap<ObjectRef, MeshMode>,
     ) -> HashMap<IpAddr, bool> {
         let mut meshed = HashMap::new();
+        // No pod in the mesh: every address would say no.
+        if !modes.values().any(|m| m.meshed()) {
+            return meshed;
+        }
         for (r, pod) in &inv.pods {
             if crate::ca::spiffe::pod_identity(trust_domain, &r.namespace, pod).is_err() {
                 continue;
@@ -277,5 +281,11 @@ mod tests {
             None,
             "no valid identity"
         );
+        // Nobody in the mesh: nothing to look up, and the view agrees.
+        let off: BTreeMap<ObjectRef, MeshMode> =
+            modes.into_keys().map(|k| (k, MeshMode::Off)).collect();
+        assert!(MeshView::meshed_addresses("cluster.local", &inv, &off).is_empty());
+        let view = MeshView::build("n1", "cluster.local", &inv, Arc::default(), &off);
+        assert!(view.workloads.values().all(|w| !w.mode.meshed()));
     }
 }
