@@ -118,17 +118,17 @@ struct PeerCache {
 }
 
 impl PeerCache {
-    /// Starts a compilation: what was resolved against other identities is forgotten, and so
-    /// is what the last compilation did not use.
-    fn begin(&mut self, identities: BTreeSet<u32>, state: &CompiledState) {
-        let same = self.identities == identities
+    /// Starts a compilation over the pod identities `identities`: what was resolved against
+    /// other identities is forgotten, and so is what the last compilation did not use.
+    fn begin(&mut self, identities: impl Iterator<Item = u32> + Clone, state: &CompiledState) {
+        let same = self.identities.iter().copied().eq(identities.clone())
             && self.policy_cidrs == state.policy_cidrs
             && self.principals == state.principals;
         if same {
             let last = self.round;
             self.resolved.retain(|_, (used, _)| *used == last);
         } else {
-            self.identities = identities;
+            self.identities = identities.collect();
             self.policy_cidrs.clone_from(&state.policy_cidrs);
             self.principals.clone_from(&state.principals);
             self.resolved.clear();
@@ -136,16 +136,22 @@ impl PeerCache {
         self.round += 1;
     }
 
-    /// `peer`'s identities, resolved by `resolve` if not known yet.
-    fn get(&mut self, peer: &Peer, resolve: impl FnOnce() -> BTreeSet<u32>) -> &BTreeSet<u32> {
-        let round = self.round;
-        // Looked up before inserting so that a hit costs one hash and no clone of the peer.
-        if !self.resolved.contains_key(peer) {
-            self.resolved.insert(peer.clone(), (round, resolve()));
+    /// Adds `peer`'s identities to `out`, resolved by `resolve` if not known yet. A hit costs
+    /// one hash and no clone of the peer.
+    fn extend(
+        &mut self,
+        out: &mut BTreeSet<u32>,
+        peer: &Peer,
+        resolve: impl FnOnce() -> BTreeSet<u32>,
+    ) {
+        if let Some((used, ids)) = self.resolved.get_mut(peer) {
+            *used = self.round;
+            out.extend(ids.iter().copied());
+            return;
         }
-        let (used, ids) = self.resolved.get_mut(peer).expect("just inserted");
-        *used = round;
-        ids
+        let ids = resolve();
+        out.extend(ids.iter().copied());
+        self.resolved.insert(peer.clone(), (self.round, ids));
     }
 }
 
@@ -213,11 +219,7 @@ impl Compiler {
             let namespace = inv.namespaces.get(ns);
             let cached = self.pods.get_mut(key).filter(|c| {
                 Arc::ptr_eq(&c.pod, pod)
-                    && match (&c.namespace, namespace) {
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                        (None, None) => true,
-                        _ => false,
-                    }
+                    && c.namespace.as_ref().map(Arc::as_ptr) == namespace.map(Arc::as_ptr)
             });
             let facts = match cached {
                 Some(c) => {
@@ -397,9 +399,7 @@ fn compile_state(
 
     // Built only when a peer is not in the cache.
     let index = std::cell::OnceCell::new();
-    cache
-        .peers
-        .begin(by_identity.keys().copied().collect(), &state);
+    cache.peers.begin(by_identity.keys().copied(), &state);
 
     // Policies in a stable order, with their rule ids.
     let mut order = policies;
@@ -422,12 +422,11 @@ fn compile_state(
                     peers: {
                         let mut peers = BTreeSet::new();
                         for peer in &r.peers {
-                            let resolved = cache.peers.get(peer, || {
+                            cache.peers.extend(&mut peers, peer, || {
                                 let index = index.get_or_init(|| IdentityIndex::new(&by_identity));
                                 let facts = (&state.policy_cidrs, &state.principals);
                                 resolve_peer(peer, &by_identity, index, facts)
                             });
-                            peers.extend(resolved.iter().copied());
                         }
                         peers
                     },

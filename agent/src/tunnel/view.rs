@@ -45,12 +45,7 @@ impl MeshView {
         modes: &BTreeMap<ObjectRef, MeshMode>,
     ) -> Self {
         let mut workloads = HashMap::new();
-        for (r, pod) in &inv.pods {
-            // A pod without a valid identity cannot take part; the control loop reports it.
-            let Ok(identity) = crate::ca::spiffe::pod_identity(trust_domain, &r.namespace, pod)
-            else {
-                continue;
-            };
+        for (r, pod, identity) in members(trust_domain, inv) {
             let spec_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
             let workload = Arc::new(Workload {
                 pod: r.clone(),
@@ -83,10 +78,7 @@ impl MeshView {
         if !modes.values().any(|m| m.meshed()) {
             return meshed;
         }
-        for (r, pod) in &inv.pods {
-            if crate::ca::spiffe::pod_identity(trust_domain, &r.namespace, pod).is_err() {
-                continue;
-            }
+        for (r, pod, _) in members(trust_domain, inv) {
             let mode = modes.get(r).copied().unwrap_or_default();
             for ip in pod_ips(pod) {
                 meshed.entry(ip).or_insert(mode.meshed());
@@ -119,6 +111,19 @@ impl Workload {
             .or_else(|| self.host_ips.first())
             .map(|ip| SocketAddr::new(*ip, port))
     }
+}
+
+/// The pods that can take part in the mesh, with their identities: those with a valid one (the
+/// control loop reports the others). The one rule for [`MeshView::build`] and
+/// [`MeshView::meshed_addresses`].
+fn members<'a>(
+    trust_domain: &'a str,
+    inv: &'a Inventory,
+) -> impl Iterator<Item = (&'a ObjectRef, &'a Pod, SpiffeId)> + 'a {
+    inv.pods.iter().filter_map(move |(r, pod)| {
+        let identity = crate::ca::spiffe::pod_identity(trust_domain, &r.namespace, pod).ok()?;
+        Some((r, pod.as_ref(), identity))
+    })
 }
 
 /// A pod's addresses (`status.podIPs`, then `status.podIP`), the unparsable ones left out.
