@@ -175,6 +175,9 @@ pub const CT_F_REDIRECT: u8 = 1 << 0;
 /// `CtValue::flags`: the agent opened this flow to the pod (a tunnel delivery): replies are
 /// marked for local delivery to the agent.
 pub const CT_F_TUNNELED: u8 = 1 << 1;
+/// `CtValue::flags`: the entry is stored under the reverse of the tuple that created it (see
+/// [`CtKey`]); [`CtKey::original`] turns a stored key back.
+pub const CT_F_STORED_REVERSED: u8 = 1 << 2;
 
 /// `NW_ENDPOINTS` value, keyed by the `u32` ifindex of the pod's host-side interface.
 #[repr(C)]
@@ -230,8 +233,14 @@ pub struct IpcacheValue {
     pub flags: u32,
 }
 
-/// `NW_CONNTRACK` key: the tuple as the packet that created the entry carried it, plus the
-/// direction it was evaluated in at this node.
+/// `NW_CONNTRACK` key: the tuple of the packet that created the entry, plus the direction it was
+/// evaluated in at this node, stored in one canonical orientation so that a packet and its reply
+/// find the entry with one lookup.
+///
+/// A flow's two orientations are the tuple as its first packet carried it (`A -> B`, direction
+/// `d`) and the reverse (`B -> A`, the opposite direction), which is how its replies arrive at
+/// the same endpoint. The entry is stored under the orientation whose source (address, port)
+/// sorts first; `CT_F_STORED_REVERSED` in the value says it is the reverse of the original.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -242,6 +251,78 @@ pub struct CtKey {
     pub protocol: u8,
     pub direction: u8,
     pub _pad: [u8; 2],
+}
+
+impl CtKey {
+    /// The other orientation of the same flow: the tuple reversed, in the opposite direction.
+    #[inline(always)]
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
+            protocol: self.protocol,
+            direction: if self.direction == DIR_INGRESS {
+                DIR_EGRESS
+            } else {
+                DIR_INGRESS
+            },
+            _pad: [0; 2],
+        }
+    }
+
+    /// Whether this orientation is the stored one: see [`CtKey::orders_first`].
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_canonical(&self) -> bool {
+        Self::orders_first(&self.saddr, self.sport_be, &self.daddr, self.dport_be)
+    }
+
+    /// Whether a tuple from (`saddr`, `sport_be`) to (`daddr`, `dport_be`) is stored as it is:
+    /// its source sorts before its destination, or equals it. The order is arbitrary but fixed
+    /// (two native-endian 64-bit words, then the port as stored): no byte swaps and no `memcmp`,
+    /// which the BPF backend lacks. Only the datapath orders keys; readers of the map use
+    /// `CT_F_STORED_REVERSED`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn orders_first(
+        saddr: &[u8; 16],
+        sport_be: u16,
+        daddr: &[u8; 16],
+        dport_be: u16,
+    ) -> bool {
+        let (s0, s1) = addr_words(saddr);
+        let (d0, d1) = addr_words(daddr);
+        if s0 != d0 {
+            return s0 < d0;
+        }
+        if s1 != d1 {
+            return s1 < d1;
+        }
+        sport_be <= dport_be
+    }
+
+    /// The key of the packet that created the entry stored under `self` with `flags`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn original(&self, flags: u8) -> Self {
+        if flags & CT_F_STORED_REVERSED != 0 {
+            self.reversed()
+        } else {
+            *self
+        }
+    }
+}
+
+/// An address as two native-endian words, for ordering.
+#[inline(always)]
+const fn addr_words(a: &[u8; 16]) -> (u64, u64) {
+    (
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
 }
 
 /// `NW_CONNTRACK` value.
@@ -365,5 +446,46 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FlowEvent>(), 72);
         assert_eq!(POLICY_KEY_PREFIX_FULL as usize, size_of::<PolicyKey>() * 8);
+    }
+
+    fn key(saddr: [u8; 16], sport: u16, daddr: [u8; 16], dport: u16) -> CtKey {
+        CtKey {
+            saddr,
+            daddr,
+            sport_be: sport.to_be(),
+            dport_be: dport.to_be(),
+            protocol: 6,
+            direction: DIR_EGRESS,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn exactly_one_orientation_of_a_flow_is_canonical_and_original_undoes_the_storage() {
+        let mut low = [0u8; 16];
+        low[15] = 1;
+        let mut high = low;
+        high[15] = 2;
+        // The second word decides here, the first in the next case; equal addresses, the port.
+        let mut first_word = low;
+        first_word[0] = 1;
+        for k in [
+            key(low, 40000, high, 80),
+            key(high, 40000, low, 80),
+            key(first_word, 1, high, 2),
+            key(low, 80, low, 40000),
+            key(low, 40000, low, 80),
+        ] {
+            let r = k.reversed();
+            assert_eq!(r.direction, DIR_INGRESS);
+            assert_eq!(r.reversed(), k, "reversing twice is the identity");
+            assert_ne!(k.is_canonical(), r.is_canonical(), "{k:?}");
+            let (stored, flags) = if k.is_canonical() {
+                (k, 0)
+            } else {
+                (r, CT_F_STORED_REVERSED)
+            };
+            assert_eq!(stored.original(flags), k);
+        }
     }
 }

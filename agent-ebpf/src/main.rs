@@ -21,11 +21,12 @@ mod policy;
 use agent_common::{
     CONFIG_EVENTS_ALL_FLOWS, COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS,
     COUNTER_PACKETS, COUNTER_PASSED, COUNTER_POLICY_REEVALUATED, COUNTER_REDIRECTED, COUNTERS_LEN,
-    CT_F_REDIRECT, CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DatapathConfig,
-    EP_HAS_IPV4, EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT, EVENTS_RING_BYTES, EndpointInfo,
-    FlowEvent, FragKey, FragValue, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue, MAX_CONNTRACK,
-    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES,
-    PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason, mesh, tcp_flags,
+    CT_F_REDIRECT, CT_F_STORED_REVERSED, CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
+    DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT, EVENTS_RING_BYTES,
+    EndpointInfo, FlowEvent, FragKey, FragValue, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue,
+    MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS,
+    MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason,
+    mesh, tcp_flags,
 };
 use aya_ebpf::{
     bindings::{
@@ -211,18 +212,15 @@ fn conntrack_verdict(
     // Forwarded new flows are reported only when the agent asked for every flow; drops always
     // are (by `run`).
     let all_flows = flags & CONFIG_EVENTS_ALL_FLOWS != 0;
-    let key = policy::ct_key(ev, direction);
-    let reverse = policy::ct_reverse_key(ev, direction);
 
     // A SYN without ACK opens a connection, even on a tuple conntrack still remembers (a client
     // reusing its port after a close): evaluate and report it as the new flow it is.
     let opens = ev.protocol == parse::IPPROTO_TCP
         && ev.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-    let (hit, remembered) = if opens {
-        (None, NW_CONNTRACK.get_ptr_mut(key))
-    } else {
-        (policy::ct_lookup(&key, &reverse), None)
-    };
+    // One lookup finds the flow in either direction (see `CtKey`).
+    let (stored_key, reversed) = policy::ct_stored_key(ev, direction);
+    let entry = NW_CONNTRACK.get_ptr_mut(stored_key);
+    let (hit, remembered) = if opens { (None, entry) } else { (entry, None) };
     let Some(hit) = hit else {
         // A new flow, evaluated in this packet's direction.
         count(COUNTER_NEW_FLOWS);
@@ -230,11 +228,11 @@ fn conntrack_verdict(
         let (ct_flags, notify) = if from_agent {
             // A tunnel delivery: the agent checked this pod's ingress policy against the
             // peer's certificate, which the kernel cannot see. The agent reports the flow.
-            (decision.peer_identity, _) = policy::peer(&key.saddr);
+            (decision.peer_identity, _) = policy::peer(&ev.saddr);
             decision.verdict = VERDICT_FORWARDED;
             (CT_F_TUNNELED, false)
         } else {
-            policy::evaluate(ep, &key, &mut decision);
+            policy::evaluate(ep, &stored_key, reversed, &mut decision);
             (
                 mesh_decision(ep, direction, ev.protocol, &mut decision),
                 all_flows,
@@ -243,53 +241,67 @@ fn conntrack_verdict(
         if ct_flags & CT_F_REDIRECT != 0 {
             count(COUNTER_REDIRECTED);
         }
-        let value = policy::ct_value(ep, direction, &decision, generation, ct_flags);
+        let stored_flags = if reversed { CT_F_STORED_REVERSED } else { 0 };
+        let value = policy::ct_value(
+            ep,
+            direction,
+            &decision,
+            generation,
+            ct_flags | stored_flags,
+        );
         match remembered {
             // The tuple's old entry is overwritten in place: cheaper than an LRU update,
             // which takes a fresh element and frees the old one.
             // SAFETY: a map value pointer from a successful lookup; a plain store into it.
             Some(p) => unsafe { *p = value },
-            None => policy::ct_insert(&key, &value),
+            None => policy::ct_insert(&stored_key, &value),
         }
         report(ev, &value, false, notify)?;
         return Ok(ct_flags & CT_F_REDIRECT != 0);
     };
 
-    let original: &CtKey = if hit.is_reply { &reverse } else { &key };
     // SAFETY: a map value pointer from a successful lookup, valid for this program run.
-    let stored = unsafe { *hit.value };
+    let stored = unsafe { *hit };
+    let is_reply = policy::ct_is_reply(&stored, reversed);
+
     // Replies of a tunnel delivery go back to the agent; the packets of a redirected flow go on
     // to it.
-    let steer_bit = if hit.is_reply {
+    let steer_bit = if is_reply {
         CT_F_TUNNELED
     } else {
         CT_F_REDIRECT
     };
     if stored.generation == generation || stored.flags & CT_F_TUNNELED != 0 {
         // Tunnel deliveries keep the agent's verdict: the kernel cannot re-check a certificate.
-        report(ev, &stored, hit.is_reply, false)?;
+        report(ev, &stored, is_reply, false)?;
         return Ok(stored.flags & steer_bit != 0);
     }
 
     // Policy changed since the verdict: evaluate again, for the entry's original direction, with
     // this endpoint as the subject. A flow keeps the path it started on (tunnelled or not): a
     // live connection cannot move between the two.
-    let mut decision = Decision::default();
-    policy::evaluate(ep, original, &mut decision);
-    let _ = mesh_decision(ep, original.direction, original.protocol, &mut decision);
-    let ct_flags = if decision.verdict == VERDICT_FORWARDED {
-        stored.flags & CT_F_REDIRECT
+    let stored_reversed = stored.flags & CT_F_STORED_REVERSED != 0;
+    let original_direction = if stored_reversed {
+        policy::opposite(stored_key.direction)
     } else {
-        0
+        stored_key.direction
     };
-    let value = policy::ct_value(ep, original.direction, &decision, generation, ct_flags);
+    let mut decision = Decision::default();
+    policy::evaluate(ep, &stored_key, stored_reversed, &mut decision);
+    let _ = mesh_decision(ep, original_direction, ev.protocol, &mut decision);
+    let ct_flags = if decision.verdict == VERDICT_FORWARDED {
+        stored.flags & (CT_F_REDIRECT | CT_F_STORED_REVERSED)
+    } else {
+        stored.flags & CT_F_STORED_REVERSED
+    };
+    let value = policy::ct_value(ep, original_direction, &decision, generation, ct_flags);
     // SAFETY: as above; a plain store into the map value.
-    unsafe { *hit.value = value };
+    unsafe { *hit = value };
     count(COUNTER_POLICY_REEVALUATED);
     report(
         ev,
         &value,
-        hit.is_reply,
+        is_reply,
         all_flows && value.verdict != stored.verdict,
     )?;
     Ok(value.flags & steer_bit != 0)
@@ -411,11 +423,7 @@ pub fn to_proxy(ctx: SkLookupContext) -> u32 {
     };
     key.sport_be = remote_port;
     key.dport_be = (local_port as u16).to_be();
-    let redirected = NW_CONNTRACK
-        .get_ptr(key)
-        // SAFETY: a map value pointer from a successful lookup.
-        .is_some_and(|v| unsafe { (*v).flags } & CT_F_REDIRECT != 0);
-    if !redirected {
+    if !redirected(&key) {
         return SK_PASS;
     }
     match NW_PROXY_SOCKETS.redirect_sk_lookup(&ctx, slot, 0) {
@@ -427,6 +435,20 @@ pub fn to_proxy(ctx: SkLookupContext) -> u32 {
             SK_DROP
         }
     }
+}
+
+/// Whether conntrack marked the flow `key` (as the pod opened it) for the tunnel. A separate BPF
+/// function: inlined, LLVM merged `to_proxy`'s context reads into one computed address, which
+/// the verifier refuses ("dereference of modified ctx ptr").
+#[inline(never)]
+fn redirected(key: &CtKey) -> bool {
+    let reversed = !key.is_canonical();
+    let stored_key = if reversed { key.reversed() } else { *key };
+    NW_CONNTRACK.get_ptr(stored_key).is_some_and(|v| {
+        // SAFETY: a map value pointer from a successful lookup.
+        let v = unsafe { &*v };
+        !policy::ct_is_reply(v, reversed) && v.flags & CT_F_REDIRECT != 0
+    })
 }
 
 const AF_INET: u32 = 2;

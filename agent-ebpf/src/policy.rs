@@ -1,10 +1,10 @@
 //! Policy evaluation (ipcache, CIDR identities, the policy LPM trie) and conntrack.
 
 use agent_common::{
-    CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, EndpointInfo,
-    FlowEvent, IDENTITY_ANY, IDENTITY_WORLD, IpcacheValue, POLICY_ALLOW, POLICY_DENY,
-    POLICY_KEY_PREFIX_FULL, PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED,
-    drop_reason,
+    CT_F_STORED_REVERSED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ENFORCED,
+    EP_INGRESS_ENFORCED, EndpointInfo, FlowEvent, IDENTITY_ANY, IDENTITY_WORLD, IpcacheValue,
+    POLICY_ALLOW, POLICY_DENY, POLICY_KEY_PREFIX_FULL, PolicyKey, PolicyValue, VERDICT_DROPPED,
+    VERDICT_FORWARDED, drop_reason,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -60,9 +60,10 @@ fn lookup_policy(
     NW_POLICY.get(key).copied().unwrap_or_default()
 }
 
-/// Evaluates the policy of endpoint `ep` for the flow whose original packet is `key` (its
-/// direction is the policy direction; the peer is the destination for egress, the source for
-/// ingress).
+/// Evaluates the policy of endpoint `ep` for the flow whose original packet is `key`, or the
+/// reverse of `key` when `reversed` (as conntrack stores it: see `CtKey`). The original's
+/// direction is the policy direction; the peer is its destination for egress, its source for
+/// ingress.
 ///
 /// Peers tried: the peer's identity (ipcache, default world), its CIDR identity if any, and the
 /// wildcard 0; for each, the exact protocol and port, then protocol 0 (any). A deny anywhere
@@ -70,15 +71,20 @@ fn lookup_policy(
 ///
 /// A separate BPF function (see [`crate::frame`]); it returns the verdict.
 #[inline(never)]
-pub fn evaluate(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) -> u8 {
-    decide(ep, key, out);
+pub fn evaluate(ep: &EndpointInfo, key: &CtKey, reversed: bool, out: &mut Decision) -> u8 {
+    decide(ep, key, reversed, out);
     out.verdict
 }
 
 #[inline(always)]
-fn decide(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
-    let direction = key.direction;
-    let peer = if direction == DIR_EGRESS {
+fn decide(ep: &EndpointInfo, key: &CtKey, reversed: bool, out: &mut Decision) {
+    let (direction, dport_be) = if reversed {
+        (opposite(key.direction), key.sport_be)
+    } else {
+        (key.direction, key.dport_be)
+    };
+    // The original's destination is the stored source when stored reversed.
+    let peer = if (direction == DIR_EGRESS) != reversed {
         &key.daddr
     } else {
         &key.saddr
@@ -105,7 +111,7 @@ fn decide(ep: &EndpointInfo, key: &CtKey, out: &mut Decision) {
         if !valid {
             continue;
         }
-        for (proto, port) in [(key.protocol, key.dport_be), (0, 0)] {
+        for (proto, port) in [(key.protocol, dport_be), (0, 0)] {
             let v = lookup_policy(set_be, candidate, direction, proto, port);
             if v.verdict == POLICY_DENY {
                 out.verdict = VERDICT_DROPPED;
@@ -150,54 +156,49 @@ pub const fn opposite(direction: u8) -> u8 {
     }
 }
 
-/// The conntrack key of the packet described by `ev`, as seen in `direction`.
+/// The conntrack key the packet described by `ev`, seen in `direction`, finds its flow's entry
+/// under (see `CtKey`), and whether that is the reverse of the packet's own tuple.
+///
+/// Built straight from `ev`, its fields picked by pointer: choosing between two whole keys made
+/// LLVM split them into bytes and spill each one, past the 512-byte stack.
 #[inline(always)]
-pub fn ct_key(ev: &FlowEvent, direction: u8) -> CtKey {
-    CtKey {
-        saddr: ev.saddr,
-        daddr: ev.daddr,
+pub fn ct_stored_key(ev: &FlowEvent, direction: u8) -> (CtKey, bool) {
+    let own = CtKey {
+        saddr: [0; 16],
+        daddr: [0; 16],
         sport_be: ev.sport_be,
         dport_be: ev.dport_be,
         protocol: ev.protocol,
         direction,
         _pad: [0; 2],
-    }
+    };
+    let reversed = !CtKey::orders_first(&ev.saddr, ev.sport_be, &ev.daddr, ev.dport_be);
+    let (src, dst) = if reversed {
+        (&ev.daddr, &ev.saddr)
+    } else {
+        (&ev.saddr, &ev.daddr)
+    };
+    let key = CtKey {
+        saddr: *src,
+        daddr: *dst,
+        sport_be: if reversed { own.dport_be } else { own.sport_be },
+        dport_be: if reversed { own.sport_be } else { own.dport_be },
+        direction: if reversed {
+            opposite(direction)
+        } else {
+            direction
+        },
+        ..own
+    };
+    (key, reversed)
 }
 
-/// The key a reply to the packet described by `ev` would have been stored under: the reversed
-/// tuple, evaluated in the opposite direction.
+/// Whether a packet that found `value` under its key `reversed` (see [`ct_stored_key`]) is a reply
+/// of the flow: the creating packet was stored reversed exactly when its tuple was not
+/// canonical, so a packet stored the other way carries the reverse tuple.
 #[inline(always)]
-pub fn ct_reverse_key(ev: &FlowEvent, direction: u8) -> CtKey {
-    CtKey {
-        saddr: ev.daddr,
-        daddr: ev.saddr,
-        sport_be: ev.dport_be,
-        dport_be: ev.sport_be,
-        protocol: ev.protocol,
-        direction: opposite(direction),
-        _pad: [0; 2],
-    }
-}
-
-/// A conntrack entry found for a packet: its value and how it was found.
-pub struct CtHit {
-    pub value: *mut CtValue,
-    /// The entry was created by a packet in the other direction: this packet is a reply.
-    pub is_reply: bool,
-}
-
-#[inline(always)]
-pub fn ct_lookup(key: &CtKey, reverse: &CtKey) -> Option<CtHit> {
-    if let Some(value) = NW_CONNTRACK.get_ptr_mut(key) {
-        return Some(CtHit {
-            value,
-            is_reply: false,
-        });
-    }
-    NW_CONNTRACK.get_ptr_mut(reverse).map(|value| CtHit {
-        value,
-        is_reply: true,
-    })
+pub const fn ct_is_reply(value: &CtValue, reversed: bool) -> bool {
+    reversed != (value.flags & CT_F_STORED_REVERSED != 0)
 }
 
 #[inline(always)]

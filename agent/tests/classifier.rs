@@ -658,6 +658,110 @@ fn a_new_syn_on_a_remembered_tuple_is_a_new_flow() {
     );
 }
 
+/// Conntrack stores a flow under whichever of its two orientations sorts first, so that a packet
+/// and its reply find it with one lookup: a flow's replies must pass with peers on both sides of
+/// the pod's address, in both families and both directions, and the entry must read back as the
+/// packet that opened it.
+#[test]
+fn replies_find_their_flow_whichever_way_its_tuple_sorts() {
+    let low_v4 = Ipv4Addr::new(10, 100, 0, 1);
+    let low_v6 = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+    let cases: [(IpAddr, IpAddr); 4] = [
+        (POD_V4.into(), PEER_V4.into()),
+        (POD_V4.into(), low_v4.into()),
+        (POD_V6.into(), PEER_V6.into()),
+        (POD_V6.into(), low_v6.into()),
+    ];
+    for (pod, peer) in cases {
+        let mut env = Env::new();
+        env.add_pod(EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED);
+        env.put_ipcache(&format!("{low_v4}/32"), PEER_IDENTITY, 0);
+        env.put_ipcache(&format!("{low_v6}/128"), PEER_IDENTITY, 0);
+        env.allow(PEER_IDENTITY, DIR_EGRESS, PROTO_TCP, 80, 11);
+        env.allow(PEER_IDENTITY, DIR_INGRESS, PROTO_TCP, 8080, 12);
+        let packet = |src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8| {
+            let l4 = tcp(sport, dport, flags);
+            match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => V4::new(s, d, PROTO_TCP).packet(&l4),
+                (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, PROTO_TCP, &l4),
+                _ => unreachable!("one family per case"),
+            }
+        };
+        let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
+
+        // The pod connects out (egress allowed; no ingress rule for the replies).
+        let out = [
+            (true, packet(pod, peer, 40000, 80, tcp_flags::SYN)),
+            (false, packet(peer, pod, 80, 40000, syn_ack)),
+            (true, packet(pod, peer, 40000, 80, tcp_flags::ACK)),
+            (
+                false,
+                packet(peer, pod, 80, 40000, tcp_flags::FIN | tcp_flags::ACK),
+            ),
+        ];
+        // The peer connects in (ingress allowed; no egress rule for the replies).
+        let inbound = [
+            (false, packet(peer, pod, 50000, 8080, tcp_flags::SYN)),
+            (true, packet(pod, peer, 8080, 50000, syn_ack)),
+            (false, packet(peer, pod, 50000, 8080, tcp_flags::ACK)),
+            (true, packet(pod, peer, 8080, 50000, tcp_flags::ACK)),
+        ];
+        for (i, (from_pod, p)) in out.iter().chain(&inbound).enumerate() {
+            let verdict = if *from_pod {
+                env.send_from_pod(p)
+            } else {
+                env.send_to_pod(p)
+            };
+            assert_eq!(verdict, TC_ACT_OK, "{pod} <-> {peer}: packet {i} must pass");
+        }
+        assert_eq!(
+            env.counters()[COUNTER_NEW_FLOWS as usize],
+            2,
+            "{pod} <-> {peer}: two connections, two new flows"
+        );
+        let mut ct = env.dp.maps().conntrack().expect("conntrack");
+        ct.sort_by_key(|(k, _)| k.direction);
+        let opened: Vec<_> = ct
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.direction,
+                    k.saddr,
+                    k.sport_be,
+                    k.daddr,
+                    k.dport_be,
+                    v.rule_id,
+                    v.flags,
+                )
+            })
+            .collect();
+        assert_eq!(
+            opened,
+            vec![
+                (
+                    DIR_INGRESS,
+                    addr_bytes(peer),
+                    port_be(50000),
+                    addr_bytes(pod),
+                    port_be(8080),
+                    12,
+                    0
+                ),
+                (
+                    DIR_EGRESS,
+                    addr_bytes(pod),
+                    port_be(40000),
+                    addr_bytes(peer),
+                    port_be(80),
+                    11,
+                    0
+                ),
+            ],
+            "{pod} <-> {peer}: one entry per connection, read back as its first packet"
+        );
+    }
+}
+
 #[test]
 fn default_deny_drops_and_reports_reason_and_rule() {
     let mut env = Env::new();

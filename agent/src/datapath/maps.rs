@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use agent_common::{
-    COUNTERS_LEN, CtKey, CtValue, DatapathConfig, EndpointInfo, FragKey, FragValue, IpcacheValue,
-    PolicyKey, PolicyValue, map_names,
+    COUNTERS_LEN, CT_F_STORED_REVERSED, CtKey, CtValue, DatapathConfig, EndpointInfo, FragKey,
+    FragValue, IpcacheValue, PolicyKey, PolicyValue, map_names,
 };
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
@@ -155,13 +155,22 @@ impl PinnedMaps {
             .map_err(op(map_names::CONFIG, "write"))
     }
 
-    /// The conntrack table (for diagnostics and tests).
+    /// The conntrack table (for diagnostics and tests), each entry keyed by the tuple and
+    /// direction of the packet that created it, whichever orientation it is stored in (the
+    /// storage bit `CT_F_STORED_REVERSED` is cleared).
     ///
     /// # Errors
     /// A failed map read.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
         self.conntrack
             .iter()
+            .map(|entry| {
+                entry.map(|(key, mut value)| {
+                    let key = key.original(value.flags);
+                    value.flags &= !CT_F_STORED_REVERSED;
+                    (key, value)
+                })
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(op(map_names::CONNTRACK, "read"))
     }
