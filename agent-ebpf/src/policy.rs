@@ -163,38 +163,32 @@ pub const fn opposite(direction: u8) -> u8 {
 /// LLVM split them into bytes and spill each one, past the 512-byte stack.
 #[inline(always)]
 pub fn ct_stored_key(ev: &FlowEvent, direction: u8) -> (CtKey, bool) {
-    let own = CtKey {
-        saddr: [0; 16],
-        daddr: [0; 16],
-        sport_be: ev.sport_be,
-        dport_be: ev.dport_be,
-        protocol: ev.protocol,
-        direction,
-        _pad: [0; 2],
-    };
     let reversed = !CtKey::orders_first(&ev.saddr, ev.sport_be, &ev.daddr, ev.dport_be);
-    let (src, dst) = if reversed {
-        (&ev.daddr, &ev.saddr)
+    let (src, sport_be, dst, dport_be, direction) = if reversed {
+        (
+            &ev.daddr,
+            ev.dport_be,
+            &ev.saddr,
+            ev.sport_be,
+            opposite(direction),
+        )
     } else {
-        (&ev.saddr, &ev.daddr)
+        (&ev.saddr, ev.sport_be, &ev.daddr, ev.dport_be, direction)
     };
     let key = CtKey {
         saddr: *src,
         daddr: *dst,
-        sport_be: if reversed { own.dport_be } else { own.sport_be },
-        dport_be: if reversed { own.sport_be } else { own.dport_be },
-        direction: if reversed {
-            opposite(direction)
-        } else {
-            direction
-        },
-        ..own
+        sport_be,
+        dport_be,
+        protocol: ev.protocol,
+        direction,
+        _pad: [0; 2],
     };
     (key, reversed)
 }
 
-/// Whether a packet that found `value` under its key `reversed` (see [`ct_stored_key`]) is a reply
-/// of the flow: the creating packet was stored reversed exactly when its tuple was not
+/// Whether a packet that found `value` under its key `reversed` (see [`ct_stored_key`]) is a
+/// reply of the flow: the creating packet was stored reversed exactly when its tuple was not
 /// canonical, so a packet stored the other way carries the reverse tuple.
 #[inline(always)]
 pub const fn ct_is_reply(value: &CtValue, reversed: bool) -> bool {
