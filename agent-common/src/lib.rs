@@ -27,6 +27,17 @@ pub const IDENTITY_FIRST_ALLOCATED: u32 = 256;
 pub const DIR_INGRESS: u8 = 1;
 pub const DIR_EGRESS: u8 = 2;
 
+/// The other direction.
+#[inline(always)]
+#[must_use]
+pub const fn opposite(direction: u8) -> u8 {
+    if direction == DIR_INGRESS {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    }
+}
+
 /// Flow verdicts (values follow Hubble's `Verdict` enum).
 pub const VERDICT_FORWARDED: u8 = 1;
 pub const VERDICT_DROPPED: u8 = 2;
@@ -264,11 +275,7 @@ impl CtKey {
             sport_be: self.dport_be,
             dport_be: self.sport_be,
             protocol: self.protocol,
-            direction: if self.direction == DIR_INGRESS {
-                DIR_EGRESS
-            } else {
-                DIR_INGRESS
-            },
+            direction: opposite(self.direction),
             _pad: [0; 2],
         }
     }

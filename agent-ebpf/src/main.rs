@@ -26,7 +26,7 @@ use agent_common::{
     EndpointInfo, FlowEvent, FragKey, FragValue, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue,
     MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS,
     MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason,
-    mesh, tcp_flags,
+    mesh, opposite, tcp_flags,
 };
 use aya_ebpf::{
     bindings::{
@@ -280,20 +280,26 @@ fn conntrack_verdict(
     // Policy changed since the verdict: evaluate again, for the entry's original direction, with
     // this endpoint as the subject. A flow keeps the path it started on (tunnelled or not): a
     // live connection cannot move between the two.
-    let stored_reversed = stored.flags & CT_F_STORED_REVERSED != 0;
-    let original_direction = if stored_reversed {
-        policy::opposite(stored_key.direction)
+    let original_direction = if is_reply {
+        opposite(direction)
     } else {
-        stored_key.direction
+        direction
     };
     let mut decision = Decision::default();
-    policy::evaluate(ep, &stored_key, stored_reversed, &mut decision);
+    policy::evaluate(
+        ep,
+        &stored_key,
+        stored.flags & CT_F_STORED_REVERSED != 0,
+        &mut decision,
+    );
     let _ = mesh_decision(ep, original_direction, ev.protocol, &mut decision);
-    let ct_flags = if decision.verdict == VERDICT_FORWARDED {
-        stored.flags & (CT_F_REDIRECT | CT_F_STORED_REVERSED)
+    // The entry stays where it is stored; a denied flow loses the tunnel's redirect.
+    let kept = if decision.verdict == VERDICT_FORWARDED {
+        CT_F_STORED_REVERSED | CT_F_REDIRECT
     } else {
-        stored.flags & CT_F_STORED_REVERSED
+        CT_F_STORED_REVERSED
     };
+    let ct_flags = stored.flags & kept;
     let value = policy::ct_value(ep, original_direction, &decision, generation, ct_flags);
     // SAFETY: as above; a plain store into the map value.
     unsafe { *hit = value };
@@ -335,7 +341,7 @@ fn mesh_decision(ep: &EndpointInfo, direction: u8, protocol: u8, decision: &mut 
 fn report(ev: &mut FlowEvent, value: &CtValue, is_reply: bool, notify: bool) -> Result<(), u8> {
     // Stored identities follow the original tuple; a reply travels the other way.
     if is_reply {
-        ev.direction = policy::opposite(ev.direction);
+        ev.direction = opposite(ev.direction);
         ev.src_identity = value.dst_identity;
         ev.dst_identity = value.src_identity;
     } else {

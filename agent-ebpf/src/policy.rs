@@ -4,7 +4,7 @@ use agent_common::{
     CT_F_STORED_REVERSED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ENFORCED,
     EP_INGRESS_ENFORCED, EndpointInfo, FlowEvent, IDENTITY_ANY, IDENTITY_WORLD, IpcacheValue,
     POLICY_ALLOW, POLICY_DENY, POLICY_KEY_PREFIX_FULL, PolicyKey, PolicyValue, VERDICT_DROPPED,
-    VERDICT_FORWARDED, drop_reason,
+    VERDICT_FORWARDED, drop_reason, opposite,
 };
 use aya_ebpf::maps::lpm_trie::Key;
 
@@ -144,15 +144,6 @@ fn decide(ep: &EndpointInfo, key: &CtKey, reversed: bool, out: &mut Decision) {
         out.verdict = VERDICT_FORWARDED;
         out.drop_reason = drop_reason::NONE;
         out.rule_id = 0;
-    }
-}
-
-#[inline(always)]
-pub const fn opposite(direction: u8) -> u8 {
-    if direction == DIR_INGRESS {
-        DIR_EGRESS
-    } else {
-        DIR_INGRESS
     }
 }
 
