@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use agent_common::FlowEvent;
 use nodeward::flows::log::{FlowLog, FlowLogConfig};
-use nodeward::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore, PolicyRef, from_event};
+use nodeward::flows::{
+    AddressInfo, Clock, Endpoints, EnrichmentIndex, FlowStore, PolicyRef, from_event,
+};
 use nodeward::metrics::Metrics;
 
 const PODS: u32 = 1000;
@@ -123,7 +125,7 @@ fn main() -> anyhow::Result<()> {
     })?;
     let store = FlowStore::new(4096);
     let metrics = Metrics::new()?;
-    let index = index();
+    let mut endpoints = Endpoints::new(Arc::new(index()));
     let clock = Clock::new();
 
     let started = Instant::now();
@@ -135,7 +137,7 @@ fn main() -> anyhow::Result<()> {
         let next = Instant::now() + DRAIN_EVERY;
         let busy = cpu(libc::RUSAGE_THREAD);
         for _ in 0..BURST.min(flows - n as usize) {
-            let flow = Arc::new(from_event(&event(n), &index, &clock));
+            let flow = Arc::new(from_event(&event(n), &mut endpoints, &clock));
             metrics.observe_flow(&flow);
             if !log.offer(flow.clone()) {
                 dropped += 1;

@@ -501,6 +501,7 @@ fn watch(
 
 async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>) {
     let clock = Clock::new();
+    let mut endpoints = crate::flows::Endpoints::new(shared.index());
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
     // always reports that same fd.
     let registered = unsafe {
@@ -531,7 +532,7 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
         if let Some(mut guard) = woken {
             guard.clear_ready();
         }
-        let index = shared.index();
+        endpoints.use_index(&shared.index());
         let ring = fd.get_mut();
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<agent_common::FlowEvent>() {
@@ -542,7 +543,11 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
             let event: agent_common::FlowEvent =
                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            shared.record(Arc::new(crate::flows::from_event(&event, &index, &clock)));
+            shared.record(Arc::new(crate::flows::from_event(
+                &event,
+                &mut endpoints,
+                &clock,
+            )));
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct Metrics {
     map_capacity: IntGaugeVec,
     lost: IntGaugeVec,
     policy_verdicts: IntCounterVec,
+    /// `policy_verdicts`' series by the flows' shared policy (`Arc` address: the entry holds a
+    /// reference, so the address is not reused while it lives) and verdict, for the same reason.
+    policy_series: std::sync::Mutex<PolicySeries>,
     cert_expiry: prometheus::Gauge,
     cert_renewals: IntCounterVec,
     tunnel_streams: IntCounterVec,
@@ -48,6 +51,17 @@ pub struct Metrics {
     tunnel_handshake_failures: IntCounterVec,
     tunnel_bytes: IntCounterVec,
 }
+
+type PolicySeries = foldhash::HashMap<
+    (usize, bool),
+    (
+        std::sync::Arc<crate::flows::PolicyRef>,
+        prometheus::IntCounter,
+    ),
+>;
+
+/// Series kept in `policy_series` at most; past this the next one starts afresh.
+const POLICY_SERIES_KEPT: usize = 4096;
 
 /// Where `flows`' series for these (verdict, direction) labels is kept in `flow_series`.
 fn flow_series(labels: &[&str; 2]) -> Option<usize> {
@@ -185,6 +199,7 @@ impl Metrics {
             map_capacity,
             lost,
             policy_verdicts,
+            policy_series: std::sync::Mutex::default(),
             flow_series: Default::default(),
             cert_expiry,
             cert_renewals,
@@ -269,8 +284,33 @@ impl Metrics {
                 .inc();
         }
         if let Some(p) = &flow.policy {
-            self.policy_verdicts
-                .with_label_values(&[p.label(), &*flow.verdict])
+            let dropped = match &*flow.verdict {
+                "FORWARDED" => false,
+                "DROPPED" => true,
+                other => {
+                    self.policy_verdicts
+                        .with_label_values(&[p.label(), other])
+                        .inc();
+                    return;
+                }
+            };
+            let mut series = self
+                .policy_series
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = (std::sync::Arc::as_ptr(p).addr(), dropped);
+            if !series.contains_key(&key) && series.len() >= POLICY_SERIES_KEPT {
+                series.clear();
+            }
+            series
+                .entry(key)
+                .or_insert_with(|| {
+                    let counter = self
+                        .policy_verdicts
+                        .with_label_values(&[p.label(), &*flow.verdict]);
+                    (p.clone(), counter)
+                })
+                .1
                 .inc();
         }
     }
@@ -687,6 +727,24 @@ mod tests {
             count("ClusterMeshPolicy/allow-dns"),
             1,
             "cluster-scoped policy"
+        );
+
+        // Counted again through the kept series, per verdict; a policy rebuilt by the next
+        // sync (another `Arc`, the same label) counts into the same series.
+        metrics.observe_flow(&flow);
+        flow.verdict = "FORWARDED".into();
+        metrics.observe_flow(&flow);
+        flow.policy = Some(Arc::new((**flow.policy.as_ref().unwrap()).clone()));
+        metrics.observe_flow(&flow);
+        flow.verdict = "DROPPED".into();
+        metrics.observe_flow(&flow);
+        assert_eq!(count("ClusterMeshPolicy/allow-dns"), 3);
+        assert_eq!(
+            metrics
+                .policy_verdicts
+                .with_label_values(&["ClusterMeshPolicy/allow-dns", "FORWARDED"])
+                .get(),
+            2
         );
     }
 

@@ -235,6 +235,7 @@ impl FlowFilter {
 mod tests {
     use super::*;
     use crate::flows::{Ip, L4, Ports};
+    use std::sync::Arc;
 
     fn flow(src_pod: &str, dst_ip: &str, port: u16, verdict: &'static str) -> Flow {
         Flow {
@@ -259,8 +260,9 @@ mod tests {
                 pod_name: src_pod.into(),
                 identity: 300,
                 ..Endpoint::default()
-            },
-            destination: Endpoint::default(),
+            }
+            .into(),
+            destination: Arc::default(),
             traffic_direction: "EGRESS".into(),
             is_reply: false,
             node_name: "n1".into(),
@@ -337,12 +339,12 @@ mod tests {
     #[test]
     fn labels_match_with_or_without_the_source_prefix() {
         let mut a = flow("web-1", "10.0.1.3", 8080, "FORWARDED");
-        a.source.labels = [
+        Arc::make_mut(&mut a.source).labels = [
             "k8s:app=web".into(),
             "k8s:io.kubernetes.pod.namespace=prod".into(),
         ]
         .into();
-        a.destination.labels = ["k8s:app=api".into()].into();
+        Arc::make_mut(&mut a.destination).labels = ["k8s:app=api".into()].into();
         for (from, to, want) in [
             (Some("app=web"), None, true),
             (Some("k8s:app=web"), None, true),

@@ -8,11 +8,59 @@
 //! it belongs in `every_field_and_escape_matches_serde`'s flows too).
 
 use std::io::Write as _;
+use std::sync::Arc;
 
 use super::{Endpoint, Flow, Ip, L4, PolicyRef, Ports};
 
 /// Appends `flow` as JSON (no newline) to `out`.
 pub fn write_flow(out: &mut Vec<u8>, flow: &Flow) {
+    flow_with(out, flow, &mut |out, e| endpoint(out, e));
+}
+
+/// Writes the flow log's lines, each end that flows share (`flows::Endpoints`) rendered once:
+/// an end's namespace, pod name and labels are most of a line's text.
+#[derive(Debug, Default)]
+pub struct LineWriter {
+    /// By the address of the shared end; the entry holds a reference, so that address cannot be
+    /// reused by another end while the entry lives.
+    ends: foldhash::HashMap<usize, (Arc<Endpoint>, Vec<u8>)>,
+}
+
+impl LineWriter {
+    /// Ends kept rendered at most; past this the next one starts afresh.
+    pub(crate) const MAX: usize = 1024;
+
+    /// Appends `flow` as JSON (no newline) to `out`: the same bytes as [`write_flow`].
+    pub fn write_flow(&mut self, out: &mut Vec<u8>, flow: &Flow) {
+        flow_with(out, flow, &mut |out, e| self.endpoint(out, e));
+    }
+
+    fn endpoint(&mut self, out: &mut Vec<u8>, e: &Arc<Endpoint>) {
+        let key = Arc::as_ptr(e).addr();
+        if let Some((_, json)) = self.ends.get(&key) {
+            out.extend_from_slice(json);
+            return;
+        }
+        // Only the flow holds an end of its own (a tunnel's, say): not worth keeping.
+        if Arc::strong_count(e) == 1 {
+            endpoint(out, e);
+            return;
+        }
+        if self.ends.len() >= Self::MAX {
+            self.ends.clear();
+        }
+        let mut json = Vec::with_capacity(256);
+        endpoint(&mut json, e);
+        out.extend_from_slice(&json);
+        self.ends.insert(key, (e.clone(), json));
+    }
+}
+
+fn flow_with(
+    out: &mut Vec<u8>,
+    flow: &Flow,
+    endpoint: &mut impl FnMut(&mut Vec<u8>, &Arc<Endpoint>),
+) {
     // Every field by name: a field added to `Flow` does not compile until it is written here.
     let Flow {
         time,
@@ -390,8 +438,8 @@ mod tests {
                     ip_version: "IPv6".into(),
                 },
                 l4,
-                source: endpoint(full),
-                destination: endpoint(!full),
+                source: endpoint(full).into(),
+                destination: endpoint(!full).into(),
                 traffic_direction: tricky.to_owned().into(),
                 is_reply: full,
                 node_name: tricky.into(),

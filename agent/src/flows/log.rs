@@ -142,6 +142,7 @@ impl Writer {
     fn run(mut self, rx: &Receiver<Arc<Flow>>) {
         let mut failed_at: Option<Instant> = None;
         let mut line = Vec::with_capacity(1024);
+        let mut lines = super::json::LineWriter::default();
         loop {
             let first = match rx.recv_timeout(FLUSH_EVERY) {
                 Ok(flow) => Some(flow),
@@ -163,7 +164,7 @@ impl Writer {
                     continue;
                 }
                 line.clear();
-                super::json::write_flow(&mut line, &flow);
+                lines.write_flow(&mut line, &flow);
                 line.push(b'\n');
                 match self.write(&line) {
                     Ok(()) => {
