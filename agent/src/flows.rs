@@ -405,6 +405,31 @@ fn address(bytes: [u8; 16], family: u8) -> IpAddr {
     }
 }
 
+/// `humantime::format_rfc3339_nanos(t)` as a string, with the date and time of day worked out
+/// once per second (on this thread) rather than for every flow.
+fn rfc3339_nanos(t: SystemTime) -> String {
+    use std::fmt::Write as _;
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let Ok(since) = t.duration_since(SystemTime::UNIX_EPOCH) else {
+        return humantime::format_rfc3339_nanos(t).to_string();
+    };
+    SECOND.with_borrow_mut(|(second, prefix)| {
+        if *second != since.as_secs() || prefix.is_empty() {
+            // `2026-12-03T17:33:15Z` without its `Z`.
+            let whole = humantime::format_rfc3339_seconds(t).to_string();
+            *prefix = whole.trim_end_matches('Z').to_owned();
+            *second = since.as_secs();
+        }
+        let mut out = String::with_capacity(prefix.len() + 11);
+        out.push_str(prefix);
+        let _ = write!(out, ".{:09}Z", since.subsec_nanos());
+        out
+    })
+}
+
 /// Builds the flow record for a kernel event, its ends from `endpoints`.
 #[must_use]
 pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> Flow {
@@ -440,7 +465,7 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
         .and_then(|_| tcp_summary(ev.tcp_flags))
         .unwrap_or_else(|| protocol_name(&l4));
     Flow {
-        time: humantime::format_rfc3339_nanos(clock.wall(ev.ktime_ns)).to_string(),
+        time: rfc3339_nanos(clock.wall(ev.ktime_ns)),
         verdict: if dropped { "DROPPED" } else { "FORWARDED" }.into(),
         drop_reason_desc: if dropped {
             drop_reason::describe(ev.drop_reason)
@@ -753,8 +778,9 @@ pub(crate) mod tests {
     }
 
     /// Flows of the same ends share them until the index changes, and the flow log's lines are
-    /// what serde writes however often an end repeats, after the writer starts afresh, and when
-    /// the ends are rebuilt from a new index with other labels.
+    /// what serde writes however often an end or a policy repeats, after the writer starts
+    /// afresh, and when the ends and policies are rebuilt from a new index with other labels
+    /// and names.
     #[test]
     fn flows_share_their_ends_and_the_log_writes_them_as_serde_does() {
         let mut ends = endpoints();
@@ -793,13 +819,13 @@ pub(crate) mod tests {
         );
         assert!(!Arc::ptr_eq(&first.source, &relabelled.source));
         assert_eq!(relabelled.source.identity, 302);
-        for _ in 0..json::LineWriter::MAX + 2 {
+        for _ in 0..json::RENDERED_KEPT + 2 {
             for flow in [&first, &again, &back, &relabelled] {
                 line(&mut lines, flow);
             }
         }
         // More ends than the writer keeps, each in one flow: it starts afresh and stays right.
-        for i in 0..u32::try_from(json::LineWriter::MAX).unwrap() + 10 {
+        for i in 0..u32::try_from(json::RENDERED_KEPT).unwrap() + 10 {
             let flow = from_event(
                 &FlowEvent {
                     dst_identity: 1000 + i,
@@ -820,10 +846,39 @@ pub(crate) mod tests {
             .get_mut(&"10.0.0.2".parse::<IpAddr>().unwrap())
             .unwrap()
             .labels = ["app=web".into(), "tier=edge".into()].into();
+        relabelled_index.rules.insert(
+            77,
+            Arc::new(PolicyRef::new(
+                "NetworkPolicy".into(),
+                "prod".into(),
+                "deny-all-but-dns".into(),
+                "default-deny".into(),
+            )),
+        );
         ends.use_index(&Arc::new(relabelled_index));
         let flow = from_event(&event(), &mut ends, &Clock::new());
         assert_eq!(flow.source.labels.len(), 2);
+        assert_eq!(flow.policy.as_ref().unwrap().name, "deny-all-but-dns");
         line(&mut lines, &flow);
+    }
+
+    #[test]
+    fn times_are_written_as_humantime_writes_them() {
+        let now = SystemTime::now();
+        let mut times = vec![SystemTime::UNIX_EPOCH, now];
+        for secs in [0u64, 1, 59, 60, 3599, 86_399, 86_400, 1] {
+            for nanos in [0u32, 1, 10, 999_999, 1_000_000, 999_999_999] {
+                times.push(now + Duration::new(secs, nanos));
+                times.push(SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000 + secs, nanos));
+            }
+        }
+        for t in times {
+            assert_eq!(
+                rfc3339_nanos(t),
+                humantime::format_rfc3339_nanos(t).to_string(),
+                "{t:?}"
+            );
+        }
     }
 
     #[test]

@@ -14,53 +14,66 @@ use super::{Endpoint, Flow, Ip, L4, PolicyRef, Ports};
 
 /// Appends `flow` as JSON (no newline) to `out`.
 pub fn write_flow(out: &mut Vec<u8>, flow: &Flow) {
-    flow_with(out, flow, &mut |out, e| endpoint(out, e));
+    flow_with(out, flow, None);
 }
 
-/// Writes the flow log's lines, each end that flows share (`flows::Endpoints`) rendered once:
-/// an end's namespace, pod name and labels are most of a line's text.
+/// Writes the flow log's lines, rendering once each end and each policy that flows share
+/// (`flows::Endpoints`, the enrichment index's policies): their names and labels are most of a
+/// line's text.
 #[derive(Debug, Default)]
 pub struct LineWriter {
-    /// By the address of the shared end; the entry holds a reference, so that address cannot be
-    /// reused by another end while the entry lives.
-    ends: foldhash::HashMap<usize, (Arc<Endpoint>, Vec<u8>)>,
+    ends: Rendered<Endpoint>,
+    policies: Rendered<PolicyRef>,
 }
 
 impl LineWriter {
-    /// Ends kept rendered at most; past this the next one starts afresh.
-    pub(crate) const MAX: usize = 1024;
-
     /// Appends `flow` as JSON (no newline) to `out`: the same bytes as [`write_flow`].
     pub fn write_flow(&mut self, out: &mut Vec<u8>, flow: &Flow) {
-        flow_with(out, flow, &mut |out, e| self.endpoint(out, e));
-    }
-
-    fn endpoint(&mut self, out: &mut Vec<u8>, e: &Arc<Endpoint>) {
-        let key = Arc::as_ptr(e).addr();
-        if let Some((_, json)) = self.ends.get(&key) {
-            out.extend_from_slice(json);
-            return;
-        }
-        // Only the flow holds an end of its own (a tunnel's, say): not worth keeping.
-        if Arc::strong_count(e) == 1 {
-            endpoint(out, e);
-            return;
-        }
-        if self.ends.len() >= Self::MAX {
-            self.ends.clear();
-        }
-        let mut json = Vec::with_capacity(256);
-        endpoint(&mut json, e);
-        out.extend_from_slice(&json);
-        self.ends.insert(key, (e.clone(), json));
+        flow_with(out, flow, Some(self));
     }
 }
 
-fn flow_with(
-    out: &mut Vec<u8>,
-    flow: &Flow,
-    endpoint: &mut impl FnMut(&mut Vec<u8>, &Arc<Endpoint>),
-) {
+/// The JSON of values that flows share, by the value's address. An entry holds a reference, so
+/// its address cannot be reused by another value while the entry lives.
+#[derive(Debug)]
+struct Rendered<T> {
+    by_address: foldhash::HashMap<usize, (Arc<T>, Vec<u8>)>,
+}
+
+impl<T> Default for Rendered<T> {
+    fn default() -> Self {
+        Self {
+            by_address: foldhash::HashMap::default(),
+        }
+    }
+}
+
+/// Values kept rendered at most, of each kind; past this the next one starts afresh.
+pub(crate) const RENDERED_KEPT: usize = 1024;
+
+impl<T> Rendered<T> {
+    fn write(&mut self, out: &mut Vec<u8>, value: &Arc<T>, render: fn(&mut Vec<u8>, &T)) {
+        let key = Arc::as_ptr(value).addr();
+        if let Some((_, json)) = self.by_address.get(&key) {
+            out.extend_from_slice(json);
+            return;
+        }
+        // Only the flow holds it (a tunnel flow's end, say): not worth keeping.
+        if Arc::strong_count(value) == 1 {
+            render(out, value);
+            return;
+        }
+        if self.by_address.len() >= RENDERED_KEPT {
+            self.by_address.clear();
+        }
+        let mut json = Vec::with_capacity(256);
+        render(&mut json, value);
+        out.extend_from_slice(&json);
+        self.by_address.insert(key, (value.clone(), json));
+    }
+}
+
+fn flow_with(out: &mut Vec<u8>, flow: &Flow, mut shared: Option<&mut LineWriter>) {
     // Every field by name: a field added to `Flow` does not compile until it is written here.
     let Flow {
         time,
@@ -100,10 +113,14 @@ fn flow_with(
     string(out, ip_version);
     out.extend_from_slice(b"},\"l4\":");
     l4(out, layer4);
+    let mut end = |out: &mut Vec<u8>, e: &Arc<Endpoint>| match shared.as_deref_mut() {
+        Some(w) => w.ends.write(out, e, endpoint),
+        None => endpoint(out, e),
+    };
     out.extend_from_slice(b",\"source\":");
-    endpoint(out, source);
+    end(out, source);
     out.extend_from_slice(b",\"destination\":");
-    endpoint(out, destination);
+    end(out, destination);
     out.extend_from_slice(b",\"traffic_direction\":");
     string(out, traffic_direction);
     out.extend_from_slice(if *is_reply {
@@ -116,7 +133,10 @@ fn flow_with(
     string(out, kind);
     if let Some(p) = policy {
         out.extend_from_slice(b",\"policy\":");
-        self::policy(out, p);
+        match shared {
+            Some(w) => w.policies.write(out, p, self::policy),
+            None => self::policy(out, p),
+        }
     }
     if !destination_names.is_empty() {
         out.extend_from_slice(b",\"destination_names\":");
