@@ -11,10 +11,12 @@ pub const IPERF_PORT: u16 = 5201;
 pub const ECHO_PORT: u16 = 7000;
 /// The load server's accept-and-close ports (connection rate): one per run, so that no 4-tuple
 /// repeats within a benchmark (nodeward's conntrack would answer a repeated tuple's SYN without
-/// a policy lookup). Aligned to 32 so that the allow is one port prefix.
-pub const SINK_PORTS: (u16, u16) = (7168, 7199);
-/// A sink port that only the toggled policy allows (policy change latency).
-pub const TOGGLE_PORT: u16 = 7200;
+/// a policy lookup). 64 of them (`bench datapath` makes 36 runs: 5 scenarios x 7 rounds and
+/// the BPF run), aligned to 64 so that the allow is one port prefix.
+pub const SINK_PORTS: (u16, u16) = (7232, 7295);
+/// A sink port that only the toggled policy allows (policy change latency); the load server
+/// serves the sinks up to it.
+pub const TOGGLE_PORT: u16 = SINK_PORTS.1 + 1;
 /// The lab echo server's port, used for the "is anything enforced" check.
 pub const LAB_HTTP_PORT: u16 = 8080;
 
@@ -241,7 +243,7 @@ mod tests {
             .collect();
         assert!(rules[0].contains("ESTABLISHED,RELATED"));
         assert_eq!(rules.len(), 1 + rule_count() + 2 + 1);
-        assert!(rules[rules.len() - 2].contains("--dports 5201,7000,7168:7199,8080"));
+        assert!(rules[rules.len() - 2].contains("--dports 5201,7000,7232:7295,8080"));
         assert!(rules.last().unwrap().ends_with("-j DROP"));
         assert!(text.ends_with("COMMIT\n"));
     }
