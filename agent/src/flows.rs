@@ -310,6 +310,41 @@ impl Endpoints {
     }
 }
 
+/// Something worked out once for each value that flows share (an `Arc`: an end, a policy), kept
+/// by the value's address. Each entry holds the value's `Arc`, so no other value can take that
+/// address while the entry lives. At most `kept` entries; past that the next one starts afresh.
+#[derive(Debug)]
+pub(crate) struct PerShared<T, V> {
+    kept: usize,
+    entries: foldhash::HashMap<usize, (Arc<T>, V)>,
+}
+
+impl<T, V> PerShared<T, V> {
+    pub(crate) fn new(kept: usize) -> Self {
+        Self {
+            kept,
+            entries: foldhash::HashMap::default(),
+        }
+    }
+
+    /// What is kept for `value`, worked out by `make` the first time.
+    pub(crate) fn get_or_insert_with(
+        &mut self,
+        value: &Arc<T>,
+        make: impl FnOnce() -> V,
+    ) -> &mut V {
+        let key = Arc::as_ptr(value).addr();
+        if self.entries.len() >= self.kept && !self.entries.contains_key(&key) {
+            self.entries.clear();
+        }
+        &mut self
+            .entries
+            .entry(key)
+            .or_insert_with(|| (value.clone(), make()))
+            .1
+    }
+}
+
 /// Converts `bpf_ktime_get_ns` (CLOCK_MONOTONIC) to wall-clock time.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {

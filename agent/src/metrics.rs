@@ -23,7 +23,7 @@ use prometheus::{
 };
 
 use crate::app::{MapFill, Shared};
-use crate::flows::{Flow, FlowFilter};
+use crate::flows::{Flow, FlowFilter, PerShared};
 
 pub struct Metrics {
     registry: Registry,
@@ -39,9 +39,8 @@ pub struct Metrics {
     map_capacity: IntGaugeVec,
     lost: IntGaugeVec,
     policy_verdicts: IntCounterVec,
-    /// `policy_verdicts`' series by the flows' shared policy (`Arc` address: the entry holds a
-    /// reference, so the address is not reused while it lives) and verdict, for the same reason.
-    policy_series: std::sync::Mutex<PolicySeries>,
+    /// `policy_verdicts`' series by the flows' shared policy, for the same reason.
+    policy_series: std::sync::Mutex<PerShared<crate::flows::PolicyRef, PolicySeries>>,
     cert_expiry: prometheus::Gauge,
     cert_renewals: IntCounterVec,
     tunnel_streams: IntCounterVec,
@@ -52,15 +51,10 @@ pub struct Metrics {
     tunnel_bytes: IntCounterVec,
 }
 
-type PolicySeries = foldhash::HashMap<
-    (usize, bool),
-    (
-        std::sync::Arc<crate::flows::PolicyRef>,
-        prometheus::IntCounter,
-    ),
->;
+/// `policy_verdicts`' FORWARDED and DROPPED series of one policy, looked up on first use.
+type PolicySeries = [Option<prometheus::IntCounter>; 2];
 
-/// Series kept in `policy_series` at most; past this the next one starts afresh.
+/// Policies whose series `policy_series` keeps at most.
 const POLICY_SERIES_KEPT: usize = 4096;
 
 /// Where `flows`' series for these (verdict, direction) labels is kept in `flow_series`.
@@ -199,7 +193,7 @@ impl Metrics {
             map_capacity,
             lost,
             policy_verdicts,
-            policy_series: std::sync::Mutex::default(),
+            policy_series: std::sync::Mutex::new(PerShared::new(POLICY_SERIES_KEPT)),
             flow_series: Default::default(),
             cert_expiry,
             cert_renewals,
@@ -298,19 +292,11 @@ impl Metrics {
                 .policy_series
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let key = (std::sync::Arc::as_ptr(p).addr(), dropped);
-            if !series.contains_key(&key) && series.len() >= POLICY_SERIES_KEPT {
-                series.clear();
-            }
-            series
-                .entry(key)
-                .or_insert_with(|| {
-                    let counter = self
-                        .policy_verdicts
-                        .with_label_values(&[p.label(), &*flow.verdict]);
-                    (p.clone(), counter)
+            series.get_or_insert_with(p, PolicySeries::default)[usize::from(dropped)]
+                .get_or_insert_with(|| {
+                    self.policy_verdicts
+                        .with_label_values(&[p.label(), &*flow.verdict])
                 })
-                .1
                 .inc();
         }
     }

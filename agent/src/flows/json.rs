@@ -10,70 +10,58 @@
 use std::io::Write as _;
 use std::sync::Arc;
 
-use super::{Endpoint, Flow, Ip, L4, PolicyRef, Ports};
-
-/// Appends `flow` as JSON (no newline) to `out`.
-pub fn write_flow(out: &mut Vec<u8>, flow: &Flow) {
-    flow_with(out, flow, None);
-}
+use super::{Endpoint, Flow, Ip, L4, PerShared, PolicyRef, Ports};
 
 /// Writes the flow log's lines, rendering once each end and each policy that flows share
 /// (`flows::Endpoints`, the enrichment index's policies): their names and labels are most of a
 /// line's text.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LineWriter {
-    ends: Rendered<Endpoint>,
-    policies: Rendered<PolicyRef>,
+    ends: PerShared<Endpoint, Vec<u8>>,
+    policies: PerShared<PolicyRef, Vec<u8>>,
+}
+
+/// Values kept rendered at most, of each kind.
+pub(crate) const RENDERED_KEPT: usize = 1024;
+
+impl Default for LineWriter {
+    fn default() -> Self {
+        Self {
+            ends: PerShared::new(RENDERED_KEPT),
+            policies: PerShared::new(RENDERED_KEPT),
+        }
+    }
 }
 
 impl LineWriter {
-    /// Appends `flow` as JSON (no newline) to `out`: the same bytes as [`write_flow`].
+    /// Appends `flow` as JSON (no newline) to `out`.
     pub fn write_flow(&mut self, out: &mut Vec<u8>, flow: &Flow) {
-        flow_with(out, flow, Some(self));
+        flow_with(out, flow, self);
     }
 }
 
-/// The JSON of values that flows share, by the value's address. An entry holds a reference, so
-/// its address cannot be reused by another value while the entry lives.
-#[derive(Debug)]
-struct Rendered<T> {
-    by_address: foldhash::HashMap<usize, (Arc<T>, Vec<u8>)>,
-}
-
-impl<T> Default for Rendered<T> {
-    fn default() -> Self {
-        Self {
-            by_address: foldhash::HashMap::default(),
-        }
+/// Appends `value`'s JSON, rendered once per shared value.
+fn shared<T>(
+    out: &mut Vec<u8>,
+    kept: &mut PerShared<T, Vec<u8>>,
+    value: &Arc<T>,
+    render: fn(&mut Vec<u8>, &T),
+) {
+    // Only the flow holds it (a tunnel flow's end, say): not worth keeping, and not kept (an
+    // entry would hold a reference too).
+    if Arc::strong_count(value) == 1 {
+        render(out, value);
+        return;
     }
-}
-
-/// Values kept rendered at most, of each kind; past this the next one starts afresh.
-pub(crate) const RENDERED_KEPT: usize = 1024;
-
-impl<T> Rendered<T> {
-    fn write(&mut self, out: &mut Vec<u8>, value: &Arc<T>, render: fn(&mut Vec<u8>, &T)) {
-        let key = Arc::as_ptr(value).addr();
-        if let Some((_, json)) = self.by_address.get(&key) {
-            out.extend_from_slice(json);
-            return;
-        }
-        // Only the flow holds it (a tunnel flow's end, say): not worth keeping.
-        if Arc::strong_count(value) == 1 {
-            render(out, value);
-            return;
-        }
-        if self.by_address.len() >= RENDERED_KEPT {
-            self.by_address.clear();
-        }
+    let json = kept.get_or_insert_with(value, || {
         let mut json = Vec::with_capacity(256);
         render(&mut json, value);
-        out.extend_from_slice(&json);
-        self.by_address.insert(key, (value.clone(), json));
-    }
+        json
+    });
+    out.extend_from_slice(json);
 }
 
-fn flow_with(out: &mut Vec<u8>, flow: &Flow, mut shared: Option<&mut LineWriter>) {
+fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
     // Every field by name: a field added to `Flow` does not compile until it is written here.
     let Flow {
         time,
@@ -113,14 +101,10 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, mut shared: Option<&mut LineWriter>
     string(out, ip_version);
     out.extend_from_slice(b"},\"l4\":");
     l4(out, layer4);
-    let mut end = |out: &mut Vec<u8>, e: &Arc<Endpoint>| match shared.as_deref_mut() {
-        Some(w) => w.ends.write(out, e, endpoint),
-        None => endpoint(out, e),
-    };
     out.extend_from_slice(b",\"source\":");
-    end(out, source);
+    shared(out, &mut w.ends, source, endpoint);
     out.extend_from_slice(b",\"destination\":");
-    end(out, destination);
+    shared(out, &mut w.ends, destination, endpoint);
     out.extend_from_slice(b",\"traffic_direction\":");
     string(out, traffic_direction);
     out.extend_from_slice(if *is_reply {
@@ -133,10 +117,7 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, mut shared: Option<&mut LineWriter>
     string(out, kind);
     if let Some(p) = policy {
         out.extend_from_slice(b",\"policy\":");
-        match shared {
-            Some(w) => w.policies.write(out, p, self::policy),
-            None => self::policy(out, p),
-        }
+        shared(out, &mut w.policies, p, self::policy);
     }
     if !destination_names.is_empty() {
         out.extend_from_slice(b",\"destination_names\":");
@@ -349,7 +330,7 @@ mod tests {
 
     fn written(flow: &Flow) -> String {
         let mut out = Vec::new();
-        write_flow(&mut out, flow);
+        LineWriter::default().write_flow(&mut out, flow);
         String::from_utf8(out).expect("UTF-8")
     }
 
