@@ -53,9 +53,80 @@ pub struct Ip {
 pub struct Ports {
     pub source_port: u16,
     pub destination_port: u16,
-    /// TCP only: `{"SYN": true, "ACK": true}` as Hubble prints them.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub flags: BTreeMap<Cow<'static, str>, bool>,
+    /// TCP only: `{"ACK": true, "SYN": true}` as Hubble prints them.
+    #[serde(default, skip_serializing_if = "TcpFlags::is_empty")]
+    pub flags: TcpFlags,
+}
+
+/// The TCP flags a flow names (`agent_common::tcp_flags` bits). In JSON a map from each set
+/// flag's name to `true`, names in sorted order, as Hubble prints them. A plain byte: building a
+/// flow allocates nothing for its flags. Reading JSON back, a flag given as `false` is not set
+/// and names this agent does not know (flags a later version may report) are ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpFlags(u8);
+
+impl TcpFlags {
+    /// The flags nodeward names, in the order their names sort (the order they print in).
+    const NAMED: [(u8, &'static str); 6] = [
+        (tcp_flags::ACK, "ACK"),
+        (tcp_flags::FIN, "FIN"),
+        (tcp_flags::PSH, "PSH"),
+        (tcp_flags::RST, "RST"),
+        (tcp_flags::SYN, "SYN"),
+        (tcp_flags::URG, "URG"),
+    ];
+    const ALL: u8 = tcp_flags::SYN
+        | tcp_flags::ACK
+        | tcp_flags::FIN
+        | tcp_flags::RST
+        | tcp_flags::PSH
+        | tcp_flags::URG;
+
+    /// The named flags among `bits` (a TCP header's flags byte); the others are dropped.
+    #[must_use]
+    pub const fn from_bits(bits: u8) -> Self {
+        Self(bits & Self::ALL)
+    }
+
+    #[must_use]
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    #[must_use]
+    pub const fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// The names of the set flags, in sorted order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMED
+            .into_iter()
+            .filter(move |(bit, _)| self.0 & bit != 0)
+            .map(|(_, name)| name)
+    }
+}
+
+impl Serialize for TcpFlags {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(Some(self.0.count_ones() as usize))?;
+        for name in self.names() {
+            map.serialize_entry(name, &true)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for TcpFlags {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = HashMap::<Cow<'de, str>, bool>::deserialize(deserializer)?;
+        let bits = Self::NAMED
+            .into_iter()
+            .filter(|(_, name)| map.get(*name).copied().unwrap_or(false))
+            .fold(0, |bits, (bit, _)| bits | bit);
+        Ok(Self(bits))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -384,52 +455,22 @@ impl Default for Clock {
     }
 }
 
-/// The TCP flags a flow names, with the names Hubble prints.
-const FLAG_NAMES: [(u8, &str); 6] = [
-    (tcp_flags::SYN, "SYN"),
-    (tcp_flags::ACK, "ACK"),
-    (tcp_flags::FIN, "FIN"),
-    (tcp_flags::RST, "RST"),
-    (tcp_flags::PSH, "PSH"),
-    (tcp_flags::URG, "URG"),
-];
-
-fn flag_names(flags: u8) -> BTreeMap<Cow<'static, str>, bool> {
-    // Inserted one by one: `collect` would sort through a temporary `Vec` first.
-    let mut names = BTreeMap::new();
-    for (bit, name) in FLAG_NAMES {
-        if flags & bit != 0 {
-            names.insert(Cow::Borrowed(name), true);
-        }
-    }
-    names
-}
-
 /// `TCP Flags: ACK, SYN` for the flags a flow names (`None` when it names none), built once
 /// for every combination rather than for every flow.
-fn tcp_summary(flags: u8) -> Option<&'static str> {
-    const ALL: u8 = tcp_flags::SYN
-        | tcp_flags::ACK
-        | tcp_flags::FIN
-        | tcp_flags::RST
-        | tcp_flags::PSH
-        | tcp_flags::URG;
+fn tcp_summary(flags: TcpFlags) -> Option<&'static str> {
     static SUMMARIES: OnceLock<Vec<String>> = OnceLock::new();
-    let flags = flags & ALL;
-    if flags == 0 {
+    if flags.is_empty() {
         return None;
     }
     let summaries = SUMMARIES.get_or_init(|| {
-        (0..=ALL)
-            .map(|flags| {
-                // In the map's order, which is the order the JSON prints the flags in.
-                let names = flag_names(flags);
-                let names: Vec<&str> = names.keys().map(|n| &**n).collect();
+        (0..=TcpFlags::ALL)
+            .map(|bits| {
+                let names: Vec<&str> = TcpFlags(bits).names().collect();
                 format!("TCP Flags: {}", names.join(", "))
             })
             .collect()
     });
-    Some(&summaries[usize::from(flags)])
+    Some(&summaries[usize::from(flags.bits())])
 }
 
 fn address(bytes: [u8; 16], family: u8) -> IpAddr {
@@ -473,13 +514,13 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
     let ports = Ports {
         source_port: u16::from_be(ev.sport_be),
         destination_port: u16::from_be(ev.dport_be),
-        flags: BTreeMap::new(),
+        flags: TcpFlags::default(),
     };
     let mut l4 = L4::default();
     match ev.protocol {
         6 => {
             l4.tcp = Some(Ports {
-                flags: flag_names(ev.tcp_flags),
+                flags: TcpFlags::from_bits(ev.tcp_flags),
                 ..ports
             });
         }
@@ -497,7 +538,7 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
     let summary = l4
         .tcp
         .as_ref()
-        .and_then(|_| tcp_summary(ev.tcp_flags))
+        .and_then(|tcp| tcp_summary(tcp.flags))
         .unwrap_or_else(|| protocol_name(&l4));
     Flow {
         time: rfc3339_nanos(clock.wall(ev.ktime_ns)),
@@ -580,7 +621,7 @@ pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
             tcp: Some(Ports {
                 source_port: rec.source.port(),
                 destination_port: rec.destination.port(),
-                flags: BTreeMap::new(),
+                flags: TcpFlags::default(),
             }),
             ..L4::default()
         },
@@ -810,6 +851,23 @@ pub(crate) mod tests {
             })),
         );
         index
+    }
+
+    /// TCP flags print as Hubble's sorted name map; reading JSON back keeps only the flags set
+    /// to `true` that this agent names, and the summary names them in the same order.
+    #[test]
+    fn tcp_flags_print_sorted_and_read_back_what_they_name() {
+        let flags = TcpFlags::from_bits(tcp_flags::SYN | tcp_flags::ACK | 0xc0);
+        assert_eq!(
+            serde_json::to_string(&flags).unwrap(),
+            r#"{"ACK":true,"SYN":true}"#
+        );
+        assert_eq!(tcp_summary(flags), Some("TCP Flags: ACK, SYN"));
+        assert_eq!(tcp_summary(TcpFlags::default()), None);
+        let read: TcpFlags =
+            serde_json::from_str(r#"{"SYN":true,"FIN":false,"ECE":true,"RST":true}"#).unwrap();
+        assert_eq!(read, TcpFlags::from_bits(tcp_flags::SYN | tcp_flags::RST));
+        assert!(serde_json::from_str::<TcpFlags>(r#"{"SYN":1}"#).is_err());
     }
 
     /// Flows of the same ends share them until the index changes, and the flow log's lines are

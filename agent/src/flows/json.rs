@@ -200,10 +200,10 @@ fn ports(out: &mut Vec<u8>, p: &Ports) {
     number(out, *destination_port);
     if !flags.is_empty() {
         out.extend_from_slice(b",\"flags\":");
-        for (i, (name, set)) in flags.iter().enumerate() {
+        for (i, name) in flags.names().enumerate() {
             out.push(if i == 0 { b'{' } else { b',' });
             string(out, name);
-            out.extend_from_slice(if *set { b":true" } else { b":false" });
+            out.extend_from_slice(b":true");
         }
         out.push(b'}');
     }
@@ -323,10 +323,10 @@ fn address(out: &mut Vec<u8>, addr: std::net::IpAddr) {
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
     use std::sync::Arc;
 
     use super::*;
+    use crate::flows::TcpFlags;
 
     fn written(flow: &Flow) -> String {
         let mut out = Vec::new();
@@ -386,13 +386,7 @@ mod tests {
         let ports = |flags: bool| Ports {
             source_port: 0,
             destination_port: u16::MAX,
-            flags: if flags {
-                [("ACK".into(), true), (Cow::Owned(tricky.to_owned()), false)]
-                    .into_iter()
-                    .collect()
-            } else {
-                std::collections::BTreeMap::new()
-            },
+            flags: TcpFlags::from_bits(if flags { u8::MAX } else { 0 }),
         };
         let l4s = [
             L4::default(),
