@@ -111,6 +111,10 @@ struct BpfCost {
     conn_per_sec: f64,
     runs_per_conn: f64,
     ns_per_run: f64,
+    /// The request/response run's p50 (with the accounting's own cost in it).
+    rr_p50_us: f64,
+    runs_per_trip: f64,
+    rr_ns_per_run: f64,
     cores: f64,
 }
 
@@ -424,8 +428,9 @@ pub fn run() -> Result<()> {
     let rss_large = bench.rss()?;
     let bpf = bench.bpf_cost()?;
     eprintln!(
-        "bench: BPF at 10k rules: {:.1} program runs per connection, {:.0} ns per run",
-        bpf.runs_per_conn, bpf.ns_per_run
+        "bench: BPF at 10k rules: {:.1} program runs per connection, {:.0} ns per run; \
+         {:.1} runs per round trip, {:.0} ns per run",
+        bpf.runs_per_conn, bpf.ns_per_run, bpf.runs_per_trip, bpf.rr_ns_per_run
     );
     let status = bench.lab.status(&bench.server_node)?;
     let entries = policy_entries(&status);
@@ -756,21 +761,7 @@ impl Bench {
                 crr["first_error"]
             );
         }
-        let rr = self.client_json(
-            self.load.as_os_str(),
-            &[
-                "rr",
-                "--addr",
-                &self.server_addr(rules::ECHO_PORT).to_string(),
-                "--secs",
-                &RR_SECS.to_string(),
-                "--size",
-                "64",
-                "--cpu",
-                RR_CPU,
-            ],
-            RR_SECS,
-        )?;
+        let rr = self.rr()?;
         let iperf = self.client_json(
             "iperf3".as_ref(),
             &[
@@ -796,6 +787,25 @@ impl Bench {
         })
     }
 
+    /// The request/response test (`nodeward-lab-load rr`) on one connection to the echo port.
+    fn rr(&self) -> Result<Value> {
+        self.client_json(
+            self.load.as_os_str(),
+            &[
+                "rr",
+                "--addr",
+                &self.server_addr(rules::ECHO_PORT).to_string(),
+                "--secs",
+                &RR_SECS.to_string(),
+                "--size",
+                "64",
+                "--cpu",
+                RR_CPU,
+            ],
+            RR_SECS,
+        )
+    }
+
     /// The connections test (`nodeward-lab-load crr`) against a sink port no run used before.
     fn crr(&mut self) -> Result<Value> {
         ensure!(
@@ -819,23 +829,32 @@ impl Bench {
         )
     }
 
-    /// One more connections run with the kernel's per-program accounting on: what the TC
-    /// programs of both nodes cost per connection.
+    /// One more connections run and one more request/response run with the kernel's
+    /// per-program accounting on: what the TC programs of both nodes cost per connection (new
+    /// flows) and per round trip (packets of an established flow).
     fn bpf_cost(&mut self) -> Result<BpfCost> {
         let _stats = BpfStats::set(true)?;
         let (runs0, ns0) = self.prog_stats();
         let crr = self.crr()?;
         let (runs1, ns1) = self.prog_stats();
+        let rr = self.rr()?;
+        let (runs2, ns2) = self.prog_stats();
         let connections = crr["connections"].as_f64().context("crr connections")?;
+        let trips = rr["round_trips"].as_f64().context("rr round_trips")?;
         let runs = runs1.saturating_sub(runs0) as f64;
+        let rr_runs = runs2.saturating_sub(runs1) as f64;
         ensure!(
-            connections > 0.0 && runs > 0.0,
-            "no connections ({connections}) or no program runs ({runs}) to measure"
+            connections > 0.0 && runs > 0.0 && trips > 0.0 && rr_runs > 0.0,
+            "nothing to measure: {connections} connections with {runs} program runs, \
+             {trips} round trips with {rr_runs}"
         );
         Ok(BpfCost {
             conn_per_sec: crr["per_sec"].as_f64().context("crr per_sec")?,
             runs_per_conn: runs / connections,
             ns_per_run: ns1.saturating_sub(ns0) as f64 / runs,
+            rr_p50_us: rr["p50_us"].as_f64().context("rr p50")?,
+            runs_per_trip: rr_runs / trips,
+            rr_ns_per_run: ns2.saturating_sub(ns1) as f64 / rr_runs,
             cores: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
         })
     }
@@ -1172,6 +1191,21 @@ impl Report {
             per_conn_us,
             per_conn_us * b.conn_per_sec / 1e6 / b.cores * 100.0,
             b.cores,
+        );
+        // The same medians as the table's: what the programs' time per round trip explains of
+        // the p50 nodeward adds.
+        let p50_gap_us = self.median(Scenario::Nodeward10k, Figure::P50)
+            - self.median(Scenario::NoAgent, Figure::P50);
+        let _ = writeln!(
+            out,
+            "In one more request/response run ({} µs p50 with the accounting on): {:.1} runs per \
+             round trip at {:.0} ns each, {:.2} µs of BPF per round trip, against {:.2} µs that \
+             nodeward at 10k rules adds to the p50 above.",
+            Figure::P50.format(b.rr_p50_us),
+            b.runs_per_trip,
+            b.rr_ns_per_run,
+            b.runs_per_trip * b.rr_ns_per_run / 1000.0,
+            p50_gap_us,
         );
         let noise: Vec<String> = Figure::ALL
             .iter()
