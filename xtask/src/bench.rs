@@ -37,7 +37,7 @@ const OUTSIDER: &str = "backend/api-0";
 const ROUNDS: usize = 7;
 const CRR_SECS: f64 = 2.0;
 const CRR_THREADS: u32 = 4;
-const RR_SECS: f64 = 1.5;
+pub(crate) const RR_SECS: f64 = 1.5;
 /// Both ends of the request/response test run on this CPU: a round trip is then the path's own
 /// cost, without waking an idle CPU of this VM (which alone takes about 100 µs here, at random).
 pub(crate) const RR_CPU: &str = "0";
@@ -791,17 +791,9 @@ impl Bench {
     fn rr(&self) -> Result<Value> {
         self.client_json(
             self.load.as_os_str(),
-            &[
-                "rr",
-                "--addr",
-                &self.server_addr(rules::ECHO_PORT).to_string(),
-                "--secs",
-                &RR_SECS.to_string(),
-                "--size",
-                "64",
-                "--cpu",
-                RR_CPU,
-            ],
+            &rr_args(self.server_addr(rules::ECHO_PORT))
+                .each_ref()
+                .map(String::as_str),
             RR_SECS,
         )
     }
@@ -1057,6 +1049,23 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `nodeward-lab-load`'s arguments for the request/response test every benchmark runs: one
+/// connection to `addr`, 64-byte messages, one in flight, `RR_SECS`, pinned to `RR_CPU`.
+pub(crate) fn rr_args(addr: SocketAddr) -> [String; 9] {
+    [
+        "rr",
+        "--addr",
+        &addr.to_string(),
+        "--secs",
+        &RR_SECS.to_string(),
+        "--size",
+        "64",
+        "--cpu",
+        RR_CPU,
+    ]
+    .map(str::to_owned)
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {

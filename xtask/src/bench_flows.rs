@@ -20,7 +20,9 @@ use nodeward_lab::manifests::documents;
 use nodeward_lab::{Lab, PodState, sys, wait};
 use serde_json::Value;
 
-use crate::bench::{Machine, RR_CPU, ReleaseLab, in_pod, load_server, median, release_lab};
+use crate::bench::{
+    Machine, RR_CPU, RR_SECS, ReleaseLab, in_pod, load_server, median, release_lab, rr_args,
+};
 use crate::bench_rules::{self as rules, Target};
 
 const CLIENT: &str = "frontend/web-0";
@@ -28,7 +30,6 @@ const SERVER: &str = "backend/api-1";
 const STEPS: [u32; 4] = [1, 2, 4, 8];
 const CRR_SECS: f64 = 2.0;
 const CRR_THREADS: u32 = 4;
-const RR_SECS: f64 = 1.5;
 const ROUNDS: usize = 3;
 /// The target: no loss at this many new flows per second.
 const TARGET_RATE: f64 = 20_000.0;
@@ -375,17 +376,11 @@ impl Bench {
     }
 
     fn cost_sample(&mut self) -> Result<CostSample> {
-        let rr = self.client_json(&[
-            "rr",
-            "--addr",
-            &self.server_addr(rules::ECHO_PORT).to_string(),
-            "--secs",
-            &RR_SECS.to_string(),
-            "--size",
-            "64",
-            "--cpu",
-            RR_CPU,
-        ])?;
+        let rr = self.client_json(
+            &rr_args(self.server_addr(rules::ECHO_PORT))
+                .each_ref()
+                .map(String::as_str),
+        )?;
         let trips = rr["round_trips"].as_f64().context("rr round_trips")?;
         // rr records after a 10% warm-up.
         let rr_per_sec = trips / (RR_SECS * 0.9);
