@@ -75,12 +75,16 @@ impl TcpFlags {
         (tcp_flags::SYN, "SYN"),
         (tcp_flags::URG, "URG"),
     ];
-    const ALL: u8 = tcp_flags::SYN
-        | tcp_flags::ACK
-        | tcp_flags::FIN
-        | tcp_flags::RST
-        | tcp_flags::PSH
-        | tcp_flags::URG;
+    /// Every named bit: what [`Self::from_bits`] keeps.
+    const ALL: u8 = {
+        let mut all = 0;
+        let mut i = 0;
+        while i < Self::NAMED.len() {
+            all |= Self::NAMED[i].0;
+            i += 1;
+        }
+        all
+    };
 
     /// The named flags among `bits` (a TCP header's flags byte); the others are dropped.
     #[must_use]
