@@ -1,7 +1,9 @@
 //! What one run of the TC classifiers costs, in nanoseconds, on crafted packets through
 //! `BPF_PROG_TEST_RUN` with a repeat count (the kernel times the runs). The endpoint has
 //! `bench datapath`'s large policy: 10,000 ingress rules over 1,000 peer identities in the
-//! ipcache. Unlike a connections/s ratio on a shared machine, these figures are stable enough to
+//! ipcache. New flows on tuples conntrack has never seen are timed one run per call (each takes a
+//! fresh conntrack element, and evicts one once the table is full), the median of 20,000 calls.
+//! Unlike a connections/s ratio on a shared machine, these figures are stable enough to
 //! compare two builds of the eBPF side; they leave out cache misses under real load.
 //!
 //! Needs root: it makes a network namespace of its own (a veth pair there gives the programs
@@ -16,7 +18,8 @@ use std::time::Duration;
 
 use agent_common::{
     CONFIG_EVENTS_ALL_FLOWS, DIR_INGRESS, EP_HAS_IPV4, EP_INGRESS_ENFORCED, EndpointInfo,
-    IpcacheValue, POLICY_ALLOW, POLICY_KEY_PREFIX_FULL, PolicyKey, PolicyValue, program_names,
+    IpcacheValue, MAX_CONNTRACK, POLICY_ALLOW, POLICY_KEY_PREFIX_FULL, PolicyKey, PolicyValue,
+    program_names,
 };
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::maps::{MapData, RingBuf};
@@ -36,6 +39,8 @@ const FIRST_PEER_IDENTITY: u32 = 2000;
 /// they do when the agent drains the ring on its timer; each event past it forces a wakeup.
 const EVENT_BATCH: u32 = 500;
 const CALLS: usize = 21;
+/// Calls (one run each) behind each fresh-tuple figure.
+const FRESH: u32 = 20_000;
 
 fn main() -> Result<()> {
     let repeat: u32 = match std::env::args().nth(1) {
@@ -153,6 +158,7 @@ fn main() -> Result<()> {
     println!("  new flow allowed, drops-only       {quiet:>6.0}");
     let denied_cost = new_flows(&mut events, &denied)?;
     println!("  new flow denied (event)            {denied_cost:>6.0}");
+    fresh_tuples(to_pod, ifindex, client, port)?;
     dp.maps_mut().set_config_flags(CONFIG_EVENTS_ALL_FLOWS)?;
     let to_pod = dp.program(program_names::TO_WORKLOAD)?;
     let loud = least(CALLS, || {
@@ -162,6 +168,60 @@ fn main() -> Result<()> {
     })?;
     println!("  new flow allowed, all-flows event  {loud:>6.0}");
     Ok(())
+}
+
+/// New flows on tuples conntrack has never seen (a client's first connections; the lab's
+/// connect/accept/close load soon reuses its tuples, and those SYNs cost what `new flow
+/// allowed` shows): each SYN takes a fresh conntrack element (the figures above overwrite one entry in place), and
+/// once the table is full, evicts one. One run per call, the median of [`FRESH`] calls; the
+/// established packet at one run per call shows what the kernel's timer reads add to each.
+fn fresh_tuples(to_pod: &SchedClassifier, ifindex: u32, client: Ipv4Addr, port: u16) -> Result<()> {
+    let syn = |src: Ipv4Addr, sport: u32, dport: u16| {
+        let sport = u16::try_from(sport).context("too many fresh tuples")?;
+        Ok(run(
+            to_pod,
+            ifindex,
+            &tcp_packet(src, POD, sport, dport, 0x02),
+            1,
+        )?
+        .1)
+    };
+    // One client on fresh source ports (41000 and up), as the bench's load, and tuples spread
+    // over every peer (ports 1024 and up).
+    let one_peer = |i: u32, dport: u16| syn(client, 41_000 + i, dport);
+    let all_peers = |i: u32| syn(peer(i % PEERS), 1024 + i / PEERS, port);
+
+    let established = tcp_packet(client, POD, 40000, port, 0x10);
+    let one_run = median(FRESH, |_| Ok(run(to_pod, ifindex, &established, 1)?.1))?;
+    println!("  established, one run per call      {one_run:>6.0}");
+    let filling = [
+        median(FRESH, |i| one_peer(i, port))?,
+        median(FRESH, all_peers)?,
+    ];
+    for i in FRESH..MAX_CONNTRACK + FRESH {
+        all_peers(i)?;
+    }
+    let full = [
+        median(FRESH, |i| one_peer(i, port + 1))?,
+        median(FRESH, |i| all_peers(MAX_CONNTRACK + FRESH + i))?,
+    ];
+    println!(
+        "  new flow, fresh tuple (median of {FRESH} single runs; conntrack filling, then full)"
+    );
+    for (name, fill, full) in [
+        ("one peer".to_owned(), filling[0], full[0]),
+        (format!("{PEERS} peers"), filling[1], full[1]),
+    ] {
+        println!("    {name:<12} {fill:>6.0}   full, evicting: {full:>6.0}");
+    }
+    Ok(())
+}
+
+/// The median of `f(0..count)`.
+fn median(count: u32, mut f: impl FnMut(u32) -> Result<f64>) -> Result<f64> {
+    let mut costs = (0..count).map(&mut f).collect::<Result<Vec<_>>>()?;
+    costs.sort_by(f64::total_cmp);
+    Ok(costs[costs.len() / 2])
 }
 
 fn peer(i: u32) -> Ipv4Addr {
