@@ -2,6 +2,8 @@
 //! server on node-2), side by side in one invocation:
 //!
 //! - no agent (agents stopped and their pinned state removed: nothing attached),
+//! - the hooks' floor: no agent, a pass-only program where nodeward attaches its classifiers
+//!   (`bench_floor`), the least any program at those hooks can cost,
 //! - nodeward with 1 policy (the client's allow),
 //! - nodeward with 10,000 rules over 1,000 identities (plus the client's allow),
 //! - the same 10,000 rules with both agents stopped: the pinned programs and maps keep enforcing
@@ -28,6 +30,7 @@ use nodeward_lab::{Lab, LabSpec, PodState, paths, sys, wait};
 use serde_json::Value;
 
 use crate::bench_flip::Prober;
+use crate::bench_floor::PassPrograms;
 use crate::bench_rules::{self as rules, Target};
 
 const CLIENT: &str = "frontend/web-0";
@@ -50,6 +53,8 @@ pub(crate) const CLK_TCK: f64 = 100.0;
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Scenario {
     NoAgent,
+    /// No agent, a pass-only program at every hook nodeward uses.
+    Floor,
     Nodeward1,
     Nodeward10k,
     /// The 10k rules pinned and enforcing, both agents stopped.
@@ -58,8 +63,9 @@ enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::NoAgent,
+        Self::Floor,
         Self::Nodeward1,
         Self::Nodeward10k,
         Self::Datapath10k,
@@ -69,6 +75,7 @@ impl Scenario {
     fn title(self) -> &'static str {
         match self {
             Self::NoAgent => "no agent",
+            Self::Floor => "pass-only programs (the hooks' floor)",
             Self::Nodeward1 => "nodeward, 1 policy",
             Self::Nodeward10k => "nodeward, 10k rules",
             Self::Datapath10k => "datapath only, 10k rules (agents stopped)",
@@ -79,9 +86,10 @@ impl Scenario {
 
 /// ABBA: drift over the run affects every scenario alike. Every round ends or starts with 10k
 /// rules and the agents running, which is where the figures after the rounds are taken.
-const ORDER: [[Scenario; 5]; 2] = [
+const ORDER: [[Scenario; 6]; 2] = [
     [
         Scenario::NoAgent,
+        Scenario::Floor,
         Scenario::Iptables10k,
         Scenario::Nodeward1,
         Scenario::Datapath10k,
@@ -92,6 +100,7 @@ const ORDER: [[Scenario; 5]; 2] = [
         Scenario::Datapath10k,
         Scenario::Nodeward1,
         Scenario::Iptables10k,
+        Scenario::Floor,
         Scenario::NoAgent,
     ],
 ];
@@ -199,6 +208,8 @@ struct Setup {
     pinned: bool,
     iptables: bool,
     ten_k: bool,
+    /// The pass-only programs, attached while this is held.
+    floor: Option<PassPrograms>,
 }
 
 /// The processes the benchmark started in the lab; killed (by pid) on the way out.
@@ -529,13 +540,22 @@ impl Bench {
     /// Moves the lab to `scenario` from wherever it is, and checks that it took.
     fn enter(&mut self, scenario: Scenario) -> Result<()> {
         let t = Instant::now();
+        if scenario != Scenario::Floor {
+            // Detaches them.
+            self.setup.floor = None;
+        }
         match scenario {
-            Scenario::NoAgent | Scenario::Iptables10k => {
+            Scenario::NoAgent | Scenario::Iptables10k | Scenario::Floor => {
                 self.stop_agents(true)?;
                 if scenario == Scenario::Iptables10k {
                     self.iptables_on()?;
                 } else {
                     self.iptables_off()?;
+                }
+                if scenario == Scenario::Floor && self.setup.floor.is_none() {
+                    let programs = PassPrograms::attach(&self.lab)?;
+                    eprintln!("bench: {} pass-only tcx links attached", programs.count());
+                    self.setup.floor = Some(programs);
                 }
             }
             Scenario::Nodeward1 | Scenario::Nodeward10k | Scenario::Datapath10k => {
@@ -557,7 +577,7 @@ impl Bench {
             }
         }
         // Allowed stays allowed; the outsider gets through only without enforcement.
-        let enforced = scenario != Scenario::NoAgent;
+        let enforced = !matches!(scenario, Scenario::NoAgent | Scenario::Floor);
         let http = rules::LAB_HTTP_PORT;
         ensure!(
             self.lab
@@ -1112,11 +1132,16 @@ impl Report {
     /// The median over rounds of `scenario`'s figure divided by no agent's in the same round:
     /// the two ran minutes apart at most, so a slow spell of the machine affects both.
     fn ratio(&self, scenario: Scenario, figure: Figure) -> f64 {
+        self.ratio_to(scenario, Scenario::NoAgent, figure)
+    }
+
+    /// As [`Report::ratio`], against `base` instead of no agent.
+    fn ratio_to(&self, scenario: Scenario, base: Scenario, figure: Figure) -> f64 {
         let of = |s: Scenario| self.samples.get(&s).map(Vec::as_slice).unwrap_or_default();
         median(
             of(scenario)
                 .iter()
-                .zip(of(Scenario::NoAgent))
+                .zip(of(base))
                 .map(|(x, base)| figure.of(x) / figure.of(base))
                 .collect(),
         )
@@ -1291,6 +1316,25 @@ impl Report {
                 format!("**missed** on {}", within.join(", "))
             }
         );
+        // What the hooks alone cost, and what nodeward costs on top of them, per figure.
+        let floor: Vec<String> = Figure::ALL
+            .iter()
+            .map(|&f| {
+                format!(
+                    "{} {:.2}x of no agent, nodeward at 10k rules {:.2}x of the floor",
+                    f.title(),
+                    self.ratio(Scenario::Floor, f),
+                    self.ratio_to(Scenario::Nodeward10k, Scenario::Floor, f),
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nThe hooks' floor (a program that only returns `TC_ACT_OK`, at tcx ingress and egress \
+             of every pod's host-side interface, as nodeward attaches; medians of per-round \
+             ratios): {}.",
+            floor.join("; ")
+        );
         let _ = writeln!(
             out,
             "\nHow: connections/s is `nodeward-lab-load crr` ({CRR_THREADS} threads, {CRR_SECS} s: \
@@ -1305,7 +1349,9 @@ impl Report {
              only is the same 10k rules with both agents stopped: their pinned programs and maps \
              keep enforcing (the outsider is refused every round) and nobody reads flow events, \
              so its gap to no agent is the kernel side of nodeward's cost and the rest is the \
-             agents'. A change \
+             agents'. The hooks' floor has no agent and a two-instruction program (`r0 = 0; \
+             exit`) attached where nodeward's classifiers are: no program there can cost less. \
+             A change \
              is the rename of a manifest toggling an allow; enforced is the first fresh connect \
              from the client with the new outcome (probed every ~1 ms). Whole run: {:.0?}.",
             self.policy_entries, self.identities, self.iptables, self.runtime

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_flip;
+mod bench_floor;
 mod bench_flows;
 mod bench_rules;
 mod bench_tunnel;
@@ -93,8 +94,9 @@ struct UpArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Cross-node pod to pod, side by side in one run: no agent, nodeward with 1 policy and with
-    /// 10k rules, iptables with 10k rules (connections/s, request/response latency, throughput);
+    /// Cross-node pod to pod, side by side in one run: no agent, pass-only programs at
+    /// nodeward's hooks (the floor), nodeward with 1 policy and with 10k rules, its datapath
+    /// alone, iptables with 10k rules (connections/s, request/response latency, throughput);
     /// then policy change latency and agent RSS with 1,000 pods. Rewrites README's Benchmarks.
     Datapath {
         /// Only the control-plane figures (policy change latency and agent RSS, at the lab's
