@@ -50,15 +50,23 @@ const IPT_CHAIN: &str = "NWBENCH";
 /// `sysconf(_SC_CLK_TCK)`: 100 on every Linux architecture this runs on.
 pub(crate) const CLK_TCK: f64 = 100.0;
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Scenario {
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
+pub(crate) enum Scenario {
+    /// Agents stopped, nothing attached.
     NoAgent,
     /// No agent, a pass-only program at every hook nodeward uses.
     Floor,
+    /// The agents with the client's allow.
+    #[value(name = "nodeward-1")]
     Nodeward1,
+    /// The agents with 10k rules over 1,000 identities, and the client's allow.
+    #[value(name = "nodeward-10k")]
     Nodeward10k,
     /// The 10k rules pinned and enforcing, both agents stopped.
+    #[value(name = "datapath-10k")]
     Datapath10k,
+    /// No agent, the 10k rules as iptables rules.
+    #[value(name = "iptables-10k")]
     Iptables10k,
 }
 
@@ -398,6 +406,31 @@ impl Bench {
         )?;
         Ok((bench, servers))
     }
+}
+
+/// `cargo xtask bench datapath --hold SCENARIO`: puts the lab into one scenario and repeats the
+/// connections test `runs` times, printing each rate, so a profiler (`perf record -a`) can watch
+/// the machine under that load; then one sample of every figure. README.md is left alone.
+pub fn run_held(scenario: Scenario, runs: usize) -> Result<()> {
+    let _stats = BpfStats::set(false)?;
+    let (mut bench, servers) = Bench::up()?;
+    bench.enter(scenario)?;
+    for run in 1..=runs {
+        let crr = bench.crr()?;
+        let rate = crr["per_sec"].as_f64().context("crr per_sec")?;
+        println!("{} run {run}/{runs}: {rate:.0} conn/s", scenario.title());
+    }
+    let s = bench.measure()?;
+    println!(
+        "{}: {:.0} conn/s, rr p50 {:.2} µs p99 {:.2} µs, {:.2} Gbit/s",
+        scenario.title(),
+        s.conn_per_sec,
+        s.rr_p50_us,
+        s.rr_p99_us,
+        s.gbit_per_sec
+    );
+    drop(servers);
+    Ok(())
 }
 
 pub fn run() -> Result<()> {

@@ -103,6 +103,13 @@ enum BenchCmd {
         /// size and with 1,000 pods and 10k rules), printed; README.md is left alone.
         #[arg(long)]
         control_plane: bool,
+        /// Only this scenario, held while the connections test repeats (for a profiler such
+        /// as `perf record -a` in another shell); prints each run. README.md is left alone.
+        #[arg(long, value_name = "SCENARIO", conflicts_with = "control_plane")]
+        hold: Option<bench::Scenario>,
+        /// Connection test runs under --hold (2 s each).
+        #[arg(long, default_value_t = 12, requires = "hold")]
+        runs: usize,
     },
     /// Flow events: the highest new-connections rate with zero lost flows, and the datapath
     /// cost of `--flow-events all` versus `drops`. Rewrites README's Benchmarks / Flows.
@@ -130,10 +137,17 @@ fn main() -> Result<()> {
         }
         Cmd::Test => test(),
         Cmd::Bench {
-            what: BenchCmd::Datapath { control_plane },
+            what:
+                BenchCmd::Datapath {
+                    control_plane,
+                    hold,
+                    runs,
+                },
         } => {
             setup::run()?;
-            if control_plane {
+            if let Some(scenario) = hold {
+                bench::run_held(scenario, runs)
+            } else if control_plane {
                 bench::run_control_plane()
             } else {
                 bench::run()
