@@ -7,7 +7,7 @@
 //! Loaded with raw `bpf(2)` calls: two instructions need no object file, and the benchmark
 //! should not depend on the datapath it measures against.
 
-use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result};
 use nodeward_lab::{Lab, sys};
@@ -95,15 +95,15 @@ impl PassPrograms {
             insn_cnt: u32::try_from(insns.len())?,
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
+            prog_name: *b"bench_nop\0\0\0\0\0\0\0",
             ..ProgLoadAttr::default()
         };
-        load.prog_name[..9].copy_from_slice(b"bench_nop");
         let prog = bpf(BPF_PROG_LOAD, &mut load, "loading the pass-only TC program")?;
+        let prog_fd = u32::try_from(prog.as_raw_fd())?;
         let mut links = Vec::new();
         for pod in lab.pods() {
             let node_netns = &lab.node(&pod.node).netns;
             let ifname = pod.host_ifname.clone();
-            let prog = &prog;
             let attached = sys::in_netns(node_netns, move || -> Result<Vec<OwnedFd>> {
                 let name = std::ffi::CString::new(ifname.clone())?;
                 // SAFETY: a NUL-terminated name; the lookup is in this thread's namespace.
@@ -112,9 +112,8 @@ impl PassPrograms {
                 [BPF_TCX_INGRESS, BPF_TCX_EGRESS]
                     .into_iter()
                     .map(|attach_type| {
-                        use std::os::fd::AsRawFd as _;
                         let mut link = LinkCreateAttr {
-                            prog_fd: u32::try_from(prog.as_raw_fd())?,
+                            prog_fd,
                             target_ifindex: ifindex,
                             attach_type,
                             ..LinkCreateAttr::default()
