@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub bpffs_dir: PathBuf,
     pub api_socket: PathBuf,
     pub metrics_addr: SocketAddr,
+    /// `--flows-addr`: the mutual-TLS flows port; `None` keeps flows on the Unix socket only.
+    pub flow_api: Option<crate::flowapi::FlowApiConfig>,
     pub cgroup: Option<PathBuf>,
     pub flow_buffer: usize,
     /// `--flow-log DIR`: every flow also goes to rotated JSON-lines files.
@@ -142,6 +144,8 @@ pub struct Shared {
     pub certs: crate::ca::manager::CertManager,
     /// The mTLS tunnel, once it runs.
     pub tunnel: std::sync::OnceLock<Arc<crate::tunnel::Context>>,
+    /// The flows port's counters (zero while it is off).
+    pub flow_api: crate::flowapi::FlowApiStats,
 }
 
 impl Shared {
@@ -216,6 +220,7 @@ impl Shared {
         if let Some(log) = &self.flow_log {
             value["flow_log"] = serde_json::to_value(log.status()).unwrap_or_default();
         }
+        value["flows_api"] = self.flow_api.to_json();
         if let Some(tunnel) = self.tunnel.get() {
             use crate::tunnel::TunnelStats as S;
             let s = &tunnel.stats;
@@ -316,6 +321,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         authority,
         certs,
         tunnel: std::sync::OnceLock::new(),
+        flow_api: crate::flowapi::FlowApiStats::default(),
     });
     {
         let syncer = syncer.clone();
@@ -339,6 +345,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
     tokio::spawn(crate::metrics::serve(metrics_listener, shared.clone()));
+    if let Some(flows) = &config.flow_api {
+        let acceptor = crate::flowapi::acceptor(&shared)
+            .map_err(anyhow::Error::msg)
+            .context("setting up TLS for --flows-addr")?;
+        let listener = tokio::net::TcpListener::bind(flows.addr)
+            .await
+            .with_context(|| format!("binding --flows-addr {}", flows.addr))?;
+        tracing::info!(addr = %flows.addr, allow = %flows.allow, "flows port ready (mutual TLS)");
+        tokio::spawn(crate::flowapi::serve(
+            listener,
+            acceptor,
+            flows.clone(),
+            shared.clone(),
+        ));
+    }
     tokio::spawn(read_events(events, shared.clone()));
     let tunnel =
         start_tunnel(&config, &mut datapath, &shared).context("starting the mTLS tunnel")?;

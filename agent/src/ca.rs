@@ -10,6 +10,7 @@
 //!
 //! Workload keys never touch the disk: [`manager::CertManager`] keeps them in memory.
 
+pub mod client;
 pub mod manager;
 pub mod spiffe;
 pub mod tls;

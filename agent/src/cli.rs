@@ -1,7 +1,7 @@
 //! The `nodeward` command line: the agent and the commands that talk to it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -49,6 +49,9 @@ enum Command {
         #[arg(long, default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Sign a client certificate with a CA key, for reading flows from other nodes (`observe
+    /// --node`, the agents' --flows-addr): writes cert.pem, key.pem and ca.pem into --out.
+    CaIssue(Box<CaIssueArgs>),
     /// Print the CustomResourceDefinitions of the nodeward.io kinds (or write them to a directory).
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -89,6 +92,30 @@ struct AgentArgs {
     /// Prometheus metrics and /healthz, /readyz.
     #[arg(long, env = "NODEWARD_METRICS_ADDR", default_value = "0.0.0.0:9962")]
     metrics_addr: SocketAddr,
+    /// The flows port (e.g. 0.0.0.0:4244): flows over mutual TLS for clients with a certificate
+    /// of the mesh CA whose identity --flows-allow names (`observe --node`). Off by default:
+    /// flows are then read only on the local --api-socket.
+    #[arg(long, env = "NODEWARD_FLOWS_ADDR", value_name = "ADDR")]
+    flows_addr: Option<SocketAddr>,
+    /// Who may read flows on --flows-addr: SPIFFE IDs, prefixes of one ending in '*', or
+    /// namespace/serviceaccount of --trust-domain; repeatable, or comma-separated.
+    #[arg(
+        long,
+        env = "NODEWARD_FLOWS_ALLOW",
+        value_name = "IDENTITY",
+        value_delimiter = ',',
+        default_values_t = crate::flowapi::access::default_allow()
+    )]
+    flows_allow: Vec<String>,
+    /// Flow streams one client identity may have open at once on --flows-addr (more are
+    /// refused with 429).
+    #[arg(
+        long,
+        env = "NODEWARD_FLOWS_FOLLOWERS_PER_CLIENT",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u64).range(1..=1024)
+    )]
+    flows_followers_per_client: u64,
     /// The cgroup (v2 path) for socket-level programs; never the machine's root cgroup.
     #[arg(long, env = "NODEWARD_CGROUP")]
     cgroup: Option<PathBuf>,
@@ -230,10 +257,25 @@ struct ObserveArgs {
     /// instead of the agent.
     #[arg(long, value_name = "FILE_OR_DIR", conflicts_with_all = ["node", "follow"])]
     flow_log: Option<PathBuf>,
-    /// Read another node's agent through its metrics address (`host[:port]`, port 9962 by
-    /// default); repeat to merge several nodes in time order.
+    /// Read another node's agent through its flows port (`host[:port]`, port 4244 by default;
+    /// the agent's --flows-addr) over mutual TLS, with the client certificate of --tls-dir;
+    /// repeat to merge several nodes in time order.
     #[arg(long, value_name = "NAME_OR_ADDR")]
     node: Vec<String>,
+    /// With --node: the directory of the client's cert.pem, key.pem and ca.pem (`nodeward
+    /// ca-issue` writes them) [default: ~/.config/nodeward/observer].
+    #[arg(long, env = "NODEWARD_OBSERVER_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// With --node: the client certificate (PEM, then its chain) instead of --tls-dir's.
+    #[arg(long, value_name = "FILE", requires = "node")]
+    cert: Option<PathBuf>,
+    /// With --node: the client certificate's private key (PEM) instead of --tls-dir's.
+    #[arg(long, value_name = "FILE", requires = "node")]
+    key: Option<PathBuf>,
+    /// With --node: the CA certificate(s) the agents' certificates must chain to instead of
+    /// --tls-dir's.
+    #[arg(long, value_name = "FILE", requires = "node")]
+    ca_cert: Option<PathBuf>,
     #[arg(short, long, value_enum, default_value = "compact")]
     output: FlowOutput,
     /// Keep printing new flows as they happen.
@@ -292,6 +334,35 @@ struct ObserveArgs {
     to_fqdn: Vec<String>,
 }
 
+#[derive(Args, Debug)]
+struct CaIssueArgs {
+    /// The CA as a directory holding ca-cert.pem and ca-key.pem: `nodeward ca-create`'s, or a
+    /// standalone agent's generated one (its --state-dir/ca).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["ca_cert", "ca_key"], required_unless_present = "ca_cert")]
+    ca_dir: Option<PathBuf>,
+    /// The issuing CA certificate (PEM), as the agents' --ca-cert.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The CA's private key (PKCS#8 PEM), as the agents' --ca-key.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The identity to certify [default: spiffe://<trust-domain>/ns/nodeward-system/sa/nodeward-observer,
+    /// which the agents' default --flows-allow lets read flows].
+    #[arg(long, value_name = "SPIFFE_ID")]
+    identity: Option<String>,
+    /// Trust domain of the default identity (the agents' --trust-domain).
+    #[arg(long, default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of the certificate.
+    #[arg(long, default_value = "7d", value_parser = cert_ttl_arg)]
+    ttl: Duration,
+    /// Directory to write cert.pem, key.pem (mode 0600) and ca.pem into (created, mode 0700;
+    /// files there are replaced) [default: $NODEWARD_OBSERVER_DIR, else
+    /// ~/.config/nodeward/observer, where `observe --node` looks].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum StatusOutput {
     Text,
@@ -335,6 +406,7 @@ pub fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::CaIssue(args) => ca_issue(&args),
         Command::Crd { write } => crd(write),
         Command::Cleanup { bpffs_dir } => {
             crate::datapath::loader::Datapath::remove_all(&bpffs_dir)
@@ -391,6 +463,18 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         bpffs_dir: args.bpffs_dir,
         api_socket: args.api_socket,
         metrics_addr: args.metrics_addr,
+        flow_api: args
+            .flows_addr
+            .map(|addr| -> anyhow::Result<crate::flowapi::FlowApiConfig> {
+                Ok(crate::flowapi::FlowApiConfig {
+                    addr,
+                    allow: crate::flowapi::AllowList::parse(&args.flows_allow, &args.trust_domain)?,
+                    followers_per_client: usize::try_from(args.flows_followers_per_client)
+                        .unwrap_or(8),
+                    handshake_timeout: Duration::from_secs(10),
+                })
+            })
+            .transpose()?,
         cgroup: args.cgroup,
         flow_buffer: args.flow_buffer,
         flow_log: args.flow_log.map(|dir| crate::flows::log::FlowLogConfig {
@@ -419,6 +503,50 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         },
     };
     crate::app::run(config).await
+}
+
+/// `nodeward ca-issue`: a client certificate for the flows port, signed with a CA key.
+fn ca_issue(args: &CaIssueArgs) -> anyhow::Result<()> {
+    use crate::ca::{Authority, CaConfig, SpiffeId};
+    let (cert, key) = match (&args.ca_dir, &args.ca_cert, &args.ca_key) {
+        (Some(dir), _, _) => (
+            dir.join(crate::ca::CA_CERT_FILE),
+            dir.join(crate::ca::CA_KEY_FILE),
+        ),
+        (None, Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        _ => anyhow::bail!("give the CA: --ca-dir DIR, or --ca-cert FILE and --ca-key FILE"),
+    };
+    let identity: SpiffeId = match &args.identity {
+        Some(id) => id.parse().with_context(|| format!("--identity {id:?}"))?,
+        None => crate::flowapi::access::observer(&args.trust_domain)
+            .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?,
+    };
+    if !cert.exists() {
+        anyhow::bail!(
+            "{}: no such file (a generated CA lives in the agent's --state-dir/ca; `nodeward ca-create` makes one)",
+            cert.display()
+        );
+    }
+    let authority = Authority::load_or_create(&CaConfig {
+        ca_cert: Some(cert.clone()),
+        ca_key: Some(key),
+        ..CaConfig::generated(Path::new("/nonexistent"), identity.trust_domain())
+    })?;
+    let client = authority.issue_client(&identity, args.ttl)?;
+    let ca_pem = std::fs::read(&cert).with_context(|| format!("reading {}", cert.display()))?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(crate::flowapi::client::default_dir);
+    let [cert_file, key_file, ca_file] = crate::ca::client::write_files(&out, &client, &ca_pem)?;
+    println!(
+        "issued a client certificate for {identity} (valid {}):\n  {}\n  {}\n  {}",
+        humantime::format_duration(args.ttl),
+        cert_file.display(),
+        key_file.display(),
+        ca_file.display()
+    );
+    Ok(())
 }
 
 fn cert_ttl_arg(value: &str) -> Result<Duration, String> {
@@ -606,7 +734,8 @@ async fn observe(args: ObserveArgs, filter: FlowFilter) -> anyhow::Result<()> {
         return observe_log(path, args.last, &filter, output);
     }
     if !args.node.is_empty() {
-        return observe_nodes(&args.node, args.last, args.follow, &filter, output).await;
+        let tls = observer_tls(&args)?;
+        return observe_nodes(&args.node, &tls, args.last, args.follow, &filter, output).await;
     }
     let request = Request::Observe {
         last: args.last,
@@ -667,37 +796,59 @@ fn observe_log(
     Ok(())
 }
 
-/// `--node`: each node's agent through its metrics address; several are merged in time order
-/// (when following, in arrival order after that).
+/// `--node`'s client certificate: `--cert`, `--key`, `--ca-cert`, each defaulting to its file
+/// in `--tls-dir` (or the default directory).
+fn observer_tls(args: &ObserveArgs) -> anyhow::Result<crate::flowapi::client::ClientTls> {
+    use crate::flowapi::client::{ClientFiles, ClientTls, default_dir};
+    let dir = args.tls_dir.clone().unwrap_or_else(default_dir);
+    let mut files = ClientFiles::in_dir(&dir);
+    for (given, file) in [
+        (&args.cert, &mut files.cert),
+        (&args.key, &mut files.key),
+        (&args.ca_cert, &mut files.ca),
+    ] {
+        if let Some(path) = given {
+            file.clone_from(path);
+        }
+    }
+    Ok(ClientTls::load(&files)?)
+}
+
+/// `--node`: each node's agent through its flows port; several are merged in time order (when
+/// following, in arrival order after that).
 async fn observe_nodes(
     nodes: &[String],
+    tls: &crate::flowapi::client::ClientTls,
     last: Option<usize>,
     follow: bool,
     filter: &FlowFilter,
     output: FlowOutput,
 ) -> anyhow::Result<()> {
-    let query = crate::metrics::FlowQuery {
+    let query = crate::flowapi::FlowQuery {
         last: Some(last.unwrap_or(if follow { 0 } else { 20 })),
         follow,
         filter: filter.clone(),
     };
-    // Unbounded is bounded here: by `last` without --follow, and by the agents' own
-    // per-client queues with it.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<serde_json::Value>>();
+    // Bounded, so that output that is not read (a full pipe) stops the reads from the agents,
+    // which then skip flows for this client (it is told how many) rather than buffer them here.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<serde_json::Value>>(1024);
     for node in nodes {
         let addr = node_addr(node);
-        let (tx, query) = (tx.clone(), query.clone());
+        let (tx, query, tls) = (tx.clone(), query.clone(), tls.clone());
         tokio::spawn(async move {
-            let lines = tx.clone();
-            let result = crate::metrics::fetch_flows(&addr, &query, |v| {
-                lines
-                    .send(Ok(v))
-                    .map_err(|_| anyhow::anyhow!("output closed"))
+            let result = crate::flowapi::client::fetch_flows(&addr, &tls, &query, |v| {
+                let lines = tx.clone();
+                async move {
+                    lines
+                        .send(Ok(v))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("output closed"))
+                }
             })
             .await
             .with_context(|| format!("--node {addr}"));
             if let Err(e) = result {
-                let _ = tx.send(Err(e));
+                let _ = tx.send(Err(e)).await;
             }
         });
     }
@@ -720,19 +871,20 @@ async fn observe_nodes(
     Ok(())
 }
 
-/// `host:port`, `host` (port 9962), an IPv6 address with or without `[...]:port`.
+/// `host:port`, `host` (the flows port, 4244), an IPv6 address with or without `[...]:port`.
 fn node_addr(node: &str) -> String {
+    use crate::flowapi::DEFAULT_PORT;
     if node.parse::<SocketAddr>().is_ok() {
         node.to_owned()
     } else if let Ok(ip) = node.parse::<std::net::IpAddr>() {
-        SocketAddr::new(ip, 9962).to_string()
+        SocketAddr::new(ip, DEFAULT_PORT).to_string()
     } else if node
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
     {
         node.to_owned()
     } else {
-        format!("{node}:9962")
+        format!("{node}:{DEFAULT_PORT}")
     }
 }
 
@@ -970,10 +1122,10 @@ mod tests {
     }
 
     #[test]
-    fn node_addresses_get_the_metrics_port() {
-        assert_eq!(node_addr("10.0.0.1"), "10.0.0.1:9962");
+    fn node_addresses_get_the_flows_port() {
+        assert_eq!(node_addr("10.0.0.1"), "10.0.0.1:4244");
         assert_eq!(node_addr("10.0.0.1:1234"), "10.0.0.1:1234");
-        assert_eq!(node_addr("node-2"), "node-2:9962");
-        assert_eq!(node_addr("fd00::1"), "[fd00::1]:9962");
+        assert_eq!(node_addr("node-2"), "node-2:4244");
+        assert_eq!(node_addr("fd00::1"), "[fd00::1]:4244");
     }
 }

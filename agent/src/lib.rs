@@ -5,6 +5,7 @@ pub mod ca;
 pub mod cli;
 pub mod datapath;
 pub mod endpoints;
+pub mod flowapi;
 pub mod flows;
 pub mod identity;
 pub mod metrics;

@@ -3,15 +3,12 @@
 //! Label cardinality is bounded: verdicts, directions, drop reasons, map names, loss places and
 //! policies (one series per policy and verdict) only; never IPs, ports or pods.
 //!
-//! The same server answers `GET /v1/flows?last=N&follow=BOOL&filter=JSON` with flows as JSON
-//! lines, so `nodeward observe --node ADDR` can read another node's agent; the filter is the
-//! one the local API takes and runs in the agent.
+//! It serves nothing else: flows leave the node only on the mutual-TLS flows port
+//! ([`crate::flowapi`]), never on this address, which anything that reaches the node can read.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,7 +20,7 @@ use prometheus::{
 };
 
 use crate::app::{MapFill, Shared};
-use crate::flows::{Flow, FlowFilter, PerShared};
+use crate::flows::{Flow, PerShared};
 
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +46,8 @@ pub struct Metrics {
     tunnel_pooled: IntGauge,
     tunnel_handshake_failures: IntCounterVec,
     tunnel_bytes: IntCounterVec,
+    flows_api_refused: IntCounterVec,
+    flows_api_streams: IntGauge,
 }
 
 /// `policy_verdicts`' FORWARDED and DROPPED series of one policy, looked up on first use.
@@ -161,8 +160,19 @@ impl Metrics {
             ),
             &["direction"],
         )?;
+        let flows_api_refused = IntCounterVec::new(
+            Opts::new(
+                "flows_api_refused_total",
+                "Clients refused on the flows port, by reason (handshake, identity, followers, connections)",
+            ),
+            &["reason"],
+        )?;
+        let flows_api_streams =
+            IntGauge::new("flows_api_streams", "Flow streams open on the flows port")?;
         for c in [
-            Box::new(tunnel_streams.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(flows_api_refused.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(flows_api_streams.clone()),
+            Box::new(tunnel_streams.clone()),
             Box::new(tunnel_active.clone()),
             Box::new(tunnel_connections.clone()),
             Box::new(tunnel_pooled.clone()),
@@ -203,7 +213,18 @@ impl Metrics {
             tunnel_pooled,
             tunnel_handshake_failures,
             tunnel_bytes,
+            flows_api_refused,
+            flows_api_streams,
         })
+    }
+
+    /// Read at scrape time from the flows port's own counters.
+    fn observe_flow_api(&self, stats: &crate::flowapi::FlowApiStats) {
+        for (reason, total) in stats.refusals() {
+            catch_up(&self.flows_api_refused.with_label_values(&[reason]), total);
+        }
+        self.flows_api_streams
+            .set(i64::try_from(stats.streams.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     }
 
     /// Read at scrape time from the tunnel's own counters.
@@ -355,6 +376,7 @@ impl Metrics {
                 .set(lost[place].as_i64().unwrap_or(0));
         }
         self.observe_certs(&shared.certs);
+        self.observe_flow_api(&shared.flow_api);
         if let Some(tunnel) = shared.tunnel.get() {
             self.observe_tunnel(&tunnel.stats);
         }
@@ -370,270 +392,8 @@ fn catch_up(counter: &prometheus::IntCounter, total: u64) {
     counter.inc_by(total.saturating_sub(counter.get()));
 }
 
-/// A whole reply, or flow lines as the agent produces them.
-pub enum Body {
-    Full(Full<Bytes>),
-    Lines(tokio::sync::mpsc::Receiver<Bytes>),
-}
-
-impl hyper::body::Body for Body {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-        match self.get_mut() {
-            Self::Full(full) => Pin::new(full).poll_frame(cx),
-            Self::Lines(rx) => rx
-                .poll_recv(cx)
-                .map(|line| line.map(|l| Ok(hyper::body::Frame::data(l)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Full(full) => full.is_end_stream(),
-            Self::Lines(_) => false,
-        }
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        match self {
-            Self::Full(full) => full.size_hint(),
-            Self::Lines(_) => hyper::body::SizeHint::default(),
-        }
-    }
-}
-
-/// `GET /v1/flows` parameters.
-#[derive(Clone, Debug, Default)]
-pub struct FlowQuery {
-    /// Stored flows to send first (default 20 without follow, 0 with it).
-    pub last: Option<usize>,
-    pub follow: bool,
-    pub filter: FlowFilter,
-}
-
-impl FlowQuery {
-    #[must_use]
-    pub fn to_query_string(&self) -> String {
-        let filter = serde_json::to_string(&self.filter).unwrap_or_else(|_| "{}".into());
-        let mut q = format!("follow={}&filter={}", self.follow, percent_encode(&filter));
-        if let Some(n) = self.last {
-            q = format!("last={n}&{q}");
-        }
-        q
-    }
-
-    /// # Errors
-    /// A parameter that is not understood, with what was expected.
-    pub fn parse(query: &str) -> Result<Self, String> {
-        let mut out = Self::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value =
-                percent_decode(value).ok_or_else(|| format!("{key}: bad percent-encoding"))?;
-            match key {
-                "last" => {
-                    out.last = Some(
-                        value
-                            .parse()
-                            .map_err(|_| format!("last={value:?}: expected a number of flows"))?,
-                    );
-                }
-                "follow" => {
-                    out.follow = match value.as_str() {
-                        "" | "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => return Err(format!("follow={value:?}: expected true or false")),
-                    };
-                }
-                "filter" => {
-                    out.filter = serde_json::from_str(&value)
-                        .map_err(|e| format!("filter: not a flow filter: {e}"))?;
-                }
-                other => {
-                    return Err(format!(
-                        "unknown parameter {other:?}: expected last, follow, filter"
-                    ));
-                }
-            }
-        }
-        out.filter.validate().map_err(|e| e.to_string())?;
-        Ok(out)
-    }
-}
-
-fn percent_encode(s: &str) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Lines queued for one HTTP flow client; a client slower than this misses flows (counted).
-const CLIENT_QUEUE: usize = 1024;
-
-fn flows_reply(query: Option<&str>, shared: Arc<Shared>) -> Response<Body> {
-    let query = match FlowQuery::parse(query.unwrap_or("")) {
-        Ok(q) => q,
-        Err(e) => {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({ "error": e }).to_string() + "\n",
-                "application/json",
-            );
-        }
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(CLIENT_QUEUE);
-    tokio::spawn(async move {
-        let line = |value: &dyn erased::Json| -> Bytes {
-            let mut v = value.to_vec();
-            v.push(b'\n');
-            Bytes::from(v)
-        };
-        // Subscribe before reading the ring so nothing falls between the two.
-        let mut follow = query.follow.then(|| shared.flows.subscribe());
-        let last = query.last.unwrap_or(if query.follow { 0 } else { 20 });
-        for flow in shared.flows.last(last, &query.filter) {
-            if tx.send(line(&*flow)).await.is_err() {
-                return;
-            }
-        }
-        let Some(rx) = follow.as_mut() else { return };
-        loop {
-            let next = tokio::select! {
-                next = rx.recv() => next,
-                () = tx.closed() => return,
-            };
-            let out = match next {
-                Ok(flow) if query.filter.matches(&flow) => line(&*flow),
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    shared
-                        .flows
-                        .lost
-                        .follower_lagged
-                        .fetch_add(n, Ordering::Relaxed);
-                    line(&serde_json::json!({ "lost_flows": n }))
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            };
-            if tx.send(out).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut response = Response::new(Body::Lines(rx));
-    if let Ok(v) = "application/x-ndjson".parse() {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, v);
-    }
-    response
-}
-
-mod erased {
-    /// Serialises anything serde can, behind one trait object.
-    pub trait Json {
-        fn to_vec(&self) -> Vec<u8>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_vec(&self) -> Vec<u8> {
-            serde_json::to_vec(self).unwrap_or_default()
-        }
-    }
-}
-
-/// Client side of `GET /v1/flows`: calls `on_line` for every JSON line until the agent closes.
-///
-/// # Errors
-/// The agent cannot be reached, answers with an error, or sends a line that is not JSON.
-pub async fn fetch_flows(
-    addr: &str,
-    query: &FlowQuery,
-    mut on_line: impl FnMut(serde_json::Value) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    use http_body_util::BodyExt as _;
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))?
-        .with_context(|| format!("cannot reach the agent's metrics address {addr}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let request = Request::get(format!("/v1/flows?{}", query.to_query_string()))
-        .header(hyper::header::HOST, addr)
-        .body(http_body_util::Empty::<Bytes>::new())?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let mut body = response.into_body();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut handle = |line: &[u8]| -> anyhow::Result<()> {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        let value: serde_json::Value = serde_json::from_slice(line).with_context(|| {
-            format!(
-                "the agent sent a line that is not JSON: {}",
-                String::from_utf8_lossy(line)
-            )
-        })?;
-        if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
-            anyhow::bail!("{error}");
-        }
-        on_line(value)
-    };
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        pending.extend_from_slice(&data);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            handle(&line)?;
-        }
-    }
-    handle(&pending)?;
-    anyhow::ensure!(status.is_success(), "the agent answered {status}");
-    Ok(())
-}
-
-fn reply(status: StatusCode, body: String, content_type: &str) -> Response<Body> {
-    let mut response = Response::new(Body::Full(Full::new(Bytes::from(body))));
+fn reply(status: StatusCode, body: String, content_type: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(v) = content_type.parse() {
         response
@@ -646,9 +406,8 @@ fn reply(status: StatusCode, body: String, content_type: &str) -> Response<Body>
 async fn handle(
     req: Request<hyper::body::Incoming>,
     shared: Arc<Shared>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
-        "/v1/flows" if req.method() == hyper::Method::GET => flows_reply(req.uri().query(), shared),
         "/metrics" => reply(
             StatusCode::OK,
             shared.metrics.render(&shared),
@@ -667,7 +426,7 @@ async fn handle(
     })
 }
 
-/// Serves `/metrics`, `/healthz`, `/readyz` and `/v1/flows` until the listener fails.
+/// Serves `/metrics`, `/healthz` and `/readyz` (anything else is 404) until the listener fails.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -731,39 +490,6 @@ mod tests {
                 .with_label_values(&["ClusterMeshPolicy/allow-dns", "FORWARDED"])
                 .get(),
             2
-        );
-    }
-
-    #[test]
-    fn a_flow_query_survives_the_query_string() {
-        let mut filter = FlowFilter {
-            verdict: Some("DROPPED".into()),
-            from_label: Some("k8s:app=web & co".into()),
-            not: vec![FlowFilter {
-                port: Some(80),
-                ..FlowFilter::default()
-            }],
-            ..FlowFilter::default()
-        };
-        filter.validate().unwrap();
-        let q = FlowQuery {
-            last: Some(5),
-            follow: true,
-            filter,
-        };
-        let back = FlowQuery::parse(&q.to_query_string()).unwrap();
-        assert_eq!((back.last, back.follow), (Some(5), true));
-        assert_eq!(back.filter, q.filter);
-    }
-
-    #[test]
-    fn a_bad_flow_query_says_what_was_expected() {
-        let err = FlowQuery::parse("filter=%7B%22verdict%22%3A%22NOPE%22%7D").unwrap_err();
-        assert!(err.contains("FORWARDED, DROPPED"), "{err}");
-        assert!(
-            FlowQuery::parse("lats=3")
-                .unwrap_err()
-                .contains("expected last")
         );
     }
 }

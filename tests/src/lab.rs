@@ -429,6 +429,43 @@ impl Lab {
         Ok(files)
     }
 
+    /// The lab's observer client files (`<lab>/observer/{cert,key,ca}.pem`), issued by the
+    /// lab's CA with `nodeward ca-issue` on first use: `observe --node --tls-dir` with them reads
+    /// every agent's flows port.
+    pub fn observer_dir(&self) -> Result<PathBuf> {
+        let dir = self.state.dir.join("observer");
+        if !dir.join("cert.pem").exists() {
+            let (cert, key) = self.ca_files()?;
+            self.ca_issue(&cert, &key, None, &dir)
+                .context("issuing the lab's observer certificate")?;
+        }
+        Ok(dir)
+    }
+
+    /// `nodeward ca-issue --ca-cert CERT --ca-key KEY [--identity ID] --out DIR`.
+    pub fn ca_issue(
+        &self,
+        cert: &Path,
+        key: &Path,
+        identity: Option<&str>,
+        out: &Path,
+    ) -> Result<()> {
+        let bin = paths::nodeward_bin()?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("ca-issue")
+            .arg("--ca-cert")
+            .arg(cert)
+            .arg("--ca-key")
+            .arg(key)
+            .arg("--out")
+            .arg(out);
+        if let Some(id) = identity {
+            cmd.args(["--identity", id]);
+        }
+        sys::run_timeout(&mut cmd, Duration::from_secs(10))?;
+        Ok(())
+    }
+
     /// Starts `nodeward agent` in the node's namespace and waits until it reports ready.
     pub fn start_agent(&mut self, node: &str) -> Result<Value> {
         if let Some(pid) = self.agent_pid(node) {
@@ -468,6 +505,7 @@ impl Lab {
             .arg("--api-socket")
             .arg(&n.api_socket)
             .args(["--metrics-addr", &n.metrics_addr])
+            .args(["--flows-addr", &n.flows_addr])
             .arg("--flow-log")
             .arg(self.flow_log_dir(node))
             .arg("--cgroup")
@@ -596,7 +634,7 @@ impl Lab {
     }
 
     /// `nodeward observe -o json ARGS...` run inside `node`'s network namespace without a
-    /// socket: for `--node ADDR`, which reads agents through their metrics addresses.
+    /// socket: for `--node ADDR`, which reads agents through their flows ports.
     pub fn observe_in(&self, node: &str, args: &[&str]) -> Result<Vec<Value>> {
         let bin = paths::nodeward_bin()?;
         let out = sys::run_timeout(
@@ -619,19 +657,23 @@ impl Lab {
             .collect()
     }
 
-    /// `nodeward observe --node <each node's metrics address> ARGS...`, run in the first node's
-    /// namespace (the underlay reaches every node) with this process's stdout: every node's
-    /// flows merged in time order. Runs until the command ends (with `--follow`, until ^C).
+    /// `nodeward observe --tls-dir <observer> --node <each node's flows port> ARGS...`, run in
+    /// the first node's namespace (the underlay reaches every node) with this process's stdout:
+    /// every node's flows merged in time order. Runs until the command ends (with `--follow`,
+    /// until ^C).
     pub fn observe_merged(&self, args: &[String]) -> Result<()> {
         let bin = paths::nodeward_bin()?;
+        let observer = self.observer_dir()?;
         let first = self.nodes().first().context("the lab has no nodes")?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", sys::netns_path(&first.netns).display()))
             .arg("--")
             .arg(&bin)
-            .arg("observe");
+            .arg("observe")
+            .arg("--tls-dir")
+            .arg(&observer);
         for n in self.nodes() {
-            cmd.args(["--node", &n.metrics_addr]);
+            cmd.args(["--node", &n.flows_addr]);
         }
         let status = cmd
             .args(args)

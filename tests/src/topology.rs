@@ -23,6 +23,8 @@ pub const HTTP_PORT: u16 = 8080;
 pub const METRICS_PORT: u16 = 9090;
 pub const DNS_PORT: u16 = 5353;
 pub const AGENT_METRICS_PORT: u16 = 9962;
+/// The agents' flows port (`--flows-addr`, mutual TLS), on the node address.
+pub const AGENT_FLOWS_PORT: u16 = 4244;
 /// Extra ports by app, so that `policies/examples/` (named port `postgres`, api debug ports) have
 /// something to select: `db` pods serve `postgres`, `api` pods `debug`.
 pub const POSTGRES_PORT: u16 = 5432;
@@ -110,6 +112,9 @@ pub struct NodeState {
     pub state_dir: PathBuf,
     pub api_socket: PathBuf,
     pub metrics_addr: String,
+    /// `--flows-addr`: flows over mutual TLS (`observe --node` with the lab's observer).
+    #[serde(default)]
+    pub flows_addr: String,
     pub agent_log: PathBuf,
     pub agent_pid: Option<u32>,
 }
@@ -221,6 +226,7 @@ pub fn plan(
                 state_dir: node_dir.join("state"),
                 api_socket: node_dir.join("nodeward.sock"),
                 metrics_addr: format!("{ip4}:{AGENT_METRICS_PORT}"),
+                flows_addr: format!("{ip4}:{AGENT_FLOWS_PORT}"),
                 agent_log: node_dir.join("agent.log"),
                 agent_pid: None,
                 index: i,
@@ -363,6 +369,7 @@ mod tests {
         assert_eq!(web0.host_ifname, "nwt1p0");
         assert_eq!(state.pod("backend/api-1").unwrap().node, "node-2");
         assert_eq!(state.nodes[1].metrics_addr, "10.250.0.12:9962");
+        assert_eq!(state.nodes[1].flows_addr, "10.250.0.12:4244");
         assert!(state.all_netns().iter().all(|n| n.starts_with("nwl-t1-")));
     }
 

@@ -602,7 +602,7 @@ fn status_reports_a_policy_that_failed_to_compile() {
 }
 
 #[test]
-fn node_reads_other_agents_through_their_metrics_address_in_time_order() {
+fn node_reads_other_agents_through_their_flows_ports_in_time_order() {
     let lab = shared_lab();
     deny_data(&lab);
     let since = now_rfc3339();
@@ -612,9 +612,13 @@ fn node_reads_other_agents_through_their_metrics_address_in_time_order() {
     let addrs: Vec<String> = lab
         .node_names()
         .iter()
-        .map(|n| lab.node(n).metrics_addr.clone())
+        .map(|n| lab.node(n).flows_addr.clone())
         .collect();
+    let observer = lab.observer_dir().unwrap();
+    let observer = observer.to_str().unwrap();
     let mut args = vec![
+        "--tls-dir",
+        observer,
         "--since",
         since.as_str(),
         "--last",
@@ -648,7 +652,17 @@ fn node_reads_other_agents_through_their_metrics_address_in_time_order() {
     );
     // A bad filter comes back as the agent's error.
     let err = lab
-        .observe_in("node-1", &["--node", &addrs[1], "--protocol", "nope"])
+        .observe_in(
+            "node-1",
+            &[
+                "--tls-dir",
+                observer,
+                "--node",
+                &addrs[1],
+                "--protocol",
+                "nope",
+            ],
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("TCP, UDP"), "{err}");
