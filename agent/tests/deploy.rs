@@ -422,6 +422,39 @@ fn the_binary_accepts_the_daemonset_args_and_configmap() {
     assert!(args.contains(&"--kubernetes".to_owned()));
 }
 
+/// Flows leave a node only through the mutual-TLS flows port, which the shipped ConfigMap
+/// leaves off; the DaemonSet declares it, and the allow list shipped is the agent's default.
+#[test]
+fn the_flows_port_is_declared_and_off_until_configured() {
+    let ds: DaemonSet = one("daemonset.yaml");
+    let cm: ConfigMap = one("configmap.yaml");
+    let ports: BTreeMap<String, i32> = agent_container(&ds)
+        .ports
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.name.unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports.get("flows"),
+        Some(&i32::from(nodeward::flowapi::DEFAULT_PORT))
+    );
+    assert_eq!(ports.get("metrics"), Some(&9962));
+    let data = cm.data.unwrap();
+    assert!(
+        !data.contains_key("NODEWARD_FLOWS_ADDR"),
+        "the flows port is off until an operator turns it on"
+    );
+    assert_eq!(
+        data["NODEWARD_FLOWS_ALLOW"],
+        nodeward::flowapi::access::default_allow().join(",")
+    );
+    let text = std::fs::read_to_string(deploy().join("configmap.yaml")).unwrap();
+    assert!(
+        text.contains("# NODEWARD_FLOWS_ADDR: 0.0.0.0:4244"),
+        "configmap.yaml shows how to turn the flows port on"
+    );
+}
+
 // ---- CRD schemas ---------------------------------------------------------------------------
 
 fn schema_of(kind: &str) -> Value {
