@@ -58,10 +58,10 @@ impl ClientFiles {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientTlsError {
-    #[error("{}: cannot read ({source}); create the observer's files with `nodeward ca-issue` (see `nodeward ca-issue --help`), or give --tls-dir or --cert/--key/--ca", path.display())]
+    #[error("{}: cannot read ({reason}); create the observer's files with `nodeward ca-issue` (see `nodeward ca-issue --help`), or give --tls-dir or --cert/--key/--ca-cert", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
@@ -88,9 +88,9 @@ impl ResolvesClientCert for FixedCert {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ClientTlsError> {
-    std::fs::read(path).map_err(|source| ClientTlsError::Read {
+    std::fs::read(path).map_err(|reason| ClientTlsError::Read {
         path: path.to_path_buf(),
-        source,
+        reason,
     })
 }
 
@@ -249,7 +249,10 @@ where
             .connect(tls::server_name(), tcp)
             .await
             .map_err(|e| {
-                anyhow::anyhow!("TLS with {addr}: {}", tls::describe_handshake_error(&e))
+                anyhow::anyhow!(
+                    "TLS with {addr}: {} (is it an agent's flows port, its --flows-addr?)",
+                    tls::describe_handshake_error(&e)
+                )
             })?;
         let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
