@@ -281,43 +281,36 @@ fn the_flows_port_refuses_clients_without_an_allowed_certificate() {
             "expected the agent's TLS alert, got: {err}"
         );
 
+        // `observe --node` with the files of `dir`, trusting the agents (so that the agent is
+        // the one to refuse): the error it ends with.
+        let refused_observe = |dir: &Path| {
+            let err = nodeward_in(
+                &pod,
+                &[
+                    "observe",
+                    "--tls-dir",
+                    dir.to_str().unwrap(),
+                    "--ca-cert",
+                    lab_ca.to_str().unwrap(),
+                    "--node",
+                    &node.flows_addr,
+                ],
+                &[],
+            )
+            .expect_err("observe read flows");
+            format!("{err:#}")
+        };
         // A certificate from a foreign CA.
-        let err = nodeward_in(
-            &pod,
-            &[
-                "observe",
-                "--tls-dir",
-                foreign.to_str().unwrap(),
-                // It trusts the agents (so the agent is the one to refuse).
-                "--ca-cert",
-                lab_ca.to_str().unwrap(),
-                "--node",
-                &node.flows_addr,
-            ],
-            &[],
-        )
-        .expect_err("a foreign CA's observer read flows");
+        let err = refused_observe(&foreign);
         assert!(
-            format!("{err:#}").contains("the agent refused this client's certificate"),
-            "{err:#}"
+            err.contains("the agent refused this client's certificate"),
+            "{err}"
         );
-
         // The cluster's CA, an identity the agent does not allow.
-        let err = nodeward_in(
-            &pod,
-            &[
-                "observe",
-                "--tls-dir",
-                db.to_str().unwrap(),
-                "--node",
-                &node.flows_addr,
-            ],
-            &[],
-        )
-        .expect_err("an identity outside --flows-allow read flows");
+        let err = refused_observe(&db);
         assert!(
-            format!("{err:#}").contains("spiffe://cluster.local/ns/data/sa/db may not read flows"),
-            "{err:#}"
+            err.contains("spiffe://cluster.local/ns/data/sa/db may not read flows"),
+            "{err}"
         );
 
         // Counted by reason, and logged.

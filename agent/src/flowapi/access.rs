@@ -65,6 +65,10 @@ impl AllowList {
                     )));
                 }
                 m
+            } else if !entry.contains('/') {
+                return Err(fail(
+                    "expected a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<account>), a prefix of one ending in '*', or namespace/serviceaccount".into(),
+                ));
             } else {
                 parse_service_account(entry, None, "--flows-allow").map_err(|e| {
                     fail(format!(
