@@ -334,13 +334,23 @@ async fn initial_sync_gives_the_same_inventory_and_compiled_policy_as_the_manife
         "the local endpoints are the pods of node n1"
     );
 
-    // The watches resume from the list's version and ask for bookmarks.
+    // The watches resume from the list's version and ask for bookmarks. Each starts after its
+    // list, which "synced" does not wait for: on a busy machine it may still be on its way.
+    let resumable_pod_watch = |requests: &[String]| {
+        requests.iter().any(|r| {
+            r.starts_with("GET /api/v1/pods?")
+                && r.contains("watch=true")
+                && r.contains("allowWatchBookmarks=true")
+                && r.contains("resourceVersion=")
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !resumable_pod_watch(&fake.requests()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let requests = fake.requests();
     assert!(
-        requests.iter().any(|r| r.starts_with("GET /api/v1/pods?")
-            && r.contains("watch=true")
-            && r.contains("allowWatchBookmarks=true")
-            && r.contains("resourceVersion=")),
+        resumable_pod_watch(&requests),
         "no resumable pod watch among {requests:#?}"
     );
     let status = source.status();
