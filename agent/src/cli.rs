@@ -527,6 +527,7 @@ fn ca_issue(args: &CaIssueArgs) -> anyhow::Result<()> {
             cert.display()
         );
     }
+    // With both files given, the state directory is never used: nothing is generated.
     let authority = Authority::load_or_create(&CaConfig {
         ca_cert: Some(cert.clone()),
         ca_key: Some(key),
