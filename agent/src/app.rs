@@ -238,6 +238,7 @@ impl Shared {
                 "inbound": {"ok": S::get(&s.inbound_ok), "denied": S::get(&s.inbound_denied), "failed": S::get(&s.inbound_failed), "active": S::get(&s.inbound_active)},
                 "pooled_connections": S::get(&s.pool_open),
                 "handshake_failures": {"client": S::get(&s.client_handshake_failures), "server": S::get(&s.server_handshake_failures)},
+                "time_wait": {"removed": S::get(&s.time_wait_removed), "failed": S::get(&s.time_wait_failed)},
                 "redirected_flows": get(agent_common::COUNTER_REDIRECTED),
             });
         }
@@ -462,6 +463,7 @@ fn start_tunnel(
         stats: tunnel::TunnelStats::default(),
         flows: sink,
         live: tunnel::inbound::LiveStreams::default(),
+        time_wait: tunnel::timewait::Reaper::default(),
     });
     let (v4, v6) = tunnel::outbound::listeners().context("binding the outbound listeners")?;
     let listeners: Vec<(u32, std::net::TcpListener)> =

@@ -48,6 +48,7 @@ pub struct Metrics {
     tunnel_bytes: IntCounterVec,
     flows_api_refused: IntCounterVec,
     flows_api_streams: IntGauge,
+    tunnel_time_wait: IntCounterVec,
 }
 
 /// `policy_verdicts`' FORWARDED and DROPPED series of one policy, looked up on first use.
@@ -169,10 +170,18 @@ impl Metrics {
         )?;
         let flows_api_streams =
             IntGauge::new("flows_api_streams", "Flow streams open on the flows port")?;
+        let tunnel_time_wait = IntCounterVec::new(
+            Opts::new(
+                "tunnel_time_wait_total",
+                "TIME_WAITs that closed pod-facing tunnel sockets left in the node's namespace, by result (removed; failed: left to expire, where they can stall plaintext connections reusing the 4-tuple)",
+            ),
+            &["result"],
+        )?;
         for c in [
             Box::new(flows_api_refused.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(flows_api_streams.clone()),
             Box::new(tunnel_streams.clone()),
+            Box::new(tunnel_time_wait.clone()),
             Box::new(tunnel_active.clone()),
             Box::new(tunnel_connections.clone()),
             Box::new(tunnel_pooled.clone()),
@@ -215,6 +224,7 @@ impl Metrics {
             tunnel_bytes,
             flows_api_refused,
             flows_api_streams,
+            tunnel_time_wait,
         })
     }
 
@@ -280,6 +290,15 @@ impl Metrics {
         ] {
             catch_up(
                 &self.tunnel_bytes.with_label_values(&[direction]),
+                S::get(total),
+            );
+        }
+        for (result, total) in [
+            ("removed", &stats.time_wait_removed),
+            ("failed", &stats.time_wait_failed),
+        ] {
+            catch_up(
+                &self.tunnel_time_wait.with_label_values(&[result]),
                 S::get(total),
             );
         }

@@ -19,12 +19,15 @@
 //! * [`view`]: who is where (pods, their identities, nodes and mesh modes), swapped after every
 //!   sync.
 //! * [`net`]: socket options and the policy route the interception needs.
+//! * [`timewait`]: closing pod-facing sockets without leaving the pods' 4-tuples in TIME_WAIT in
+//!   the node's namespace, where they would swallow forwarded plaintext SYNs.
 
 pub mod inbound;
 pub mod net;
 pub mod outbound;
 pub mod pool;
 pub mod splice;
+pub mod timewait;
 pub mod view;
 
 #[cfg(test)]
@@ -102,6 +105,10 @@ pub struct TunnelStats {
     /// Payload bytes, by direction as the pod sees them.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// TIME_WAITs of closed pod-facing sockets removed, and removals that failed (see
+    /// [`timewait`]).
+    pub time_wait_removed: AtomicU64,
+    pub time_wait_failed: AtomicU64,
 }
 
 impl TunnelStats {
@@ -144,6 +151,8 @@ pub struct Context {
     pub flows: FlowSink,
     /// Connections the HBONE server carries now, re-authorized after every policy change.
     pub live: inbound::LiveStreams,
+    /// Removes the TIME_WAITs that closed pod-facing sockets leave.
+    pub time_wait: timewait::Reaper,
 }
 
 impl Context {
@@ -233,9 +242,9 @@ pub async fn accept_each<F>(
 /// Why a tunnelled connection did not go through, as a flow and a log say it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TunnelError {
-    #[error("{0} is not a meshed pod of this node")]
+    #[error("{0} is not a pod of this node")]
     UnknownSource(std::net::IpAddr),
-    #[error("{0} is not a meshed pod")]
+    #[error("{0} is not a pod")]
     UnknownDestination(SocketAddr),
     #[error("no certificate for {identity}: {reason}")]
     NoCertificate { identity: String, reason: String },

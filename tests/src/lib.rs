@@ -10,6 +10,7 @@
 
 pub mod capture;
 pub mod lab;
+pub mod load;
 pub mod manifests;
 pub mod netpol;
 pub mod paths;

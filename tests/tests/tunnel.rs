@@ -6,6 +6,7 @@
 //! N = 0 and 2 on node-1, N = 1 on node-2. Nothing is meshed until a test writes a MutualTLS.
 
 use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use nodeward_lab::capture::Capture;
@@ -437,5 +438,340 @@ fn the_destination_agent_restarting_fails_fast_and_recovers_within_seconds() {
     eprintln!(
         "tunnel back {:.2?} after the agent was ready",
         ready.elapsed()
+    );
+}
+
+/// The churn tests' server pod (node-2) and client pod (node-1), and their two fixed ports: on
+/// `SINK_PORT` the server closes first, so the source node's outbound socket is the one that
+/// would keep TIME_WAIT; on `DRAIN_PORT` the client closes first, so the destination node's
+/// transparent connect would.
+const CHURN_CLIENT: &str = "frontend/web-0";
+const CHURN_SERVER: &str = "backend/api-1";
+const SINK_PORT: u16 = 7400;
+const DRAIN_PORT: u16 = 7401;
+/// How long each state holds once it is in force.
+const DWELL: Duration = Duration::from_millis(1500);
+/// The issue's bar: every connection completes within 1 s (a lost SYN costs 1 s).
+const SLOW_MS: &str = "1000";
+
+/// What one load did during one phase.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    connections: u64,
+    errors: u64,
+    slow: u64,
+    max_ms: f64,
+    secs: f64,
+}
+
+impl Figures {
+    fn add(&mut self, line: &Value) {
+        let n = |k: &str| line[k].as_u64().unwrap_or(0);
+        self.connections += n("connections");
+        self.errors += n("errors");
+        self.slow += n("slow");
+        self.max_ms = self.max_ms.max(line["max_ms"].as_f64().unwrap_or(0.0));
+        self.secs += line["secs"].as_f64().unwrap_or(0.0);
+    }
+}
+
+type PhaseFigures = std::sync::Arc<std::sync::Mutex<Vec<(String, [Figures; 2])>>>;
+
+/// Two continuous connect/close loads from web-0 to api-1's fixed ports (server closes first,
+/// client closes first), their per-interval reports filed under the phase that is current.
+struct Churn {
+    phases: PhaseFigures,
+    loads: Vec<nodeward_lab::load::Crr>,
+    _server: nodeward_lab::load::Process,
+}
+
+const LOADS: [(&str, u16, &str); 2] = [
+    ("server closes first", SINK_PORT, "server"),
+    ("client closes first", DRAIN_PORT, "client"),
+];
+
+impl Churn {
+    fn start(lab: &Lab, first: &str) -> Self {
+        let load = std::path::Path::new(env!("CARGO_BIN_EXE_nodeward-lab-load"));
+        let (client, server) = (lab.pod(CHURN_CLIENT), lab.pod(CHURN_SERVER));
+        // The client-closes load leaves its TIME_WAITs in the client pod: give it every port,
+        // and let it reuse them after a second as busy clients do (else its port search slows
+        // down as they pile up, and the rate with it).
+        nodeward_lab::sys::sysctls(
+            &client.netns,
+            &[
+                ("net/ipv4/ip_local_port_range".to_string(), "10000 65000"),
+                ("net/ipv4/tcp_tw_reuse".to_string(), "1"),
+            ],
+        )
+        .unwrap();
+        let server_process = nodeward_lab::load::server(
+            load,
+            server,
+            &[
+                "--sink",
+                &SINK_PORT.to_string(),
+                "--drain",
+                &DRAIN_PORT.to_string(),
+            ],
+            client,
+            &[SINK_PORT, DRAIN_PORT],
+        )
+        .unwrap();
+        let phases: PhaseFigures = std::sync::Arc::default();
+        phases
+            .lock()
+            .unwrap()
+            .push((first.to_string(), [Figures::default(); 2]));
+        let loads = LOADS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, port, close))| {
+                let addr = SocketAddr::new(server.ip4.into(), *port).to_string();
+                let sink = phases.clone();
+                nodeward_lab::load::Crr::start(
+                    load,
+                    client,
+                    &[
+                        "--addr",
+                        &addr,
+                        "--threads",
+                        "2",
+                        "--secs",
+                        "60",
+                        "--close",
+                        close,
+                        "--slow-ms",
+                        SLOW_MS,
+                    ],
+                    250,
+                    lab.state().dir.join("tmp").join(format!("churn-stop-{i}")),
+                    move |line| {
+                        if let Some(last) = sink.lock().unwrap().last_mut() {
+                            last.1[i].add(line);
+                        }
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        Self {
+            phases,
+            loads,
+            _server: server_process,
+        }
+    }
+
+    /// From now on the loads' reports count for `name`.
+    fn phase(&self, name: &str) {
+        self.phases
+            .lock()
+            .unwrap()
+            .push((name.to_string(), [Figures::default(); 2]));
+    }
+
+    /// Stops the loads; prints and returns the figures per phase, and the loads' summaries.
+    fn finish(self) -> (Vec<(String, [Figures; 2])>, Vec<Value>) {
+        let summaries: Vec<Value> = self
+            .loads
+            .into_iter()
+            .map(|l| l.finish().unwrap())
+            .collect();
+        let phases = self.phases.lock().unwrap().clone();
+        eprintln!("{:<22} {:>36} {:>36}", "phase", LOADS[0].0, LOADS[1].0);
+        for (name, figures) in &phases {
+            let cell = |f: &Figures| {
+                format!(
+                    "{:>6} conn {:>6.0}/s {:>2} err {:>5.0} ms max",
+                    f.connections,
+                    f.connections as f64 / f.secs.max(1e-9),
+                    f.errors,
+                    f.max_ms
+                )
+            };
+            eprintln!(
+                "{name:<22} {:>36} {:>36}",
+                cell(&figures[0]),
+                cell(&figures[1])
+            );
+        }
+        for (summary, (what, _, _)) in summaries.iter().zip(LOADS) {
+            eprintln!("{what}: {summary}");
+        }
+        (phases, summaries)
+    }
+}
+
+/// Every connection of every load completed, none took 1 s or more, and each phase carried
+/// connections of both loads.
+fn assert_every_connection_completed(
+    lab: &Lab,
+    phases: &[(String, [Figures; 2])],
+    summaries: &[Value],
+) {
+    for (summary, (what, _, _)) in summaries.iter().zip(LOADS) {
+        assert!(
+            summary["errors"] == 0 && summary["slow"] == 0,
+            "{what}: connections failed or took {SLOW_MS} ms or more: {summary}\n{}",
+            lab.agent_logs_tail(20)
+        );
+    }
+    for (name, figures) in phases {
+        for (f, (what, _, _)) in figures.iter().zip(LOADS) {
+            assert!(
+                f.connections > 0,
+                "{name}: the load \"{what}\" completed no connection"
+            );
+        }
+    }
+}
+
+/// The TIME_WAIT sockets in `node`'s namespace from `local` to `remote` (`ss`).
+fn node_time_waits(lab: &Lab, node: &str, local: std::net::IpAddr, remote: &str) -> Vec<String> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!(
+            "--net={}",
+            nodeward_lab::sys::netns_path(&lab.node(node).netns).display()
+        ))
+        .args(["ss", "-Htan", "state", "time-wait", "src"])
+        .arg(local.to_string())
+        .arg("dst")
+        .arg(remote)
+        .output()
+        .expect("running ss in the node's namespace");
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Meshes (PERMISSIVE) or unmeshes the client's and the server's namespaces and waits until both
+/// agents count it.
+fn set_mesh(lab: &Lab, on: bool) {
+    if on {
+        mesh(
+            lab,
+            &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")],
+        );
+        return;
+    }
+    for ns in ["frontend", "backend"] {
+        lab.remove_manifest(&format!("mtls-{ns}")).unwrap();
+    }
+    for node in lab.node_names() {
+        let off = eventually(SETTLE, Duration::from_millis(50), || {
+            lab.status(&node)
+                .is_ok_and(|s| s["tunnel"]["meshed_endpoints"].as_u64().unwrap_or(0) == 0)
+        });
+        assert!(off, "{node}: the agent still counts meshed endpoints");
+    }
+}
+
+#[test]
+fn connections_to_one_port_complete_while_the_mesh_turns_on_and_off() {
+    let lab = shared_lab();
+    let (client, server) = (lab.pod(CHURN_CLIENT), lab.pod(CHURN_SERVER));
+    let counters = |lab: &Lab| {
+        [
+            tunnel_stat(lab, "node-1", &["time_wait", "removed"]),
+            tunnel_stat(lab, "node-2", &["time_wait", "removed"]),
+            tunnel_stat(lab, "node-1", &["time_wait", "failed"]),
+            tunnel_stat(lab, "node-2", &["time_wait", "failed"]),
+            tunnel_stat(lab, "node-1", &["outbound", "ok"]),
+        ]
+    };
+    let before = counters(&lab);
+    let churn = Churn::start(&lab, "plaintext");
+    std::thread::sleep(DWELL);
+    for round in 1..=3 {
+        churn.phase(&format!("mesh on {round}"));
+        set_mesh(&lab, true);
+        std::thread::sleep(DWELL);
+        churn.phase(&format!("mesh off {round}"));
+        set_mesh(&lab, false);
+        std::thread::sleep(DWELL);
+    }
+    let (phases, summaries) = churn.finish();
+    assert_every_connection_completed(&lab, &phases, &summaries);
+
+    // The tunnel carried the meshed phases, and its sockets left no TIME_WAIT behind with the
+    // pods' addresses: the source node's outbound sockets (server closes first) and the
+    // destination node's connects (client closes first).
+    let after = counters(&lab);
+    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let removed = [delta[0], delta[1]];
+    eprintln!(
+        "tunnelled {}; TIME_WAITs removed: node-1 {}, node-2 {}; failed: node-1 {}, node-2 {}",
+        delta[4], delta[0], delta[1], delta[2], delta[3]
+    );
+    assert!(
+        removed[0] > 0 && removed[1] > 0,
+        "the tunnel removed no TIME_WAIT on one of the nodes (node-1 {}, node-2 {}): the \
+         meshed phases did not go through it, or each side's socket closed second",
+        removed[0],
+        removed[1]
+    );
+    let on_source = node_time_waits(
+        &lab,
+        &client.node,
+        server.ip4.into(),
+        &client.ip4.to_string(),
+    );
+    let on_destination = node_time_waits(
+        &lab,
+        &server.node,
+        client.ip4.into(),
+        &SocketAddr::new(server.ip4.into(), DRAIN_PORT).to_string(),
+    );
+    assert!(
+        on_source.is_empty() && on_destination.is_empty(),
+        "TIME_WAITs with pod addresses are left in the nodes' namespaces: {} on {} ({:?}...), \
+         {} on {} ({:?}...)",
+        on_source.len(),
+        client.node,
+        on_source.first(),
+        on_destination.len(),
+        server.node,
+        on_destination.first()
+    );
+}
+
+#[test]
+fn tunnelled_connections_complete_while_the_destination_moves_between_strict_and_permissive() {
+    let lab = shared_lab();
+    mesh(
+        &lab,
+        &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")],
+    );
+    let outbound_before = tunnel_stat(&lab, "node-1", &["outbound", "ok"]);
+    // An unmeshed pod on the client's node tells which mode is in force at the server.
+    let outsider_gets_through =
+        |lab: &Lab| lab.tcp_probe("data/db-0", CHURN_SERVER, HTTP_PORT, Duration::from_secs(1));
+    let churn = Churn::start(&lab, "PERMISSIVE");
+    std::thread::sleep(DWELL);
+    for round in 1..=3 {
+        for (mode, plaintext_passes) in [("STRICT", false), ("PERMISSIVE", true)] {
+            churn.phase(&format!("{mode} {round}"));
+            lab.write_manifest("mtls-backend", &netpol::mutual_tls("backend", mode))
+                .unwrap();
+            let in_force = eventually(SETTLE, Duration::from_millis(100), || {
+                outsider_gets_through(&lab) == plaintext_passes
+            });
+            assert!(in_force, "backend did not become {mode} within {SETTLE:?}");
+            std::thread::sleep(DWELL);
+        }
+    }
+    let (phases, summaries) = churn.finish();
+    assert_every_connection_completed(&lab, &phases, &summaries);
+    // Both pods stayed meshed: every connection went through the tunnel.
+    let carried = tunnel_stat(&lab, "node-1", &["outbound", "ok"]) - outbound_before;
+    let made: u64 = summaries
+        .iter()
+        .map(|s| s["connections"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        carried >= made,
+        "the tunnel carried {carried} connections of the {made} the loads made"
     );
 }

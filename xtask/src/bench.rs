@@ -243,7 +243,7 @@ struct Bench {
     server_node: String,
     target_ips: Vec<std::net::Ipv4Addr>,
     setup: Setup,
-    next_sink: u16,
+    sinks: rules::Sinks,
     iptables_nft: bool,
 }
 
@@ -331,7 +331,8 @@ impl Machine {
 /// agent's reconciliation; the full run measures the same things the same way).
 pub fn run_control_plane() -> Result<()> {
     let started = Instant::now();
-    let (mut bench, servers) = Bench::up()?;
+    // No connections runs here: the port choice does not matter.
+    let (mut bench, servers) = Bench::up(rules::SinkPorts::Reuse)?;
     bench.enter(Scenario::Nodeward1)?;
     let small = bench.change_latency()?;
     let rss_small = bench.rss()?;
@@ -369,7 +370,7 @@ pub fn run_control_plane() -> Result<()> {
 
 impl Bench {
     /// The release lab with the load servers running in the server pod.
-    fn up() -> Result<(Self, Servers)> {
+    fn up(ports: rules::SinkPorts) -> Result<(Self, Servers)> {
         let iptables_nft = sys::run(Command::new("iptables").arg("-V"))?.contains("nf_tables");
         let ReleaseLab {
             lab,
@@ -395,7 +396,7 @@ impl Bench {
             outsider,
             target_ips,
             setup: Setup::default(),
-            next_sink: rules::SINK_PORTS.0,
+            sinks: rules::Sinks::new(ports),
             iptables_nft,
         };
         let servers = bench.start_servers()?;
@@ -411,9 +412,9 @@ impl Bench {
 /// `cargo xtask bench datapath --hold SCENARIO`: puts the lab into one scenario and repeats the
 /// connections test `runs` times, printing each rate, so a profiler (`perf record -a`) can watch
 /// the machine under that load; then one sample of every figure. README.md is left alone.
-pub fn run_held(scenario: Scenario, runs: usize) -> Result<()> {
+pub fn run_held(scenario: Scenario, runs: usize, ports: rules::SinkPorts) -> Result<()> {
     let _stats = BpfStats::set(false)?;
-    let (mut bench, servers) = Bench::up()?;
+    let (mut bench, servers) = Bench::up(ports)?;
     bench.enter(scenario)?;
     for run in 1..=runs {
         let crr = bench.crr()?;
@@ -433,10 +434,11 @@ pub fn run_held(scenario: Scenario, runs: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn run() -> Result<()> {
+pub fn run(ports: rules::SinkPorts) -> Result<()> {
     let started = Instant::now();
     let _stats = BpfStats::set(false)?;
-    let (mut bench, servers) = Bench::up()?;
+    let (mut bench, servers) = Bench::up(ports)?;
+    eprintln!("bench: connections runs: {}", ports.describe());
 
     let mut samples: BTreeMap<Scenario, Vec<Sample>> = BTreeMap::new();
     let mut flip_small = None;
@@ -507,6 +509,7 @@ pub fn run() -> Result<()> {
         } else {
             "iptables-legacy"
         },
+        ports: bench.sinks.mode(),
         runtime: started.elapsed(),
     };
     drop(servers);
@@ -851,14 +854,10 @@ impl Bench {
         )
     }
 
-    /// The connections test (`nodeward-lab-load crr`) against a sink port no run used before.
+    /// The connections test (`nodeward-lab-load crr`) against the sink port `--ports` picks.
     fn crr(&mut self) -> Result<Value> {
-        ensure!(
-            self.next_sink <= rules::SINK_PORTS.1,
-            "out of fresh sink ports"
-        );
-        let sink = self.server_addr(self.next_sink);
-        self.next_sink += 1;
+        let port = self.sinks.take()?;
+        let sink = self.server_addr(port);
         self.client_json(
             self.load.as_os_str(),
             &[
@@ -1068,17 +1067,8 @@ pub(crate) fn load_server(pod: &PodState, load: &std::ffi::OsStr, last_sink: u16
 }
 
 pub(crate) fn in_pod(pod: &PodState, program: &std::ffi::OsStr, args: &[&str]) -> Command {
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(r#"echo $$ > "$0" && exec "$@""#)
-        .arg(pod.cgroup.join("cgroup.procs"))
-        .arg("nsenter")
-        .arg(format!("--net={}", sys::netns_path(&pod.netns).display()))
-        .arg("--")
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null());
+    let mut cmd = nodeward_lab::load::in_pod(pod, std::path::Path::new(program));
+    cmd.args(args).stderr(Stdio::null());
     cmd
 }
 
@@ -1147,6 +1137,7 @@ struct Report {
     policy_entries: usize,
     identities: u64,
     iptables: &'static str,
+    ports: rules::SinkPorts,
     runtime: Duration,
 }
 
@@ -1371,8 +1362,7 @@ impl Report {
         let _ = writeln!(
             out,
             "\nHow: connections/s is `nodeward-lab-load crr` ({CRR_THREADS} threads, {CRR_SECS} s: \
-             connect, the server accepts and closes, the client closes; a fresh server port per \
-             run so no 4-tuple repeats); request/response is one connection, 64-byte messages, \
+             connect, the server accepts and closes, the client closes; {}); request/response is one connection, 64-byte messages, \
              one in flight, {RR_SECS} s, client and server both on CPU {RR_CPU} \
              (`nodeward-lab-load rr`); bulk is `iperf3 -t {IPERF_SECS}`, one stream. The 10k \
              rules are 10 NetworkPolicies on the server allowing 1,000 remote pods (1,000 \
@@ -1387,7 +1377,11 @@ impl Report {
              A change \
              is the rename of a manifest toggling an allow; enforced is the first fresh connect \
              from the client with the new outcome (probed every ~1 ms). Whole run: {:.0?}.",
-            self.policy_entries, self.identities, self.iptables, self.runtime
+            self.ports.describe(),
+            self.policy_entries,
+            self.identities,
+            self.iptables,
+            self.runtime
         );
         out
     }

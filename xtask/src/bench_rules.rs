@@ -9,11 +9,64 @@ use serde_json::{Value, json};
 pub const IPERF_PORT: u16 = 5201;
 /// The load server's echo port (request/response latency).
 pub const ECHO_PORT: u16 = 7000;
-/// The load server's accept-and-close ports (connection rate): one per run, so that no 4-tuple
-/// repeats within a benchmark (nodeward's conntrack would answer a repeated tuple's SYN without
-/// a policy lookup). 64 of them (`bench datapath` makes 36 runs: 5 scenarios x 7 rounds and
-/// the BPF run), aligned to 64 so that the allow is one port prefix.
+/// The load server's accept-and-close ports (connection rate). With [`SinkPorts::Fresh`] one per
+/// run, so that no 4-tuple repeats within a benchmark; 64 of them (`bench datapath` makes 36
+/// runs: 5 scenarios x 7 rounds and the BPF run), aligned to 64 so that the allow is one port
+/// prefix. With [`SinkPorts::Reuse`] every run uses the first.
 pub const SINK_PORTS: (u16, u16) = (7232, 7295);
+
+/// Which server port each connections run (`crr`) uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkPorts {
+    /// One server port for every run and scenario, as real clients of a service meet it: the
+    /// client's 4-tuples come round again across runs, including right after the mesh was
+    /// switched off (issue 25's black hole would show here). The run of record.
+    Reuse,
+    /// A port no earlier run used, so no 4-tuple repeats within the benchmark (how the
+    /// benchmarks ran before issue 25).
+    Fresh,
+}
+
+impl SinkPorts {
+    /// How the README's "How:" line says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Reuse => "one server port for every run, so 4-tuples repeat as real clients' do",
+            Self::Fresh => "a fresh server port per run, so no 4-tuple repeats",
+        }
+    }
+}
+
+/// The sink port of each connections run, by [`SinkPorts`].
+pub struct Sinks {
+    mode: SinkPorts,
+    next: u16,
+}
+
+impl Sinks {
+    pub fn new(mode: SinkPorts) -> Self {
+        Self {
+            mode,
+            next: SINK_PORTS.0,
+        }
+    }
+
+    pub fn mode(&self) -> SinkPorts {
+        self.mode
+    }
+
+    /// The port for the next run.
+    pub fn take(&mut self) -> anyhow::Result<u16> {
+        match self.mode {
+            SinkPorts::Reuse => Ok(SINK_PORTS.0),
+            SinkPorts::Fresh => {
+                anyhow::ensure!(self.next <= SINK_PORTS.1, "out of fresh sink ports");
+                self.next += 1;
+                Ok(self.next - 1)
+            }
+        }
+    }
+}
 /// A sink port that only the toggled policy allows (policy change latency); the load server
 /// serves the sinks up to it.
 pub const TOGGLE_PORT: u16 = SINK_PORTS.1 + 1;
@@ -201,6 +254,19 @@ pub fn iptables_restore(t: &Target, chain: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reused_sink_ports_repeat_and_fresh_ones_run_out_loudly() {
+        let mut reuse = Sinks::new(SinkPorts::Reuse);
+        let ports: Vec<u16> = (0..100).map(|_| reuse.take().unwrap()).collect();
+        assert!(ports.iter().all(|&p| p == SINK_PORTS.0));
+        let mut fresh = Sinks::new(SinkPorts::Fresh);
+        let count = usize::from(SINK_PORTS.1 - SINK_PORTS.0) + 1;
+        let ports: Vec<u16> = (0..count).map(|_| fresh.take().unwrap()).collect();
+        assert_eq!(ports, (SINK_PORTS.0..=SINK_PORTS.1).collect::<Vec<_>>());
+        let err = fresh.take().unwrap_err().to_string();
+        assert!(err.contains("out of fresh sink ports"), "{err}");
+    }
 
     fn target() -> Target<'static> {
         Target {

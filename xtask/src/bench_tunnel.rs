@@ -246,11 +246,11 @@ struct Bench {
     mesh_namespaces: Vec<String>,
     agents: bool,
     meshed: bool,
-    next_sink: u16,
+    sinks: rules::Sinks,
     d: Durations,
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, ports: rules::SinkPorts) -> Result<()> {
     let started = Instant::now();
     let _stats = crate::bench::BpfStats::set(false)?;
     let d = if quick {
@@ -276,7 +276,7 @@ pub fn run(quick: bool) -> Result<()> {
         mesh_namespaces,
         agents: false,
         meshed: false,
-        next_sink: rules::SINK_PORTS.0,
+        sinks: rules::Sinks::new(ports),
         d,
     };
     let result = bench.run_all();
@@ -290,6 +290,7 @@ pub fn run(quick: bool) -> Result<()> {
         idle,
         d,
         logs: logs.unwrap_or_default(),
+        ports,
         runtime: started.elapsed(),
     };
     let table = report.markdown();
@@ -597,13 +598,10 @@ impl Bench {
 
     /// One sample of every figure, and the path it took.
     fn measure(&mut self, scenario: Scenario) -> Result<Sample> {
-        ensure!(
-            self.next_sink <= rules::SINK_PORTS.1,
-            "out of fresh sink ports"
-        );
-        // A fresh port per run: no 4-tuple repeats, so every SYN is a new flow.
-        let sink = self.server_addr(self.next_sink);
-        self.next_sink += 1;
+        // One port for every run (4-tuples repeat across scenarios, the tunnel's included), or
+        // a fresh one per run: `--ports`.
+        let port = self.sinks.take()?;
+        let sink = self.server_addr(port);
         let before = self.counters()?;
         let crr = self.client_json(
             self.load.as_os_str(),
@@ -930,6 +928,7 @@ struct Report {
     idle: Idle,
     d: Durations,
     logs: Vec<LogSummary>,
+    ports: rules::SinkPorts,
     runtime: Duration,
 }
 
@@ -1115,7 +1114,7 @@ impl Report {
              local pods there). Bulk is `iperf3 -t {}`, one stream; request/response is one \
              connection, 64-byte messages, one in flight, {} s (`nodeward-lab-load rr`); \
              connections/s is `nodeward-lab-load crr` ({CRR_THREADS} threads, {} s: connect, \
-             the server accepts and closes, the client closes; a fresh server port per run). \
+             the server accepts and closes, the client closes; {}). \
              Every tunnel sample must raise node-1's `tunnel.outbound.ok` and node-2's \
              `tunnel.inbound.ok` and every L3/L4 sample must leave them alone, or the run \
              fails. Idle connections: `nodeward-lab-load hold` opens {n} connections \
@@ -1133,6 +1132,7 @@ impl Report {
             self.d.iperf_secs,
             self.d.rr_secs,
             self.d.crr_secs,
+            self.ports.describe(),
             self.d.idle_secs,
             self.runtime
         );

@@ -110,6 +110,10 @@ enum BenchCmd {
         /// Connection test runs under --hold (2 s each).
         #[arg(long, default_value_t = 12, requires = "hold")]
         runs: usize,
+        /// The server port of the connections runs: `reuse` one port for every run, as real
+        /// clients meet a service (4-tuples repeat), or a `fresh` one per run.
+        #[arg(long, value_enum, default_value_t = bench_rules::SinkPorts::Reuse)]
+        ports: bench_rules::SinkPorts,
     },
     /// Flow events: the highest new-connections rate with zero lost flows, and the datapath
     /// cost of `--flow-events all` versus `drops`. Rewrites README's Benchmarks / Flows.
@@ -122,6 +126,10 @@ enum BenchCmd {
         /// results and leaves README.md alone. Also NODEWARD_BENCH_QUICK=1.
         #[arg(long)]
         quick: bool,
+        /// The server port of the connections runs: `reuse` one port for every run and scenario
+        /// (4-tuples repeat, also from the tunnel to plaintext), or a `fresh` one per run.
+        #[arg(long, value_enum, default_value_t = bench_rules::SinkPorts::Reuse)]
+        ports: bench_rules::SinkPorts,
     },
 }
 
@@ -142,15 +150,16 @@ fn main() -> Result<()> {
                     control_plane,
                     hold,
                     runs,
+                    ports,
                 },
         } => {
             setup::run()?;
             if let Some(scenario) = hold {
-                bench::run_held(scenario, runs)
+                bench::run_held(scenario, runs, ports)
             } else if control_plane {
                 bench::run_control_plane()
             } else {
-                bench::run()
+                bench::run(ports)
             }
         }
         Cmd::Bench {
@@ -160,12 +169,12 @@ fn main() -> Result<()> {
             bench_flows::run()
         }
         Cmd::Bench {
-            what: BenchCmd::Tunnel { quick },
+            what: BenchCmd::Tunnel { quick, ports },
         } => {
             setup::run()?;
             let quick = quick
                 || std::env::var("NODEWARD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-            bench_tunnel::run(quick)
+            bench_tunnel::run(quick, ports)
         }
     }
 }

@@ -3,7 +3,7 @@
 //! proves, then carried to the pod by a connection made from the original source address.
 //!
 //! Answers: 200 and the stream carries the connection; 401 when policy denies it (a DROPPED
-//! flow names the rule); 503 when the destination is not a meshed pod of this node or does not
+//! flow names the rule); 503 when the destination is not a pod of this node or does not
 //! answer; 400 and 405 for requests that are not a well-formed CONNECT. A handshake that fails
 //! (plaintext, a foreign or expired certificate, a self-signed leaf, a stalled client) is
 //! counted and logged and costs the listener nothing: every connection is its own task with a
@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::net::transparent_connect;
 use super::outbound::parse_forwarded_for;
 use super::splice::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, splice};
+use super::timewait::Leftover;
 use super::{Context, Gauge, TunnelStats};
 use crate::ca::SpiffeId;
 use crate::ca::tls::{self, CertResolver};
@@ -176,7 +177,7 @@ async fn stream(
         SocketAddr::new(dst.ip().to_canonical(), dst.port()),
     );
     let Some(decision) = authorize(&ctx, &client, src, dst) else {
-        tracing::info!(source = %src, destination = %dst, client = %client, "HBONE: no meshed pod at the destination on this node");
+        tracing::info!(source = %src, destination = %dst, client = %client, "HBONE: no pod at the destination on this node");
         return answer(respond, StatusCode::SERVICE_UNAVAILABLE);
     };
     let record = |forwarded: bool, drop_reason: &'static str, note: String| {
@@ -213,22 +214,38 @@ async fn stream(
     (ctx.flows)(&record(true, "", decision.note.clone()));
     let _active = Gauge::up(&ctx.stats.inbound_active);
     let live = ctx.live.register(&client, src, dst);
+    // Names the socket for the TIME_WAIT removal at its end (see `timewait`).
+    let leftover = Leftover::of(&pod);
+    let mut pod = pod;
     let carried = splice(
-        pod,
+        &mut pod,
         send,
         request.into_body(),
         &ctx.stats.bytes_sent,
         &ctx.stats.bytes_received,
     );
-    tokio::select! {
-        result = carried => if let Err(e) = result {
-            tracing::debug!(source = %src, destination = %dst, error = %e, "tunnelled connection ended with an error");
+    let clean = tokio::select! {
+        result = carried => match result {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(source = %src, destination = %dst, error = %e, "tunnelled connection ended with an error");
+                false
+            }
         },
-        // Dropping the splice closes the pod's socket and resets the stream.
+        // Dropping the splice resets the stream.
         () = live.revoked() => {
             tracing::info!(source = %src, destination = %dst, client = %client, "HBONE: a policy change revoked a live connection");
+            false
+        }
+    };
+    if clean {
+        // The socket's local address is the client pod's: leave no TIME_WAIT with it.
+        match &leftover {
+            Ok(leftover) => ctx.time_wait.close(pod, leftover, &ctx.stats),
+            Err(e) => tracing::debug!(error = %e, "cannot name a closing socket"),
         }
     }
+    // Otherwise closed as before (a FIN after what was queued); see `timewait`.
 }
 
 /// The connections the server carries, so a policy change can end those it no longer allows.
@@ -327,7 +344,12 @@ pub fn reauthorize(ctx: &Context) {
 }
 
 /// The destination pod's ingress policy for `src -> dst`, with the identity the certificate
-/// proves. `None` when `dst` is not a meshed pod of this node.
+/// proves. `None` when `dst` is not a pod of this node.
+///
+/// The destination's mesh mode is not required: the client's agent tunnels what its datapath
+/// steered under its own view of the modes, which runs ahead of or behind ours while a change
+/// spreads, and a tunnelled connection is never less than plaintext (the policy decides with
+/// the certificate's identity). So a mode change alone neither refuses nor revokes a connection.
 ///
 /// The source address only counts when it belongs to the certificate's workload (or to no pod
 /// at all): a client cannot borrow another pod's address, and so its labels, to satisfy an
@@ -339,9 +361,7 @@ fn authorize(
     dst: SocketAddr,
 ) -> Option<Decision> {
     let view = ctx.view();
-    let destination = view
-        .workload(dst.ip())
-        .filter(|w| w.local && w.mode.meshed())?;
+    let destination = view.workload(dst.ip()).filter(|w| w.local)?;
     let policy = view.endpoint_policy(&destination.pod)?;
     let compiled = &view.compiled;
     let mut decision = Decision {

@@ -3,8 +3,8 @@
 //!
 //! The accepted socket's peer is the pod (its own address and port) and its local address is
 //! where the pod wanted to go. A connection the tunnel cannot carry (the source or destination
-//! no longer meshed after a policy change, no certificate, the peer agent unreachable, a 401 or
-//! 503) is reset at once, so the pod's connect fails promptly instead of hanging.
+//! no longer a pod, no certificate, the peer agent unreachable, a 401 or 503) is reset at once,
+//! so the pod's connect fails promptly instead of hanging.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::net::{reset_on_close, transparent_listener};
 use super::pool::{Lease, Pool};
 use super::splice::{h2_io, splice};
+use super::timewait::Leftover;
 use super::view::Workload;
 use super::{Context, Gauge, TunnelError, TunnelStats};
 use crate::flows::TunnelRecord;
@@ -67,12 +68,15 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
     };
     let dst = SocketAddr::new(local.ip().to_canonical(), local.port());
     let _ = stream.set_nodelay(true);
+    // Names the socket for the TIME_WAIT removal at its end (see `timewait`).
+    let leftover = Leftover::of(&stream);
     let view = ctx.view();
-    let source = view
-        .workload(peer.ip())
-        .filter(|w| w.local && w.mode.meshed())
-        .cloned();
-    let destination = view.workload(dst.ip()).filter(|w| w.mode.meshed()).cloned();
+    // The mesh modes are not asked again: the datapath steered this connection here under the
+    // modes of that moment, and this view follows a change only after the maps do (and the
+    // destination's agent applies it on its own time). A connection steered across a mesh change
+    // is carried as it was steered, not reset; new connections follow the datapath.
+    let source = view.workload(peer.ip()).filter(|w| w.local).cloned();
+    let destination = view.workload(dst.ip()).cloned();
     let identities = (
         view.compiled.ipcache_lookup(peer.ip()).unwrap_or_default(),
         view.compiled.ipcache_lookup(dst.ip()).unwrap_or_default(),
@@ -122,8 +126,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
     (ctx.flows)(&record(true, "", String::new()));
     let _active = Gauge::up(&ctx.stats.outbound_active);
     let Opened { send, recv, lease } = opened;
-    if let Err(e) = splice(
-        stream,
+    let mut stream = stream;
+    match splice(
+        &mut stream,
         send,
         recv,
         &ctx.stats.bytes_sent,
@@ -131,7 +136,15 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
     )
     .await
     {
-        tracing::debug!(source = %peer, destination = %dst, error = %e, "tunnelled connection ended with an error");
+        // The socket's local address is the destination pod's: leave no TIME_WAIT with it.
+        Ok(_) => match &leftover {
+            Ok(leftover) => ctx.time_wait.close(stream, leftover, &ctx.stats),
+            Err(e) => tracing::debug!(error = %e, "cannot name a closing socket"),
+        },
+        // Closed as before (a FIN after what was queued); see `timewait` for what this leaves.
+        Err(e) => {
+            tracing::debug!(source = %peer, destination = %dst, error = %e, "tunnelled connection ended with an error");
+        }
     }
     drop(lease);
 }

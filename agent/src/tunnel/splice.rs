@@ -6,7 +6,9 @@
 //! most [`STREAM_WINDOW`]) bounds what is in flight. A FIN from
 //! the pod ends our half of the stream (`END_STREAM`) and the end of the peer's half shuts our
 //! write side down, so half-closed connections behave as they would without the tunnel. An error
-//! either way resets the stream and drops the socket.
+//! either way resets the stream. The socket stays the caller's: it closes it gracefully after a
+//! clean end (removing what that leaves behind, [`super::timewait`]) and resets it after an
+//! error, as the pod's peer would have.
 
 use std::future::poll_fn;
 use std::io;
@@ -16,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::TunnelStats;
 
@@ -47,13 +49,13 @@ pub struct Moved {
 /// # Errors
 /// The first error of either direction (the other is then stopped).
 pub async fn splice(
-    socket: TcpStream,
+    socket: &mut TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
     sent: &AtomicU64,
     received: &AtomicU64,
 ) -> io::Result<Moved> {
-    let (read, write) = socket.into_split();
+    let (read, write) = socket.split();
     let up = socket_to_stream(read, send, sent);
     let down = stream_to_socket(recv, write, received);
     let (up, down) = tokio::try_join!(up, down)?;
@@ -61,7 +63,7 @@ pub async fn splice(
 }
 
 async fn socket_to_stream(
-    read: OwnedReadHalf,
+    read: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
     sent: &AtomicU64,
 ) -> io::Result<u64> {
@@ -109,7 +111,7 @@ async fn socket_to_stream(
 
 async fn stream_to_socket(
     mut recv: RecvStream,
-    mut write: OwnedWriteHalf,
+    mut write: WriteHalf<'_>,
     received: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0u64;

@@ -1,10 +1,15 @@
 //! The benchmark's load generator, run inside a lab pod's network namespace (`nsenter --net`).
 //!
-//! - `serve --sink 7100-7131 --echo 7000 [--echo-cpu C]`: on each sink port accept and close at
-//!   once (the server closes first, so the client never holds TIME_WAIT and its ports do not run
-//!   out); on each echo port, echo with `TCP_NODELAY`, on CPU C if given.
-//! - `crr --addr IP:PORT --threads N --secs S`: new connections per second. Each thread loops
-//!   connect, read to EOF, close. Prints one JSON line.
+//! - `serve --sink 7100-7131 --echo 7000 [--echo-cpu C] [--drain 7300]`: on each sink port
+//!   accept and close at once (the server closes first, so the client never holds TIME_WAIT and
+//!   its ports do not run out); on each echo port, echo with `TCP_NODELAY`, on CPU C if given; on
+//!   each drain port read to EOF, then close (the client closes first).
+//! - `crr --addr IP:PORT --threads N --secs S [--close server|client] [--slow-ms MS]
+//!   [--report-ms MS] [--stop-file PATH]`: new connections per second. Each thread loops
+//!   connect, read to EOF, close (`--close client`: connect, shut the write side down, read to
+//!   EOF, close; for a drain port). A connection slower than `--slow-ms` (default 1,000: a SYN
+//!   retransmission takes 1 s) is counted as slow. Prints one JSON line at the end and, with
+//!   `--report-ms`, one per interval (`"interval": true`). Stops early once `--stop-file` exists.
 //! - `rr --addr IP:PORT --secs S --size B [--cpu C]`: one connection, one message in flight, on
 //!   CPU C if given; prints percentiles of the round-trip time in microseconds as one JSON line.
 //! - `hold --addr IP:PORT --count N --secs S`: opens N connections to an echo port one after
@@ -17,7 +22,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,6 +135,20 @@ fn bind(port: u16) -> anyhow::Result<TcpListener> {
 
 fn serve(flags: &Flags) -> anyhow::Result<()> {
     let mut threads = Vec::new();
+    for port in flags.ports("drain")? {
+        let listener = bind(port)?;
+        // A few acceptors, so one slow client does not hold the others up.
+        for _ in 0..4 {
+            let listener = listener.try_clone()?;
+            threads.push(std::thread::spawn(move || {
+                for mut stream in listener.incoming().flatten() {
+                    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+                    let mut buf = [0u8; 256];
+                    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                }
+            }));
+        }
+    }
     for port in flags.ports("sink")? {
         let listener = bind(port)?;
         threads.push(std::thread::spawn(move || {
@@ -158,7 +177,7 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     }
     ensure!(
         !threads.is_empty(),
-        "nothing to serve: give --sink and/or --echo"
+        "nothing to serve: give --sink, --echo and/or --drain"
     );
     println!("ready");
     for thread in threads {
@@ -198,62 +217,133 @@ fn echo(mut stream: TcpStream) {
     }
 }
 
+/// One interval's (or the whole run's) connections.
+#[derive(Default)]
+struct Tally {
+    done: u64,
+    errors: u64,
+    slow: u64,
+    max: Duration,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn add(&mut self, took: Duration, result: std::io::Result<()>, slow_after: Duration) {
+        match result {
+            Ok(()) => self.done += 1,
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+        if took > slow_after {
+            self.slow += 1;
+        }
+        self.max = self.max.max(took);
+    }
+
+    fn merge(&mut self, other: &Self) {
+        self.done += other.done;
+        self.errors += other.errors;
+        self.slow += other.slow;
+        self.max = self.max.max(other.max);
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&other.first_error);
+        }
+    }
+
+    fn json(&self, secs: f64) -> serde_json::Value {
+        serde_json::json!({
+            "connections": self.done,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "slow": self.slow,
+            "max_ms": self.max.as_secs_f64() * 1000.0,
+            "secs": secs,
+            "per_sec": self.done as f64 / secs,
+        })
+    }
+}
+
 fn crr(flags: &Flags) -> anyhow::Result<()> {
     let addr = flags.addr()?;
     let secs = flags.secs()?;
     let threads: usize = flags.parse_or("threads", 4)?;
     ensure!((1..=64).contains(&threads), "--threads must be 1..=64");
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(Mutex::new(None::<String>));
+    let client_closes = match flags.get("close").unwrap_or("server") {
+        "server" => false,
+        "client" => true,
+        other => bail!("--close {other:?}: server or client"),
+    };
+    let slow_after = Duration::from_millis(flags.parse_or("slow-ms", 1000)?);
+    let report_ms: u64 = flags.parse_or("report-ms", 0)?;
+    let stop_file = flags.get("stop-file").map(std::path::PathBuf::from);
+    let interval = Arc::new(Mutex::new(Tally::default()));
+    let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let deadline = start + secs;
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (done, errors, first_error) = (done.clone(), errors.clone(), first_error.clone());
+            let (interval, stop) = (interval.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut buf = [0u8; 64];
-                while Instant::now() < deadline {
-                    match one_connection(addr, &mut buf) {
-                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            first_error
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .get_or_insert_with(|| e.to_string());
-                            errors.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
+                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    let result = one_connection(addr, &mut buf, client_closes);
+                    let took = t0.elapsed();
+                    interval
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .add(took, result, slow_after);
                 }
             })
         })
         .collect();
+    // This thread reports each interval and watches for the stop file.
+    let tick = Duration::from_millis(if report_ms > 0 { report_ms } else { 50 });
+    let mut total = Tally::default();
+    let mut last = start;
+    while handles.iter().any(|h| !h.is_finished()) {
+        std::thread::sleep(tick);
+        if stop_file.as_ref().is_some_and(|f| f.exists()) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        if report_ms > 0 {
+            let now = Instant::now();
+            let taken = std::mem::take(
+                &mut *interval
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            let mut line = taken.json((now - last).as_secs_f64());
+            line["interval"] = true.into();
+            line["t_ms"] = ((now - start).as_secs_f64() * 1000.0).into();
+            println!("{line}");
+            std::io::stdout().flush()?;
+            total.merge(&taken);
+            last = now;
+        }
+    }
     for h in handles {
         let _ = h.join();
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let done = done.load(Ordering::Relaxed);
-    let first_error = first_error
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    println!(
-        "{}",
-        serde_json::json!({
-            "connections": done,
-            "errors": errors.load(Ordering::Relaxed),
-            "first_error": first_error,
-            "secs": elapsed,
-            "per_sec": done as f64 / elapsed,
-        })
+    total.merge(
+        &interval
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
+    println!("{}", total.json(start.elapsed().as_secs_f64()));
     Ok(())
 }
 
-/// Connect, wait for the server's FIN, close.
-fn one_connection(addr: SocketAddr, buf: &mut [u8]) -> std::io::Result<()> {
+/// Connect, wait for the server's FIN, close; or, when the client closes first, connect, send
+/// our FIN, wait for the server's, close.
+fn one_connection(addr: SocketAddr, buf: &mut [u8], client_closes: bool) -> std::io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    if client_closes {
+        stream.shutdown(std::net::Shutdown::Write)?;
+    }
     while stream.read(buf)? > 0 {}
     Ok(())
 }
