@@ -103,6 +103,10 @@ pub const COUNTER_NEW_FLOWS: u32 = 3;
 pub const COUNTER_POLICY_REEVALUATED: u32 = 4;
 /// New TCP flows steered to the agent's outbound listener (the mTLS tunnel).
 pub const COUNTER_REDIRECTED: u32 = 5;
+/// Socket connects and datagrams to a Service address rewritten to a backend (cgroup programs).
+pub const COUNTER_SVC_TRANSLATED: u32 = 6;
+/// Connects and datagrams to a Service with no usable backend, refused with `ECONNREFUSED`.
+pub const COUNTER_SVC_NO_BACKEND: u32 = 7;
 pub const COUNTER_DROP_BASE: u32 = 16;
 pub const COUNTERS_LEN: u32 = 32;
 
@@ -114,6 +118,12 @@ pub const MAX_POLICY_CIDRS: u32 = 16_384;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_FRAGMENTS: u32 = 8192;
 pub const EVENTS_RING_BYTES: u32 = 1024 * 1024;
+/// Service frontends (`ClusterIP:port/protocol`).
+pub const MAX_SERVICES: u32 = 16_384;
+/// Backend slots over all frontends.
+pub const MAX_SERVICE_BACKENDS: u32 = 131_072;
+/// Sockets whose peer was translated (for `getpeername` and UDP reply sources).
+pub const MAX_SERVICE_REVNAT: u32 = 65_536;
 
 /// Map names, as pinned in bpffs; the agent opens them by these names.
 pub mod map_names {
@@ -127,6 +137,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "NW_COUNTERS";
     pub const CONFIG: &str = "NW_CONFIG";
     pub const PROXY_SOCKETS: &str = "NW_PROXY_SOCKETS";
+    pub const SERVICES: &str = "NW_SERVICES";
+    pub const SERVICE_BACKENDS: &str = "NW_SVC_BACKENDS";
+    pub const SERVICE_REVNAT: &str = "NW_SVC_REVNAT";
 }
 
 /// Program names (the function names in `agent-ebpf`).
@@ -138,6 +151,67 @@ pub mod program_names {
     /// `sk_lookup` of the agent's network namespace: hands new tunnelled connections to the
     /// agent's outbound listener.
     pub const TO_PROXY: &str = "to_proxy";
+    /// cgroup `connect4`: a connect to a Service address goes to one of its backends.
+    pub const SVC_CONNECT4: &str = "svc_connect4";
+    /// cgroup `sendmsg4`: a datagram to a Service address goes to one of its backends.
+    pub const SVC_SENDMSG4: &str = "svc_sendmsg4";
+    /// cgroup `recvmsg4`: a datagram from a translated backend shows the Service address.
+    pub const SVC_RECVMSG4: &str = "svc_recvmsg4";
+    /// cgroup `getpeername4`: a translated socket's peer is the Service address.
+    pub const SVC_GETPEERNAME4: &str = "svc_getpeername4";
+}
+
+/// Socket-level Service translation (cgroup `sock_addr` programs on the agent's `--cgroup`).
+///
+/// `NW_SERVICES` maps a frontend (`ClusterIP`, port, protocol) to its number of usable backends;
+/// `NW_SVC_BACKENDS` holds them in slots `1..=count` of that frontend. The agent writes a change
+/// slots first, then the count, then removes slots past the count, so a reader never picks an
+/// empty slot. A count of 0 refuses the connect (`ECONNREFUSED`), as kube-proxy's reject rule
+/// does. `NW_SVC_REVNAT` remembers, per socket cookie and backend, the frontend the application
+/// asked for, so `getpeername` and a UDP reply's source show the `ClusterIP`.
+///
+/// A Service frontend. `addr` is IPv4-mapped for IPv4 (the maps' one address form).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Usable backends, in slots `1..=count` of `NW_SVC_BACKENDS`.
+    pub count: u32,
+    pub flags: u32,
+}
+
+/// One backend slot of a frontend (`slot` counts from 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub service: ServiceKey,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub _pad: [u8; 2],
+}
+
+/// A translated socket's backend, by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub backend: Backend,
+    pub _pad: [u8; 4],
 }
 
 /// The mTLS tunnel's interception. A new TCP flow from a meshed pod to a meshed pod is marked in
@@ -420,8 +494,8 @@ pub mod tcp_flags {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        CtKey, CtValue, DatapathConfig, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue,
-        PolicyKey, PolicyValue,
+        Backend, BackendKey, CtKey, CtValue, DatapathConfig, EndpointInfo, FlowEvent, FragKey,
+        FragValue, IpcacheValue, PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue,
     };
 
     // SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with every
@@ -436,6 +510,11 @@ mod user {
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNatKey {}
 }
 
 #[cfg(test)]
@@ -452,6 +531,11 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FlowEvent>(), 72);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<BackendKey>(), 24);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(POLICY_KEY_PREFIX_FULL as usize, size_of::<PolicyKey>() * 8);
     }
 

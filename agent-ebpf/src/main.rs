@@ -17,6 +17,7 @@
 mod frame;
 mod parse;
 mod policy;
+mod service;
 
 use agent_common::{
     CONFIG_EVENTS_ALL_FLOWS, COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS,

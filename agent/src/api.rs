@@ -21,6 +21,8 @@ pub enum Request {
     Status,
     /// The certificates the agent holds (`nodeward certs`).
     Certs,
+    /// The Service table (`nodeward services`).
+    Services,
     Observe {
         /// Stored flows to send first (default 20 when not following, 0 when following).
         last: Option<usize>,
@@ -123,6 +125,14 @@ async fn handle(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
     match request {
         Request::Status => write_json(&mut write, &shared.status()).await,
         Request::Certs => write_json(&mut write, &certs_reply(shared)).await,
+        Request::Services => {
+            let table = shared
+                .services
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            write_json(&mut write, &*table).await
+        }
         Request::Observe {
             last,
             follow,

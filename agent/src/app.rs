@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::datapath::loader::Datapath;
 use crate::datapath::maps::PinnedMaps;
+use crate::datapath::service_maps::ServiceMaps;
 use crate::datapath::sync::{SyncError, SyncStats, Syncer};
 use crate::endpoints::Resolver;
 use crate::error_chain;
@@ -21,6 +22,7 @@ use crate::flows::{AddressInfo, Clock, EnrichmentIndex, FlowStore, PolicyRef};
 use crate::identity::IdentityAllocator;
 use crate::metrics::Metrics;
 use crate::policy::{self, PolicyModel};
+use crate::services::sync::ServiceSync;
 use crate::source::kubernetes::report::PolicyOutcome;
 use crate::source::kubernetes::{KubernetesOptions, KubernetesSource};
 use crate::source::manifests::ManifestSource;
@@ -123,6 +125,27 @@ pub struct Status {
     /// Where the objects come from and whether it is reachable (a disconnected API server means
     /// the last known state is enforced).
     pub source: SourceStatus,
+    pub services: ServicesStatus,
+}
+
+/// The Service table in `nodeward status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServicesStatus {
+    /// Services with at least one translated port.
+    pub services: usize,
+    /// `ClusterIP:port/protocol` frontends.
+    pub frontends: usize,
+    /// Backends new connections may go to, over every frontend.
+    pub backends: usize,
+    /// Frontends that refuse connects for want of a backend.
+    pub without_backends: usize,
+    /// Services read but not translated (headless, ExternalName).
+    pub not_translated: usize,
+    /// The Service translation programs are attached to `--cgroup`.
+    pub translating: bool,
+    pub errors: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_error: Option<String>,
 }
 
 /// Reads the datapath's per-CPU counters, summed (indices are `agent_common::COUNTER_*`).
@@ -146,6 +169,8 @@ pub struct Shared {
     pub tunnel: std::sync::OnceLock<Arc<crate::tunnel::Context>>,
     /// The flows port's counters (zero while it is off).
     pub flow_api: crate::flowapi::FlowApiStats,
+    /// The Service table of the last sync (`nodeward services`, flows' `destination_service`).
+    pub services: RwLock<Arc<crate::services::ServiceTable>>,
 }
 
 impl Shared {
@@ -204,6 +229,8 @@ impl Shared {
             "packets": get(agent_common::COUNTER_PACKETS),
             "passed": get(agent_common::COUNTER_PASSED),
             "new_flows": get(agent_common::COUNTER_NEW_FLOWS),
+            "service_translations": get(agent_common::COUNTER_SVC_TRANSLATED),
+            "service_no_backend": get(agent_common::COUNTER_SVC_NO_BACKEND),
             "drops": drops,
         });
         value["flows"] = serde_json::json!({
@@ -294,6 +321,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .transpose()
         .context("starting the flow log writer")?;
     let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
+    let service_sync = ServiceSync::adopt(
+        ServiceMaps::from_pins(&config.bpffs_dir.join("maps"))
+            .context("opening the pinned Service maps")?,
+    )
+    .context("reading the pinned Service maps")?;
+    // Translation starts with the maps as the last agent left them (pinned): the programs are
+    // replaced make-before-break, so connects to Services keep working across a restart.
+    let translating = match &config.cgroup {
+        Some(cgroup) => {
+            datapath.attach_cgroup(cgroup).with_context(|| {
+                format!(
+                    "attaching the Service translation programs to --cgroup {}",
+                    cgroup.display()
+                )
+            })?;
+            tracing::info!(cgroup = %cgroup.display(), "Service translation attached");
+            true
+        }
+        None => false,
+    };
     tracing::info!(
         node = %config.node,
         bpffs = %config.bpffs_dir.display(),
@@ -323,6 +370,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         certs,
         tunnel: std::sync::OnceLock::new(),
         flow_api: crate::flowapi::FlowApiStats::default(),
+        services: RwLock::default(),
     });
     {
         let syncer = syncer.clone();
@@ -405,6 +453,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tunnel,
         policy_route: false,
         trim_at: None,
+        service_sync,
+        translating,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     'run: loop {
@@ -683,6 +733,10 @@ struct Control {
     /// When to [`Control::trim`]: [`TRIM_AFTER_IDLE`] after the last sync that changed
     /// something (a resync that changes nothing does not postpone it).
     trim_at: Option<tokio::time::Instant>,
+    /// The Service translation maps.
+    service_sync: ServiceSync<ServiceMaps>,
+    /// The translation programs are attached (`--cgroup` given).
+    translating: bool,
 }
 
 impl Control {
@@ -876,6 +930,8 @@ impl Control {
             }
         }
         phases.end("attach");
+        let services = self.sync_services(&inv);
+        phases.end("services");
         // The tunnel's view of this state; it answers from it once the kernel enforces it.
         // Built after the maps are written: nothing in the kernel waits for it.
         let view = crate::tunnel::MeshView::build(
@@ -915,6 +971,7 @@ impl Control {
             generation,
             &result,
             phases,
+            services,
         );
         // After publish: the connections a change revokes are recorded as flows, which name
         // their rule through the index publish just replaced.
@@ -924,6 +981,62 @@ impl Control {
         if synced && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");
         }
+    }
+
+    /// Builds the Service table and writes its difference to the translation maps. A bad field
+    /// costs only its port or endpoint; a table that would overflow the maps is refused whole
+    /// and the previous one keeps translating.
+    fn sync_services(&mut self, inv: &Inventory) -> ServicesStatus {
+        let (table, errors) = crate::services::build(inv, &self.node);
+        let mut status = ServicesStatus {
+            services: table.service_count(),
+            frontends: table.ports.len(),
+            backends: table.backend_count(),
+            without_backends: table
+                .ports
+                .values()
+                .filter(|p| p.backends().is_empty())
+                .count(),
+            not_translated: table.skipped.len(),
+            translating: self.translating,
+            ..ServicesStatus::default()
+        };
+        for e in &errors {
+            let file = inv
+                .origins
+                .get(&e.object)
+                .map(|p| format!("{}: ", p.display()))
+                .unwrap_or_default();
+            let line = format!("{file}{e} (the rest of the object applies)");
+            self.report(line.clone());
+            status.errors.push(line);
+        }
+        let kernel = crate::services::sync::kernel_table(&table);
+        match self.service_sync.apply(&kernel) {
+            Ok(stats) => {
+                if stats.changed() {
+                    tracing::info!(
+                        frontends = kernel.len(),
+                        written = stats.frontends_written,
+                        removed = stats.frontends_removed,
+                        slots_written = stats.slots_written,
+                        slots_removed = stats.slots_removed,
+                        "services synced"
+                    );
+                }
+                *self
+                    .shared
+                    .services
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
+            }
+            Err(e) => {
+                let line = format!("service table rejected: {e}");
+                self.report(line.clone());
+                status.sync_error = Some(line);
+            }
+        }
+        status
     }
 
     /// Each pod's place in the mesh, from the MutualTLS objects (an invalid one is reported
@@ -1112,6 +1225,7 @@ impl Control {
         generation: u32,
         result: &Result<SyncStats, String>,
         mut phases: Phases,
+        services: ServicesStatus,
     ) {
         // Flows share the index's text (see `flows::EnrichmentIndex`): each policy, pod and
         // label set is built once here, not copied into every flow.
@@ -1177,6 +1291,23 @@ impl Control {
             .into_iter()
             .map(|(id, labels)| (id, labels.into()))
             .collect();
+        let table = self
+            .shared
+            .services
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut names: BTreeMap<policy::ObjectRef, Arc<crate::flows::ServiceName>> =
+            BTreeMap::new();
+        for (backend, service) in table.backend_index() {
+            let name = names.entry(service).or_insert_with_key(|r| {
+                Arc::new(crate::flows::ServiceName {
+                    name: r.name.clone(),
+                    namespace: r.namespace.clone(),
+                })
+            });
+            index.services.insert(backend, name.clone());
+        }
         *self
             .shared
             .index
@@ -1211,6 +1342,7 @@ impl Control {
             maps,
             identities: self.identities.len(),
             source: self.source.status(),
+            services,
             last_sync: SyncStatus {
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 duration_ms: phases.started.elapsed().as_secs_f64() * 1000.0,

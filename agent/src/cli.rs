@@ -39,6 +39,9 @@ enum Command {
     /// Show the certificates of the local workloads and of the agent: identity, issuer,
     /// serial, expiry and time to renewal.
     Certs(StatusArgs),
+    /// List the Services this node translates: each ClusterIP:port with its backends and their
+    /// states (ready, serving, terminating; `*` marks where new connections go).
+    Services(StatusArgs),
     /// Create a root CA (ca-cert.pem, ca-key.pem) for --ca-cert/--ca-key on every node, so all
     /// agents of a cluster issue and trust the same certificates.
     CaCreate {
@@ -245,6 +248,7 @@ const FILTER_FLAGS: &[&str] = &[
     "from_label",
     "to_label",
     "to_fqdn",
+    "to_service",
 ];
 
 /// The filter fields define the flags; their values are read from `ArgMatches` in command-line
@@ -332,6 +336,9 @@ struct ObserveArgs {
     /// A name the destination was resolved from (`api.example.com`, `*.example.com`).
     #[arg(long, action = ArgAction::Append)]
     to_fqdn: Vec<String>,
+    /// The Service (`namespace/name`) whose ClusterIP the source dialled: flows to its backends.
+    #[arg(long, action = ArgAction::Append, value_name = "NS/NAME")]
+    to_service: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -397,6 +404,7 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Certs(args) => runtime.block_on(certs(args)),
+        Command::Services(args) => runtime.block_on(services(args)),
         Command::CaCreate { dir, trust_domain } => {
             let (cert, key) = crate::ca::create_root(&dir, &trust_domain)?;
             println!(
@@ -576,6 +584,95 @@ async fn certs(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn services(args: StatusArgs) -> anyhow::Result<()> {
+    let mut reply = serde_json::Value::Null;
+    api::call(&args.api_socket, &Request::Services, |v| {
+        reply = v;
+        Ok(())
+    })
+    .await?;
+    if args.output == StatusOutput::Json {
+        println!("{reply}");
+    } else {
+        print!("{}", services_text(&reply));
+    }
+    Ok(())
+}
+
+/// One line per frontend, then one per endpoint.
+fn services_text(reply: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<32} {:<28} BACKENDS", "FRONTEND", "SERVICE");
+    let empty = serde_json::Map::new();
+    for port in reply["ports"].as_array().map_or(&[][..], Vec::as_slice) {
+        let f = &port["frontend"];
+        let addr = f["addr"].as_str().unwrap_or_default();
+        let addr = if addr.contains(':') {
+            format!("[{addr}]")
+        } else {
+            addr.to_owned()
+        };
+        let frontend = format!(
+            "{addr}:{}/{}",
+            f["port"],
+            f["protocol"].as_str().unwrap_or_default()
+        );
+        let service = format!(
+            "{}/{}{}",
+            port["service"]["namespace"].as_str().unwrap_or_default(),
+            port["service"]["name"].as_str().unwrap_or_default(),
+            port["port_name"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+        let endpoints = port["endpoints"].as_array().map_or(&[][..], Vec::as_slice);
+        let used = endpoints.iter().filter(|e| e["used"] == true).count();
+        let summary = if used == 0 {
+            "none: connects are refused".to_owned()
+        } else {
+            format!("{used} in use of {}", endpoints.len())
+        };
+        let _ = writeln!(out, "{frontend:<32} {service:<28} {summary}");
+        for e in endpoints {
+            let addr = e["addr"].as_str().unwrap_or_default();
+            let states: Vec<&str> = ["ready", "serving", "terminating"]
+                .into_iter()
+                .filter(|k| e[*k] == true)
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {} {addr}:{} {}{}{}",
+                if e["used"] == true { "*" } else { " " },
+                e["port"],
+                if states.is_empty() {
+                    "not ready".to_owned()
+                } else {
+                    states.join(",")
+                },
+                e["node"]
+                    .as_str()
+                    .map(|n| format!(" node={n}"))
+                    .unwrap_or_default(),
+                e["pod"]
+                    .as_str()
+                    .map(|p| format!(" pod={p}"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    for (name, why) in reply["skipped"].as_object().unwrap_or(&empty) {
+        let _ = writeln!(
+            out,
+            "not translated: {name}: {}",
+            why.as_str().unwrap_or_default()
+        );
+    }
+    out
+}
+
 fn certs_text(reply: &serde_json::Value) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let report: api::CertsReply =
@@ -653,6 +750,7 @@ fn set_filter(filter: &mut FlowFilter, id: &str, value: &str) -> anyhow::Result<
         "from_label" => filter.from_label.replace(value.to_owned()).is_some(),
         "to_label" => filter.to_label.replace(value.to_owned()).is_some(),
         "to_fqdn" => filter.to_fqdn.replace(value.to_owned()).is_some(),
+        "to_service" => filter.to_service.replace(value.to_owned()).is_some(),
         other => anyhow::bail!("unknown filter {other}"),
     };
     if taken {
@@ -984,6 +1082,27 @@ fn status_text(s: &serde_json::Value) -> String {
     }
     for e in s["manifest_errors"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "  manifest error: {}", e.as_str().unwrap_or(""));
+    }
+    let svc = &s["services"];
+    let _ = writeln!(
+        out,
+        "\nservices: {} ({} ClusterIP:ports, {} backends, {} without a backend, {} not translated){}",
+        svc["services"],
+        svc["frontends"],
+        svc["backends"],
+        svc["without_backends"],
+        svc["not_translated"],
+        if svc["translating"] == true {
+            ""
+        } else {
+            "; not translating (no --cgroup)"
+        }
+    );
+    for e in svc["errors"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  service error: {}", e.as_str().unwrap_or(""));
+    }
+    if let Some(e) = svc["sync_error"].as_str() {
+        let _ = writeln!(out, "  {e}");
     }
     let _ = writeln!(out, "\nmaps:");
     for m in s["maps"].as_array().into_iter().flatten() {

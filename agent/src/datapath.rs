@@ -4,6 +4,7 @@
 
 pub mod loader;
 pub mod maps;
+pub mod service_maps;
 pub mod sync;
 
 use agent_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};

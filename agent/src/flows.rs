@@ -239,6 +239,12 @@ pub struct Flow {
     /// Names the destination was looked up by (filled by the DNS proxy), for `--to-fqdn`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destination_names: Vec<String>,
+    /// The Service the destination is a backend of (Hubble's `destination_service`): set when
+    /// the destination address and port are a backend of exactly one Service. The cgroup
+    /// programs translated the ClusterIP before the first packet, so the flow's addresses are
+    /// the backend's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<Arc<ServiceName>>,
     #[serde(rename = "Summary", default)]
     pub summary: Cow<'static, str>,
 }
@@ -292,6 +298,13 @@ pub struct AddressInfo {
     pub labels: Arc<[String]>,
 }
 
+/// A Service, as flows name it (Hubble's `Service`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServiceName {
+    pub name: String,
+    pub namespace: String,
+}
+
 /// Lookups the enrichment needs, replaced whole after every sync. What a flow takes from here
 /// it shares (`Arc`), so enriching a flow copies no text.
 #[derive(Clone, Debug, Default)]
@@ -302,6 +315,8 @@ pub struct EnrichmentIndex {
     /// Rule id to the policy and rule it stands for.
     pub rules: BTreeMap<u32, Arc<PolicyRef>>,
     pub identity_labels: BTreeMap<u32, Arc<[String]>>,
+    /// Backend address and port to the one Service it serves.
+    pub services: HashMap<(IpAddr, u16), Arc<ServiceName>>,
 }
 
 impl EnrichmentIndex {
@@ -539,6 +554,15 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
     let destination = endpoints.get(dst, ev.dst_identity);
     let index = endpoints.index();
     let policy = index.policy(ev.rule_id);
+    let destination_service = if ev.is_reply == 0 {
+        l4.tcp
+            .as_ref()
+            .or(l4.udp.as_ref())
+            .and_then(|p| index.services.get(&(dst, p.destination_port)))
+            .cloned()
+    } else {
+        None
+    };
     let summary = l4
         .tcp
         .as_ref()
@@ -572,6 +596,7 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
         kind: "L3_L4".into(),
         policy,
         destination_names: Vec::new(),
+        destination_service,
         summary: summary.into(),
     }
 }
@@ -642,6 +667,7 @@ pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
         kind: "TUNNEL".into(),
         policy,
         destination_names: Vec::new(),
+        destination_service: index.services.get(&(dst, rec.destination.port())).cloned(),
         summary: if rec.note.is_empty() {
             "HBONE".into()
         } else {

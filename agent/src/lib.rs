@@ -10,6 +10,7 @@ pub mod flows;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod services;
 pub mod source;
 pub mod tunnel;
 

@@ -49,6 +49,10 @@ pub struct Metrics {
     flows_api_refused: IntCounterVec,
     flows_api_streams: IntGauge,
     tunnel_time_wait: IntCounterVec,
+    service_translations: prometheus::IntCounter,
+    service_no_backend: prometheus::IntCounter,
+    services: IntGauge,
+    service_backends: IntGauge,
 }
 
 /// `policy_verdicts`' FORWARDED and DROPPED series of one policy, looked up on first use.
@@ -177,8 +181,25 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let service_translations = prometheus::IntCounter::new(
+            "service_translations_total",
+            "Connects and datagrams to a Service address that the cgroup programs sent to a backend",
+        )?;
+        let service_no_backend = prometheus::IntCounter::new(
+            "service_no_backend_total",
+            "Connects and datagrams to a Service address refused at once (ECONNREFUSED): no usable backend",
+        )?;
+        let services = IntGauge::new("services", "Services with a translated port on this node")?;
+        let service_backends = IntGauge::new(
+            "service_backends",
+            "Backends new Service connections may go to, over every ClusterIP:port",
+        )?;
         for c in [
-            Box::new(flows_api_refused.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(service_translations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(service_no_backend.clone()),
+            Box::new(services.clone()),
+            Box::new(service_backends.clone()),
+            Box::new(flows_api_refused.clone()),
             Box::new(flows_api_streams.clone()),
             Box::new(tunnel_streams.clone()),
             Box::new(tunnel_time_wait.clone()),
@@ -225,6 +246,10 @@ impl Metrics {
             flows_api_refused,
             flows_api_streams,
             tunnel_time_wait,
+            service_translations,
+            service_no_backend,
+            services,
+            service_backends,
         })
     }
 
@@ -394,6 +419,19 @@ impl Metrics {
                 .with_label_values(&[place])
                 .set(lost[place].as_i64().unwrap_or(0));
         }
+        let datapath = &status["datapath"];
+        catch_up(
+            &self.service_translations,
+            datapath["service_translations"].as_u64().unwrap_or(0),
+        );
+        catch_up(
+            &self.service_no_backend,
+            datapath["service_no_backend"].as_u64().unwrap_or(0),
+        );
+        let svc = &status["services"];
+        self.services.set(svc["services"].as_i64().unwrap_or(0));
+        self.service_backends
+            .set(svc["backends"].as_i64().unwrap_or(0));
         self.observe_certs(&shared.certs);
         self.observe_flow_api(&shared.flow_api);
         if let Some(tunnel) = shared.tunnel.get() {

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::policy::ObjectRef;
@@ -32,6 +33,9 @@ pub struct Inventory {
     pub cluster_mesh_policies: BTreeMap<String, Arc<ClusterMeshPolicy>>,
     /// Mutual TLS modes (see [`crate::policy::mtls`]).
     pub mutual_tls: BTreeMap<ObjectRef, Arc<MutualTLS>>,
+    /// `v1` Services and `discovery.k8s.io/v1` EndpointSlices (see [`crate::services`]).
+    pub services: BTreeMap<ObjectRef, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     /// The file each object was read from (for error messages), keyed by `Kind/ns/name`.
     pub origins: BTreeMap<String, PathBuf>,
 }

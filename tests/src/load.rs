@@ -39,6 +39,11 @@ impl Process {
     pub fn id(&self) -> u32 {
         self.0.id()
     }
+
+    /// Its standard output, when it was piped (once).
+    pub fn stdout(&mut self) -> Option<ChildStdout> {
+        self.0.stdout.take()
+    }
 }
 
 impl Drop for Process {

@@ -89,7 +89,96 @@ pub fn lab_objects(lab: &LabState) -> Vec<(&'static str, String)> {
         ("10-nodes.yaml", documents(nodes)),
         ("20-serviceaccounts.yaml", documents(service_accounts)),
         ("30-pods.yaml", documents(pods)),
+        ("40-services.yaml", documents(services(lab))),
     ]
+}
+
+/// The lab's ClusterIP of the Service of namespace number `n` (0-based): `10.96.0.(10 + n)`.
+pub fn cluster_ip(n: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 96, 0, u8::try_from(10 + n).expect("few namespaces"))
+}
+
+/// Its IPv6 ClusterIP: `fd00:96::(10 + n)` (hex).
+pub fn cluster_ip6(n: usize) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(
+        0xfd00,
+        0x96,
+        0,
+        0,
+        0,
+        0,
+        0,
+        u16::try_from(10 + n).expect("few"),
+    )
+}
+
+/// One Service per namespace, named for its app (`web`, `api`, `db`), with every pod of the
+/// namespace ready in its EndpointSlices (one per address family), as the endpoints controller
+/// writes them: `http` 80 to the pods' named port `http` (8080), `dns` 53/UDP to 5353.
+fn services(lab: &LabState) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (n, ns) in lab.namespaces.iter().enumerate() {
+        let mut ips = vec![json!(cluster_ip(n).to_string())];
+        if lab.ipv6 {
+            ips.push(json!(cluster_ip6(n).to_string()));
+        }
+        out.push(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": ns.app, "namespace": ns.name },
+            "spec": {
+                "selector": { "app": ns.app },
+                "clusterIP": ips[0],
+                "clusterIPs": ips,
+                "ipFamilyPolicy": if lab.ipv6 { "PreferDualStack" } else { "SingleStack" },
+                "ports": [
+                    { "name": "http", "port": 80, "targetPort": "http", "protocol": "TCP" },
+                    { "name": "dns", "port": 53, "targetPort": "dns", "protocol": "UDP" },
+                ],
+            },
+        }));
+        let families: &[(&str, bool)] = if lab.ipv6 {
+            &[("IPv4", false), ("IPv6", true)]
+        } else {
+            &[("IPv4", false)]
+        };
+        for (family, v6) in families {
+            let endpoints: Vec<Value> = lab
+                .pods
+                .iter()
+                .filter(|p| p.namespace == ns.name)
+                .map(|p| {
+                    let addr = if *v6 {
+                        p.ip6.to_string()
+                    } else {
+                        p.ip4.to_string()
+                    };
+                    json!({
+                        "addresses": [addr],
+                        "conditions": { "ready": true, "serving": true, "terminating": false },
+                        "nodeName": p.node,
+                        "targetRef": { "kind": "Pod", "name": p.name, "namespace": p.namespace },
+                    })
+                })
+                .collect();
+            out.push(json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": format!("{}-{}", ns.app, family.to_lowercase()),
+                    "namespace": ns.name,
+                    "labels": { "kubernetes.io/service-name": ns.app },
+                },
+                "addressType": family,
+                "endpoints": endpoints,
+                "ports": [
+                    { "name": "http", "port": HTTP_PORT, "protocol": "TCP" },
+                    { "name": "dns", "port": DNS_PORT, "protocol": "UDP" },
+                ],
+            }));
+        }
+    }
+    out
 }
 
 /// The documents of `yaml` that are not Namespaces (the lab defines its own), or `None` if there
@@ -158,6 +247,13 @@ mod tests {
             .find(|p| p["metadata"]["name"] == "db-0")
             .unwrap();
         assert_eq!(db0["spec"]["containers"][0]["ports"][3]["name"], "postgres");
+        let services: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&files[4].1)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        // A Service and two slices (IPv4, IPv6) per namespace.
+        assert_eq!(services.len(), 9);
+        assert_eq!(services[0]["spec"]["clusterIP"], "10.96.0.10");
+        assert_eq!(services[1]["endpoints"].as_array().unwrap().len(), 3);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! <dir>/links/<ifname>-ingress    tcx link of `from_workload` (TC ingress of the interface)
 //! <dir>/links/<ifname>-egress     tcx link of `to_workload` (TC egress)
 //! <dir>/links/to_proxy            sk_lookup link of `to_proxy` (the agent's network namespace)
+//! <dir>/links/svc_*               cgroup links of the Service translation programs (`--cgroup`)
 //! ```
 //!
 //! `NW_PROXY_SOCKETS` (the agent's outbound listeners) is the one map that is never pinned: its
@@ -22,15 +23,20 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use agent_common::{
-    COUNTERS_LEN, CtKey, CtValue, DatapathConfig, EVENTS_RING_BYTES, EndpointInfo, FragKey,
-    FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES,
-    MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, map_names, program_names,
+    Backend, BackendKey, COUNTERS_LEN, CtKey, CtValue, DatapathConfig, EVENTS_RING_BYTES,
+    EndpointInfo, FragKey, FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS,
+    MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, MAX_SERVICE_BACKENDS,
+    MAX_SERVICE_REVNAT, MAX_SERVICES, PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue,
+    map_names, program_names,
 };
 use aya::maps::SockMap;
 use aya::maps::{MapError, MapInfo, MapType};
 use aya::programs::links::FdLink;
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, SkLookup,
+    TcAttachType,
+};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 use crate::datapath::maps::{MapsError, PinnedMaps};
@@ -121,6 +127,14 @@ const HOOKS: [Hook; 2] = [
     },
 ];
 
+/// The Service translation programs (cgroup `sock_addr`), each pinned at `links/<name>`.
+const SERVICE_PROGRAMS: [&str; 4] = [
+    program_names::SVC_CONNECT4,
+    program_names::SVC_SENDMSG4,
+    program_names::SVC_RECVMSG4,
+    program_names::SVC_GETPEERNAME4,
+];
+
 /// The loaded programs, their maps, and the links this instance made.
 #[derive(Debug)]
 pub struct Datapath {
@@ -132,6 +146,8 @@ pub struct Datapath {
     unpinned_links: BTreeMap<String, Vec<FdLink>>,
     /// The `to_proxy` link when not pinning.
     unpinned_to_proxy: Option<FdLink>,
+    /// The cgroup links when not pinning.
+    unpinned_cgroup: Vec<FdLink>,
 }
 
 impl Datapath {
@@ -194,6 +210,15 @@ impl Datapath {
                 op: "loading (verifier)",
                 source: Box::new(source),
             })?;
+        for program in SERVICE_PROGRAMS {
+            cgroup_mut(&mut ebpf, program)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program,
+                    op: "loading (verifier)",
+                    source: Box::new(source),
+                })?;
+        }
         let maps = PinnedMaps::from_ebpf(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -201,7 +226,49 @@ impl Datapath {
             bpffs_dir: bpffs_dir.map(Path::to_path_buf),
             unpinned_links: BTreeMap::new(),
             unpinned_to_proxy: None,
+            unpinned_cgroup: Vec::new(),
         })
+    }
+
+    /// Attaches the Service translation programs to the cgroup (v2 directory) `cgroup`, pinned at
+    /// `links/<program>` when pinning, replacing a previous agent's links make-before-break (a
+    /// cgroup runs every linked program of a hook; the old one leaves once the new one is in
+    /// place, and both read the same pinned maps).
+    ///
+    /// # Errors
+    /// The cgroup cannot be opened, or an attach or pin failure.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let file = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io {
+            what: "opening the cgroup",
+            path: cgroup.into(),
+            source,
+        })?;
+        let target = cgroup.display().to_string();
+        for program in SERVICE_PROGRAMS {
+            let attach_err = |source| DatapathError::Attach {
+                program,
+                ifname: target.clone(),
+                source: Box::new(source),
+            };
+            let prog = cgroup_mut(&mut self.ebpf, program)?;
+            // `Single` is flags 0, which `bpf_link_create` requires for cgroups (any other value
+            // is EINVAL); a bpf_link on a cgroup always sits beside the hook's other programs.
+            let id = prog
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
+                program,
+                ifname: target.clone(),
+                path: PathBuf::new(),
+                detail: format!("not a bpf link: {}", crate::error_chain(&e)),
+            })?;
+            match &self.bpffs_dir {
+                Some(dir) => pin_replacing(link, &links_dir(dir).join(program), program, &target)?,
+                None => self.unpinned_cgroup.push(link),
+            }
+        }
+        Ok(())
     }
 
     /// Attaches `to_proxy` (`sk_lookup`) to the current network namespace, pinned at
@@ -500,6 +567,15 @@ fn pin_replacing(
     Ok(())
 }
 
+fn cgroup_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
+        .ok_or(DatapathError::MissingProgram(name))
+}
+
 fn sk_lookup_mut(ebpf: &mut Ebpf) -> Result<&mut SkLookup, DatapathError> {
     ebpf.program_mut(program_names::TO_PROXY)
         .and_then(|p| <&mut SkLookup>::try_from(p).ok())
@@ -597,7 +673,7 @@ struct ExpectedMap {
 /// LPM trie keys carry the 32-bit prefix length before the data.
 const LPM_PREFIX: usize = 4;
 
-const EXPECTED_MAPS: [ExpectedMap; 9] = [
+const EXPECTED_MAPS: [ExpectedMap; 12] = [
     ExpectedMap {
         name: map_names::ENDPOINTS,
         map_type: MapType::Hash,
@@ -660,6 +736,27 @@ const EXPECTED_MAPS: [ExpectedMap; 9] = [
         key_size: size_of::<u32>(),
         value_size: size_of::<DatapathConfig>(),
         max_entries: 1,
+    },
+    ExpectedMap {
+        name: map_names::SERVICES,
+        map_type: MapType::Hash,
+        key_size: size_of::<ServiceKey>(),
+        value_size: size_of::<ServiceValue>(),
+        max_entries: MAX_SERVICES,
+    },
+    ExpectedMap {
+        name: map_names::SERVICE_BACKENDS,
+        map_type: MapType::Hash,
+        key_size: size_of::<BackendKey>(),
+        value_size: size_of::<Backend>(),
+        max_entries: MAX_SERVICE_BACKENDS,
+    },
+    ExpectedMap {
+        name: map_names::SERVICE_REVNAT,
+        map_type: MapType::LruHash,
+        key_size: size_of::<RevNatKey>(),
+        value_size: size_of::<ServiceKey>(),
+        max_entries: MAX_SERVICE_REVNAT,
     },
 ];
 

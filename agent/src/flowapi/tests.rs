@@ -31,6 +31,7 @@ fn shared(ca: Arc<Authority>) -> Arc<Shared> {
         certs,
         tunnel: std::sync::OnceLock::new(),
         flow_api: FlowApiStats::default(),
+        services: RwLock::default(),
     })
 }
 

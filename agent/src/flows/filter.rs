@@ -64,6 +64,9 @@ pub struct FlowFilter {
     pub to_label: Option<String>,
     /// A name the destination was looked up by; `*.example.com` matches any subdomain.
     pub to_fqdn: Option<String>,
+    /// `namespace/name` of the Service the destination was reached through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_service: Option<String>,
     pub since: Option<SystemTime>,
     pub until: Option<SystemTime>,
     /// Filters that must NOT match (`--not --verdict DROPPED`), each on its own.
@@ -170,6 +173,16 @@ impl FlowFilter {
                 valid: vec!["name.example.com".into(), "*.example.com".into()],
             });
         }
+        if let Some(s) = &self.to_service
+            && s.split_once('/')
+                .is_none_or(|(ns, name)| ns.is_empty() || name.is_empty() || name.contains('/'))
+        {
+            return Err(InvalidFilter {
+                what: "to-service",
+                value: s.clone(),
+                valid: vec!["namespace/name".into()],
+            });
+        }
         for n in &mut self.not {
             n.validate()?;
         }
@@ -227,6 +240,11 @@ impl FlowFilter {
                 .to_fqdn
                 .as_ref()
                 .is_none_or(|f| fqdn_matches(f, &flow.destination_names))
+            && self.to_service.as_ref().is_none_or(|s| {
+                flow.destination_service
+                    .as_ref()
+                    .is_some_and(|d| s.split_once('/') == Some((&d.namespace, &d.name)))
+            })
             && !self.not.iter().any(|n| n.matches(flow))
     }
 }
@@ -269,6 +287,7 @@ mod tests {
             kind: "L3_L4".into(),
             policy: None,
             destination_names: Vec::new(),
+            destination_service: None,
             summary: "".into(),
         }
     }

@@ -82,6 +82,7 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
         kind,
         policy,
         destination_names,
+        destination_service,
         summary,
     } = flow;
     out.extend_from_slice(b"{\"time\":");
@@ -122,6 +123,13 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
     if !destination_names.is_empty() {
         out.extend_from_slice(b",\"destination_names\":");
         strings(out, destination_names);
+    }
+    if let Some(svc) = destination_service {
+        out.extend_from_slice(b",\"destination_service\":{\"name\":");
+        string(out, &svc.name);
+        out.extend_from_slice(b",\"namespace\":");
+        string(out, &svc.namespace);
+        out.push(b'}');
     }
     out.extend_from_slice(b",\"Summary\":");
     string(out, summary);
@@ -451,6 +459,12 @@ mod tests {
                 } else {
                     Vec::new()
                 },
+                destination_service: full.then(|| {
+                    Arc::new(super::super::ServiceName {
+                        name: tricky.to_owned(),
+                        namespace: "shop".into(),
+                    })
+                }),
                 summary: tricky.to_owned().into(),
             };
             assert_eq!(

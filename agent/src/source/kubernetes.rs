@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Node, ObjectReference, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, ObjectReference, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt as _;
@@ -119,6 +120,8 @@ pub fn watched_kinds() -> Vec<ApiResource> {
         ApiResource::erase::<MeshPolicy>(&()),
         ApiResource::erase::<ClusterMeshPolicy>(&()),
         ApiResource::erase::<MutualTLS>(&()),
+        ApiResource::erase::<Service>(&()),
+        ApiResource::erase::<EndpointSlice>(&()),
     ]
 }
 

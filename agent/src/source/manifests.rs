@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize as _;
 use serde::de::DeserializeOwned;
@@ -56,6 +57,8 @@ pub enum Object {
     MeshPolicy(Arc<MeshPolicy>),
     ClusterMeshPolicy(Arc<ClusterMeshPolicy>),
     MutualTLS(Arc<MutualTLS>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
 }
 
 #[derive(Clone, Debug)]
@@ -301,6 +304,12 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             Object::NetworkPolicy(Arc::new(typed(doc, &key)?))
         }
+        ("v1", "Service") => {
+            Object::Service(Arc::new(crate::services::slim_service(typed(doc, &key)?)))
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            Object::EndpointSlice(Arc::new(crate::services::slim_slice(typed(doc, &key)?)))
+        }
         ("nodeward.io/v1alpha1", "MeshPolicy") => {
             Object::MeshPolicy(ours(crate::policy::parse_mesh_policy(doc), &key)?)
         }
@@ -319,7 +328,7 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
                 format!("unsupported version {api_version:?}, expected nodeward.io/v1alpha1"),
             ));
         }
-        // Deployments, Services, ConfigMaps...: not ours to read.
+        // Deployments, ConfigMaps...: not ours to read.
         _ => return Ok(None),
     };
     Ok(Some((key, object)))
@@ -424,6 +433,8 @@ pub(crate) struct InventoryBuilder {
     mesh_policies: Vec<(ObjectRef, Arc<MeshPolicy>)>,
     cluster_mesh_policies: Vec<(String, Arc<ClusterMeshPolicy>)>,
     mutual_tls: Vec<(ObjectRef, Arc<MutualTLS>)>,
+    services: Vec<(ObjectRef, Arc<Service>)>,
+    endpoint_slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
     origins: Vec<(String, PathBuf)>,
 }
 
@@ -443,6 +454,8 @@ impl InventoryBuilder {
                 self.cluster_mesh_policies.push((name(&o.metadata), o));
             }
             Object::MutualTLS(o) => self.mutual_tls.push((namespaced(&o.metadata), o)),
+            Object::Service(o) => self.services.push((namespaced(&o.metadata), o)),
+            Object::EndpointSlice(o) => self.endpoint_slices.push((namespaced(&o.metadata), o)),
         }
     }
 
@@ -461,6 +474,8 @@ impl InventoryBuilder {
             mesh_policies: last_wins(self.mesh_policies),
             cluster_mesh_policies: last_wins(self.cluster_mesh_policies),
             mutual_tls: last_wins(self.mutual_tls),
+            services: last_wins(self.services),
+            endpoint_slices: last_wins(self.endpoint_slices),
             origins: last_wins(self.origins),
         }
     }

@@ -37,6 +37,17 @@ pub const RBAC: &[Rule] = &[
         resources: &["networkpolicies"],
         verbs: READ,
     },
+    // Services and their endpoints: the ClusterIPs the cgroup programs translate.
+    Rule {
+        api_group: "",
+        resources: &["services"],
+        verbs: READ,
+    },
+    Rule {
+        api_group: "discovery.k8s.io",
+        resources: &["endpointslices"],
+        verbs: READ,
+    },
     Rule {
         api_group: "nodeward.io",
         resources: &["meshpolicies", "clustermeshpolicies", "mutualtlses"],
@@ -106,6 +117,9 @@ mod tests {
         assert!(!allows("", "secrets", "get"));
         assert!(!allows("", "pods", "delete"));
         assert!(!allows("nodeward.io", "mutualtlses/status", "patch"));
-        assert_eq!(triples().len(), 4 * 3 + 3 + 3 * 3 + 2 + 2 + 2);
+        assert!(allows("discovery.k8s.io", "endpointslices", "watch"));
+        assert!(!allows("", "services", "patch"));
+        // pods.., networkpolicies, services, endpointslices, nodeward.io kinds, status, events.
+        assert_eq!(triples().len(), 4 * 3 + 3 + 3 + 3 + 3 * 3 + 2 + 2 + 2);
     }
 }

@@ -61,6 +61,13 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         false,
     ),
     ("nodeward.io/v1alpha1", "MutualTLS", "mutualtlses", true),
+    ("v1", "Service", "services", true),
+    (
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        "endpointslices",
+        true,
+    ),
     ("events.k8s.io/v1", "Event", "events", true),
 ];
 

@@ -16,6 +16,12 @@
 //!   another, checks each with one round trip, prints one JSON line (`opened`, `errors`), holds
 //!   them idle for S seconds, checks each again and prints a second JSON line (`alive`), then
 //!   exits (closing them all).
+//! - `probe --addr IP:PORT [--proto tcp|udp|udpc] [--count N] [--interval-ms MS] [--timeout-ms MS]
+//!   [--hold-secs S]`: N probes one after another (at most 100), MS apart, one JSON line each: `ok`, `error` and `errno`,
+//!   `ms`, `local_port`, and `peer`: what the application sees as the other end (`getpeername`
+//!   for TCP and connected UDP `udpc`, the reply's source for unconnected `udp`). With
+//!   `--hold-secs` (and `--count 1`, TCP) the connection then stays open for S seconds and a last
+//!   line says whether it still carries a round trip (`alive`).
 //!
 //! Every loop is bounded by `--secs` (at most 60) or `--count` (at most 10,000) and every socket
 //! operation has a timeout.
@@ -42,7 +48,8 @@ fn main() -> anyhow::Result<()> {
         "crr" => crr(&flags),
         "rr" => rr(&flags),
         "hold" => hold(&flags),
-        other => bail!("unknown command {other:?} (serve, crr, rr, hold)"),
+        "probe" => probe(&flags),
+        other => bail!("unknown command {other:?} (serve, crr, rr, hold, probe)"),
     }
 }
 
@@ -453,6 +460,102 @@ fn hold(flags: &Flags) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+fn probe(flags: &Flags) -> anyhow::Result<()> {
+    let addr = flags.addr()?;
+    let proto = flags.get("proto").unwrap_or("tcp").to_owned();
+    let count: usize = flags.parse_or("count", 1)?;
+    ensure!((1..=100).contains(&count), "--count must be 1..=100");
+    let timeout = Duration::from_millis(flags.parse_or("timeout-ms", 2000)?);
+    let interval = Duration::from_millis(flags.parse_or("interval-ms", 0)?);
+    ensure!(
+        interval <= Duration::from_secs(1),
+        "--interval-ms must be at most 1000"
+    );
+    let hold_secs: f64 = flags.parse_or("hold-secs", 0.0)?;
+    ensure!(
+        (0.0..=MAX_SECS).contains(&hold_secs),
+        "--hold-secs must be in [0, {MAX_SECS}]"
+    );
+    for i in 0..count {
+        if i > 0 {
+            std::thread::sleep(interval);
+        }
+        let start = Instant::now();
+        let mut line = serde_json::json!({});
+        let outcome: std::io::Result<(u16, SocketAddr, Option<TcpStream>)> = match proto.as_str() {
+            "tcp" => TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                let local = s.local_addr()?.port();
+                let peer = s.peer_addr()?;
+                round_trip(&mut s, i)?;
+                Ok((local, peer, Some(s)))
+            }),
+            "udp" | "udpc" => udp_probe(addr, proto == "udpc", timeout, i)
+                .map(|(local, peer)| (local, peer, None)),
+            other => bail!("--proto {other:?}: tcp, udp or udpc"),
+        };
+        line["ms"] = serde_json::json!(start.elapsed().as_secs_f64() * 1000.0);
+        match outcome {
+            Ok((local, peer, stream)) => {
+                line["ok"] = true.into();
+                line["local_port"] = local.into();
+                line["peer"] = peer.to_string().into();
+                println!("{line}");
+                std::io::stdout().flush()?;
+                if let (Some(mut stream), true) = (stream, hold_secs > 0.0) {
+                    std::thread::sleep(Duration::from_secs_f64(hold_secs));
+                    let alive = round_trip(&mut stream, i + 1).is_ok();
+                    println!("{}", serde_json::json!({ "alive": alive }));
+                }
+            }
+            Err(e) => {
+                line["ok"] = false.into();
+                line["error"] = e.to_string().into();
+                line["errno"] = e.raw_os_error().into();
+                println!("{line}");
+            }
+        }
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// One datagram and its echo; the peer is what the application sees as the reply's source
+/// (or, connected, as the socket's peer).
+fn udp_probe(
+    addr: SocketAddr,
+    connected: bool,
+    timeout: Duration,
+    i: usize,
+) -> std::io::Result<(u16, SocketAddr)> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(bind)?;
+    socket.set_read_timeout(Some(timeout))?;
+    let msg = format!("nodeward-lab probe {i}\n").into_bytes();
+    let mut buf = [0u8; 512];
+    if connected {
+        socket.connect(addr)?;
+        let peer = socket.peer_addr()?;
+        socket.send(&msg)?;
+        let n = socket.recv(&mut buf)?;
+        if buf[..n] != msg[..] {
+            return Err(std::io::Error::other("the echo differs"));
+        }
+        return Ok((socket.local_addr()?.port(), peer));
+    }
+    socket.send_to(&msg, addr)?;
+    let (n, from) = socket.recv_from(&mut buf)?;
+    if buf[..n] != msg[..] {
+        return Err(std::io::Error::other("the echo differs"));
+    }
+    Ok((socket.local_addr()?.port(), from))
 }
 
 /// Connects and checks one echo round trip.
