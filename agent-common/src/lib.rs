@@ -159,6 +159,11 @@ pub mod program_names {
     pub const SVC_RECVMSG4: &str = "svc_recvmsg4";
     /// cgroup `getpeername4`: a translated socket's peer is the Service address.
     pub const SVC_GETPEERNAME4: &str = "svc_getpeername4";
+    /// The same four for IPv6 sockets.
+    pub const SVC_CONNECT6: &str = "svc_connect6";
+    pub const SVC_SENDMSG6: &str = "svc_sendmsg6";
+    pub const SVC_RECVMSG6: &str = "svc_recvmsg6";
+    pub const SVC_GETPEERNAME6: &str = "svc_getpeername6";
 }
 
 /// Socket-level Service translation (cgroup `sock_addr` programs on the agent's `--cgroup`).

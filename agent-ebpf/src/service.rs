@@ -7,6 +7,9 @@
 //! `ClusterIP`: `getpeername` and the source of UDP replies are mapped back through
 //! `NW_SVC_REVNAT`. A frontend with no usable backend refuses at once with `ECONNREFUSED`, as
 //! kube-proxy's reject rule does. Layout and write order: `agent_common::ServiceKey`.
+//!
+//! The `*6` programs do the same for IPv6 sockets; an IPv6 socket dialling an IPv4-mapped
+//! address (`::ffff:10.96.0.10`) finds the IPv4 frontend, since the maps hold IPv4 in that form.
 
 use agent_common::{
     Backend, BackendKey, COUNTER_SVC_NO_BACKEND, COUNTER_SVC_TRANSLATED, MAX_SERVICE_BACKENDS,
@@ -34,6 +37,7 @@ static NW_SVC_REVNAT: LruHashMap<agent_common::RevNatKey, ServiceKey> =
     LruHashMap::with_max_entries(MAX_SERVICE_REVNAT, 0);
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const ECONNREFUSED: i32 = 111;
 /// `sock_addr` verdicts.
 const ALLOW: i32 = 1;
@@ -41,66 +45,132 @@ const REJECT: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn svc_connect4(ctx: SockAddrContext) -> i32 {
-    translate4(&ctx)
+    translate(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn svc_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate4(&ctx)
+    translate(&ctx, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn svc_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx);
+    reverse(&ctx, false);
     // recvmsg programs may only allow.
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn svc_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx);
+    reverse(&ctx, false);
     ALLOW
 }
 
-/// IPv4 as the maps' IPv4-mapped form; `ip4` is in network order (its bytes are the octets).
-#[inline(always)]
-fn mapped(ip4: u32) -> [u8; 16] {
-    let o = ip4.to_ne_bytes();
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-    ]
+#[cgroup_sock_addr(connect6)]
+pub fn svc_connect6(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, true)
 }
 
-/// The frontend the socket address names, if the address is IPv4.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn svc_sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn svc_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, true);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn svc_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, true);
+    ALLOW
+}
+
+/// The socket address (the maps' 16-byte form: IPv4-mapped for IPv4) and port (network order)
+/// of the context, if it is of the program's family.
 #[inline(always)]
-fn frontend(ctx: &SockAddrContext) -> Option<ServiceKey> {
-    // SAFETY: `sock_addr` is the context pointer the kernel passed to the program; the fields
-    // read are readable in every sock_addr attach type used here.
-    let (family, ip4, port, protocol) = unsafe {
+fn read_addr(ctx: &SockAddrContext, v6: bool) -> Option<([u8; 16], u16)> {
+    // SAFETY: `sock_addr` is the context pointer the kernel passed to the program; these
+    // fields are readable in every sock_addr attach type used here (the `*4` programs read
+    // the IPv4 field, the `*6` ones the IPv6 words, each with 4-byte loads).
+    unsafe {
         let sa = ctx.sock_addr;
-        (
-            (*sa).user_family,
-            (*sa).user_ip4,
-            (*sa).user_port,
-            (*sa).protocol,
-        )
-    };
-    if family != AF_INET {
-        return None;
-    }
-    Some(ServiceKey {
-        addr: mapped(ip4),
+        let family = (*sa).user_family;
         // The port is in network order in the low 16 bits.
-        port_be: port as u16,
-        protocol: protocol as u8,
-        _pad: 0,
-    })
+        let port = (*sa).user_port as u16;
+        if v6 {
+            if family != AF_INET6 {
+                return None;
+            }
+            let w = [
+                (*sa).user_ip6[0].to_ne_bytes(),
+                (*sa).user_ip6[1].to_ne_bytes(),
+                (*sa).user_ip6[2].to_ne_bytes(),
+                (*sa).user_ip6[3].to_ne_bytes(),
+            ];
+            Some((
+                [
+                    w[0][0], w[0][1], w[0][2], w[0][3], w[1][0], w[1][1], w[1][2], w[1][3],
+                    w[2][0], w[2][1], w[2][2], w[2][3], w[3][0], w[3][1], w[3][2], w[3][3],
+                ],
+                port,
+            ))
+        } else {
+            if family != AF_INET {
+                return None;
+            }
+            let o = (*sa).user_ip4.to_ne_bytes();
+            Some((
+                [
+                    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
+                ],
+                port,
+            ))
+        }
+    }
+}
+
+/// Writes an address of [`read_addr`]'s form and a port back into the context.
+#[inline(always)]
+fn write_addr(ctx: &SockAddrContext, v6: bool, a: &[u8; 16], port_be: u16) {
+    // SAFETY: the context pointer; `user_ip4`/`user_ip6` and `user_port` are writable in
+    // connect, sendmsg, recvmsg and getpeername programs of their family.
+    unsafe {
+        let sa = ctx.sock_addr;
+        if v6 {
+            (*sa).user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+            (*sa).user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+            (*sa).user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+            (*sa).user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        } else {
+            (*sa).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        }
+        (*sa).user_port = u32::from(port_be);
+    }
 }
 
 #[inline(always)]
-fn translate4(ctx: &SockAddrContext) -> i32 {
-    let Some(key) = frontend(ctx) else {
+fn refuse() -> i32 {
+    count(COUNTER_SVC_NO_BACKEND);
+    // SAFETY: plain helper call; allowed in cgroup connect and sendmsg programs (5.18+).
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
+
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some((addr, port_be)) = read_addr(ctx, v6) else {
         return ALLOW;
+    };
+    // SAFETY: the context pointer; `protocol` is readable in every sock_addr program.
+    let protocol = unsafe { (*ctx.sock_addr).protocol } as u8;
+    let key = ServiceKey {
+        addr,
+        port_be,
+        protocol,
+        _pad: 0,
     };
     let backends = match NW_SERVICES.get_ptr(key) {
         // SAFETY: a value pointer from a successful lookup, read once.
@@ -108,10 +178,7 @@ fn translate4(ctx: &SockAddrContext) -> i32 {
         None => return ALLOW, // not a Service address
     };
     if backends == 0 {
-        count(COUNTER_SVC_NO_BACKEND);
-        // SAFETY: plain helper call; allowed in cgroup sock_addr programs (kernel 5.18+).
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        return REJECT;
+        return refuse();
     }
     // SAFETY: plain helper call.
     let pick = unsafe { bpf_get_prandom_u32() } % backends;
@@ -130,12 +197,7 @@ fn translate4(ctx: &SockAddrContext) -> i32 {
         }) {
             // SAFETY: as above.
             Some(p) => unsafe { *p },
-            None => {
-                count(COUNTER_SVC_NO_BACKEND);
-                // SAFETY: plain helper call.
-                unsafe { bpf_set_retval(-ECONNREFUSED) };
-                return REJECT;
-            }
+            None => return refuse(),
         },
     };
     // SAFETY: the context pointer; socket cookies are available to sock_addr programs.
@@ -147,34 +209,24 @@ fn translate4(ctx: &SockAddrContext) -> i32 {
     };
     // Without the entry the translation still works; only the peer name would show the pod.
     let _ = NW_SVC_REVNAT.insert(rev, key, 0);
-    let a = backend.addr;
-    // SAFETY: `user_ip4` and `user_port` are writable in connect4 and sendmsg4.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-        (*ctx.sock_addr).user_port = u32::from(backend.port_be);
-    }
+    write_addr(ctx, v6, &backend.addr, backend.port_be);
     count(COUNTER_SVC_TRANSLATED);
     ALLOW
 }
 
 /// Shows a translated socket's peer (or a reply datagram's source) as the frontend.
 #[inline(always)]
-fn reverse4(ctx: &SockAddrContext) {
-    // SAFETY: the context pointer, as in `frontend`.
-    let (family, ip4, port) = unsafe {
-        let sa = ctx.sock_addr;
-        ((*sa).user_family, (*sa).user_ip4, (*sa).user_port)
-    };
-    if family != AF_INET {
+fn reverse(ctx: &SockAddrContext, v6: bool) {
+    let Some((addr, port_be)) = read_addr(ctx, v6) else {
         return;
-    }
-    // SAFETY: as in `translate4`.
+    };
+    // SAFETY: as in `translate`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let rev = agent_common::RevNatKey {
         cookie,
         backend: Backend {
-            addr: mapped(ip4),
-            port_be: port as u16,
+            addr,
+            port_be,
             _pad: [0; 2],
         },
         _pad: [0; 4],
@@ -184,10 +236,5 @@ fn reverse4(ctx: &SockAddrContext) {
     };
     // SAFETY: a value pointer from a successful lookup.
     let front = unsafe { *p };
-    let a = front.addr;
-    // SAFETY: `user_ip4` and `user_port` are writable in recvmsg4 and getpeername4.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-        (*ctx.sock_addr).user_port = u32::from(front.port_be);
-    }
+    write_addr(ctx, v6, &front.addr, front.port_be);
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nodeward_lab::load::{Process, in_pod};
 use nodeward_lab::manifests::documents;
 use nodeward_lab::shared::shared_lab;
-use nodeward_lab::{Case, HTTP_PORT, Lab, eventually, netpol};
+use nodeward_lab::{Case, HTTP_PORT, Lab, METRICS_PORT, eventually, netpol};
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -28,6 +28,17 @@ fn load_bin() -> &'static std::path::Path {
 /// A Service `name` in `namespace` at `vip:80` (TCP, target port 8080 by the slice's `http`)
 /// with one EndpointSlice of `backends` (pod key, ready).
 fn service(namespace: &str, name: &str, vip: Ipv4Addr, backends: &[(&Lab, &str, bool)]) -> String {
+    service_to(namespace, name, vip, HTTP_PORT, backends)
+}
+
+/// The same with the backends' port `target`.
+fn service_to(
+    namespace: &str,
+    name: &str,
+    vip: Ipv4Addr,
+    target: u16,
+    backends: &[(&Lab, &str, bool)],
+) -> String {
     let endpoints: Vec<Value> = backends
         .iter()
         .map(|(lab, pod, ready)| {
@@ -60,7 +71,7 @@ fn service(namespace: &str, name: &str, vip: Ipv4Addr, backends: &[(&Lab, &str, 
             },
             "addressType": "IPv4",
             "endpoints": endpoints,
-            "ports": [{ "name": "http", "port": HTTP_PORT, "protocol": "TCP" }],
+            "ports": [{ "name": "http", "port": target, "protocol": "TCP" }],
         }),
     ])
 }
@@ -92,23 +103,16 @@ fn probe_ok(lab: &Lab, from: &str, addr: SocketAddr) -> Value {
     last.remove(0)
 }
 
-/// The pod a flow from `from` with TCP source port `port` went to, as node `node` recorded it.
-fn flow_destination(lab: &Lab, node: &str, from: &str, port: u64) -> String {
+/// The flow from `from` with TCP source port `port`, as node `node` recorded it.
+fn flow_of(lab: &Lab, node: &str, from: &str, port: u64) -> Value {
     let mut found = None;
     let seen = eventually(Duration::from_secs(5), Duration::from_millis(100), || {
         let flows = lab
             .observe(node, &["--last", "500", "--from-pod", from])
             .unwrap_or_default();
         found = flows
-            .iter()
-            .find(|f| f["l4"]["TCP"]["source_port"].as_u64() == Some(port))
-            .map(|f| {
-                format!(
-                    "{}/{}",
-                    f["destination"]["namespace"].as_str().unwrap_or_default(),
-                    f["destination"]["pod_name"].as_str().unwrap_or_default()
-                )
-            });
+            .into_iter()
+            .find(|f| f["l4"]["TCP"]["source_port"].as_u64() == Some(port));
         found.is_some()
     });
     assert!(
@@ -118,6 +122,16 @@ fn flow_destination(lab: &Lab, node: &str, from: &str, port: u64) -> String {
     found.unwrap_or_default()
 }
 
+/// The pod (`ns/name`) that flow went to.
+fn flow_destination(lab: &Lab, node: &str, from: &str, port: u64) -> String {
+    let f = flow_of(lab, node, from, port);
+    format!(
+        "{}/{}",
+        f["destination"]["namespace"].as_str().unwrap_or_default(),
+        f["destination"]["pod_name"].as_str().unwrap_or_default()
+    )
+}
+
 /// kube-proxy's iptables mode for one Service port on every node: DNAT in nat PREROUTING.
 /// Removed when dropped.
 struct KubeProxy {
@@ -125,8 +139,8 @@ struct KubeProxy {
 }
 
 impl KubeProxy {
-    fn dnat(lab: &Lab, vip: Ipv4Addr, backend: &str) -> Self {
-        let to = format!("{}:{HTTP_PORT}", lab.pod(backend).ip4);
+    fn dnat(lab: &Lab, vip: Ipv4Addr, backend: &str, port: u16) -> Self {
+        let to = format!("{}:{port}", lab.pod(backend).ip4);
         let rule: Vec<String> = [
             "PREROUTING",
             "-d",
@@ -173,18 +187,20 @@ fn an_egress_allow_by_pod_selector_admits_the_pods_service() {
     let lab = shared_lab();
     let vip = Ipv4Addr::new(10, 96, 1, 1);
     let addr = SocketAddr::new(vip.into(), 80);
-    // api-1 is on the other node: the connection crosses the underlay.
+    // api-1 is on the other node: the connection crosses the underlay. Its port 9090 backs
+    // this Service alone (the lab's `api` Service has 8080), so flows can name the Service.
     lab.write_manifest(
         "svc-allow",
-        &service(
+        &service_to(
             "backend",
             "svc-allow",
             vip,
+            METRICS_PORT,
             &[(&lab, "backend/api-1", true)],
         ),
     )
     .unwrap();
-    let _kube_proxy = KubeProxy::dnat(&lab, vip, "backend/api-1");
+    let _kube_proxy = KubeProxy::dnat(&lab, vip, "backend/api-1", METRICS_PORT);
     lab.write_manifest(
         "web-egress",
         &netpol::mesh_policy(
@@ -195,7 +211,7 @@ fn an_egress_allow_by_pod_selector_admits_the_pods_service() {
                 "egress": [{
                     "toEndpoints": [{ "matchLabels": {
                         "app": "api", "nodeward.io/namespace": "backend" } }],
-                    "toPorts": [{ "port": HTTP_PORT, "protocol": "TCP" }],
+                    "toPorts": [{ "port": METRICS_PORT, "protocol": "TCP" }],
                 }],
             }),
         ),
@@ -204,8 +220,8 @@ fn an_egress_allow_by_pod_selector_admits_the_pods_service() {
     // The policy is in force: the pod IP of a db pod is refused, api's is allowed.
     lab.expect(
         &[
-            Case::tcp("frontend/web-0", "data/db-1", HTTP_PORT, false),
-            Case::tcp("frontend/web-0", "backend/api-1", HTTP_PORT, true),
+            Case::tcp("frontend/web-0", "data/db-1", METRICS_PORT, false),
+            Case::tcp("frontend/web-0", "backend/api-1", METRICS_PORT, true),
         ],
         SETTLE,
     );
@@ -216,10 +232,29 @@ fn an_egress_allow_by_pod_selector_admits_the_pods_service() {
         "the application must see the ClusterIP as its peer: {line}"
     );
     let port = line["local_port"].as_u64().expect("local port");
+    let flow = flow_of(&lab, "node-1", "frontend/web-0", port);
     assert_eq!(
-        flow_destination(&lab, "node-1", "frontend/web-0", port),
-        "backend/api-1",
-        "the flow must name the backend pod"
+        (&flow["destination"]["pod_name"], &flow["verdict"]),
+        (&json!("api-1"), &json!("FORWARDED")),
+        "the flow must name the backend pod: {flow}"
+    );
+    assert_eq!(
+        flow["destination_service"],
+        json!({ "name": "svc-allow", "namespace": "backend" }),
+        "the flow must name the Service: {flow}"
+    );
+    let by_service = lab
+        .observe(
+            "node-1",
+            &["--last", "500", "--to-service", "backend/svc-allow"],
+        )
+        .unwrap();
+    assert!(
+        !by_service.is_empty()
+            && by_service
+                .iter()
+                .all(|f| f["destination_service"]["name"] == "svc-allow"),
+        "observe --to-service: {by_service:?}"
     );
     // Outside the cgroup, the packet leaves the pod with the ClusterIP: kube-proxy's DNAT comes
     // after nodeward's hook, which sees `world` and drops it under the egress policy.
@@ -569,4 +604,32 @@ fn strict_meshed_pods_reach_a_service_through_the_tunnel_only() {
         plaintext.is_empty(),
         "Service traffic crossed the underlay outside the tunnel:\n{plaintext:#?}"
     );
+}
+
+#[test]
+fn a_dual_stack_service_is_translated_over_ipv6() {
+    let lab = shared_lab();
+    // The lab's `api` Service: fd00:96::b, http 80 and dns 53/UDP, backends on both nodes.
+    let vip = nodeward_lab::manifests::cluster_ip6(1);
+    let http = SocketAddr::new(vip.into(), 80);
+    let line = probe_ok(&lab, "frontend/web-0", http);
+    assert_eq!(line["peer"], "[fd00:96::b]:80", "{line}");
+    let port = line["local_port"].as_u64().expect("local port");
+    let to = flow_destination(&lab, "node-1", "frontend/web-0", port);
+    assert!(to.starts_with("backend/api-"), "the flow went to {to}");
+    for proto in ["udp", "udpc"] {
+        let lines = probe(
+            &lab,
+            "frontend/web-0",
+            SocketAddr::new(vip.into(), 53),
+            &["--proto", proto, "--count", "3", "--timeout-ms", "1000"],
+        );
+        assert!(
+            lines.len() == 3
+                && lines
+                    .iter()
+                    .all(|l| l["ok"] == true && l["peer"] == "[fd00:96::b]:53"),
+            "{proto} over IPv6: {lines:?}"
+        );
+    }
 }

@@ -128,11 +128,15 @@ const HOOKS: [Hook; 2] = [
 ];
 
 /// The Service translation programs (cgroup `sock_addr`), each pinned at `links/<name>`.
-const SERVICE_PROGRAMS: [&str; 4] = [
+const SERVICE_PROGRAMS: [&str; 8] = [
     program_names::SVC_CONNECT4,
     program_names::SVC_SENDMSG4,
     program_names::SVC_RECVMSG4,
     program_names::SVC_GETPEERNAME4,
+    program_names::SVC_CONNECT6,
+    program_names::SVC_SENDMSG6,
+    program_names::SVC_RECVMSG6,
+    program_names::SVC_GETPEERNAME6,
 ];
 
 /// The loaded programs, their maps, and the links this instance made.

@@ -58,14 +58,12 @@ impl ServiceSyncStats {
     }
 }
 
-/// The kernel's form of a table: IPv4 frontends with their IPv4 backends (the programs attached
-/// today are the `*4` ones; an IPv6 frontend would be translated by none).
+/// The kernel's form of a table: every frontend with its backends of the same family.
 #[must_use]
 pub fn kernel_table(table: &ServiceTable) -> KernelTable {
     table
         .ports
         .values()
-        .filter(|p| p.frontend.addr.is_ipv4())
         .map(|p| {
             let key = ServiceKey {
                 addr: addr_bytes(p.frontend.addr),

@@ -254,11 +254,12 @@ fn a_service_that_does_not_deserialize_names_file_object_and_field() {
 }
 
 #[test]
-fn the_kernel_table_holds_ipv4_frontends_in_network_order() {
+fn the_kernel_table_holds_every_frontend_in_network_order() {
     let (inv, _) = load(DB);
     let (table, _) = build(&inv, "node-1");
     let kernel = sync::kernel_table(&table);
-    assert_eq!(kernel.len(), 2, "the IPv6 frontend waits for connect6");
+    // 5432/TCP and 53/UDP at the IPv4 and the IPv6 ClusterIP.
+    assert_eq!(kernel.len(), 4);
     let key = agent_common::ServiceKey {
         addr: crate::datapath::addr_bytes(ip("10.96.0.20")),
         port_be: 5432u16.to_be(),
