@@ -748,6 +748,18 @@ impl Lab {
         self.nodeward(node, &["certs"], Duration::from_secs(10))
     }
 
+    /// `nodeward services` (text), for the demo.
+    pub fn services_text(&self, node: &str) -> Result<String> {
+        self.nodeward(node, &["services"], Duration::from_secs(10))
+    }
+
+    /// `nodeward services -o json`.
+    pub fn services(&self, node: &str) -> Result<Value> {
+        let out = self.nodeward(node, &["services", "-o", "json"], Duration::from_secs(5))?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("nodeward services printed {out:?}"))
+    }
+
     /// `nodeward status` (text), for the demo.
     pub fn status_text(&self, node: &str) -> Result<String> {
         self.nodeward(node, &["status"], Duration::from_secs(10))

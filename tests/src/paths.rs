@@ -32,7 +32,16 @@ pub fn nodeward_bin() -> Result<PathBuf> {
 /// The pods' echo server: `NODEWARD_ECHO_BIN`, next to the running executable (tests run from
 /// `<target>/debug/deps`, xtask from `<target>/debug`), or `<target>/debug/nodeward-lab-echo`.
 pub fn echo_bin() -> Result<PathBuf> {
-    if std::env::var_os("NODEWARD_ECHO_BIN").is_none()
+    lab_binary("NODEWARD_ECHO_BIN", "nodeward-lab-echo")
+}
+
+/// The load generator (and Service probe): `NODEWARD_LOAD_BIN`, found as [`echo_bin`] is.
+pub fn load_bin() -> Result<PathBuf> {
+    lab_binary("NODEWARD_LOAD_BIN", "nodeward-lab-load")
+}
+
+fn lab_binary(var: &str, name: &str) -> Result<PathBuf> {
+    if std::env::var_os(var).is_none()
         && let Ok(exe) = std::env::current_exe()
         && let Some(dir) = exe.parent()
     {
@@ -41,12 +50,12 @@ pub fn echo_bin() -> Result<PathBuf> {
         } else {
             dir
         };
-        let candidate = dir.join("nodeward-lab-echo");
+        let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
-    binary("NODEWARD_ECHO_BIN", "nodeward-lab-echo")
+    binary(var, name)
 }
 
 fn binary(var: &str, name: &str) -> Result<PathBuf> {

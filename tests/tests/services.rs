@@ -346,6 +346,32 @@ fn a_service_without_ready_endpoints_refuses_at_once_and_recovers() {
     )
     .unwrap();
     refused(&lab);
+    // `nodeward services` lists the frontend with its endpoint, not in use; status and metrics
+    // count it.
+    let listed = lab.services("node-1").unwrap();
+    let port = listed["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["frontend"]["addr"] == "10.96.1.3"))
+        .unwrap_or_else(|| panic!("10.96.1.3 is not listed: {listed}"));
+    assert_eq!(port["service"]["name"], "svc-empty", "{port}");
+    assert_eq!(port["endpoints"][0]["ready"], false, "{port}");
+    assert_eq!(port["endpoints"][0]["used"], false, "{port}");
+    let status = lab.status("node-1").unwrap();
+    assert_eq!(status["services"]["translating"], true, "{status}");
+    assert!(
+        status["services"]["without_backends"].as_u64() >= Some(1),
+        "{}",
+        status["services"]
+    );
+    let metrics = lab.agent_http_get("node-1", "/metrics").unwrap();
+    let refusals = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nodeward_service_no_backend_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(
+        refusals.is_some_and(|n| n >= 1.0),
+        "no refusal counted: {refusals:?}"
+    );
     // Flapping: a ready backend is used, and when it goes, connects are refused again.
     lab.write_manifest(
         "svc-empty",

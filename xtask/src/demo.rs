@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use nodeward_lab::topology::{DEBUG_PORT, POSTGRES_PORT};
-use nodeward_lab::{Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, manifests, paths};
+use nodeward_lab::{Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, load, manifests, paths};
 
 pub fn run() -> Result<()> {
     let lab = Lab::up(&LabSpec {
@@ -98,6 +98,7 @@ pub fn run() -> Result<()> {
             verdict(reached)
         );
     }
+    unexpected += services(&lab)?;
     for node in lab.node_names() {
         println!("\n$ nodeward status   # on {node}");
         match lab.status_text(&node) {
@@ -146,4 +147,59 @@ pub fn run() -> Result<()> {
     }
     println!("\ndemo: all {} flows as the examples intend", cases.len());
     Ok(())
+}
+
+/// A pod reaches another through its Service: web-0 dials the `api` Service's ClusterIP, the
+/// cgroup programs of its node send it to an api pod before the first packet (through the
+/// tunnel: both namespaces are meshed), and the flow names both the Service and the pod.
+/// Returns the number of unexpected outcomes.
+fn services(lab: &Lab) -> Result<usize> {
+    let vip = manifests::cluster_ip(1);
+    let from = lab.pod("frontend/web-0");
+    println!(
+        "\nservices: {} ({}) dials the api Service at {vip}:80 (`nodeward-lab-load probe`, a process \
+         in the pod's cgroup)",
+        from.key(),
+        from.node
+    );
+    let out = load::in_pod(from, &paths::load_bin()?)
+        .args(["probe", "--addr", &format!("{vip}:80"), "--count", "3"])
+        .output()
+        .context("running nodeward-lab-load probe")?;
+    let mut unexpected = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let ok = v["ok"] == true && v["peer"] == format!("{vip}:80").as_str();
+        if !ok {
+            unexpected += 1;
+        }
+        println!(
+            "  connect {vip}:80 -> {} (the application's peer: {}){}",
+            if v["ok"] == true { "ALLOWED" } else { "FAILED" },
+            v["peer"].as_str().unwrap_or("-"),
+            if ok {
+                ""
+            } else {
+                "  <-- expected to reach an api pod"
+            }
+        );
+    }
+    println!("\n$ nodeward services   # on {}", from.node);
+    match lab.services_text(&from.node) {
+        Ok(text) => print!("{text}"),
+        Err(e) => println!("  unavailable: {e:#}"),
+    }
+    println!(
+        "\n$ nodeward observe -o json --to-service backend/api --last 1   # on {}: the backend pod and the Service",
+        from.node
+    );
+    match lab.observe(&from.node, &["--to-service", "backend/api", "--last", "1"]) {
+        Ok(flows) if !flows.is_empty() => flows.iter().for_each(|f| println!("{f}")),
+        Ok(_) => {
+            unexpected += 1;
+            println!("  no flow names the Service  <-- expected one");
+        }
+        Err(e) => println!("  unavailable: {e:#}"),
+    }
+    Ok(unexpected)
 }
