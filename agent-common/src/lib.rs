@@ -124,6 +124,8 @@ pub const MAX_SERVICES: u32 = 16_384;
 pub const MAX_SERVICE_BACKENDS: u32 = 131_072;
 /// Sockets whose peer was translated (for `getpeername` and UDP reply sources).
 pub const MAX_SERVICE_REVNAT: u32 = 65_536;
+/// Clients' backends under `sessionAffinity: ClientIP`.
+pub const MAX_SERVICE_AFFINITY: u32 = 65_536;
 
 /// Map names, as pinned in bpffs; the agent opens them by these names.
 pub mod map_names {
@@ -140,6 +142,7 @@ pub mod map_names {
     pub const SERVICES: &str = "NW_SERVICES";
     pub const SERVICE_BACKENDS: &str = "NW_SVC_BACKENDS";
     pub const SERVICE_REVNAT: &str = "NW_SVC_REVNAT";
+    pub const SERVICE_AFFINITY: &str = "NW_SVC_AFFINITY";
 }
 
 /// Program names (the function names in `agent-ebpf`).
@@ -191,7 +194,29 @@ pub struct ServiceKey {
 pub struct ServiceValue {
     /// Usable backends, in slots `1..=count` of `NW_SVC_BACKENDS`.
     pub count: u32,
-    pub flags: u32,
+    /// `sessionAffinity: ClientIP`: a client (a pod: its network namespace) keeps its backend
+    /// for this many seconds after its last connect; 0 picks anew every time.
+    pub affinity_secs: u32,
+}
+
+/// A client's backend under session affinity: the client is its network namespace (a pod), which
+/// is what `ClientIP` means for pods and is known before the socket has a source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub service: ServiceKey,
+    pub _pad: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend: Backend,
+    /// The slot it was in; the entry holds only while that slot still holds it.
+    pub slot: u32,
+    /// `bpf_ktime_get_ns` of the last connect that used it.
+    pub last_ns: u64,
 }
 
 /// One backend slot of a frontend (`slot` counts from 1).
@@ -499,8 +524,9 @@ pub mod tcp_flags {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Backend, BackendKey, CtKey, CtValue, DatapathConfig, EndpointInfo, FlowEvent, FragKey,
-        FragValue, IpcacheValue, PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue,
+        AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DatapathConfig,
+        EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey, PolicyValue,
+        RevNatKey, ServiceKey, ServiceValue,
     };
 
     // SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with every
@@ -520,6 +546,8 @@ mod user {
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]
@@ -541,6 +569,8 @@ mod tests {
         assert_eq!(size_of::<BackendKey>(), 24);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<RevNatKey>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 32);
+        assert_eq!(size_of::<AffinityValue>(), 32);
         assert_eq!(POLICY_KEY_PREFIX_FULL as usize, size_of::<PolicyKey>() * 8);
     }
 

@@ -12,11 +12,15 @@
 //! address (`::ffff:10.96.0.10`) finds the IPv4 frontend, since the maps hold IPv4 in that form.
 
 use agent_common::{
-    Backend, BackendKey, COUNTER_SVC_NO_BACKEND, COUNTER_SVC_TRANSLATED, MAX_SERVICE_BACKENDS,
-    MAX_SERVICE_REVNAT, MAX_SERVICES, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, BackendKey, COUNTER_SVC_NO_BACKEND,
+    COUNTER_SVC_TRANSLATED, MAX_SERVICE_AFFINITY, MAX_SERVICE_BACKENDS, MAX_SERVICE_REVNAT,
+    MAX_SERVICES, ServiceKey, ServiceValue,
 };
 use aya_ebpf::{
-    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
@@ -35,6 +39,11 @@ static NW_SVC_BACKENDS: HashMap<BackendKey, Backend> =
 #[map]
 static NW_SVC_REVNAT: LruHashMap<agent_common::RevNatKey, ServiceKey> =
     LruHashMap::with_max_entries(MAX_SERVICE_REVNAT, 0);
+
+/// `sessionAffinity: ClientIP`: each client's (pod's) backend per frontend.
+#[map]
+static NW_SVC_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(MAX_SERVICE_AFFINITY, 0);
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -172,34 +181,41 @@ fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
         protocol,
         _pad: 0,
     };
-    let backends = match NW_SERVICES.get_ptr(key) {
+    let service = match NW_SERVICES.get_ptr(key) {
         // SAFETY: a value pointer from a successful lookup, read once.
-        Some(p) => unsafe { (*p).count },
+        Some(p) => unsafe { *p },
         None => return ALLOW, // not a Service address
     };
-    if backends == 0 {
+    if service.count == 0 {
         return refuse();
     }
-    // SAFETY: plain helper call.
-    let pick = unsafe { bpf_get_prandom_u32() } % backends;
-    let slot = BackendKey {
-        service: key,
-        slot: pick + 1,
+    let (slot, backend) = match sticky(ctx, key, &service) {
+        Some(kept) => kept,
+        None => {
+            // SAFETY: plain helper call.
+            let pick = unsafe { bpf_get_prandom_u32() } % service.count + 1;
+            match NW_SVC_BACKENDS.get_ptr(BackendKey {
+                service: key,
+                slot: pick,
+            }) {
+                // SAFETY: as above.
+                Some(p) => (pick, unsafe { *p }),
+                // A slot past the count while the agent shrinks a set: take the first, which is
+                // written before any count that includes it.
+                None => match NW_SVC_BACKENDS.get_ptr(BackendKey {
+                    service: key,
+                    slot: 1,
+                }) {
+                    // SAFETY: as above.
+                    Some(p) => (1, unsafe { *p }),
+                    None => return refuse(),
+                },
+            }
+        }
     };
-    let backend = match NW_SVC_BACKENDS.get_ptr(slot) {
-        // SAFETY: as above.
-        Some(p) => unsafe { *p },
-        // A slot past the count while the agent shrinks a set: take the first, which is
-        // written before any count that includes it.
-        None => match NW_SVC_BACKENDS.get_ptr(BackendKey {
-            service: key,
-            slot: 1,
-        }) {
-            // SAFETY: as above.
-            Some(p) => unsafe { *p },
-            None => return refuse(),
-        },
-    };
+    if service.affinity_secs != 0 {
+        remember(ctx, key, slot, backend);
+    }
     // SAFETY: the context pointer; socket cookies are available to sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let rev = agent_common::RevNatKey {
@@ -212,6 +228,62 @@ fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
     write_addr(ctx, v6, &backend.addr, backend.port_be);
     count(COUNTER_SVC_TRANSLATED);
     ALLOW
+}
+
+/// The client's backend under session affinity, if it has one that is recent and still in its
+/// slot.
+#[inline(always)]
+fn sticky(
+    ctx: &SockAddrContext,
+    key: ServiceKey,
+    service: &ServiceValue,
+) -> Option<(u32, Backend)> {
+    if service.affinity_secs == 0 {
+        return None;
+    }
+    let akey = AffinityKey {
+        // SAFETY: the context pointer; the netns cookie is available to sock_addr programs.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+        service: key,
+        _pad: [0; 4],
+    };
+    // SAFETY: a value pointer from a successful lookup, copied.
+    let kept = unsafe { *NW_SVC_AFFINITY.get_ptr(akey)? };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(kept.last_ns) > u64::from(service.affinity_secs) * 1_000_000_000
+        || kept.slot == 0
+        || kept.slot > service.count
+    {
+        return None;
+    }
+    // SAFETY: as above.
+    let current = unsafe {
+        *NW_SVC_BACKENDS.get_ptr(BackendKey {
+            service: key,
+            slot: kept.slot,
+        })?
+    };
+    (current == kept.backend).then_some((kept.slot, kept.backend))
+}
+
+/// Records (or refreshes) the client's backend under session affinity.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, key: ServiceKey, slot: u32, backend: Backend) {
+    let akey = AffinityKey {
+        // SAFETY: as in `sticky`.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+        service: key,
+        _pad: [0; 4],
+    };
+    let value = AffinityValue {
+        backend,
+        slot,
+        // SAFETY: plain helper call.
+        last_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // Without the entry the next connect picks anew: affinity is best effort under pressure.
+    let _ = NW_SVC_AFFINITY.insert(akey, value, 0);
 }
 
 /// Shows a translated socket's peer (or a reply datagram's source) as the frontend.

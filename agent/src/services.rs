@@ -31,6 +31,10 @@ use serde::Serialize;
 use crate::policy::ObjectRef;
 use crate::source::Inventory;
 
+/// `sessionAffinityConfig.clientIP.timeoutSeconds`: the API's default and maximum.
+const DEFAULT_AFFINITY_SECS: i32 = 10_800;
+const MAX_AFFINITY_SECS: u32 = 86_400;
+
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -106,6 +110,8 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
     /// `internalTrafficPolicy: Local`.
     pub local_only: bool,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend (0: none).
+    pub affinity_secs: u32,
 }
 
 impl ServicePort {
@@ -465,6 +471,26 @@ pub fn build(inv: &Inventory, node: &str) -> (ServiceTable, Vec<ServiceError>) {
             }
         }
         let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let affinity_secs = if spec.session_affinity.as_deref() == Some("ClientIP") {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_SECS);
+            match u32::try_from(timeout) {
+                Ok(t @ 1..=MAX_AFFINITY_SECS) => t,
+                _ => {
+                    e.push(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!("{timeout} is not in 1-{MAX_AFFINITY_SECS}; the default applies"),
+                    );
+                    DEFAULT_AFFINITY_SECS.unsigned_abs()
+                }
+            }
+        } else {
+            0
+        };
         let views = slices.get(r).map(Vec::as_slice).unwrap_or_default();
         let single = spec.ports.as_ref().is_some_and(|p| p.len() == 1);
         for (i, port) in spec.ports.iter().flatten().enumerate() {
@@ -559,6 +585,7 @@ pub fn build(inv: &Inventory, node: &str) -> (ServiceTable, Vec<ServiceError>) {
                         frontend,
                         endpoints,
                         local_only,
+                        affinity_secs,
                     },
                 );
             }

@@ -31,6 +31,25 @@ fn service(namespace: &str, name: &str, vip: Ipv4Addr, backends: &[(&Lab, &str, 
     service_to(namespace, name, vip, HTTP_PORT, backends)
 }
 
+/// [`service_to`] with more fields in the Service's spec.
+fn service_with(
+    namespace: &str,
+    name: &str,
+    vip: Ipv4Addr,
+    spec: &Value,
+    backends: &[(&Lab, &str, bool)],
+) -> String {
+    let mut docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&service_to(
+        namespace, name, vip, HTTP_PORT, backends,
+    ))
+    .map(|d| serde::Deserialize::deserialize(d).expect("our own YAML"))
+    .collect();
+    if let (Some(into), Some(from)) = (docs[0]["spec"].as_object_mut(), spec.as_object()) {
+        into.extend(from.clone());
+    }
+    documents(docs)
+}
+
 /// The same with the backends' port `target`.
 fn service_to(
     namespace: &str,
@@ -658,4 +677,37 @@ fn a_dual_stack_service_is_translated_over_ipv6() {
             "{proto} over IPv6: {lines:?}"
         );
     }
+}
+
+#[test]
+fn session_affinity_client_ip_keeps_a_pod_on_one_backend() {
+    let lab = shared_lab();
+    let vip = Ipv4Addr::new(10, 96, 1, 8);
+    let addr = SocketAddr::new(vip.into(), 80);
+    lab.write_manifest(
+        "svc-sticky",
+        &service_with(
+            "backend",
+            "svc-sticky",
+            vip,
+            &json!({ "sessionAffinity": "ClientIP" }),
+            &[(&lab, "backend/api-1", true), (&lab, "backend/api-2", true)],
+        ),
+    )
+    .unwrap();
+    probe_ok(&lab, "frontend/web-0", addr);
+    let lines = probe(&lab, "frontend/web-0", addr, &["--count", "12"]);
+    assert_eq!(lines.len(), 12, "{lines:?}");
+    let mut backends = std::collections::BTreeSet::new();
+    for line in &lines {
+        assert_eq!(line["ok"], true, "{line}");
+        let port = line["local_port"].as_u64().unwrap();
+        backends.insert(flow_destination(&lab, "node-1", "frontend/web-0", port));
+    }
+    // Without affinity, 12 random picks of 2 land on one backend 1 time in 2,048.
+    assert_eq!(
+        backends.len(),
+        1,
+        "one pod's connections spread: {backends:?}"
+    );
 }

@@ -23,11 +23,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use agent_common::{
-    Backend, BackendKey, COUNTERS_LEN, CtKey, CtValue, DatapathConfig, EVENTS_RING_BYTES,
-    EndpointInfo, FragKey, FragValue, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS,
-    MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, MAX_SERVICE_BACKENDS,
-    MAX_SERVICE_REVNAT, MAX_SERVICES, PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue,
-    map_names, program_names,
+    AffinityKey, AffinityValue, Backend, BackendKey, COUNTERS_LEN, CtKey, CtValue, DatapathConfig,
+    EVENTS_RING_BYTES, EndpointInfo, FragKey, FragValue, IpcacheValue, MAX_CONNTRACK,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES,
+    MAX_SERVICE_AFFINITY, MAX_SERVICE_BACKENDS, MAX_SERVICE_REVNAT, MAX_SERVICES, PolicyKey,
+    PolicyValue, RevNatKey, ServiceKey, ServiceValue, map_names, program_names,
 };
 use aya::maps::SockMap;
 use aya::maps::{MapError, MapInfo, MapType};
@@ -677,7 +677,7 @@ struct ExpectedMap {
 /// LPM trie keys carry the 32-bit prefix length before the data.
 const LPM_PREFIX: usize = 4;
 
-const EXPECTED_MAPS: [ExpectedMap; 12] = [
+const EXPECTED_MAPS: [ExpectedMap; 13] = [
     ExpectedMap {
         name: map_names::ENDPOINTS,
         map_type: MapType::Hash,
@@ -761,6 +761,13 @@ const EXPECTED_MAPS: [ExpectedMap; 12] = [
         key_size: size_of::<RevNatKey>(),
         value_size: size_of::<ServiceKey>(),
         max_entries: MAX_SERVICE_REVNAT,
+    },
+    ExpectedMap {
+        name: map_names::SERVICE_AFFINITY,
+        map_type: MapType::LruHash,
+        key_size: size_of::<AffinityKey>(),
+        value_size: size_of::<AffinityValue>(),
+        max_entries: MAX_SERVICE_AFFINITY,
     },
 ];
 

@@ -7,7 +7,7 @@ use agent_common::{Backend, BackendKey, ServiceKey, ServiceValue, map_names};
 use aya::maps::{HashMap, Map, MapData, MapError};
 
 use crate::datapath::maps::MapsError;
-use crate::services::sync::{KernelTable, ServiceMapWriter};
+use crate::services::sync::{KernelEntry, KernelTable, ServiceMapWriter};
 
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -70,7 +70,13 @@ impl ServiceMapWriter for ServiceMaps {
                     Err(e) => return Err(op(map_names::SERVICE_BACKENDS, "read")(e)),
                 }
             }
-            out.insert(key, slots);
+            out.insert(
+                key,
+                KernelEntry {
+                    backends: slots,
+                    affinity_secs: value.affinity_secs,
+                },
+            );
         }
         Ok(out)
     }

@@ -16,8 +16,17 @@ use agent_common::{
 use super::{Protocol, ServiceTable};
 use crate::datapath::addr_bytes;
 
-/// What the kernel holds: each frontend's backends, in slot order (slot = index + 1).
-pub type KernelTable = BTreeMap<ServiceKey, Vec<Backend>>;
+/// What the kernel holds for one frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelEntry {
+    /// The backends in slot order (slot = index + 1).
+    pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP` seconds (0: none).
+    pub affinity_secs: u32,
+}
+
+/// What the kernel holds: each frontend's entry.
+pub type KernelTable = BTreeMap<ServiceKey, KernelEntry>;
 
 /// The map operations the sync needs; [`crate::datapath::maps::ServiceMaps`] in the agent, a
 /// checking fake in the tests.
@@ -83,7 +92,13 @@ pub fn kernel_table(table: &ServiceTable) -> KernelTable {
                     _pad: [0; 2],
                 })
                 .collect();
-            (key, backends)
+            (
+                key,
+                KernelEntry {
+                    backends,
+                    affinity_secs: p.affinity_secs,
+                },
+            )
         })
         .collect()
 }
@@ -143,7 +158,7 @@ impl<W: ServiceMapWriter> ServiceSync<W> {
         &mut self,
         desired: &KernelTable,
     ) -> Result<ServiceSyncStats, ServiceSyncError<W::Error>> {
-        let backends: usize = desired.values().map(Vec::len).sum();
+        let backends: usize = desired.values().map(|e| e.backends.len()).sum();
         if desired.len() > MAX_SERVICES as usize || backends > MAX_SERVICE_BACKENDS as usize {
             return Err(ServiceSyncError::Overflow {
                 frontends: desired.len(),
@@ -163,7 +178,7 @@ impl<W: ServiceMapWriter> ServiceSync<W> {
                 .delete_service(key)
                 .map_err(ServiceSyncError::Map)?;
             stats.frontends_removed += 1;
-            let slots = self.current.remove(&key).unwrap_or_default();
+            let slots = self.current.remove(&key).unwrap_or_default().backends;
             for slot in 1..=slots.len() {
                 self.maps
                     .delete_backend(backend_key(key, slot))
@@ -173,11 +188,15 @@ impl<W: ServiceMapWriter> ServiceSync<W> {
         }
         for (key, wanted) in desired {
             let old = self.current.get(key);
-            let layout = relayout(old.map_or(&[][..], Vec::as_slice), wanted);
-            if old == Some(&layout) {
+            let old_slots = old.map_or(&[][..], |e| e.backends.as_slice());
+            let entry = KernelEntry {
+                backends: relayout(old_slots, &wanted.backends),
+                affinity_secs: wanted.affinity_secs,
+            };
+            if old == Some(&entry) {
                 continue;
             }
-            let old_slots = old.map_or(&[][..], Vec::as_slice);
+            let layout = &entry.backends;
             for (i, backend) in layout.iter().enumerate() {
                 if old_slots.get(i) != Some(backend) {
                     self.maps
@@ -186,10 +205,16 @@ impl<W: ServiceMapWriter> ServiceSync<W> {
                     stats.slots_written += 1;
                 }
             }
-            if old.is_none_or(|o| o.len() != layout.len()) {
+            if old.is_none_or(|o| {
+                o.backends.len() != layout.len() || o.affinity_secs != entry.affinity_secs
+            }) {
                 let count = u32::try_from(layout.len()).unwrap_or(u32::MAX);
+                let value = ServiceValue {
+                    count,
+                    affinity_secs: entry.affinity_secs,
+                };
                 self.maps
-                    .put_service(*key, ServiceValue { count, flags: 0 })
+                    .put_service(*key, value)
                     .map_err(ServiceSyncError::Map)?;
                 stats.frontends_written += 1;
             }
@@ -199,7 +224,7 @@ impl<W: ServiceMapWriter> ServiceSync<W> {
                     .map_err(ServiceSyncError::Map)?;
                 stats.slots_removed += 1;
             }
-            self.current.insert(*key, layout);
+            self.current.insert(*key, entry);
         }
         Ok(stats)
     }
@@ -281,12 +306,18 @@ mod tests {
                 .services
                 .iter()
                 .map(|(k, v)| {
-                    let slots = (1..=v.count)
+                    let backends = (1..=v.count)
                         .filter_map(|slot| {
                             self.slots.get(&BackendKey { service: *k, slot }).copied()
                         })
                         .collect();
-                    (*k, slots)
+                    (
+                        *k,
+                        KernelEntry {
+                            backends,
+                            affinity_secs: v.affinity_secs,
+                        },
+                    )
                 })
                 .collect())
         }
@@ -328,14 +359,21 @@ mod tests {
     fn table(entries: &[(u8, &[u8])]) -> KernelTable {
         entries
             .iter()
-            .map(|(f, bs)| (front(*f), bs.iter().map(|b| be(*b)).collect()))
+            .map(|(f, bs)| (front(*f), entry(bs.iter().map(|b| be(*b)).collect())))
             .collect()
+    }
+
+    fn entry(backends: Vec<Backend>) -> KernelEntry {
+        KernelEntry {
+            backends,
+            affinity_secs: 0,
+        }
     }
 
     fn same_sets(a: &KernelTable, b: &KernelTable) -> bool {
         let norm = |t: &KernelTable| -> BTreeMap<ServiceKey, std::collections::BTreeSet<Backend>> {
             t.iter()
-                .map(|(k, v)| (*k, v.iter().copied().collect()))
+                .map(|(k, v)| (*k, v.backends.iter().copied().collect()))
                 .collect()
         };
         norm(a) == norm(b)
@@ -364,7 +402,7 @@ mod tests {
         );
         // Only the old set or the new set was ever visible, and 1 only before its slot moved:
         // after the apply, nothing can pick it.
-        let slots = &sync.current()[&front(1)];
+        let slots = &sync.current()[&front(1)].backends;
         assert!(!slots.contains(&be(1)));
         // An unchanged table writes nothing.
         assert!(!sync.apply(&second).unwrap().changed());
@@ -390,7 +428,7 @@ mod tests {
         for i in 0..=MAX_SERVICES {
             let mut key = front(0);
             key.addr[12..16].copy_from_slice(&(0x0a60_0000 + i).to_be_bytes());
-            big.insert(key, vec![be(1)]);
+            big.insert(key, entry(vec![be(1)]));
         }
         let err = sync.apply(&big).unwrap_err();
         assert!(matches!(err, ServiceSyncError::Overflow { .. }), "{err}");
@@ -428,12 +466,24 @@ mod tests {
                 let bs: std::collections::BTreeSet<u8> = (0..next(6))
                     .map(|_| u8::try_from(next(8)).unwrap())
                     .collect();
-                desired.insert(front(f), bs.into_iter().map(be).collect());
+                desired.insert(front(f), entry(bs.into_iter().map(be).collect()));
             }
             sync.apply(&desired).unwrap();
             assert!(same_sets(&sync.maps.read().unwrap(), &desired));
             assert!(same_sets(sync.current(), &desired));
         }
+    }
+
+    #[test]
+    fn an_affinity_change_rewrites_the_frontend_only() {
+        let mut sync = ServiceSync::adopt(Fake::default()).unwrap();
+        let mut t = table(&[(1, &[1, 2])]);
+        sync.apply(&t).unwrap();
+        t.get_mut(&front(1)).unwrap().affinity_secs = 30;
+        let stats = sync.apply(&t).unwrap();
+        assert_eq!((stats.frontends_written, stats.slots_written), (1, 0));
+        assert_eq!(sync.maps.services[&front(1)].affinity_secs, 30);
+        assert_eq!(sync.maps.read().unwrap(), *sync.current());
     }
 
     #[test]

@@ -266,8 +266,9 @@ fn the_kernel_table_holds_every_frontend_in_network_order() {
         protocol: 6,
         _pad: 0,
     };
-    assert_eq!(kernel[&key].len(), 2);
-    assert_eq!(kernel[&key][0].port_be, 5432u16.to_be());
+    assert_eq!(kernel[&key].backends.len(), 2);
+    assert_eq!(kernel[&key].backends[0].port_be, 5432u16.to_be());
+    assert_eq!(kernel[&key].affinity_secs, 0);
 }
 
 #[test]
@@ -280,5 +281,34 @@ fn a_backend_shared_by_one_service_names_it_for_flows() {
             .get(&(ip("10.244.1.10"), 5432))
             .map(ToString::to_string),
         Some("shop/db".into())
+    );
+}
+
+#[test]
+fn session_affinity_client_ip_keeps_its_timeout_and_a_bad_one_is_reported() {
+    let yaml = DB.replace(
+        "type: NodePort",
+        "type: NodePort\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+    );
+    let (inv, _) = load(&yaml);
+    let (table, errors) = build(&inv, "node-1");
+    assert!(errors.is_empty(), "{errors:?}");
+    let pg = &table.ports[&frontend("10.96.0.20", 5432, Protocol::Tcp)];
+    assert_eq!(pg.affinity_secs, 60);
+    let (inv, _) = load(&yaml.replace("timeoutSeconds: 60", "timeoutSeconds: 0"));
+    let (table, errors) = build(&inv, "node-1");
+    let pg = &table.ports[&frontend("10.96.0.20", 5432, Protocol::Tcp)];
+    assert_eq!(pg.affinity_secs, 10_800, "the default applies");
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("Service shop/db: field spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
+        "{errors:?}"
+    );
+    let (inv, _) = load(DB);
+    let (table, _) = build(&inv, "node-1");
+    assert_eq!(
+        table.ports[&frontend("10.96.0.20", 5432, Protocol::Tcp)].affinity_secs,
+        0
     );
 }
