@@ -807,8 +807,13 @@ pub fn compact(flow: &Flow) -> String {
             d.as_deref().unwrap_or("?")
         ),
     };
+    let service = flow
+        .destination_service
+        .as_ref()
+        .map(|s| format!(" (service {}/{})", s.namespace, s.name))
+        .unwrap_or_default();
     format!(
-        "{time}: {} -> {} {}{policy}{identities} {}{reason} ({})",
+        "{time}: {} -> {}{service} {}{policy}{identities} {}{reason} ({})",
         end(&flow.source, &flow.ip.source, ports.map(|p| p.source_port)),
         end(
             &flow.destination,
@@ -1034,6 +1039,41 @@ pub(crate) mod tests {
         assert!(
             line.contains("prod/web:41234 -> 10.0.1.3:8080 egress policy=deny-all/default-deny FORWARDED (TCP Flags: SYN)"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn a_flow_to_a_service_backend_names_the_service() {
+        let mut ev = event();
+        ev.verdict = VERDICT_FORWARDED;
+        let mut index = index();
+        let dst: IpAddr = "10.0.1.3".parse().unwrap();
+        index.services.insert(
+            (dst, 8080),
+            Arc::new(ServiceName {
+                name: "db".into(),
+                namespace: "prod".into(),
+            }),
+        );
+        let mut ends = Endpoints::new(Arc::new(index));
+        let flow = from_event(&ev, &mut ends, &Clock::new());
+        assert_eq!(flow.destination_service.as_ref().unwrap().name, "db");
+        let line = compact(&flow);
+        assert!(
+            line.contains("-> 10.0.1.3:8080 (service prod/db) egress"),
+            "{line}"
+        );
+        let json = serde_json::to_value(&flow).unwrap();
+        assert_eq!(
+            json["destination_service"],
+            serde_json::json!({"name": "db", "namespace": "prod"})
+        );
+        // A reply is not "to" the Service.
+        ev.is_reply = 1;
+        assert!(
+            from_event(&ev, &mut ends, &Clock::new())
+                .destination_service
+                .is_none()
         );
     }
 

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use fakeapi::FakeApi;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use nodeward::identity::IdentityAllocator;
 use nodeward::policy::crd::{MeshPolicy, MutualTlsMode};
@@ -101,6 +102,23 @@ apiVersion: nodeward.io/v1alpha1
 kind: MutualTLS
 metadata: {name: prod-strict, namespace: prod}
 spec: {mode: STRICT}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: prod}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: pg, port: 5432, targetPort: pg}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: prod, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+- addresses: [10.2.0.2]
+  conditions: {ready: true}
+  nodeName: n2
 ";
 
 /// Every document of `OBJECTS`, typed by k8s-openapi (or the CRD types), into the fake.
@@ -122,6 +140,8 @@ fn apply_typed(fake: &FakeApi, value: Value) {
         "MeshPolicy" => fake.apply(&policy::parse_mesh_policy(value).unwrap()),
         "ClusterMeshPolicy" => fake.apply(&policy::parse_cluster_mesh_policy(value).unwrap()),
         "MutualTLS" => fake.apply(&policy::parse_mutual_tls(value).unwrap()),
+        "Service" => fake.apply(&serde_json::from_value::<Service>(value).unwrap()),
+        "EndpointSlice" => fake.apply(&serde_json::from_value::<EndpointSlice>(value).unwrap()),
         other => panic!("no typed object for kind {other}"),
     }
 }
@@ -178,6 +198,8 @@ fn normalized(inv: &Inventory) -> Value {
         "mesh_policies": strip(inv.mesh_policies.iter().map(|(k, o)| (k.to_string(), o))),
         "cluster_mesh_policies": strip(inv.cluster_mesh_policies.iter().map(|(k, o)| (k.clone(), o))),
         "mutual_tls": strip(inv.mutual_tls.iter().map(|(k, o)| (k.to_string(), o))),
+        "services": strip(inv.services.iter().map(|(k, o)| (k.to_string(), o))),
+        "endpoint_slices": strip(inv.endpoint_slices.iter().map(|(k, o)| (k.to_string(), o))),
     })
 }
 
@@ -326,6 +348,19 @@ async fn initial_sync_gives_the_same_inventory_and_compiled_policy_as_the_manife
         compiled(&from_api.inventory),
         compiled(&from_files.inventory),
         "the same objects compiled to different maps"
+    );
+    let (services, errors) = nodeward::services::build(&from_api.inventory, NODE);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        (services.clone(), Vec::new()),
+        nodeward::services::build(&from_files.inventory, NODE),
+        "the same Services gave different service tables"
+    );
+    let backends: Vec<_> = services.ports.values().flat_map(|p| p.backends()).collect();
+    assert_eq!(
+        backends,
+        vec![("10.2.0.2".parse().unwrap(), 5432)],
+        "the Service from the API translates to its endpoint"
     );
     let state = compiled(&from_api.inventory);
     assert_eq!(

@@ -711,3 +711,39 @@ fn session_affinity_client_ip_keeps_a_pod_on_one_backend() {
         "one pod's connections spread: {backends:?}"
     );
 }
+
+#[test]
+fn internal_traffic_policy_local_keeps_each_node_on_its_own_backends() {
+    let lab = shared_lab();
+    let vip = Ipv4Addr::new(10, 96, 1, 9);
+    let addr = SocketAddr::new(vip.into(), 80);
+    lab.write_manifest(
+        "svc-local",
+        &service_with(
+            "backend",
+            "svc-local",
+            vip,
+            &json!({ "internalTrafficPolicy": "Local" }),
+            &[(&lab, "backend/api-1", true), (&lab, "backend/api-2", true)],
+        ),
+    )
+    .unwrap();
+    // web-0 and api-2 are on node-1, web-1 and api-1 on node-2.
+    for (from, node, want) in [
+        ("frontend/web-0", "node-1", "backend/api-2"),
+        ("frontend/web-1", "node-2", "backend/api-1"),
+    ] {
+        probe_ok(&lab, from, addr);
+        let lines = probe(&lab, from, addr, &["--count", "6"]);
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        for line in &lines {
+            assert_eq!(line["ok"], true, "{from}: {line}");
+            let port = line["local_port"].as_u64().unwrap();
+            assert_eq!(
+                flow_destination(&lab, node, from, port),
+                want,
+                "{from} left its node"
+            );
+        }
+    }
+}
