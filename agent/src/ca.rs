@@ -309,14 +309,58 @@ impl Authority {
             identity: identity.uri(),
             reason,
         };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| fail(format!("generating a key: {e}")))?;
+        let (cert, serial) = self.sign_workload(identity, &key, not_before, not_after)?;
+        let mut chain = vec![cert];
+        chain.extend(self.chain.iter().cloned());
+        let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+        ))
+        .map_err(|e| fail(format!("loading the key into rustls: {e}")))?;
+        Ok(Issued {
+            identity: identity.clone(),
+            certified_key: Arc::new(CertifiedKey::new(chain, signing_key)),
+            serial: serial.iter().map(|b| format!("{b:02X}")).collect(),
+            issuer: self.issuer_name.clone(),
+            issued_at: SystemTime::now(),
+            // X.509 times have whole seconds.
+            not_before: whole_seconds(not_before),
+            not_after: whole_seconds(not_after),
+        })
+    }
+}
+
+impl Authority {
+    /// The CA chain that follows a leaf this CA signs (without a self-signed root).
+    #[must_use]
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// Signs a workload certificate for `identity` with the public key `key` (generated here,
+    /// or from a CSR the issuer checked): the SPIFFE ID as the only SAN, no CA flag, server and
+    /// client authentication. Returns the leaf and its serial number.
+    ///
+    /// # Errors
+    /// The identity is not of this trust domain, or signing fails.
+    pub fn sign_workload(
+        &self,
+        identity: &SpiffeId,
+        key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(CertificateDer<'static>, [u8; 16]), CaError> {
+        let fail = |reason: String| CaError::Issue {
+            identity: identity.uri(),
+            reason,
+        };
         if identity.trust_domain() != self.trust_domain {
             return Err(fail(format!(
                 "not in this CA's trust domain {}",
                 self.trust_domain
             )));
         }
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| fail(format!("generating a key: {e}")))?;
         let mut params = CertificateParams::default();
         // Empty subject: the SPIFFE ID in the (then critical) URI SAN is the whole identity.
         params.distinguished_name = DistinguishedName::new();
@@ -338,24 +382,9 @@ impl Authority {
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(key, &self.issuer)
             .map_err(|e| fail(format!("signing: {e}")))?;
-        let mut chain = vec![cert.der().clone()];
-        chain.extend(self.chain.iter().cloned());
-        let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
-            PrivatePkcs8KeyDer::from(key.serialize_der()),
-        ))
-        .map_err(|e| fail(format!("loading the key into rustls: {e}")))?;
-        Ok(Issued {
-            identity: identity.clone(),
-            certified_key: Arc::new(CertifiedKey::new(chain, signing_key)),
-            serial: serial.iter().map(|b| format!("{b:02X}")).collect(),
-            issuer: self.issuer_name.clone(),
-            issued_at: SystemTime::now(),
-            // X.509 times have whole seconds.
-            not_before: whole_seconds(not_before),
-            not_after: whole_seconds(not_after),
-        })
+        Ok((cert.der().clone(), serial))
     }
 }
 

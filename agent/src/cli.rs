@@ -52,6 +52,10 @@ enum Command {
     /// Sign a client certificate with a CA key, for reading flows from other nodes (`observe
     /// --node`, the agents' --flows-addr): writes cert.pem, key.pem and ca.pem into --out.
     CaIssue(Box<CaIssueArgs>),
+    /// Run the certificate issuer: the only holder of the CA key. Agents with `--ca-mode
+    /// issuer` send it CSRs; it signs an identity only for the agent of a node where a pod of
+    /// that identity is scheduled.
+    Issuer(Box<IssuerArgs>),
     /// Print the CustomResourceDefinitions of the nodeward.io kinds (or write them to a directory).
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -335,6 +339,124 @@ struct ObserveArgs {
 }
 
 #[derive(Args, Debug)]
+struct IssuerArgs {
+    /// Address to serve CSRs on (TLS 1.3, POST /v1/sign).
+    #[arg(long, env = "NODEWARD_ISSUER_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Address for `GET /metrics` and `/healthz` (plain HTTP); empty to serve none.
+    #[arg(long, env = "NODEWARD_ISSUER_METRICS_ADDR", default_value = "0.0.0.0:9963", value_parser = optional_addr)]
+    metrics_addr: Option<SocketAddr>,
+    /// The issuing CA certificate (PEM, optionally followed by its issuers): a root or an
+    /// intermediate, e.g. cert-manager's. Without it (and --ca-key) the issuer generates a
+    /// root in --state-dir/ca on first start.
+    #[arg(
+        long,
+        env = "NODEWARD_CA_CERT",
+        value_name = "FILE",
+        requires = "ca_key"
+    )]
+    ca_cert: Option<PathBuf>,
+    /// The --ca-cert's private key (PKCS#8 PEM). Mount it here and nowhere else.
+    #[arg(
+        long,
+        env = "NODEWARD_CA_KEY",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
+    ca_key: Option<PathBuf>,
+    /// More trust roots (PEM); repeatable.
+    #[arg(
+        long,
+        env = "NODEWARD_TRUST_BUNDLE",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    trust_bundle: Vec<PathBuf>,
+    /// Where a generated CA is kept.
+    #[arg(
+        long,
+        env = "NODEWARD_STATE_DIR",
+        default_value = "/var/lib/nodeward-issuer"
+    )]
+    state_dir: PathBuf,
+    /// Trust domain of the identities it signs.
+    #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of the certificates it signs (agents renew at half of it).
+    #[arg(long, env = "NODEWARD_CERT_TTL", default_value = "24h", value_parser = cert_ttl_arg)]
+    cert_ttl: Duration,
+    /// Standalone authentication: a file of `NODE TOKEN` lines, one bootstrap token per node
+    /// (the agents' --issuer-token-file). Without it, tokens are checked with TokenReview.
+    #[arg(long, env = "NODEWARD_ISSUER_BOOTSTRAP_TOKENS", value_name = "FILE")]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Standalone pods: read them from this manifests directory (as the agents' --manifests)
+    /// instead of the API server.
+    #[arg(long, env = "NODEWARD_MANIFESTS", value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// The kubeconfig to use instead of the in-cluster configuration.
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The audience the agents' tokens must be for.
+    #[arg(long, env = "NODEWARD_ISSUER_AUDIENCE", default_value = crate::issuer::auth::DEFAULT_AUDIENCE)]
+    audience: String,
+    /// The agents' service account (NAMESPACE/NAME): only its tokens may ask.
+    #[arg(
+        long,
+        env = "NODEWARD_AGENT_SERVICE_ACCOUNT",
+        default_value = "nodeward-system/nodeward"
+    )]
+    agent_service_account: String,
+    /// Requests a node may make at once, before --rate-per-second applies.
+    #[arg(long, env = "NODEWARD_ISSUER_RATE_BURST", default_value_t = 200)]
+    rate_burst: u32,
+    /// Requests per second each node is refilled with.
+    #[arg(long, env = "NODEWARD_ISSUER_RATE", default_value_t = 20.0)]
+    rate_per_second: f64,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "NODEWARD_LOG", default_value = "info")]
+    log: String,
+}
+
+fn optional_addr(value: &str) -> Result<Option<SocketAddr>, String> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|e| format!("{e}"))
+}
+
+async fn issuer(args: IssuerArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("--log {:?}", args.log))?,
+        )
+        .init();
+    if !(args.rate_per_second > 0.0 && args.rate_per_second.is_finite()) || args.rate_burst == 0 {
+        anyhow::bail!("--rate-burst and --rate-per-second must be positive");
+    }
+    crate::issuer::run(crate::issuer::IssuerConfig {
+        ca: crate::ca::CaConfig {
+            state_dir: args.state_dir,
+            ca_cert: args.ca_cert,
+            ca_key: args.ca_key,
+            trust_bundle: args.trust_bundle,
+            trust_domain: args.trust_domain,
+        },
+        listen: args.listen,
+        metrics_addr: args.metrics_addr,
+        cert_ttl: args.cert_ttl,
+        rate_burst: args.rate_burst,
+        rate_per_second: args.rate_per_second,
+        bootstrap_tokens: args.bootstrap_tokens,
+        manifests: args.manifests,
+        kubeconfig: args.kubeconfig,
+        audience: args.audience,
+        agent_service_account: args.agent_service_account,
+    })
+    .await
+}
+
+#[derive(Args, Debug)]
 struct CaIssueArgs {
     /// The CA as a directory holding ca-cert.pem and ca-key.pem: `nodeward ca-create`'s, or a
     /// standalone agent's generated one (its --state-dir/ca).
@@ -407,6 +529,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::CaIssue(args) => ca_issue(&args),
+        Command::Issuer(args) => runtime.block_on(issuer(*args)),
         Command::Crd { write } => crd(write),
         Command::Cleanup { bpffs_dir } => {
             crate::datapath::loader::Datapath::remove_all(&bpffs_dir)
