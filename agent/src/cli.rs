@@ -56,6 +56,9 @@ enum Command {
     /// issuer` send it CSRs; it signs an identity only for the agent of a node where a pod of
     /// that identity is scheduled.
     Issuer(Box<IssuerArgs>),
+    /// Ask the issuer for a certificate as a node would (with that node's token), to check a
+    /// setup or a refusal: prints what was signed, or why not. The key is thrown away.
+    IssuerRequest(Box<IssuerRequestArgs>),
     /// Print the CustomResourceDefinitions of the nodeward.io kinds (or write them to a directory).
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -189,6 +192,29 @@ struct AgentArgs {
     /// Lifetime of workload certificates; each is renewed at half of it.
     #[arg(long, env = "NODEWARD_CERT_TTL", default_value = "24h", value_parser = cert_ttl_arg)]
     cert_ttl: Duration,
+    /// Where workload certificates come from. local: this agent's own CA (--ca-cert/--ca-key,
+    /// or a generated root): standalone mode and the demo, and whoever takes the node has the
+    /// key. issuer: CSRs to `nodeward issuer` (--issuer-addr), which signs only identities of
+    /// pods scheduled on this node; no CA key on the node, and --trust-bundle gives the roots.
+    #[arg(long, env = "NODEWARD_CA_MODE", value_enum, default_value = "local")]
+    ca_mode: CaModeArg,
+    /// With --ca-mode issuer: the issuer's HOST:PORT.
+    #[arg(
+        long,
+        env = "NODEWARD_ISSUER_ADDR",
+        default_value = "nodeward-issuer.nodeward-system.svc:15012"
+    )]
+    issuer_addr: String,
+    /// With --ca-mode issuer: the file holding this node's token, read for every request (a
+    /// projected ServiceAccount token for the issuer's audience, which the kubelet rotates, or
+    /// a bootstrap token in standalone mode).
+    #[arg(
+        long,
+        env = "NODEWARD_ISSUER_TOKEN_FILE",
+        value_name = "FILE",
+        default_value = "/var/run/secrets/nodeward/issuer/token"
+    )]
+    issuer_token_file: PathBuf,
     /// mTLS mode of pods no MutualTLS object selects: DISABLE (not in the mesh), PERMISSIVE
     /// (tunnel between meshed pods, plaintext accepted) or STRICT (only the tunnel reaches them).
     #[arg(
@@ -344,8 +370,12 @@ struct IssuerArgs {
     #[arg(long, env = "NODEWARD_ISSUER_LISTEN", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
     /// Address for `GET /metrics` and `/healthz` (plain HTTP); empty to serve none.
-    #[arg(long, env = "NODEWARD_ISSUER_METRICS_ADDR", default_value = "0.0.0.0:9963", value_parser = optional_addr)]
-    metrics_addr: Option<SocketAddr>,
+    #[arg(
+        long,
+        env = "NODEWARD_ISSUER_METRICS_ADDR",
+        default_value = "0.0.0.0:9963"
+    )]
+    metrics_addr: String,
     /// The issuing CA certificate (PEM, optionally followed by its issuers): a root or an
     /// intermediate, e.g. cert-manager's. Without it (and --ca-key) the issuer generates a
     /// root in --state-dir/ca on first start.
@@ -417,11 +447,57 @@ struct IssuerArgs {
     log: String,
 }
 
-fn optional_addr(value: &str) -> Result<Option<SocketAddr>, String> {
-    if value.is_empty() {
-        return Ok(None);
-    }
-    value.parse().map(Some).map_err(|e| format!("{e}"))
+#[derive(Args, Debug)]
+struct IssuerRequestArgs {
+    /// The issuer's HOST:PORT.
+    #[arg(long, default_value = "nodeward-issuer.nodeward-system.svc:15012")]
+    issuer_addr: String,
+    /// The node's token (as the agent's --issuer-token-file).
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// The roots the issuer's certificate chains to (as the agent's --trust-bundle).
+    #[arg(long, value_name = "FILE", required = true)]
+    trust_bundle: Vec<PathBuf>,
+    #[arg(long, default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// The identity to ask for.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    identity: String,
+}
+
+async fn issuer_request(args: IssuerRequestArgs) -> anyhow::Result<()> {
+    use crate::issuer::client::{IssuerClient, IssuerClientConfig};
+    let identity: crate::ca::SpiffeId = args
+        .identity
+        .parse()
+        .with_context(|| format!("--identity {:?}", args.identity))?;
+    let mesh = crate::ca::MeshCa::from_bundle(
+        &args.trust_domain,
+        &args.trust_bundle,
+        String::new(),
+        String::new(),
+    )?;
+    let client = IssuerClient::new(
+        &mesh.trust(),
+        IssuerClientConfig {
+            address: args.issuer_addr.clone(),
+            token_file: args.token_file,
+            timeout: Duration::from_secs(10),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let issued = client
+        .issue_async(&identity)
+        .await
+        .map_err(|e| anyhow::anyhow!("{identity} from {}: {e}", args.issuer_addr))?;
+    println!(
+        "signed {} serial {} by {} until {}",
+        issued.identity,
+        issued.serial,
+        issued.issuer,
+        humantime::format_rfc3339_seconds(issued.not_after)
+    );
+    Ok(())
 }
 
 async fn issuer(args: IssuerArgs) -> anyhow::Result<()> {
@@ -443,7 +519,15 @@ async fn issuer(args: IssuerArgs) -> anyhow::Result<()> {
             trust_domain: args.trust_domain,
         },
         listen: args.listen,
-        metrics_addr: args.metrics_addr,
+        metrics_addr: if args.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(
+                args.metrics_addr
+                    .parse()
+                    .with_context(|| format!("--metrics-addr {:?}", args.metrics_addr))?,
+            )
+        },
         cert_ttl: args.cert_ttl,
         rate_burst: args.rate_burst,
         rate_per_second: args.rate_per_second,
@@ -483,6 +567,12 @@ struct CaIssueArgs {
     /// ~/.config/nodeward/observer, where `observe --node` looks].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum CaModeArg {
+    Local,
+    Issuer,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -530,6 +620,7 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::CaIssue(args) => ca_issue(&args),
         Command::Issuer(args) => runtime.block_on(issuer(*args)),
+        Command::IssuerRequest(args) => runtime.block_on(issuer_request(*args)),
         Command::Crd { write } => crd(write),
         Command::Cleanup { bpffs_dir } => {
             crate::datapath::loader::Datapath::remove_all(&bpffs_dir)
@@ -613,6 +704,16 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             ca_key: args.ca_key,
             trust_bundle: args.trust_bundle,
             trust_domain: args.trust_domain,
+        },
+        ca_mode: match args.ca_mode {
+            CaModeArg::Local => crate::ca::CaMode::Local,
+            CaModeArg::Issuer => {
+                crate::ca::CaMode::Issuer(crate::issuer::client::IssuerClientConfig {
+                    address: args.issuer_addr,
+                    token_file: args.issuer_token_file,
+                    timeout: Duration::from_secs(5),
+                })
+            }
         },
         cert_ttl: args.cert_ttl,
         mtls_default: match args.mtls_mode {

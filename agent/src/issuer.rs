@@ -231,8 +231,15 @@ impl Issuer {
             limiter.take(&node, now)?;
         }
         let csr = check::check_csr(csr_pem, self.authority.trust_domain())?;
-        let pods = self.pods.pods_on(&node).await?;
-        let pod = check::authorize(&node, &csr.identity, &pods)?;
+        // The node agent's own identity: the token already proved the agent of this node
+        // (TokenReview: the agents' service account, bound to a pod on it; or the node's
+        // bootstrap token). Its certificate names no workload.
+        let pod = if check::is_agent(&csr.identity) {
+            format!("the node agent of {node}")
+        } else {
+            let pods = self.pods.pods_on(&node).await?;
+            check::authorize(&node, &csr.identity, &pods)?
+        };
         let now = SystemTime::now();
         let not_after = now + self.ttl;
         let (leaf, _) = self

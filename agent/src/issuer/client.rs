@@ -237,3 +237,61 @@ impl IssueCerts for RemoteIssuer {
         .map_err(fail)
     }
 }
+
+/// The agent's certificates from the issuer (`--ca-mode issuer`): trust roots from
+/// `--trust-bundle` only (no CA key may be given), and the agent's own certificate before
+/// anything else starts. An issuer that is not answering yet is retried with backoff for up to
+/// a minute (an agent and its issuer often start together); after that start-up fails, and the
+/// DaemonSet's restart backoff takes over.
+///
+/// # Errors
+/// A CA key was given, the bundle is unusable, or the issuer never signed the agent's own
+/// certificate.
+pub async fn start(
+    ca: &crate::ca::CaConfig,
+    issuer: &IssuerClientConfig,
+    ttl: Duration,
+) -> Result<(crate::ca::MeshCa, crate::ca::manager::CertManager), CaError> {
+    if ca.ca_cert.is_some() || ca.ca_key.is_some() {
+        return Err(CaError::KeyWithIssuer);
+    }
+    let issuer_id = super::identity(&ca.trust_domain).map_err(CaError::TrustDomain)?;
+    let mesh = crate::ca::MeshCa::from_bundle(
+        &ca.trust_domain,
+        &ca.trust_bundle,
+        issuer_id.uri(),
+        format!("issuer at {}", issuer.address),
+    )?;
+    let client = IssuerClient::new(&mesh.trust(), issuer.clone()).map_err(CaError::Issuer)?;
+    let certs = crate::ca::manager::CertManager::new(Arc::new(RemoteIssuer::new(client)), ttl);
+    let agent = SpiffeId::agent(&ca.trust_domain).map_err(CaError::TrustDomain)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut failures = 0u32;
+    loop {
+        let (c, a) = (certs.clone(), agent.clone());
+        let pinned = tokio::task::spawn_blocking(move || c.pin(&a).map(|_| ()))
+            .await
+            .unwrap_or_else(|e| Err(CaError::Issuer(e.to_string())));
+        match pinned {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                failures += 1;
+                let wait = crate::ca::manager::retry_delay(
+                    failures,
+                    Duration::from_secs(100),
+                    fastrand::f64(),
+                );
+                tracing::warn!(issuer = %issuer.address, error = %e, retry_in = ?wait, "no certificate from the issuer yet");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::info!(
+        issuer = %issuer.address,
+        trust_domain = %ca.trust_domain,
+        roots = mesh.roots().len(),
+        "certificates from the issuer; no CA key on this node"
+    );
+    Ok((mesh, certs))
+}
