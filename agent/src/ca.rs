@@ -692,7 +692,7 @@ fn ensure_generated(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     Ok(())
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), CaError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CaError> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -706,7 +706,7 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
 
 /// Writes `path` through a temporary file in the same directory, created with `mode`, synced,
 /// then renamed over: readers see the old file or the whole new one, never a part.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let err = |source| CaError::Write {
         path: path.to_path_buf(),

@@ -463,6 +463,10 @@ struct IssuerRequestArgs {
     /// The identity to ask for.
     #[arg(long, value_name = "SPIFFE_ID")]
     identity: String,
+    /// Also write the certificate chain and its key to DIR/cert.pem and DIR/key.pem (mode
+    /// 0600): what a node holds for its own workloads, e.g. to test a peer's checks.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 async fn issuer_request(args: IssuerRequestArgs) -> anyhow::Result<()> {
@@ -486,6 +490,22 @@ async fn issuer_request(args: IssuerRequestArgs) -> anyhow::Result<()> {
         },
     )
     .map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(dir) = &args.out {
+        let (key, csr) = IssuerClient::csr_for(&identity).map_err(|e| anyhow::anyhow!(e))?;
+        let chain = client
+            .sign(&csr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{identity} from {}: {e}", args.issuer_addr))?;
+        let pem: String = chain
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .collect();
+        crate::ca::create_private_dir(dir)?;
+        crate::ca::write_atomically(&dir.join("cert.pem"), pem.as_bytes(), 0o644)?;
+        crate::ca::write_atomically(&dir.join("key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
+        println!("wrote {} and key.pem", dir.join("cert.pem").display());
+        return Ok(());
+    }
     let issued = client
         .issue_async(&identity)
         .await

@@ -165,6 +165,140 @@ fn node_1s_agent_cannot_obtain_a_certificate_for_a_pod_on_node_2() {
     back_to_local_ca(&mut lab);
 }
 
+/// Removes the DNAT rule when dropped, even on panic.
+struct Dnat {
+    netns: String,
+    rule: Vec<String>,
+}
+
+impl Drop for Dnat {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, "iptables", "-t", "nat", "-D"])
+            .args(&self.rule)
+            .status();
+    }
+}
+
+#[test]
+fn a_forged_agent_with_a_node_1_workloads_certificate_cannot_terminate_a_connection_to_node_2() {
+    let mut lab = shared_lab();
+    with_issuer(&mut lab, &[]);
+    // What a stolen node-1 can get: a valid certificate of one of its own workloads
+    // (frontend/web: web-0 runs there), with its key.
+    let forged = lab.state().dir.join("forged");
+    let _ = std::fs::remove_dir_all(&forged);
+    lab.issuer_request_to(
+        "node-1",
+        "spiffe://cluster.local/ns/frontend/sa/web",
+        Some(&forged),
+    )
+    .unwrap_or_else(|e| panic!("node-1's own workload: {e:#}"));
+    // The forged agent: a TLS server in node-1's namespace presenting that certificate, and
+    // node-1's connections to node-2's HBONE port diverted to it.
+    let node1 = lab.node("node-1").clone();
+    let node2 = lab.node("node-2").clone();
+    let forged_port = "15999";
+    let mut server = std::process::Command::new("nsenter")
+        .arg(format!(
+            "--net={}",
+            nodeward_lab::sys::netns_path(&node1.netns).display()
+        ))
+        .args([
+            "--", "openssl", "s_server", "-quiet", "-tls1_3", "-alpn", "h2",
+        ])
+        .args(["-4", "-accept", forged_port])
+        .arg("-cert")
+        .arg(forged.join("cert.pem"))
+        .arg("-key")
+        .arg(forged.join("key.pem"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let listening = eventually(Duration::from_secs(5), Duration::from_millis(50), || {
+        nodeward_lab::sys::in_netns(&node1.netns, || {
+            TcpStream::connect((node1.ip4, 15999)).is_ok()
+        })
+        .unwrap_or(false)
+    });
+    assert!(listening, "the forged server does not listen");
+    let rule: Vec<String> = [
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        &node2.ip4.to_string(),
+        "--dport",
+        "15008",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{}:{forged_port}", node1.ip4),
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let added = std::process::Command::new("ip")
+        .args(["netns", "exec", &node1.netns, "iptables", "-t", "nat", "-A"])
+        .args(&rule)
+        .status()
+        .unwrap();
+    assert!(added.success(), "adding the DNAT rule");
+    let dnat = Dnat {
+        netns: node1.netns.clone(),
+        rule,
+    };
+    let refused_before = lab.status("node-1").unwrap()["tunnel"]["handshake_failures"]["client"]
+        .as_u64()
+        .unwrap_or(0);
+    // web-0 (node-1) to api-1 (node-2): the tunnel reaches the forged server, which proves
+    // frontend/web, not backend/api; the client refuses it and the connection fails.
+    lab.expect(
+        &[Case::tcp(
+            "frontend/web-0",
+            "backend/api-1",
+            HTTP_PORT,
+            false,
+        )],
+        SETTLE,
+    );
+    let refused = lab.status("node-1").unwrap()["tunnel"]["handshake_failures"]["client"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        refused > refused_before,
+        "node-1's agent counted no refused server handshake (the forged server {}):\n{}",
+        match server.try_wait() {
+            Ok(None) => "runs".to_owned(),
+            other => format!("exited: {other:?}"),
+        },
+        lab.agent_logs_tail(10)
+    );
+    let log = std::fs::read_to_string(lab.agent_log("node-1")).unwrap_or_default();
+    assert!(
+        log.contains("spiffe://cluster.local/ns/frontend/sa/web, not one of the identities expected (spiffe://cluster.local/ns/backend/sa/api)"),
+        "node-1's log does not say why it refused the forged server:
+{}",
+        lab.agent_logs_tail(10)
+    );
+    // Without the diversion, the real node-2 agent proves backend/api.
+    drop(dnat);
+    let _ = server.kill();
+    let _ = server.wait();
+    lab.expect(
+        &[Case::tcp(
+            "frontend/web-0",
+            "backend/api-1",
+            HTTP_PORT,
+            true,
+        )],
+        SETTLE,
+    );
+    back_to_local_ca(&mut lab);
+}
+
 fn renewals(lab: &Lab, node: &str, result: &str) -> u64 {
     let text = lab.agent_http_get(node, "/metrics").unwrap_or_default();
     let prefix = format!("nodeward_certificate_renewals_total{{result=\"{result}\"}}");

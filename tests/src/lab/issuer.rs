@@ -154,6 +154,17 @@ impl Lab {
     /// `nodeward issuer-request` with `node`'s token for `identity`: `Ok` with what was signed,
     /// `Err` with the issuer's refusal.
     pub fn issuer_request(&self, node: &str, identity: &str) -> Result<String> {
+        self.issuer_request_to(node, identity, None)
+    }
+
+    /// [`Lab::issuer_request`] that also writes the chain and its key to `out/cert.pem` and
+    /// `out/key.pem`.
+    pub fn issuer_request_to(
+        &self,
+        node: &str,
+        identity: &str,
+        out: Option<&std::path::Path>,
+    ) -> Result<String> {
         let (cert, _) = self.ca_files()?;
         let bin = paths::nodeward_bin()?;
         let mut cmd = Command::new("nsenter");
@@ -169,6 +180,9 @@ impl Lab {
         .arg("--trust-bundle")
         .arg(&cert)
         .args(["--identity", identity]);
+        if let Some(out) = out {
+            cmd.arg("--out").arg(out);
+        }
         sys::run_timeout(&mut cmd, Duration::from_secs(15))
     }
 }
