@@ -123,6 +123,18 @@ impl CertManager {
         self.get_or_issue(identity, false)
     }
 
+    /// The current certificate of `identity` if it has one; never issues (for paths that must
+    /// not wait on an issuer, such as a handshake).
+    #[must_use]
+    pub fn cached(&self, identity: &SpiffeId) -> Option<Arc<WorkloadCert>> {
+        self.lock().get(identity).map(|slot| {
+            slot.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+
     /// Like [`get`](Self::get), and the certificate is kept by [`retain`](Self::retain) even
     /// when no workload uses it (the node agent's own identity).
     pub fn pin(&self, identity: &SpiffeId) -> Result<Arc<WorkloadCert>, CaError> {

@@ -81,12 +81,13 @@ impl ResolvesServerCert for WorkloadResolver {
             tracing::info!(pod = %pod, "HBONE: a client asked for a pod that is not on this node");
             return None;
         };
-        match ctx.certs.get(&workload.identity) {
-            Ok(cert) => Some(cert.certified_key.clone()),
-            Err(e) => {
-                tracing::warn!(identity = %workload.identity, error = %e, "HBONE: no certificate to present");
-                None
-            }
+        // Never issued here: the control loop issues every local workload's certificate, and a
+        // handshake must not wait on an issuer (`--ca-mode issuer`).
+        if let Some(cert) = ctx.certs.cached(&workload.identity) {
+            Some(cert.certified_key.clone())
+        } else {
+            tracing::warn!(identity = %workload.identity, "HBONE: no certificate to present yet");
+            None
         }
     }
 }

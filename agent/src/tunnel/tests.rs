@@ -135,6 +135,11 @@ fn side_with(
         live: inbound::LiveStreams::default(),
         time_wait: super::timewait::Reaper::default(),
     });
+    // As the control loop does (`ensure_certificates`): every local workload has its
+    // certificate before the HBONE server is asked to present it.
+    for w in ctx.view().workloads.values().filter(|w| w.local) {
+        ctx.certs.get(&w.identity).unwrap();
+    }
     Side { ctx, records }
 }
 
