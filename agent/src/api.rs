@@ -174,23 +174,21 @@ async fn handle(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CertsReply {
     pub trust_domain: String,
-    /// The issuing CA's subject.
+    /// The issuing CA's subject, or the issuer service's identity (`--ca-mode issuer`).
     pub issuer: String,
-    /// Where the CA comes from: `generated in DIR` or `loaded from FILE`.
+    /// Where certificates come from: `generated in DIR` or `loaded from FILE` (the agent's own
+    /// CA), or `issuer at ADDRESS` (no CA key on the node).
     pub ca: String,
     pub trust_roots: usize,
     pub certificates: Vec<crate::ca::manager::CertInfo>,
 }
 
 fn certs_reply(shared: &Shared) -> CertsReply {
-    let ca = &shared.authority;
+    let ca = &shared.ca;
     CertsReply {
         trust_domain: ca.trust_domain().to_owned(),
         issuer: ca.issuer_name().to_owned(),
-        ca: match ca.origin() {
-            crate::ca::CaOrigin::Generated(dir) => format!("generated in {}", dir.display()),
-            crate::ca::CaOrigin::Files { cert, .. } => format!("loaded from {}", cert.display()),
-        },
+        ca: ca.source().to_owned(),
         trust_roots: ca.roots().len(),
         certificates: shared.certs.info(),
     }

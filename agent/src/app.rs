@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     /// The mesh CA and trust roots (`--ca-cert`, `--ca-key`, `--trust-bundle`, `--trust-domain`).
     pub ca: crate::ca::CaConfig,
+    /// Where workload certificates come from (`--ca-mode`).
+    pub ca_mode: crate::ca::CaMode,
     /// Lifetime of workload certificates (`--cert-ttl`).
     pub cert_ttl: Duration,
     /// mTLS mode of pods no `MutualTLS` selects (`--mtls-mode`).
@@ -162,8 +164,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub counters: Mutex<Option<CounterReader>>,
     pub syncs: AtomicU64,
-    /// The mesh CA, and the certificates of the local workloads and of this agent.
-    pub authority: Arc<crate::ca::Authority>,
+    /// The mesh's trust roots and where certificates come from, and the certificates of the
+    /// local workloads and of this agent.
+    pub ca: crate::ca::MeshCa,
     pub certs: crate::ca::manager::CertManager,
     /// The mTLS tunnel, once it runs.
     pub tunnel: std::sync::OnceLock<Arc<crate::tunnel::Context>>,
@@ -293,8 +296,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         SourceConfig::Manifests(_) => None,
     };
     // A CA file that cannot be read or does not fit stops start-up, before anything changes.
-    let (authority, certs) =
-        crate::ca::start(&config.ca, config.cert_ttl).context("loading the mesh CA")?;
+    let (ca, certs) = match &config.ca_mode {
+        crate::ca::CaMode::Local => {
+            crate::ca::start(&config.ca, config.cert_ttl).context("loading the mesh CA")?
+        }
+        crate::ca::CaMode::Issuer(issuer) => {
+            crate::issuer::client::start(&config.ca, issuer, config.cert_ttl)
+                .await
+                .context("starting with the certificate issuer (--ca-mode issuer)")?
+        }
+    };
     let mut datapath = Datapath::open(Some(&config.bpffs_dir)).with_context(|| {
         format!(
             "loading the datapath (pinned under {})",
@@ -366,7 +377,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         metrics,
         counters: Mutex::new(None),
         syncs: AtomicU64::new(0),
-        authority,
+        ca,
         certs,
         tunnel: std::sync::OnceLock::new(),
         flow_api: crate::flowapi::FlowApiStats::default(),
@@ -509,7 +520,7 @@ fn start_tunnel(
         config: config.tunnel.clone(),
         view: RwLock::new(Arc::default()),
         certs: shared.certs.clone(),
-        trust: shared.authority.trust(),
+        trust: shared.ca.trust(),
         stats: tunnel::TunnelStats::default(),
         flows: sink,
         live: tunnel::inbound::LiveStreams::default(),
@@ -809,11 +820,8 @@ impl Control {
             ep.mesh = modes.get(pod).copied().unwrap_or_default();
         }
         let compiled = Arc::new(compiled);
-        let meshed = crate::tunnel::MeshView::meshed_addresses(
-            self.shared.authority.trust_domain(),
-            &inv,
-            &modes,
-        );
+        let meshed =
+            crate::tunnel::MeshView::meshed_addresses(self.shared.ca.trust_domain(), &inv, &modes);
         let ipcache = ipcache_values(&compiled, &meshed);
         phases.end("modes");
 
@@ -936,7 +944,7 @@ impl Control {
         // Built after the maps are written: nothing in the kernel waits for it.
         let view = crate::tunnel::MeshView::build(
             &self.node,
-            self.shared.authority.trust_domain(),
+            self.shared.ca.trust_domain(),
             &inv,
             compiled.clone(),
             &modes,
@@ -1122,7 +1130,7 @@ impl Control {
     /// Every local endpoint has its workload certificate: issued once here (cheap), renewed in
     /// the background; those of departed workloads are dropped.
     fn ensure_certificates(&mut self, inv: &Inventory, compiled: &policy::CompiledState) {
-        let trust_domain = self.shared.authority.trust_domain().to_owned();
+        let trust_domain = self.shared.ca.trust_domain().to_owned();
         let mut wanted = BTreeSet::new();
         for r in compiled.endpoints.keys() {
             let Some(pod) = inv.pods.get(r) else { continue };

@@ -93,8 +93,25 @@ pub enum CaError {
     TrustDomain(#[source] SpiffeError),
     #[error("generating the CA: {0}")]
     Generate(String),
+    #[error(
+        "--ca-mode issuer needs --trust-bundle: the root certificates the issuer's CA chains to"
+    )]
+    NoTrustBundle,
+    #[error("--ca-mode issuer: the CA key stays with the issuer; remove --ca-cert and --ca-key")]
+    KeyWithIssuer,
+    #[error("the issuer: {0}")]
+    Issuer(String),
     #[error("issuing a certificate for {identity}: {reason}")]
     Issue { identity: String, reason: String },
+}
+
+/// Where an agent's certificates come from (`--ca-mode`).
+#[derive(Clone, Debug)]
+pub enum CaMode {
+    /// The agent's own CA (`--ca-cert`/`--ca-key`, or generated): standalone mode and the demo.
+    Local,
+    /// `nodeward issuer`: the agent sends CSRs and holds no CA key.
+    Issuer(crate::issuer::client::IssuerClientConfig),
 }
 
 /// How the CA came to be, for logs and `nodeward certs`.
@@ -104,6 +121,79 @@ pub enum CaOrigin {
     Generated(PathBuf),
     /// Loaded from `--ca-cert` and `--ca-key`.
     Files { cert: PathBuf, key: PathBuf },
+}
+
+/// What an agent knows of the mesh's CA in either mode: the trust roots and domain every peer
+/// is checked against, and where its certificates come from (logs, `nodeward certs`). With
+/// `--ca-mode local` it comes from the [`Authority`]; with `--ca-mode issuer` from
+/// `--trust-bundle` alone, and the agent holds no CA key.
+#[derive(Clone, Debug)]
+pub struct MeshCa {
+    trust_domain: String,
+    roots: Arc<RootCertStore>,
+    issuer: String,
+    source: String,
+}
+
+impl MeshCa {
+    /// Roots from the PEM files `bundle` (CA certificates only), for an agent whose
+    /// certificates come from `issuer` (described as `source`).
+    ///
+    /// # Errors
+    /// A file cannot be read or holds something other than valid CA certificates, there is no
+    /// file, or the trust domain is invalid.
+    pub fn from_bundle(
+        trust_domain: &str,
+        bundle: &[PathBuf],
+        issuer: String,
+        source: String,
+    ) -> Result<Self, CaError> {
+        spiffe::validate_trust_domain(trust_domain).map_err(CaError::TrustDomain)?;
+        if bundle.is_empty() {
+            return Err(CaError::NoTrustBundle);
+        }
+        let mut roots = RootCertStore::empty();
+        for path in bundle {
+            for cert in &read_certs(path)? {
+                check_ca(path, cert)?;
+                add_root(&mut roots, path, cert)?;
+            }
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            roots: Arc::new(roots),
+            issuer,
+            source,
+        })
+    }
+
+    #[must_use]
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    #[must_use]
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
+    /// What a TLS config needs to check peers.
+    #[must_use]
+    pub fn trust(&self) -> tls::Trust {
+        tls::Trust::new(self.roots.clone(), &self.trust_domain)
+    }
+
+    /// Who signs: the issuing CA's subject, or the issuer service.
+    #[must_use]
+    pub fn issuer_name(&self) -> &str {
+        &self.issuer
+    }
+
+    /// `generated in DIR`, `loaded from FILE`, or `issuer at ADDRESS`.
+    #[must_use]
+    pub fn source(&self) -> &str {
+        &self.source
+    }
 }
 
 /// A certificate the CA issued, with its key, ready for rustls.
@@ -159,10 +249,7 @@ impl std::fmt::Debug for Authority {
 
 /// Loads (or creates) the CA and starts the certificate cache with the node agent's own
 /// identity issued. Call inside the Tokio runtime: renewals run on it.
-pub fn start(
-    config: &CaConfig,
-    ttl: Duration,
-) -> Result<(Arc<Authority>, manager::CertManager), CaError> {
+pub fn start(config: &CaConfig, ttl: Duration) -> Result<(MeshCa, manager::CertManager), CaError> {
     let authority = Arc::new(Authority::load_or_create(config)?);
     let certs = manager::CertManager::new(authority.clone(), ttl);
     let agent = SpiffeId::agent(&config.trust_domain).map_err(CaError::TrustDomain)?;
@@ -175,7 +262,7 @@ pub fn start(
         ttl = %humantime::format_duration(ttl),
         "certificate authority ready"
     );
-    Ok((authority, certs))
+    Ok((authority.mesh_ca(), certs))
 }
 
 impl Authority {
@@ -273,6 +360,20 @@ impl Authority {
         &self.trust_domain
     }
 
+    /// This CA as the agent's [`MeshCa`].
+    #[must_use]
+    pub fn mesh_ca(&self) -> MeshCa {
+        MeshCa {
+            trust_domain: self.trust_domain.clone(),
+            roots: self.roots.clone(),
+            issuer: self.issuer_name.clone(),
+            source: match &self.origin {
+                CaOrigin::Generated(dir) => format!("generated in {}", dir.display()),
+                CaOrigin::Files { cert, .. } => format!("loaded from {}", cert.display()),
+            },
+        }
+    }
+
     /// The trust anchors: self-signed certificates of `--ca-cert`, `--trust-bundle`, or the
     /// generated root.
     #[must_use]
@@ -309,14 +410,58 @@ impl Authority {
             identity: identity.uri(),
             reason,
         };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| fail(format!("generating a key: {e}")))?;
+        let (cert, serial) = self.sign_workload(identity, &key, not_before, not_after)?;
+        let mut chain = vec![cert];
+        chain.extend(self.chain.iter().cloned());
+        let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+        ))
+        .map_err(|e| fail(format!("loading the key into rustls: {e}")))?;
+        Ok(Issued {
+            identity: identity.clone(),
+            certified_key: Arc::new(CertifiedKey::new(chain, signing_key)),
+            serial: serial.iter().map(|b| format!("{b:02X}")).collect(),
+            issuer: self.issuer_name.clone(),
+            issued_at: SystemTime::now(),
+            // X.509 times have whole seconds.
+            not_before: whole_seconds(not_before),
+            not_after: whole_seconds(not_after),
+        })
+    }
+}
+
+impl Authority {
+    /// The CA chain that follows a leaf this CA signs (without a self-signed root).
+    #[must_use]
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// Signs a workload certificate for `identity` with the public key `key` (generated here,
+    /// or from a CSR the issuer checked): the SPIFFE ID as the only SAN, no CA flag, server and
+    /// client authentication. Returns the leaf and its serial number.
+    ///
+    /// # Errors
+    /// The identity is not of this trust domain, or signing fails.
+    pub fn sign_workload(
+        &self,
+        identity: &SpiffeId,
+        key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(CertificateDer<'static>, [u8; 16]), CaError> {
+        let fail = |reason: String| CaError::Issue {
+            identity: identity.uri(),
+            reason,
+        };
         if identity.trust_domain() != self.trust_domain {
             return Err(fail(format!(
                 "not in this CA's trust domain {}",
                 self.trust_domain
             )));
         }
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| fail(format!("generating a key: {e}")))?;
         let mut params = CertificateParams::default();
         // Empty subject: the SPIFFE ID in the (then critical) URI SAN is the whole identity.
         params.distinguished_name = DistinguishedName::new();
@@ -338,24 +483,9 @@ impl Authority {
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(key, &self.issuer)
             .map_err(|e| fail(format!("signing: {e}")))?;
-        let mut chain = vec![cert.der().clone()];
-        chain.extend(self.chain.iter().cloned());
-        let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
-            PrivatePkcs8KeyDer::from(key.serialize_der()),
-        ))
-        .map_err(|e| fail(format!("loading the key into rustls: {e}")))?;
-        Ok(Issued {
-            identity: identity.clone(),
-            certified_key: Arc::new(CertifiedKey::new(chain, signing_key)),
-            serial: serial.iter().map(|b| format!("{b:02X}")).collect(),
-            issuer: self.issuer_name.clone(),
-            issued_at: SystemTime::now(),
-            // X.509 times have whole seconds.
-            not_before: whole_seconds(not_before),
-            not_after: whole_seconds(not_after),
-        })
+        Ok((cert.der().clone(), serial))
     }
 }
 
@@ -562,7 +692,7 @@ fn ensure_generated(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     Ok(())
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), CaError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CaError> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -576,7 +706,7 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
 
 /// Writes `path` through a temporary file in the same directory, created with `mode`, synced,
 /// then renamed over: readers see the old file or the whole new one, never a part.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let err = |source| CaError::Write {
         path: path.to_path_buf(),

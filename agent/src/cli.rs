@@ -55,6 +55,13 @@ enum Command {
     /// Sign a client certificate with a CA key, for reading flows from other nodes (`observe
     /// --node`, the agents' --flows-addr): writes cert.pem, key.pem and ca.pem into --out.
     CaIssue(Box<CaIssueArgs>),
+    /// Run the certificate issuer: the only holder of the CA key. Agents with `--ca-mode
+    /// issuer` send it CSRs; it signs an identity only for the agent of a node where a pod of
+    /// that identity is scheduled.
+    Issuer(Box<IssuerArgs>),
+    /// Ask the issuer for a certificate as a node would (with that node's token), to check a
+    /// setup or a refusal: prints what was signed, or why not. The key is thrown away.
+    IssuerRequest(Box<IssuerRequestArgs>),
     /// Print the CustomResourceDefinitions of the nodeward.io kinds (or write them to a directory).
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -188,6 +195,29 @@ struct AgentArgs {
     /// Lifetime of workload certificates; each is renewed at half of it.
     #[arg(long, env = "NODEWARD_CERT_TTL", default_value = "24h", value_parser = cert_ttl_arg)]
     cert_ttl: Duration,
+    /// Where workload certificates come from. local: this agent's own CA (--ca-cert/--ca-key,
+    /// or a generated root): standalone mode and the demo, and whoever takes the node has the
+    /// key. issuer: CSRs to `nodeward issuer` (--issuer-addr), which signs only identities of
+    /// pods scheduled on this node; no CA key on the node, and --trust-bundle gives the roots.
+    #[arg(long, env = "NODEWARD_CA_MODE", value_enum, default_value = "local")]
+    ca_mode: CaModeArg,
+    /// With --ca-mode issuer: the issuer's HOST:PORT.
+    #[arg(
+        long,
+        env = "NODEWARD_ISSUER_ADDR",
+        default_value = "nodeward-issuer.nodeward-system.svc:15012"
+    )]
+    issuer_addr: String,
+    /// With --ca-mode issuer: the file holding this node's token, read for every request (a
+    /// projected ServiceAccount token for the issuer's audience, which the kubelet rotates, or
+    /// a bootstrap token in standalone mode).
+    #[arg(
+        long,
+        env = "NODEWARD_ISSUER_TOKEN_FILE",
+        value_name = "FILE",
+        default_value = "/var/run/secrets/nodeward/issuer/token"
+    )]
+    issuer_token_file: PathBuf,
     /// mTLS mode of pods no MutualTLS object selects: DISABLE (not in the mesh), PERMISSIVE
     /// (tunnel between meshed pods, plaintext accepted) or STRICT (only the tunnel reaches them).
     #[arg(
@@ -342,6 +372,202 @@ struct ObserveArgs {
 }
 
 #[derive(Args, Debug)]
+struct IssuerArgs {
+    /// Address to serve CSRs on (TLS 1.3, POST /v1/sign).
+    #[arg(long, env = "NODEWARD_ISSUER_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Address for `GET /metrics` and `/healthz` (plain HTTP); empty to serve none.
+    #[arg(
+        long,
+        env = "NODEWARD_ISSUER_METRICS_ADDR",
+        default_value = "0.0.0.0:9963"
+    )]
+    metrics_addr: String,
+    /// The issuing CA certificate (PEM, optionally followed by its issuers): a root or an
+    /// intermediate, e.g. cert-manager's. Without it (and --ca-key) the issuer generates a
+    /// root in --state-dir/ca on first start.
+    #[arg(
+        long,
+        env = "NODEWARD_CA_CERT",
+        value_name = "FILE",
+        requires = "ca_key"
+    )]
+    ca_cert: Option<PathBuf>,
+    /// The --ca-cert's private key (PKCS#8 PEM). Mount it here and nowhere else.
+    #[arg(
+        long,
+        env = "NODEWARD_CA_KEY",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
+    ca_key: Option<PathBuf>,
+    /// More trust roots (PEM); repeatable.
+    #[arg(
+        long,
+        env = "NODEWARD_TRUST_BUNDLE",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    trust_bundle: Vec<PathBuf>,
+    /// Where a generated CA is kept.
+    #[arg(
+        long,
+        env = "NODEWARD_STATE_DIR",
+        default_value = "/var/lib/nodeward-issuer"
+    )]
+    state_dir: PathBuf,
+    /// Trust domain of the identities it signs.
+    #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of the certificates it signs (agents renew at half of it).
+    #[arg(long, env = "NODEWARD_CERT_TTL", default_value = "24h", value_parser = cert_ttl_arg)]
+    cert_ttl: Duration,
+    /// Standalone authentication: a file of `NODE TOKEN` lines, one bootstrap token per node
+    /// (the agents' --issuer-token-file). Without it, tokens are checked with TokenReview.
+    #[arg(long, env = "NODEWARD_ISSUER_BOOTSTRAP_TOKENS", value_name = "FILE")]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Standalone pods: read them from this manifests directory (as the agents' --manifests)
+    /// instead of the API server.
+    #[arg(long, env = "NODEWARD_MANIFESTS", value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// The kubeconfig to use instead of the in-cluster configuration.
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The audience the agents' tokens must be for.
+    #[arg(long, env = "NODEWARD_ISSUER_AUDIENCE", default_value = crate::issuer::auth::DEFAULT_AUDIENCE)]
+    audience: String,
+    /// The agents' service account (NAMESPACE/NAME): only its tokens may ask.
+    #[arg(
+        long,
+        env = "NODEWARD_AGENT_SERVICE_ACCOUNT",
+        default_value = "nodeward-system/nodeward"
+    )]
+    agent_service_account: String,
+    /// Requests a node may make at once, before --rate-per-second applies.
+    #[arg(long, env = "NODEWARD_ISSUER_RATE_BURST", default_value_t = 200)]
+    rate_burst: u32,
+    /// Requests per second each node is refilled with.
+    #[arg(long, env = "NODEWARD_ISSUER_RATE", default_value_t = 20.0)]
+    rate_per_second: f64,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "NODEWARD_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Args, Debug)]
+struct IssuerRequestArgs {
+    /// The issuer's HOST:PORT.
+    #[arg(long, default_value = "nodeward-issuer.nodeward-system.svc:15012")]
+    issuer_addr: String,
+    /// The node's token (as the agent's --issuer-token-file).
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// The roots the issuer's certificate chains to (as the agent's --trust-bundle).
+    #[arg(long, value_name = "FILE", required = true)]
+    trust_bundle: Vec<PathBuf>,
+    #[arg(long, default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// The identity to ask for.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    identity: String,
+    /// Also write the certificate chain and its key to DIR/cert.pem and DIR/key.pem (mode
+    /// 0600): what a node holds for its own workloads, e.g. to test a peer's checks.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+async fn issuer_request(args: IssuerRequestArgs) -> anyhow::Result<()> {
+    use crate::issuer::client::{IssuerClient, IssuerClientConfig};
+    let identity: crate::ca::SpiffeId = args
+        .identity
+        .parse()
+        .with_context(|| format!("--identity {:?}", args.identity))?;
+    let mesh = crate::ca::MeshCa::from_bundle(
+        &args.trust_domain,
+        &args.trust_bundle,
+        String::new(),
+        String::new(),
+    )?;
+    let client = IssuerClient::new(
+        &mesh.trust(),
+        IssuerClientConfig {
+            address: args.issuer_addr.clone(),
+            token_file: args.token_file,
+            timeout: Duration::from_secs(10),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(dir) = &args.out {
+        let (key, csr) = IssuerClient::csr_for(&identity).map_err(|e| anyhow::anyhow!(e))?;
+        let chain = client
+            .sign(&csr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{identity} from {}: {e}", args.issuer_addr))?;
+        let pem: String = chain
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .collect();
+        crate::ca::create_private_dir(dir)?;
+        crate::ca::write_atomically(&dir.join("cert.pem"), pem.as_bytes(), 0o644)?;
+        crate::ca::write_atomically(&dir.join("key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
+        println!("wrote {} and key.pem", dir.join("cert.pem").display());
+        return Ok(());
+    }
+    let issued = client
+        .issue_async(&identity)
+        .await
+        .map_err(|e| anyhow::anyhow!("{identity} from {}: {e}", args.issuer_addr))?;
+    println!(
+        "signed {} serial {} by {} until {}",
+        issued.identity,
+        issued.serial,
+        issued.issuer,
+        humantime::format_rfc3339_seconds(issued.not_after)
+    );
+    Ok(())
+}
+
+async fn issuer(args: IssuerArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("--log {:?}", args.log))?,
+        )
+        .init();
+    if !(args.rate_per_second > 0.0 && args.rate_per_second.is_finite()) || args.rate_burst == 0 {
+        anyhow::bail!("--rate-burst and --rate-per-second must be positive");
+    }
+    crate::issuer::run(crate::issuer::IssuerConfig {
+        ca: crate::ca::CaConfig {
+            state_dir: args.state_dir,
+            ca_cert: args.ca_cert,
+            ca_key: args.ca_key,
+            trust_bundle: args.trust_bundle,
+            trust_domain: args.trust_domain,
+        },
+        listen: args.listen,
+        metrics_addr: if args.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(
+                args.metrics_addr
+                    .parse()
+                    .with_context(|| format!("--metrics-addr {:?}", args.metrics_addr))?,
+            )
+        },
+        cert_ttl: args.cert_ttl,
+        rate_burst: args.rate_burst,
+        rate_per_second: args.rate_per_second,
+        bootstrap_tokens: args.bootstrap_tokens,
+        manifests: args.manifests,
+        kubeconfig: args.kubeconfig,
+        audience: args.audience,
+        agent_service_account: args.agent_service_account,
+    })
+    .await
+}
+
+#[derive(Args, Debug)]
 struct CaIssueArgs {
     /// The CA as a directory holding ca-cert.pem and ca-key.pem: `nodeward ca-create`'s, or a
     /// standalone agent's generated one (its --state-dir/ca).
@@ -368,6 +594,12 @@ struct CaIssueArgs {
     /// ~/.config/nodeward/observer, where `observe --node` looks].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum CaModeArg {
+    Local,
+    Issuer,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -415,6 +647,8 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::CaIssue(args) => ca_issue(&args),
+        Command::Issuer(args) => runtime.block_on(issuer(*args)),
+        Command::IssuerRequest(args) => runtime.block_on(issuer_request(*args)),
         Command::Crd { write } => crd(write),
         Command::Cleanup { bpffs_dir } => {
             crate::datapath::loader::Datapath::remove_all(&bpffs_dir)
@@ -498,6 +732,16 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             ca_key: args.ca_key,
             trust_bundle: args.trust_bundle,
             trust_domain: args.trust_domain,
+        },
+        ca_mode: match args.ca_mode {
+            CaModeArg::Local => crate::ca::CaMode::Local,
+            CaModeArg::Issuer => {
+                crate::ca::CaMode::Issuer(crate::issuer::client::IssuerClientConfig {
+                    address: args.issuer_addr,
+                    token_file: args.issuer_token_file,
+                    timeout: Duration::from_secs(5),
+                })
+            }
         },
         cert_ttl: args.cert_ttl,
         mtls_default: match args.mtls_mode {

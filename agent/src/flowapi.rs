@@ -349,7 +349,7 @@ impl RefusalLog {
 /// # Errors
 /// The agent has no certificate, or the TLS configuration cannot be built.
 pub fn acceptor(shared: &Shared) -> Result<tokio_rustls::TlsAcceptor, String> {
-    let trust = shared.authority.trust();
+    let trust = shared.ca.trust();
     let agent = SpiffeId::agent(trust.trust_domain()).map_err(|e| e.to_string())?;
     shared.certs.pin(&agent).map_err(|e| e.to_string())?;
     let mut config = tls::server_config(&trust, CertResolver::new(shared.certs.clone(), agent))

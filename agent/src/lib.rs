@@ -8,6 +8,7 @@ pub mod endpoints;
 pub mod flowapi;
 pub mod flows;
 pub mod identity;
+pub mod issuer;
 pub mod metrics;
 pub mod policy;
 pub mod services;

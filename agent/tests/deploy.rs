@@ -11,8 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, ServiceAccount};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
@@ -113,6 +114,11 @@ fn every_deploy_file_parses_into_its_type_with_no_unknown_fields() {
                     drop(strict::<ClusterRoleBinding>(file, doc));
                 }
                 ("apps/v1", "DaemonSet") => drop(strict::<DaemonSet>(file, doc)),
+                ("apps/v1", "Deployment") => drop(strict::<Deployment>(file, doc)),
+                ("v1", "Service") => drop(strict::<Service>(file, doc)),
+                ("policy/v1", "PodDisruptionBudget") => {
+                    drop(strict::<PodDisruptionBudget>(file, doc));
+                }
                 ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                     drop(strict::<CustomResourceDefinition>(file, doc));
                 }
@@ -129,6 +135,9 @@ fn every_deploy_file_parses_into_its_type_with_no_unknown_fields() {
         "ConfigMap",
         "DaemonSet",
         "CustomResourceDefinition",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
     ] {
         assert!(kinds.contains(want), "deploy/ has no {want}");
     }

@@ -27,6 +27,9 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 /// How long an agent may take to report ready.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+mod issuer;
+pub use issuer::{ISSUER_ADDR, ISSUER_METRICS_ADDR};
+
 pub struct Lab {
     state: LabState,
     /// Processes this `Lab` spawned, kept to reap them.
@@ -36,6 +39,8 @@ pub struct Lab {
     owned: bool,
     /// Extra arguments for agents started from now on (see [`Lab::set_agent_args`]).
     agent_args: Vec<String>,
+    /// `nodeward issuer`, when a test started it (see [`Lab::start_issuer`]).
+    issuer_pid: Option<u32>,
 }
 
 impl Lab {
@@ -92,6 +97,7 @@ impl Lab {
             state,
             children: HashMap::new(),
             agent_args: Vec::new(),
+            issuer_pid: None,
             torn_down: false,
             owned: true,
         };
@@ -131,6 +137,7 @@ impl Lab {
             state,
             children: HashMap::new(),
             agent_args: Vec::new(),
+            issuer_pid: None,
             torn_down: false,
             owned: false,
         })
@@ -472,9 +479,11 @@ impl Lab {
             bail!("the agent of {node} is already running (pid {pid})");
         }
         let bin = paths::nodeward_bin()?;
-        // Extra arguments may bring their own CA (a foreign one, in tests).
+        // Extra arguments may bring their own CA (a foreign one, in tests), or the issuer.
         let ca: Vec<std::ffi::OsString> = if self.agent_args.iter().any(|a| a == "--ca-cert") {
             Vec::new()
+        } else if self.agent_args.iter().any(|a| a == "--ca-mode") {
+            issuer::agent_token_args(self, node)?
         } else {
             let (cert, key) = self.ca_files()?;
             vec![

@@ -21,7 +21,7 @@ pub mod sys;
 pub mod topology;
 pub mod wait;
 
-pub use lab::{Lab, PROBE_TIMEOUT};
+pub use lab::{ISSUER_ADDR, ISSUER_METRICS_ADDR, Lab, PROBE_TIMEOUT};
 pub use probe::{Case, Proto};
 pub use topology::{DNS_PORT, HTTP_PORT, LabSpec, LabState, METRICS_PORT, NodeState, PodState};
 pub use wait::{eventually, poll};

@@ -123,6 +123,18 @@ impl CertManager {
         self.get_or_issue(identity, false)
     }
 
+    /// The current certificate of `identity` if it has one; never issues (for paths that must
+    /// not wait on an issuer, such as a handshake).
+    #[must_use]
+    pub fn cached(&self, identity: &SpiffeId) -> Option<Arc<WorkloadCert>> {
+        self.lock().get(identity).map(|slot| {
+            slot.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+
     /// Like [`get`](Self::get), and the certificate is kept by [`retain`](Self::retain) even
     /// when no workload uses it (the node agent's own identity).
     pub fn pin(&self, identity: &SpiffeId) -> Result<Arc<WorkloadCert>, CaError> {
@@ -130,20 +142,27 @@ impl CertManager {
     }
 
     fn get_or_issue(&self, identity: &SpiffeId, pin: bool) -> Result<Arc<WorkloadCert>, CaError> {
-        // Issuing under the lock costs well under a millisecond (one P-256 key and signature)
-        // and means one identity never gets two certificates at once.
-        let mut slots = self.lock();
-        if let Some(slot) = slots.get_mut(identity) {
-            slot.pinned |= pin;
-            return Ok(slot
-                .current
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone());
+        let existing = |slots: &mut BTreeMap<SpiffeId, Slot>| {
+            slots.get_mut(identity).map(|slot| {
+                slot.pinned |= pin;
+                slot.current
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            })
+        };
+        if let Some(cert) = existing(&mut self.lock()) {
+            return Ok(cert);
         }
-        let cert = Arc::new(workload_cert(
-            self.inner.issuer.issue(identity, self.inner.ttl)?,
-        ));
+        // Issued outside the lock: with `--ca-mode issuer` this is a round trip to the issuer
+        // (seconds while it is down), and every handshake looks its certificate up here. Two
+        // callers racing for one new identity may both issue; the first to store wins.
+        let issued = self.inner.issuer.issue(identity, self.inner.ttl)?;
+        let mut slots = self.lock();
+        if let Some(cert) = existing(&mut slots) {
+            return Ok(cert);
+        }
+        let cert = Arc::new(workload_cert(issued));
         tracing::info!(
             identity = %identity,
             serial = %cert.serial,
@@ -272,12 +291,27 @@ async fn renew(inner: Weak<Inner>, identity: SpiffeId, current: Arc<RwLock<Arc<W
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
         } else {
-            let Some(inner) = inner.upgrade() else { return };
-            retry_delay(failures, inner.ttl, fastrand::f64())
+            // Paced by the lifetime of the certificate held, not by --cert-ttl: with the issuer
+            // (`--ca-mode issuer`) the issuer decides it, and a retry must come well before
+            // that certificate expires.
+            let life = {
+                let cert = current
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                cert.not_after
+                    .duration_since(cert.issued_at)
+                    .unwrap_or_default()
+            };
+            retry_delay(failures, life, fastrand::f64())
         };
         tokio::time::sleep(wait).await;
         let Some(inner) = inner.upgrade() else { return };
-        match inner.issuer.issue(&identity, inner.ttl) {
+        // On a blocking thread: an issuer's round trip must not hold a runtime worker.
+        let (issuer, id, ttl) = (inner.issuer.clone(), identity.clone(), inner.ttl);
+        let result = tokio::task::spawn_blocking(move || issuer.issue(&id, ttl))
+            .await
+            .unwrap_or_else(|e| Err(CaError::Issuer(format!("the renewal's task: {e}"))));
+        match result {
             Ok(issued) => {
                 let cert = Arc::new(workload_cert(issued));
                 tracing::info!(

@@ -397,10 +397,99 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A server config for a service whose clients authenticate otherwise (the issuer: agents
+/// bring a token, and may have no certificate yet): TLS 1.3, ALPN `alpn`, no client
+/// certificate, presenting what `cert` resolves per handshake.
+///
+/// # Errors
+/// The TLS configuration cannot be built.
+pub fn server_config_without_client_auth(
+    trust: &Trust,
+    cert: Arc<dyn ResolvesServerCert>,
+    alpn: &[u8],
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(trust.provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// The client side of [`server_config_without_client_auth`]: TLS 1.3, ALPN `alpn`, no client
+/// certificate, accepting only a server of our trust roots whose identity is `expected`.
+///
+/// # Errors
+/// The TLS configuration cannot be built.
+pub fn client_config_without_client_auth(
+    trust: &Trust,
+    expected: ExpectedServer,
+    alpn: &[u8],
+) -> Result<ClientConfig, rustls::Error> {
+    let verifier = Arc::new(SpiffeServerVerifier {
+        trust: trust.clone(),
+        expected,
+    });
+    let mut config = ClientConfig::builder_with_provider(trust.provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
 /// The server name clients pass to rustls; never checked (see [`client_config`]).
 #[must_use]
 pub fn server_name() -> ServerName<'static> {
     ServerName::try_from("nodeward.mesh.invalid").expect("a valid DNS name")
+}
+
+/// The DNS suffix of the server names that name a destination pod (see [`pod_server_name`]).
+const POD_NAME_SUFFIX: &str = ".pod.nodeward.internal";
+
+/// The server name (SNI) an HBONE client sends for a connection to the pod at `pod`: the
+/// address in hexadecimal, under [`POD_NAME_SUFFIX`]. The HBONE server presents the
+/// certificate of the local workload at that address (ztunnel chooses by the address it was
+/// dialled on; a nodeward client dials the destination's node, so the address travels in the
+/// SNI). rustls does not send IP addresses as SNI, hence the encoding.
+#[must_use]
+pub fn pod_server_name(pod: std::net::IpAddr) -> ServerName<'static> {
+    use std::fmt::Write as _;
+    let octets = match pod.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let mut name = String::with_capacity(octets.len() * 2 + POD_NAME_SUFFIX.len());
+    for b in octets {
+        let _ = write!(name, "{b:02x}");
+    }
+    name.push_str(POD_NAME_SUFFIX);
+    ServerName::try_from(name).expect("hexadecimal labels under a fixed suffix are a DNS name")
+}
+
+/// The pod address a server name from [`pod_server_name`] carries; `None` for any other name.
+#[must_use]
+pub fn pod_of_server_name(name: &str) -> Option<std::net::IpAddr> {
+    let hex = name.strip_suffix(POD_NAME_SUFFIX)?;
+    let byte = |i: usize| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok();
+    match hex.len() {
+        8 => {
+            let mut b = [0u8; 4];
+            for (i, v) in b.iter_mut().enumerate() {
+                *v = byte(i)?;
+            }
+            Some(std::net::IpAddr::from(b))
+        }
+        32 => {
+            let mut b = [0u8; 16];
+            for (i, v) in b.iter_mut().enumerate() {
+                *v = byte(i)?;
+            }
+            Some(std::net::IpAddr::from(b).to_canonical())
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -539,6 +628,31 @@ pub(crate) mod tests {
             other.is_err(),
             "the connection must not carry data: {outcome:?}"
         );
+    }
+
+    #[test]
+    fn a_pod_server_name_carries_the_pod_address_and_nothing_else_does() {
+        for pod in ["10.244.2.12", "0.0.0.0", "fd00:244:1::5", "::1"] {
+            let ip: std::net::IpAddr = pod.parse().unwrap();
+            let ServerName::DnsName(name) = pod_server_name(ip) else {
+                panic!("{pod}: not a DNS name");
+            };
+            assert_eq!(pod_of_server_name(name.as_ref()), Some(ip), "{pod}");
+        }
+        let mapped: std::net::IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        let ServerName::DnsName(name) = pod_server_name(mapped) else {
+            panic!("not a DNS name");
+        };
+        assert_eq!(name.as_ref(), "0a010203.pod.nodeward.internal");
+        for other in [
+            "nodeward.mesh.invalid",
+            "0a01020.pod.nodeward.internal",
+            "0a0102zz.pod.nodeward.internal",
+            "x0a010203.pod.nodeward.internal",
+            ".pod.nodeward.internal",
+        ] {
+            assert_eq!(pod_of_server_name(other), None, "{other}");
+        }
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ fn shared(ca: Arc<Authority>) -> Arc<Shared> {
         metrics: crate::metrics::Metrics::new().unwrap(),
         counters: Mutex::new(None),
         syncs: AtomicU64::new(0),
-        authority: ca,
+        ca: ca.mesh_ca(),
         certs,
         tunnel: std::sync::OnceLock::new(),
         flow_api: FlowApiStats::default(),

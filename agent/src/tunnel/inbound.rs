@@ -29,18 +29,67 @@ use crate::ca::SpiffeId;
 use crate::ca::tls::{self, CertResolver};
 use crate::flows::TunnelRecord;
 use crate::policy::model::PROTO_TCP;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
-/// The TLS side of the server: it presents the node agent's own certificate (pinned in the
-/// certificate manager, so it is renewed like the workloads') and requires a client's.
+/// The TLS side of the server: it presents the certificate of the destination workload the
+/// client names (its pod address, in the SNI: [`tls::pod_server_name`]) and requires a
+/// client's. A name for no local pod is refused; a client that sends no pod name gets the node
+/// agent's own certificate (pinned in the certificate manager, so it is renewed like the
+/// workloads'), which a nodeward client never accepts for a pod.
 ///
 /// # Errors
 /// The agent has no certificate, or the TLS configuration cannot be built.
-pub fn acceptor(ctx: &Context) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub fn acceptor(ctx: &Arc<Context>) -> Result<tokio_rustls::TlsAcceptor, String> {
     let agent = SpiffeId::agent(ctx.trust.trust_domain()).map_err(|e| e.to_string())?;
     ctx.certs.pin(&agent).map_err(|e| e.to_string())?;
-    let config = tls::server_config(&ctx.trust, CertResolver::new(ctx.certs.clone(), agent))
-        .map_err(|e| e.to_string())?;
+    let resolver = Arc::new(WorkloadResolver {
+        ctx: Arc::downgrade(ctx),
+        agent: CertResolver::new(ctx.certs.clone(), agent),
+    });
+    let config = tls::server_config(&ctx.trust, resolver).map_err(|e| e.to_string())?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Picks the server certificate per handshake: the local workload at the pod address the SNI
+/// names (see [`acceptor`]).
+struct WorkloadResolver {
+    /// Weak: the context outlives every handshake that matters, and holds no acceptor.
+    ctx: std::sync::Weak<Context>,
+    agent: Arc<CertResolver>,
+}
+
+impl std::fmt::Debug for WorkloadResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadResolver")
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for WorkloadResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else {
+            return ResolvesServerCert::resolve(self.agent.as_ref(), hello);
+        };
+        let ctx = self.ctx.upgrade()?;
+        let Some(pod) = tls::pod_of_server_name(name) else {
+            return ResolvesServerCert::resolve(self.agent.as_ref(), hello);
+        };
+        let view = ctx.view();
+        let Some(workload) = view.workload(pod).filter(|w| w.local) else {
+            tracing::info!(pod = %pod, "HBONE: a client asked for a pod that is not on this node");
+            return None;
+        };
+        // Never issued here: the control loop issues every local workload's certificate, and a
+        // handshake must not wait on an issuer (`--ca-mode issuer`).
+        if let Some(cert) = ctx.certs.cached(&workload.identity) {
+            Some(cert.certified_key.clone())
+        } else {
+            tracing::warn!(identity = %workload.identity, "HBONE: no certificate to present yet");
+            None
+        }
+    }
 }
 
 /// Accepts HBONE connections until the task is dropped.
@@ -71,6 +120,15 @@ async fn connection(
     let Some(client) = tls::peer_identity(tls.get_ref().1) else {
         return refuse("the client presented no SPIFFE ID".into());
     };
+    // The workload whose certificate this connection presented (see `acceptor`): its streams
+    // may only go to that workload's pods.
+    let presented = tls
+        .get_ref()
+        .1
+        .server_name()
+        .and_then(tls::pod_of_server_name)
+        .and_then(|pod| ctx.view().workload(pod).map(|w| w.identity.clone()));
+    let presented = presented.map(Arc::new);
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(ctx.config.max_concurrent_streams)
         .initial_window_size(STREAM_WINDOW)
@@ -91,7 +149,13 @@ async fn connection(
     while let Some(next) = conn.accept().await {
         match next {
             Ok((request, respond)) => {
-                tokio::spawn(stream(request, respond, client.clone(), ctx.clone()));
+                tokio::spawn(stream(
+                    request,
+                    respond,
+                    client.clone(),
+                    presented.clone(),
+                    ctx.clone(),
+                ));
             }
             Err(e) => {
                 tracing::debug!(peer = %peer, client = %client, error = %e, "HBONE connection ended");
@@ -155,6 +219,7 @@ async fn stream(
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     client: SpiffeId,
+    presented: Option<Arc<SpiffeId>>,
     ctx: Arc<Context>,
 ) {
     if request.method() != http::Method::CONNECT {
@@ -176,6 +241,17 @@ async fn stream(
         SocketAddr::new(src.ip().to_canonical(), src.port()),
         SocketAddr::new(dst.ip().to_canonical(), dst.port()),
     );
+    if let Some(presented) = &presented
+        && ctx
+            .view()
+            .workload(dst.ip())
+            .is_some_and(|w| w.identity != **presented)
+    {
+        // The client authenticated this connection's server as another workload: a stream to
+        // this one would reach a peer it never verified (HTTP's "misdirected request").
+        tracing::info!(source = %src, destination = %dst, client = %client, presented = %presented, "HBONE: a CONNECT for another workload than the connection's");
+        return answer(respond, StatusCode::MISDIRECTED_REQUEST);
+    }
     let Some(decision) = authorize(&ctx, &client, src, dst) else {
         tracing::info!(source = %src, destination = %dst, client = %client, "HBONE: no pod at the destination on this node");
         return answer(respond, StatusCode::SERVICE_UNAVAILABLE);

@@ -175,7 +175,15 @@ pub async fn open(
         peer: hbone,
         reason,
     };
-    let lease = pool.lease(ctx, &source.identity, hbone).await?;
+    let lease = pool
+        .lease(
+            ctx,
+            &source.identity,
+            hbone,
+            &destination.identity,
+            dst.ip(),
+        )
+        .await?;
     let request = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(dst.to_string())

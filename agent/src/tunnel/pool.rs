@@ -1,14 +1,18 @@
-//! HBONE client connections, pooled per (source identity, destination node).
+//! HBONE client connections, pooled per (source identity, destination node, destination
+//! identity).
 //!
 //! A connection presents the source workload's certificate, so it can only carry that
-//! workload's streams; it accepts a server presenting the node agent's identity (HBONE servers
-//! answer for every pod of their node, as ztunnel does in node mode). A connection carries at
-//! most `max_streams_per_connection` streams (then another is opened) and closes after
-//! `idle_timeout` without streams. A failed connection leaves the pool at once, so the next
-//! stream dials again: when a peer agent comes back, new connections succeed immediately.
+//! workload's streams; it names the destination pod in its SNI and accepts only a server that
+//! proves the destination workload's exact identity (as ztunnel checks the SAN it expects for
+//! the destination pod): a node agent that merely belongs to the trust domain, or holds another
+//! workload's certificate, cannot terminate it. A connection carries at most
+//! `max_streams_per_connection` streams (then another is opened), only to pods of that one
+//! identity, and closes after `idle_timeout` without streams. A failed connection leaves the
+//! pool at once, so the next stream dials again: when a peer agent comes back, new connections
+//! succeed immediately.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -27,6 +31,8 @@ use crate::ca::tls::{self, CertResolver, ExpectedServer};
 struct Key {
     source: SpiffeId,
     peer: SocketAddr,
+    /// The identity the server must prove.
+    destination: SpiffeId,
 }
 
 /// One HBONE connection and the streams on it.
@@ -63,20 +69,24 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A connection for a stream from `source` to the node agent at `peer`: a pooled one with
-    /// room, or a new one.
+    /// A connection for a stream from `source` to the pod at `pod`, whose workload is
+    /// `destination`, through the node agent at `peer`: a pooled one with room, or a new one.
     ///
     /// # Errors
-    /// No certificate for `source`, or the peer cannot be reached or refuses the handshake.
+    /// No certificate for `source`, or the peer cannot be reached or refuses the handshake
+    /// (among others when it does not prove `destination`).
     pub async fn lease(
         self: &Arc<Self>,
         ctx: &Arc<Context>,
         source: &SpiffeId,
         peer: SocketAddr,
+        destination: &SpiffeId,
+        pod: IpAddr,
     ) -> Result<Lease, TunnelError> {
         let key = Key {
             source: source.clone(),
             peer,
+            destination: destination.clone(),
         };
         if let Some(lease) = self.find(&key, ctx.config.max_streams_per_connection) {
             return Ok(lease);
@@ -93,7 +103,7 @@ impl Pool {
         if let Some(lease) = self.find(&key, ctx.config.max_streams_per_connection) {
             return Ok(lease);
         }
-        let conn = self.dial(ctx, &key).await?;
+        let conn = self.dial(ctx, &key, pod).await?;
         conn.streams.fetch_add(1, Ordering::Relaxed);
         self.conns
             .lock()
@@ -156,17 +166,16 @@ impl Pool {
         self: &Arc<Self>,
         ctx: &Arc<Context>,
         key: &Key,
+        pod: IpAddr,
     ) -> Result<Arc<Connection>, TunnelError> {
         let unreachable = |reason: String| TunnelError::PeerUnreachable {
             peer: key.peer,
             reason,
         };
-        let agent =
-            SpiffeId::agent(ctx.trust.trust_domain()).map_err(|e| unreachable(e.to_string()))?;
         let config = tls::client_config(
             &ctx.trust,
             CertResolver::new(ctx.certs.clone(), key.source.clone()),
-            ExpectedServer::OneOf(vec![agent]),
+            ExpectedServer::OneOf(vec![key.destination.clone()]),
         )
         .map_err(|e| unreachable(e.to_string()))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -176,7 +185,7 @@ impl Pool {
                 .map_err(|e| unreachable(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
             let tls = connector
-                .connect(tls::server_name(), tcp)
+                .connect(tls::pod_server_name(pod), tcp)
                 .await
                 .map_err(|e| {
                     TunnelStats::add(&ctx.stats.client_handshake_failures, 1);

@@ -97,13 +97,28 @@ struct Side {
 }
 
 fn side(ca: &Arc<Authority>, local: &str, compiled: CompiledState, config: TunnelConfig) -> Side {
+    side_with(ca, local, compiled, config, "api", &[])
+}
+
+/// A side whose view has the destination pod running as `server_sa`, and `extra` workloads.
+fn side_with(
+    ca: &Arc<Authority>,
+    local: &str,
+    compiled: CompiledState,
+    config: TunnelConfig,
+    server_sa: &str,
+    extra: &[Workload],
+) -> Side {
     let records: Arc<Mutex<Vec<TunnelRecord>>> = Arc::default();
     let sink = records.clone();
     let mut workloads = std::collections::HashMap::new();
     for w in [
-        workload("backend", "api", POD, local == "server"),
+        workload("backend", server_sa, POD, local == "server"),
         workload("frontend", "web", CLIENT, local == "client"),
-    ] {
+    ]
+    .into_iter()
+    .chain(extra.iter().cloned())
+    {
         let ip = w.host_ips[0];
         workloads.insert(ip, Arc::new(w));
     }
@@ -120,11 +135,27 @@ fn side(ca: &Arc<Authority>, local: &str, compiled: CompiledState, config: Tunne
         live: inbound::LiveStreams::default(),
         time_wait: super::timewait::Reaper::default(),
     });
+    // As the control loop does (`ensure_certificates`): every local workload has its
+    // certificate before the HBONE server is asked to present it.
+    for w in ctx.view().workloads.values().filter(|w| w.local) {
+        ctx.certs.get(&w.identity).unwrap();
+    }
     Side { ctx, records }
 }
 
 /// An echo "pod" on 127.0.0.1, and the HBONE server (on 127.0.0.1 too) in front of it.
 async fn server(ca: &Arc<Authority>, allow_client: bool) -> (Side, SocketAddr, SocketAddr) {
+    server_as(ca, allow_client, "api", &[]).await
+}
+
+/// [`server`] whose own view has the pod running as `server_sa` (a forged agent holding that
+/// workload's certificate when it is not the client's "api"), with `extra` workloads.
+async fn server_as(
+    ca: &Arc<Authority>,
+    allow_client: bool,
+    server_sa: &str,
+    extra: &[Workload],
+) -> (Side, SocketAddr, SocketAddr) {
     let echo = TcpListener::bind((POD, 0)).await.unwrap();
     let pod = echo.local_addr().unwrap();
     tokio::spawn(async move {
@@ -140,7 +171,14 @@ async fn server(ca: &Arc<Authority>, allow_client: bool) -> (Side, SocketAddr, S
         handshake_timeout: Duration::from_millis(500),
         ..TunnelConfig::default()
     };
-    let srv = side(ca, "server", compiled(allow_client), config);
+    let srv = side_with(
+        ca,
+        "server",
+        compiled(allow_client),
+        config,
+        server_sa,
+        extra,
+    );
     let listener = TcpListener::bind((POD, 0)).await.unwrap();
     let hbone = listener.local_addr().unwrap();
     let acceptor = inbound::acceptor(&srv.ctx).unwrap();
@@ -332,6 +370,124 @@ async fn a_client_of_a_foreign_ca_is_refused_at_the_handshake() {
     assert_eq!(TunnelStats::get(&c.ctx.stats.client_handshake_failures), 1);
     // The server never carried anything for it.
     assert!(srv.records.lock().unwrap().is_empty());
+}
+
+/// The client's handshake must fail naming the identity it expected; nothing reaches the pod.
+fn assert_refused_server(result: Result<Opened, super::TunnelError>, c: &Side, presented: &str) {
+    match result {
+        Err(super::TunnelError::PeerUnreachable { reason, .. }) => assert!(
+            reason.contains("not one of the identities expected")
+                && reason.contains(presented)
+                && reason.contains("spiffe://cluster.local/ns/backend/sa/api"),
+            "the refusal names the server's identity and the one expected: {reason}"
+        ),
+        Err(e) => panic!("expected the client to refuse the server's certificate, got {e}"),
+        Ok(_) => panic!("the client accepted a server that is not the destination workload"),
+    }
+    assert_eq!(TunnelStats::get(&c.ctx.stats.client_handshake_failures), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_holding_another_workloads_certificate_cannot_terminate_the_connection() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    // A forged agent: a valid certificate of the same CA, for a workload of its own node
+    // ("backend/forged"), answering for the address of the pod the client wants ("backend/api").
+    let (srv, hbone, pod) = server_as(&ca, true, "forged", &[]).await;
+    let c = client(&ca, hbone);
+    let pool = Arc::new(Pool::default());
+    let result = connect(&c, &pool, pod).await;
+    assert_refused_server(result, &c, "spiffe://cluster.local/ns/backend/sa/forged");
+    assert!(
+        srv.records.lock().unwrap().is_empty(),
+        "the forged server must never see a CONNECT"
+    );
+    assert_eq!(TunnelStats::get(&srv.ctx.stats.server_connections), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_presenting_its_node_agents_certificate_is_refused() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    // What every HBONE server presented before: the node agent's identity, valid for the
+    // trust domain, but not the destination workload's.
+    let (srv, _, pod) = server(&ca, true).await;
+    let agent = SpiffeId::agent(TD).unwrap();
+    let config = crate::ca::tls::server_config(
+        &ca.trust(),
+        crate::ca::tls::CertResolver::new(srv.ctx.certs.clone(), agent),
+    )
+    .unwrap();
+    let listener = TcpListener::bind((POD, 0)).await.unwrap();
+    let hbone = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(inbound::serve(listener, acceptor, srv.ctx.clone()));
+    let c = client(&ca, hbone);
+    let pool = Arc::new(Pool::default());
+    let result = connect(&c, &pool, pod).await;
+    assert_refused_server(
+        result,
+        &c,
+        "spiffe://cluster.local/ns/nodeward-system/sa/nodeward",
+    );
+    assert!(srv.records.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_another_workload_than_the_connection_proved_gets_421() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    // A second local pod with another identity, on the same node as the destination.
+    let other = workload("backend", "billing", "127.0.0.3", true);
+    let (srv, hbone, pod) = server_as(&ca, true, "api", std::slice::from_ref(&other)).await;
+    let c = client(&ca, hbone);
+    let pool = Arc::new(Pool::default());
+    let source = SpiffeId::workload(TD, "frontend", "web").unwrap();
+    let api = SpiffeId::workload(TD, "backend", "api").unwrap();
+    let lease = pool
+        .lease(&c.ctx, &source, hbone, &api, pod.ip())
+        .await
+        .expect("the server proves backend/api");
+    let request = |dst: SocketAddr| {
+        http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(dst.to_string())
+            .header(
+                http::header::FORWARDED,
+                super::outbound::forwarded_for(
+                    (CLIENT.parse::<std::net::IpAddr>().unwrap(), 40001).into(),
+                ),
+            )
+            .body(())
+            .unwrap()
+    };
+    let status = |dst: SocketAddr| {
+        let sender = lease.sender();
+        async move {
+            let mut sender = sender.ready().await.unwrap();
+            let (response, _send) = sender.send_request(request(dst), false).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), response)
+                .await
+                .expect("an answer")
+                .expect("a response")
+                .status()
+        }
+    };
+    let misdirected = SocketAddr::new(other.host_ips[0], pod.port());
+    assert_eq!(
+        status(misdirected).await,
+        http::StatusCode::MISDIRECTED_REQUEST,
+        "a stream to backend/billing on a connection that proved backend/api"
+    );
+    assert_eq!(
+        status(pod).await,
+        http::StatusCode::OK,
+        "the proved workload's pod"
+    );
+    assert_eq!(TunnelStats::get(&srv.ctx.stats.inbound_ok), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,6 +120,19 @@ struct State {
     pub status_applies: Vec<(String, String, Value)>,
     /// `410 Expired` errors sent to watches.
     pub expired_sent: u64,
+    /// Tokens TokenReview knows.
+    tokens: HashMap<String, FakeToken>,
+}
+
+/// A ServiceAccount token as TokenReview sees it.
+#[derive(Clone, Debug)]
+pub struct FakeToken {
+    pub username: String,
+    pub audiences: Vec<String>,
+    pub expires: std::time::SystemTime,
+    /// `user.extra` (the pod binding: `authentication.kubernetes.io/pod-name`, `pod-uid`,
+    /// `node-name`).
+    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 struct Inner {
@@ -240,6 +253,11 @@ impl FakeApi {
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `token` known to TokenReview.
+    pub fn add_token(&self, token: &str, info: FakeToken) {
+        self.state().tokens.insert(token.to_owned(), info);
     }
 
     /// Creates or replaces an object (like `kubectl apply` of a whole object); bumps
@@ -558,6 +576,14 @@ async fn handle(inner: &Arc<Inner>, req: Request<hyper::body::Incoming>) -> Resp
             }),
         );
     }
+    if path == "/apis/authentication.k8s.io/v1/tokenreviews" && req.method() == Method::POST {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        let Ok(review) = body.map(|b| serde_json::from_slice::<Value>(&b).unwrap_or_default())
+        else {
+            return status_error(400, "BadRequest", "no body");
+        };
+        return respond(StatusCode::CREATED, &token_review(inner, &review));
+    }
     let Some(target) = target(&path) else {
         return status_error(
             404,
@@ -629,6 +655,57 @@ async fn handle(inner: &Arc<Inner>, req: Request<hyper::body::Incoming>) -> Resp
             &format!("{m} {path} is not served by the fake"),
         ),
     }
+}
+
+/// What the real API server answers a TokenReview: unknown and expired tokens and tokens for
+/// none of the requested audiences are not authenticated (with an error); otherwise the user
+/// and the audiences both sides share.
+fn token_review(inner: &Arc<Inner>, review: &Value) -> Value {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let known = inner
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .tokens
+        .get(token)
+        .cloned();
+    let status = match known {
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        Some(t) if t.expires <= std::time::SystemTime::now() => {
+            json!({"authenticated": false, "error": "invalid bearer token, token has expired"})
+        }
+        Some(t) => {
+            let shared: Vec<&String> = if wanted.is_empty() {
+                t.audiences.iter().collect()
+            } else {
+                wanted.iter().filter(|a| t.audiences.contains(a)).collect()
+            };
+            if shared.is_empty() {
+                json!({"authenticated": false, "error": "invalid bearer token, token audiences are invalid"})
+            } else {
+                json!({
+                    "authenticated": true,
+                    "audiences": shared,
+                    "user": {"username": t.username, "uid": "fake-uid", "extra": t.extra},
+                })
+            }
+        }
+    };
+    json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "metadata": {},
+        "spec": review["spec"].clone(),
+        "status": status,
+    })
 }
 
 /// A parsed `labelSelector` or `fieldSelector`.
