@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::datapath::loader::Datapath;
 use crate::datapath::maps::PinnedMaps;
+use crate::datapath::sizes::{FillWatch, MapSizes};
 use crate::datapath::sync::{SyncError, SyncStats, Syncer};
 use crate::endpoints::Resolver;
 use crate::error_chain;
@@ -61,6 +62,8 @@ pub struct AgentConfig {
     /// mTLS mode of pods no `MutualTLS` selects (`--mtls-mode`).
     pub mtls_default: policy::crd::MutualTlsMode,
     pub tunnel: crate::tunnel::TunnelConfig,
+    /// Entries of each sized datapath map (`--map-*-entries`, `--map-dynamic-size-ratio`).
+    pub map_sizes: MapSizes,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -91,6 +94,8 @@ pub struct MapFill {
     pub name: String,
     pub entries: usize,
     pub capacity: u32,
+    /// At or past 90% of the capacity: a change that does not fit will be rejected whole.
+    pub nearly_full: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -118,6 +123,9 @@ pub struct Status {
     pub policies: PolicyStatus,
     pub manifest_errors: Vec<String>,
     pub maps: Vec<MapFill>,
+    /// The kernel's capacity of every sized map (conntrack included, whose fill is not
+    /// counted: it would mean walking the whole table).
+    pub map_sizes: Option<MapSizes>,
     pub identities: usize,
     pub last_sync: SyncStatus,
     /// Where the objects come from and whether it is reachable (a disconnected API server means
@@ -268,12 +276,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // A CA file that cannot be read or does not fit stops start-up, before anything changes.
     let (authority, certs) =
         crate::ca::start(&config.ca, config.cert_ttl).context("loading the mesh CA")?;
-    let mut datapath = Datapath::open(Some(&config.bpffs_dir)).with_context(|| {
-        format!(
-            "loading the datapath (pinned under {})",
-            config.bpffs_dir.display()
-        )
-    })?;
+    let mut datapath = Datapath::open_sized(Some(&config.bpffs_dir), &config.map_sizes)
+        .with_context(|| {
+            format!(
+                "loading the datapath (pinned under {})",
+                config.bpffs_dir.display()
+            )
+        })?;
     // The sync and the flow reader get their own handles on the pinned maps; the loader keeps
     // its own for the programs.
     let mut maps = PinnedMaps::from_pins(&config.bpffs_dir.join("maps"))
@@ -293,12 +302,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .map(FlowLog::start)
         .transpose()
         .context("starting the flow log writer")?;
+    let map_sizes = crate::datapath::MapWriter::capacities(&maps);
     let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
     tracing::info!(
         node = %config.node,
         bpffs = %config.bpffs_dir.display(),
         adopted_endpoints = syncer.endpoints().len(),
         generation = syncer.generation(),
+        ipcache_entries = map_sizes.ipcache,
+        policy_entries = map_sizes.policy,
+        endpoints_entries = map_sizes.endpoints,
+        conntrack_entries = map_sizes.conntrack,
         "datapath loaded"
     );
     let syncer = Arc::new(Mutex::new(syncer));
@@ -405,6 +419,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tunnel,
         policy_route: false,
         trim_at: None,
+        fill_watch: FillWatch::default(),
+        map_sizes,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     'run: loop {
@@ -683,6 +699,10 @@ struct Control {
     /// When to [`Control::trim`]: [`TRIM_AFTER_IDLE`] after the last sync that changed
     /// something (a resync that changes nothing does not postpone it).
     trim_at: Option<tokio::time::Instant>,
+    /// Which maps are past the fill warning mark (each crossing is logged and counted once).
+    fill_watch: FillWatch,
+    /// The kernel's sizes of the maps, for the status.
+    map_sizes: MapSizes,
 }
 
 impl Control {
@@ -832,6 +852,16 @@ impl Control {
         let fill = syncer.fill();
         let generation = syncer.generation();
         drop(syncer);
+        for (map, entries, capacity) in self.fill_watch.crossed(&fill) {
+            tracing::warn!(
+                map,
+                entries,
+                capacity,
+                flag = crate::datapath::sync::size_flag(map),
+                "datapath map is 90% full: a change that does not fit will be rejected whole; raise its size"
+            );
+            self.shared.metrics.map_fill_warning(map);
+        }
         for status in &mut endpoints {
             if !in_maps.contains(&status.ifindex) || status.ifindex == 0 {
                 continue;
@@ -873,6 +903,14 @@ impl Control {
                     }
                     Err(e) => self.report(format!("detaching from {name}: {}", error_chain(&e))),
                 }
+            }
+        }
+        // The previous programs are gone from every endpoint now: what they recorded in a
+        // conntrack this start resized is copied over once more (`datapath::migrate`).
+        if result.is_ok() && datapath.migrating() {
+            match datapath.finish_migrations() {
+                Ok(flows) => tracing::info!(flows, "resized conntrack caught up"),
+                Err(e) => self.report(format!("resizing conntrack: {}", error_chain(&e))),
             }
         }
         phases.end("attach");
@@ -1190,6 +1228,7 @@ impl Control {
                 name: (*name).to_owned(),
                 entries: *entries,
                 capacity: *capacity,
+                nearly_full: self.fill_watch.is_warned(name),
             })
             .collect();
         self.shared.metrics.observe_state(
@@ -1209,6 +1248,7 @@ impl Control {
             },
             manifest_errors,
             maps,
+            map_sizes: Some(self.map_sizes),
             identities: self.identities.len(),
             source: self.source.status(),
             last_sync: SyncStatus {

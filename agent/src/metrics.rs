@@ -34,6 +34,7 @@ pub struct Metrics {
     identities: IntGauge,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
+    map_fill_warnings: IntCounterVec,
     lost: IntGaugeVec,
     policy_verdicts: IntCounterVec,
     /// `policy_verdicts`' series by the flows' shared policy, for the same reason.
@@ -95,6 +96,14 @@ impl Metrics {
         )?;
         let map_capacity = IntGaugeVec::new(
             Opts::new("map_capacity", "Capacity of each datapath map"),
+            &["map"],
+        )?;
+        let map_fill_warnings = IntCounterVec::new(
+            Opts::new(
+                "map_fill_warnings_total",
+                "Times a datapath map reached 90% of its capacity (changes that do not fit are \
+                 rejected whole)",
+            ),
             &["map"],
         )?;
         let lost = IntGaugeVec::new(
@@ -197,6 +206,7 @@ impl Metrics {
             Box::new(identities.clone()),
             Box::new(map_entries.clone()),
             Box::new(map_capacity.clone()),
+            Box::new(map_fill_warnings.clone()),
             Box::new(lost.clone()),
         ] {
             registry.register(c)?;
@@ -210,6 +220,7 @@ impl Metrics {
             identities,
             map_entries,
             map_capacity,
+            map_fill_warnings,
             lost,
             policy_verdicts,
             policy_series: std::sync::Mutex::new(PerShared::new(POLICY_SERIES_KEPT)),
@@ -345,6 +356,11 @@ impl Metrics {
         self.sync_seconds
             .with_label_values(&[] as &[&str])
             .observe(took.as_secs_f64());
+    }
+
+    /// Map `map` reached the fill warning mark.
+    pub fn map_fill_warning(&self, map: &str) {
+        self.map_fill_warnings.with_label_values(&[map]).inc();
     }
 
     pub fn observe_state(&self, endpoints: usize, identities: usize, maps: &[MapFill]) {
