@@ -375,6 +375,8 @@ impl Metrics {
             self.map_capacity
                 .with_label_values(&[m.name.as_str()])
                 .set(i64::from(m.capacity));
+            // Every map's warning count shows, at 0 until it warns.
+            let _ = self.map_fill_warnings.with_label_values(&[m.name.as_str()]);
         }
     }
 
