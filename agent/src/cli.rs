@@ -1066,7 +1066,11 @@ fn status_text(s: &serde_json::Value) -> String {
         );
     }
     if let Some(ct) = s["map_sizes"]["conntrack"].as_u64() {
-        let _ = writeln!(out, "  {:<14} {:>8}   {ct:<8}", "conntrack", "-");
+        let _ = writeln!(
+            out,
+            "  {:<14} {:>8} / {ct:<8} (an LRU; its fill is not counted)",
+            "conntrack", "-"
+        );
     }
     let d = &s["datapath"];
     let _ = writeln!(
