@@ -4,6 +4,14 @@
 //! against in-memory maps. A policy is toggled between rounds, as the benchmark does.
 //!
 //! `cargo run --release -p nodeward --example reconcile_scale [ROUNDS]`
+//!
+//! For the scale curve (issue 33), the environment changes the shape: `SCALE_PODS` remote pods
+//! (default 1,000; beyond the rules' peers, pods come in deployments of 20 sharing their labels),
+//! `SCALE_RULE_PEERS` of them selected by the rules, 10 ports each (default 1,000: 10k rules),
+//! and `SCALE_CHANGE=pod` makes each round a pod event instead of a policy change: one remote
+//! pod, in a file of its own, is relabelled into a replica of one of the rules' peers (its
+//! ipcache entry takes that identity) and back. The last lines give
+//! the agent-side figures: per-round milliseconds and the process's peak RSS.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -47,6 +55,23 @@ fn live_kib() -> usize {
 const PEERS: usize = 1000;
 const POLICIES: usize = 10;
 const PORTS: [u16; 10] = [6000, 6010, 6020, 6030, 6040, 6050, 6060, 6070, 6080, 6090];
+
+/// Remote pods the rules select, each with labels of its own (`SCALE_RULE_PEERS`, default
+/// [`PEERS`]): the rules are this many peers x 10 ports.
+fn rule_peers() -> usize {
+    std::env::var("SCALE_RULE_PEERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PEERS)
+}
+
+/// Remote pods (`SCALE_PODS`, default [`PEERS`]).
+fn pods() -> usize {
+    std::env::var("SCALE_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PEERS)
+}
 
 /// Maps that only count what they are asked to do.
 #[derive(Default)]
@@ -107,6 +132,16 @@ impl MapWriter for Counting {
         self.writes += 1;
         Ok(())
     }
+    fn capacities(&self) -> nodeward::datapath::sizes::MapSizes {
+        use nodeward::datapath::sizes as s;
+        s::MapSizes {
+            endpoints: s::DEFAULT_ENDPOINTS,
+            policy: s::DEFAULT_POLICY,
+            ipcache: s::DEFAULT_IPCACHE,
+            policy_cidrs: s::DEFAULT_POLICY_CIDRS,
+            conntrack: s::CONNTRACK_MIN,
+        }
+    }
 }
 
 fn yaml(docs: &[Value]) -> String {
@@ -141,26 +176,49 @@ fn toggle(on: bool) -> Value {
     })
 }
 
-/// The 1,000 remote peers (and their namespace).
+/// The remote peers (and their namespace): the first 1,000 are the rules' peers, each with
+/// labels of its own; the rest come in deployments of 20 pods.
 fn peer_objects() -> Vec<Value> {
     let mut objects = vec![json!({ "apiVersion": "v1", "kind": "Namespace",
         "metadata": { "name": "bench-peers", "labels": { "kubernetes.io/metadata.name": "bench-peers" } } })];
-    objects.extend((0..PEERS).map(|i| {
+    objects.extend((0..pods()).map(|i| {
         let ip = std::net::Ipv4Addr::from(0x0af5_0001 + u32::try_from(i).expect("small"));
+        let labels = if i < rule_peers() {
+            json!({ "app": "peer", "peer": format!("p{i}") })
+        } else {
+            json!({ "app": "other", "deployment": format!("d{}", i / 20) })
+        };
         pod(
             &format!("peer-{i}"),
             "bench-peers",
             "node-absent",
             &ip.to_string(),
-            json!({ "app": "peer", "peer": format!("p{i}") }),
+            labels,
         )
     }));
     objects
 }
 
+/// The pod of `SCALE_CHANGE=pod`: a replica of a rules' peer in odd rounds, of no one's in even
+/// ones.
+fn churn(on: bool) -> Value {
+    let labels = if on {
+        json!({ "app": "peer", "peer": "p5" })
+    } else {
+        json!({ "app": "other", "deployment": "churn" })
+    };
+    pod(
+        "churn-0",
+        "bench-peers",
+        "node-absent",
+        "10.250.255.254",
+        labels,
+    )
+}
+
 /// 10 NetworkPolicies on backend's `app: api` pods, each allowing 100 peers on 10 ports.
 fn rule_objects() -> Vec<Value> {
-    let per = PEERS / POLICIES;
+    let per = rule_peers() / POLICIES;
     (0..POLICIES)
         .map(|k| {
             let from: Vec<Value> = (k * per..(k + 1) * per)
@@ -223,12 +281,33 @@ fn main() {
     let mut compiler = policy::Compiler::default();
     let mut syncer = Syncer::adopt(Counting::default()).expect("adopt");
     let mut totals: BTreeMap<&str, Duration> = BTreeMap::new();
+    let pod_events = std::env::var("SCALE_CHANGE").is_ok_and(|v| v == "pod");
+    println!(
+        "{} remote pods, {} rules, a {} per round",
+        pods(),
+        rule_peers() * PORTS.len(),
+        if pod_events {
+            "pod event"
+        } else {
+            "policy change"
+        }
+    );
+    let mut worst = Duration::ZERO;
     for round in 0..=rounds {
-        std::fs::write(
-            dir.path().join("toggle.yaml"),
-            yaml(&[toggle(round % 2 == 1)]),
-        )
-        .expect("write");
+        let round_started = Instant::now();
+        if pod_events {
+            std::fs::write(
+                dir.path().join("churn.yaml"),
+                yaml(&[churn(round % 2 == 1)]),
+            )
+            .expect("write");
+        } else {
+            std::fs::write(
+                dir.path().join("toggle.yaml"),
+                yaml(&[toggle(round % 2 == 1)]),
+            )
+            .expect("write");
+        }
         let mut t = Instant::now();
         let mut lap = |name: &'static str, t: &mut Instant| {
             if round > 0 {
@@ -289,6 +368,9 @@ fn main() {
                 live_kib() - after_compile
             );
         }
+        if round > 0 {
+            worst = worst.max(round_started.elapsed());
+        }
         drop((view, compiled, models, inv));
         lap("6 drop", &mut t);
         if round == rounds {
@@ -306,4 +388,18 @@ fn main() {
             total.as_secs_f64() * 1000.0 / rounds as f64
         );
     }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    println!(
+        "slowest round to the maps {:.1} ms; RSS {} (peak {})",
+        worst.as_secs_f64() * 1000.0,
+        kib("VmRSS:"),
+        kib("VmHWM:")
+    );
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::datapath::loader::Datapath;
 use crate::datapath::maps::PinnedMaps;
 use crate::datapath::service_maps::ServiceMaps;
+use crate::datapath::sizes::{FillWatch, MapSizes};
 use crate::datapath::sync::{SyncError, SyncStats, Syncer};
 use crate::endpoints::Resolver;
 use crate::error_chain;
@@ -65,6 +66,8 @@ pub struct AgentConfig {
     /// mTLS mode of pods no `MutualTLS` selects (`--mtls-mode`).
     pub mtls_default: policy::crd::MutualTlsMode,
     pub tunnel: crate::tunnel::TunnelConfig,
+    /// Entries of each sized datapath map (`--map-*-entries`, `--map-dynamic-size-ratio`).
+    pub map_sizes: MapSizes,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -95,6 +98,8 @@ pub struct MapFill {
     pub name: String,
     pub entries: usize,
     pub capacity: u32,
+    /// At or past 90% of the capacity: a change that does not fit will be rejected whole.
+    pub nearly_full: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -122,6 +127,9 @@ pub struct Status {
     pub policies: PolicyStatus,
     pub manifest_errors: Vec<String>,
     pub maps: Vec<MapFill>,
+    /// The kernel's capacity of every sized map (conntrack included, whose fill is not
+    /// counted: it would mean walking the whole table).
+    pub map_sizes: Option<MapSizes>,
     pub identities: usize,
     pub last_sync: SyncStatus,
     /// Where the objects come from and whether it is reachable (a disconnected API server means
@@ -306,12 +314,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 .context("starting with the certificate issuer (--ca-mode issuer)")?
         }
     };
-    let mut datapath = Datapath::open(Some(&config.bpffs_dir)).with_context(|| {
-        format!(
-            "loading the datapath (pinned under {})",
-            config.bpffs_dir.display()
-        )
-    })?;
+    let mut datapath = Datapath::open_sized(Some(&config.bpffs_dir), &config.map_sizes)
+        .with_context(|| {
+            format!(
+                "loading the datapath (pinned under {})",
+                config.bpffs_dir.display()
+            )
+        })?;
     // The sync and the flow reader get their own handles on the pinned maps; the loader keeps
     // its own for the programs.
     let mut maps = PinnedMaps::from_pins(&config.bpffs_dir.join("maps"))
@@ -331,6 +340,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .map(FlowLog::start)
         .transpose()
         .context("starting the flow log writer")?;
+    let map_sizes = crate::datapath::MapWriter::capacities(&maps);
     let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
     let service_sync = ServiceSync::adopt(
         ServiceMaps::from_pins(&config.bpffs_dir.join("maps"))
@@ -357,6 +367,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         bpffs = %config.bpffs_dir.display(),
         adopted_endpoints = syncer.endpoints().len(),
         generation = syncer.generation(),
+        ipcache_entries = map_sizes.ipcache,
+        policy_entries = map_sizes.policy,
+        endpoints_entries = map_sizes.endpoints,
+        conntrack_entries = map_sizes.conntrack,
         "datapath loaded"
     );
     let syncer = Arc::new(Mutex::new(syncer));
@@ -466,6 +480,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         trim_at: None,
         service_sync,
         translating,
+        fill_watch: FillWatch::default(),
+        map_sizes,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     'run: loop {
@@ -748,6 +764,10 @@ struct Control {
     service_sync: ServiceSync<ServiceMaps>,
     /// The translation programs are attached (`--cgroup` given).
     translating: bool,
+    /// Which maps are past the fill warning mark (each crossing is logged and counted once).
+    fill_watch: FillWatch,
+    /// The kernel's sizes of the maps, for the status.
+    map_sizes: MapSizes,
 }
 
 impl Control {
@@ -894,6 +914,16 @@ impl Control {
         let fill = syncer.fill();
         let generation = syncer.generation();
         drop(syncer);
+        for (map, entries, capacity) in self.fill_watch.crossed(&fill) {
+            tracing::warn!(
+                map,
+                entries,
+                capacity,
+                flag = crate::datapath::sync::size_flag(map),
+                "datapath map is 90% full: a change that does not fit will be rejected whole; raise its size"
+            );
+            self.shared.metrics.map_fill_warning(map);
+        }
         for status in &mut endpoints {
             if !in_maps.contains(&status.ifindex) || status.ifindex == 0 {
                 continue;
@@ -935,6 +965,14 @@ impl Control {
                     }
                     Err(e) => self.report(format!("detaching from {name}: {}", error_chain(&e))),
                 }
+            }
+        }
+        // The previous programs are gone from every endpoint now: what they recorded in a
+        // conntrack this start resized is copied over once more (`datapath::migrate`).
+        if result.is_ok() && datapath.migrating() {
+            match datapath.finish_migrations() {
+                Ok(flows) => tracing::info!(flows, "resized conntrack caught up"),
+                Err(e) => self.report(format!("resizing conntrack: {}", error_chain(&e))),
             }
         }
         phases.end("attach");
@@ -1329,6 +1367,7 @@ impl Control {
                 name: (*name).to_owned(),
                 entries: *entries,
                 capacity: *capacity,
+                nearly_full: self.fill_watch.is_warned(name),
             })
             .collect();
         self.shared.metrics.observe_state(
@@ -1348,6 +1387,7 @@ impl Control {
             },
             manifest_errors,
             maps,
+            map_sizes: Some(self.map_sizes),
             identities: self.identities.len(),
             source: self.source.status(),
             services,

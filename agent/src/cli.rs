@@ -11,6 +11,7 @@ use clap::{
 };
 
 use crate::api::{self, Request};
+use crate::datapath::sizes;
 use crate::flows::filter::PodMatch;
 use crate::flows::{Flow, FlowFilter};
 
@@ -231,6 +232,37 @@ struct AgentArgs {
     /// addresses.
     #[arg(long, env = "NODEWARD_HBONE_ADDR", default_value = "[::]:15008")]
     hbone_addr: SocketAddr,
+    /// Entries of the ipcache map: every pod address in the cluster (two for a dual-stack pod),
+    /// node and CIDR. The default holds 150,000 dual-stack pods with room for rollouts.
+    #[arg(long, env = "NODEWARD_MAP_IPCACHE_ENTRIES", default_value_t = sizes::DEFAULT_IPCACHE,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    map_ipcache_entries: u32,
+    /// Entries of the policy map: the local pods' compiled rules (old and new side by side
+    /// while a change is written). Allocated as used.
+    #[arg(long, env = "NODEWARD_MAP_POLICY_ENTRIES", default_value_t = sizes::DEFAULT_POLICY,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    map_policy_entries: u32,
+    /// Entries of the map of CIDRs that policies name (ipBlock).
+    #[arg(long, env = "NODEWARD_MAP_POLICY_CIDR_ENTRIES",
+          default_value_t = sizes::DEFAULT_POLICY_CIDRS,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    map_policy_cidr_entries: u32,
+    /// The most pods (workload interfaces) this node runs: entries of the endpoints map.
+    #[arg(long, env = "NODEWARD_MAP_ENDPOINTS_ENTRIES", default_value_t = sizes::DEFAULT_ENDPOINTS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    map_endpoints_entries: u32,
+    /// Entries of the conntrack table (an LRU: when full, the least recently used flow is
+    /// evicted and its next packet is evaluated again). Default: from the node's memory, see
+    /// --map-dynamic-size-ratio.
+    #[arg(long, env = "NODEWARD_MAP_CONNTRACK_ENTRIES",
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    map_conntrack_entries: Option<u32>,
+    /// Share of the node's memory for the conntrack table when --map-conntrack-entries is not
+    /// given (as Cilium's bpf-map-dynamic-size-ratio; 128 bytes an entry, 65,536 to 4,194,304
+    /// entries).
+    #[arg(long, env = "NODEWARD_MAP_DYNAMIC_SIZE_RATIO",
+          default_value_t = sizes::DEFAULT_DYNAMIC_SIZE_RATIO, value_parser = size_ratio_arg)]
+    map_dynamic_size_ratio: f64,
     /// Log filter (tracing EnvFilter syntax), also RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -681,6 +713,35 @@ fn raise_open_files_limit() {
     }
 }
 
+fn size_ratio_arg(text: &str) -> Result<f64, String> {
+    let ratio: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if ratio > 0.0 && ratio <= 0.1 {
+        Ok(ratio)
+    } else {
+        Err("must be above 0 and at most 0.1 (a share of the node's memory)".into())
+    }
+}
+
+/// The sizes of the datapath's maps from the flags (conntrack from memory unless given).
+fn map_sizes(args: &AgentArgs) -> anyhow::Result<sizes::MapSizes> {
+    let conntrack = match args.map_conntrack_entries {
+        Some(n) => n,
+        None => {
+            let memory = sizes::node_memory().context(
+                "reading the node's memory to size conntrack (or give --map-conntrack-entries)",
+            )?;
+            sizes::conntrack_from_memory(memory, args.map_dynamic_size_ratio)
+        }
+    };
+    Ok(sizes::MapSizes {
+        endpoints: args.map_endpoints_entries,
+        policy: args.map_policy_entries,
+        ipcache: args.map_ipcache_entries,
+        policy_cidrs: args.map_policy_cidr_entries,
+        conntrack,
+    })
+}
+
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -693,7 +754,9 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         anyhow::bail!("--node: must not be empty");
     }
     raise_open_files_limit();
+    let map_sizes = map_sizes(&args)?;
     let config = crate::app::AgentConfig {
+        map_sizes,
         node: args.node,
         source: match args.manifests {
             Some(dir) => crate::app::SourceConfig::Manifests(dir),
@@ -1356,8 +1419,20 @@ fn status_text(s: &serde_json::Value) -> String {
         let pct = entries as f64 * 100.0 / capacity as f64;
         let _ = writeln!(
             out,
-            "  {:<14} {entries:>8} / {capacity:<8} ({pct:.1}%)",
-            m["name"].as_str().unwrap_or("")
+            "  {:<14} {entries:>8} / {capacity:<8} ({pct:.1}%){}",
+            m["name"].as_str().unwrap_or(""),
+            if m["nearly_full"].as_bool() == Some(true) {
+                "  NEARLY FULL: raise its --map-*-entries"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(ct) = s["map_sizes"]["conntrack"].as_u64() {
+        let _ = writeln!(
+            out,
+            "  {:<14} {:>8} / {ct:<8} (an LRU; its fill is not counted)",
+            "conntrack", "-"
         );
     }
     let d = &s["datapath"];

@@ -4,7 +4,9 @@
 
 pub mod loader;
 pub mod maps;
+pub mod migrate;
 pub mod service_maps;
+pub mod sizes;
 pub mod sync;
 
 use agent_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
@@ -40,6 +42,10 @@ pub trait MapWriter {
     fn delete_policy_cidr(&mut self, prefix: IpNet) -> Result<(), Self::Error>;
     /// Makes every conntrack entry re-evaluate policy on its next packet.
     fn set_generation(&mut self, generation: u32) -> Result<(), Self::Error>;
+    /// How many entries each map holds (the kernel's `max_entries`).
+    fn capacities(&self) -> sizes::MapSizes {
+        sizes::MapSizes::COMPILED
+    }
 }
 
 /// IPv4 as IPv4-mapped IPv6 bytes, the one address form the maps use.

@@ -34,6 +34,7 @@ pub struct Metrics {
     identities: IntGauge,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
+    map_fill_warnings: IntCounterVec,
     lost: IntGaugeVec,
     policy_verdicts: IntCounterVec,
     /// `policy_verdicts`' series by the flows' shared policy, for the same reason.
@@ -99,6 +100,14 @@ impl Metrics {
         )?;
         let map_capacity = IntGaugeVec::new(
             Opts::new("map_capacity", "Capacity of each datapath map"),
+            &["map"],
+        )?;
+        let map_fill_warnings = IntCounterVec::new(
+            Opts::new(
+                "map_fill_warnings_total",
+                "Times a datapath map reached 90% of its capacity (changes that do not fit are \
+                 rejected whole)",
+            ),
             &["map"],
         )?;
         let lost = IntGaugeVec::new(
@@ -218,6 +227,7 @@ impl Metrics {
             Box::new(identities.clone()),
             Box::new(map_entries.clone()),
             Box::new(map_capacity.clone()),
+            Box::new(map_fill_warnings.clone()),
             Box::new(lost.clone()),
         ] {
             registry.register(c)?;
@@ -231,6 +241,7 @@ impl Metrics {
             identities,
             map_entries,
             map_capacity,
+            map_fill_warnings,
             lost,
             policy_verdicts,
             policy_series: std::sync::Mutex::new(PerShared::new(POLICY_SERIES_KEPT)),
@@ -372,6 +383,11 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Map `map` reached the fill warning mark.
+    pub fn map_fill_warning(&self, map: &str) {
+        self.map_fill_warnings.with_label_values(&[map]).inc();
+    }
+
     pub fn observe_state(&self, endpoints: usize, identities: usize, maps: &[MapFill]) {
         self.endpoints
             .set(i64::try_from(endpoints).unwrap_or(i64::MAX));
@@ -384,6 +400,8 @@ impl Metrics {
             self.map_capacity
                 .with_label_values(&[m.name.as_str()])
                 .set(i64::from(m.capacity));
+            // Every map's warning count shows, at 0 until it warns.
+            let _ = self.map_fill_warnings.with_label_values(&[m.name.as_str()]);
         }
     }
 

@@ -1624,3 +1624,159 @@ fn a_pod_cannot_claim_the_agents_mark() {
     assert_eq!((verdict, mark), (TC_ACT_OK, mesh::MARK_FROM_AGENT));
     assert_eq!(ct_flags(&env, 40000), vec![0], "an ordinary egress flow");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Map sizes
+
+fn pinned_max_entries(dir: &Path, map: &str) -> u32 {
+    aya::maps::MapInfo::from_pin(dir.join("maps").join(map))
+        .unwrap_or_else(|e| panic!("reading the pinned {map}: {e}"))
+        .max_entries()
+}
+
+fn sizes(entries: u32) -> nodeward::datapath::sizes::MapSizes {
+    nodeward::datapath::sizes::MapSizes {
+        endpoints: entries,
+        policy: entries,
+        ipcache: entries,
+        policy_cidrs: entries,
+        conntrack: entries,
+    }
+}
+
+#[test]
+fn a_restart_with_other_map_sizes_moves_the_pinned_entries() {
+    use aya::maps::{HashMap, Map};
+    use nodeward::datapath::sync::Syncer;
+
+    require_root();
+    let dir = BpffsDir::new();
+    let _ns = NetNsGuard::new();
+    ip(&[
+        "link", "add", "nwt-a", "type", "veth", "peer", "name", "nwt-b",
+    ]);
+    let a = ifindex("nwt-a");
+    let prefixes: std::collections::BTreeMap<ipnet::IpNet, IpcacheValue> = (1..=40u8)
+        .map(|i| {
+            let net: ipnet::IpNet = format!("10.9.0.{i}/32").parse().expect("prefix");
+            (
+                net,
+                IpcacheValue {
+                    identity: 2000 + u32::from(i),
+                    flags: 0,
+                },
+            )
+        })
+        .collect();
+    let flow = (
+        agent_common::CtKey {
+            saddr: addr_bytes(IpAddr::V4(POD_V4)),
+            daddr: addr_bytes(IpAddr::V4(PEER_V4)),
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            protocol: 6,
+            direction: DIR_EGRESS,
+            _pad: [0; 2],
+        },
+        agent_common::CtValue {
+            generation: 41,
+            verdict: VERDICT_FORWARDED,
+            ..agent_common::CtValue::default()
+        },
+    );
+    let conntrack = |dir: &Path| -> HashMap<MapData, agent_common::CtKey, agent_common::CtValue> {
+        let data = MapData::from_pin(dir.join("maps/NW_CONNTRACK")).expect("conntrack pin");
+        HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash")
+    };
+
+    // A first agent with small maps: the kernel's maps have the sizes asked for.
+    let first_ids = {
+        let mut dp = Datapath::open_sized(Some(dir.path()), &sizes(64)).expect("open small");
+        for map in ["NW_IPCACHE", "NW_POLICY", "NW_ENDPOINTS", "NW_CONNTRACK"] {
+            assert_eq!(pinned_max_entries(dir.path(), map), 64, "{map}");
+        }
+        dp.maps_mut()
+            .put_endpoint(
+                a,
+                &EndpointInfo {
+                    identity: POD_IDENTITY,
+                    ..EndpointInfo::default()
+                },
+            )
+            .expect("endpoint");
+        for (net, value) in &prefixes {
+            dp.maps_mut().put_ipcache(*net, *value).expect("ipcache");
+        }
+        dp.maps_mut().set_generation(41).expect("generation");
+        conntrack(dir.path())
+            .insert(flow.0, flow.1, 0)
+            .expect("conntrack");
+        dp.attach(a, "nwt-a").expect("attach");
+        let syncer = Syncer::adopt(
+            nodeward::datapath::maps::PinnedMaps::from_pins(&dir.path().join("maps"))
+                .expect("pins"),
+        )
+        .expect("adopt");
+        assert_eq!(
+            syncer.fill()[2],
+            ("ipcache", 40, 64),
+            "fill against the kernel's size"
+        );
+        tcx_programs("nwt-a", TcAttachType::Ingress)
+    };
+
+    // Asking for fewer entries than a map holds is refused before anything changes.
+    let err = Datapath::open_sized(Some(dir.path()), &sizes(32)).expect_err("too small");
+    let text = nodeward::error_chain(&err);
+    assert!(
+        text.contains("NW_IPCACHE") && text.contains("holds 40 entries"),
+        "the refusal names the map and what it holds: {text}"
+    );
+    assert_eq!(
+        pinned_max_entries(dir.path(), "NW_IPCACHE"),
+        64,
+        "left as it was"
+    );
+    assert_eq!(
+        tcx_programs("nwt-a", TcAttachType::Ingress),
+        first_ids,
+        "the first agent's programs still enforce"
+    );
+
+    // A restart with larger maps: the same entries in maps of the new size.
+    let mut dp = Datapath::open_sized(Some(dir.path()), &sizes(4096)).expect("open larger");
+    for map in ["NW_IPCACHE", "NW_POLICY", "NW_ENDPOINTS", "NW_CONNTRACK"] {
+        assert_eq!(pinned_max_entries(dir.path(), map), 4096, "{map} resized");
+    }
+    let from_pins = nodeward::datapath::maps::PinnedMaps::from_pins(&dir.path().join("maps"))
+        .expect("opening the resized pins");
+    assert_eq!(from_pins.read_ipcache().expect("ipcache"), prefixes);
+    assert_eq!(from_pins.read_generation().expect("generation"), 41);
+    assert_eq!(
+        from_pins.read_endpoints().expect("endpoints")[&a].identity,
+        POD_IDENTITY
+    );
+    assert_eq!(from_pins.capacities(), sizes(4096));
+    assert_eq!(
+        conntrack(dir.path()).get(&flow.0, 0).expect("flow moved"),
+        flow.1
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("maps"))
+        .expect("maps dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(':'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary pins left: {leftovers:?}");
+    // Until the new programs attach, the old ones keep enforcing (on the old maps).
+    assert_eq!(tcx_programs("nwt-a", TcAttachType::Ingress), first_ids);
+    assert!(dp.migrating(), "conntrack waits for its catch-up");
+    dp.attach(a, "nwt-a").expect("re-attach");
+    dp.finish_migrations().expect("catch-up");
+    assert!(!dp.migrating());
+    let now = wait_for_programs("nwt-a", TcAttachType::Ingress, 1);
+    assert_ne!(now, first_ids, "the new program replaced the old");
+    drop(from_pins);
+    dp.detach("nwt-a").expect("detach");
+    drop(dp);
+    Datapath::remove_all(dir.path()).expect("remove all");
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nodeward_lab::shared::shared_lab;
-use nodeward_lab::{Case, HTTP_PORT, netpol, probe};
+use nodeward_lab::{Case, HTTP_PORT, Lab, netpol, probe};
 use serde_json::json;
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -69,9 +69,10 @@ struct Tally {
     new_allowed_failed: Vec<String>,
 }
 
-#[test]
-fn killing_and_restarting_the_agent_keeps_enforcing() {
-    let mut lab = shared_lab();
+/// Probes continuously while `restart` runs: an established allowed connection (web-1 on
+/// node-2 to api-0 on node-1) keeps working, new allowed connections (web-0) succeed, denied
+/// ones (db-1, db-2) fail, in every round. Leaves backend's policy in place.
+fn enforced_throughout(lab: &mut Lab, restart: impl FnOnce(&mut Lab)) {
     lab.write_manifest("backend-policy", &from_frontend("backend"))
         .unwrap();
     // api-0 is on node-1; web-1 and db-1 on node-2, web-0 and db-2 on node-1.
@@ -125,18 +126,7 @@ fn killing_and_restarting_the_agent_keeps_enforcing() {
             }
             t
         });
-        let pause = || std::thread::sleep(Duration::from_millis(700));
-        pause();
-        // node-1 (api-0's node) crashes and stays down a while, then comes back ...
-        lab.kill_agent("node-1").expect("kill agent");
-        pause();
-        lab.start_agent("node-1").expect("restart agent");
-        pause();
-        // ... and node-2 is restarted the way a rollout would.
-        lab.stop_agent("node-2").expect("stop agent");
-        pause();
-        lab.start_agent("node-2").expect("restart agent");
-        pause();
+        restart(lab);
         stop.store(true, Ordering::Relaxed);
         monitor.join().expect("monitor thread")
     });
@@ -163,6 +153,77 @@ fn killing_and_restarting_the_agent_keeps_enforcing() {
             deny("data/db-1", "backend/api-0"),
         ],
         SETTLE,
+    );
+}
+
+fn pause() {
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+#[test]
+fn killing_and_restarting_the_agent_keeps_enforcing() {
+    let mut lab = shared_lab();
+    enforced_throughout(&mut lab, |lab| {
+        pause();
+        // node-1 (api-0's node) crashes and stays down a while, then comes back ...
+        lab.kill_agent("node-1").expect("kill agent");
+        pause();
+        lab.start_agent("node-1").expect("restart agent");
+        pause();
+        // ... and node-2 is restarted the way a rollout would.
+        lab.stop_agent("node-2").expect("stop agent");
+        pause();
+        lab.start_agent("node-2").expect("restart agent");
+        pause();
+    });
+}
+
+/// The sizes a status reports for the ipcache and conntrack maps.
+fn map_sizes(lab: &Lab, node: &str) -> (u64, u64) {
+    let status = lab.status(node).expect("status");
+    let size = |m: &str| {
+        status["map_sizes"][m]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status without map_sizes.{m}: {status}"))
+    };
+    (size("ipcache"), size("conntrack"))
+}
+
+#[test]
+fn restarting_with_larger_maps_adopts_the_pinned_state_without_a_gap() {
+    let mut lab = shared_lab();
+    let before = map_sizes(&lab, "node-1");
+    let larger = (before.0 * 2).to_string();
+    let conntrack = (before.1 * 2).to_string();
+    enforced_throughout(&mut lab, |lab| {
+        pause();
+        lab.stop_agent("node-1").expect("stop agent");
+        lab.set_agent_args(&[
+            "--map-ipcache-entries",
+            &larger,
+            "--map-conntrack-entries",
+            &conntrack,
+        ]);
+        let started = lab.start_agent("node-1");
+        lab.set_agent_args(&[]);
+        started.expect("restart agent with larger maps");
+        pause();
+        assert_eq!(
+            map_sizes(lab, "node-1"),
+            (before.0 * 2, before.1 * 2),
+            "the restarted agent's maps have the new sizes"
+        );
+        // And back, the way a rollback would.
+        lab.stop_agent("node-1").expect("stop agent");
+        lab.start_agent("node-1")
+            .expect("restart agent with the default sizes");
+        pause();
+    });
+    assert_eq!(map_sizes(&lab, "node-1"), before);
+    let log = std::fs::read_to_string(lab.agent_log("node-1")).unwrap_or_default();
+    assert!(
+        log.contains("pinned map resized"),
+        "the agent says that it moved its maps"
     );
 }
 
@@ -246,4 +307,108 @@ fn broken_manifest_leaves_the_previous_enforcement_in_place() {
             lab.status(&node)
         );
     }
+}
+
+#[test]
+fn a_small_map_warns_first_then_refuses_an_overflow_and_keeps_enforcing() {
+    let mut lab = shared_lab();
+    // web-0, api-0 and db-2 are on node-1.
+    lab.write_manifest("data-deny", &netpol::deny_all_ingress("data"))
+        .unwrap();
+    let before = [
+        allow("frontend/web-0", "backend/api-0"),
+        deny("frontend/web-0", "data/db-2"),
+    ];
+    lab.expect(&before, SETTLE);
+    let status = lab.status("node-1").expect("status");
+    let ipcache = |s: &serde_json::Value| {
+        s["maps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == "ipcache")
+            .cloned()
+            .unwrap_or_else(|| panic!("no ipcache in the status: {s}"))
+    };
+    let entries = ipcache(&status)["entries"].as_u64().expect("entries");
+    assert!(entries >= 9, "at least 90% of entries + 1: {status}");
+    // node-1 restarts with one free ipcache entry: past the warning mark, not full.
+    let size = (entries + 1).to_string();
+    lab.stop_agent("node-1").expect("stop agent");
+    lab.set_agent_args(&["--map-ipcache-entries", &size]);
+    let started = lab.start_agent("node-1");
+    lab.set_agent_args(&[]);
+    started.expect("restart with a small ipcache");
+    let status = lab.status("node-1").expect("status");
+    assert_eq!(
+        ipcache(&status)["nearly_full"],
+        true,
+        "the status flags the map: {status}"
+    );
+    let metrics = lab.agent_http_get("node-1", "/metrics").expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "nodeward_map_fill_warnings_total{map=\"ipcache\"} 1"),
+        "the warning is counted once: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("fill_warnings"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let log = std::fs::read_to_string(lab.agent_log("node-1")).unwrap_or_default();
+    assert!(
+        log.contains("90% full") && log.contains("--map-ipcache-entries"),
+        "the warning is logged with the flag to raise"
+    );
+
+    // Two more remote pods than fit, together with a policy change: refused whole.
+    let extra: String = (1..=2)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: extra-{i}, namespace: data, labels: {{app: extra}}}}\n\
+                 spec: {{nodeName: node-absent, containers: [{{name: c, image: none}}]}}\n\
+                 status: {{phase: Running, podIP: 10.77.0.{i}, podIPs: [{{ip: 10.77.0.{i}}}]}}\n---\n"
+            )
+        })
+        .collect();
+    lab.write_manifest("extra-pods", &extra).unwrap();
+    lab.remove_manifest("data-deny").unwrap();
+    lab.write_manifest("backend-deny", &netpol::deny_all_ingress("backend"))
+        .unwrap();
+    let refused = nodeward_lab::eventually(SETTLE, Duration::from_millis(100), || {
+        lab.status("node-1").is_ok_and(|s| {
+            s["last_sync"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("map ipcache would overflow"))
+        })
+    });
+    let status = lab.status("node-1").expect("status");
+    assert!(refused, "the overflow is reported: {}", status["last_sync"]);
+    let error = status["last_sync"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("--map-ipcache-entries") && error.contains("previous state stays"),
+        "the error says what to raise and what happens: {error}"
+    );
+    assert_eq!(
+        lab.probe_all(&before),
+        vec![true, false],
+        "the previous state stays enforced (neither the removed deny goes nor the new one applies)"
+    );
+    assert_eq!(ipcache(&status)["entries"], entries, "nothing was written");
+
+    // Once the change fits again, the agent follows the cluster again.
+    lab.remove_manifest("extra-pods").unwrap();
+    lab.expect(
+        &[
+            deny("frontend/web-0", "backend/api-0"),
+            allow("frontend/web-0", "data/db-2"),
+        ],
+        SETTLE,
+    );
+    // Back to the default sizes for the tests after this one.
+    lab.stop_agent("node-1").expect("stop agent");
+    lab.start_agent("node-1")
+        .expect("restart with the default sizes");
 }

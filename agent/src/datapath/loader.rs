@@ -24,8 +24,7 @@ use std::path::{Path, PathBuf};
 
 use agent_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, COUNTERS_LEN, CtKey, CtValue, DatapathConfig,
-    EVENTS_RING_BYTES, EndpointInfo, FragKey, FragValue, IpcacheValue, MAX_CONNTRACK,
-    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES,
+    EVENTS_RING_BYTES, EndpointInfo, FragKey, FragValue, IpcacheValue, MAX_FRAGMENTS,
     MAX_SERVICE_AFFINITY, MAX_SERVICE_BACKENDS, MAX_SERVICE_REVNAT, MAX_SERVICES, PolicyKey,
     PolicyValue, RevNatKey, ServiceKey, ServiceValue, map_names, program_names,
 };
@@ -40,6 +39,8 @@ use aya::programs::{
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 use crate::datapath::maps::{MapsError, PinnedMaps};
+use crate::datapath::migrate::{MigrateError, Migration};
+use crate::datapath::sizes::MapSizes;
 
 /// The compiled `agent-ebpf` object, built by `build.rs` through aya-build.
 static DATAPATH_OBJECT: &[u8] =
@@ -104,6 +105,8 @@ pub enum DatapathError {
     },
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
 }
 
 /// One of the two classifiers and where it attaches.
@@ -152,6 +155,8 @@ pub struct Datapath {
     unpinned_to_proxy: Option<FdLink>,
     /// The cgroup links when not pinning.
     unpinned_cgroup: Vec<FdLink>,
+    /// Pinned maps this load resized, until [`Datapath::finish_migrations`].
+    migrations: Vec<Migration>,
 }
 
 impl Datapath {
@@ -163,8 +168,22 @@ impl Datapath {
     /// # Errors
     /// bpffs unavailable, an incompatible pinned map, or a load (verifier) failure.
     pub fn open(bpffs_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        Self::open_sized(bpffs_dir, &MapSizes::COMPILED)
+    }
+
+    /// [`Datapath::open`] with the sized maps made `sizes` large (`max_entries` is set before
+    /// the maps are created).
+    ///
+    /// # Errors
+    /// As [`Datapath::open`].
+    pub fn open_sized(bpffs_dir: Option<&Path>, sizes: &MapSizes) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
+        for (name, entries) in sizes.by_name() {
+            loader.map_max_entries(name, entries);
+        }
+        let expected_maps = expected_maps(sizes);
         let pin_paths: Vec<(&'static str, PathBuf)>;
+        let mut migrations = Vec::new();
         if let Some(dir) = bpffs_dir {
             ensure_bpffs_mounted()?;
             // Check before creating anything, so a wrong path leaves no directories behind.
@@ -182,20 +201,51 @@ impl Datapath {
             if !is_bpffs(dir) {
                 return Err(DatapathError::NotBpffs { path: dir.into() });
             }
-            pin_paths = EXPECTED_MAPS
+            pin_paths = expected_maps
                 .iter()
                 .map(|m| (m.name, maps_dir(dir).join(m.name)))
                 .collect();
-            for (expected, (_, path)) in EXPECTED_MAPS.iter().zip(&pin_paths) {
-                check_pinned_map(path, expected)?;
+            // Every map is read before anything is created: a map too large for its new size
+            // stops here, with the pinned state untouched.
+            for (expected, (name, path)) in expected_maps.iter().zip(&pin_paths) {
+                if let Some(from) = check_pinned_map(path, expected)? {
+                    migrations.push(Migration::prepare(name, path, from, expected.max_entries)?);
+                }
             }
         } else {
             pin_paths = Vec::new();
         }
         for (name, path) in &pin_paths {
-            loader.map_pin_path(name, path.as_path());
+            match migrations.iter().find(|m| m.name == *name) {
+                Some(m) => loader.map_pin_path(name, m.temp_path.clone()),
+                None => loader.map_pin_path(name, path.as_path()),
+            };
         }
 
+        let loaded = Self::load(&mut loader, &mut migrations);
+        if loaded.is_err() {
+            for m in &migrations {
+                let _ = std::fs::remove_file(&m.temp_path);
+            }
+        }
+        let (ebpf, maps) = loaded?;
+        Ok(Self {
+            ebpf,
+            maps,
+            bpffs_dir: bpffs_dir.map(Path::to_path_buf),
+            unpinned_links: BTreeMap::new(),
+            unpinned_to_proxy: None,
+            unpinned_cgroup: Vec::new(),
+            migrations,
+        })
+    }
+
+    /// Loads the object and its programs, and moves the entries of resized maps into their new
+    /// maps (before anything attaches the programs that use them).
+    fn load(
+        loader: &mut EbpfLoader<'_>,
+        migrations: &mut [Migration],
+    ) -> Result<(Ebpf, PinnedMaps), DatapathError> {
         let mut ebpf = loader
             .load(DATAPATH_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
@@ -224,14 +274,40 @@ impl Datapath {
                 })?;
         }
         let maps = PinnedMaps::from_ebpf(&mut ebpf)?;
-        Ok(Self {
-            ebpf,
-            maps,
-            bpffs_dir: bpffs_dir.map(Path::to_path_buf),
-            unpinned_links: BTreeMap::new(),
-            unpinned_to_proxy: None,
-            unpinned_cgroup: Vec::new(),
-        })
+        for m in migrations.iter_mut() {
+            let started = std::time::Instant::now();
+            m.commit()?;
+            tracing::info!(
+                map = m.name,
+                from = m.from,
+                to = m.to,
+                entries = m.entries(),
+                micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "pinned map resized: its entries moved to a new map"
+            );
+        }
+        Ok((ebpf, maps))
+    }
+
+    /// After the programs were attached again: copies the flows that the previous programs
+    /// recorded in a resized conntrack since the start into the new one (see
+    /// `datapath::migrate`). Does nothing when nothing was resized or once done.
+    ///
+    /// # Errors
+    /// A failed map read or write.
+    pub fn finish_migrations(&mut self) -> Result<usize, DatapathError> {
+        let mut added = 0;
+        for m in &mut self.migrations {
+            added += m.catch_up()?;
+        }
+        self.migrations.clear();
+        Ok(added)
+    }
+
+    /// Whether [`Datapath::finish_migrations`] has work left.
+    #[must_use]
+    pub fn migrating(&self) -> bool {
+        self.migrations.iter().any(Migration::needs_catch_up)
     }
 
     /// Attaches the Service translation programs to the cgroup (v2 directory) `cgroup`, pinned at
@@ -677,105 +753,108 @@ struct ExpectedMap {
 /// LPM trie keys carry the 32-bit prefix length before the data.
 const LPM_PREFIX: usize = 4;
 
-const EXPECTED_MAPS: [ExpectedMap; 13] = [
-    ExpectedMap {
-        name: map_names::ENDPOINTS,
-        map_type: MapType::Hash,
-        key_size: size_of::<u32>(),
-        value_size: size_of::<EndpointInfo>(),
-        max_entries: MAX_ENDPOINTS,
-    },
-    ExpectedMap {
-        name: map_names::POLICY,
-        map_type: MapType::LpmTrie,
-        key_size: LPM_PREFIX + size_of::<PolicyKey>(),
-        value_size: size_of::<PolicyValue>(),
-        max_entries: MAX_POLICY_ENTRIES,
-    },
-    ExpectedMap {
-        name: map_names::IPCACHE,
-        map_type: MapType::LpmTrie,
-        key_size: LPM_PREFIX + 16,
-        value_size: size_of::<IpcacheValue>(),
-        max_entries: MAX_IPCACHE_ENTRIES,
-    },
-    ExpectedMap {
-        name: map_names::POLICY_CIDRS,
-        map_type: MapType::LpmTrie,
-        key_size: LPM_PREFIX + 16,
-        value_size: size_of::<IpcacheValue>(),
-        max_entries: MAX_POLICY_CIDRS,
-    },
-    ExpectedMap {
-        name: map_names::CONNTRACK,
-        map_type: MapType::LruHash,
-        key_size: size_of::<CtKey>(),
-        value_size: size_of::<CtValue>(),
-        max_entries: MAX_CONNTRACK,
-    },
-    ExpectedMap {
-        name: map_names::FRAGMENTS,
-        map_type: MapType::LruHash,
-        key_size: size_of::<FragKey>(),
-        value_size: size_of::<FragValue>(),
-        max_entries: MAX_FRAGMENTS,
-    },
-    ExpectedMap {
-        name: map_names::EVENTS,
-        map_type: MapType::RingBuf,
-        key_size: 0,
-        value_size: 0,
-        max_entries: EVENTS_RING_BYTES,
-    },
-    ExpectedMap {
-        name: map_names::COUNTERS,
-        map_type: MapType::PerCpuArray,
-        key_size: size_of::<u32>(),
-        value_size: size_of::<u64>(),
-        max_entries: COUNTERS_LEN,
-    },
-    ExpectedMap {
-        name: map_names::CONFIG,
-        map_type: MapType::Array,
-        key_size: size_of::<u32>(),
-        value_size: size_of::<DatapathConfig>(),
-        max_entries: 1,
-    },
-    ExpectedMap {
-        name: map_names::SERVICES,
-        map_type: MapType::Hash,
-        key_size: size_of::<ServiceKey>(),
-        value_size: size_of::<ServiceValue>(),
-        max_entries: MAX_SERVICES,
-    },
-    ExpectedMap {
-        name: map_names::SERVICE_BACKENDS,
-        map_type: MapType::Hash,
-        key_size: size_of::<BackendKey>(),
-        value_size: size_of::<Backend>(),
-        max_entries: MAX_SERVICE_BACKENDS,
-    },
-    ExpectedMap {
-        name: map_names::SERVICE_REVNAT,
-        map_type: MapType::LruHash,
-        key_size: size_of::<RevNatKey>(),
-        value_size: size_of::<ServiceKey>(),
-        max_entries: MAX_SERVICE_REVNAT,
-    },
-    ExpectedMap {
-        name: map_names::SERVICE_AFFINITY,
-        map_type: MapType::LruHash,
-        key_size: size_of::<AffinityKey>(),
-        value_size: size_of::<AffinityValue>(),
-        max_entries: MAX_SERVICE_AFFINITY,
-    },
-];
+fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 13] {
+    [
+        ExpectedMap {
+            name: map_names::ENDPOINTS,
+            map_type: MapType::Hash,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<EndpointInfo>(),
+            max_entries: sizes.endpoints,
+        },
+        ExpectedMap {
+            name: map_names::POLICY,
+            map_type: MapType::LpmTrie,
+            key_size: LPM_PREFIX + size_of::<PolicyKey>(),
+            value_size: size_of::<PolicyValue>(),
+            max_entries: sizes.policy,
+        },
+        ExpectedMap {
+            name: map_names::IPCACHE,
+            map_type: MapType::LpmTrie,
+            key_size: LPM_PREFIX + 16,
+            value_size: size_of::<IpcacheValue>(),
+            max_entries: sizes.ipcache,
+        },
+        ExpectedMap {
+            name: map_names::POLICY_CIDRS,
+            map_type: MapType::LpmTrie,
+            key_size: LPM_PREFIX + 16,
+            value_size: size_of::<IpcacheValue>(),
+            max_entries: sizes.policy_cidrs,
+        },
+        ExpectedMap {
+            name: map_names::CONNTRACK,
+            map_type: MapType::LruHash,
+            key_size: size_of::<CtKey>(),
+            value_size: size_of::<CtValue>(),
+            max_entries: sizes.conntrack,
+        },
+        ExpectedMap {
+            name: map_names::FRAGMENTS,
+            map_type: MapType::LruHash,
+            key_size: size_of::<FragKey>(),
+            value_size: size_of::<FragValue>(),
+            max_entries: MAX_FRAGMENTS,
+        },
+        ExpectedMap {
+            name: map_names::EVENTS,
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: EVENTS_RING_BYTES,
+        },
+        ExpectedMap {
+            name: map_names::COUNTERS,
+            map_type: MapType::PerCpuArray,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<u64>(),
+            max_entries: COUNTERS_LEN,
+        },
+        ExpectedMap {
+            name: map_names::CONFIG,
+            map_type: MapType::Array,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<DatapathConfig>(),
+            max_entries: 1,
+        },
+        ExpectedMap {
+            name: map_names::SERVICES,
+            map_type: MapType::Hash,
+            key_size: size_of::<ServiceKey>(),
+            value_size: size_of::<ServiceValue>(),
+            max_entries: MAX_SERVICES,
+        },
+        ExpectedMap {
+            name: map_names::SERVICE_BACKENDS,
+            map_type: MapType::Hash,
+            key_size: size_of::<BackendKey>(),
+            value_size: size_of::<Backend>(),
+            max_entries: MAX_SERVICE_BACKENDS,
+        },
+        ExpectedMap {
+            name: map_names::SERVICE_REVNAT,
+            map_type: MapType::LruHash,
+            key_size: size_of::<RevNatKey>(),
+            value_size: size_of::<ServiceKey>(),
+            max_entries: MAX_SERVICE_REVNAT,
+        },
+        ExpectedMap {
+            name: map_names::SERVICE_AFFINITY,
+            map_type: MapType::LruHash,
+            key_size: size_of::<AffinityKey>(),
+            value_size: size_of::<AffinityValue>(),
+            max_entries: MAX_SERVICE_AFFINITY,
+        },
+    ]
+}
 
 /// Refuses to adopt a pinned map of another shape (an older agent's layout): the programs
-/// would read it with the wrong sizes. A missing pin is fine (it is created).
-fn check_pinned_map(path: &Path, expected: &ExpectedMap) -> Result<(), DatapathError> {
+/// would read it with the wrong sizes. A missing pin is fine (it is created). A map of
+/// [`MapSizes`] that differs only in its size is to be migrated: `Some(its size)`.
+fn check_pinned_map(path: &Path, expected: &ExpectedMap) -> Result<Option<u32>, DatapathError> {
     if !path.exists() {
-        return Ok(());
+        return Ok(None);
     }
     let mismatch = |detail: String| DatapathError::IncompatiblePinnedMap {
         path: path.into(),
@@ -795,10 +874,14 @@ fn check_pinned_map(path: &Path, expected: &ExpectedMap) -> Result<(), DatapathE
         expected.value_size,
         expected.max_entries,
     );
-    if found != wanted {
-        return Err(mismatch(format!(
-            "found (type, key, value, max entries) {found:?}, expected {wanted:?}"
-        )));
+    if found == wanted {
+        return Ok(None);
     }
-    Ok(())
+    let resizable = MapSizes::COMPILED.of(expected.name).is_some();
+    if resizable && (found.0, found.1, found.2) == (wanted.0, wanted.1, wanted.2) {
+        return Ok(Some(found.3));
+    }
+    Err(mismatch(format!(
+        "found (type, key, value, max entries) {found:?}, expected {wanted:?}"
+    )))
 }

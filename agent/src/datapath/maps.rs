@@ -12,6 +12,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use ipnet::IpNet;
 
+use crate::datapath::sizes::MapSizes;
 use crate::datapath::{MapWriter, PolicyEntryKey, addr_bytes, net_from_bytes, prefix_bits};
 
 /// Number of counters, as an array length.
@@ -50,6 +51,8 @@ pub struct PinnedMaps {
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     events: Option<RingBuf<MapData>>,
+    /// The kernel's `max_entries` of the sized maps.
+    sizes: MapSizes,
 }
 
 impl std::fmt::Debug for PinnedMaps {
@@ -95,7 +98,25 @@ impl PinnedMaps {
         let counters = get(map_names::COUNTERS)?;
         let config = get(map_names::CONFIG)?;
         let events = get(map_names::EVENTS)?;
+        let max = |map: &Map, name: &'static str| -> Result<u32, MapsError> {
+            let data = match map {
+                Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => d,
+                _ => return Err(MapsError::Missing { map: name }),
+            };
+            Ok(data
+                .info()
+                .map_err(op(name, "read its info"))?
+                .max_entries())
+        };
+        let sizes = MapSizes {
+            endpoints: max(&endpoints, map_names::ENDPOINTS)?,
+            policy: max(&policy, map_names::POLICY)?,
+            ipcache: max(&ipcache, map_names::IPCACHE)?,
+            policy_cidrs: max(&policy_cidrs, map_names::POLICY_CIDRS)?,
+            conntrack: max(&conntrack, map_names::CONNTRACK)?,
+        };
         Ok(Self {
+            sizes,
             endpoints: HashMap::try_from(endpoints).map_err(op(map_names::ENDPOINTS, "open"))?,
             policy: LpmTrie::try_from(policy).map_err(op(map_names::POLICY, "open"))?,
             ipcache: LpmTrie::try_from(ipcache).map_err(op(map_names::IPCACHE, "open"))?,
@@ -226,6 +247,10 @@ fn ipcache_value(identity: u32) -> IpcacheValue {
 
 impl MapWriter for PinnedMaps {
     type Error = MapsError;
+
+    fn capacities(&self) -> MapSizes {
+        self.sizes
+    }
 
     fn read_endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, MapsError> {
         self.endpoints

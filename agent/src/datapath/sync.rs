@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 
 use agent_common::{
     EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ENFORCED, EP_MESHED, EP_MTLS_STRICT,
-    EndpointInfo, IpcacheValue, MAX_ENDPOINTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS,
-    MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY, POLICY_KEY_PREFIX_NO_PORT, PolicyKey,
+    EndpointInfo, IpcacheValue, POLICY_ALLOW, POLICY_DENY, POLICY_KEY_PREFIX_NO_PORT, PolicyKey,
     PolicyValue,
 };
 use ipnet::IpNet;
 
+use super::sizes::MapSizes;
 use super::{MapWriter, PolicyEntryKey, addr_bytes};
 use crate::policy::{EndpointPolicy, MeshMode, PortEntry, SliceKey};
 
@@ -41,7 +41,8 @@ use crate::policy::{EndpointPolicy, MeshMode, PortEntry, SliceKey};
 pub enum SyncError {
     /// Checked before anything is written: the previous state stays enforced.
     #[error(
-        "map {map} would overflow: {needed} entries needed, capacity {capacity}; the new policy set was rejected whole and the previous state stays enforced"
+        "map {map} would overflow: {needed} entries needed, capacity {capacity} (raise {flag}); the new policy set was rejected whole and the previous state stays enforced",
+        flag = size_flag(map)
     )]
     Overflow {
         map: &'static str,
@@ -54,6 +55,18 @@ pub enum SyncError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// The agent's flag that sizes `map` (a name of [`Syncer::fill`]).
+#[must_use]
+pub fn size_flag(map: &str) -> &'static str {
+    match map {
+        "endpoints" => "--map-endpoints-entries",
+        "policy" => "--map-policy-entries",
+        "ipcache" => "--map-ipcache-entries",
+        "policy_cidrs" => "--map-policy-cidr-entries",
+        _ => "the map's size",
+    }
 }
 
 /// What one sync did.
@@ -85,6 +98,8 @@ pub struct Syncer<M: MapWriter> {
     ipcache: BTreeMap<IpNet, IpcacheValue>,
     policy_cidrs: BTreeMap<IpNet, u32>,
     generation: u32,
+    /// The maps' capacities, read once when adopting them.
+    sizes: MapSizes,
 }
 
 /// The map entries of one slice (or any set of entries), by key.
@@ -108,6 +123,7 @@ impl<M: MapWriter> Syncer<M> {
             ipcache: maps.read_ipcache().map_err(map_err("ipcache"))?,
             policy_cidrs: maps.read_policy_cidrs().map_err(map_err("policy_cidrs"))?,
             generation: maps.read_generation().map_err(map_err("config"))?,
+            sizes: maps.capacities(),
             maps,
         })
     }
@@ -131,10 +147,14 @@ impl<M: MapWriter> Syncer<M> {
     #[must_use]
     pub fn fill(&self) -> [(&'static str, usize, u32); 4] {
         [
-            ("endpoints", self.endpoints.len(), MAX_ENDPOINTS),
-            ("policy", self.policy.len(), MAX_POLICY_ENTRIES),
-            ("ipcache", self.ipcache.len(), MAX_IPCACHE_ENTRIES),
-            ("policy_cidrs", self.policy_cidrs.len(), MAX_POLICY_CIDRS),
+            ("endpoints", self.endpoints.len(), self.sizes.endpoints),
+            ("policy", self.policy.len(), self.sizes.policy),
+            ("ipcache", self.ipcache.len(), self.sizes.ipcache),
+            (
+                "policy_cidrs",
+                self.policy_cidrs.len(),
+                self.sizes.policy_cidrs,
+            ),
         ]
     }
 
@@ -152,9 +172,22 @@ impl<M: MapWriter> Syncer<M> {
     ) -> Result<SyncStats, SyncError> {
         let started = Instant::now();
         let plan = self.plan(endpoints)?;
-        check_capacity("ipcache", ipcache.len(), MAX_IPCACHE_ENTRIES)?;
-        check_capacity("policy_cidrs", policy_cidrs.len(), MAX_POLICY_CIDRS)?;
-        check_capacity("endpoints", endpoints.len(), MAX_ENDPOINTS)?;
+        // Adds come before removals, so a map holds the old and the new entries side by side
+        // for a moment. Counting what both share costs a lookup per entry: only when the sum
+        // does not fit anyway.
+        check_peak("ipcache", &self.ipcache, ipcache, self.sizes.ipcache)?;
+        check_peak(
+            "policy_cidrs",
+            &self.policy_cidrs,
+            policy_cidrs,
+            self.sizes.policy_cidrs,
+        )?;
+        check_peak(
+            "endpoints",
+            &self.endpoints,
+            endpoints,
+            self.sizes.endpoints,
+        )?;
         let mut stats = SyncStats::default();
 
         // Phase A: everything new, denies before allows.
@@ -329,7 +362,7 @@ impl<M: MapWriter> Syncer<M> {
                 .extend(self.policy.range(set_range(*set)).map(|(k, _)| *k));
         }
         let peak = self.policy.len() + plan.add.len();
-        check_capacity("policy", peak, MAX_POLICY_ENTRIES)?;
+        check_capacity("policy", peak, self.sizes.policy)?;
         Ok(plan)
     }
 
@@ -396,6 +429,20 @@ fn check_capacity(map: &'static str, needed: usize, capacity: u32) -> Result<(),
         });
     }
     Ok(())
+}
+
+/// Refuses a change that would not fit while `old` and `new` are in the map side by side.
+fn check_peak<K: Ord, A, B>(
+    map: &'static str,
+    old: &BTreeMap<K, A>,
+    new: &BTreeMap<K, B>,
+    capacity: u32,
+) -> Result<(), SyncError> {
+    if old.len() + new.len() <= capacity as usize {
+        return Ok(());
+    }
+    let shared = new.keys().filter(|k| old.contains_key(k)).count();
+    check_capacity(map, old.len() + new.len() - shared, capacity)
 }
 
 /// Whether a slice can change from `old` to `new` entry by entry (adds, then removals) without
@@ -565,6 +612,7 @@ mod tests {
     struct Fake {
         state: State,
         history: Rc<RefCell<Vec<State>>>,
+        sizes: MapSizes,
     }
 
     impl Fake {
@@ -634,6 +682,9 @@ mod tests {
             self.state.generation = g;
             self.record();
             Ok(())
+        }
+        fn capacities(&self) -> MapSizes {
+            self.sizes
         }
     }
 
@@ -744,6 +795,7 @@ mod tests {
         let fake = Fake {
             state: State::default(),
             history: history.clone(),
+            sizes: MapSizes::COMPILED,
         };
         let mut syncer = Syncer::adopt(fake).unwrap();
         let cache = ipcache();
@@ -858,6 +910,7 @@ mod tests {
         let mut syncer = Syncer::adopt(Fake {
             state: State::default(),
             history: Rc::default(),
+            sizes: MapSizes::COMPILED,
         })
         .unwrap();
         let cache = ipcache();
@@ -950,6 +1003,7 @@ mod tests {
         let mut syncer = Syncer::adopt(Fake {
             state: State::default(),
             history: history.clone(),
+            sizes: MapSizes::COMPILED,
         })
         .unwrap();
         let p = policy(
@@ -973,6 +1027,7 @@ mod tests {
         let mut first = Syncer::adopt(Fake {
             state: State::default(),
             history: history.clone(),
+            sizes: MapSizes::COMPILED,
         })
         .unwrap();
         let p = policy(
@@ -985,6 +1040,7 @@ mod tests {
         let mut second = Syncer::adopt(Fake {
             state: pinned.clone(),
             history,
+            sizes: MapSizes::COMPILED,
         })
         .unwrap();
         let stats = second.apply(&eps, &ipcache(), &BTreeMap::new()).unwrap();
@@ -998,6 +1054,7 @@ mod tests {
         let mut syncer = Syncer::adopt(Fake {
             state: State::default(),
             history: history.clone(),
+            sizes: MapSizes::COMPILED,
         })
         .unwrap();
         let entries: Vec<PortEntry> = (0..=u16::MAX)
@@ -1021,11 +1078,95 @@ mod tests {
     }
 
     #[test]
+    fn small_maps_warn_first_then_refuse_an_overflow_and_keep_the_previous_state() {
+        let history = Rc::new(RefCell::new(Vec::new()));
+        let mut syncer = Syncer::adopt(Fake {
+            state: State::default(),
+            history: history.clone(),
+            sizes: MapSizes {
+                ipcache: 10,
+                ..MapSizes::COMPILED
+            },
+        })
+        .unwrap();
+        let mut watch = crate::datapath::sizes::FillWatch::default();
+        let p = policy(
+            true,
+            vec![(slice(300, 6), vec![entry(80, 16, POLICY_ALLOW, 1)])],
+        );
+        let eps = BTreeMap::from([(7, &p)]);
+        let pods = |n: u8, first: u8| -> BTreeMap<IpNet, IpcacheValue> {
+            (first..first + n)
+                .map(|i| {
+                    let net: IpNet = format!("10.1.0.{i}/32").parse().unwrap();
+                    (
+                        net,
+                        IpcacheValue {
+                            identity: 300 + u32::from(i),
+                            flags: 0,
+                        },
+                    )
+                })
+                .collect()
+        };
+        // 8 of 10: no warning yet.
+        syncer.apply(&eps, &pods(8, 1), &BTreeMap::new()).unwrap();
+        assert!(
+            watch.crossed(&syncer.fill()).is_empty(),
+            "80% is no warning"
+        );
+        // 9 of 10: the warning, while everything is still enforced.
+        syncer.apply(&eps, &pods(9, 1), &BTreeMap::new()).unwrap();
+        assert_eq!(
+            watch.crossed(&syncer.fill()),
+            vec![("ipcache", 9, 10)],
+            "90% warns"
+        );
+        let before = syncer.maps().state.clone();
+        history.borrow_mut().clear();
+        // 11: refused whole, with the map and its capacity named.
+        let err = syncer
+            .apply(&eps, &pods(11, 1), &BTreeMap::new())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SyncError::Overflow {
+                    map: "ipcache",
+                    needed: 11,
+                    capacity: 10
+                }
+            ),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("--map-ipcache-entries") && text.contains("previous state stays"),
+            "the error says what to do: {text}"
+        );
+        // Replacing 9 pods by 9 others needs 18 entries for a moment (adds before removals).
+        let err = syncer
+            .apply(&eps, &pods(9, 100), &BTreeMap::new())
+            .unwrap_err();
+        assert!(
+            matches!(err, SyncError::Overflow { needed: 18, .. }),
+            "{err}"
+        );
+        assert!(
+            history.borrow().is_empty(),
+            "a refused change wrote to the maps"
+        );
+        assert_eq!(syncer.maps().state, before, "the previous state stays");
+        assert_eq!(syncer.fill()[2], ("ipcache", 9, 10));
+    }
+
+    #[test]
     fn removed_endpoints_and_their_entries_are_cleaned_up() {
         let history = Rc::new(RefCell::new(Vec::new()));
         let mut syncer = Syncer::adopt(Fake {
             state: State::default(),
             history,
+            sizes: MapSizes::COMPILED,
         })
         .unwrap();
         let p = policy(
