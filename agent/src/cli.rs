@@ -1242,6 +1242,48 @@ mod tests {
     }
 
     #[test]
+    fn services_are_listed_with_their_backends_and_what_is_not_translated() {
+        let inv_yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.20, ports: [{name: pg, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: pg, port: 5432}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: n1}
+- {addresses: [10.244.2.10], conditions: {ready: false}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: h, namespace: shop}
+spec: {clusterIP: None}
+";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.yaml"), inv_yaml).unwrap();
+        let inv = crate::source::manifests::ManifestSource::new(dir.path())
+            .load()
+            .inventory;
+        let (table, _) = crate::services::build(&inv, "n1");
+        let text = services_text(&serde_json::to_value(&table).unwrap());
+        assert!(
+            text.contains("10.96.0.20:5432/TCP") && text.contains("shop/db (pg)"),
+            "{text}"
+        );
+        assert!(text.contains("1 in use of 2"), "{text}");
+        assert!(
+            text.contains("* 10.244.1.10:5432 ready,serving node=n1"),
+            "{text}"
+        );
+        assert!(text.contains("  10.244.2.10:5432 not ready"), "{text}");
+        assert!(text.contains("not translated: shop/h: headless"), "{text}");
+    }
+
+    #[test]
     fn node_addresses_get_the_flows_port() {
         assert_eq!(node_addr("10.0.0.1"), "10.0.0.1:4244");
         assert_eq!(node_addr("10.0.0.1:1234"), "10.0.0.1:1234");
