@@ -630,11 +630,17 @@ fn services_text(reply: &serde_json::Value) -> String {
         );
         let endpoints = port["endpoints"].as_array().map_or(&[][..], Vec::as_slice);
         let used = endpoints.iter().filter(|e| e["used"] == true).count();
-        let summary = if used == 0 {
+        let mut summary = if used == 0 {
             "none: connects are refused".to_owned()
         } else {
             format!("{used} in use of {}", endpoints.len())
         };
+        if port["local_only"] == true {
+            summary.push_str(", this node's only");
+        }
+        if let Some(secs) = port["affinity_secs"].as_u64().filter(|s| *s > 0) {
+            let _ = write!(summary, ", ClientIP affinity {secs}s");
+        }
         let _ = writeln!(out, "{frontend:<32} {service:<28} {summary}");
         for e in endpoints {
             let addr = e["addr"].as_str().unwrap_or_default();
@@ -1247,7 +1253,7 @@ mod tests {
 apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: shop}
-spec: {clusterIP: 10.96.0.20, ports: [{name: pg, port: 5432}]}
+spec: {clusterIP: 10.96.0.20, ports: [{name: pg, port: 5432}], sessionAffinity: ClientIP}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -1274,7 +1280,10 @@ spec: {clusterIP: None}
             text.contains("10.96.0.20:5432/TCP") && text.contains("shop/db (pg)"),
             "{text}"
         );
-        assert!(text.contains("1 in use of 2"), "{text}");
+        assert!(
+            text.contains("1 in use of 2, ClientIP affinity 10800s"),
+            "{text}"
+        );
         assert!(
             text.contains("* 10.244.1.10:5432 ready,serving node=n1"),
             "{text}"
