@@ -482,6 +482,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         translating,
         fill_watch: FillWatch::default(),
         map_sizes,
+        services_last: None,
+        service_index: Arc::default(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     'run: loop {
@@ -768,6 +770,56 @@ struct Control {
     fill_watch: FillWatch,
     /// The kernel's sizes of the maps, for the status.
     map_sizes: MapSizes,
+    /// What the last service table that reached the maps was built from, and its status.
+    services_last: Option<(ServiceInputs, ServicesStatus)>,
+    /// Flows' `destination_service` lookup, rebuilt when the service table is.
+    service_index: Arc<crate::flows::ServiceIndex>,
+}
+
+/// Flows' lookup from a backend to the one Service it serves (one name per Service, shared).
+fn service_index(table: &crate::services::ServiceTable) -> crate::flows::ServiceIndex {
+    let mut names: BTreeMap<policy::ObjectRef, Arc<crate::flows::ServiceName>> = BTreeMap::new();
+    table
+        .backend_index()
+        .into_iter()
+        .map(|(backend, service)| {
+            let name = names.entry(service).or_insert_with_key(|r| {
+                Arc::new(crate::flows::ServiceName {
+                    name: r.name.clone(),
+                    namespace: r.namespace.clone(),
+                })
+            });
+            (backend, name.clone())
+        })
+        .collect()
+}
+
+/// The objects a service table is built from (Services, EndpointSlices, and Pods for named
+/// target ports), held so that an unchanged object is recognised by its allocation (`Arc`):
+/// holding them keeps a freed object's address from being reused by a new one.
+struct ServiceInputs {
+    services: Vec<Arc<k8s_openapi::api::core::v1::Service>>,
+    slices: Vec<Arc<k8s_openapi::api::discovery::v1::EndpointSlice>>,
+    pods: Vec<Arc<k8s_openapi::api::core::v1::Pod>>,
+}
+
+impl ServiceInputs {
+    fn of(inv: &Inventory) -> Self {
+        Self {
+            services: inv.services.values().cloned().collect(),
+            slices: inv.endpoint_slices.values().cloned().collect(),
+            pods: inv.pods.values().cloned().collect(),
+        }
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+        }
+        same(&self.services, &other.services)
+            && same(&self.slices, &other.slices)
+            && same(&self.pods, &other.pods)
+    }
 }
 
 impl Control {
@@ -1033,6 +1085,18 @@ impl Control {
     /// costs only its port or endpoint; a table that would overflow the maps is refused whole
     /// and the previous one keeps translating.
     fn sync_services(&mut self, inv: &Inventory) -> ServicesStatus {
+        let inputs = ServiceInputs::of(inv);
+        if let Some((last, status)) = &self.services_last
+            && last.same(&inputs)
+        {
+            // Nothing the table is built from changed, and the maps took it: a resync of a
+            // thousand Services costs a comparison of pointers, not a rebuild.
+            let status = status.clone();
+            for line in &status.errors {
+                self.report(line.clone());
+            }
+            return status;
+        }
         let (table, errors) = crate::services::build(inv, &self.node);
         let mut status = ServicesStatus {
             services: table.service_count(),
@@ -1070,6 +1134,7 @@ impl Control {
                         "services synced"
                     );
                 }
+                self.service_index = Arc::new(service_index(&table));
                 *self
                     .shared
                     .services
@@ -1082,6 +1147,10 @@ impl Control {
                 status.sync_error = Some(line);
             }
         }
+        self.services_last = status
+            .sync_error
+            .is_none()
+            .then(|| (inputs, status.clone()));
         status
     }
 
@@ -1337,23 +1406,7 @@ impl Control {
             .into_iter()
             .map(|(id, labels)| (id, labels.into()))
             .collect();
-        let table = self
-            .shared
-            .services
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let mut names: BTreeMap<policy::ObjectRef, Arc<crate::flows::ServiceName>> =
-            BTreeMap::new();
-        for (backend, service) in table.backend_index() {
-            let name = names.entry(service).or_insert_with_key(|r| {
-                Arc::new(crate::flows::ServiceName {
-                    name: r.name.clone(),
-                    namespace: r.namespace.clone(),
-                })
-            });
-            index.services.insert(backend, name.clone());
-        }
+        index.services = self.service_index.clone();
         *self
             .shared
             .index

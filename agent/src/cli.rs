@@ -937,11 +937,17 @@ fn services_text(reply: &serde_json::Value) -> String {
         );
         let endpoints = port["endpoints"].as_array().map_or(&[][..], Vec::as_slice);
         let used = endpoints.iter().filter(|e| e["used"] == true).count();
-        let summary = if used == 0 {
+        let mut summary = if used == 0 {
             "none: connects are refused".to_owned()
         } else {
             format!("{used} in use of {}", endpoints.len())
         };
+        if port["local_only"] == true {
+            summary.push_str(", this node's only");
+        }
+        if let Some(secs) = port["affinity_secs"].as_u64().filter(|s| *s > 0) {
+            let _ = write!(summary, ", ClientIP affinity {secs}s");
+        }
         let _ = writeln!(out, "{frontend:<32} {service:<28} {summary}");
         for e in endpoints {
             let addr = e["addr"].as_str().unwrap_or_default();
@@ -1558,6 +1564,51 @@ mod tests {
             .find(|l| l.starts_with("spiffe://cluster.local/ns/shop/sa/api"))
             .unwrap_or_else(|| panic!("no line for the workload in:\n{text}"));
         assert!(line.contains("1h") && line.contains("7F01"), "{line}");
+    }
+
+    #[test]
+    fn services_are_listed_with_their_backends_and_what_is_not_translated() {
+        let inv_yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.20, ports: [{name: pg, port: 5432}], sessionAffinity: ClientIP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: pg, port: 5432}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: n1}
+- {addresses: [10.244.2.10], conditions: {ready: false}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: h, namespace: shop}
+spec: {clusterIP: None}
+";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.yaml"), inv_yaml).unwrap();
+        let inv = crate::source::manifests::ManifestSource::new(dir.path())
+            .load()
+            .inventory;
+        let (table, _) = crate::services::build(&inv, "n1");
+        let text = services_text(&serde_json::to_value(&table).unwrap());
+        assert!(
+            text.contains("10.96.0.20:5432/TCP") && text.contains("shop/db (pg)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 in use of 2, ClientIP affinity 10800s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("* 10.244.1.10:5432 ready,serving node=n1"),
+            "{text}"
+        );
+        assert!(text.contains("  10.244.2.10:5432 not ready"), "{text}");
+        assert!(text.contains("not translated: shop/h: headless"), "{text}");
     }
 
     #[test]

@@ -305,6 +305,9 @@ pub struct ServiceName {
     pub namespace: String,
 }
 
+/// Backend `(address, port)` to the one Service it serves.
+pub type ServiceIndex = HashMap<(IpAddr, u16), Arc<ServiceName>>;
+
 /// Lookups the enrichment needs, replaced whole after every sync. What a flow takes from here
 /// it shares (`Arc`), so enriching a flow copies no text.
 #[derive(Clone, Debug, Default)]
@@ -315,8 +318,9 @@ pub struct EnrichmentIndex {
     /// Rule id to the policy and rule it stands for.
     pub rules: BTreeMap<u32, Arc<PolicyRef>>,
     pub identity_labels: BTreeMap<u32, Arc<[String]>>,
-    /// Backend address and port to the one Service it serves.
-    pub services: HashMap<(IpAddr, u16), Arc<ServiceName>>,
+    /// Backend address and port to the one Service it serves (shared: rebuilt only when the
+    /// service table changes).
+    pub services: Arc<ServiceIndex>,
 }
 
 impl EnrichmentIndex {
@@ -1048,13 +1052,13 @@ pub(crate) mod tests {
         ev.verdict = VERDICT_FORWARDED;
         let mut index = index();
         let dst: IpAddr = "10.0.1.3".parse().unwrap();
-        index.services.insert(
+        index.services = Arc::new(HashMap::from([(
             (dst, 8080),
             Arc::new(ServiceName {
                 name: "db".into(),
                 namespace: "prod".into(),
             }),
-        );
+        )]));
         let mut ends = Endpoints::new(Arc::new(index));
         let flow = from_event(&ev, &mut ends, &Clock::new());
         assert_eq!(flow.destination_service.as_ref().unwrap().name, "db");

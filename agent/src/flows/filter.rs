@@ -404,6 +404,28 @@ mod tests {
     }
 
     #[test]
+    fn to_service_matches_the_destination_service_and_needs_namespace_and_name() {
+        let mut a = flow("web-1", "10.0.1.3", 8080, "FORWARDED");
+        a.destination_service = Some(Arc::new(crate::flows::ServiceName {
+            name: "db".into(),
+            namespace: "prod".into(),
+        }));
+        let b = flow("web-1", "10.0.1.3", 8080, "FORWARDED");
+        let filter = |s: &str| FlowFilter {
+            to_service: Some(s.into()),
+            ..FlowFilter::default()
+        };
+        assert!(filter("prod/db").matches(&a));
+        assert!(!filter("prod/web").matches(&a));
+        assert!(!filter("other/db").matches(&a));
+        assert!(!filter("prod/db").matches(&b), "a flow without a Service");
+        for bad in ["db", "/db", "prod/", "a/b/c"] {
+            let err = filter(bad).validate().unwrap_err().to_string();
+            assert!(err.contains("namespace/name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_values_are_errors_that_list_the_valid_ones() {
         let mut f = FlowFilter {
             protocol: Some("tcpp".into()),
