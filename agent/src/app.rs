@@ -1172,6 +1172,13 @@ impl Control {
             })
             .collect();
         failures.extend(self.merge_last_good(inv, outcomes, |c| &mut c.mtls_last_good));
+        // No MutualTLS object and no mesh by default: no pod is in the mesh, and walking every
+        // pod of the cluster to say so cost 0.3-0.7 s per change at 150,000 pods.
+        if self.mtls_last_good.is_empty()
+            && self.mtls_default == policy::crd::MutualTlsMode::Disable
+        {
+            return BTreeMap::new();
+        }
         let models: Vec<policy::mtls::MtlsModel> = self.mtls_last_good.values().cloned().collect();
         policy::mtls::pod_modes(inv, &models, self.mtls_default)
             .into_iter()
