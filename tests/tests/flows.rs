@@ -394,9 +394,15 @@ fn the_flow_log_holds_flows_across_an_agent_restart() {
             ],
         )
         .unwrap();
+    // Only the denied SYN counts: a late FIN of an earlier test's connection to db-0 (its
+    // conntrack entry closed) may be dropped, and recorded, after the restart.
+    let replayed: Vec<&Value> = live
+        .iter()
+        .filter(|f| f["Summary"].as_str().is_some_and(|s| s.contains("SYN")))
+        .collect();
     assert!(
-        live.is_empty(),
-        "a restarted agent starts with an empty ring: {live:#?}"
+        replayed.is_empty(),
+        "a restarted agent starts with an empty ring: {replayed:#?}"
     );
     let status = lab.status("node-1").unwrap();
     assert!(status["flow_log"]["error"].is_null(), "{status}");
