@@ -43,8 +43,9 @@ enum Command {
     /// List the Services this node translates: each ClusterIP:port with its backends and their
     /// states (ready, serving, terminating; `*` marks where new connections go).
     Services(StatusArgs),
-    /// Create a root CA (ca-cert.pem, ca-key.pem) for --ca-cert/--ca-key on every node, so all
-    /// agents of a cluster issue and trust the same certificates.
+    /// Create a root CA (ca-cert.pem, ca-key.pem): for `nodeward issuer --ca-cert/--ca-key`
+    /// (agents then get only ca-cert.pem, as --trust-bundle), or, with --ca-mode local, for
+    /// every agent's --ca-cert/--ca-key, so all agents of a cluster trust the same certificates.
     CaCreate {
         /// Directory to write the two files into (created, mode 0700).
         #[arg(long, value_name = "DIR")]
@@ -61,7 +62,8 @@ enum Command {
     /// that identity is scheduled.
     Issuer(Box<IssuerArgs>),
     /// Ask the issuer for a certificate as a node would (with that node's token), to check a
-    /// setup or a refusal: prints what was signed, or why not. The key is thrown away.
+    /// setup or a refusal: prints what was signed, or why not. The key is thrown away unless
+    /// --out is given.
     IssuerRequest(Box<IssuerRequestArgs>),
     /// Print the CustomResourceDefinitions of the nodeward.io kinds (or write them to a directory).
     Crd {

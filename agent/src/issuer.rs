@@ -341,15 +341,26 @@ async fn handle(issuer: Arc<Issuer>, req: Request<hyper::body::Incoming>) -> Res
     }
 }
 
+/// Connections served at once; more are closed at accept. Each costs a TLS handshake and, in a
+/// cluster, a TokenReview before the per-node rate limit can apply, so this bounds what a flood
+/// of unauthenticated clients can make the issuer (and the API server) do.
+const MAX_CONNECTIONS: usize = 256;
+
 /// Serves CSRs on `listener` over TLS until the task is dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     issuer: Arc<Issuer>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     crate::tunnel::accept_each(listener, "issuer", move |tcp, peer| {
         let (acceptor, issuer) = (acceptor.clone(), issuer.clone());
+        let slot = slots.clone().try_acquire_owned();
         async move {
+            let Ok(_slot) = slot else {
+                tracing::warn!(peer = %peer, limit = MAX_CONNECTIONS, "issuer: too many connections; closed one");
+                return;
+            };
             let tls = match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp))
                 .await
             {

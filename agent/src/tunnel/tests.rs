@@ -461,6 +461,12 @@ async fn a_connect_to_another_workload_than_the_connection_proved_gets_421() {
                     (CLIENT.parse::<std::net::IpAddr>().unwrap(), 40001).into(),
                 ),
             )
+            // ztunnel's tracing headers are accepted as they come.
+            .header("baggage", "k8s.cluster.name=lab")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
             .body(())
             .unwrap()
     };
