@@ -12,7 +12,10 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
 
 use crate::policy::fqdn::LearnedNames;
 
@@ -108,6 +111,64 @@ impl NameCache {
         out
     }
 
+    /// Saves the cache to `path` (atomically: a temporary file renamed over it), each entry
+    /// with its expiry as wall-clock time, so a restarted agent keeps allowing what this one
+    /// allowed until the TTLs run out.
+    ///
+    /// # Errors
+    /// Writing or renaming the file failed.
+    pub fn save(&self, path: &Path, now: Instant, wall: SystemTime) -> std::io::Result<()> {
+        let entries: Vec<Persisted> = self
+            .names
+            .iter()
+            .flat_map(|(name, addresses)| {
+                addresses.iter().map(move |(ip, expiry)| Persisted {
+                    name: name.clone(),
+                    ip: *ip,
+                    expires_unix_ms: to_unix_ms(wall + expiry.saturating_duration_since(now)),
+                })
+            })
+            .collect();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&entries)?)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Loads a cache saved by [`Self::save`]; a missing file gives an empty cache, and entries
+    /// already expired, with a name that is not one, or lasting longer than a day from now are
+    /// dropped (a damaged or hostile file cannot allow more than a day).
+    ///
+    /// # Errors
+    /// Reading or parsing the file failed.
+    pub fn load(
+        path: &Path,
+        config: CacheConfig,
+        now: Instant,
+        wall: SystemTime,
+    ) -> std::io::Result<Self> {
+        let mut cache = Self::new(config);
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cache),
+            Err(e) => return Err(e),
+        };
+        let entries: Vec<Persisted> = serde_json::from_slice(&bytes)?;
+        let wall_ms = to_unix_ms(wall);
+        for e in entries {
+            let left = Duration::from_millis(e.expires_unix_ms.saturating_sub(wall_ms));
+            let valid = crate::policy::fqdn::FqdnMatch::name(&e.name, "").is_ok();
+            if left.is_zero() || left > Duration::from_secs(86_400) || !valid {
+                continue;
+            }
+            cache
+                .names
+                .entry(crate::policy::fqdn::normalize_name(&e.name))
+                .or_default()
+                .insert(e.ip, now + left);
+        }
+        Ok(cache)
+    }
+
     /// The addresses of one name.
     #[must_use]
     pub fn addresses(&self, name: &str) -> Vec<IpAddr> {
@@ -116,6 +177,18 @@ impl NameCache {
             .map(|a| a.keys().copied().collect())
             .unwrap_or_default()
     }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    name: String,
+    ip: IpAddr,
+    expires_unix_ms: u64,
+}
+
+fn to_unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -198,6 +271,46 @@ mod tests {
         assert_eq!(
             learned[&ip("203.0.113.4")],
             BTreeSet::from(["cdn.example.test".to_owned(), "www.example.test".to_owned()])
+        );
+    }
+
+    #[test]
+    fn a_saved_cache_comes_back_with_the_time_left() {
+        let dir = std::env::temp_dir().join(format!("nodeward-dns-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("names.json");
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        let mut c = NameCache::new(CONFIG);
+        c.learn("api.example.test", ip("203.0.113.1"), 30, t0);
+        c.learn("short.example.test", ip("203.0.113.2"), 0, t0);
+        c.save(&path, t0, w0).expect("save");
+
+        // Ten seconds later, in a new process: the 3 s entry is gone, the 31 s one has 21 s.
+        let (t1, w1) = (Instant::now(), w0 + Duration::from_secs(10));
+        let mut back = NameCache::load(&path, CONFIG, t1, w1).expect("load");
+        assert_eq!(back.addresses("api.example.test"), [ip("203.0.113.1")]);
+        assert!(back.addresses("short.example.test").is_empty());
+        assert!(!back.expire(t1 + Duration::from_secs(20), |_| false));
+        assert!(back.expire(t1 + Duration::from_secs(22), |_| false));
+
+        std::fs::write(
+            &path,
+            r#"[{"name": "a..b", "ip": "203.0.113.3", "expires_unix_ms": 99999999999999}]"#,
+        )
+        .expect("write");
+        let hostile = NameCache::load(&path, CONFIG, t1, w1).expect("load");
+        assert!(
+            hostile.learned().is_empty(),
+            "bad name and far future dropped"
+        );
+        std::fs::write(&path, "not json").expect("write");
+        assert!(NameCache::load(&path, CONFIG, t1, w1).is_err());
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        assert!(
+            NameCache::load(&path, CONFIG, t1, w1)
+                .expect("missing file")
+                .learned()
+                .is_empty()
         );
     }
 }
