@@ -177,6 +177,14 @@ fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
         Some(p) => unsafe { (*p).count },
         None => return ALLOW, // not a Service address
     };
+    // SAFETY: the context pointer; socket cookies are available to sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if let Some(proxy) = crate::dns::steer(&key) {
+        let _ = NW_SVC_REVNAT.insert(crate::dns::revnat(cookie, proxy), key, 0);
+        write_addr(ctx, v6, &proxy.addr, proxy.port_be);
+        count(COUNTER_SVC_TRANSLATED);
+        return ALLOW;
+    }
     if backends == 0 {
         return refuse();
     }
@@ -200,8 +208,6 @@ fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
             None => return refuse(),
         },
     };
-    // SAFETY: the context pointer; socket cookies are available to sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let rev = agent_common::RevNatKey {
         cookie,
         backend,

@@ -28,6 +28,12 @@ pub trait DnsPolicy: Send + Sync + 'static {
     fn learn(&self, src: IpAddr, answer: &Answer) -> impl Future<Output = ()> + Send;
     /// A query refused (a DROPPED flow naming it).
     fn refused(&self, src: IpAddr, question: &super::Question);
+    /// The resolver to forward to now (`None`: `ProxyConfig::upstream`).
+    fn upstream(&self) -> Option<SocketAddr> {
+        None
+    }
+    /// A query forwarded (`true`: answered) or not answered (SERVFAIL sent).
+    fn answered(&self, _ok: bool) {}
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -95,10 +101,15 @@ async fn handle<P: DnsPolicy>(
         }
         QueryVerdict::Forward(q) => q,
     };
-    let answer = match forward(query, question.id, config).await {
+    let upstream = policy.upstream().unwrap_or(config.upstream);
+    let answer = match forward(query, question.id, upstream, config.timeout).await {
         Some(a) => a,
-        None => return super::servfail(query),
+        None => {
+            policy.answered(false);
+            return super::servfail(query);
+        }
     };
+    policy.answered(true);
     if let Some(learned) = learn_answer(&answer, &question.name)
         && !learned.addresses.is_empty()
     {
@@ -109,17 +120,22 @@ async fn handle<P: DnsPolicy>(
 
 /// Sends `query` to the upstream from a fresh socket (a fresh source port per query) and waits
 /// at most `timeout` for a response with the same id.
-async fn forward(query: &[u8], id: u16, config: &ProxyConfig) -> Option<Vec<u8>> {
-    let bind: SocketAddr = if config.upstream.is_ipv4() {
+async fn forward(
+    query: &[u8],
+    id: u16,
+    upstream: SocketAddr,
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    let bind: SocketAddr = if upstream.is_ipv4() {
         "0.0.0.0:0".parse().ok()?
     } else {
         "[::]:0".parse().ok()?
     };
     let socket = UdpSocket::bind(bind).await.ok()?;
-    socket.connect(config.upstream).await.ok()?;
+    socket.connect(upstream).await.ok()?;
     socket.send(query).await.ok()?;
     let mut buf = vec![0u8; MAX_UDP_MESSAGE];
-    tokio::time::timeout(config.timeout, async {
+    tokio::time::timeout(timeout, async {
         loop {
             let len = socket.recv(&mut buf).await.ok()?;
             if len >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
