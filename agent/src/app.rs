@@ -439,6 +439,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let identities_path = config.state_dir.join("identities.json");
     let identities = IdentityAllocator::load(&identities_path)
         .with_context(|| format!("reading {}", identities_path.display()))?;
+    // What the last agent learned from DNS stays allowed until its TTLs run out.
+    let names_path = config.state_dir.join("dns-names.json");
+    let names = crate::dns::cache::NameCache::load(
+        &names_path,
+        crate::dns::cache::CacheConfig::default(),
+        std::time::Instant::now(),
+        std::time::SystemTime::now(),
+    )
+    .with_context(|| format!("reading {}", names_path.display()))?;
     let mut control = Control {
         source,
         identities,
@@ -460,8 +469,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         trim_at: None,
         service_sync,
         translating,
-        names: crate::dns::cache::NameCache::new(crate::dns::cache::CacheConfig::default()),
+        names,
+        names_path,
     };
+    control
+        .compiler
+        .set_learned_names(Arc::new(control.names.learned()));
     let (dns_tx, mut dns_rx) = tokio::sync::mpsc::channel::<LearnRequest>(256);
     if let Some(addr) = config.dns_proxy {
         start_dns_proxy(addr, &mut datapath, &shared, dns_tx)?;
@@ -494,7 +507,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 }
                 _ = expiry.tick() => {
                     if control.names.expire(std::time::Instant::now(), |_| false) {
-                        control.compiler.set_learned_names(Arc::new(control.names.learned()));
+                        control.names_changed();
                         control.reconcile(&mut datapath);
                     }
                 }
@@ -764,6 +777,8 @@ struct Control {
     translating: bool,
     /// What the DNS proxy learned (names to addresses with expiries).
     names: crate::dns::cache::NameCache,
+    /// Where `names` is saved after each change (`--state-dir`/dns-names.json).
+    names_path: std::path::PathBuf,
 }
 
 impl Control {
@@ -777,10 +792,22 @@ impl Control {
             }
         }
         if new {
-            self.compiler
-                .set_learned_names(Arc::new(self.names.learned()));
+            self.names_changed();
         }
         new
+    }
+
+    /// Hands the learned names to the compiler and saves them for the next agent.
+    fn names_changed(&mut self) {
+        self.compiler
+            .set_learned_names(Arc::new(self.names.learned()));
+        if let Err(e) = self.names.save(
+            &self.names_path,
+            std::time::Instant::now(),
+            std::time::SystemTime::now(),
+        ) {
+            tracing::warn!(path = %self.names_path.display(), error = %e, "saving the DNS names failed");
+        }
     }
 
     /// The proxied pods' DNS allow lists, for the DNS proxy.

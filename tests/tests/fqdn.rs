@@ -123,13 +123,15 @@ impl Drop for External {
     }
 }
 
-/// dnsmasq in the pod's network namespace on port 53: `api` and `other` in `example.test`, and
+/// dnsmasq in the pod's network namespace on port 53: `api` and `other` in `example.test`,
+/// `www` a CNAME to `api`, and
 /// [`MANY`] names under `many.example.test`, TTL 60.
 fn dnsmasq(lab: &Lab, pod: &str) -> Process {
     let p = lab.pod(pod);
     let mut conf = String::new();
     conf.push_str(&format!("host-record=api.example.test,{API_ADDR}\n"));
     conf.push_str(&format!("host-record=other.example.test,{OTHER_ADDR}\n"));
+    conf.push_str("cname=www.example.test,api.example.test\n");
     for i in 0..MANY {
         conf.push_str(&format!(
             "host-record=n{i}.many.example.test,{}\n",
@@ -280,6 +282,11 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
         "the first connection after resolution: {api}"
     );
 
+    // A CNAME to an allowed name: the address is learned for the chain's end.
+    let www = one(&lab, "www.example.test", true);
+    assert_eq!(www["addrs"], json!([API_ADDR]), "{www}");
+    assert_eq!(www["connected"], true, "a CNAME to api.example.test: {www}");
+
     // A name the pod may ask for but not reach: answered, connection dropped.
     let other = one(&lab, "other.example.test", true);
     assert_eq!(other["rcode"], 0, "{other}");
@@ -333,6 +340,11 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     assert_eq!(down["from"], json!(format!("{KUBE_DNS}:53")), "{down}");
     assert_eq!(down["connected"], true, "{down}");
     lab.start_agent(&node.name).expect("agent restart");
+    let kept = one(&lab, API_ADDR, true);
+    assert_eq!(
+        kept["connected"], true,
+        "the restarted agent keeps allowing what it learned (no new query): {kept}"
+    );
     let back = one(&lab, "forbidden.test", false);
     assert_eq!(
         back["rcode"], 5,

@@ -26,7 +26,7 @@
 //!   (at most 10,000), one A query to the resolver (an unconnected UDP socket, as a stub
 //!   resolver sends), then, with `--connect-port`, one TCP connect to the answer's first address
 //!   right away. One JSON line per name: `rcode`, `addrs`, and `connected` (`null` without an
-//!   address or port) with `error`. A query not answered within MS (default 2,000) is `rcode: null`.
+//!   address or port) with `error`; an IPv4 address in `--names` is only connected to. A query not answered within MS (default 2,000) is `rcode: null`.
 //!
 //! Every loop is bounded by `--secs` (at most 60) or `--count` (at most 10,000) and every socket
 //! operation has a timeout.
@@ -643,6 +643,19 @@ fn resolve(flags: &Flags) -> anyhow::Result<()> {
     socket.set_read_timeout(Some(timeout))?;
     let mut buf = vec![0u8; 4096];
     for (i, name) in names.iter().enumerate() {
+        // An address instead of a name: only the connection.
+        if let (Ok(addr), Some(port)) = (name.parse::<Ipv4Addr>(), port) {
+            let connected = TcpStream::connect_timeout(
+                &SocketAddr::from((addr, port)),
+                Duration::from_millis(900),
+            )
+            .is_ok();
+            println!(
+                "{}",
+                serde_json::json!({ "name": name, "connected": connected })
+            );
+            continue;
+        }
         let id = u16::try_from(i % 65_536).unwrap_or(0);
         let mut m = Message::new(id, MessageType::Query, OpCode::Query);
         m.metadata.recursion_desired = true;
