@@ -14,6 +14,7 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod frame;
 mod parse;
 mod policy;

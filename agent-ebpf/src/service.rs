@@ -186,6 +186,14 @@ fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
         Some(p) => unsafe { *p },
         None => return ALLOW, // not a Service address
     };
+    // SAFETY: the context pointer; socket cookies are available to sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if let Some(proxy) = crate::dns::steer(&key) {
+        let _ = NW_SVC_REVNAT.insert(crate::dns::revnat(cookie, proxy), key, 0);
+        write_addr(ctx, v6, &proxy.addr, proxy.port_be);
+        count(COUNTER_SVC_TRANSLATED);
+        return ALLOW;
+    }
     if service.count == 0 {
         return refuse();
     }
@@ -216,8 +224,6 @@ fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
     if service.affinity_secs != 0 {
         remember(ctx, key, slot, backend);
     }
-    // SAFETY: the context pointer; socket cookies are available to sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let rev = agent_common::RevNatKey {
         cookie,
         backend,

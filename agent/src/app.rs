@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub tunnel: crate::tunnel::TunnelConfig,
     /// Entries of each sized datapath map (`--map-*-entries`, `--map-dynamic-size-ratio`).
     pub map_sizes: MapSizes,
+    /// Where pods reach the DNS proxy (`--dns-proxy-addr`); `None`: no proxy, no steering.
+    pub dns_proxy: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -182,6 +184,8 @@ pub struct Shared {
     pub flow_api: crate::flowapi::FlowApiStats,
     /// The Service table of the last sync (`nodeward services`, flows' `destination_service`).
     pub services: RwLock<Arc<crate::services::ServiceTable>>,
+    /// The DNS allow list of each proxied pod address (`EndpointPolicy::dns`), from the last sync.
+    pub dns_allow: RwLock<Arc<std::collections::HashMap<IpAddr, policy::DnsAllow>>>,
 }
 
 impl Shared {
@@ -396,6 +400,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tunnel: std::sync::OnceLock::new(),
         flow_api: crate::flowapi::FlowApiStats::default(),
         services: RwLock::default(),
+        dns_allow: RwLock::default(),
     });
     {
         let syncer = syncer.clone();
@@ -459,6 +464,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let identities_path = config.state_dir.join("identities.json");
     let identities = IdentityAllocator::load(&identities_path)
         .with_context(|| format!("reading {}", identities_path.display()))?;
+    // What the last agent learned from DNS stays allowed until its TTLs run out.
+    let names_path = config.state_dir.join("dns-names.json");
+    let names = crate::dns::cache::NameCache::load(
+        &names_path,
+        crate::dns::cache::CacheConfig::default(),
+        std::time::Instant::now(),
+        std::time::SystemTime::now(),
+    )
+    .with_context(|| format!("reading {}", names_path.display()))?;
     let mut control = Control {
         source,
         identities,
@@ -484,7 +498,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         map_sizes,
         services_last: None,
         service_index: Arc::default(),
+        names,
+        names_path,
     };
+    control
+        .compiler
+        .set_learned_names(Arc::new(control.names.learned()));
+    let (dns_tx, mut dns_rx) = tokio::sync::mpsc::channel::<LearnRequest>(256);
+    if let Some(addr) = config.dns_proxy {
+        start_dns_proxy(addr, &mut datapath, &shared, dns_tx)?;
+    }
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     'run: loop {
         control.reconcile(&mut datapath);
@@ -502,6 +526,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 () = &mut resync => break,
                 () = tokio::time::sleep_until(control.trim_at.unwrap_or_else(tokio::time::Instant::now)),
                     if control.trim_at.is_some() => control.trim(),
+                Some(req) = dns_rx.recv() => {
+                    // The answer waits for this: the maps hold its addresses before the pod
+                    // sees it, so its first connection is never dropped.
+                    if control.learn(&req.answer) {
+                        control.reconcile(&mut datapath);
+                    }
+                    let _ = req.done.send(());
+                }
+                _ = expiry.tick() => {
+                    if control.names.expire(std::time::Instant::now(), |_| false) {
+                        control.names_changed();
+                        control.reconcile(&mut datapath);
+                    }
+                }
                 _ = tokio::signal::ctrl_c() => break 'run,
                 _ = term.recv() => break 'run,
             }
@@ -774,6 +812,10 @@ struct Control {
     services_last: Option<(ServiceInputs, ServicesStatus)>,
     /// Flows' `destination_service` lookup, rebuilt when the service table is.
     service_index: Arc<crate::flows::ServiceIndex>,
+    /// What the DNS proxy learned (names to addresses with expiries).
+    names: crate::dns::cache::NameCache,
+    /// Where `names` is saved after each change (`--state-dir`/dns-names.json).
+    names_path: std::path::PathBuf,
 }
 
 /// Flows' lookup from a backend to the one Service it serves (one name per Service, shared).
@@ -823,6 +865,54 @@ impl ServiceInputs {
 }
 
 impl Control {
+    /// Records an answer's addresses; whether anything new must reach the maps.
+    fn learn(&mut self, answer: &crate::dns::Answer) -> bool {
+        let now = std::time::Instant::now();
+        let mut new = false;
+        for name in &answer.names {
+            for &(ip, ttl) in &answer.addresses {
+                new |= self.names.learn(name, ip, ttl, now);
+            }
+        }
+        if new {
+            self.names_changed();
+        }
+        new
+    }
+
+    /// Hands the learned names to the compiler and saves them for the next agent.
+    fn names_changed(&mut self) {
+        self.compiler
+            .set_learned_names(Arc::new(self.names.learned()));
+        if let Err(e) = self.names.save(
+            &self.names_path,
+            std::time::Instant::now(),
+            std::time::SystemTime::now(),
+        ) {
+            tracing::warn!(path = %self.names_path.display(), error = %e, "saving the DNS names failed");
+        }
+    }
+
+    /// The proxied pods' DNS allow lists, for the DNS proxy.
+    fn publish_dns_allow(&self, compiled: &policy::CompiledState) {
+        let mut allow = std::collections::HashMap::new();
+        for ep in compiled.endpoints.values() {
+            if let Some(dns) = &ep.dns {
+                for ip in [ep.ipv4.map(IpAddr::V4), ep.ipv6.map(IpAddr::V6)]
+                    .into_iter()
+                    .flatten()
+                {
+                    allow.insert(ip, dns.clone());
+                }
+            }
+        }
+        *self
+            .shared
+            .dns_allow
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(allow);
+    }
+
     /// Installs the tunnel's policy route (`tunnel::net::ensure_policy_route`) once some local
     /// endpoint is in the mesh, and keeps it from then on (live tunnelled connections need it).
     /// Not at start-up: once a network namespace has a routing rule of its own, the kernel
@@ -892,6 +982,7 @@ impl Control {
             ep.mesh = modes.get(pod).copied().unwrap_or_default();
         }
         let compiled = Arc::new(compiled);
+        self.publish_dns_allow(&compiled);
         let meshed =
             crate::tunnel::MeshView::meshed_addresses(self.shared.ca.trust_domain(), &inv, &modes);
         let ipcache = ipcache_values(&compiled, &meshed);
@@ -1466,4 +1557,133 @@ impl Control {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = status;
     }
+}
+
+/// An answer for the control loop to learn; `done` when the maps hold its addresses.
+struct LearnRequest {
+    answer: crate::dns::Answer,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The agent side of the DNS proxy: allow lists and upstream from the last sync, learning
+/// through the control loop.
+struct AgentDns {
+    shared: Arc<Shared>,
+    tx: tokio::sync::mpsc::Sender<LearnRequest>,
+}
+
+impl crate::dns::proxy::DnsPolicy for AgentDns {
+    fn allow_for(&self, src: IpAddr) -> policy::DnsAllow {
+        self.shared
+            .dns_allow
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&src)
+            .cloned()
+            .unwrap_or(policy::DnsAllow::Any)
+    }
+
+    fn learn(
+        &self,
+        src: IpAddr,
+        answer: &crate::dns::Answer,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        // Only the answers of pods a policy proxies are learned.
+        let proxied = self
+            .shared
+            .dns_allow
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&src);
+        let tx = self.tx.clone();
+        let answer = answer.clone();
+        async move {
+            if !proxied {
+                return;
+            }
+            let (done, wait) = tokio::sync::oneshot::channel();
+            if tx.send(LearnRequest { answer, done }).await.is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+
+    fn refused(&self, src: IpAddr, question: &crate::dns::Question) {
+        self.shared.metrics.dns_query("refused");
+        tracing::info!(
+            pod = %src,
+            name = %question.name,
+            qtype = %question.qtype,
+            "DNS query refused: the pod's rules.dns do not allow the name"
+        );
+    }
+
+    fn upstream(&self) -> Option<SocketAddr> {
+        let table = self
+            .shared
+            .services
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        // kube-system/kube-dns first, then any other Service's DNS port.
+        let mut ports: Vec<_> = table
+            .ports
+            .values()
+            .filter(|p| {
+                p.frontend.port == 53 && p.frontend.protocol == crate::services::Protocol::Udp
+            })
+            .collect();
+        ports.sort_by_key(|p| {
+            (
+                p.service.namespace != "kube-system",
+                p.service.name != "kube-dns",
+            )
+        });
+        ports
+            .iter()
+            .find_map(|p| p.backends().first().copied())
+            .map(|(ip, port)| SocketAddr::new(ip, port))
+    }
+
+    fn answered(&self, ok: bool) {
+        self.shared
+            .metrics
+            .dns_query(if ok { "forwarded" } else { "servfail" });
+    }
+}
+
+/// Binds the DNS proxy at `addr`, hands its socket to the datapath (pods' DNS to a Service on
+/// port 53 goes to it while it is open) and serves it.
+fn start_dns_proxy(
+    addr: SocketAddr,
+    datapath: &mut Datapath,
+    shared: &Arc<Shared>,
+    tx: tokio::sync::mpsc::Sender<LearnRequest>,
+) -> anyhow::Result<()> {
+    use std::os::fd::AsFd;
+    let socket = std::net::UdpSocket::bind(addr)
+        .with_context(|| format!("binding --dns-proxy-addr {addr}"))?;
+    socket.set_nonblocking(true)?;
+    datapath
+        .set_dns_proxy(addr, socket.as_fd())
+        .context("handing the DNS proxy socket to the datapath")?;
+    let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
+    let config = crate::dns::proxy::ProxyConfig {
+        // Replaced per query by the kube-dns backend of the last sync.
+        upstream: addr,
+        timeout: Duration::from_secs(2),
+        max_in_flight: 64,
+        refuse_with: crate::dns::RefuseWith::Refused,
+    };
+    let policy = Arc::new(AgentDns {
+        shared: shared.clone(),
+        tx,
+    });
+    tokio::spawn(async move {
+        if let Err(e) = crate::dns::proxy::serve_udp(socket, config, policy).await {
+            tracing::error!(error = %e, "the DNS proxy stopped");
+        }
+    });
+    tracing::info!(addr = %addr, "DNS proxy listening; pods' DNS is steered to it");
+    Ok(())
 }

@@ -129,6 +129,12 @@ struct AgentArgs {
         value_parser = clap::value_parser!(u64).range(1..=1024)
     )]
     flows_followers_per_client: u64,
+    /// The DNS proxy (e.g. the node address, 10.0.0.1:53): pods' DNS datagrams to a Service
+    /// on port 53 (kube-dns) go to it while it runs, so toFQDNs learns the answers and
+    /// rules.dns refuses names; when the agent is down they go straight to kube-dns. Needs
+    /// --cgroup. Off by default: then toFQDNs allows nothing and rules.dns refuses nothing.
+    #[arg(long, env = "NODEWARD_DNS_PROXY_ADDR", value_name = "ADDR")]
+    dns_proxy_addr: Option<SocketAddr>,
     /// The cgroup (v2 path) for socket-level programs; never the machine's root cgroup.
     #[arg(long, env = "NODEWARD_CGROUP")]
     cgroup: Option<PathBuf>,
@@ -782,6 +788,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
                 })
             })
             .transpose()?,
+        dns_proxy: args.dns_proxy_addr,
         cgroup: args.cgroup,
         flow_buffer: args.flow_buffer,
         flow_log: args.flow_log.map(|dir| crate::flows::log::FlowLogConfig {

@@ -4,6 +4,7 @@ pub mod app;
 pub mod ca;
 pub mod cli;
 pub mod datapath;
+pub mod dns;
 pub mod endpoints;
 pub mod flowapi;
 pub mod flows;

@@ -51,6 +51,7 @@ pub struct Metrics {
     flows_api_streams: IntGauge,
     tunnel_time_wait: IntCounterVec,
     service_translations: prometheus::IntCounter,
+    dns_queries: IntCounterVec,
     service_no_backend: prometheus::IntCounter,
     services: IntGauge,
     service_backends: IntGauge,
@@ -190,6 +191,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let dns_queries = IntCounterVec::new(
+            Opts::new(
+                "dns_queries_total",
+                "Queries through the DNS proxy, by result (forwarded: answered by the upstream; refused: a name the pod may not ask for; servfail: the upstream did not answer)",
+            ),
+            &["result"],
+        )?;
         let service_translations = prometheus::IntCounter::new(
             "service_translations_total",
             "Connects and datagrams to a Service address that the cgroup programs sent to a backend",
@@ -205,6 +213,7 @@ impl Metrics {
         )?;
         for c in [
             Box::new(service_translations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(dns_queries.clone()),
             Box::new(service_no_backend.clone()),
             Box::new(services.clone()),
             Box::new(service_backends.clone()),
@@ -258,10 +267,16 @@ impl Metrics {
             flows_api_streams,
             tunnel_time_wait,
             service_translations,
+            dns_queries,
             service_no_backend,
             services,
             service_backends,
         })
+    }
+
+    /// One query through the DNS proxy (`forwarded`, `refused`, `servfail`).
+    pub fn dns_query(&self, result: &str) {
+        self.dns_queries.with_label_values(&[result]).inc();
     }
 
     /// Read at scrape time from the flows port's own counters.

@@ -5,6 +5,7 @@ pub mod compile;
 pub mod compiled;
 pub mod crd;
 pub mod evaluate;
+pub mod fqdn;
 pub mod mesh;
 pub mod model;
 pub mod mtls;

@@ -418,6 +418,60 @@ impl Datapath {
         Ok(())
     }
 
+    /// Steers pods' DNS (UDP datagrams to a Service frontend on port 53) to the DNS proxy:
+    /// `addr` is where pods reach it, `socket` its UDP socket. Neither map is pinned: the kernel
+    /// drops the socket when it closes, and DNS goes straight to the backends again.
+    ///
+    /// # Errors
+    /// A map is missing or refuses the entry (the socket must be a bound UDP socket).
+    pub fn set_dns_proxy(
+        &mut self,
+        addr: std::net::SocketAddr,
+        socket: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), DatapathError> {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+            std::net::IpAddr::V6(a) => a,
+        };
+        let backend = Backend {
+            addr: ip.octets(),
+            port_be: addr.port().to_be(),
+            _pad: [0; 2],
+        };
+        let name = "NW_DNS_PROXY";
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(MapsError::Missing { map: name })?;
+        let mut proxy =
+            aya::maps::Array::<_, Backend>::try_from(map).map_err(|source| MapsError::Op {
+                map: name,
+                op: "open",
+                source,
+            })?;
+        proxy.set(0, backend, 0).map_err(|source| MapsError::Op {
+            map: name,
+            op: "set the DNS proxy address",
+            source,
+        })?;
+        let name = "NW_DNS_SOCKET";
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(MapsError::Missing { map: name })?;
+        let mut sockets = SockMap::try_from(map).map_err(|source| MapsError::Op {
+            map: name,
+            op: "open",
+            source,
+        })?;
+        sockets.set(0, &socket, 0).map_err(|source| MapsError::Op {
+            map: name,
+            op: "insert the DNS proxy socket",
+            source,
+        })?;
+        Ok(())
+    }
+
     #[must_use]
     pub const fn maps(&self) -> &PinnedMaps {
         &self.maps

@@ -843,6 +843,7 @@ mod tests {
             egress_default_deny: None,
             slices: slices.into_iter().collect(),
             mesh: MeshMode::Off,
+            dns: None,
         }
     }
 

@@ -32,6 +32,7 @@ fn shared(ca: Arc<Authority>) -> Arc<Shared> {
         tunnel: std::sync::OnceLock::new(),
         flow_api: FlowApiStats::default(),
         services: RwLock::default(),
+        dns_allow: RwLock::default(),
     })
 }
 

@@ -20,7 +20,10 @@ use agent_common::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use super::compiled::{CompiledState, EndpointPolicy, ObjectRef, PortEntry, RuleInfo, SliceKey};
+use super::compiled::{
+    CompiledState, DnsAllow, EndpointPolicy, ObjectRef, PortEntry, RuleInfo, SliceKey,
+};
+use super::fqdn::{FQDN_LABEL_PREFIX, FqdnMatch, LearnedNames};
 use super::mesh::{translate_cluster_mesh_policy, translate_mesh_policy};
 use super::model::{
     Action, Direction, Entity, PROTO_TCP, Peer, PolicyError, PolicyModel, PortSpec, PrincipalMatch,
@@ -88,6 +91,8 @@ struct Workload<'a> {
 #[derive(Default)]
 pub struct Compiler {
     node: String,
+    /// Addresses the DNS proxy learned (see [`Compiler::set_learned_names`]).
+    names: Arc<LearnedNames>,
     pods: BTreeMap<ObjectRef, CachedPod>,
     revision: Option<u64>,
     peers: PeerCache,
@@ -112,6 +117,7 @@ struct PeerCache {
     identities: BTreeSet<u32>,
     policy_cidrs: BTreeMap<IpNet, u32>,
     principals: BTreeMap<PrincipalMatch, u32>,
+    fqdn_identities: BTreeMap<u32, BTreeSet<FqdnMatch>>,
     /// Each peer's identities, with the number of the compilation that last used it.
     resolved: HashMap<Peer, (u64, BTreeSet<u32>)>,
     round: u64,
@@ -123,7 +129,8 @@ impl PeerCache {
     fn begin(&mut self, identities: impl Iterator<Item = u32> + Clone, state: &CompiledState) {
         let same = self.identities.iter().copied().eq(identities.clone())
             && self.policy_cidrs == state.policy_cidrs
-            && self.principals == state.principals;
+            && self.principals == state.principals
+            && self.fqdn_identities == state.fqdn_identities;
         if same {
             let last = self.round;
             self.resolved.retain(|_, (used, _)| *used == last);
@@ -131,6 +138,7 @@ impl PeerCache {
             self.identities = identities.collect();
             self.policy_cidrs.clone_from(&state.policy_cidrs);
             self.principals.clone_from(&state.principals);
+            self.fqdn_identities.clone_from(&state.fqdn_identities);
             self.resolved.clear();
         }
         self.round += 1;
@@ -303,6 +311,12 @@ pub fn compile<'p>(
 }
 
 impl Compiler {
+    /// Sets what the DNS proxy has learned; the next compilation gives those addresses FQDN
+    /// identities.
+    pub fn set_learned_names(&mut self, names: Arc<LearnedNames>) {
+        self.names = names;
+    }
+
     /// [`compile()`], reusing what the last call derived from unchanged objects.
     #[must_use]
     pub fn compile<'p>(
@@ -315,6 +329,7 @@ impl Compiler {
         if self.node != node_name {
             *self = Self {
                 node: node_name.to_owned(),
+                names: std::mem::take(&mut self.names),
                 ..Self::default()
             };
         }
@@ -384,6 +399,37 @@ fn compile_state(
         }
     }
 
+    // FQDN identities: each learned address whose names some `toFQDNs` selector matches gets
+    // the identity of the set of selectors it satisfies, unless a node or pod has it.
+    let selectors: BTreeSet<&FqdnMatch> = policies
+        .iter()
+        .flat_map(|p| &p.rules)
+        .flat_map(|r| &r.peers)
+        .filter_map(|peer| match peer {
+            Peer::Fqdn(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    if !selectors.is_empty() {
+        for (ip, names) in cache.names.iter() {
+            let matched: BTreeSet<FqdnMatch> = selectors
+                .iter()
+                .filter(|m| names.iter().any(|n| m.matches(n)))
+                .map(|m| (*m).clone())
+                .collect();
+            if matched.is_empty() || state.ipcache.contains_key(&IpNet::from(*ip)) {
+                continue;
+            }
+            let labels: Labels = matched
+                .iter()
+                .map(|m| (format!("{FQDN_LABEL_PREFIX}{m}"), String::new()))
+                .collect();
+            let id = ids.allocate(&labels);
+            state.ipcache.insert(IpNet::from(*ip), id);
+            state.fqdn_identities.entry(id).or_insert(matched);
+        }
+    }
+
     // The kernel keys IPv4 as IPv4-mapped IPv6, so an IPv6 prefix over all of `::ffff:0:0/96`
     // (`::/0` above all) is also the longest match of every IPv4 address that no IPv4 policy
     // prefix covers, and an allow for `::/0` would let IPv4 through. An IPv4 /0 of its own
@@ -424,7 +470,11 @@ fn compile_state(
                         for peer in &r.peers {
                             cache.peers.extend(&mut peers, peer, || {
                                 let index = index.get_or_init(|| IdentityIndex::new(&by_identity));
-                                let facts = (&state.policy_cidrs, &state.principals);
+                                let facts = (
+                                    &state.policy_cidrs,
+                                    &state.principals,
+                                    &state.fqdn_identities,
+                                );
                                 resolve_peer(peer, &by_identity, index, facts)
                             });
                         }
@@ -469,6 +519,7 @@ fn compile_state(
             if cp.model.egress_enforced && ep.egress_default_deny.is_none() {
                 ep.egress_default_deny = Some(cp.default_deny);
             }
+            add_dns(&mut ep.dns, cp.model);
             for cr in &cp.rules {
                 add_rule(&mut segments, cr, w, &by_identity);
             }
@@ -486,6 +537,7 @@ fn compile_state(
         .map(|w| w.identity)
         .chain(state.policy_cidrs.values().copied())
         .chain(state.principals.values().copied())
+        .chain(state.fqdn_identities.keys().copied())
         .collect();
     ids.gc(&in_use);
     state
@@ -557,12 +609,19 @@ impl<'a> IdentityIndex<'a> {
     }
 }
 
+/// The policy CIDR, principal and FQDN identities of a compilation.
+type PeerFactMaps<'a> = (
+    &'a BTreeMap<IpNet, u32>,
+    &'a BTreeMap<PrincipalMatch, u32>,
+    &'a BTreeMap<u32, BTreeSet<FqdnMatch>>,
+);
+
 /// The identities a peer stands for, given the identities of the policy CIDRs and principals.
 fn resolve_peer(
     peer: &Peer,
     by_identity: &BTreeMap<u32, Vec<&Workload<'_>>>,
     index: &IdentityIndex<'_>,
-    (policy_cidrs, principals): (&BTreeMap<IpNet, u32>, &BTreeMap<PrincipalMatch, u32>),
+    (policy_cidrs, principals, fqdn): PeerFactMaps<'_>,
 ) -> BTreeSet<u32> {
     match peer {
         Peer::Any => BTreeSet::from([IDENTITY_ANY]),
@@ -581,7 +640,10 @@ fn resolve_peer(
                 .map(|(id, _)| *id)
                 .collect(),
         },
-        Peer::Entity(Entity::World) => BTreeSet::from([IDENTITY_WORLD]),
+        // An address learned from DNS is still outside the cluster.
+        Peer::Entity(Entity::World) => std::iter::once(IDENTITY_WORLD)
+            .chain(fqdn.keys().copied())
+            .collect(),
         Peer::Entity(Entity::Host) => BTreeSet::from([IDENTITY_HOST]),
         Peer::Entity(Entity::RemoteNode) => BTreeSet::from([IDENTITY_REMOTE_NODE]),
         Peer::Entity(Entity::KubeApiserver) => BTreeSet::from([IDENTITY_KUBE_APISERVER]),
@@ -598,6 +660,41 @@ fn resolve_peer(
             .map(|(_, id)| *id)
             .collect(),
         Peer::Principal(m) => principals.get(m).copied().into_iter().collect(),
+        Peer::Fqdn(m) => fqdn
+            .iter()
+            .filter(|(_, selectors)| selectors.contains(m))
+            .map(|(id, _)| *id)
+            .collect(),
+    }
+}
+
+/// Folds a selecting policy's DNS rules into the endpoint's: a policy with `toFQDNs` or
+/// `rules.dns` puts the pod behind the DNS proxy; `rules.dns` lists (of allow rules) add up,
+/// and with none the pod may ask for any name.
+fn add_dns(dns: &mut Option<DnsAllow>, model: &PolicyModel) {
+    for r in model
+        .rules
+        .iter()
+        .filter(|r| r.direction == Direction::Egress)
+    {
+        let fqdn_peer = r.peers.iter().any(|p| matches!(p, Peer::Fqdn(_)));
+        match (&r.dns, r.action) {
+            (Some(list), Action::Allow) => match dns {
+                Some(DnsAllow::Only(have)) => {
+                    have.extend(
+                        list.iter()
+                            .filter(|m| !have.contains(m))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
+                }
+                _ => *dns = Some(DnsAllow::Only(list.clone())),
+            },
+            _ if fqdn_peer || r.dns.is_some() => {
+                dns.get_or_insert(DnsAllow::Any);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -1642,6 +1739,157 @@ spec:
                 .principals
                 .values()
                 .all(|id| ids.labels_of(*id).is_none())
+        );
+    }
+
+    const FQDN_POLICY: &str = r"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: fqdn, namespace: frontend}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+  - toFQDNs: [{matchName: api.example.test}, {matchPattern: '**.svc.example.test'}]
+    toPorts: [{port: 443, protocol: TCP}]
+  - toEntities: [world]
+    toPorts: [{port: 8443, protocol: TCP}]
+";
+
+    fn learned(entries: &[(&str, &str)]) -> Arc<LearnedNames> {
+        let mut names = LearnedNames::new();
+        for (ip, name) in entries {
+            names
+                .entry(ip.parse().expect("test IP"))
+                .or_default()
+                .insert((*name).to_owned());
+        }
+        Arc::new(names)
+    }
+
+    #[test]
+    fn learned_addresses_of_selected_names_are_allowed_and_only_those() {
+        let inv = inventory();
+        let policies = models(FQDN_POLICY);
+        let mut ids = IdentityAllocator::new();
+        let mut compiler = Compiler::default();
+        let flow = |state: &CompiledState, ip: &'static str, port| {
+            allowed(state, &inv, &("frontend/web", ip, port, "TCP", true))
+        };
+        let before = compiler.compile(NODE, &inv, &policies, &mut ids);
+        assert!(
+            !flow(&before, "203.0.113.10", 443),
+            "nothing learned yet: denied"
+        );
+        let web = &before.endpoints[&ObjectRef {
+            namespace: "frontend".into(),
+            name: "web".into(),
+        }];
+        assert_eq!(web.dns, Some(DnsAllow::Any), "a toFQDNs policy proxies DNS");
+
+        compiler.set_learned_names(learned(&[
+            ("203.0.113.10", "api.example.test"),
+            ("203.0.113.11", "other.example.test"),
+            ("203.0.113.12", "a.b.svc.example.test"),
+            ("203.0.113.13", "x.svc.example.test"),
+            ("10.0.1.2", "api.example.test"),
+        ]));
+        let state = compiler.compile(NODE, &inv, &policies, &mut ids);
+        assert!(flow(&state, "203.0.113.10", 443), "matchName");
+        assert!(!flow(&state, "203.0.113.10", 80), "toPorts still apply");
+        assert!(!flow(&state, "203.0.113.11", 443), "a name not selected");
+        assert!(flow(&state, "203.0.113.12", 443), "**. at two levels");
+        assert!(flow(&state, "203.0.113.13", 443), "**. at one level");
+        assert!(
+            flow(&state, "203.0.113.10", 8443),
+            "a learned address is still world"
+        );
+        assert_eq!(
+            state.ipcache[&"10.0.1.2/32".parse::<IpNet>().expect("net")],
+            ids.lookup(&security_labels_in(
+                &inv.pods[&ObjectRef {
+                    namespace: "backend".into(),
+                    name: "api".into()
+                }],
+                &namespace_labels("backend", inv.namespaces.get("backend").map(AsRef::as_ref)),
+            ))
+            .expect("pod identity"),
+            "a pod keeps its own identity whatever DNS says"
+        );
+        assert_eq!(
+            state.ipcache[&"203.0.113.12/32".parse::<IpNet>().expect("net")],
+            state.ipcache[&"203.0.113.13/32".parse::<IpNet>().expect("net")],
+            "addresses with the same selectors share an identity"
+        );
+        assert_eq!(state.fqdn_identities.len(), 2);
+        assert!(
+            !state
+                .ipcache
+                .contains_key(&"203.0.113.11/32".parse::<IpNet>().expect("net")),
+            "an address no selector wants stays world"
+        );
+        assert_eq!(
+            compile(NODE, &inv, &policies, &mut ids).ipcache,
+            before.ipcache,
+            "a fresh compiler without the names"
+        );
+
+        // Forgetting the names (TTL expiry) takes the allows and the identities away.
+        compiler.set_learned_names(Arc::default());
+        let after = compiler.compile(NODE, &inv, &policies, &mut ids);
+        assert!(!flow(&after, "203.0.113.10", 443));
+        assert!(
+            state
+                .fqdn_identities
+                .keys()
+                .all(|id| ids.labels_of(*id).is_none()),
+            "released"
+        );
+    }
+
+    #[test]
+    fn dns_rules_add_up_to_the_names_a_pod_may_ask_for() {
+        let inv = inventory();
+        let policies = models(
+            r"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: dns, namespace: frontend}
+spec:
+  egress:
+  - toPorts:
+    - port: 53
+      protocol: UDP
+      rules: {dns: [{matchPattern: '*.example.test'}]}
+    - port: 53
+      protocol: TCP
+      rules: {dns: [{matchName: example.org}]}
+---
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: plain, namespace: backend}
+spec:
+  egress: [{toPorts: [{port: 53}]}]
+",
+        );
+        let state = compile(NODE, &inv, &policies, &mut IdentityAllocator::new());
+        let ep = |ns: &str, name: &str| {
+            state.endpoints[&ObjectRef {
+                namespace: ns.into(),
+                name: name.into(),
+            }]
+                .dns
+                .clone()
+        };
+        let web = ep("frontend", "web").expect("proxied");
+        assert!(web.allows("api.example.test"));
+        assert!(web.allows("example.org"));
+        assert!(!web.allows("example.test"));
+        assert!(!web.allows("a.b.example.test"));
+        assert!(!web.allows("other.org"));
+        assert_eq!(
+            ep("backend", "api"),
+            None,
+            "no FQDN or DNS rule: not proxied"
         );
     }
 

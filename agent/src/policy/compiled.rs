@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use super::fqdn::FqdnMatch;
 use super::model::PrincipalMatch;
 
 /// Namespace and name of a pod (or any namespaced object).
@@ -80,6 +81,29 @@ pub struct EndpointPolicy {
     pub slices: BTreeMap<SliceKey, Vec<PortEntry>>,
     /// Filled in after compilation from the pod's `MutualTLS` mode.
     pub mesh: MeshMode,
+    /// `Some` when a selecting policy has `toFQDNs` or `rules.dns`: the pod's DNS goes through
+    /// the agent's DNS proxy, which learns the answers and refuses names not allowed.
+    pub dns: Option<DnsAllow>,
+}
+
+/// Which names a proxied pod may ask for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsAllow {
+    /// Every name (no selecting rule has `rules.dns`).
+    Any,
+    /// Only names some of these select (the union of the selecting rules' `rules.dns`).
+    Only(Vec<FqdnMatch>),
+}
+
+impl DnsAllow {
+    /// Whether a query for `name` (normalized) is allowed.
+    #[must_use]
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(list) => list.iter().any(|m| m.matches(name)),
+        }
+    }
 }
 
 impl EndpointPolicy {
@@ -136,4 +160,9 @@ pub struct CompiledState {
     pub principals: BTreeMap<PrincipalMatch, u32>,
     /// Rule id to its origin.
     pub rules: BTreeMap<u32, RuleInfo>,
+    /// FQDN identity to the `toFQDNs` selectors it satisfies. An address the DNS proxy learned
+    /// for names that some policy's selectors match gets the identity of exactly that set of
+    /// selectors (so addresses with the same selectors share one), as a host entry in
+    /// `ipcache` unless a pod or node has the address.
+    pub fqdn_identities: BTreeMap<u32, std::collections::BTreeSet<FqdnMatch>>,
 }

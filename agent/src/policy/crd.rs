@@ -408,7 +408,62 @@ pub struct PortRule {
     /// Defaults to ANY.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
+    /// Application-level rules on these ports (egress only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<PortRules>,
 }
+
+/// Application-level rules of a `toPorts` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortRules {
+    /// The DNS names the selected pods may ask for through these ports (usually 53 of the
+    /// cluster DNS Service); other queries are answered REFUSED. Egress only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<FqdnSelector>>,
+}
+
+/// A DNS name selector: exactly one of `matchName` and `matchPattern`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{"required": ["matchName"]}, {"required": ["matchPattern"]}]))]
+pub struct FqdnSelector {
+    /// An exact name (case-insensitive, trailing dot optional): `api.example.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "fqdn_name_schema")]
+    pub match_name: Option<String>,
+    /// A pattern: `*` matches within one label (`*.example.com`, `api-*.example.com`), a
+    /// leading `**.` matches any depth of subdomains (`**.example.com`), `*` alone every name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "fqdn_pattern_schema")]
+    pub match_pattern: Option<String>,
+}
+
+fn fqdn_name_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "An exact name (case-insensitive, trailing dot optional): api.example.com.",
+        "type": "string",
+        "nullable": true,
+        "maxLength": 254,
+        "pattern": FQDN_NAME_PATTERN,
+    })
+}
+
+fn fqdn_pattern_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "A pattern: * matches within one label (*.example.com), a leading **. any depth of subdomains (**.example.com), * alone every name.",
+        "type": "string",
+        "nullable": true,
+        "maxLength": 254,
+        "pattern": FQDN_PATTERN_PATTERN,
+    })
+}
+
+/// A `matchName`: dot-separated labels of letters, digits, `-` and `_`, optional final dot.
+pub const FQDN_NAME_PATTERN: &str = "^(?:[-A-Za-z0-9_]{1,63}\\.)*[-A-Za-z0-9_]{1,63}\\.?$";
+/// A `matchPattern`: as a name, with `*` in labels and an optional leading `**.`.
+pub const FQDN_PATTERN_PATTERN: &str =
+    "^(?:\\*\\*\\.)?(?:[-A-Za-z0-9_*]{1,63}\\.)*[-A-Za-z0-9_*]{1,63}\\.?$";
 
 /// Sources of ingress (`ingress`, `ingressDeny`). Peer fields are alternatives; with none,
 /// a rule with `toPorts` applies to every source and a rule without matches nothing. The
@@ -455,6 +510,13 @@ pub struct EgressRule {
     pub to_entities: Option<Vec<Entity>>,
     #[serde(rename = "toCIDRSet", default, skip_serializing_if = "Option::is_none")]
     pub to_cidr_set: Option<Vec<CidrRule>>,
+    /// Destinations by DNS name: the addresses the cluster DNS answered for a selected name,
+    /// learned by the agent's DNS proxy while the answer's TTL lasts (and while a connection to
+    /// them is open). The selected pods' DNS then goes through the proxy; their egress to the
+    /// DNS server itself must still be allowed (a rule to port 53, with `rules.dns` to limit
+    /// the names they may ask for).
+    #[serde(rename = "toFQDNs", default, skip_serializing_if = "Option::is_none")]
+    pub to_fqdns: Option<Vec<FqdnSelector>>,
     /// Destination ports on the peer; absent means every port of every protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_ports: Option<Vec<PortRule>>,

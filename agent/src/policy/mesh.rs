@@ -5,9 +5,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 
 use super::crd::{
-    CidrRule, ClusterMeshPolicy, EgressRule, EndpointSelector, Entity as CrdEntity, IngressRule,
-    MeshPolicy, PortRule, Protocol, SpecView,
+    CidrRule, ClusterMeshPolicy, EgressRule, EndpointSelector, Entity as CrdEntity, FqdnSelector,
+    IngressRule, MeshPolicy, PortRule, Protocol, SpecView,
 };
+use super::fqdn::FqdnMatch;
 use super::model::{
     Action, Direction, Entity, FieldError, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, PolicyError,
     PolicyKind, PolicyModel, PortSpec, Rule, RuleOrigin, Subject, check_port, check_port_name,
@@ -136,6 +137,7 @@ fn translate(
                     cidrs: r.from_cidr_set.as_deref(),
                     principals: r.from_principals.as_deref(),
                     service_accounts: r.from_service_accounts.as_deref(),
+                    fqdns: None,
                     ports: r.to_ports.as_deref(),
                     prefix: "from",
                 },
@@ -163,6 +165,7 @@ fn translate(
                     // A certificate names the source: egress has no principal peers.
                     principals: None,
                     service_accounts: None,
+                    fqdns: r.to_fqdns.as_deref(),
                     ports: r.to_ports.as_deref(),
                     prefix: "to",
                 },
@@ -193,6 +196,8 @@ struct RulePeers<'a> {
     principals: Option<&'a [String]>,
     /// `fromServiceAccounts` (ingress only).
     service_accounts: Option<&'a [String]>,
+    /// `toFQDNs` (egress only).
+    fqdns: Option<&'a [FqdnSelector]>,
     ports: Option<&'a [PortRule]>,
     /// `from` or `to`, for field names.
     prefix: &'static str,
@@ -246,9 +251,27 @@ fn rule(
             a, namespace, &field,
         )?));
     }
+    for (i, f) in r.fqdns.into_iter().flatten().enumerate() {
+        let field = format!("{path}.toFQDNs[{i}]");
+        peers.push(Peer::Fqdn(fqdn_selector(f, &field)?));
+    }
     let mut ports = Vec::new();
+    let mut dns: Option<Vec<FqdnMatch>> = None;
     for (i, p) in r.ports.into_iter().flatten().enumerate() {
-        ports.extend(port(p, &format!("{path}.toPorts[{i}]"))?);
+        let field = format!("{path}.toPorts[{i}]");
+        ports.extend(port(p, &field)?);
+        if let Some(list) = p.rules.as_ref().and_then(|r| r.dns.as_ref()) {
+            if direction == Direction::Ingress || action == Action::Deny {
+                return Err(FieldError::new(
+                    format!("{field}.rules.dns"),
+                    "DNS rules list what the selected pods may ask for: only in egress (allow) rules",
+                ));
+            }
+            let names = dns.get_or_insert_with(Vec::new);
+            for (j, f) in list.iter().enumerate() {
+                names.push(fqdn_selector(f, &format!("{field}.rules.dns[{j}]"))?);
+            }
+        }
     }
     // An L4-only rule (ports but no peer field) applies to every peer, as in Cilium. A rule
     // with neither stays peerless and matches nothing.
@@ -256,7 +279,8 @@ fn rule(
         && r.entities.is_none()
         && r.cidrs.is_none()
         && r.principals.is_none()
-        && r.service_accounts.is_none();
+        && r.service_accounts.is_none()
+        && r.fqdns.is_none();
     if no_peer_field && r.ports.is_some_and(|p| !p.is_empty()) {
         peers.push(Peer::Any);
     }
@@ -266,7 +290,20 @@ fn rule(
         action,
         peers,
         ports,
+        dns,
     })
+}
+
+/// A `toFQDNs` or `rules.dns` entry: exactly one of `matchName` and `matchPattern`.
+fn fqdn_selector(f: &FqdnSelector, path: &str) -> Result<FqdnMatch, FieldError> {
+    match (&f.match_name, &f.match_pattern) {
+        (Some(name), None) => FqdnMatch::name(name, &format!("{path}.matchName")),
+        (None, Some(pattern)) => FqdnMatch::pattern(pattern, &format!("{path}.matchPattern")),
+        _ => Err(FieldError::new(
+            path,
+            "expected exactly one of matchName and matchPattern",
+        )),
+    }
 }
 
 /// A CRD selector as a validated [`LabelSelector`]; `path` names it in errors.
@@ -491,6 +528,78 @@ mod tests {
             e.to_string(),
             "ClusterMeshPolicy all: spec.ingress[0].fromServiceAccounts[1]: service account \"api\" has no namespace: a ClusterMeshPolicy names it as namespace/name"
         );
+    }
+
+    #[test]
+    fn fqdn_peers_and_dns_rules_translate() {
+        let p = parse_mesh_policy(mp(json!({
+            "egress": [
+                {"toFQDNs": [{"matchName": "API.example.test."}, {"matchPattern": "*.example.test"}],
+                 "toPorts": [{"port": 443, "protocol": "TCP"}]},
+                {"toPorts": [{"port": 53, "protocol": "UDP", "rules": {"dns": [{"matchPattern": "**.example.test"}]}}]},
+                {"toFQDNs": []},
+            ],
+        })))
+        .expect("parses");
+        let m = translate_mesh_policy(&p).expect("valid");
+        assert_eq!(
+            m.rules[0].peers,
+            vec![
+                Peer::Fqdn(FqdnMatch::Name("api.example.test".into())),
+                Peer::Fqdn(FqdnMatch::Pattern("*.example.test".into())),
+            ]
+        );
+        assert_eq!(m.rules[0].dns, None);
+        assert_eq!(m.rules[1].peers, vec![Peer::Any]);
+        assert_eq!(
+            m.rules[1].dns,
+            Some(vec![FqdnMatch::Pattern("**.example.test".into())])
+        );
+        assert!(
+            m.rules[2].peers.is_empty(),
+            "an empty toFQDNs is a peer field: matches nothing"
+        );
+    }
+
+    #[test]
+    fn fqdn_errors_name_the_path() {
+        let cases = [
+            (
+                json!({"egress": [{"toFQDNs": [{"matchName": "a.test"}, {"matchName": "a..test"}]}]}),
+                "MeshPolicy backend/api: spec.egress[0].toFQDNs[1].matchName: invalid matchName \"a..test\": empty label",
+            ),
+            (
+                json!({"egress": [{"toFQDNs": [{"matchName": "a.test", "matchPattern": "*.test"}]}]}),
+                "MeshPolicy backend/api: spec.egress[0].toFQDNs[0]: expected exactly one of matchName and matchPattern",
+            ),
+            (
+                json!({"egress": [{"toFQDNs": [{}]}]}),
+                "MeshPolicy backend/api: spec.egress[0].toFQDNs[0]: expected exactly one of matchName and matchPattern",
+            ),
+            (
+                json!({"egress": [{"toPorts": [{"port": 53}, {"port": 53, "rules": {"dns": [{"matchPattern": "a.**.test"}]}}]}]}),
+                "MeshPolicy backend/api: spec.egress[0].toPorts[1].rules.dns[0].matchPattern: invalid matchPattern \"a.**.test\": '**' may only be the whole first label ('**.example.com')",
+            ),
+            (
+                json!({"ingress": [{"toPorts": [{"port": 53, "rules": {"dns": []}}]}]}),
+                "MeshPolicy backend/api: spec.ingress[0].toPorts[0].rules.dns: DNS rules list what the selected pods may ask for: only in egress (allow) rules",
+            ),
+            (
+                json!({"egressDeny": [{"toPorts": [{"port": 53, "rules": {"dns": []}}]}]}),
+                "MeshPolicy backend/api: spec.egressDeny[0].toPorts[0].rules.dns: DNS rules list what the selected pods may ask for: only in egress (allow) rules",
+            ),
+        ];
+        for (spec, want) in cases {
+            let p = parse_mesh_policy(mp(spec.clone())).expect("parses");
+            let e = translate_mesh_policy(&p).expect_err("invalid");
+            assert_eq!(e.to_string(), want, "for {spec}");
+        }
+        let e = parse_mesh_policy(mp(json!({"egress": [{"toFQDNs": [{"matchNames": "a"}]}]})))
+            .expect_err("typo");
+        assert_eq!(e.field, "spec.egress[0].toFQDNs[0].matchNames");
+        let e = parse_mesh_policy(mp(json!({"ingress": [{"fromFQDNs": []}]})))
+            .expect_err("no ingress counterpart");
+        assert_eq!(e.field, "spec.ingress[0].fromFQDNs");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::fmt;
 
 use ipnet::IpNet;
 
+pub use super::fqdn::FqdnMatch;
 pub use super::selector::LabelSelector;
 use super::selector::is_dns_label;
 use crate::ca::SpiffeId;
@@ -123,6 +124,8 @@ pub enum Peer {
     /// Sources whose certificate's SPIFFE ID matches: only traffic through the mTLS tunnel
     /// can match (ingress only).
     Principal(PrincipalMatch),
+    /// Addresses the DNS proxy saw in an answer for a name this selects (egress only).
+    Fqdn(FqdnMatch),
 }
 
 /// Which SPIFFE IDs a principal peer stands for. The compiler gives each distinct match its own
@@ -194,6 +197,10 @@ pub struct Rule {
     pub peers: Vec<Peer>,
     /// Empty: every port of every protocol.
     pub ports: Vec<PortSpec>,
+    /// `toPorts[].rules.dns`: `Some` when some port entry restricts the DNS names the
+    /// selected pods may ask for through it (the union of the entries that do; empty refuses
+    /// every name).
+    pub dns: Option<Vec<FqdnMatch>>,
 }
 
 /// A policy after translation: whom it applies to, which directions it puts in default deny, and

@@ -89,6 +89,7 @@ fn translate(
                 action: Action::Allow,
                 peers: peers(r.from.as_deref(), namespace, &format!("{path}.from"))?,
                 ports: ports(r.ports.as_deref(), &format!("{path}.ports"))?,
+                dns: None,
             });
         }
     }
@@ -101,6 +102,7 @@ fn translate(
                 action: Action::Allow,
                 peers: peers(r.to.as_deref(), namespace, &format!("{path}.to"))?,
                 ports: ports(r.ports.as_deref(), &format!("{path}.ports"))?,
+                dns: None,
             });
         }
     }

@@ -22,6 +22,11 @@
 //!   for TCP and connected UDP `udpc`, the reply's source for unconnected `udp`). With
 //!   `--hold-secs` (and `--count 1`, TCP) the connection then stays open for S seconds and a last
 //!   line says whether it still carries a round trip (`alive`).
+//! - `resolve --dns IP:PORT --names a.test,b.test [--connect-port P] [--timeout-ms MS]`: per name
+//!   (at most 10,000), one A query to the resolver (an unconnected UDP socket, as a stub
+//!   resolver sends), then, with `--connect-port`, one TCP connect to the answer's first address
+//!   right away. One JSON line per name: `rcode`, `addrs`, and `connected` (`null` without an
+//!   address or port) with `error`; an IPv4 address in `--names` is only connected to. A query not answered within MS (default 2,000) is `rcode: null`.
 //!
 //! Every loop is bounded by `--secs` (at most 60) or `--count` (at most 10,000) and every socket
 //! operation has a timeout.
@@ -49,7 +54,8 @@ fn main() -> anyhow::Result<()> {
         "rr" => rr(&flags),
         "hold" => hold(&flags),
         "probe" => probe(&flags),
-        other => bail!("unknown command {other:?} (serve, crr, rr, hold, probe)"),
+        "resolve" => resolve(&flags),
+        other => bail!("unknown command {other:?} (serve, crr, rr, hold, probe, resolve)"),
     }
 }
 
@@ -610,5 +616,103 @@ fn raise_nofile_limit(count: usize) -> anyhow::Result<()> {
             std::io::Error::last_os_error()
         );
     }
+    Ok(())
+}
+
+fn resolve(flags: &Flags) -> anyhow::Result<()> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let dns: SocketAddr = flags
+        .get("dns")
+        .context("--dns IP:PORT is required")?
+        .parse()
+        .context("--dns")?;
+    let names: Vec<&str> = flags
+        .get("names")
+        .context("--names is required")?
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .collect();
+    ensure!(
+        (1..=10_000).contains(&names.len()),
+        "--names: 1 to 10,000 names"
+    );
+    let port: Option<u16> = flags.get("connect-port").map(str::parse).transpose()?;
+    let timeout = Duration::from_millis(flags.parse_or("timeout-ms", 2000)?);
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut buf = vec![0u8; 4096];
+    for (i, name) in names.iter().enumerate() {
+        // An address instead of a name: only the connection.
+        if let (Ok(addr), Some(port)) = (name.parse::<Ipv4Addr>(), port) {
+            let connected = TcpStream::connect_timeout(
+                &SocketAddr::from((addr, port)),
+                Duration::from_millis(900),
+            )
+            .is_ok();
+            println!(
+                "{}",
+                serde_json::json!({ "name": name, "connected": connected })
+            );
+            continue;
+        }
+        let id = u16::try_from(i % 65_536).unwrap_or(0);
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+        let start = Instant::now();
+        socket.send_to(&m.to_vec()?, dns)?;
+        let mut line = serde_json::json!({ "name": name });
+        let reply = loop {
+            match socket.recv_from(&mut buf) {
+                Ok((len, from)) => {
+                    line["from"] = from.to_string().into();
+                    match Message::from_vec(&buf[..len]) {
+                        Ok(r) if r.metadata.id == id => break Some(r),
+                        _ => {}
+                    }
+                }
+                Err(_) => break None,
+            }
+        };
+        line["dns_ms"] = (start.elapsed().as_secs_f64() * 1000.0).into();
+        let mut addrs = Vec::new();
+        if let Some(r) = &reply {
+            line["rcode"] = u16::from(r.metadata.response_code).into();
+            for a in &r.answers {
+                if let RData::A(a) = &a.data {
+                    addrs.push(a.0);
+                }
+            }
+        }
+        line["addrs"] = addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .into();
+        if let (Some(port), Some(addr)) = (port, addrs.first()) {
+            // Less than a SYN retransmission: a first SYN dropped shows as a failure.
+            match TcpStream::connect_timeout(
+                &SocketAddr::from((*addr, port)),
+                Duration::from_millis(900),
+            ) {
+                Ok(_) => line["connected"] = true.into(),
+                Err(e) => {
+                    line["connected"] = false.into();
+                    line["error"] = e.to_string().into();
+                    // Whether it was the timing (a later connection works) or the address.
+                    std::thread::sleep(Duration::from_millis(100));
+                    line["retry_connected"] = TcpStream::connect_timeout(
+                        &SocketAddr::from((*addr, port)),
+                        Duration::from_millis(900),
+                    )
+                    .is_ok()
+                    .into();
+                }
+            }
+        }
+        println!("{line}");
+    }
+    std::io::stdout().flush()?;
     Ok(())
 }

@@ -1,0 +1,364 @@
+//! DNS-aware egress in the lab: a real DNS server (dnsmasq) in a pod behind a
+//! `kube-system/kube-dns` Service, an "external" host outside the pod ranges, and a pod whose
+//! egress allows names (`toFQDNs`) and whose DNS may only ask for some (`rules.dns`). The
+//! agent runs with `--dns-proxy-addr` on the node address: the cgroup programs steer the pod's
+//! DNS to it while it runs.
+//!
+//! Own lab (one node, `frontend/web-0` the client, `backend/api-0` the DNS server): the shared
+//! lab's agents have no DNS proxy, and steering every port-53 Service would change other tests.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nodeward_lab::load::{Process, in_pod};
+use nodeward_lab::manifests::documents;
+use nodeward_lab::{Lab, LabSpec, eventually, sys};
+use serde_json::{Value, json};
+
+const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The external host answers every address of this /21 (on its loopback), port 8080.
+const EXTERNAL_NET: &str = "198.18.0.0/21";
+const API_ADDR: &str = "198.18.0.10";
+const OTHER_ADDR: &str = "198.18.0.20";
+const EXTERNAL_PORT: u16 = 8080;
+/// Names `n<i>.many.example.test`, each with its own address, for the first-connection test.
+const MANY: usize = 1000;
+
+fn load_bin() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_nodeward-lab-load"))
+}
+
+fn many_addr(i: usize) -> Ipv4Addr {
+    let i = u32::try_from(i).expect("small") + 256;
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i)
+}
+
+/// An "external" network namespace behind the node (a veth, a route for [`EXTERNAL_NET`]) with
+/// a TCP server on [`EXTERNAL_PORT`]; removed when dropped.
+struct External {
+    netns: String,
+    _server: Process,
+}
+
+impl External {
+    fn up(lab: &Lab) -> Self {
+        let netns = format!("nwl-{}-ext", lab.id());
+        let node = &lab.nodes()[0].netns;
+        let (host_if, ext_if) = (format!("nw{}x0", lab.id()), format!("nw{}x1", lab.id()));
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("running ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &netns]);
+        let guard = Self {
+            netns: netns.clone(),
+            _server: Process::spawn(
+                Command::new("ip")
+                    .args(["netns", "exec", &netns])
+                    .arg(load_bin())
+                    .args(["serve", "--sink", &EXTERNAL_PORT.to_string()])
+                    .stdout(Stdio::null()),
+                "the external server",
+            )
+            .expect("external server"),
+        };
+        ip(&[
+            "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", &ext_if, "netns",
+            &netns,
+        ]);
+        ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            "192.168.251.1/30",
+            "dev",
+            &host_if,
+        ]);
+        ip(&["-n", node, "link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            node,
+            "route",
+            "add",
+            EXTERNAL_NET,
+            "via",
+            "192.168.251.2",
+        ]);
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            "192.168.251.2/30",
+            "dev",
+            &ext_if,
+        ]);
+        ip(&["-n", &netns, "link", "set", &ext_if, "up"]);
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        ip(&["-n", &netns, "addr", "add", EXTERNAL_NET, "dev", "lo"]);
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.251.1",
+        ]);
+        guard
+    }
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// dnsmasq in the pod's network namespace on port 53: `api` and `other` in `example.test`,
+/// `www` a CNAME to `api`, and
+/// [`MANY`] names under `many.example.test`, TTL 60.
+fn dnsmasq(lab: &Lab, pod: &str) -> Process {
+    let p = lab.pod(pod);
+    let mut conf = String::new();
+    conf.push_str(&format!("host-record=api.example.test,{API_ADDR}\n"));
+    conf.push_str(&format!("host-record=other.example.test,{OTHER_ADDR}\n"));
+    conf.push_str("cname=www.example.test,api.example.test\n");
+    for i in 0..MANY {
+        conf.push_str(&format!(
+            "host-record=n{i}.many.example.test,{}\n",
+            many_addr(i)
+        ));
+    }
+    let path = lab
+        .manifests_dir()
+        .parent()
+        .expect("lab dir")
+        .join("dnsmasq.conf");
+    std::fs::write(&path, conf).expect("writing dnsmasq.conf");
+    Process::spawn(
+        Command::new("nsenter")
+            .arg(format!("--net={}", sys::netns_path(&p.netns).display()))
+            .arg("--")
+            .arg("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--user=root",
+                "--pid-file=",
+                "--port=53",
+                "--local-ttl=60",
+                "--bind-interfaces",
+                &format!("--listen-address={}", p.ip4),
+            ])
+            .arg(format!("--conf-file={}", path.display()))
+            .stdout(Stdio::null()),
+        "dnsmasq",
+    )
+    .expect("dnsmasq")
+}
+
+fn kube_dns(lab: &Lab, pod: &str) -> String {
+    let p = lab.pod(pod);
+    documents([
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": "kube-dns", "namespace": "kube-system" },
+            "spec": {
+                "clusterIP": KUBE_DNS.to_string(),
+                "ports": [{ "name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP" }],
+            },
+        }),
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kube-dns-1",
+                "namespace": "kube-system",
+                "labels": { "kubernetes.io/service-name": "kube-dns" },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{
+                "addresses": [p.ip4.to_string()],
+                "conditions": { "ready": true, "serving": true, "terminating": false },
+                "nodeName": p.node,
+                "targetRef": { "kind": "Pod", "name": p.name, "namespace": p.namespace },
+            }],
+            "ports": [{ "name": "dns", "port": 53, "protocol": "UDP" }],
+        }),
+    ])
+}
+
+const POLICY: &str = r#"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata:
+  name: web-fqdn
+  namespace: frontend
+spec:
+  endpointSelector:
+    matchLabels: {app: web}
+  egress:
+  - toFQDNs:
+    - matchName: api.example.test
+    - matchPattern: "**.many.example.test"
+    toPorts:
+    - {port: 8080, protocol: TCP}
+  - toPorts:
+    - port: 53
+      protocol: UDP
+      rules:
+        dns:
+        - matchPattern: "*.example.test"
+        - matchPattern: "**.many.example.test"
+"#;
+
+/// `nodeward-lab-load resolve` from `from` (in its cgroup): one JSON line per name.
+fn resolve(lab: &Lab, from: &str, names: &[String], connect: bool) -> Vec<Value> {
+    let mut cmd = in_pod(lab.pod(from), load_bin());
+    cmd.arg("resolve")
+        .args(["--dns", &format!("{KUBE_DNS}:53")])
+        .args(["--names", &names.join(",")])
+        .args(["--timeout-ms", "3000"])
+        .stderr(Stdio::inherit());
+    if connect {
+        cmd.args(["--connect-port", &EXTERNAL_PORT.to_string()]);
+    }
+    let out = cmd.output().expect("running nodeward-lab-load resolve");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("resolve printed {l:?}: {e}")))
+        .collect()
+}
+
+fn one(lab: &Lab, name: &str, connect: bool) -> Value {
+    resolve(lab, "frontend/web-0", &[name.to_owned()], connect)
+        .pop()
+        .unwrap_or_default()
+}
+
+#[test]
+fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
+    let started = Instant::now();
+    let mut lab = Lab::up(&LabSpec {
+        nodes: 1,
+        namespaces: 2,
+        pods: 1,
+        agents: false,
+        ipv6: false,
+        ..LabSpec::default()
+    })
+    .expect("lab up");
+    let _external = External::up(&lab);
+    let _dns = dnsmasq(&lab, "backend/api-0");
+    lab.write_manifest("kube-dns", &kube_dns(&lab, "backend/api-0"))
+        .expect("kube-dns");
+    lab.write_manifest("web-fqdn", POLICY).expect("policy");
+    let node = lab.nodes()[0].clone();
+    lab.set_agent_args(&["--dns-proxy-addr", &format!("{}:53", node.ip4)]);
+    lab.start_agent(&node.name).expect("agent");
+
+    // Allowed name: answered (from the ClusterIP), and its address is reachable at once.
+    let mut api = Value::Null;
+    let answered = eventually(Duration::from_secs(10), Duration::from_millis(200), || {
+        api = one(&lab, "api.example.test", true);
+        api["rcode"] == 0
+    });
+    assert!(answered, "api.example.test never answered: {api}");
+    assert_eq!(api["addrs"], json!([API_ADDR]), "{api}");
+    assert_eq!(api["from"], json!(format!("{KUBE_DNS}:53")), "{api}");
+    assert_eq!(
+        api["connected"], true,
+        "the first connection after resolution: {api}"
+    );
+
+    // A CNAME to an allowed name: the address is learned for the chain's end.
+    let www = one(&lab, "www.example.test", true);
+    assert_eq!(www["addrs"], json!([API_ADDR]), "{www}");
+    assert_eq!(www["connected"], true, "a CNAME to api.example.test: {www}");
+
+    // A name the pod may ask for but not reach: answered, connection dropped.
+    let other = one(&lab, "other.example.test", true);
+    assert_eq!(other["rcode"], 0, "{other}");
+    assert_eq!(other["addrs"], json!([OTHER_ADDR]), "{other}");
+    assert_eq!(
+        other["connected"], false,
+        "other.example.test must stay denied: {other}"
+    );
+
+    // A name rules.dns does not allow: REFUSED (5) without an answer.
+    let refused = one(&lab, "forbidden.test", false);
+    assert_eq!(refused["rcode"], 5, "{refused}");
+    assert_eq!(refused["addrs"], json!([]), "{refused}");
+
+    // The first connection right after resolution, each name new with a new address.
+    let t = Instant::now();
+    let names: Vec<String> = (0..MANY)
+        .map(|i| format!("n{i}.many.example.test"))
+        .collect();
+    let lines = resolve(&lab, "frontend/web-0", &names, true);
+    assert_eq!(lines.len(), MANY, "one line per name");
+    let failed: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["rcode"] != 0 || l["connected"] != true)
+        .collect();
+    let mut ms: Vec<f64> = lines.iter().filter_map(|l| l["dns_ms"].as_f64()).collect();
+    ms.sort_by(f64::total_cmp);
+    eprintln!(
+        "{MANY} resolutions + first connections in {:.1?}; DNS (learn and sync included) p50 {:.2} ms, p99 {:.2} ms",
+        t.elapsed(),
+        ms[ms.len() / 2],
+        ms[ms.len() * 99 / 100]
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {MANY} first connections failed: {:?}",
+        failed.len(),
+        failed
+            .iter()
+            .map(|l| format!(
+                "{} {} retry {}",
+                l["name"], l["addrs"], l["retry_connected"]
+            ))
+            .collect::<Vec<_>>()
+    );
+
+    // The agent down: DNS goes straight to kube-dns, and what was learned stays allowed.
+    lab.kill_agent(&node.name).expect("kill");
+    let down = one(&lab, "api.example.test", true);
+    assert_eq!(down["rcode"], 0, "DNS while the agent is down: {down}");
+    assert_eq!(down["from"], json!(format!("{KUBE_DNS}:53")), "{down}");
+    assert_eq!(down["connected"], true, "{down}");
+    lab.start_agent(&node.name).expect("agent restart");
+    let kept = one(&lab, API_ADDR, true);
+    assert_eq!(
+        kept["connected"], true,
+        "the restarted agent keeps allowing what it learned (no new query): {kept}"
+    );
+    let back = one(&lab, "forbidden.test", false);
+    assert_eq!(
+        back["rcode"], 5,
+        "the restarted agent proxies again: {back}"
+    );
+    let metrics = lab.agent_http_get(&node.name, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("nodeward_dns_queries_total{result=\"refused\"} 1"),
+        "the restarted agent counts the refused query: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("dns_queries"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!("fqdn lab test in {:.1?}", started.elapsed());
+}
