@@ -214,7 +214,8 @@ spec:
     - matchPattern: "**.many.example.test"
     toPorts:
     - {port: 8080, protocol: TCP}
-  - toPorts:
+  - toEntities: [host, cluster]
+    toPorts:
     - port: 53
       protocol: UDP
       rules:
