@@ -70,6 +70,8 @@ pub struct AgentConfig {
     pub map_sizes: MapSizes,
     /// Where pods reach the DNS proxy (`--dns-proxy-addr`); `None`: no proxy, no steering.
     pub dns_proxy: Option<SocketAddr>,
+    /// TTL floor, grace and per-name cap of the learned names.
+    pub dns_cache: crate::dns::cache::CacheConfig,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -468,7 +470,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let names_path = config.state_dir.join("dns-names.json");
     let names = crate::dns::cache::NameCache::load(
         &names_path,
-        crate::dns::cache::CacheConfig::default(),
+        config.dns_cache,
         std::time::Instant::now(),
         std::time::SystemTime::now(),
     )

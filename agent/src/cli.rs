@@ -135,6 +135,24 @@ struct AgentArgs {
     /// --cgroup. Off by default: then toFQDNs allows nothing and rules.dns refuses nothing.
     #[arg(long, env = "NODEWARD_DNS_PROXY_ADDR", value_name = "ADDR")]
     dns_proxy_addr: Option<SocketAddr>,
+    /// The shortest time an address learned from DNS stays allowed (a smaller TTL is raised to
+    /// it), before --dns-ttl-grace.
+    #[arg(
+        long,
+        env = "NODEWARD_DNS_MIN_TTL",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
+    dns_min_ttl: Duration,
+    /// How long past its TTL a learned address stays allowed (clients reconnect to an address
+    /// they resolved a moment before it expired).
+    #[arg(
+        long,
+        env = "NODEWARD_DNS_TTL_GRACE",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
+    dns_ttl_grace: Duration,
     /// The cgroup (v2 path) for socket-level programs; never the machine's root cgroup.
     #[arg(long, env = "NODEWARD_CGROUP")]
     cgroup: Option<PathBuf>,
@@ -789,6 +807,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             })
             .transpose()?,
         dns_proxy: args.dns_proxy_addr,
+        dns_cache: crate::dns::cache::CacheConfig {
+            min_ttl: args.dns_min_ttl,
+            grace: args.dns_ttl_grace,
+            ..crate::dns::cache::CacheConfig::default()
+        },
         cgroup: args.cgroup,
         flow_buffer: args.flow_buffer,
         flow_log: args.flow_log.map(|dir| crate::flows::log::FlowLogConfig {

@@ -21,6 +21,8 @@ const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EXTERNAL_NET: &str = "198.18.0.0/21";
 const API_ADDR: &str = "198.18.0.10";
 const OTHER_ADDR: &str = "198.18.0.20";
+/// `short.example.test`: TTL 1 s (the agent's floor and grace are 1 s in this lab).
+const SHORT_ADDR: &str = "198.18.0.30";
 const EXTERNAL_PORT: u16 = 8080;
 /// Names `n<i>.many.example.test`, each with its own address, for the first-connection test.
 const MANY: usize = 1000;
@@ -132,6 +134,7 @@ fn dnsmasq(lab: &Lab, pod: &str) -> Process {
     conf.push_str(&format!("host-record=api.example.test,{API_ADDR}\n"));
     conf.push_str(&format!("host-record=other.example.test,{OTHER_ADDR}\n"));
     conf.push_str("cname=www.example.test,api.example.test\n");
+    conf.push_str(&format!("host-record=short.example.test,{SHORT_ADDR},1\n"));
     for i in 0..MANY {
         conf.push_str(&format!(
             "host-record=n{i}.many.example.test,{}\n",
@@ -211,10 +214,12 @@ spec:
   egress:
   - toFQDNs:
     - matchName: api.example.test
+    - matchName: short.example.test
     - matchPattern: "**.many.example.test"
     toPorts:
     - {port: 8080, protocol: TCP}
-  - toPorts:
+  - toEntities: [host, cluster]
+    toPorts:
     - port: 53
       protocol: UDP
       rules:
@@ -265,7 +270,14 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
         .expect("kube-dns");
     lab.write_manifest("web-fqdn", POLICY).expect("policy");
     let node = lab.nodes()[0].clone();
-    lab.set_agent_args(&["--dns-proxy-addr", &format!("{}:53", node.ip4)]);
+    lab.set_agent_args(&[
+        "--dns-proxy-addr",
+        &format!("{}:53", node.ip4),
+        "--dns-min-ttl",
+        "1s",
+        "--dns-ttl-grace",
+        "1s",
+    ]);
     lab.start_agent(&node.name).expect("agent");
 
     // Allowed name: answered (from the ClusterIP), and its address is reachable at once.
@@ -286,6 +298,18 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     let www = one(&lab, "www.example.test", true);
     assert_eq!(www["addrs"], json!([API_ADDR]), "{www}");
     assert_eq!(www["connected"], true, "a CNAME to api.example.test: {www}");
+
+    // After the TTL (1 s, floor 1 s, grace 1 s) with no connection, the address is denied.
+    let short = one(&lab, "short.example.test", false);
+    assert_eq!(short["addrs"], json!([SHORT_ADDR]), "{short}");
+    assert_eq!(
+        one(&lab, SHORT_ADDR, true)["connected"],
+        true,
+        "within the TTL"
+    );
+    std::thread::sleep(Duration::from_millis(3500));
+    let expired = one(&lab, SHORT_ADDR, true);
+    assert_eq!(expired["connected"], false, "after the TTL: {expired}");
 
     // A name the pod may ask for but not reach: answered, connection dropped.
     let other = one(&lab, "other.example.test", true);

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use nodeward_lab::{paths, sys};
 
 /// Binaries the lab, the tests and the benchmarks run, and the Debian package of each.
-const BINARIES: [(&str, &str); 7] = [
+const BINARIES: [(&str, &str); 8] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("iperf3", "iperf3"),
@@ -15,6 +15,7 @@ const BINARIES: [(&str, &str); 7] = [
     ("tcpdump", "tcpdump"),
     ("nft", "nftables"),
     ("iptables", "iptables"),
+    ("dnsmasq", "dnsmasq"),
 ];
 
 pub fn run() -> Result<()> {
