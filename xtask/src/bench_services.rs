@@ -42,8 +42,21 @@ const BULK_NAMESPACE: &str = "backend";
 /// The target Service's ClusterIP (the lab's own Services are 10.96.0.x, the bulk 10.97.x.x).
 const TARGET_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 2, 10);
 const TARGET_NAME: &str = "bench-target";
-/// One server port for every connections run, as real clients of a Service meet it.
-const SINK_PORT: u16 = rules::SINK_PORTS.0;
+/// Each path's server port for the connections runs, the same in every round, as real clients
+/// of a Service meet it. One port per path: the server's TIME_WAIT sockets from one path must not
+/// meet another path's connections. A client's TCP timestamps start at an offset the kernel
+/// derives from the addresses it dialled (the ClusterIP for iptables, the pod IP otherwise:
+/// nodeward rewrites the address before the socket connects), so the server would refuse a
+/// reused 4-tuple from the other path (PAWS) and the connection would stall; that cost belongs to
+/// switching paths back and forth, which no real client does.
+const fn sink_port(path: Path) -> u16 {
+    rules::SINK_PORTS.0
+        + match path {
+            Path::PodIp => 0,
+            Path::Nodeward => 1,
+            Path::Iptables => 2,
+        }
+}
 const CRR_THREADS: u32 = 4;
 const TARGET_RSS_KIB: u64 = 40 * 1024;
 /// How long an agent gets to put the whole table into its maps.
@@ -269,10 +282,14 @@ fn service_table(server: &PodState) -> Vec<SimpleService> {
         namespace: server.namespace.clone(),
         name: TARGET_NAME.to_string(),
         cluster_ip: TARGET_VIP,
-        ports: vec![
-            ("sink".to_string(), SINK_PORT, SINK_PORT),
-            ("echo".to_string(), rules::ECHO_PORT, rules::ECHO_PORT),
-        ],
+        ports: [Path::Nodeward, Path::Iptables]
+            .iter()
+            .map(|&p| {
+                let port = sink_port(p);
+                (format!("sink-{port}"), port, port)
+            })
+            .chain([("echo".to_string(), rules::ECHO_PORT, rules::ECHO_PORT)])
+            .collect(),
         backends: vec![server.ip4],
     };
     table.insert(table.len() / 2, target);
@@ -312,17 +329,18 @@ impl Bench {
         self.want_services = table.len() as u64;
         self.want_backends = table.iter().map(|s| s.backends.len() as u64).sum();
         self.wait_table(&nodes)?;
+        let sinks = Path::ALL.map(sink_port);
         let _server = nodeward_lab::load::server(
             &self.load,
             &self.server,
             &[
                 "--sink",
-                &SINK_PORT.to_string(),
+                &format!("{}-{}", sinks[0], sinks[2]),
                 "--echo",
                 &rules::ECHO_PORT.to_string(),
             ],
             &self.client,
-            &[SINK_PORT, rules::ECHO_PORT],
+            &[sinks[0], sinks[1], sinks[2], rules::ECHO_PORT],
         )?;
         // The client makes tens of thousands of connections over the run: give it every port.
         sys::sysctls(
@@ -504,7 +522,7 @@ impl Bench {
             &[
                 "crr",
                 "--addr",
-                &SocketAddr::new(ip.into(), SINK_PORT).to_string(),
+                &SocketAddr::new(ip.into(), sink_port(path)).to_string(),
                 "--threads",
                 &CRR_THREADS.to_string(),
                 "--secs",
@@ -844,8 +862,9 @@ impl Report {
         let _ = writeln!(
             out,
             "\nHow: connections/s is `nodeward-lab-load crr` ({CRR_THREADS} unpinned threads, {} s: \
-             connect, the server accepts and closes, the client closes; one server port for every \
-             run, so 4-tuples repeat as real clients' do); request/response is `nodeward-lab-load \
+             connect, the server accepts and closes, the client closes; each path one server port \
+             in every round, so 4-tuples repeat as real clients' do, and a port of its own, so \
+             the server's TIME_WAIT from one path never meets another's connections); request/response is `nodeward-lab-load \
              rr`, one connection, 64-byte messages, one in flight, {} s, unpinned. Every path \
              has both agents running with the same table. Pod IP: the client (in the pod's \
              cgroup) dials the server pod. nodeward: the same client dials the ClusterIP and the \

@@ -121,7 +121,8 @@ enum BenchCmd {
         /// the client reaching a Service's backend on the other node by its ClusterIP through
         /// nodeward's translation, by the same ClusterIP through kube-proxy-style iptables DNAT,
         /// and by its pod IP (connections/s, request/response latency), then agent RSS.
-        /// Rewrites README's Benchmarks / Services. Always one server port (--ports reuse).
+        /// Rewrites README's Benchmarks / Services. Each way has its own fixed server port
+        /// (--ports does not apply).
         #[arg(long, conflicts_with_all = ["control_plane", "hold"])]
         services: bool,
         /// With --services: a smoke run (1 round, sub-second loads) that only prints its
