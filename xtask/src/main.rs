@@ -116,7 +116,7 @@ enum BenchCmd {
         /// clients meet a service (4-tuples repeat), or a `fresh` one per run.
         #[arg(long, value_enum, default_value_t = bench_rules::SinkPorts::Reuse)]
         ports: bench_rules::SinkPorts,
-        /// Instead of the scenarios above, the Services scenario (its own lab and run, about 4
+        /// Instead of the scenarios above, the Services scenario (its own lab and run, about 2
         /// minutes, so not part of every datapath run): 1,000 Services with 10,000 backends,
         /// the client reaching a Service's backend on the other node by its ClusterIP through
         /// nodeward's translation, by the same ClusterIP through kube-proxy-style iptables DNAT,
