@@ -181,6 +181,84 @@ fn services(lab: &LabState) -> Vec<Value> {
     out
 }
 
+/// A ClusterIP Service over ready IPv4 endpoints, TCP only, as one Service and one
+/// EndpointSlice: what [`bulk_services`] makes in bulk, and what a benchmark's kube-proxy
+/// rules are written from.
+#[derive(Clone, Debug)]
+pub struct SimpleService {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: std::net::Ipv4Addr,
+    /// `(name, port, target port)`: the Service's `targetPort` is the name, the slice's port
+    /// of that name is the target.
+    pub ports: Vec<(String, u16, u16)>,
+    /// Ready endpoints.
+    pub backends: Vec<std::net::Ipv4Addr>,
+}
+
+impl SimpleService {
+    /// The Service and its EndpointSlice, as the endpoints controller would write them.
+    pub fn documents(&self) -> [Value; 2] {
+        let ports: Vec<Value> = self
+            .ports
+            .iter()
+            .map(|(name, port, _)| {
+                json!({ "name": name, "port": port, "targetPort": name, "protocol": "TCP" })
+            })
+            .collect();
+        let slice_ports: Vec<Value> = self
+            .ports
+            .iter()
+            .map(|(name, _, target)| json!({ "name": name, "port": target, "protocol": "TCP" }))
+            .collect();
+        let endpoints: Vec<Value> = self
+            .backends
+            .iter()
+            .map(|ip| json!({ "addresses": [ip.to_string()], "conditions": { "ready": true } }))
+            .collect();
+        [
+            json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": { "name": self.name, "namespace": self.namespace },
+                "spec": { "clusterIP": self.cluster_ip.to_string(), "ports": ports },
+            }),
+            json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": format!("{}-1", self.name),
+                    "namespace": self.namespace,
+                    "labels": { "kubernetes.io/service-name": self.name },
+                },
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": slice_ports,
+            }),
+        ]
+    }
+}
+
+/// `count` Services `bulk-N` in `namespace` (ClusterIPs from 10.97.0.1, 250 per /24), each
+/// `http` 80 to [`HTTP_PORT`] on `backends` endpoints of its own: 10,000 backends for 1,000
+/// Services at most, at 10.240.0.1 onwards, addresses no lab pod has (nothing is ever sent to
+/// them: they only fill the tables).
+pub fn bulk_services(namespace: &str, count: u32, backends: u32) -> Vec<SimpleService> {
+    let addr = |n: u32, second: u8| {
+        let third = u8::try_from(n / 250).expect("at most 64,000 addresses");
+        std::net::Ipv4Addr::new(10, second, third, u8::try_from(n % 250 + 1).expect("< 251"))
+    };
+    (0..count)
+        .map(|i| SimpleService {
+            namespace: namespace.to_string(),
+            name: format!("bulk-{i}"),
+            cluster_ip: addr(i, 97),
+            ports: vec![("http".to_string(), 80, HTTP_PORT)],
+            backends: (0..backends).map(|j| addr(i * backends + j, 240)).collect(),
+        })
+        .collect()
+}
+
 /// The documents of `yaml` that are not Namespaces (the lab defines its own), or `None` if there
 /// are none left.
 pub fn without_namespaces(yaml: &str) -> anyhow::Result<Option<String>> {

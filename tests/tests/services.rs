@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nodeward_lab::load::{Process, in_pod};
-use nodeward_lab::manifests::documents;
+use nodeward_lab::manifests::{SimpleService, bulk_services, documents};
 use nodeward_lab::shared::shared_lab;
 use nodeward_lab::{Case, HTTP_PORT, Lab, METRICS_PORT, eventually, netpol};
 use serde_json::{Value, json};
@@ -754,39 +754,10 @@ fn internal_traffic_policy_local_keeps_each_node_on_its_own_backends() {
 #[test]
 fn a_thousand_services_with_ten_thousand_backends_fit_and_translate() {
     let lab = shared_lab();
-    let mut docs = Vec::new();
-    for i in 0..1000u32 {
-        let vip = Ipv4Addr::new(
-            10,
-            97,
-            u8::try_from(i / 250).unwrap(),
-            u8::try_from(i % 250 + 1).unwrap(),
-        );
-        let endpoints: Vec<Value> = (0..10u32)
-            .map(|j| {
-                let n = i * 10 + j;
-                json!({
-                    "addresses": [format!("10.240.{}.{}", n / 250, n % 250 + 1)],
-                    "conditions": { "ready": true },
-                })
-            })
-            .collect();
-        docs.push(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": { "name": format!("bulk-{i}"), "namespace": "backend" },
-            "spec": { "clusterIP": vip.to_string(), "ports": [{ "name": "http", "port": 80 }] },
-        }));
-        docs.push(json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {
-                "name": format!("bulk-{i}-1"), "namespace": "backend",
-                "labels": { "kubernetes.io/service-name": format!("bulk-{i}") },
-            },
-            "addressType": "IPv4",
-            "endpoints": endpoints,
-            "ports": [{ "name": "http", "port": HTTP_PORT, "protocol": "TCP" }],
-        }));
-    }
+    let docs = bulk_services("backend", 1000, 10)
+        .iter()
+        .flat_map(SimpleService::documents)
+        .collect::<Vec<_>>();
     let vip = Ipv4Addr::new(10, 96, 1, 10);
     let mut yaml = documents(docs);
     yaml.push_str(&service(

@@ -953,16 +953,7 @@ impl Bench {
 
     /// Runs a client in the client pod and parses its (last) JSON output.
     fn client_json(&self, program: &std::ffi::OsStr, args: &[&str], secs: f64) -> Result<Value> {
-        let out = sys::run_timeout(
-            &mut in_pod(&self.client, program, args),
-            Duration::from_secs_f64(secs + 15.0),
-        )?;
-        serde_json::from_str(out.trim())
-            .or_else(|_| {
-                let last = out.lines().last().unwrap_or_default();
-                serde_json::from_str(last)
-            })
-            .with_context(|| format!("{} printed {out:?}", Path::new(program).display()))
+        pod_json(&self.client, program, args, secs)
     }
 
     /// Toggles a policy that allows the client on the toggle port, [`FLIP_CHANGES`] times.
@@ -1064,6 +1055,40 @@ pub(crate) fn load_server(pod: &PodState, load: &std::ffi::OsStr, last_sink: u16
     );
     cmd.stdout(Stdio::null());
     cmd
+}
+
+/// Runs `program args` as a process of `pod` (a load client running about `secs`) and parses its
+/// (last) JSON output line.
+pub(crate) fn pod_json(
+    pod: &PodState,
+    program: &std::ffi::OsStr,
+    args: &[&str],
+    secs: f64,
+) -> Result<Value> {
+    let out = sys::run_timeout(
+        &mut in_pod(pod, program, args),
+        Duration::from_secs_f64(secs + 15.0),
+    )?;
+    serde_json::from_str(out.trim())
+        .or_else(|_| {
+            let last = out.lines().last().unwrap_or_default();
+            serde_json::from_str(last)
+        })
+        .with_context(|| format!("{} printed {out:?}", Path::new(program).display()))
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:` ...) of `node`'s agent.
+pub(crate) fn agent_kib(lab: &Lab, node: &str, field: &str) -> Result<u64> {
+    let pid = lab
+        .agent_pid(node)
+        .with_context(|| format!("no agent on {node}"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status ({node}'s agent)"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("/proc/{pid}/status has no {field}"))
 }
 
 pub(crate) fn in_pod(pod: &PodState, program: &std::ffi::OsStr, args: &[&str]) -> Command {

@@ -671,13 +671,7 @@ impl Bench {
 
     /// Runs a client in the client pod and parses its (last) JSON output.
     fn client_json(&self, program: &std::ffi::OsStr, args: &[&str], secs: f64) -> Result<Value> {
-        let out = sys::run_timeout(
-            &mut in_pod(&self.client, program, args),
-            Duration::from_secs_f64(secs + 15.0),
-        )?;
-        serde_json::from_str(out.trim())
-            .or_else(|_| serde_json::from_str(out.lines().last().unwrap_or_default()))
-            .with_context(|| format!("{} printed {out:?}", program.to_string_lossy()))
+        crate::bench::pod_json(&self.client, program, args, secs)
     }
 
     /// [`HOLD_COUNT`] idle connections through the tunnel: RSS before, with them open and after
@@ -813,17 +807,7 @@ impl Bench {
 
     /// A `/proc/<agent>/status` field in KiB (`VmRSS:`, `VmHWM:`).
     fn vm_kib(&self, node: &str, field: &str) -> Result<u64> {
-        let pid = self
-            .lab
-            .agent_pid(node)
-            .with_context(|| format!("no agent on {node}"))?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("reading /proc/{pid}/status ({node}'s agent)"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("/proc/{pid}/status has no {field}"))
+        crate::bench::agent_kib(&self.lab, node, field)
     }
 
     /// Each node's agent CPU over the next `secs` seconds, in % of one core.

@@ -5,6 +5,7 @@ mod bench_flip;
 mod bench_floor;
 mod bench_flows;
 mod bench_rules;
+mod bench_services;
 mod bench_tunnel;
 mod demo;
 mod setup;
@@ -98,6 +99,7 @@ enum BenchCmd {
     /// nodeward's hooks (the floor), nodeward with 1 policy and with 10k rules, its datapath
     /// alone, iptables with 10k rules (connections/s, request/response latency, throughput);
     /// then policy change latency and agent RSS with 1,000 pods. Rewrites README's Benchmarks.
+    /// The Services scenario runs on its own: --services.
     Datapath {
         /// Only the control-plane figures (policy change latency and agent RSS, at the lab's
         /// size and with 1,000 pods and 10k rules), printed; README.md is left alone.
@@ -114,6 +116,19 @@ enum BenchCmd {
         /// clients meet a service (4-tuples repeat), or a `fresh` one per run.
         #[arg(long, value_enum, default_value_t = bench_rules::SinkPorts::Reuse)]
         ports: bench_rules::SinkPorts,
+        /// Instead of the scenarios above, the Services scenario (its own lab and run, about 2
+        /// minutes, so not part of every datapath run): 1,000 Services with 10,000 backends,
+        /// the client reaching a Service's backend on the other node by its ClusterIP through
+        /// nodeward's translation, by the same ClusterIP through kube-proxy-style iptables DNAT,
+        /// and by its pod IP (connections/s, request/response latency), then agent RSS.
+        /// Rewrites README's Benchmarks / Services. Each way has its own fixed server port
+        /// (--ports does not apply).
+        #[arg(long, conflicts_with_all = ["control_plane", "hold"])]
+        services: bool,
+        /// With --services: a smoke run (1 round, sub-second loads) that only prints its
+        /// results and leaves README.md alone.
+        #[arg(long, requires = "services")]
+        quick: bool,
     },
     /// Flow events: the highest new-connections rate with zero lost flows, and the datapath
     /// cost of `--flow-events all` versus `drops`. Rewrites README's Benchmarks / Flows.
@@ -151,10 +166,14 @@ fn main() -> Result<()> {
                     hold,
                     runs,
                     ports,
+                    services,
+                    quick,
                 },
         } => {
             setup::run()?;
-            if let Some(scenario) = hold {
+            if services {
+                bench_services::run(quick)
+            } else if let Some(scenario) = hold {
                 bench::run_held(scenario, runs, ports)
             } else if control_plane {
                 bench::run_control_plane()
