@@ -15,7 +15,7 @@ const BINARIES: [(&str, &str); 8] = [
     ("tcpdump", "tcpdump"),
     ("nft", "nftables"),
     ("iptables", "iptables"),
-    ("dnsmasq", "dnsmasq"),
+    ("dnsmasq", "dnsmasq-base"),
 ];
 
 pub fn run() -> Result<()> {
