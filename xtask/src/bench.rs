@@ -1136,6 +1136,23 @@ pub(crate) fn rr_args(addr: SocketAddr) -> [String; 9] {
     .map(str::to_owned)
 }
 
+/// The median over rounds of `figure(x) / figure(base)`, `xs` and `bases` paired by round.
+pub(crate) fn median_ratio<T>(xs: &[T], bases: &[T], figure: impl Fn(&T) -> f64) -> f64 {
+    median(
+        xs.iter()
+            .zip(bases)
+            .map(|(x, base)| figure(x) / figure(base))
+            .collect(),
+    )
+}
+
+/// Run-to-run spread of a baseline's samples: (max - min) / median, in percent.
+pub(crate) fn spread_percent(v: Vec<f64>) -> f64 {
+    let max = v.iter().copied().fold(f64::MIN, f64::max);
+    let min = v.iter().copied().fold(f64::MAX, f64::min);
+    (max - min) / median(v) * 100.0
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -1187,13 +1204,7 @@ impl Report {
     /// As [`Report::ratio`], against `base` instead of no agent.
     fn ratio_to(&self, scenario: Scenario, base: Scenario, figure: Figure) -> f64 {
         let of = |s: Scenario| self.samples.get(&s).map(Vec::as_slice).unwrap_or_default();
-        median(
-            of(scenario)
-                .iter()
-                .zip(of(base))
-                .map(|(x, base)| figure.of(x) / figure.of(base))
-                .collect(),
-        )
+        median_ratio(of(scenario), of(base), |s| figure.of(s))
     }
 
     /// Run-to-run spread of the baseline: (max - min) / median, in percent.
@@ -1205,9 +1216,7 @@ impl Report {
             .flatten()
             .map(|s| figure.of(s))
             .collect();
-        let max = v.iter().copied().fold(f64::MIN, f64::max);
-        let min = v.iter().copied().fold(f64::MAX, f64::min);
-        (max - min) / median(v) * 100.0
+        spread_percent(v)
     }
 
     fn markdown(&self) -> String {

@@ -31,7 +31,9 @@ use nodeward_lab::manifests::{SimpleService, bulk_services, documents};
 use nodeward_lab::{Lab, PodState, sys, wait};
 use serde_json::Value;
 
-use crate::bench::{Machine, ReleaseLab, agent_kib, median, pod_json, release_lab};
+use crate::bench::{
+    Machine, ReleaseLab, agent_kib, median, median_ratio, pod_json, release_lab, spread_percent,
+};
 use crate::bench_rules as rules;
 
 const CLIENT: &str = "frontend/web-0";
@@ -693,13 +695,7 @@ impl Report {
     /// The median over rounds of `path`'s figure divided by `base`'s in the same round.
     fn ratio(&self, path: Path, base: Path, figure: Figure) -> f64 {
         let of = |p: Path| self.samples.get(&p).map(Vec::as_slice).unwrap_or_default();
-        median(
-            of(path)
-                .iter()
-                .zip(of(base))
-                .map(|(x, b)| figure.of(x) / figure.of(b))
-                .collect(),
-        )
+        median_ratio(of(path), of(base), |s| figure.of(s))
     }
 
     /// Run-to-run spread of the pod-IP baseline: (max - min) / median, in percent.
@@ -711,9 +707,7 @@ impl Report {
             .flatten()
             .map(|s| figure.of(s))
             .collect();
-        let max = v.iter().copied().fold(f64::MIN, f64::max);
-        let min = v.iter().copied().fold(f64::MAX, f64::min);
-        (max - min) / median(v) * 100.0
+        spread_percent(v)
     }
 
     fn total(&self, path: Path, f: fn(&Sample) -> u64) -> u64 {
