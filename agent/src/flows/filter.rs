@@ -273,6 +273,7 @@ mod tests {
                 }),
                 ..L4::default()
             },
+            l7: None,
             source: Endpoint {
                 namespace: "prod".into(),
                 pod_name: src_pod.into(),
