@@ -289,9 +289,8 @@ pub struct RouteTable {
     /// Every HTTP Service port, with its routes (the default one when none is attached).
     pub ports: HashMap<ServiceKey, Arc<PortRoutes>>,
     /// Which HTTP Service port a connection to a backend address came through (see
-    /// [`super::Dialled`]): the one HTTP port the backend serves, or the one of them with
-    /// routes; a backend of several HTTP ports of which none or several have routes is left to
-    /// the L4 tunnel.
+    /// [`super::Dialled`]): the one HTTP port with routes the backend serves. Backends of no
+    /// routed port, or of several, are left to the L4 tunnel.
     pub by_backend: HashMap<SocketAddr, ServiceKey>,
     /// The endpoints new requests may go to, per Service port (of every Service, so a route
     /// can send to a port that is not itself HTTP).
@@ -341,28 +340,26 @@ impl RouteTable {
         for (r, route) in routes {
             compile_route(r, route, services, &mut http, &mut out);
         }
-        // Which HTTP port a backend's connections came through: the one port it serves, or
-        // among several, the one port with routes (the canary's apex Service `web` and its
-        // version Services `web-v1`, `web-v2` share pods; only `web` has the route).
+        // Which HTTP port a backend's connections came through. Without the kernel's record
+        // of the dialled frontend, a backend address alone cannot say whether the pod dialled
+        // the Service or the pod itself, nor which of several Services sharing the pod: only
+        // ports with routes are parsed (the user asked for HTTP there), and a backend of
+        // several routed ports is left to the L4 tunnel. The canary's apex Service `web` and
+        // its version Services `web-v1`, `web-v2` share pods; only `web` has the route.
         let mut candidates: HashMap<SocketAddr, Vec<&ServiceKey>> = HashMap::new();
-        for key in http.keys() {
+        for (key, entries) in &http {
+            if entries.is_empty() {
+                continue;
+            }
             for addr in endpoints.get(key).into_iter().flatten() {
                 candidates.entry(*addr).or_default().push(key);
             }
         }
         out.by_backend = candidates
             .into_iter()
-            .filter_map(|(addr, keys)| {
-                let chosen = if let [only] = keys.as_slice() {
-                    Some(*only)
-                } else {
-                    let mut routed = keys.iter().filter(|k| !http[**k].is_empty());
-                    match (routed.next(), routed.next()) {
-                        (Some(one), None) => Some(*one),
-                        _ => None,
-                    }
-                };
-                chosen.map(|k| (addr, k.clone()))
+            .filter_map(|(addr, keys)| match keys.as_slice() {
+                [only] => Some((addr, (*only).clone())),
+                _ => None,
             })
             .collect();
         for (key, mut entries) in http {

@@ -152,31 +152,37 @@ fn http_ports_are_told_by_app_protocol_or_name() {
 }
 
 #[test]
-fn only_backends_of_http_ports_are_parsed() {
-    let table = build("");
-    let v1: SocketAddr = "10.244.1.1:8080".parse().unwrap();
+fn only_backends_of_routed_http_ports_are_parsed() {
     let client: SocketAddr = "10.244.0.5:40000".parse().unwrap();
-    // 10.244.1.1:8080 is a backend of web:80 and web-v1:80, both HTTP, neither with routes:
-    // ambiguous, so not parsed until the kernel says which one was dialled.
+    let v1: SocketAddr = "10.244.1.1:8080".parse().unwrap();
+    // Without a route nothing is parsed: the backend alone cannot tell a dial of the Service
+    // from a dial of the pod.
+    let table = build("");
     assert_eq!(table.dialled(client, v1), None);
-    // With a route on web, its backends are web's.
+    assert!(table.ports.contains_key(&key("web-v2", 80)), "h2c is HTTP");
+    assert!(
+        !table.ports.contains_key(&key("web", 9000)),
+        "metrics is not"
+    );
+    // With a route on web (sharing its pods with web-v1 and web-v2), its backends are web's.
     let routed = build(CANARY);
     assert_eq!(routed.dialled(client, v1), Some(key("web", 80)));
     // web:9000 (`metrics`) is not HTTP: its backends stay on the L4 tunnel.
     assert_eq!(
-        table.dialled(client, "10.244.1.1:9000".parse().unwrap()),
+        routed.dialled(client, "10.244.1.1:9000".parse().unwrap()),
         None
     );
-    assert!(table.ports.contains_key(&key("web-v2", 80)));
-    assert!(!table.ports.contains_key(&key("web", 9000)));
-    // One Service with the backend: that Service.
-    let (services, mut st) = cluster();
-    st.ports.retain(|_, p| p.service.name == "web");
-    let table = RouteTable::build(&services, &BTreeMap::new(), &st);
-    assert_eq!(table.dialled(client, v1), Some(key("web", 80)));
-    // Without a route, every request goes to the dialled Service.
+    // Two routed Services sharing a pod: ambiguous, left to L4.
+    let both = format!(
+        "{CANARY}---\n{}",
+        CANARY
+            .replace("name: canary", "name: other")
+            .replace("name: web, port: 80}]", "name: web-v1, port: 80}]")
+    );
+    assert_eq!(build(&both).dialled(client, v1), None);
+    // A request without the header takes the weighted rule (draw 0: web-v1).
     let req = request("GET", "/anything", &[]);
-    assert_eq!(backend_of(&table, &req).as_deref(), Some("web"));
+    assert_eq!(backend_of(&routed, &req).as_deref(), Some("web-v1"));
 }
 
 const CANARY: &str = r"
