@@ -23,6 +23,8 @@ pub mod proxy;
 pub mod routes;
 
 #[cfg(test)]
+mod proxy_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;
