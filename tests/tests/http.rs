@@ -3,8 +3,9 @@
 //!
 //! Pods: `frontend/web-0` (node-1) is the client; `backend/api-0` (node-1) answers as `v1`,
 //! `backend/api-1` (node-2) as `v2` (`nodeward-lab-load http-serve` on port 8081). Services in
-//! `backend`: `web` (both pods; the route's parent), `web-v1`, `web-v2` (one pod each), and
-//! `raw` (a plain TCP port to the byte echo on 8080). ClusterIPs 10.96.3.x.
+//! `backend`: `web` (both pods; the route's parent), `web-v1`, `web-v2` (one pod each), `raw`
+//! (a plain TCP port to the byte echo on 8080), and `plain` (`backend/api-2`, node-1, an HTTP
+//! port without a route: the L4 tunnel, for a latency figure). ClusterIPs 10.96.3.x.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
@@ -148,11 +149,25 @@ fn http_routes_split_by_weight_and_header_and_count_every_request() {
         "the v2 backend",
     )
     .unwrap();
-    let (web, v1, v2, raw) = (
+    let _plain = Process::spawn(
+        in_pod(lab.pod("backend/api-2"), load_bin())
+            .args([
+                "http-serve",
+                "--port",
+                &BACKEND_PORT.to_string(),
+                "--name",
+                "plain",
+            ])
+            .stdout(Stdio::null()),
+        "the plain backend",
+    )
+    .unwrap();
+    let (web, v1, v2, raw, plain) = (
         Ipv4Addr::new(10, 96, 3, 1),
         Ipv4Addr::new(10, 96, 3, 2),
         Ipv4Addr::new(10, 96, 3, 3),
         Ipv4Addr::new(10, 96, 3, 4),
+        Ipv4Addr::new(10, 96, 3, 5),
     );
     let both = ["backend/api-0", "backend/api-1"];
     let manifests = [
@@ -160,6 +175,14 @@ fn http_routes_split_by_weight_and_header_and_count_every_request() {
         service(&lab, "web-v1", v1, "http", BACKEND_PORT, &["backend/api-0"]),
         service(&lab, "web-v2", v2, "http", BACKEND_PORT, &["backend/api-1"]),
         service(&lab, "raw", raw, "tcp-echo", HTTP_PORT, &["backend/api-0"]),
+        service(
+            &lab,
+            "plain",
+            plain,
+            "http",
+            BACKEND_PORT,
+            &["backend/api-2"],
+        ),
         ROUTE.to_owned(),
     ];
     lab.write_manifest("http-canary", &manifests.join("---\n"))
@@ -193,6 +216,14 @@ fn http_routes_split_by_weight_and_header_and_count_every_request() {
     assert_eq!(
         header["bodies"]["v2"], 20,
         "the header match sends every request to v2: {header}"
+    );
+    // For the record, not asserted (performance lives in `cargo xtask bench`): the same 2,000
+    // sequential keep-alive requests to `plain` (api-2, node-1, no route: the L4 tunnel).
+    let l4 = http_get(&lab, SocketAddr::from((plain, 80)), 2000, None);
+    eprintln!(
+        "2,000 sequential requests: L7 (routed) {:.0} ms, L4 tunnel {:.0} ms",
+        split["ms"].as_f64().unwrap_or(0.0),
+        l4["ms"].as_f64().unwrap_or(0.0)
     );
     // Counted before the response leaves the agent: the metric is up to date already.
     let counted = web_requests(&lab) - before;

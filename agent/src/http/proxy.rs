@@ -33,6 +33,9 @@ use crate::tunnel::{Context, Workload};
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
+/// How long a request's head may take to arrive (HTTP/1.1).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A client connection to one endpoint, over one HBONE stream.
 enum Upstream {
     H1(hyper::client::conn::http1::SendRequest<Incoming>),
@@ -74,7 +77,13 @@ pub async fn serve(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.request(req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that trickles a request's head (slow-loris) is answered 408 and closed, not
+    // held; the head is bounded by hyper's limits (431 past them).
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await

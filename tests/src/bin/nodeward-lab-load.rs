@@ -34,7 +34,8 @@
 //!   HTTP suffice.
 //! - `http-get --addr IP:PORT --count N [--header NAME:VALUE] [--path /p]`: N GETs one after
 //!   another on keep-alive connections (a new one only when the server closed), one JSON line
-//!   at the end: `codes` and `bodies` (each distinct body, counted), `errors`.
+//!   at the end: `codes` and `bodies` (each distinct body, counted), `errors`, `ms` (all of
+//!   them, end to end).
 //!
 //! Every loop is bounded by `--secs` (at most 60) or `--count` (at most 10,000) and every socket
 //! operation has a timeout.
@@ -811,6 +812,7 @@ fn http_get(flags: &Flags) -> anyhow::Result<()> {
     let mut bodies = std::collections::BTreeMap::<String, u64>::new();
     let mut errors = Vec::new();
     let mut conn: Option<(TcpStream, Vec<u8>)> = None;
+    let start = Instant::now();
     for _ in 0..count {
         let exchange =
             |conn: &mut Option<(TcpStream, Vec<u8>)>| -> std::io::Result<(String, String)> {
@@ -849,7 +851,12 @@ fn http_get(flags: &Flags) -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        serde_json::json!({ "codes": codes, "bodies": bodies, "errors": errors })
+        serde_json::json!({
+            "codes": codes,
+            "bodies": bodies,
+            "errors": errors,
+            "ms": start.elapsed().as_secs_f64() * 1000.0,
+        })
     );
     Ok(())
 }
