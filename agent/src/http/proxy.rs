@@ -78,8 +78,8 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(conn.request(req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // A client that trickles a request's head (slow-loris) is answered 408 and closed, not
-    // held; the head is bounded by hyper's limits (431 past them).
+    // A client that trickles a request's head (slow-loris) is closed after this, not held;
+    // the head is bounded by hyper's limits (431 past them, 400 when malformed).
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
