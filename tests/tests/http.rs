@@ -233,12 +233,23 @@ fn http_routes_split_by_weight_and_header_and_count_every_request() {
     );
 
     let flows = lab
-        .observe("node-1", &["--last", "50"])
+        .observe(
+            "node-1",
+            &[
+                "--last",
+                "50",
+                "--http-method",
+                "GET",
+                "--http-status",
+                "2+",
+            ],
+        )
         .expect("node-1's flows");
-    let l7 = flows
-        .iter()
-        .find(|f| f["Type"] == "L7")
-        .unwrap_or_else(|| panic!("no L7 flow on node-1: {flows:?}"));
+    assert!(
+        !flows.is_empty() && flows.iter().all(|f| f["Type"] == "L7"),
+        "--http-* selects L7 flows only: {flows:?}"
+    );
+    let l7 = &flows[0];
     assert_eq!(l7["l7"]["http"]["method"], "GET", "{l7}");
     assert_eq!(l7["l7"]["http"]["code"], 200, "{l7}");
     assert_eq!(l7["l7"]["http"]["route"], "backend/canary", "{l7}");
