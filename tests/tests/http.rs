@@ -204,6 +204,7 @@ fn http_routes_split_by_weight_and_header_and_count_every_request() {
     let before = web_requests(&lab);
     let split = http_get(&lab, web_addr, 2000, None);
     let header = http_get(&lab, web_addr, 20, Some("x-canary: yes"));
+    eprintln!("90/10 over 2,000 requests: {}", split["bodies"]);
     assert_eq!(
         split["codes"]["200"], 2000,
         "every request answered: {split}"
