@@ -29,6 +29,7 @@ use super::io::H2Io;
 use super::routes::ServiceKey;
 use super::{HttpRecord, RequestLabels};
 use crate::tunnel::pool::Pool;
+use crate::tunnel::timewait::Leftover;
 use crate::tunnel::{Context, Workload};
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -64,6 +65,13 @@ pub async fn serve(
     ctx: Arc<Context>,
     pool: Arc<Pool>,
 ) {
+    // Named for the TIME_WAIT removal at its end, as the L4 path does (`tunnel::timewait`).
+    let leftover = Leftover::of(&stream).ok();
+    let stream = PodSocket {
+        stream: Some(stream),
+        leftover,
+        ctx: ctx.clone(),
+    };
     let conn = Arc::new(Conn {
         ctx,
         pool,
@@ -89,6 +97,77 @@ pub async fn serve(
         .await
     {
         tracing::debug!(source = %peer, destination = %dialled, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// The pod's socket, closed through the TIME_WAIT reaper when hyper is done with it: its local
+/// address is the destination pod's, and a TIME_WAIT with it in the node's namespace would
+/// swallow a later plaintext connection with the same 4-tuple (see `tunnel::timewait`).
+struct PodSocket {
+    stream: Option<TcpStream>,
+    leftover: Option<Leftover>,
+    ctx: Arc<Context>,
+}
+
+impl PodSocket {
+    fn stream(&mut self) -> std::io::Result<&mut TcpStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl Drop for PodSocket {
+    fn drop(&mut self) {
+        if let (Some(stream), Some(leftover)) = (self.stream.take(), &self.leftover) {
+            self.ctx.time_wait.close(stream, leftover, &self.ctx.stats);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for PodSocket {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PodSocket {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
     }
 }
 
