@@ -583,7 +583,18 @@ fn start_tunnel(
         flows: sink,
         live: tunnel::inbound::LiveStreams::default(),
         time_wait: tunnel::timewait::Reaper::default(),
+        http: crate::http::HttpShared::default(),
     });
+    let weak = Arc::downgrade(shared);
+    let _ = ctx
+        .http
+        .flows
+        .set(Arc::new(move |record: &crate::http::HttpRecord| {
+            if let Some(shared) = weak.upgrade() {
+                let flow = crate::flows::from_http(record, &shared.index());
+                shared.record(Arc::new(flow));
+            }
+        }));
     let (v4, v6) = tunnel::outbound::listeners().context("binding the outbound listeners")?;
     let listeners: Vec<(u32, std::net::TcpListener)> =
         std::iter::once((agent_common::mesh::PROXY_SOCKET_V4, v4))
@@ -1125,13 +1136,14 @@ impl Control {
         phases.end("services");
         // The tunnel's view of this state; it answers from it once the kernel enforces it.
         // Built after the maps are written: nothing in the kernel waits for it.
-        let view = crate::tunnel::MeshView::build(
+        let mut view = crate::tunnel::MeshView::build(
             &self.node,
             self.shared.ca.trust_domain(),
             &inv,
             compiled.clone(),
             &modes,
         );
+        view.http = self.sync_routes(&inv);
         phases.end("view");
         // Written (and fsynced) only when an identity was allocated or released: most syncs
         // change policy, not identities.
@@ -1245,6 +1257,27 @@ impl Control {
             .is_none()
             .then(|| (inputs, status.clone()));
         status
+    }
+
+    /// The HTTP ports and their `HTTPRoute`s, against the Service table the kernel translates
+    /// with. A bad field costs its match or rule and is reported with its file.
+    fn sync_routes(&mut self, inv: &Inventory) -> Arc<crate::http::RouteTable> {
+        let services = self
+            .shared
+            .services
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let table = crate::http::RouteTable::build(&inv.services, &inv.http_routes, &services);
+        for e in &table.errors {
+            let file = inv
+                .origins
+                .get(&e.object)
+                .map(|p| format!("{}: ", p.display()))
+                .unwrap_or_default();
+            self.report(format!("{file}{e} (the rest of the route applies)"));
+        }
+        Arc::new(table)
     }
 
     /// Each pod's place in the mesh, from the MutualTLS objects (an invalid one is reported

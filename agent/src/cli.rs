@@ -337,6 +337,9 @@ const FILTER_FLAGS: &[&str] = &[
     "to_label",
     "to_fqdn",
     "to_service",
+    "http_method",
+    "http_path",
+    "http_status",
 ];
 
 /// The filter fields define the flags; their values are read from `ArgMatches` in command-line
@@ -427,6 +430,15 @@ struct ObserveArgs {
     /// The Service (`namespace/name`) whose ClusterIP the source dialled: flows to its backends.
     #[arg(long, action = ArgAction::Append, value_name = "NS/NAME")]
     to_service: Vec<String>,
+    /// L7 (HTTP) flows of this method.
+    #[arg(long, action = ArgAction::Append, value_name = "METHOD")]
+    http_method: Vec<String>,
+    /// L7 flows whose URL path matches this regular expression (`^/api/`).
+    #[arg(long, action = ArgAction::Append, value_name = "REGEX")]
+    http_path: Vec<String>,
+    /// L7 flows with this status code (`404`) or code prefix (`5+`).
+    #[arg(long, action = ArgAction::Append, value_name = "CODE")]
+    http_status: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -1096,6 +1108,9 @@ fn set_filter(filter: &mut FlowFilter, id: &str, value: &str) -> anyhow::Result<
         "to_label" => filter.to_label.replace(value.to_owned()).is_some(),
         "to_fqdn" => filter.to_fqdn.replace(value.to_owned()).is_some(),
         "to_service" => filter.to_service.replace(value.to_owned()).is_some(),
+        "http_method" => filter.http_method.replace(value.to_owned()).is_some(),
+        "http_path" => filter.http_path.replace(value.to_owned()).is_some(),
+        "http_status" => filter.http_status.replace(value.to_owned()).is_some(),
         other => anyhow::bail!("unknown filter {other}"),
     };
     if taken {

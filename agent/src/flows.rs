@@ -150,6 +150,28 @@ pub struct L4 {
     pub protocol: Option<u8>,
 }
 
+/// Hubble's `l7` for an HTTP exchange the source agent proxied.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L7 {
+    /// `RESPONSE`: the flow is recorded once the response's headers are known.
+    #[serde(rename = "type")]
+    pub kind: Cow<'static, str>,
+    /// Request arrival to response headers.
+    pub latency_ns: u64,
+    pub http: Http,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Http {
+    pub code: u16,
+    pub method: String,
+    pub url: String,
+    pub protocol: Cow<'static, str>,
+    /// `ns/name` of the `HTTPRoute` that routed it (nodeward's addition).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub route: String,
+}
+
 /// The policy that decided a flow. Built once per rule and sync (see [`EnrichmentIndex`]) and
 /// shared by the flows it decided.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +245,9 @@ pub struct Flow {
     #[serde(rename = "IP")]
     pub ip: Ip,
     pub l4: L4,
+    /// An HTTP request and its response (Hubble's `l7`), on `Type` `L7` flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<Box<L7>>,
     /// Shared by every flow of the same end since the last sync (see [`Endpoints`]).
     pub source: Arc<Endpoint>,
     pub destination: Arc<Endpoint>,
@@ -587,6 +612,7 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
             ip_version: if ev.family == 6 { "IPv6" } else { "IPv4" }.into(),
         },
         l4,
+        l7: None,
         source,
         destination,
         traffic_direction: if ev.direction == DIR_INGRESS {
@@ -658,6 +684,7 @@ pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
             }),
             ..L4::default()
         },
+        l7: None,
         source: endpoint(src, rec.source_identity, &rec.source_spiffe_id),
         destination: endpoint(dst, rec.destination_identity, &rec.destination_spiffe_id),
         traffic_direction: if rec.direction == DIR_INGRESS {
@@ -678,6 +705,61 @@ pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
             format!("HBONE: {}", rec.note).into()
         },
     }
+}
+
+/// Builds the flow record of one HTTP request the source agent proxied (`Type` `L7`): the
+/// client's address and the endpoint the request went to, with Hubble's `l7.http`. A request
+/// the agent answered itself (404, 5xx) is a DROPPED flow with the reason in the summary.
+#[must_use]
+pub fn from_http(rec: &crate::http::HttpRecord, index: &EnrichmentIndex) -> Flow {
+    let tunnel = TunnelRecord {
+        source: rec.source,
+        destination: rec.destination,
+        source_spiffe_id: rec.source_spiffe_id.clone(),
+        destination_spiffe_id: rec.destination_spiffe_id.clone(),
+        direction: agent_common::DIR_EGRESS,
+        forwarded: rec.note.is_empty(),
+        drop_reason: "",
+        rule_id: 0,
+        source_identity: rec.source_identity,
+        destination_identity: rec.destination_identity,
+        note: String::new(),
+    };
+    let mut flow = from_tunnel(&tunnel, index);
+    flow.kind = "L7".into();
+    if !rec.note.is_empty() {
+        flow.drop_reason_desc = "PROXY_CONNECT_FAILED".into();
+    }
+    flow.summary = format!(
+        "{} {} {} {}{}{}",
+        rec.protocol,
+        rec.method,
+        rec.url,
+        rec.code,
+        if rec.route.is_empty() {
+            String::new()
+        } else {
+            format!(" route {}", rec.route)
+        },
+        if rec.note.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", rec.note)
+        },
+    )
+    .into();
+    flow.l7 = Some(Box::new(L7 {
+        kind: "RESPONSE".into(),
+        latency_ns: u64::try_from(rec.latency.as_nanos()).unwrap_or(u64::MAX),
+        http: Http {
+            code: rec.code,
+            method: rec.method.clone(),
+            url: rec.url.clone(),
+            protocol: rec.protocol.into(),
+            route: rec.route.clone(),
+        },
+    }));
+    flow
 }
 
 /// Counters for every place a flow can be lost before a reader sees it.

@@ -8,6 +8,7 @@ pub mod dns;
 pub mod endpoints;
 pub mod flowapi;
 pub mod flows;
+pub mod http;
 pub mod identity;
 pub mod issuer;
 pub mod metrics;

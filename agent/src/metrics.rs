@@ -470,9 +470,13 @@ impl Metrics {
         if let Some(tunnel) = shared.tunnel.get() {
             self.observe_tunnel(&tunnel.stats);
         }
+        let mut families = self.registry.gather();
+        if let Some(tunnel) = shared.tunnel.get() {
+            families.extend(tunnel.http.metrics.gather());
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
 }

@@ -36,6 +36,8 @@ pub struct Inventory {
     /// `v1` Services and `discovery.k8s.io/v1` EndpointSlices (see [`crate::services`]).
     pub services: BTreeMap<ObjectRef, Arc<Service>>,
     pub endpoint_slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
+    /// Gateway API `HTTPRoute`s (see [`crate::http`]).
+    pub http_routes: BTreeMap<ObjectRef, Arc<crate::http::gateway::HttpRoute>>,
     /// The file each object was read from (for error messages), keyed by `Kind/ns/name`.
     pub origins: BTreeMap<String, PathBuf>,
 }

@@ -153,6 +153,8 @@ pub struct Context {
     pub live: inbound::LiveStreams,
     /// Removes the TIME_WAITs that closed pod-facing sockets leave.
     pub time_wait: timewait::Reaper,
+    /// The HTTP proxy's metrics and flow sink (see [`crate::http`]).
+    pub http: crate::http::HttpShared,
 }
 
 impl Context {

@@ -849,3 +849,69 @@ async fn policy_status_is_applied_per_node_and_failures_become_events() {
     // Status applies and events included, nothing the ClusterRole does not grant.
     assert_requests_within_rbac(&fake.requests());
 }
+
+#[tokio::test]
+async fn an_http_route_from_the_api_reaches_the_inventory() {
+    let fake = FakeApi::start().await;
+    load_objects(&fake, OBJECTS);
+    let (source, _changed) = start(&fake, NODE);
+    until("the source is synced", || source.synced()).await;
+    fake.apply(&serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": { "name": "canary", "namespace": "prod" },
+        "spec": {
+            "parentRefs": [{ "group": "", "kind": "Service", "name": "web" }],
+            "rules": [{ "backendRefs": [{ "name": "web-v2", "port": 80, "weight": 10 }] }],
+        },
+    }));
+    until("the route is in the snapshot", || {
+        source
+            .snapshot()
+            .http_routes
+            .get(&ref_("prod", "canary"))
+            .is_some_and(|r| r.spec.rules[0].backend_refs[0].weight == Some(10))
+    })
+    .await;
+    fake.delete(
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+        Some("prod"),
+        "canary",
+    );
+    until("the route is gone", || {
+        source.snapshot().http_routes.is_empty()
+    })
+    .await;
+}
+
+/// A cluster without the Gateway API CRDs: the first sync does not wait for them, the source
+/// stays connected, and routes arrive once the CRD is installed.
+#[tokio::test]
+async fn a_missing_http_route_crd_does_not_hold_the_sync_and_routes_arrive_once_it_is_installed() {
+    let fake = FakeApi::start().await;
+    load_objects(&fake, OBJECTS);
+    fake.set_served("gateway.networking.k8s.io/v1", "httproutes", false);
+    let (source, _changed) = start(&fake, NODE);
+    until("the source is synced without the CRD", || source.synced()).await;
+    let status = source.status();
+    assert!(
+        status.connected && status.last_error.is_none(),
+        "a missing optional CRD is no error: {status:?}"
+    );
+    assert_eq!(source.snapshot().pods.len(), 3);
+    fake.apply(&serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": { "name": "canary", "namespace": "prod" },
+        "spec": { "parentRefs": [{ "group": "", "kind": "Service", "name": "web" }] },
+    }));
+    fake.set_served("gateway.networking.k8s.io/v1", "httproutes", true);
+    until("the route arrives once the CRD is served", || {
+        source
+            .snapshot()
+            .http_routes
+            .contains_key(&ref_("prod", "canary"))
+    })
+    .await;
+}

@@ -67,6 +67,15 @@ pub struct FlowFilter {
     /// `namespace/name` of the Service the destination was reached through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_service: Option<String>,
+    /// L7 flows of this HTTP method (`GET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_method: Option<String>,
+    /// L7 flows whose URL path matches this regular expression (unanchored, as Hubble's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    /// L7 flows with this status code (`404`), or a code starting with it (`5+`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<String>,
     pub since: Option<SystemTime>,
     pub until: Option<SystemTime>,
     /// Filters that must NOT match (`--not --verdict DROPPED`), each on its own.
@@ -183,6 +192,32 @@ impl FlowFilter {
                 valid: vec!["namespace/name".into()],
             });
         }
+        if let Some(m) = &self.http_method {
+            self.http_method = Some(m.to_uppercase());
+        }
+        if let Some(p) = &self.http_path
+            && regex::Regex::new(p).is_err()
+        {
+            return Err(InvalidFilter {
+                what: "http-path",
+                value: p.clone(),
+                valid: vec!["a regular expression".into()],
+            });
+        }
+        if let Some(s) = &self.http_status {
+            let digits = s.strip_suffix('+').unwrap_or(s);
+            if digits.is_empty()
+                || digits.len() > 3
+                || !digits.bytes().all(|b| b.is_ascii_digit())
+                || (!s.ends_with('+') && digits.len() != 3)
+            {
+                return Err(InvalidFilter {
+                    what: "http-status",
+                    value: s.clone(),
+                    valid: vec!["a code (404)".into(), "a code prefix (5+)".into()],
+                });
+            }
+        }
         for n in &mut self.not {
             n.validate()?;
         }
@@ -245,8 +280,41 @@ impl FlowFilter {
                     .as_ref()
                     .is_some_and(|d| s.split_once('/') == Some((&d.namespace, &d.name)))
             })
+            && self.http_matches(flow)
             && !self.not.iter().any(|n| n.matches(flow))
     }
+
+    /// The `--http-*` filters: only L7 flows can match one.
+    fn http_matches(&self, flow: &Flow) -> bool {
+        if self.http_method.is_none() && self.http_path.is_none() && self.http_status.is_none() {
+            return true;
+        }
+        let Some(l7) = &flow.l7 else {
+            return false;
+        };
+        let http = &l7.http;
+        self.http_method.as_ref().is_none_or(|m| *m == http.method)
+            && self.http_status.as_ref().is_none_or(|s| {
+                let code = http.code.to_string();
+                match s.strip_suffix('+') {
+                    Some(prefix) => code.starts_with(prefix),
+                    None => code == *s,
+                }
+            })
+            && self.http_path.as_ref().is_none_or(|p| {
+                // Validated on arrival; a rare filter on rare flows, compiled per flow.
+                let path = url_path(&http.url);
+                regex::Regex::new(p).is_ok_and(|r| r.is_match(path))
+            })
+    }
+}
+
+/// The path of `http://host/path?query` (or of a bare `/path?query`).
+fn url_path(url: &str) -> &str {
+    let rest = url
+        .split_once("://")
+        .map_or(url, |(_, r)| r.find('/').map_or("/", |i| &r[i..]));
+    rest.split(['?', '#']).next().unwrap_or(rest)
 }
 
 #[cfg(test)]
@@ -273,6 +341,7 @@ mod tests {
                 }),
                 ..L4::default()
             },
+            l7: None,
             source: Endpoint {
                 namespace: "prod".into(),
                 pod_name: src_pod.into(),
@@ -290,6 +359,55 @@ mod tests {
             destination_service: None,
             summary: "".into(),
         }
+    }
+
+    #[test]
+    fn http_filters_match_l7_flows_only() {
+        let plain = flow("web-1", "10.0.1.3", 8080, "FORWARDED");
+        let mut l7 = plain.clone();
+        l7.l7 = Some(Box::new(crate::flows::L7 {
+            kind: "RESPONSE".into(),
+            latency_ns: 1,
+            http: crate::flows::Http {
+                code: 503,
+                method: "POST".into(),
+                url: "http://api.shop/admin/users?x=1".into(),
+                protocol: "HTTP/1.1".into(),
+                route: String::new(),
+            },
+        }));
+        let check = |f: FlowFilter| -> (bool, bool) {
+            let mut f = f;
+            f.validate().unwrap();
+            (f.matches(&plain), f.matches(&l7))
+        };
+        let method = |m: &str| FlowFilter {
+            http_method: Some(m.into()),
+            ..FlowFilter::default()
+        };
+        let status = |s: &str| FlowFilter {
+            http_status: Some(s.into()),
+            ..FlowFilter::default()
+        };
+        let path = |p: &str| FlowFilter {
+            http_path: Some(p.into()),
+            ..FlowFilter::default()
+        };
+        assert_eq!(check(method("post")), (false, true));
+        assert_eq!(check(method("GET")), (false, false));
+        assert_eq!(check(status("5+")), (false, true));
+        assert_eq!(check(status("503")), (false, true));
+        assert_eq!(check(status("404")), (false, false));
+        assert_eq!(check(path("^/admin/")), (false, true));
+        assert_eq!(
+            check(path("^/users")),
+            (false, false),
+            "the path, not the URL"
+        );
+        for bad in ["5", "abc", "+", "1234"] {
+            assert!(status(bad).validate().is_err(), "{bad}");
+        }
+        assert!(path("(").validate().is_err());
     }
 
     #[test]

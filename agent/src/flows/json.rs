@@ -74,6 +74,7 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
                 ip_version,
             },
         l4: layer4,
+        l7: layer7,
         source,
         destination,
         traffic_direction,
@@ -102,6 +103,11 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
     string(out, ip_version);
     out.extend_from_slice(b"},\"l4\":");
     l4(out, layer4);
+    if let Some(l7) = layer7 {
+        out.extend_from_slice(b",\"l7\":");
+        // Rare (one per proxied request) and small: serde's own output.
+        let _ = serde_json::to_writer(&mut *out, l7);
+    }
     out.extend_from_slice(b",\"source\":");
     shared(out, &mut w.ends, source, endpoint);
     out.extend_from_slice(b",\"destination\":");
@@ -441,6 +447,19 @@ mod tests {
                     ip_version: "IPv6".into(),
                 },
                 l4,
+                l7: full.then(|| {
+                    Box::new(super::super::L7 {
+                        kind: "RESPONSE".into(),
+                        latency_ns: 1234,
+                        http: super::super::Http {
+                            code: 200,
+                            method: "GET".into(),
+                            url: tricky.to_owned(),
+                            protocol: "HTTP/1.1".into(),
+                            route: String::new(),
+                        },
+                    })
+                }),
                 source: endpoint(full).into(),
                 destination: endpoint(!full).into(),
                 traffic_direction: tricky.to_owned().into(),

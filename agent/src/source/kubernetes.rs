@@ -122,7 +122,26 @@ pub fn watched_kinds() -> Vec<ApiResource> {
         ApiResource::erase::<MutualTLS>(&()),
         ApiResource::erase::<Service>(&()),
         ApiResource::erase::<EndpointSlice>(&()),
+        ApiResource::erase::<crate::http::gateway::HttpRoute>(&()),
     ]
+}
+
+/// Kinds a cluster may not serve (their CRDs are someone else's to install): while the API
+/// answers 404 for one, it counts as listed and empty, and the watch keeps retrying, so the
+/// objects arrive once the CRD does. The Gateway API's `HTTPRoute` is one.
+fn optional(resource: &ApiResource) -> bool {
+    resource.group == "gateway.networking.k8s.io"
+}
+
+/// The API server does not serve the resource (no such CRD).
+fn not_served(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
 }
 
 /// One kind's objects, by `Kind ns/name` (the manifests source's keys).
@@ -503,6 +522,20 @@ async fn watch_kind(
                     tracing::info!(kind = %resource.kind, "initial list done");
                 }
                 changed || !was_connected
+            }
+            Err(e) if optional(&resource) && not_served(&e) => {
+                let mut s = lock(&store);
+                let state = s.kinds.entry(resource.kind.clone()).or_default();
+                let first = !state.synced;
+                if first {
+                    tracing::info!(kind = %resource.kind, "not served by the API server (its CRD is not installed); treated as empty");
+                }
+                let had = !state.objects.is_empty();
+                state.synced = true;
+                state.objects.clear();
+                state.errors.clear();
+                state.relist = None;
+                first || had
             }
             Err(e) => {
                 let line = format!("watching {}: {}", resource.plural, crate::error_chain(&e));

@@ -59,6 +59,7 @@ pub enum Object {
     MutualTLS(Arc<MutualTLS>),
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
+    HttpRoute(Arc<crate::http::gateway::HttpRoute>),
 }
 
 #[derive(Clone, Debug)]
@@ -310,6 +311,9 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             Object::EndpointSlice(Arc::new(crate::services::slim_slice(typed(doc, &key)?)))
         }
+        (crate::http::gateway::API_VERSION, crate::http::gateway::KIND) => {
+            Object::HttpRoute(Arc::new(typed(doc, &key)?))
+        }
         ("nodeward.io/v1alpha1", "MeshPolicy") => {
             Object::MeshPolicy(ours(crate::policy::parse_mesh_policy(doc), &key)?)
         }
@@ -435,6 +439,7 @@ pub(crate) struct InventoryBuilder {
     mutual_tls: Vec<(ObjectRef, Arc<MutualTLS>)>,
     services: Vec<(ObjectRef, Arc<Service>)>,
     endpoint_slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
+    http_routes: Vec<(ObjectRef, Arc<crate::http::gateway::HttpRoute>)>,
     origins: Vec<(String, PathBuf)>,
 }
 
@@ -456,6 +461,7 @@ impl InventoryBuilder {
             Object::MutualTLS(o) => self.mutual_tls.push((namespaced(&o.metadata), o)),
             Object::Service(o) => self.services.push((namespaced(&o.metadata), o)),
             Object::EndpointSlice(o) => self.endpoint_slices.push((namespaced(&o.metadata), o)),
+            Object::HttpRoute(o) => self.http_routes.push((namespaced(&o.metadata), o)),
         }
     }
 
@@ -476,6 +482,7 @@ impl InventoryBuilder {
             mutual_tls: last_wins(self.mutual_tls),
             services: last_wins(self.services),
             endpoint_slices: last_wins(self.endpoint_slices),
+            http_routes: last_wins(self.http_routes),
             origins: last_wins(self.origins),
         }
     }

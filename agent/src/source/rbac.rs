@@ -53,6 +53,12 @@ pub const RBAC: &[Rule] = &[
         resources: &["meshpolicies", "clustermeshpolicies", "mutualtlses"],
         verbs: READ,
     },
+    // Gateway API mesh routes (GAMMA), for the source agent's HTTP routing.
+    Rule {
+        api_group: "gateway.networking.k8s.io",
+        resources: &["httproutes"],
+        verbs: READ,
+    },
     // Per-node policy status (see `policy::crd::PolicyStatus`).
     Rule {
         api_group: "nodeward.io",
@@ -119,7 +125,9 @@ mod tests {
         assert!(!allows("nodeward.io", "mutualtlses/status", "patch"));
         assert!(allows("discovery.k8s.io", "endpointslices", "watch"));
         assert!(!allows("", "services", "patch"));
-        // pods.., networkpolicies, services, endpointslices, nodeward.io kinds, status, events.
-        assert_eq!(triples().len(), 4 * 3 + 3 + 3 + 3 + 3 * 3 + 2 + 2 + 2);
+        assert!(allows("gateway.networking.k8s.io", "httproutes", "watch"));
+        // pods.., networkpolicies, services, endpointslices, nodeward.io kinds, httproutes,
+        // status, events.
+        assert_eq!(triples().len(), 4 * 3 + 3 + 3 + 3 + 3 * 3 + 3 + 2 + 2 + 2);
     }
 }

@@ -81,7 +81,15 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
         view.compiled.ipcache_lookup(peer.ip()).unwrap_or_default(),
         view.compiled.ipcache_lookup(dst.ip()).unwrap_or_default(),
     );
+    // An HTTP Service port: requests are routed one by one (`crate::http::proxy`).
+    let http = source.as_ref().and_then(|s| {
+        crate::http::Dialled::dialled(view.http.as_ref(), peer, dst).map(|k| (s.clone(), k))
+    });
     drop(view);
+    if let Some((source, service)) = http {
+        crate::http::proxy::serve(stream, peer, dst, source, service, ctx, pool).await;
+        return;
+    }
     let record = |forwarded: bool, drop_reason: &'static str, note: String| TunnelRecord {
         source: peer,
         destination: dst,

@@ -127,6 +127,7 @@ fn side_with(
         view: RwLock::new(Arc::new(MeshView {
             workloads,
             compiled: Arc::new(compiled),
+            http: Arc::default(),
         })),
         certs: CertManager::new(ca.clone(), Duration::from_secs(3600)),
         trust: ca.trust(),
@@ -134,6 +135,7 @@ fn side_with(
         flows: Arc::new(move |r: &TunnelRecord| sink.lock().unwrap().push(r.clone())),
         live: inbound::LiveStreams::default(),
         time_wait: super::timewait::Reaper::default(),
+        http: crate::http::HttpShared::default(),
     });
     // As the control loop does (`ensure_certificates`): every local workload has its
     // certificate before the HBONE server is asked to present it.
@@ -524,6 +526,7 @@ async fn a_policy_change_ends_a_live_connection_it_no_longer_allows() {
     srv.ctx.set_view(MeshView {
         workloads: view.workloads.clone(),
         compiled: Arc::new(compiled(false)),
+        http: Arc::default(),
     });
     let ended = tokio::time::timeout(Duration::from_secs(3), recv.data()).await;
     assert!(

@@ -31,6 +31,8 @@ pub struct MeshView {
     pub workloads: HashMap<IpAddr, Arc<Workload>>,
     /// The same compiled state the datapath enforces.
     pub compiled: Arc<CompiledState>,
+    /// HTTP Service ports and their routes (see [`crate::http`]); set by the control loop.
+    pub http: Arc<crate::http::RouteTable>,
 }
 
 impl MeshView {
@@ -61,6 +63,7 @@ impl MeshView {
         Self {
             workloads,
             compiled,
+            http: Arc::default(),
         }
     }
 

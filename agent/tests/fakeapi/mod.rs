@@ -69,6 +69,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("events.k8s.io/v1", "Event", "events", true),
+    (
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+        "httproutes",
+        true,
+    ),
 ];
 
 fn kind_of(api_version: &str, plural: &str) -> Option<(&'static str, bool)> {
@@ -122,6 +128,8 @@ struct State {
     pub expired_sent: u64,
     /// Tokens TokenReview knows.
     tokens: HashMap<String, FakeToken>,
+    /// Resources (`apiVersion/plural`) answered 404, as a cluster without their CRD does.
+    unserved: BTreeSet<String>,
 }
 
 /// A ServiceAccount token as TokenReview sees it.
@@ -371,6 +379,17 @@ impl FakeApi {
         self.inner.close_watches.notify_waiters();
     }
 
+    /// `apiVersion/plural` is answered 404 (its CRD is not installed), or served again.
+    pub fn set_served(&self, api_version: &str, plural: &str, served: bool) {
+        let key = resource_key(api_version, plural);
+        let mut state = self.state();
+        if served {
+            state.unserved.remove(&key);
+        } else {
+            state.unserved.insert(key);
+        }
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.state().requests.clone()
     }
@@ -591,6 +610,19 @@ async fn handle(inner: &Arc<Inner>, req: Request<hyper::body::Incoming>) -> Resp
             &format!("the server could not find {path}"),
         );
     };
+    let unserved = inner
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .unserved
+        .contains(&resource_key(&target.api_version, &target.plural));
+    if unserved {
+        return status_error(
+            404,
+            "NotFound",
+            &format!("the server could not find the requested resource ({path})"),
+        );
+    }
     let method = req.method().clone();
     let content_type = req
         .headers()

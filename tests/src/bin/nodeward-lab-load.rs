@@ -28,6 +28,15 @@
 //!   right away. One JSON line per name: `rcode`, `addrs`, and `connected` (`null` without an
 //!   address or port) with `error`; an IPv4 address in `--names` is only connected to. A query not answered within MS (default 2,000) is `rcode: null`.
 //!
+//! - `http-serve --port P --name NAME`: a minimal HTTP/1.1 server (keep-alive) whose every
+//!   answer is `200` with the body `NAME` and the header `x-backend: NAME`, so a client can
+//!   tell which backend answered. The test's backend, not under test: a handful of lines of
+//!   HTTP suffice.
+//! - `http-get --addr IP:PORT --count N [--header NAME:VALUE] [--path /p]`: N GETs one after
+//!   another on keep-alive connections (a new one only when the server closed), one JSON line
+//!   at the end: `codes` and `bodies` (each distinct body, counted), `errors`, `ms` (all of
+//!   them, end to end).
+//!
 //! Every loop is bounded by `--secs` (at most 60) or `--count` (at most 10,000) and every socket
 //! operation has a timeout.
 
@@ -55,7 +64,11 @@ fn main() -> anyhow::Result<()> {
         "hold" => hold(&flags),
         "probe" => probe(&flags),
         "resolve" => resolve(&flags),
-        other => bail!("unknown command {other:?} (serve, crr, rr, hold, probe, resolve)"),
+        "http-serve" => http_serve(&flags),
+        "http-get" => http_get(&flags),
+        other => bail!(
+            "unknown command {other:?} (serve, crr, rr, hold, probe, resolve, http-serve, http-get)"
+        ),
     }
 }
 
@@ -714,5 +727,136 @@ fn resolve(flags: &Flags) -> anyhow::Result<()> {
         println!("{line}");
     }
     std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// Reads one HTTP/1.1 message head (at most 64 KiB) and returns it, with what was read past it.
+fn read_head(stream: &mut TcpStream, carry: &mut Vec<u8>) -> std::io::Result<Option<String>> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = carry.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&carry[..end]).into_owned();
+            carry.drain(..end + 4);
+            return Ok(Some(head));
+        }
+        if carry.len() > 64 * 1024 {
+            return Err(std::io::Error::other("head over 64 KiB"));
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        carry.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads `len` body bytes (the carry first).
+fn read_body(stream: &mut TcpStream, carry: &mut Vec<u8>, len: usize) -> std::io::Result<Vec<u8>> {
+    while carry.len() < len {
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        carry.extend_from_slice(&buf[..n]);
+    }
+    Ok(carry.drain(..len).collect())
+}
+
+fn http_serve(flags: &Flags) -> anyhow::Result<()> {
+    let port: u16 = flags.parse_or("port", 0)?;
+    let name = flags.get("name").context("--name is required")?.to_owned();
+    let listener = bind(port)?;
+    for stream in listener.incoming().flatten() {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+            let _ = stream.set_nodelay(true);
+            let mut carry = Vec::new();
+            while let Ok(Some(head)) = read_head(&mut stream, &mut carry) {
+                if read_body(&mut stream, &mut carry, content_length(&head)).is_err() {
+                    break;
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-backend: {name}\r\n\r\n{name}",
+                    name.len()
+                );
+                if stream.write_all(answer.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn http_get(flags: &Flags) -> anyhow::Result<()> {
+    let addr = flags.addr()?;
+    let count: usize = flags.parse_or("count", 1)?;
+    ensure!((1..=10_000).contains(&count), "--count must be 1..=10000");
+    let path = flags.get("path").unwrap_or("/").to_owned();
+    let extra = flags
+        .get("header")
+        .map(|h| format!("{h}\r\n"))
+        .unwrap_or_default();
+    let mut codes = std::collections::BTreeMap::<String, u64>::new();
+    let mut bodies = std::collections::BTreeMap::<String, u64>::new();
+    let mut errors = Vec::new();
+    let mut conn: Option<(TcpStream, Vec<u8>)> = None;
+    let start = Instant::now();
+    for _ in 0..count {
+        let exchange =
+            |conn: &mut Option<(TcpStream, Vec<u8>)>| -> std::io::Result<(String, String)> {
+                if conn.is_none() {
+                    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+                    s.set_read_timeout(Some(IO_TIMEOUT))?;
+                    s.set_write_timeout(Some(IO_TIMEOUT))?;
+                    s.set_nodelay(true)?;
+                    *conn = Some((s, Vec::new()));
+                }
+                let Some((stream, carry)) = conn.as_mut() else {
+                    unreachable!("just connected");
+                };
+                write!(stream, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n{extra}\r\n")?;
+                let head = read_head(stream, carry)?
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+                let body = read_body(stream, carry, content_length(&head))?;
+                let code = head.split(' ').nth(1).unwrap_or("?").to_owned();
+                if head.to_ascii_lowercase().contains("connection: close") {
+                    *conn = None;
+                }
+                Ok((code, String::from_utf8_lossy(&body).trim().to_owned()))
+            };
+        match exchange(&mut conn) {
+            Ok((code, body)) => {
+                *codes.entry(code).or_default() += 1;
+                *bodies.entry(body).or_default() += 1;
+            }
+            Err(e) => {
+                conn = None;
+                if errors.len() < 10 {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "codes": codes,
+            "bodies": bodies,
+            "errors": errors,
+            "ms": start.elapsed().as_secs_f64() * 1000.0,
+        })
+    );
     Ok(())
 }

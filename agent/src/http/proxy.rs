@@ -1,0 +1,493 @@
+//! The source agent's HTTP proxy for one meshed connection to an HTTP Service port.
+//!
+//! hyper serves the pod's connection (HTTP/1.1 with keep-alive, or prior-knowledge h2c, told
+//! apart by the first bytes). Each request is routed on its own: the route table of the moment
+//! picks a rule, the rule a backend Service by weight, then an endpoint; hyper's client sends
+//! the request over an HBONE CONNECT to that endpoint's node, in the protocol the pod spoke.
+//! Upstream connections are kept per endpoint for the life of the pod's connection, so
+//! keep-alive and h2 multiplexing carry on through the tunnel. An upgrade (WebSocket's 101, a
+//! CONNECT's 2xx) turns both sides into a byte pipe.
+//!
+//! The agent answers by itself when it cannot forward: 404 no rule matches, 500 an invalid rule
+//! or a backend without weight or Service, 503 no endpoint (or one outside the mesh), 502 the
+//! tunnel or the backend failed, 504 `timeouts.request` passed before the response's headers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::io::H2Io;
+use super::routes::ServiceKey;
+use super::{HttpRecord, RequestLabels};
+use crate::tunnel::pool::Pool;
+use crate::tunnel::timewait::Leftover;
+use crate::tunnel::{Context, Workload};
+
+type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// How long a request's head may take to arrive (HTTP/1.1).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A client connection to one endpoint, over one HBONE stream.
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+struct Conn {
+    ctx: Arc<Context>,
+    pool: Arc<Pool>,
+    source: Arc<Workload>,
+    peer: SocketAddr,
+    /// The backend the kernel chose for this connection.
+    dialled: SocketAddr,
+    service: ServiceKey,
+    /// Idle upstream connections by (endpoint, h2).
+    upstreams: Mutex<HashMap<(SocketAddr, bool), Upstream>>,
+}
+
+/// Serves the pod's connection until it ends.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    dialled: SocketAddr,
+    source: Arc<Workload>,
+    service: ServiceKey,
+    ctx: Arc<Context>,
+    pool: Arc<Pool>,
+) {
+    // Named for the TIME_WAIT removal at its end, as the L4 path does (`tunnel::timewait`).
+    let leftover = Leftover::of(&stream).ok();
+    let stream = PodSocket {
+        stream: Some(stream),
+        leftover,
+        ctx: ctx.clone(),
+    };
+    let conn = Arc::new(Conn {
+        ctx,
+        pool,
+        source,
+        peer,
+        dialled,
+        service,
+        upstreams: Mutex::new(HashMap::new()),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.request(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that trickles a request's head (slow-loris) is closed after this, not held;
+    // the head is bounded by hyper's limits (431 past them, 400 when malformed).
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(source = %peer, destination = %dialled, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// The pod's socket, closed through the TIME_WAIT reaper when hyper is done with it: its local
+/// address is the destination pod's, and a TIME_WAIT with it in the node's namespace would
+/// swallow a later plaintext connection with the same 4-tuple (see `tunnel::timewait`).
+struct PodSocket {
+    stream: Option<TcpStream>,
+    leftover: Option<Leftover>,
+    ctx: Arc<Context>,
+}
+
+impl PodSocket {
+    fn stream(&mut self) -> std::io::Result<&mut TcpStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl Drop for PodSocket {
+    fn drop(&mut self) {
+        if let (Some(stream), Some(leftover)) = (self.stream.take(), &self.leftover) {
+            self.ctx.time_wait.close(stream, leftover, &self.ctx.stats);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for PodSocket {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PodSocket {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
+
+fn local(status: StatusCode, why: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("{why}\n")))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Headers that belong to one hop (RFC 9110 7.6.1), dropped before forwarding unless the
+/// request is an upgrade.
+const HOP_BY_HOP: [header::HeaderName; 6] = [
+    header::CONNECTION,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+impl Conn {
+    async fn request(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let version = req.version();
+        let method = req.method().to_string();
+        let url = if req.uri().scheme().is_some() {
+            req.uri().to_string()
+        } else {
+            // HTTP/1.1's origin form: the authority is the Host header.
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default();
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            format!("http://{host}{path}")
+        };
+        let upgrading = req.method() == http::Method::CONNECT
+            || (version != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE));
+        let on_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+        let (resp, rule_route, endpoint, note) = self.forward(req, on_upgrade).await;
+        let code = resp.status().as_u16();
+        let latency = start.elapsed();
+        let view = self.ctx.view();
+        let destination = endpoint.unwrap_or(self.dialled);
+        let dst_workload = view.workload(destination.ip());
+        let record = HttpRecord {
+            source: self.peer,
+            destination,
+            source_spiffe_id: self.source.identity.uri(),
+            destination_spiffe_id: dst_workload.map(|w| w.identity.uri()).unwrap_or_default(),
+            source_identity: view
+                .compiled
+                .ipcache_lookup(self.peer.ip())
+                .unwrap_or_default(),
+            destination_identity: view
+                .compiled
+                .ipcache_lookup(destination.ip())
+                .unwrap_or_default(),
+            method,
+            url,
+            protocol: protocol(version),
+            code,
+            latency,
+            route: rule_route,
+            note,
+        };
+        drop(view);
+        let sa = self
+            .source
+            .identity
+            .uri()
+            .rsplit_once("/sa/")
+            .map(|(_, sa)| sa.to_owned())
+            .unwrap_or_default();
+        self.ctx.http.metrics.observe(
+            &RequestLabels {
+                source_namespace: &self.source.pod.namespace,
+                source_workload: &sa,
+                destination_namespace: &self.service.service.namespace,
+                destination_service: &self.service.service.name,
+                route: &record.route,
+            },
+            code,
+            latency,
+        );
+        if let Some(sink) = self.ctx.http.flows.get() {
+            sink(&record);
+        }
+        resp
+    }
+
+    /// Routes and forwards one request: the response, the route's name, the endpoint it went
+    /// to, and why the agent answered itself (empty when the backend answered).
+    async fn forward(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> (Response<Body>, String, Option<SocketAddr>, String) {
+        let view = self.ctx.view();
+        let table = view.http.clone();
+        drop(view);
+        let (mut parts, body) = req.into_parts();
+        let Some(rule) = table
+            .ports
+            .get(&self.service)
+            .and_then(|p| p.select(&parts))
+            .cloned()
+        else {
+            let why = "no route matched";
+            return (
+                local(StatusCode::NOT_FOUND, why),
+                String::new(),
+                None,
+                why.into(),
+            );
+        };
+        let route = rule.route.clone();
+        let fail = |status, why: String| (local(status, &why), route.clone(), None, why);
+        if let Some(why) = &rule.invalid {
+            return fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("invalid route rule: {why}"),
+            );
+        }
+        let Some(backend) = rule.pick(fastrand::u64(..)) else {
+            return fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "every backend of the rule has weight 0".into(),
+            );
+        };
+        let endpoints = table.endpoints_of(&backend.service, self.dialled.ip());
+        if endpoints.is_empty() {
+            let status = if table.endpoints.contains_key(&backend.service) {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                // No such Service (port): the Gateway API's 500.
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            return fail(status, format!("no endpoint for {}", backend.service));
+        }
+        // The kernel's choice stands when the request stays on the dialled Service (session
+        // affinity, topology); another Service's endpoint is drawn at random.
+        let endpoint = if endpoints.contains(&self.dialled) {
+            self.dialled
+        } else {
+            endpoints[fastrand::usize(..endpoints.len())]
+        };
+        let h2 = parts.version == Version::HTTP_2;
+        if on_upgrade.is_none() {
+            for name in &HOP_BY_HOP {
+                parts.headers.remove(name);
+            }
+        }
+        rule.request_headers.apply(&mut parts.headers);
+        let req = Request::from_parts(parts, body);
+        let mut upstream = match self.upstream(endpoint, h2, on_upgrade.is_some()).await {
+            Ok(u) => u,
+            Err(why) => {
+                return (
+                    local(StatusCode::BAD_GATEWAY, &why),
+                    route,
+                    Some(endpoint),
+                    why,
+                );
+            }
+        };
+        // Neither future borrows its sender, which is kept for the next request below.
+        let sent = match &mut upstream {
+            Upstream::H1(s) => futures::future::Either::Left(s.send_request(req)),
+            Upstream::H2(s) => futures::future::Either::Right(s.send_request(req)),
+        };
+        let answer = match rule.timeout {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let why = format!("no response within timeouts.request {t:?}");
+                    return (
+                        local(StatusCode::GATEWAY_TIMEOUT, &why),
+                        route,
+                        Some(endpoint),
+                        why,
+                    );
+                }
+            },
+            None => sent.await,
+        };
+        let mut resp = match answer {
+            Ok(resp) => resp,
+            Err(e) => {
+                let why = format!("the backend {endpoint} failed: {e}");
+                return (
+                    local(StatusCode::BAD_GATEWAY, &why),
+                    route,
+                    Some(endpoint),
+                    why,
+                );
+            }
+        };
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (on_upgrade.is_some() && resp.status().is_success());
+        match (on_upgrade, switched) {
+            (Some(down), true) => {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(down), Ok(up)) = (down.await, up.await) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(down),
+                            &mut TokioIo::new(up),
+                        )
+                        .await;
+                    }
+                });
+            }
+            // An upgrade the backend refused, or an ordinary exchange: the connection can
+            // serve the next request.
+            _ => self.keep(endpoint, h2, upstream),
+        }
+        rule.response_headers.apply(resp.headers_mut());
+        (
+            resp.map(http_body_util::BodyExt::boxed_unsync),
+            route,
+            Some(endpoint),
+            String::new(),
+        )
+    }
+
+    fn keep(&self, endpoint: SocketAddr, h2: bool, upstream: Upstream) {
+        let mut idle = self
+            .upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.insert((endpoint, h2), upstream);
+    }
+
+    /// An idle upstream connection to `endpoint`, or a new one. An HTTP/1.1 one is taken out
+    /// while in use (one request at a time); an h2 one is shared.
+    async fn upstream(
+        &self,
+        endpoint: SocketAddr,
+        h2: bool,
+        upgrade: bool,
+    ) -> Result<Upstream, String> {
+        let cached = {
+            let mut idle = self
+                .upstreams
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if h2 {
+                match idle.get(&(endpoint, true)) {
+                    Some(Upstream::H2(s)) => Some(Upstream::H2(s.clone())),
+                    _ => None,
+                }
+            } else {
+                idle.remove(&(endpoint, false))
+            }
+        };
+        let reusable = match cached {
+            Some(Upstream::H1(mut s)) if !upgrade => {
+                s.ready().await.is_ok().then_some(Upstream::H1(s))
+            }
+            Some(Upstream::H2(s)) if !s.is_closed() => Some(Upstream::H2(s)),
+            _ => None,
+        };
+        if let Some(upstream) = reusable {
+            return Ok(upstream);
+        }
+        let view = self.ctx.view();
+        let Some(destination) = view.workload(endpoint.ip()).cloned() else {
+            return Err(format!("the endpoint {endpoint} is not a meshed pod"));
+        };
+        drop(view);
+        let opened = crate::tunnel::outbound::open(
+            &self.ctx,
+            &self.pool,
+            &self.source,
+            &destination,
+            self.peer,
+            endpoint,
+        )
+        .await
+        .map_err(|e| format!("tunnel to {endpoint}: {e}"))?;
+        let lease = opened.lease;
+        let io = TokioIo::new(H2Io::new(opened.send, opened.recv));
+        if h2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("h2c to {endpoint}: {e}"))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+                drop(lease);
+            });
+            self.keep(endpoint, true, Upstream::H2(sender.clone()));
+            Ok(Upstream::H2(sender))
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("HTTP/1.1 to {endpoint}: {e}"))?;
+            tokio::spawn(async move {
+                let _ = connection.with_upgrades().await;
+                drop(lease);
+            });
+            Ok(Upstream::H1(sender))
+        }
+    }
+}
