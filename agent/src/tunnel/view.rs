@@ -121,7 +121,8 @@ impl MeshView {
         // An address a changed pod gave up may have an unchanged claimant it had hidden, before
         // or after a changed pod that claims it now: the first in key order has it.
         if !vacated.is_empty() {
-            for (r, pod, identity) in members(trust_domain, inv) {
+            for (r, pod) in &inv.pods {
+                // The addresses first: a pod's identity costs a string, its addresses do not.
                 let ips: Vec<IpAddr> = pod_ips(pod)
                     .into_iter()
                     .filter(|ip| vacated.contains(ip))
@@ -129,6 +130,10 @@ impl MeshView {
                 if ips.is_empty() {
                     continue;
                 }
+                let Ok(identity) = crate::ca::spiffe::pod_identity(trust_domain, &r.namespace, pod)
+                else {
+                    continue;
+                };
                 let w = workload(r, pod, identity);
                 for ip in ips {
                     vacated.remove(&ip);
