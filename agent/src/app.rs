@@ -1,7 +1,7 @@
 //! The one place the agent is assembled: source, compiler, datapath, flows, API and metrics.
 //! Everything else knows only its inputs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -502,6 +502,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         service_index: Arc::default(),
         names,
         names_path,
+        last_view: None,
+        addresses: HashMap::new(),
     };
     control
         .compiler
@@ -733,6 +735,98 @@ fn ipcache_values(
         .collect()
 }
 
+/// A pod as flows name it: namespace, name and its labels in Hubble's form.
+fn address_info(
+    r: &policy::ObjectRef,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    namespace: Arc<str>,
+) -> AddressInfo {
+    AddressInfo {
+        namespace,
+        pod_name: r.name.as_str().into(),
+        labels: pod
+            .metadata
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| format!("k8s:{k}={v}"))
+            .chain(std::iter::once(format!(
+                "k8s:io.kubernetes.pod.namespace={}",
+                r.namespace
+            )))
+            .collect(),
+    }
+}
+
+/// Every pod address of the inventory, for flows: an address two pods claim names the last in
+/// key order.
+fn pod_addresses(inv: &Inventory) -> HashMap<IpAddr, AddressInfo> {
+    let mut addresses = HashMap::with_capacity(inv.pods.len());
+    let mut namespace: Arc<str> = Arc::default();
+    for (r, pod) in &inv.pods {
+        let ips = crate::tunnel::view::pod_ips(pod);
+        if ips.is_empty() {
+            continue;
+        }
+        // Pods come sorted by namespace: one copy of each namespace's name.
+        if *namespace != *r.namespace {
+            namespace = r.namespace.as_str().into();
+        }
+        let info = address_info(r, pod, namespace.clone());
+        for ip in ips {
+            addresses.insert(ip, info.clone());
+        }
+    }
+    addresses
+}
+
+/// [`pod_addresses`] for when only the pods of `changes` (key, previous version) changed since
+/// `addresses` was made.
+fn patch_addresses(
+    addresses: &mut HashMap<IpAddr, AddressInfo>,
+    inv: &Inventory,
+    changes: &[policy::PodChange],
+) {
+    let names = |info: &AddressInfo, r: &policy::ObjectRef| {
+        *info.namespace == *r.namespace && *info.pod_name == *r.name
+    };
+    let mut vacated = BTreeSet::new();
+    for (r, old) in changes {
+        for ip in old.iter().flat_map(|p| crate::tunnel::view::pod_ips(p)) {
+            if addresses.get(&ip).is_some_and(|info| names(info, r)) {
+                addresses.remove(&ip);
+                vacated.insert(ip);
+            }
+        }
+    }
+    // In key order: the last claimant of an address keeps it.
+    for (r, _) in changes {
+        let Some(pod) = inv.pods.get(r) else {
+            continue;
+        };
+        let info = address_info(r, pod, r.namespace.as_str().into());
+        for ip in crate::tunnel::view::pod_ips(pod) {
+            let held_by_later = addresses.get(&ip).is_some_and(|held| {
+                (&*held.namespace, &*held.pod_name) > (r.namespace.as_str(), r.name.as_str())
+            });
+            if !held_by_later {
+                addresses.insert(ip, info.clone());
+            }
+        }
+    }
+    // An address a changed pod gave up may have another claimant, before or after any changed
+    // pod that claims it now.
+    if !vacated.is_empty() {
+        for (r, pod) in &inv.pods {
+            for ip in crate::tunnel::view::pod_ips(pod) {
+                if vacated.contains(&ip) {
+                    addresses.insert(ip, address_info(r, pod, r.namespace.as_str().into()));
+                }
+            }
+        }
+    }
+}
+
 /// Sorts what the last reconciliation freed into glibc's bins now, while nothing waits for it.
 /// Its frees sit in the fast bins until a request above the small sizes makes malloc consolidate
 /// them, and the next reconciliation's first such request (at 1,000 pods, `opendir`'s 32 KiB
@@ -829,6 +923,13 @@ struct Control {
     names: crate::dns::cache::NameCache,
     /// Where `names` is saved after each change (`--state-dir`/dns-names.json).
     names_path: std::path::PathBuf,
+    /// The last mesh view built and the modes it was built with, for the next to patch.
+    last_view: Option<(
+        Arc<crate::tunnel::MeshView>,
+        BTreeMap<policy::ObjectRef, policy::MeshMode>,
+    )>,
+    /// The flows' pod by address, as of the last compilation (patched with its pod changes).
+    addresses: HashMap<IpAddr, AddressInfo>,
 }
 
 /// Flows' lookup from a backend to the one Service it serves (one name per Service, shared).
@@ -1136,14 +1237,31 @@ impl Control {
         phases.end("services");
         // The tunnel's view of this state; it answers from it once the kernel enforces it.
         // Built after the maps are written: nothing in the kernel waits for it.
-        let mut view = crate::tunnel::MeshView::build(
-            &self.node,
-            self.shared.ca.trust_domain(),
-            &inv,
-            compiled.clone(),
-            &modes,
-        );
+        // Patched where only pods changed since the last one (`Compiler::pod_changes`).
+        let base = self
+            .last_view
+            .take()
+            .filter(|(_, last_modes)| *last_modes == modes);
+        let mut view = match (base, self.compiler.pod_changes()) {
+            (Some((base, _)), Some(changes)) => base.patch(
+                &self.node,
+                self.shared.ca.trust_domain(),
+                &inv,
+                compiled.clone(),
+                &modes,
+                changes,
+            ),
+            _ => crate::tunnel::MeshView::build(
+                &self.node,
+                self.shared.ca.trust_domain(),
+                &inv,
+                compiled.clone(),
+                &modes,
+            ),
+        };
         view.http = self.sync_routes(&inv);
+        let view = Arc::new(view);
+        self.last_view = Some((view.clone(), modes));
         phases.end("view");
         // Written (and fsynced) only when an identity was allocated or released: most syncs
         // change policy, not identities.
@@ -1164,8 +1282,12 @@ impl Control {
         self.reported.retain(|l| round.contains(l));
         self.report_policies(&inv, &failures, result.as_ref().err());
         let synced = result.is_ok();
+        match self.compiler.pod_changes() {
+            Some(changes) => patch_addresses(&mut self.addresses, &inv, changes),
+            None => self.addresses = pod_addresses(&inv),
+        }
         self.publish(
-            &inv,
+            &self.addresses,
             &compiled,
             endpoints,
             failures,
@@ -1179,7 +1301,7 @@ impl Control {
         // After publish: the connections a change revokes are recorded as flows, which name
         // their rule through the index publish just replaced.
         if synced {
-            self.tunnel.set_view(view);
+            self.tunnel.set_shared_view(view);
         }
         if synced && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");
@@ -1464,7 +1586,7 @@ impl Control {
     )]
     fn publish(
         &self,
-        inv: &Inventory,
+        addresses: &HashMap<IpAddr, AddressInfo>,
         compiled: &policy::CompiledState,
         endpoints: Vec<EndpointStatus>,
         failures: Vec<Failure>,
@@ -1486,35 +1608,7 @@ impl Control {
                 .collect(),
             ..EnrichmentIndex::default()
         };
-        let mut namespace: Arc<str> = Arc::default();
-        for (r, pod) in &inv.pods {
-            let ips = crate::tunnel::view::pod_ips(pod);
-            if ips.is_empty() {
-                continue;
-            }
-            // Pods come sorted by namespace: one copy of each namespace's name.
-            if *namespace != *r.namespace {
-                namespace = r.namespace.as_str().into();
-            }
-            let info = AddressInfo {
-                namespace: namespace.clone(),
-                pod_name: r.name.as_str().into(),
-                labels: pod
-                    .metadata
-                    .labels
-                    .iter()
-                    .flatten()
-                    .map(|(k, v)| format!("k8s:{k}={v}"))
-                    .chain(std::iter::once(format!(
-                        "k8s:io.kubernetes.pod.namespace={}",
-                        r.namespace
-                    )))
-                    .collect(),
-            };
-            for ip in ips {
-                index.addresses.insert(ip, info.clone());
-            }
-        }
+        index.addresses = addresses.clone();
         let named = (1..agent_common::IDENTITY_FIRST_ALLOCATED)
             .filter_map(|id| {
                 crate::identity::reserved_name(id).map(|n| (id, format!("reserved:{n}")))

@@ -84,8 +84,7 @@ impl PodLookup {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .load();
-                Ok(loaded
-                    .inventory
+                Ok(std::sync::Arc::unwrap_or_clone(loaded.inventory)
                     .pods
                     .into_iter()
                     .filter(|(r, p)| {

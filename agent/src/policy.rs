@@ -12,7 +12,7 @@ pub mod mtls;
 pub mod netpol;
 pub mod selector;
 
-pub use compile::{Compiler, compile, translate_inventory};
+pub use compile::{Compiler, PodChange, compile, translate_inventory};
 pub use compiled::*;
 pub use evaluate::{PeerFacts, Verdict, evaluate};
 pub use mesh::{

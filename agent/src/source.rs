@@ -45,7 +45,8 @@ pub struct Inventory {
 /// What a source gives the control loop on each round.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub inventory: Inventory,
+    /// Shared: a source may keep it and patch it for the next round.
+    pub inventory: Arc<Inventory>,
     /// Every current problem with an object, one line each (naming the object and field).
     pub errors: Vec<String>,
 }

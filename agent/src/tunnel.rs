@@ -170,10 +170,15 @@ impl Context {
     /// Swaps in a new view, then ends the carried connections its policy no longer allows (as
     /// the kernel stops a live flow whose allow was revoked).
     pub fn set_view(&self, view: MeshView) {
+        self.set_shared_view(Arc::new(view));
+    }
+
+    /// [`Context::set_view`] of a view the caller keeps too.
+    pub fn set_shared_view(&self, view: Arc<MeshView>) {
         *self
             .view
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(view);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
         inbound::reauthorize(self);
     }
 }

@@ -1,7 +1,10 @@
 //! Random sequences of pod events (a pod added, relabelled, moved to another address or
-//! removed, alone or in bursts) through the agent's kept pipeline: the manifest source, the kept
-//! compiler and the diff sync against the maps it wrote before. After every sync the maps must
-//! hold what a compilation from scratch writes into empty maps.
+//! removed, alone or in bursts) through the agent's kept pipeline: the manifest source (which
+//! patches its inventory), the kept compiler (whose pod-event path patches its last state), the
+//! mesh view patched with the pods the compiler saw change, and the diff sync against the maps
+//! it wrote before. After every sync the inventory, compiled state, view and maps must be what
+//! reading, compiling and building from scratch gives, and the maps what that writes into empty
+//! maps.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -13,7 +16,9 @@ use nodeward::datapath::{MapWriter, PolicyEntryKey};
 use nodeward::identity::IdentityAllocator;
 use nodeward::policy;
 use nodeward::source::manifests::ManifestSource;
+use nodeward::tunnel::MeshView;
 use serde_json::json;
+use std::sync::Arc;
 
 const NODE: &str = "node-1";
 
@@ -184,7 +189,9 @@ fn random_pod(rng: &mut fastrand::Rng, next_ip: &mut u32) -> PodSpec {
     };
     PodSpec {
         namespace: pick(rng, &["a", "b"]),
-        node: pick(rng, &[NODE, "node-2", "node-3"]),
+        // Mostly remote pods, as in a cluster: a burst that touches a local pod is compiled in
+        // full, and the pod-event path under test is the remote pods'.
+        node: pick(rng, &[NODE, "node-2", "node-3", "node-4", "node-5"]),
         ip,
         app: pick(rng, &["web", "api", "db"]),
         tier: pick(rng, &["x", "y", "z"]),
@@ -223,8 +230,9 @@ fn as_maps(
     (ipcache, desired)
 }
 
-/// One random sequence; returns the number of syncs compared.
-fn run(seed: u64, steps: usize) -> usize {
+/// One random sequence; returns the number of syncs compared, and of those the compiler's
+/// pod-event path patched.
+fn run(seed: u64, steps: usize) -> (usize, usize) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("base.yaml"), BASE).expect("write");
@@ -235,7 +243,9 @@ fn run(seed: u64, steps: usize) -> usize {
     let mut kept = policy::Compiler::default();
     let mut ids = [IdentityAllocator::new(), IdentityAllocator::new()];
     let mut syncer = Syncer::adopt(Mem::default()).expect("adopt");
+    let mut view: Option<MeshView> = None;
     let mut compared = 0;
+    let mut patched = 0;
     for step in 0..steps {
         // A burst of 1 to 4 pod events, then one sync.
         let mut events = Vec::new();
@@ -293,12 +303,39 @@ fn run(seed: u64, steps: usize) -> usize {
         let loaded = source.load();
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         let inv = loaded.inventory;
+        let context = || format!("seed {seed}, step {step}, after {events:?}");
+        let read = ManifestSource::new(dir.path()).load().inventory;
+        assert_eq!(inv.pods, read.pods, "inventory: {}", context());
+        assert_eq!(inv.origins, read.origins, "origins: {}", context());
         let models = policy::translate_inventory(&inv).expect("translate");
         let [kept_ids, fresh_ids] = &mut ids;
         let incremental = kept.compile(NODE, &inv, &models, kept_ids);
         let scratch = policy::compile(NODE, &inv, &models, fresh_ids);
-        let context = || format!("seed {seed}, step {step}, after {events:?}");
         assert_eq!(incremental, scratch, "compiled state: {}", context());
+        patched += usize::from(kept.pod_changes().is_some());
+
+        let modes = BTreeMap::new();
+        let build = |compiled: &policy::CompiledState| {
+            MeshView::build(NODE, "td", &inv, Arc::new(compiled.clone()), &modes)
+        };
+        let next = match (&view, kept.pod_changes()) {
+            (Some(last), Some(changes)) => last.patch(
+                NODE,
+                "td",
+                &inv,
+                Arc::new(incremental.clone()),
+                &modes,
+                changes,
+            ),
+            _ => build(&incremental),
+        };
+        assert_eq!(
+            next.workloads,
+            build(&scratch).workloads,
+            "mesh view: {}",
+            context()
+        );
+        view = Some(next);
 
         let (ipcache, desired) = as_maps(&incremental);
         syncer
@@ -317,7 +354,7 @@ fn run(seed: u64, steps: usize) -> usize {
         );
         compared += 1;
     }
-    compared
+    (compared, patched)
 }
 
 #[test]
@@ -326,9 +363,17 @@ fn random_pod_events_leave_the_maps_as_a_full_recompute_would() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
-    let mut compared = 0;
+    let (mut compared, mut patched) = (0, 0);
     for seed in 0..seeds {
-        compared += run(seed, 40);
+        let (c, p) = run(seed, 40);
+        compared += c;
+        patched += p;
     }
     assert_eq!(compared, usize::try_from(seeds).expect("small") * 40);
+    // The pod-event path is what is under test: most bursts must have taken it (the others
+    // touched a local pod, or changed a peer set).
+    assert!(
+        patched * 5 > compared,
+        "{patched} of {compared} syncs patched"
+    );
 }

@@ -100,6 +100,9 @@ pub struct Syncer<M: MapWriter> {
     generation: u32,
     /// The maps' capacities, read once when adopting them.
     sizes: MapSizes,
+    /// Each endpoint's policy as the last apply wrote it, that apply having succeeded whole:
+    /// the same policy again needs no look at its entries.
+    written: BTreeMap<u32, EndpointPolicy>,
 }
 
 /// The map entries of one slice (or any set of entries), by key.
@@ -125,6 +128,7 @@ impl<M: MapWriter> Syncer<M> {
             generation: maps.read_generation().map_err(map_err("config"))?,
             sizes: maps.capacities(),
             maps,
+            written: BTreeMap::new(),
         })
     }
 
@@ -165,6 +169,28 @@ impl<M: MapWriter> Syncer<M> {
 
     /// Makes the maps hold exactly `endpoints` (by ifindex), `ipcache` and `policy_cidrs`.
     pub fn apply(
+        &mut self,
+        endpoints: &BTreeMap<u32, &EndpointPolicy>,
+        ipcache: &BTreeMap<IpNet, IpcacheValue>,
+        policy_cidrs: &BTreeMap<IpNet, u32>,
+    ) -> Result<SyncStats, SyncError> {
+        let result = self.apply_all(endpoints, ipcache, policy_cidrs);
+        if result.is_ok() {
+            self.written
+                .retain(|ifindex, _| endpoints.contains_key(ifindex));
+            for (ifindex, policy) in endpoints {
+                if self.written.get(ifindex) != Some(*policy) {
+                    self.written.insert(*ifindex, (*policy).clone());
+                }
+            }
+        } else {
+            // What the maps hold is only in the mirror now: look at every entry next time.
+            self.written.clear();
+        }
+        result
+    }
+
+    fn apply_all(
         &mut self,
         endpoints: &BTreeMap<u32, &EndpointPolicy>,
         ipcache: &BTreeMap<IpNet, IpcacheValue>,
@@ -219,14 +245,15 @@ impl<M: MapWriter> Syncer<M> {
             }
         }
         stats.policy_sets_switched = plan.switched;
-        for (prefix, value) in ipcache {
-            if self.ipcache.get(prefix) != Some(value) {
-                self.maps
-                    .put_ipcache(*prefix, *value)
-                    .map_err(map_err("ipcache"))?;
-                self.ipcache.insert(*prefix, *value);
-                stats.ipcache_changed += 1;
-            }
+        // Both sorted: one pass over the two, no lookup per entry (at 50,000 pods, each pod
+        // event would pay two lookups per pod).
+        let (changed, stale) = merge_diff(&self.ipcache, ipcache);
+        for (prefix, value) in changed {
+            self.maps
+                .put_ipcache(prefix, value)
+                .map_err(map_err("ipcache"))?;
+            self.ipcache.insert(prefix, value);
+            stats.ipcache_changed += 1;
         }
         // Phase C: everything gone, allows before denies.
         let gone: Vec<u32> = self
@@ -242,12 +269,6 @@ impl<M: MapWriter> Syncer<M> {
             self.endpoints.remove(&ifindex);
             stats.endpoints_changed += 1;
         }
-        let stale: Vec<IpNet> = self
-            .ipcache
-            .keys()
-            .filter(|p| !ipcache.contains_key(p))
-            .copied()
-            .collect();
         for prefix in stale {
             self.maps
                 .delete_ipcache(prefix)
@@ -335,6 +356,15 @@ impl<M: MapWriter> Syncer<M> {
                     && c.egress_default_rule == info.egress_default_rule
             });
             let in_place_set = current.map(|c| c.policy_set).filter(|_| in_place);
+            // Written whole by the last apply and unchanged since.
+            if let Some(set) = in_place_set
+                && self.written.get(ifindex) == Some(*policy)
+            {
+                info.policy_set = set;
+                live_sets.insert(set);
+                plan.endpoints.insert(*ifindex, info);
+                continue;
+            }
             if let Some(set) = in_place_set
                 && let Some((add, remove)) = self.diff_in_place(set, policy)
             {
@@ -418,6 +448,27 @@ struct Plan {
     remove: BTreeSet<PolicyEntryKey>,
     endpoints: BTreeMap<u32, EndpointInfo>,
     switched: usize,
+}
+
+/// What makes `current` into `wanted`: the entries to write (new or different) and the keys to
+/// delete, in one pass over both (sorted) maps.
+fn merge_diff<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    wanted: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    let (mut put, mut delete) = (Vec::new(), Vec::new());
+    let mut have = current.iter().peekable();
+    for (key, value) in wanted {
+        while let Some((k, _)) = have.next_if(|(k, _)| *k < key) {
+            delete.push(*k);
+        }
+        match have.next_if(|(k, _)| *k == key) {
+            Some((_, v)) if v == value => {}
+            _ => put.push((*key, *value)),
+        }
+    }
+    delete.extend(have.map(|(k, _)| *k));
+    (put, delete)
 }
 
 fn check_capacity(map: &'static str, needed: usize, capacity: u32) -> Result<(), SyncError> {

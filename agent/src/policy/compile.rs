@@ -33,6 +33,8 @@ use super::selector::{LabelSelector, Operator};
 use crate::identity::{IdentityAllocator, Labels, namespace_labels, security_labels_in};
 use crate::source::Inventory;
 
+mod delta;
+
 /// Name of the pseudo-rule that stands for a policy's default deny.
 pub const DEFAULT_DENY_RULE: &str = "default-deny";
 
@@ -96,7 +98,14 @@ pub struct Compiler {
     pods: BTreeMap<ObjectRef, CachedPod>,
     revision: Option<u64>,
     peers: PeerCache,
+    /// The last compilation, for the pod-event path (see [`delta`]).
+    last: Option<delta::Last>,
+    /// The pods the last compilation patched in (see [`Compiler::pod_changes`]).
+    changes: Option<Vec<PodChange>>,
 }
+
+/// A pod the pod-event path patched in: its key and the version it replaced (`None`: added).
+pub type PodChange = (ObjectRef, Option<Arc<Pod>>);
 
 struct CachedPod {
     pod: Arc<Pod>,
@@ -261,7 +270,10 @@ impl Compiler {
                 });
             }
         }
-        self.pods.retain(|key, _| inv.pods.contains_key(key));
+        // Every pod of the inventory is in the cache now: only a longer cache has stale ones.
+        if self.pods.len() != inv.pods.len() {
+            self.pods.retain(|key, _| inv.pods.contains_key(key));
+        }
         out
     }
 }
@@ -317,6 +329,14 @@ impl Compiler {
         self.names = names;
     }
 
+    /// The pods the last [`Compiler::compile`] found added, changed or removed since the one
+    /// before, each with its previous version; `None` when the nodes changed too, or there was
+    /// no compilation before (then anything derived from pods must be rebuilt).
+    #[must_use]
+    pub fn pod_changes(&self) -> Option<&[PodChange]> {
+        self.changes.as_deref()
+    }
+
     /// [`compile()`], reusing what the last call derived from unchanged objects.
     #[must_use]
     pub fn compile<'p>(
@@ -333,8 +353,26 @@ impl Compiler {
                 ..Self::default()
             };
         }
-        let state = compile_state(self, node_name, inv, policies.into_iter().collect(), ids);
+        let policies: Vec<&PolicyModel> = policies.into_iter().collect();
+        match delta::pods_only(self, node_name, inv, &policies, ids) {
+            delta::Outcome::Patched(state, changes) => {
+                self.changes = Some(changes);
+                return state;
+            }
+            delta::Outcome::Full(changes) => self.changes = changes,
+        }
+        // No pod changed and the identities hold: the pods' counts stay what they were.
+        let counts = self
+            .last
+            .take()
+            .filter(|_| {
+                self.changes.as_ref().is_some_and(Vec::is_empty)
+                    && self.revision == Some(ids.revision())
+            })
+            .map(delta::Last::into_counts);
+        let state = compile_state(self, node_name, inv, policies.clone(), ids);
         self.revision = Some(ids.revision());
+        delta::remember(self, inv, &policies, &state, ids, counts);
         state
     }
 }

@@ -8,7 +8,7 @@ fn load(yaml: &str) -> (Inventory, Vec<String>) {
     std::fs::write(dir.path().join("svc.yaml"), yaml).unwrap();
     let loaded = ManifestSource::new(dir.path()).load();
     let errors = loaded.errors.iter().map(ToString::to_string).collect();
-    (loaded.inventory, errors)
+    (std::sync::Arc::unwrap_or_clone(loaded.inventory), errors)
 }
 
 fn ip(s: &str) -> IpAddr {

@@ -394,7 +394,7 @@ impl KubernetesSource {
     /// The objects as last seen, in the manifests source's shape.
     #[must_use]
     pub fn snapshot(&self) -> Inventory {
-        self.load().inventory
+        Arc::unwrap_or_clone(self.load().inventory)
     }
 
     /// The inventory and the objects that are currently invalid.
@@ -409,7 +409,7 @@ impl KubernetesSource {
             }
             snapshot.errors.extend(kind.errors.values().cloned());
         }
-        snapshot.inventory = inventory.build();
+        snapshot.inventory = Arc::new(inventory.build());
         snapshot
     }
 

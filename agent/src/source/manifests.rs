@@ -75,12 +75,16 @@ struct FileState {
 pub struct ManifestSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// The inventory of `files`, patched where files change (see [`ManifestSource::load`]).
+    inventory: Option<Arc<Inventory>>,
 }
 
 /// What a [`ManifestSource::load`] found.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    pub inventory: Inventory,
+    /// Shared with the source, which patches it in place on the next load when the caller has
+    /// let go of it (else that load copies it once).
+    pub inventory: Arc<Inventory>,
     /// Every current problem (also the ones reported before).
     pub errors: Vec<ManifestError>,
     /// Problems not seen in the previous load: log these.
@@ -93,6 +97,7 @@ impl ManifestSource {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            inventory: None,
         }
     }
 
@@ -101,7 +106,9 @@ impl ManifestSource {
         &self.dir
     }
 
-    /// Reads what changed since the last call and returns the whole inventory.
+    /// Reads what changed since the last call and returns the whole inventory: the last one with
+    /// the changed files' objects swapped, as long as no key is in two files (else it is built
+    /// again from every file, since the file order decides which one wins).
     pub fn load(&mut self) -> Loaded {
         let mut loaded = Loaded::default();
         let mut seen = Vec::new();
@@ -115,8 +122,19 @@ impl ManifestSource {
             }),
         }
         // A directory that cannot be listed keeps everything: never drop state on an I/O error.
+        // Each file read again or gone, with the objects it gave before, for the patch below.
+        let mut changed: Vec<(PathBuf, Option<FileState>)> = Vec::new();
         if loaded.errors.is_empty() {
-            self.files.retain(|path, _| seen.contains(path));
+            let gone: Vec<PathBuf> = self
+                .files
+                .keys()
+                .filter(|path| seen.binary_search(path).is_err())
+                .cloned()
+                .collect();
+            for path in gone {
+                let previous = self.files.remove(&path);
+                changed.push((path, previous));
+            }
         }
         for path in seen {
             let stamp = match std::fs::metadata(&path) {
@@ -133,19 +151,131 @@ impl ManifestSource {
                     loaded.new_errors.push(e.clone());
                 }
             }
-            self.files.insert(path, state);
+            self.files.insert(path.clone(), state);
+            changed.push((path, previous));
         }
-        let mut inventory = InventoryBuilder::default();
-        for (path, file) in &self.files {
+        for file in self.files.values() {
             loaded.errors.extend(file.errors.iter().cloned());
-            for (key, object) in &file.objects {
-                inventory.origin(key.clone(), path.clone());
-                inventory.add(object.clone());
-            }
         }
-        loaded.inventory = inventory.build();
+        let patched = self
+            .inventory
+            .take()
+            .filter(|inv| {
+                // No key in two files (the origins would have fewer keys than the objects).
+                let objects: usize = self.files.values().map(|f| f.objects.len()).sum();
+                let changed_now: usize = changed
+                    .iter()
+                    .filter_map(|(p, _)| self.files.get(p))
+                    .map(|f| f.objects.len())
+                    .sum();
+                let changed_before: usize = changed
+                    .iter()
+                    .filter_map(|(_, f)| f.as_ref())
+                    .map(|f| f.objects.len())
+                    .sum();
+                objects + changed_before == inv.origins.len() + changed_now
+            })
+            .and_then(|mut inv| self.patch(Arc::make_mut(&mut inv), &changed).then_some(inv));
+        let inventory = patched.unwrap_or_else(|| {
+            let mut inventory = InventoryBuilder::default();
+            for (path, file) in &self.files {
+                for (key, object) in &file.objects {
+                    inventory.origin(key.clone(), path.clone());
+                    inventory.add(object.clone());
+                }
+            }
+            Arc::new(inventory.build())
+        });
+        self.inventory = Some(inventory.clone());
+        loaded.inventory = inventory;
         loaded
     }
+
+    /// Takes `inv` from what `changed` files held before to what they hold now, unless an object
+    /// of theirs has its key in another file too (then which one wins depends on the file
+    /// order, and the caller builds the inventory again): whether it could.
+    fn patch(&self, inv: &mut Inventory, changed: &[(PathBuf, Option<FileState>)]) -> bool {
+        // Checked before anything is touched: every key the changed files had or have must be
+        // theirs alone.
+        for (path, previous) in changed {
+            let now = self.files.get(path);
+            let keys = previous.iter().chain(now).flat_map(|f| f.objects.keys());
+            for key in keys {
+                if inv.origins.get(key).is_some_and(|p| p != path) {
+                    return false;
+                }
+                let elsewhere = changed
+                    .iter()
+                    .filter(|(other, _)| other != path)
+                    .filter_map(|(other, _)| self.files.get(other))
+                    .any(|f| f.objects.contains_key(key));
+                if elsewhere {
+                    return false;
+                }
+            }
+        }
+        for (path, previous) in changed {
+            for (key, object) in previous.iter().flat_map(|f| &f.objects) {
+                inv.origins.remove(key);
+                remove(inv, object);
+            }
+            for (key, object) in self.files.get(path).iter().flat_map(|f| &f.objects) {
+                inv.origins.insert(key.clone(), path.clone());
+                insert(inv, object.clone());
+            }
+        }
+        true
+    }
+}
+
+/// Takes `object`'s key out of its kind's map.
+fn remove(inv: &mut Inventory, object: &Object) {
+    let name = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.name.clone().unwrap_or_default()
+    };
+    match object {
+        Object::Namespace(o) => drop(inv.namespaces.remove(&name(&o.metadata))),
+        Object::Pod(o) => drop(inv.pods.remove(&namespaced(&o.metadata))),
+        Object::Node(o) => drop(inv.nodes.remove(&name(&o.metadata))),
+        Object::ServiceAccount(o) => drop(inv.service_accounts.remove(&namespaced(&o.metadata))),
+        Object::NetworkPolicy(o) => drop(inv.network_policies.remove(&namespaced(&o.metadata))),
+        Object::MeshPolicy(o) => drop(inv.mesh_policies.remove(&namespaced(&o.metadata))),
+        Object::ClusterMeshPolicy(o) => {
+            drop(inv.cluster_mesh_policies.remove(&name(&o.metadata)));
+        }
+        Object::MutualTLS(o) => drop(inv.mutual_tls.remove(&namespaced(&o.metadata))),
+        Object::Service(o) => drop(inv.services.remove(&namespaced(&o.metadata))),
+        Object::EndpointSlice(o) => drop(inv.endpoint_slices.remove(&namespaced(&o.metadata))),
+    }
+}
+
+/// Puts `object` into its kind's map, as [`InventoryBuilder::add`] would.
+fn insert(inv: &mut Inventory, object: Object) {
+    let mut one = InventoryBuilder::default();
+    one.add(object);
+    let InventoryBuilder {
+        namespaces,
+        pods,
+        nodes,
+        service_accounts,
+        network_policies,
+        mesh_policies,
+        cluster_mesh_policies,
+        mutual_tls,
+        services,
+        endpoint_slices,
+        origins: _,
+    } = one;
+    inv.namespaces.extend(namespaces);
+    inv.pods.extend(pods);
+    inv.nodes.extend(nodes);
+    inv.service_accounts.extend(service_accounts);
+    inv.network_policies.extend(network_policies);
+    inv.mesh_policies.extend(mesh_policies);
+    inv.cluster_mesh_policies.extend(cluster_mesh_policies);
+    inv.mutual_tls.extend(mutual_tls);
+    inv.services.extend(services);
+    inv.endpoint_slices.extend(endpoint_slices);
 }
 
 /// Every `.yaml`, `.yml` and `.json` file under `dir`, recursively, sorted, hidden files skipped

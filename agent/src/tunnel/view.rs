@@ -67,6 +67,93 @@ impl MeshView {
         }
     }
 
+    /// [`MeshView::build`] for when only the pods of `changes` (key, previous version) changed
+    /// since `self` was built, from the same nodes and modes: `self`'s entries, with those of
+    /// the changed pods taken out and put in again. An address two pods claim goes to the first
+    /// in key order, as in `build`; where a changed pod gave one up, the pods are searched once
+    /// for another claimant.
+    #[must_use]
+    pub fn patch(
+        &self,
+        node: &str,
+        trust_domain: &str,
+        inv: &Inventory,
+        compiled: Arc<CompiledState>,
+        modes: &BTreeMap<ObjectRef, MeshMode>,
+        changes: &[crate::policy::PodChange],
+    ) -> Self {
+        let mut workloads = self.workloads.clone();
+        let mut vacated: std::collections::BTreeSet<IpAddr> = std::collections::BTreeSet::new();
+        for (key, old) in changes {
+            for ip in old.iter().flat_map(|p| pod_ips(p)) {
+                if workloads.get(&ip).is_some_and(|w| w.pod == *key) {
+                    workloads.remove(&ip);
+                    vacated.insert(ip);
+                }
+            }
+        }
+        let workload = |r: &ObjectRef, pod: &Pod, identity| {
+            let spec_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            Arc::new(Workload {
+                pod: r.clone(),
+                identity,
+                mode: modes.get(r).copied().unwrap_or_default(),
+                local: spec_node == Some(node),
+                host_ips: host_ips(pod, spec_node, inv),
+            })
+        };
+        // Changed pods in key order: each address goes to the first claimant.
+        for (key, _) in changes {
+            let Some(pod) = inv.pods.get(key) else {
+                continue;
+            };
+            let Ok(identity) = crate::ca::spiffe::pod_identity(trust_domain, &key.namespace, pod)
+            else {
+                continue;
+            };
+            let w = workload(key, pod, identity);
+            for ip in pod_ips(pod) {
+                match workloads.get(&ip) {
+                    Some(held) if held.pod < *key => {}
+                    _ => {
+                        workloads.insert(ip, w.clone());
+                    }
+                }
+            }
+        }
+        // An address a changed pod gave up may have an unchanged claimant it had hidden, before
+        // or after a changed pod that claims it now: the first in key order has it.
+        if !vacated.is_empty() {
+            for (r, pod) in &inv.pods {
+                // The addresses first: a pod's identity costs a string, its addresses do not.
+                let ips: Vec<IpAddr> = pod_ips(pod)
+                    .into_iter()
+                    .filter(|ip| vacated.contains(ip))
+                    .collect();
+                if ips.is_empty() {
+                    continue;
+                }
+                let Ok(identity) = crate::ca::spiffe::pod_identity(trust_domain, &r.namespace, pod)
+                else {
+                    continue;
+                };
+                let w = workload(r, pod, identity);
+                for ip in ips {
+                    vacated.remove(&ip);
+                    workloads.insert(ip, w.clone());
+                }
+                if vacated.is_empty() {
+                    break;
+                }
+            }
+        }
+        Self {
+            workloads,
+            compiled,
+            http: self.http.clone(),
+        }
+    }
+
     /// Whether each pod address belongs to a meshed pod, as [`MeshView::build`] would say
     /// (`view.workload(ip).is_some_and(|w| w.mode.meshed())`) without building the view: the
     /// ipcache needs this before the maps are written, the view only after.
