@@ -246,6 +246,7 @@ fn remove(inv: &mut Inventory, object: &Object) {
         Object::MutualTLS(o) => drop(inv.mutual_tls.remove(&namespaced(&o.metadata))),
         Object::Service(o) => drop(inv.services.remove(&namespaced(&o.metadata))),
         Object::EndpointSlice(o) => drop(inv.endpoint_slices.remove(&namespaced(&o.metadata))),
+        Object::HttpRoute(o) => drop(inv.http_routes.remove(&namespaced(&o.metadata))),
     }
 }
 
@@ -264,6 +265,7 @@ fn insert(inv: &mut Inventory, object: Object) {
         mutual_tls,
         services,
         endpoint_slices,
+        http_routes,
         origins: _,
     } = one;
     inv.namespaces.extend(namespaces);
@@ -276,6 +278,7 @@ fn insert(inv: &mut Inventory, object: Object) {
     inv.mutual_tls.extend(mutual_tls);
     inv.services.extend(services);
     inv.endpoint_slices.extend(endpoint_slices);
+    inv.http_routes.extend(http_routes);
 }
 
 /// Every `.yaml`, `.yml` and `.json` file under `dir`, recursively, sorted, hidden files skipped
