@@ -502,6 +502,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         service_index: Arc::default(),
         names,
         names_path,
+        dns_proxied: config.dns_proxy.is_some(),
+        dns_upstream: None,
+        live_peers: None,
     };
     control
         .compiler
@@ -537,8 +540,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     let _ = req.done.send(());
                 }
                 _ = expiry.tick() => {
-                    if control.names.expire(std::time::Instant::now(), |_| false) {
-                        control.names_changed();
+                    if control.expire_names(&datapath) {
                         control.reconcile(&mut datapath);
                     }
                 }
@@ -818,6 +820,13 @@ struct Control {
     names: crate::dns::cache::NameCache,
     /// Where `names` is saved after each change (`--state-dir`/dns-names.json).
     names_path: std::path::PathBuf,
+    /// `--dns-proxy-addr` is set: the datapath is told the proxy's upstream.
+    dns_proxied: bool,
+    /// The upstream last written to the datapath (`Some(None)`: none known).
+    dns_upstream: Option<Option<SocketAddr>>,
+    /// When conntrack was last read for live connections, and the learned addresses they
+    /// were to (see [`Control::expire_names`]).
+    live_peers: Option<(std::time::Instant, std::collections::BTreeSet<IpAddr>)>,
 }
 
 /// Flows' lookup from a backend to the one Service it serves (one name per Service, shared).
@@ -880,6 +889,66 @@ impl Control {
             self.names_changed();
         }
         new
+    }
+
+    /// Drops the learned addresses whose TTL ran out, except those a selected pod still has a
+    /// live connection to (conntrack, see [`live_peers`]); whether anything was dropped.
+    /// Conntrack is read only when an address has expired, and at most every
+    /// [`LIVE_RECHECK`] while the expired ones are all held by live connections.
+    fn expire_names(&mut self, datapath: &Datapath) -> bool {
+        let now = std::time::Instant::now();
+        let expired = self.names.expired(now);
+        if expired.is_empty() {
+            return false;
+        }
+        let recent = self.live_peers.as_ref().is_some_and(|(at, live)| {
+            now.duration_since(*at) < LIVE_RECHECK && expired.is_subset(live)
+        });
+        if !recent {
+            let proxied = self
+                .shared
+                .dns_allow
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let live = match datapath.maps().conntrack() {
+                Ok(flows) => live_peers(&flows, |ip| proxied.contains_key(&ip), monotonic_s()),
+                Err(e) => {
+                    // Without conntrack, keep what expired rather than cut connections.
+                    tracing::warn!(error = %e, "reading conntrack for live connections failed");
+                    expired.clone()
+                }
+            };
+            self.live_peers = Some((now, live));
+        }
+        let live = self.live_peers.as_ref().map(|(_, l)| l);
+        let dropped = self
+            .names
+            .expire(now, |ip| live.is_some_and(|l| l.contains(&ip)));
+        if dropped {
+            tracing::debug!(
+                expired = expired.len(),
+                held = live.map_or(0, |l| expired.intersection(l).count()),
+                "DNS-learned addresses expired; those held by a live connection stay"
+            );
+            self.names_changed();
+        }
+        dropped
+    }
+
+    /// Tells the datapath which resolver the DNS proxy forwards to (when it changed).
+    fn sync_dns_upstream(&mut self, datapath: &mut Datapath) {
+        if !self.dns_proxied {
+            return;
+        }
+        let upstream = dns_upstream(&self.shared);
+        if self.dns_upstream == Some(upstream) {
+            return;
+        }
+        match datapath.set_dns_upstream(upstream) {
+            Ok(()) => self.dns_upstream = Some(upstream),
+            Err(e) => self.report(format!("naming the DNS upstream: {}", error_chain(&e))),
+        }
     }
 
     /// Hands the learned names to the compiler and saves them for the next agent.
@@ -1122,6 +1191,7 @@ impl Control {
         }
         phases.end("attach");
         let services = self.sync_services(&inv);
+        self.sync_dns_upstream(datapath);
         phases.end("services");
         // The tunnel's view of this state; it answers from it once the kernel enforces it.
         // Built after the maps are written: nothing in the kernel waits for it.
@@ -1621,8 +1691,21 @@ impl crate::dns::proxy::DnsPolicy for AgentDns {
     }
 
     fn upstream(&self) -> Option<SocketAddr> {
-        let table = self
-            .shared
+        dns_upstream(&self.shared)
+    }
+
+    fn answered(&self, ok: bool) {
+        self.shared
+            .metrics
+            .dns_query(if ok { "forwarded" } else { "servfail" });
+    }
+}
+
+/// The resolver the DNS proxy forwards to: a backend of kube-system/kube-dns, else of any other
+/// Service's UDP port 53.
+fn dns_upstream(shared: &Shared) -> Option<SocketAddr> {
+    {
+        let table = shared
             .services
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1646,12 +1729,54 @@ impl crate::dns::proxy::DnsPolicy for AgentDns {
             .find_map(|p| p.backends().first().copied())
             .map(|(ip, port)| SocketAddr::new(ip, port))
     }
+}
 
-    fn answered(&self, ok: bool) {
-        self.shared
-            .metrics
-            .dns_query(if ok { "forwarded" } else { "servfail" });
-    }
+/// How often conntrack is read again while expired learned addresses are all held by live
+/// connections.
+const LIVE_RECHECK: Duration = Duration::from_secs(5);
+/// A TCP flow with no packet for this long no longer holds its address (Cilium's TCP
+/// lifetime); other protocols, [`LIVE_IDLE_OTHER`].
+const LIVE_IDLE_TCP: u32 = 6 * 3600;
+const LIVE_IDLE_OTHER: u32 = 60;
+
+/// The peers of live, allowed connections that a pod `selected(source)` opened: the addresses
+/// that stay allowed after their DNS TTL. A flow is live until it closes (FIN or RST seen) or
+/// goes idle ([`LIVE_IDLE_TCP`], [`LIVE_IDLE_OTHER`]); `now_s` is the monotonic clock in seconds
+/// (`CtValue::last_seen_s`).
+fn live_peers(
+    flows: &[(agent_common::CtKey, agent_common::CtValue)],
+    selected: impl Fn(IpAddr) -> bool,
+    now_s: u32,
+) -> std::collections::BTreeSet<IpAddr> {
+    let ip = |a: [u8; 16]| std::net::Ipv6Addr::from(a).to_canonical();
+    flows
+        .iter()
+        .filter(|(key, value)| {
+            let idle = if key.protocol == 6 {
+                LIVE_IDLE_TCP
+            } else {
+                LIVE_IDLE_OTHER
+            };
+            key.direction == agent_common::DIR_EGRESS
+                && value.verdict == agent_common::VERDICT_FORWARDED
+                && value.flags & agent_common::CT_F_CLOSING == 0
+                && value.last_seen_s != 0
+                && now_s.saturating_sub(value.last_seen_s) <= idle
+                && selected(ip(key.saddr))
+        })
+        .map(|(key, _)| ip(key.daddr))
+        .collect()
+}
+
+/// The monotonic clock in whole seconds, as the datapath's `bpf_ktime_get_ns() / 1e9`.
+fn monotonic_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u32::try_from(ts.tv_sec).unwrap_or(u32::MAX)
 }
 
 /// Binds the DNS proxy at `addr`, hands its socket to the datapath (pods' DNS to a Service on
@@ -1688,4 +1813,80 @@ fn start_dns_proxy(
     });
     tracing::info!(addr = %addr, "DNS proxy listening; pods' DNS is steered to it");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{CT_F_CLOSING, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, VERDICT_DROPPED};
+
+    use super::*;
+
+    fn flow(src: [u8; 4], dst: [u8; 4], protocol: u8, direction: u8) -> CtKey {
+        CtKey {
+            saddr: std::net::Ipv4Addr::from(src).to_ipv6_mapped().octets(),
+            daddr: std::net::Ipv4Addr::from(dst).to_ipv6_mapped().octets(),
+            sport_be: 40000u16.to_be(),
+            dport_be: 443u16.to_be(),
+            protocol,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+
+    fn seen(at: u32, verdict: u8, flags: u8) -> CtValue {
+        CtValue {
+            verdict,
+            flags,
+            last_seen_s: at,
+            ..CtValue::default()
+        }
+    }
+
+    #[test]
+    fn only_open_recent_allowed_connections_of_selected_pods_hold_an_address() {
+        let pod = [10, 0, 0, 5];
+        let other_pod = [10, 0, 0, 6];
+        let fwd = agent_common::VERDICT_FORWARDED;
+        let now = 100_000;
+        let flows = [
+            // Held: an open TCP connection idle for an hour, a UDP flow seen 10 s ago.
+            (
+                flow(pod, [198, 18, 0, 1], 6, DIR_EGRESS),
+                seen(now - 3600, fwd, 0),
+            ),
+            (
+                flow(pod, [198, 18, 0, 2], 17, DIR_EGRESS),
+                seen(now - 10, fwd, 0),
+            ),
+            // Not held: closing, denied, UDP idle past its limit, a pod no FQDN rule selects,
+            // an ingress flow, an entry from before the field existed.
+            (
+                flow(pod, [198, 18, 0, 3], 6, DIR_EGRESS),
+                seen(now, fwd, CT_F_CLOSING),
+            ),
+            (
+                flow(pod, [198, 18, 0, 4], 6, DIR_EGRESS),
+                seen(now, VERDICT_DROPPED, 0),
+            ),
+            (
+                flow(pod, [198, 18, 0, 5], 17, DIR_EGRESS),
+                seen(now - 61, fwd, 0),
+            ),
+            (
+                flow(other_pod, [198, 18, 0, 6], 6, DIR_EGRESS),
+                seen(now, fwd, 0),
+            ),
+            (
+                flow(pod, [198, 18, 0, 7], 6, DIR_INGRESS),
+                seen(now, fwd, 0),
+            ),
+            (flow(pod, [198, 18, 0, 8], 6, DIR_EGRESS), seen(0, fwd, 0)),
+        ];
+        let selected = |ip: IpAddr| ip == IpAddr::from(pod);
+        let live: Vec<IpAddr> = live_peers(&flows, selected, now).into_iter().collect();
+        assert_eq!(
+            live,
+            vec![IpAddr::from([198, 18, 0, 1]), IpAddr::from([198, 18, 0, 2])]
+        );
+    }
 }
