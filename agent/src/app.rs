@@ -503,6 +503,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         names,
         names_path,
         dns_proxied: config.dns_proxy.is_some(),
+        last_compiled: None,
+        learn_at: None,
         dns_upstream: None,
         live_peers: None,
     };
@@ -534,10 +536,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 Some(req) = dns_rx.recv() => {
                     // The answer waits for this: the maps hold its addresses before the pod
                     // sees it, so its first connection is never dropped.
-                    if control.learn(&req.answer) {
-                        control.reconcile(&mut datapath);
-                    }
+                    control.learn(&req.answer, &mut datapath);
                     let _ = req.done.send(());
+                }
+                () = tokio::time::sleep_until(control.learn_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if control.learn_at.is_some() => {
+                    control.learn_at = None;
+                    control.reconcile(&mut datapath);
+                    control.save_names();
                 }
                 _ = expiry.tick() => {
                     if control.expire_names(&datapath) {
@@ -822,6 +828,10 @@ struct Control {
     names_path: std::path::PathBuf,
     /// `--dns-proxy-addr` is set: the datapath is told the proxy's upstream.
     dns_proxied: bool,
+    /// The last compiled state the maps hold (for the DNS fast path).
+    last_compiled: Option<Arc<policy::CompiledState>>,
+    /// When the reconcile that the DNS fast path put off is due.
+    learn_at: Option<tokio::time::Instant>,
     /// The upstream last written to the datapath (`Some(None)`: none known).
     dns_upstream: Option<Option<SocketAddr>>,
     /// When conntrack was last read for live connections, and the learned addresses they
@@ -876,19 +886,101 @@ impl ServiceInputs {
 }
 
 impl Control {
-    /// Records an answer's addresses; whether anything new must reach the maps.
-    fn learn(&mut self, answer: &crate::dns::Answer) -> bool {
+    /// Records an answer's addresses and makes the kernel allow them; the answer may be
+    /// released when this returns. A new address whose FQDN identity the maps already have
+    /// (another address of the same selectors was learned before) is written straight into
+    /// the ipcache, and the full reconcile (and the save) is left to `learn_at`, shortly after;
+    /// otherwise the reconcile runs now.
+    fn learn(&mut self, answer: &crate::dns::Answer, datapath: &mut Datapath) {
         let now = std::time::Instant::now();
-        let mut new = false;
+        let mut new = Vec::new();
         for name in &answer.names {
             for &(ip, ttl) in &answer.addresses {
-                new |= self.names.learn(name, ip, ttl, now);
+                if self.names.learn(name, ip, ttl, now) {
+                    new.push(ip);
+                }
             }
         }
-        if new {
-            self.names_changed();
+        if new.is_empty() {
+            return;
         }
-        new
+        self.compiler
+            .set_learned_names(Arc::new(self.names.learned()));
+        if self.learn_fast(&new) {
+            self.learn_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + LEARN_SETTLE);
+            return;
+        }
+        self.reconcile(datapath);
+        self.save_names();
+    }
+
+    /// The fast path of [`Control::learn`]: whether every address of `new` is now allowed
+    /// as the next compile will allow it, by direct ipcache writes.
+    fn learn_fast(&self, new: &[IpAddr]) -> bool {
+        let Some(compiled) = &self.last_compiled else {
+            return false;
+        };
+        let selectors: BTreeSet<&crate::policy::fqdn::FqdnMatch> = self
+            .last_good
+            .values()
+            .flat_map(|t| &t.model.rules)
+            .flat_map(|r| &r.peers)
+            .filter_map(|p| match p {
+                policy::model::Peer::Fqdn(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let mut writes = Vec::new();
+        for &ip in new {
+            let names: Vec<&str> = self.names.names_of(ip).collect();
+            let matched: BTreeSet<&crate::policy::fqdn::FqdnMatch> = selectors
+                .iter()
+                .copied()
+                .filter(|m| names.iter().any(|n| m.matches(n)))
+                .collect();
+            if matched.is_empty() {
+                // No toFQDNs selector takes it: nothing to allow.
+                continue;
+            }
+            let net = ipnet::IpNet::from(ip);
+            let id = compiled
+                .fqdn_identities
+                .iter()
+                .find(|(_, set)| {
+                    set.len() == matched.len() && set.iter().all(|m| matched.contains(m))
+                })
+                .map(|(id, _)| *id);
+            match (id, compiled.ipcache.get(&net)) {
+                (Some(id), None) => writes.push((net, id)),
+                (Some(id), Some(have)) if *have == id => {}
+                // A new set of selectors, or a pod's or node's address: the full path.
+                _ => return false,
+            }
+        }
+        let mut syncer = self
+            .syncer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (net, identity) in writes {
+            let value = agent_common::IpcacheValue { identity, flags: 0 };
+            if let Err(e) = syncer.put_ipcache_entry(net, value) {
+                tracing::warn!(error = %e, "writing a learned address to the ipcache failed");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Saves the learned names for the next agent.
+    fn save_names(&self) {
+        if let Err(e) = self.names.save(
+            &self.names_path,
+            std::time::Instant::now(),
+            std::time::SystemTime::now(),
+        ) {
+            tracing::warn!(path = %self.names_path.display(), error = %e, "saving the DNS names failed");
+        }
     }
 
     /// Drops the learned addresses whose TTL ran out, except those a selected pod still has a
@@ -955,13 +1047,7 @@ impl Control {
     fn names_changed(&mut self) {
         self.compiler
             .set_learned_names(Arc::new(self.names.learned()));
-        if let Err(e) = self.names.save(
-            &self.names_path,
-            std::time::Instant::now(),
-            std::time::SystemTime::now(),
-        ) {
-            tracing::warn!(path = %self.names_path.display(), error = %e, "saving the DNS names failed");
-        }
+        self.save_names();
     }
 
     /// The proxied pods' DNS allow lists, for the DNS proxy.
@@ -1192,6 +1278,7 @@ impl Control {
         phases.end("attach");
         let services = self.sync_services(&inv);
         self.sync_dns_upstream(datapath);
+        self.last_compiled = result.is_ok().then(|| compiled.clone());
         phases.end("services");
         // The tunnel's view of this state; it answers from it once the kernel enforces it.
         // Built after the maps are written: nothing in the kernel waits for it.
@@ -1730,6 +1817,10 @@ fn dns_upstream(shared: &Shared) -> Option<SocketAddr> {
             .map(|(ip, port)| SocketAddr::new(ip, port))
     }
 }
+
+/// How long after a fast-path learn the full reconcile (and the save) runs: answers that
+/// come in a burst share one.
+const LEARN_SETTLE: Duration = Duration::from_millis(20);
 
 /// How often conntrack is read again while expired learned addresses are all held by live
 /// connections.
