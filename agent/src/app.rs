@@ -505,6 +505,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         dns_proxied: config.dns_proxy.is_some(),
         last_compiled: None,
         learn_at: None,
+        pending_fast: BTreeSet::new(),
         dns_upstream: None,
         live_peers: None,
     };
@@ -540,11 +541,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     let _ = req.done.send(());
                 }
                 () = tokio::time::sleep_until(control.learn_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if control.learn_at.is_some() => {
-                    control.learn_at = None;
-                    control.reconcile(&mut datapath);
-                    control.save_names();
-                }
+                    if control.learn_at.is_some() => control.learn_settle(&mut datapath),
                 _ = expiry.tick() => {
                     if control.expire_names(&datapath) {
                         control.reconcile(&mut datapath);
@@ -832,6 +829,8 @@ struct Control {
     last_compiled: Option<Arc<policy::CompiledState>>,
     /// When the reconcile that the DNS fast path put off is due.
     learn_at: Option<tokio::time::Instant>,
+    /// Addresses the fast path wrote since the last compile.
+    pending_fast: BTreeSet<IpAddr>,
     /// The upstream last written to the datapath (`Some(None)`: none known).
     dns_upstream: Option<Option<SocketAddr>>,
     /// When conntrack was last read for live connections, and the learned addresses they
@@ -904,20 +903,29 @@ impl Control {
         if new.is_empty() {
             return;
         }
-        self.compiler
-            .set_learned_names(Arc::new(self.names.learned()));
-        if self.learn_fast(&new) {
+        if self.learn_fast(&answer.names, &new) {
+            self.pending_fast.extend(new);
             self.learn_at
                 .get_or_insert_with(|| tokio::time::Instant::now() + LEARN_SETTLE);
             return;
         }
+        self.learn_settle(datapath);
+    }
+
+    /// The full path after learning: the compiler gets the names, the maps the compile, the
+    /// state file the names.
+    fn learn_settle(&mut self, datapath: &mut Datapath) {
+        self.learn_at = None;
+        self.pending_fast.clear();
+        self.compiler
+            .set_learned_names(Arc::new(self.names.learned()));
         self.reconcile(datapath);
         self.save_names();
     }
 
     /// The fast path of [`Control::learn`]: whether every address of `new` is now allowed
     /// as the next compile will allow it, by direct ipcache writes.
-    fn learn_fast(&self, new: &[IpAddr]) -> bool {
+    fn learn_fast(&self, names: &[String], new: &[IpAddr]) -> bool {
         let Some(compiled) = &self.last_compiled else {
             return false;
         };
@@ -931,29 +939,37 @@ impl Control {
                 _ => None,
             })
             .collect();
+        // The selectors the answer's names satisfy. An address the last compile did not see
+        // has no other names that matter: those it had then matched no selector (it would be
+        // in the ipcache), and one learned since through this path is sent to the full path.
+        let matched: BTreeSet<&crate::policy::fqdn::FqdnMatch> = selectors
+            .iter()
+            .copied()
+            .filter(|m| names.iter().any(|n| m.matches(n)))
+            .collect();
+        if matched.is_empty() {
+            // No toFQDNs selector takes them: nothing to allow.
+            return true;
+        }
+        let id = compiled
+            .fqdn_identities
+            .iter()
+            .find(|(_, set)| set.len() == matched.len() && set.iter().all(|m| matched.contains(m)))
+            .map(|(id, _)| *id);
         let mut writes = Vec::new();
         for &ip in new {
-            let names: Vec<&str> = self.names.names_of(ip).collect();
-            let matched: BTreeSet<&crate::policy::fqdn::FqdnMatch> = selectors
-                .iter()
-                .copied()
-                .filter(|m| names.iter().any(|n| m.matches(n)))
-                .collect();
-            if matched.is_empty() {
-                // No toFQDNs selector takes it: nothing to allow.
-                continue;
-            }
             let net = ipnet::IpNet::from(ip);
-            let id = compiled
-                .fqdn_identities
-                .iter()
-                .find(|(_, set)| {
-                    set.len() == matched.len() && set.iter().all(|m| matched.contains(m))
-                })
-                .map(|(id, _)| *id);
+            if self.pending_fast.contains(&ip) {
+                return false;
+            }
             match (id, compiled.ipcache.get(&net)) {
                 (Some(id), None) => writes.push((net, id)),
-                (Some(id), Some(have)) if *have == id => {}
+                // Already allowed for at least these selectors.
+                (_, Some(have))
+                    if compiled
+                        .fqdn_identities
+                        .get(have)
+                        .is_some_and(|set| matched.iter().all(|m| set.contains(*m))) => {}
                 // A new set of selectors, or a pod's or node's address: the full path.
                 _ => return false,
             }

@@ -178,14 +178,6 @@ impl NameCache {
         Ok(cache)
     }
 
-    /// The names `ip` was learned for.
-    pub fn names_of(&self, ip: IpAddr) -> impl Iterator<Item = &str> {
-        self.names
-            .iter()
-            .filter(move |(_, a)| a.contains_key(&ip))
-            .map(|(n, _)| n.as_str())
-    }
-
     /// The addresses of one name.
     #[must_use]
     pub fn addresses(&self, name: &str) -> Vec<IpAddr> {
