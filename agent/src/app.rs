@@ -1744,6 +1744,8 @@ struct LearnRequest {
 /// through the control loop.
 struct AgentDns {
     shared: Arc<Shared>,
+    /// Where pods reach the proxy (the destination of a refused query's flow).
+    proxy: SocketAddr,
     tx: tokio::sync::mpsc::Sender<LearnRequest>,
 }
 
@@ -1801,6 +1803,16 @@ impl crate::dns::proxy::DnsPolicy for AgentDns {
         self.shared
             .metrics
             .dns_query(if ok { "forwarded" } else { "servfail" });
+    }
+
+    fn replied(&self, record: &crate::dns::proxy::QueryRecord) {
+        if !record.refused {
+            self.shared
+                .metrics
+                .dns_proxy_seconds(record.elapsed.as_secs_f64());
+        }
+        let flow = crate::flows::from_dns(record, self.proxy, &self.shared.index());
+        self.shared.record(Arc::new(flow));
     }
 }
 
@@ -1911,6 +1923,7 @@ fn start_dns_proxy(
     };
     let policy = Arc::new(AgentDns {
         shared: shared.clone(),
+        proxy: addr,
         tx,
     });
     tokio::spawn(async move {

@@ -365,6 +365,47 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     assert_eq!(refused["rcode"], 5, "{refused}");
     assert_eq!(refused["addrs"], json!([]), "{refused}");
 
+    // DNS flows: the query, its type, rcode and answers; a refused query is a DROPPED flow.
+    let dns = lab
+        .observe(
+            &node.name,
+            &[
+                "--protocol",
+                "dns",
+                "--to-fqdn",
+                "api.example.test",
+                "--last",
+                "10",
+            ],
+        )
+        .expect("observe --protocol dns");
+    let api_flow = dns
+        .iter()
+        .find(|f| f["l7"]["dns"]["ips"] == json!([API_ADDR]))
+        .unwrap_or_else(|| panic!("a DNS flow for api.example.test: {dns:?}"));
+    assert_eq!(api_flow["verdict"], "FORWARDED", "{api_flow}");
+    assert_eq!(
+        api_flow["l7"]["dns"]["query"], "api.example.test.",
+        "{api_flow}"
+    );
+    assert_eq!(api_flow["l7"]["dns"]["qtypes"], json!(["A"]), "{api_flow}");
+    assert_eq!(api_flow["l7"]["dns"]["rcode"], 0, "{api_flow}");
+    assert_eq!(api_flow["source"]["pod_name"], "web-0", "{api_flow}");
+    let dropped = lab
+        .observe(
+            &node.name,
+            &["--protocol", "dns", "--verdict", "DROPPED", "--last", "10"],
+        )
+        .expect("observe --protocol dns --verdict DROPPED");
+    assert!(
+        dropped
+            .iter()
+            .any(|f| f["l7"]["dns"]["query"] == "forbidden.test."
+                && f["l7"]["dns"]["rcode"] == 5
+                && f["drop_reason_desc"] == "DNS_QUERY_REFUSED"),
+        "a DROPPED flow naming the refused query: {dropped:?}"
+    );
+
     // The first connection right after resolution, each name new with a new address.
     let t = Instant::now();
     let names: Vec<String> = (0..MANY)
@@ -399,7 +440,18 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
 
     // The agent down: DNS goes straight to kube-dns, and what was learned stays allowed.
     lab.kill_agent(&node.name).expect("kill");
-    let down = one(&lab, "api.example.test", true);
+    // A stub resolver retries a query that got no answer; the first one after the kill has
+    // been seen to go unanswered now and then (see DEVELOPERS.md, DNS): up to 3 tries.
+    let mut down = Value::Null;
+    let mut tries = 0;
+    while tries < 3 {
+        tries += 1;
+        down = one(&lab, "api.example.test", true);
+        if down["rcode"] == 0 {
+            break;
+        }
+    }
+    eprintln!("DNS with the agent down answered at try {tries}");
     assert_eq!(down["rcode"], 0, "DNS while the agent is down: {down}");
     assert_eq!(down["from"], json!(format!("{KUBE_DNS}:53")), "{down}");
     assert_eq!(down["connected"], true, "{down}");

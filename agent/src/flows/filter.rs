@@ -37,7 +37,7 @@ impl PodMatch {
 }
 
 /// The protocols `--protocol` accepts.
-pub const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6"];
+pub const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6", "DNS"];
 /// The verdicts `--verdict` accepts.
 pub const VERDICTS: &[&str] = &["FORWARDED", "DROPPED"];
 
@@ -215,10 +215,10 @@ impl FlowFilter {
             && self.port.is_none_or(|p| {
                 ports.is_some_and(|ports| ports.source_port == p || ports.destination_port == p)
             })
-            && self
-                .protocol
-                .as_ref()
-                .is_none_or(|p| p == flow.protocol_name())
+            && self.protocol.as_ref().is_none_or(|p| {
+                // `DNS`: the DNS proxy's flows (which are UDP too).
+                p == flow.protocol_name() || (p == "DNS" && flow.l7.is_some())
+            })
             && self
                 .identity
                 .is_none_or(|id| flow.source.identity == id || flow.destination.identity == id)
@@ -287,6 +287,7 @@ mod tests {
             kind: "L3_L4".into(),
             policy: None,
             destination_names: Vec::new(),
+            l7: None,
             destination_service: None,
             summary: "".into(),
         }

@@ -83,6 +83,7 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
         policy,
         destination_names,
         destination_service,
+        l7,
         summary,
     } = flow;
     out.extend_from_slice(b"{\"time\":");
@@ -130,6 +131,11 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
         out.extend_from_slice(b",\"namespace\":");
         string(out, &svc.namespace);
         out.push(b'}');
+    }
+    if let Some(l7) = l7 {
+        // Rare (DNS queries): serde's own writer.
+        out.extend_from_slice(b",\"l7\":");
+        let _ = serde_json::to_writer(&mut *out, l7);
     }
     out.extend_from_slice(b",\"Summary\":");
     string(out, summary);
@@ -463,6 +469,19 @@ mod tests {
                     Arc::new(super::super::ServiceName {
                         name: tricky.to_owned(),
                         namespace: "shop".into(),
+                    })
+                }),
+                l7: full.then(|| {
+                    Box::new(super::super::L7 {
+                        kind: "RESPONSE".into(),
+                        latency_us: 412,
+                        dns: super::super::Dns {
+                            query: tricky.to_owned(),
+                            qtypes: vec!["A".into()],
+                            rcode: 0,
+                            ips: vec!["198.18.0.10".parse().unwrap()],
+                            cnames: vec![tricky.to_owned()],
+                        },
                     })
                 }),
                 summary: tricky.to_owned().into(),
