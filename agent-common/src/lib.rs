@@ -293,6 +293,9 @@ pub const CT_F_TUNNELED: u8 = 1 << 1;
 /// `CtValue::flags`: the entry is stored under the reverse of the tuple that created it (see
 /// [`CtKey`]); [`CtKey::original`] turns a stored key back.
 pub const CT_F_STORED_REVERSED: u8 = 1 << 2;
+/// `CtValue::flags`: a TCP FIN or RST was seen: the connection is closing, so it no longer
+/// keeps a DNS-learned address allowed (a new SYN on the tuple makes a fresh entry).
+pub const CT_F_CLOSING: u8 = 1 << 3;
 
 /// `NW_ENDPOINTS` value, keyed by the `u32` ifindex of the pod's host-side interface.
 #[repr(C)]
@@ -451,7 +454,11 @@ pub struct CtValue {
     pub _pad: u8,
     pub src_identity: u32,
     pub dst_identity: u32,
-    pub _pad2: u32,
+    /// When a packet of the flow was last seen, in whole seconds of the monotonic clock
+    /// (`bpf_ktime_get_ns() / 1e9`, `CLOCK_MONOTONIC` in user space); written at most once a
+    /// second per flow. 0 in entries made before the field existed. The agent reads it to keep
+    /// the DNS-learned address of a live connection allowed after its TTL.
+    pub last_seen_s: u32,
 }
 
 /// `NW_FRAGMENTS` key: IPv4 fragments are matched to their first fragment by this.

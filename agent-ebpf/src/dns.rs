@@ -4,7 +4,9 @@
 //! `NW_DNS_SOCKET` holds the proxy's UDP socket, never pinned: the kernel drops the entry when
 //! the socket closes (the agent stops or dies), and from then on DNS goes straight to a
 //! kube-dns backend again, so a restart loses no query. `NW_DNS_PROXY` holds the address the
-//! pods reach the proxy at (the agent writes both).
+//! pods reach the proxy at (slot 0) and the resolver the proxy forwards to (slot 1); the agent
+//! writes them. Policy judges a pod's datagram to the proxy as going to that resolver
+//! ([`policy_target`]), so a rule allowing DNS to kube-dns covers steered DNS too.
 
 use agent_common::{Backend, RevNatKey, ServiceKey};
 use aya_ebpf::{
@@ -17,7 +19,11 @@ use aya_ebpf::{
 static NW_DNS_SOCKET: SockMap = SockMap::with_max_entries(1, 0);
 
 #[map]
-static NW_DNS_PROXY: Array<Backend> = Array::with_max_entries(1, 0);
+static NW_DNS_PROXY: Array<Backend> = Array::with_max_entries(2, 0);
+
+/// `NW_DNS_PROXY` slots.
+const SLOT_PROXY: u32 = 0;
+const SLOT_UPSTREAM: u32 = 1;
 
 const IPPROTO_UDP: u8 = 17;
 const DNS_PORT_BE: u16 = 53u16.to_be();
@@ -29,7 +35,7 @@ pub fn steer(key: &ServiceKey) -> Option<Backend> {
     if key.protocol != IPPROTO_UDP || key.port_be != DNS_PORT_BE {
         return None;
     }
-    let proxy = *NW_DNS_PROXY.get(0)?;
+    let proxy = *NW_DNS_PROXY.get(SLOT_PROXY)?;
     if proxy.port_be == 0 {
         return None;
     }
@@ -57,4 +63,23 @@ pub fn revnat(cookie: u64, proxy: Backend) -> RevNatKey {
         backend: proxy,
         _pad: [0; 4],
     }
+}
+
+/// Where policy should see a pod's UDP datagram to `peer`:`dport_be` going: the resolver the
+/// proxy forwards to when `peer` is the DNS proxy (and the agent has named a resolver), else
+/// `None` (the destination itself).
+#[inline(always)]
+pub fn policy_target(protocol: u8, peer: &[u8; 16], dport_be: u16) -> Option<&'static Backend> {
+    if protocol != IPPROTO_UDP {
+        return None;
+    }
+    let proxy = NW_DNS_PROXY.get(SLOT_PROXY)?;
+    if proxy.port_be == 0 || proxy.port_be != dport_be || !crate::addr_eq(&proxy.addr, peer) {
+        return None;
+    }
+    let upstream = NW_DNS_PROXY.get(SLOT_UPSTREAM)?;
+    if upstream.port_be == 0 {
+        return None;
+    }
+    Some(upstream)
 }

@@ -23,12 +23,12 @@ mod service;
 use agent_common::{
     CONFIG_EVENTS_ALL_FLOWS, COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS,
     COUNTER_PACKETS, COUNTER_PASSED, COUNTER_POLICY_REEVALUATED, COUNTER_REDIRECTED, COUNTERS_LEN,
-    CT_F_REDIRECT, CT_F_STORED_REVERSED, CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS,
-    DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT, EVENTS_RING_BYTES,
-    EndpointInfo, FlowEvent, FragKey, FragValue, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue,
-    MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS,
-    MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason,
-    mesh, opposite, tcp_flags,
+    CT_F_CLOSING, CT_F_REDIRECT, CT_F_STORED_REVERSED, CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS,
+    DIR_INGRESS, DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT,
+    EVENTS_RING_BYTES, EndpointInfo, FlowEvent, FragKey, FragValue, IDENTITY_HOST, IPCACHE_MESHED,
+    IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES,
+    MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, VERDICT_DROPPED,
+    VERDICT_FORWARDED, drop_reason, mesh, opposite, tcp_flags,
 };
 use aya_ebpf::{
     bindings::{
@@ -250,6 +250,7 @@ fn conntrack_verdict(
             &decision,
             generation,
             ct_flags | stored_flags,
+            now_s(),
         );
         match remembered {
             // The tuple's old entry is overwritten in place: cheaper than an LRU update,
@@ -265,6 +266,7 @@ fn conntrack_verdict(
     // SAFETY: a map value pointer from a successful lookup, valid for this program run.
     let stored = unsafe { *hit };
     let is_reply = policy::ct_is_reply(&stored, reversed);
+    let closing = touch(hit, ev.protocol, ev.tcp_flags);
 
     // Replies of a tunnel delivery go back to the agent; the packets of a redirected flow go on
     // to it.
@@ -297,12 +299,19 @@ fn conntrack_verdict(
     let _ = mesh_decision(ep, original_direction, ev.protocol, &mut decision);
     // The entry stays where it is stored; a denied flow loses the tunnel's redirect.
     let kept = if decision.verdict == VERDICT_FORWARDED {
-        CT_F_STORED_REVERSED | CT_F_REDIRECT
+        CT_F_STORED_REVERSED | CT_F_REDIRECT | CT_F_CLOSING
     } else {
-        CT_F_STORED_REVERSED
+        CT_F_STORED_REVERSED | CT_F_CLOSING
     };
-    let ct_flags = stored.flags & kept;
-    let value = policy::ct_value(ep, original_direction, &decision, generation, ct_flags);
+    let ct_flags = (stored.flags | closing) & kept;
+    let value = policy::ct_value(
+        ep,
+        original_direction,
+        &decision,
+        generation,
+        ct_flags,
+        now_s(),
+    );
     // SAFETY: as above; a plain store into the map value.
     unsafe { *hit = value };
     count(COUNTER_POLICY_REEVALUATED);
@@ -501,6 +510,42 @@ fn halves(a: &[u8; 16]) -> (u64, u64) {
         u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
         u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
     )
+}
+
+/// Liveness for the agent: records that a packet of the flow stored at `hit` was seen now
+/// (`CtValue::last_seen_s`, one store a second per flow at most), and marks the flow closing
+/// on a TCP FIN or RST. Returns `CT_F_CLOSING` when this packet closes it, else 0. A separate
+/// BPF function (see [`frame`]).
+#[inline(never)]
+fn touch(hit: *mut CtValue, protocol: u8, flags: u8) -> u8 {
+    let closing =
+        if protocol == parse::IPPROTO_TCP && flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+            CT_F_CLOSING
+        } else {
+            0
+        };
+    let now = now_s();
+    // SAFETY: a map value pointer from a successful lookup, valid for this program run; plain
+    // loads and stores.
+    unsafe {
+        let old = (*hit).flags;
+        if (*hit).last_seen_s != now || old & closing != closing {
+            (*hit).last_seen_s = now;
+            (*hit).flags = old | closing;
+        }
+    }
+    closing
+}
+
+/// Whole seconds of the monotonic clock (`CtValue::last_seen_s`).
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: a helper without preconditions.
+    let ns = unsafe { bpf_ktime_get_ns() };
+    // Truncation wraps after 136 years of uptime.
+    #[allow(clippy::cast_possible_truncation)]
+    let s = (ns / 1_000_000_000) as u32;
+    s
 }
 
 #[inline(always)]

@@ -84,11 +84,19 @@ fn decide(ep: &EndpointInfo, key: &CtKey, reversed: bool, out: &mut Decision) {
         (key.direction, key.dport_be)
     };
     // The original's destination is the stored source when stored reversed.
-    let peer = if (direction == DIR_EGRESS) != reversed {
+    let mut peer = if (direction == DIR_EGRESS) != reversed {
         &key.daddr
     } else {
         &key.saddr
     };
+    // A pod's DNS steered to the agent's proxy is judged as going where the proxy sends it.
+    let mut dport_be = dport_be;
+    if direction == DIR_EGRESS
+        && let Some(upstream) = crate::dns::policy_target(key.protocol, peer, dport_be)
+    {
+        peer = &upstream.addr;
+        dport_be = upstream.port_be;
+    }
     let (peer_identity, peer_flags) = self::peer(peer);
     // Plain values rather than `Option`s: LLVM may spill the undefined payload of a `None`,
     // which the verifier rejects as a read of an uninitialised register.
@@ -201,6 +209,7 @@ pub fn ct_value(
     decision: &Decision,
     generation: u32,
     flags: u8,
+    now_s: u32,
 ) -> CtValue {
     let (src_identity, dst_identity) = if direction == DIR_EGRESS {
         (ep.identity, decision.peer_identity)
@@ -216,6 +225,6 @@ pub fn ct_value(
         _pad: 0,
         src_identity,
         dst_identity,
-        _pad2: 0,
+        last_seen_s: now_s,
     }
 }

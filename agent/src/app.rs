@@ -504,6 +504,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         names_path,
         last_view: None,
         addresses: HashMap::new(),
+        dns_proxied: config.dns_proxy.is_some(),
+        last_compiled: None,
+        learn_at: None,
+        pending_fast: BTreeSet::new(),
+        dns_upstream: None,
+        live_peers: None,
     };
     control
         .compiler
@@ -533,14 +539,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 Some(req) = dns_rx.recv() => {
                     // The answer waits for this: the maps hold its addresses before the pod
                     // sees it, so its first connection is never dropped.
-                    if control.learn(&req.answer) {
-                        control.reconcile(&mut datapath);
-                    }
+                    control.learn(&req.answer, &mut datapath);
                     let _ = req.done.send(());
                 }
+                () = tokio::time::sleep_until(control.learn_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if control.learn_at.is_some() => control.learn_settle(&mut datapath),
                 _ = expiry.tick() => {
-                    if control.names.expire(std::time::Instant::now(), |_| false) {
-                        control.names_changed();
+                    if control.expire_names(&datapath) {
                         control.reconcile(&mut datapath);
                     }
                 }
@@ -930,6 +935,19 @@ struct Control {
     )>,
     /// The flows' pod by address, as of the last compilation (patched with its pod changes).
     addresses: HashMap<IpAddr, AddressInfo>,
+    /// `--dns-proxy-addr` is set: the datapath is told the proxy's upstream.
+    dns_proxied: bool,
+    /// The last compiled state the maps hold (for the DNS fast path).
+    last_compiled: Option<Arc<policy::CompiledState>>,
+    /// When the reconcile that the DNS fast path put off is due.
+    learn_at: Option<tokio::time::Instant>,
+    /// Addresses the fast path wrote since the last compile.
+    pending_fast: BTreeSet<IpAddr>,
+    /// The upstream last written to the datapath (`Some(None)`: none known).
+    dns_upstream: Option<Option<SocketAddr>>,
+    /// When conntrack was last read for live connections, and the learned addresses they
+    /// were to (see [`Control::expire_names`]).
+    live_peers: Option<(std::time::Instant, std::collections::BTreeSet<IpAddr>)>,
 }
 
 /// Flows' lookup from a backend to the one Service it serves (one name per Service, shared).
@@ -979,25 +997,111 @@ impl ServiceInputs {
 }
 
 impl Control {
-    /// Records an answer's addresses; whether anything new must reach the maps.
-    fn learn(&mut self, answer: &crate::dns::Answer) -> bool {
+    /// Records an answer's addresses and makes the kernel allow them; the answer may be
+    /// released when this returns. A new address whose FQDN identity the maps already have
+    /// (another address of the same selectors was learned before) is written straight into
+    /// the ipcache, and the full reconcile (and the save) is left to `learn_at`, shortly after;
+    /// otherwise the reconcile runs now.
+    fn learn(&mut self, answer: &crate::dns::Answer, datapath: &mut Datapath) {
         let now = std::time::Instant::now();
-        let mut new = false;
+        let mut new = Vec::new();
         for name in &answer.names {
             for &(ip, ttl) in &answer.addresses {
-                new |= self.names.learn(name, ip, ttl, now);
+                if self.names.learn(name, ip, ttl, now) {
+                    new.push(ip);
+                }
             }
         }
-        if new {
-            self.names_changed();
+        if new.is_empty() {
+            return;
         }
-        new
+        if self.learn_fast(&answer.names, &new) {
+            self.pending_fast.extend(new);
+            self.learn_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + LEARN_SETTLE);
+            return;
+        }
+        self.learn_settle(datapath);
     }
 
-    /// Hands the learned names to the compiler and saves them for the next agent.
-    fn names_changed(&mut self) {
+    /// The full path after learning: the compiler gets the names, the maps the compile, the
+    /// state file the names.
+    fn learn_settle(&mut self, datapath: &mut Datapath) {
+        self.learn_at = None;
+        self.pending_fast.clear();
         self.compiler
             .set_learned_names(Arc::new(self.names.learned()));
+        self.reconcile(datapath);
+        self.save_names();
+    }
+
+    /// The fast path of [`Control::learn`]: whether every address of `new` is now allowed
+    /// as the next compile will allow it, by direct ipcache writes.
+    fn learn_fast(&self, names: &[String], new: &[IpAddr]) -> bool {
+        let Some(compiled) = &self.last_compiled else {
+            return false;
+        };
+        let selectors: BTreeSet<&crate::policy::fqdn::FqdnMatch> = self
+            .last_good
+            .values()
+            .flat_map(|t| &t.model.rules)
+            .flat_map(|r| &r.peers)
+            .filter_map(|p| match p {
+                policy::model::Peer::Fqdn(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        // The selectors the answer's names satisfy. An address the last compile did not see
+        // has no other names that matter: those it had then matched no selector (it would be
+        // in the ipcache), and one learned since through this path is sent to the full path.
+        let matched: BTreeSet<&crate::policy::fqdn::FqdnMatch> = selectors
+            .iter()
+            .copied()
+            .filter(|m| names.iter().any(|n| m.matches(n)))
+            .collect();
+        if matched.is_empty() {
+            // No toFQDNs selector takes them: nothing to allow.
+            return true;
+        }
+        let id = compiled
+            .fqdn_identities
+            .iter()
+            .find(|(_, set)| set.len() == matched.len() && set.iter().all(|m| matched.contains(m)))
+            .map(|(id, _)| *id);
+        let mut writes = Vec::new();
+        for &ip in new {
+            let net = ipnet::IpNet::from(ip);
+            if self.pending_fast.contains(&ip) {
+                return false;
+            }
+            match (id, compiled.ipcache.get(&net)) {
+                (Some(id), None) => writes.push((net, id)),
+                // Already allowed for at least these selectors.
+                (_, Some(have))
+                    if compiled
+                        .fqdn_identities
+                        .get(have)
+                        .is_some_and(|set| matched.iter().all(|m| set.contains(*m))) => {}
+                // A new set of selectors, or a pod's or node's address: the full path.
+                _ => return false,
+            }
+        }
+        let mut syncer = self
+            .syncer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (net, identity) in writes {
+            let value = agent_common::IpcacheValue { identity, flags: 0 };
+            if let Err(e) = syncer.put_ipcache_entry(net, value) {
+                tracing::warn!(error = %e, "writing a learned address to the ipcache failed");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Saves the learned names for the next agent.
+    fn save_names(&self) {
         if let Err(e) = self.names.save(
             &self.names_path,
             std::time::Instant::now(),
@@ -1005,6 +1109,73 @@ impl Control {
         ) {
             tracing::warn!(path = %self.names_path.display(), error = %e, "saving the DNS names failed");
         }
+    }
+
+    /// Drops the learned addresses whose TTL ran out, except those a selected pod still has a
+    /// live connection to (conntrack, see [`live_peers`]); whether anything was dropped.
+    /// Conntrack is read only when an address has expired, and at most every
+    /// [`LIVE_RECHECK`] while the expired ones are all held by live connections.
+    fn expire_names(&mut self, datapath: &Datapath) -> bool {
+        let now = std::time::Instant::now();
+        let expired = self.names.expired(now);
+        if expired.is_empty() {
+            return false;
+        }
+        let recent = self.live_peers.as_ref().is_some_and(|(at, live)| {
+            now.duration_since(*at) < LIVE_RECHECK && expired.is_subset(live)
+        });
+        if !recent {
+            let proxied = self
+                .shared
+                .dns_allow
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let live = match datapath.maps().conntrack() {
+                Ok(flows) => live_peers(&flows, |ip| proxied.contains_key(&ip), monotonic_s()),
+                Err(e) => {
+                    // Without conntrack, keep what expired rather than cut connections.
+                    tracing::warn!(error = %e, "reading conntrack for live connections failed");
+                    expired.clone()
+                }
+            };
+            self.live_peers = Some((now, live));
+        }
+        let live = self.live_peers.as_ref().map(|(_, l)| l);
+        let dropped = self
+            .names
+            .expire(now, |ip| live.is_some_and(|l| l.contains(&ip)));
+        if dropped {
+            tracing::debug!(
+                expired = expired.len(),
+                held = live.map_or(0, |l| expired.intersection(l).count()),
+                "DNS-learned addresses expired; those held by a live connection stay"
+            );
+            self.names_changed();
+        }
+        dropped
+    }
+
+    /// Tells the datapath which resolver the DNS proxy forwards to (when it changed).
+    fn sync_dns_upstream(&mut self, datapath: &mut Datapath) {
+        if !self.dns_proxied {
+            return;
+        }
+        let upstream = dns_upstream(&self.shared);
+        if self.dns_upstream == Some(upstream) {
+            return;
+        }
+        match datapath.set_dns_upstream(upstream) {
+            Ok(()) => self.dns_upstream = Some(upstream),
+            Err(e) => self.report(format!("naming the DNS upstream: {}", error_chain(&e))),
+        }
+    }
+
+    /// Hands the learned names to the compiler and saves them for the next agent.
+    fn names_changed(&mut self) {
+        self.compiler
+            .set_learned_names(Arc::new(self.names.learned()));
+        self.save_names();
     }
 
     /// The proxied pods' DNS allow lists, for the DNS proxy.
@@ -1234,6 +1405,8 @@ impl Control {
         }
         phases.end("attach");
         let services = self.sync_services(&inv);
+        self.sync_dns_upstream(datapath);
+        self.last_compiled = result.is_ok().then(|| compiled.clone());
         phases.end("services");
         // The tunnel's view of this state; it answers from it once the kernel enforces it.
         // Built after the maps are written: nothing in the kernel waits for it.
@@ -1698,6 +1871,8 @@ struct LearnRequest {
 /// through the control loop.
 struct AgentDns {
     shared: Arc<Shared>,
+    /// Where pods reach the proxy (the destination of a refused query's flow).
+    proxy: SocketAddr,
     tx: tokio::sync::mpsc::Sender<LearnRequest>,
 }
 
@@ -1748,8 +1923,31 @@ impl crate::dns::proxy::DnsPolicy for AgentDns {
     }
 
     fn upstream(&self) -> Option<SocketAddr> {
-        let table = self
-            .shared
+        dns_upstream(&self.shared)
+    }
+
+    fn answered(&self, ok: bool) {
+        self.shared
+            .metrics
+            .dns_query(if ok { "forwarded" } else { "servfail" });
+    }
+
+    fn replied(&self, record: &crate::dns::proxy::QueryRecord) {
+        if !record.refused {
+            self.shared
+                .metrics
+                .dns_proxy_seconds(record.elapsed.as_secs_f64());
+        }
+        let flow = crate::flows::from_dns(record, self.proxy, &self.shared.index());
+        self.shared.record(Arc::new(flow));
+    }
+}
+
+/// The resolver the DNS proxy forwards to: a backend of kube-system/kube-dns, else of any other
+/// Service's UDP port 53.
+fn dns_upstream(shared: &Shared) -> Option<SocketAddr> {
+    {
+        let table = shared
             .services
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1773,12 +1971,58 @@ impl crate::dns::proxy::DnsPolicy for AgentDns {
             .find_map(|p| p.backends().first().copied())
             .map(|(ip, port)| SocketAddr::new(ip, port))
     }
+}
 
-    fn answered(&self, ok: bool) {
-        self.shared
-            .metrics
-            .dns_query(if ok { "forwarded" } else { "servfail" });
-    }
+/// How long after a fast-path learn the full reconcile (and the save) runs: answers that
+/// come in a burst share one.
+const LEARN_SETTLE: Duration = Duration::from_millis(20);
+
+/// How often conntrack is read again while expired learned addresses are all held by live
+/// connections.
+const LIVE_RECHECK: Duration = Duration::from_secs(5);
+/// A TCP flow with no packet for this long no longer holds its address (Cilium's TCP
+/// lifetime); other protocols, [`LIVE_IDLE_OTHER`].
+const LIVE_IDLE_TCP: u32 = 6 * 3600;
+const LIVE_IDLE_OTHER: u32 = 60;
+
+/// The peers of live, allowed connections that a pod `selected(source)` opened: the addresses
+/// that stay allowed after their DNS TTL. A flow is live until it closes (FIN or RST seen) or
+/// goes idle ([`LIVE_IDLE_TCP`], [`LIVE_IDLE_OTHER`]); `now_s` is the monotonic clock in seconds
+/// (`CtValue::last_seen_s`).
+fn live_peers(
+    flows: &[(agent_common::CtKey, agent_common::CtValue)],
+    selected: impl Fn(IpAddr) -> bool,
+    now_s: u32,
+) -> std::collections::BTreeSet<IpAddr> {
+    let ip = |a: [u8; 16]| std::net::Ipv6Addr::from(a).to_canonical();
+    flows
+        .iter()
+        .filter(|(key, value)| {
+            let idle = if key.protocol == 6 {
+                LIVE_IDLE_TCP
+            } else {
+                LIVE_IDLE_OTHER
+            };
+            key.direction == agent_common::DIR_EGRESS
+                && value.verdict == agent_common::VERDICT_FORWARDED
+                && value.flags & agent_common::CT_F_CLOSING == 0
+                && value.last_seen_s != 0
+                && now_s.saturating_sub(value.last_seen_s) <= idle
+                && selected(ip(key.saddr))
+        })
+        .map(|(key, _)| ip(key.daddr))
+        .collect()
+}
+
+/// The monotonic clock in whole seconds, as the datapath's `bpf_ktime_get_ns() / 1e9`.
+fn monotonic_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u32::try_from(ts.tv_sec).unwrap_or(u32::MAX)
 }
 
 /// Binds the DNS proxy at `addr`, hands its socket to the datapath (pods' DNS to a Service on
@@ -1806,6 +2050,7 @@ fn start_dns_proxy(
     };
     let policy = Arc::new(AgentDns {
         shared: shared.clone(),
+        proxy: addr,
         tx,
     });
     tokio::spawn(async move {
@@ -1815,4 +2060,80 @@ fn start_dns_proxy(
     });
     tracing::info!(addr = %addr, "DNS proxy listening; pods' DNS is steered to it");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{CT_F_CLOSING, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, VERDICT_DROPPED};
+
+    use super::*;
+
+    fn flow(src: [u8; 4], dst: [u8; 4], protocol: u8, direction: u8) -> CtKey {
+        CtKey {
+            saddr: std::net::Ipv4Addr::from(src).to_ipv6_mapped().octets(),
+            daddr: std::net::Ipv4Addr::from(dst).to_ipv6_mapped().octets(),
+            sport_be: 40000u16.to_be(),
+            dport_be: 443u16.to_be(),
+            protocol,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+
+    fn seen(at: u32, verdict: u8, flags: u8) -> CtValue {
+        CtValue {
+            verdict,
+            flags,
+            last_seen_s: at,
+            ..CtValue::default()
+        }
+    }
+
+    #[test]
+    fn only_open_recent_allowed_connections_of_selected_pods_hold_an_address() {
+        let pod = [10, 0, 0, 5];
+        let other_pod = [10, 0, 0, 6];
+        let fwd = agent_common::VERDICT_FORWARDED;
+        let now = 100_000;
+        let flows = [
+            // Held: an open TCP connection idle for an hour, a UDP flow seen 10 s ago.
+            (
+                flow(pod, [198, 18, 0, 1], 6, DIR_EGRESS),
+                seen(now - 3600, fwd, 0),
+            ),
+            (
+                flow(pod, [198, 18, 0, 2], 17, DIR_EGRESS),
+                seen(now - 10, fwd, 0),
+            ),
+            // Not held: closing, denied, UDP idle past its limit, a pod no FQDN rule selects,
+            // an ingress flow, an entry from before the field existed.
+            (
+                flow(pod, [198, 18, 0, 3], 6, DIR_EGRESS),
+                seen(now, fwd, CT_F_CLOSING),
+            ),
+            (
+                flow(pod, [198, 18, 0, 4], 6, DIR_EGRESS),
+                seen(now, VERDICT_DROPPED, 0),
+            ),
+            (
+                flow(pod, [198, 18, 0, 5], 17, DIR_EGRESS),
+                seen(now - 61, fwd, 0),
+            ),
+            (
+                flow(other_pod, [198, 18, 0, 6], 6, DIR_EGRESS),
+                seen(now, fwd, 0),
+            ),
+            (
+                flow(pod, [198, 18, 0, 7], 6, DIR_INGRESS),
+                seen(now, fwd, 0),
+            ),
+            (flow(pod, [198, 18, 0, 8], 6, DIR_EGRESS), seen(0, fwd, 0)),
+        ];
+        let selected = |ip: IpAddr| ip == IpAddr::from(pod);
+        let live: Vec<IpAddr> = live_peers(&flows, selected, now).into_iter().collect();
+        assert_eq!(
+            live,
+            vec![IpAddr::from([198, 18, 0, 1]), IpAddr::from([198, 18, 0, 2])]
+        );
+    }
 }

@@ -412,7 +412,7 @@ struct ObserveArgs {
     /// Either port.
     #[arg(long, action = ArgAction::Append)]
     port: Vec<String>,
-    /// TCP, UDP, SCTP, ICMPv4 or ICMPv6.
+    /// TCP, UDP, SCTP, ICMPv4, ICMPv6, or DNS (the DNS proxy's flows: query, type, rcode, answers).
     #[arg(long, action = ArgAction::Append)]
     protocol: Vec<String>,
     /// Either end's identity.

@@ -150,15 +150,20 @@ pub struct L4 {
     pub protocol: Option<u8>,
 }
 
-/// Hubble's `l7` for an HTTP exchange the source agent proxied.
+/// Hubble's `l7`: an HTTP exchange the source agent proxied, or a DNS query the proxy answered.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L7 {
-    /// `RESPONSE`: the flow is recorded once the response's headers are known.
+    /// `RESPONSE`: recorded once the response's headers (HTTP) or the reply (DNS) are known;
+    /// a refused query is a `RESPONSE` too.
     #[serde(rename = "type")]
     pub kind: Cow<'static, str>,
-    /// Request arrival to response headers.
+    /// Request arrival to response headers (HTTP); query to reply through the proxy (DNS).
+    #[serde(default)]
     pub latency_ns: u64,
-    pub http: Http,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Http>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,7 +250,8 @@ pub struct Flow {
     #[serde(rename = "IP")]
     pub ip: Ip,
     pub l4: L4,
-    /// An HTTP request and its response (Hubble's `l7`), on `Type` `L7` flows.
+    /// An HTTP request and its response, or a DNS query and its answer (Hubble's `l7`), on
+    /// `Type` `L7` flows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7: Option<Box<L7>>,
     /// Shared by every flow of the same end since the last sync (see [`Endpoints`]).
@@ -272,6 +278,23 @@ pub struct Flow {
     pub destination_service: Option<Arc<ServiceName>>,
     #[serde(rename = "Summary", default)]
     pub summary: Cow<'static, str>,
+}
+
+/// A DNS query and its answer, as Hubble's `l7.dns`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dns {
+    /// The name asked for, with the trailing dot.
+    pub query: String,
+    /// The query's type (`A`, `AAAA`, ...).
+    pub qtypes: Vec<String>,
+    /// The response code (0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN, 5 REFUSED).
+    pub rcode: u16,
+    /// The answer's addresses (of the CNAME chain's end).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
+    /// The CNAME chain, the question first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cnames: Vec<String>,
 }
 
 impl Flow {
@@ -751,15 +774,97 @@ pub fn from_http(rec: &crate::http::HttpRecord, index: &EnrichmentIndex) -> Flow
     flow.l7 = Some(Box::new(L7 {
         kind: "RESPONSE".into(),
         latency_ns: u64::try_from(rec.latency.as_nanos()).unwrap_or(u64::MAX),
-        http: Http {
+        http: Some(Http {
             code: rec.code,
             method: rec.method.clone(),
             url: rec.url.clone(),
             protocol: rec.protocol.into(),
             route: rec.route.clone(),
-        },
+        }),
+        dns: None,
     }));
     flow
+}
+
+/// Builds the flow record of a query the DNS proxy replied to (`Type` `L7`, `l7.dns`): from
+/// the pod to the resolver the proxy asked, FORWARDED; a refused query is DROPPED
+/// (`DNS_QUERY_REFUSED`), to the proxy's address. `destination_names` holds the name asked
+/// for, so `--to-fqdn` finds it.
+#[must_use]
+pub fn from_dns(
+    rec: &crate::dns::proxy::QueryRecord,
+    proxy: std::net::SocketAddr,
+    index: &EnrichmentIndex,
+) -> Flow {
+    let src = rec.client;
+    let dst = rec.upstream.unwrap_or(proxy);
+    let name = |n: &str| format!("{}.", n.trim_end_matches('.'));
+    let qtype = rec.question.qtype.to_string();
+    let rcode = match rec.rcode {
+        0 => "NOERROR".to_owned(),
+        2 => "SERVFAIL".to_owned(),
+        3 => "NXDOMAIN".to_owned(),
+        5 => "REFUSED".to_owned(),
+        n => format!("rcode {n}"),
+    };
+    let summary = format!(
+        "DNS {} {qtype} {rcode}{}",
+        name(&rec.question.name),
+        if rec.addresses.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " {}",
+                rec.addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        }
+    );
+    let src_ep = index.endpoint(src.ip(), 0);
+    let dst_ep = index.endpoint(dst.ip(), 0);
+    Flow {
+        time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+        verdict: if rec.refused { "DROPPED" } else { "FORWARDED" }.into(),
+        drop_reason_desc: if rec.refused { "DNS_QUERY_REFUSED" } else { "" }.into(),
+        ip: Ip {
+            source: src.ip(),
+            destination: dst.ip(),
+            ip_version: if src.is_ipv6() { "IPv6" } else { "IPv4" }.into(),
+        },
+        l4: L4 {
+            udp: Some(Ports {
+                source_port: src.port(),
+                destination_port: dst.port(),
+                flags: TcpFlags::default(),
+            }),
+            ..L4::default()
+        },
+        source: Arc::new(src_ep),
+        destination: Arc::new(dst_ep),
+        traffic_direction: "EGRESS".into(),
+        is_reply: false,
+        node_name: index.node_name.clone(),
+        kind: "L7".into(),
+        policy: None,
+        destination_names: vec![name(&rec.question.name)],
+        destination_service: index.services.get(&(dst.ip(), dst.port())).cloned(),
+        l7: Some(Box::new(L7 {
+            kind: "RESPONSE".into(),
+            latency_ns: u64::try_from(rec.elapsed.as_nanos()).unwrap_or(u64::MAX),
+            http: None,
+            dns: Some(Dns {
+                query: name(&rec.question.name),
+                qtypes: vec![qtype],
+                rcode: rec.rcode,
+                ips: rec.addresses.clone(),
+                cnames: rec.names.iter().skip(1).map(|n| name(n)).collect(),
+            }),
+        })),
+        summary: summary.into(),
+    }
 }
 
 /// Counters for every place a flow can be lost before a reader sees it.

@@ -52,6 +52,7 @@ pub struct Metrics {
     tunnel_time_wait: IntCounterVec,
     service_translations: prometheus::IntCounter,
     dns_queries: IntCounterVec,
+    dns_proxy_seconds: HistogramVec,
     service_no_backend: prometheus::IntCounter,
     services: IntGauge,
     service_backends: IntGauge,
@@ -198,6 +199,16 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let dns_proxy_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "dns_proxy_duration_seconds",
+                "Time from a query reaching the DNS proxy to its reply leaving (forwarded queries: the upstream's answer, and writing new addresses into the kernel maps)",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+            ]),
+            &[],
+        )?;
         let service_translations = prometheus::IntCounter::new(
             "service_translations_total",
             "Connects and datagrams to a Service address that the cgroup programs sent to a backend",
@@ -214,6 +225,7 @@ impl Metrics {
         for c in [
             Box::new(service_translations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(dns_queries.clone()),
+            Box::new(dns_proxy_seconds.clone()),
             Box::new(service_no_backend.clone()),
             Box::new(services.clone()),
             Box::new(service_backends.clone()),
@@ -268,6 +280,7 @@ impl Metrics {
             tunnel_time_wait,
             service_translations,
             dns_queries,
+            dns_proxy_seconds,
             service_no_backend,
             services,
             service_backends,
@@ -275,6 +288,12 @@ impl Metrics {
     }
 
     /// One query through the DNS proxy (`forwarded`, `refused`, `servfail`).
+    pub fn dns_proxy_seconds(&self, seconds: f64) {
+        self.dns_proxy_seconds
+            .with_label_values(&[] as &[&str])
+            .observe(seconds);
+    }
+
     pub fn dns_query(&self, result: &str) {
         self.dns_queries.with_label_values(&[result]).inc();
     }

@@ -754,7 +754,8 @@ fn replies_find_their_flow_whichever_way_its_tuple_sorts() {
                     addr_bytes(peer),
                     port_be(80),
                     11,
-                    0
+                    // The peer's FIN marked it closing.
+                    agent_common::CT_F_CLOSING
                 ),
             ],
             "{pod} <-> {peer}: one entry per connection, read back as its first packet"

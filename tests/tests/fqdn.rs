@@ -1,5 +1,6 @@
 //! DNS-aware egress in the lab: a real DNS server (dnsmasq) in a pod behind a
-//! `kube-system/kube-dns` Service, an "external" host outside the pod ranges, and a pod whose
+//! `kube-system/kube-dns` Service (the policy allows DNS to that pod only, not to `host`:
+//! the steered datagram is judged as going to the resolver), an "external" host outside the pod ranges, and a pod whose
 //! egress allows names (`toFQDNs`) and whose DNS may only ask for some (`rules.dns`). The
 //! agent runs with `--dns-proxy-addr` on the node address: the cgroup programs steer the pod's
 //! DNS to it while it runs.
@@ -23,7 +24,11 @@ const API_ADDR: &str = "198.18.0.10";
 const OTHER_ADDR: &str = "198.18.0.20";
 /// `short.example.test`: TTL 1 s (the agent's floor and grace are 1 s in this lab).
 const SHORT_ADDR: &str = "198.18.0.30";
+/// `live.example.test`: TTL 1 s, for a connection that outlives it.
+const LIVE_ADDR: &str = "198.18.0.40";
 const EXTERNAL_PORT: u16 = 8080;
+/// The external host echoes on this port (for a long connection).
+const EXTERNAL_ECHO_PORT: u16 = 8081;
 /// Names `n<i>.many.example.test`, each with its own address, for the first-connection test.
 const MANY: usize = 1000;
 
@@ -64,6 +69,7 @@ impl External {
                     .args(["netns", "exec", &netns])
                     .arg(load_bin())
                     .args(["serve", "--sink", &EXTERNAL_PORT.to_string()])
+                    .args(["--echo", &EXTERNAL_ECHO_PORT.to_string()])
                     .stdout(Stdio::null()),
                 "the external server",
             )
@@ -135,6 +141,7 @@ fn dnsmasq(lab: &Lab, pod: &str) -> Process {
     conf.push_str(&format!("host-record=other.example.test,{OTHER_ADDR}\n"));
     conf.push_str("cname=www.example.test,api.example.test\n");
     conf.push_str(&format!("host-record=short.example.test,{SHORT_ADDR},1\n"));
+    conf.push_str(&format!("host-record=live.example.test,{LIVE_ADDR},1\n"));
     for i in 0..MANY {
         conf.push_str(&format!(
             "host-record=n{i}.many.example.test,{}\n",
@@ -215,10 +222,13 @@ spec:
   - toFQDNs:
     - matchName: api.example.test
     - matchName: short.example.test
+    - matchName: live.example.test
     - matchPattern: "**.many.example.test"
     toPorts:
     - {port: 8080, protocol: TCP}
-  - toEntities: [host, cluster]
+    - {port: 8081, protocol: TCP}
+  - toEndpoints:
+    - matchLabels: {app: api, nodeward.io/namespace: backend}
     toPorts:
     - port: 53
       protocol: UDP
@@ -299,9 +309,24 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     assert_eq!(www["addrs"], json!([API_ADDR]), "{www}");
     assert_eq!(www["connected"], true, "a CNAME to api.example.test: {www}");
 
-    // After the TTL (1 s, floor 1 s, grace 1 s) with no connection, the address is denied.
+    // After the TTL (1 s, floor 1 s, grace 1 s) with no connection, the address is denied;
+    // a connection opened within the TTL and still open keeps its address allowed (checked
+    // by a round trip after 5 s idle), until it closes.
     let short = one(&lab, "short.example.test", false);
     assert_eq!(short["addrs"], json!([SHORT_ADDR]), "{short}");
+    let live = one(&lab, "live.example.test", false);
+    assert_eq!(live["addrs"], json!([LIVE_ADDR]), "{live}");
+    let held = in_pod(lab.pod("frontend/web-0"), load_bin())
+        .args([
+            "probe",
+            "--addr",
+            &format!("{LIVE_ADDR}:{EXTERNAL_ECHO_PORT}"),
+        ])
+        .args(["--hold-secs", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("probe --hold-secs");
     assert_eq!(
         one(&lab, SHORT_ADDR, true)["connected"],
         true,
@@ -310,6 +335,21 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     std::thread::sleep(Duration::from_millis(3500));
     let expired = one(&lab, SHORT_ADDR, true);
     assert_eq!(expired["connected"], false, "after the TTL: {expired}");
+    let held = held.wait_with_output().expect("probe output");
+    let held = String::from_utf8_lossy(&held.stdout).into_owned();
+    assert!(
+        held.contains("\"ok\":true") && held.contains("\"alive\":true"),
+        "a connection open across the TTL keeps working: {held}"
+    );
+    let mut after = Value::Null;
+    let released = eventually(Duration::from_secs(10), Duration::from_millis(500), || {
+        after = one(&lab, LIVE_ADDR, true);
+        after["connected"] == false
+    });
+    assert!(
+        released,
+        "once the connection closed, its address is released: {after}"
+    );
 
     // A name the pod may ask for but not reach: answered, connection dropped.
     let other = one(&lab, "other.example.test", true);
@@ -324,6 +364,47 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     let refused = one(&lab, "forbidden.test", false);
     assert_eq!(refused["rcode"], 5, "{refused}");
     assert_eq!(refused["addrs"], json!([]), "{refused}");
+
+    // DNS flows: the query, its type, rcode and answers; a refused query is a DROPPED flow.
+    let dns = lab
+        .observe(
+            &node.name,
+            &[
+                "--protocol",
+                "dns",
+                "--to-fqdn",
+                "api.example.test",
+                "--last",
+                "10",
+            ],
+        )
+        .expect("observe --protocol dns");
+    let api_flow = dns
+        .iter()
+        .find(|f| f["l7"]["dns"]["ips"] == json!([API_ADDR]))
+        .unwrap_or_else(|| panic!("a DNS flow for api.example.test: {dns:?}"));
+    assert_eq!(api_flow["verdict"], "FORWARDED", "{api_flow}");
+    assert_eq!(
+        api_flow["l7"]["dns"]["query"], "api.example.test.",
+        "{api_flow}"
+    );
+    assert_eq!(api_flow["l7"]["dns"]["qtypes"], json!(["A"]), "{api_flow}");
+    assert_eq!(api_flow["l7"]["dns"]["rcode"], 0, "{api_flow}");
+    assert_eq!(api_flow["source"]["pod_name"], "web-0", "{api_flow}");
+    let dropped = lab
+        .observe(
+            &node.name,
+            &["--protocol", "dns", "--verdict", "DROPPED", "--last", "10"],
+        )
+        .expect("observe --protocol dns --verdict DROPPED");
+    assert!(
+        dropped
+            .iter()
+            .any(|f| f["l7"]["dns"]["query"] == "forbidden.test."
+                && f["l7"]["dns"]["rcode"] == 5
+                && f["drop_reason_desc"] == "DNS_QUERY_REFUSED"),
+        "a DROPPED flow naming the refused query: {dropped:?}"
+    );
 
     // The first connection right after resolution, each name new with a new address.
     let t = Instant::now();
@@ -359,7 +440,18 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
 
     // The agent down: DNS goes straight to kube-dns, and what was learned stays allowed.
     lab.kill_agent(&node.name).expect("kill");
-    let down = one(&lab, "api.example.test", true);
+    // A stub resolver retries a query that got no answer; the first one after the kill has
+    // been seen to go unanswered now and then (see DEVELOPERS.md, DNS): up to 3 tries.
+    let mut down = Value::Null;
+    let mut tries = 0;
+    while tries < 3 {
+        tries += 1;
+        down = one(&lab, "api.example.test", true);
+        if down["rcode"] == 0 {
+            break;
+        }
+    }
+    eprintln!("DNS with the agent down answered at try {tries}");
     assert_eq!(down["rcode"], 0, "DNS while the agent is down: {down}");
     assert_eq!(down["from"], json!(format!("{KUBE_DNS}:53")), "{down}");
     assert_eq!(down["connected"], true, "{down}");

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's developer commands.
 
 mod bench;
+mod bench_dns;
 mod bench_flip;
 mod bench_floor;
 mod bench_flows;
@@ -130,6 +131,11 @@ enum BenchCmd {
         #[arg(long, requires = "services")]
         quick: bool,
     },
+    /// DNS through the agent's proxy against straight to the resolver (dnsmasq), side by
+    /// side on a one-node lab: latency p50/p99 for a name seen before and for a new name with
+    /// a new address (learned into the maps before the answer), and the highest query rate
+    /// with no failure. Prints a table; README.md is left alone.
+    Dns,
     /// Flow events: the highest new-connections rate with zero lost flows, and the datapath
     /// cost of `--flow-events all` versus `drops`. Rewrites README's Benchmarks / Flows.
     Flows,
@@ -180,6 +186,12 @@ fn main() -> Result<()> {
             } else {
                 bench::run(ports)
             }
+        }
+        Cmd::Bench {
+            what: BenchCmd::Dns,
+        } => {
+            setup::run()?;
+            bench_dns::run()
         }
         Cmd::Bench {
             what: BenchCmd::Flows,

@@ -429,31 +429,7 @@ impl Datapath {
         addr: std::net::SocketAddr,
         socket: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), DatapathError> {
-        let ip = match addr.ip() {
-            std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
-            std::net::IpAddr::V6(a) => a,
-        };
-        let backend = Backend {
-            addr: ip.octets(),
-            port_be: addr.port().to_be(),
-            _pad: [0; 2],
-        };
-        let name = "NW_DNS_PROXY";
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(MapsError::Missing { map: name })?;
-        let mut proxy =
-            aya::maps::Array::<_, Backend>::try_from(map).map_err(|source| MapsError::Op {
-                map: name,
-                op: "open",
-                source,
-            })?;
-        proxy.set(0, backend, 0).map_err(|source| MapsError::Op {
-            map: name,
-            op: "set the DNS proxy address",
-            source,
-        })?;
+        self.set_dns_slot(0, Some(addr), "set the DNS proxy address")?;
         let name = "NW_DNS_SOCKET";
         let map = self
             .ebpf
@@ -469,6 +445,58 @@ impl Datapath {
             op: "insert the DNS proxy socket",
             source,
         })?;
+        Ok(())
+    }
+
+    /// Names the resolver the DNS proxy forwards to (`None`: none known): policy judges a
+    /// pod's datagram to the proxy as going there, so a rule allowing DNS to kube-dns covers
+    /// steered DNS and `host` need not be allowed.
+    ///
+    /// # Errors
+    /// The map is missing or refuses the entry.
+    pub fn set_dns_upstream(
+        &mut self,
+        upstream: Option<std::net::SocketAddr>,
+    ) -> Result<(), DatapathError> {
+        self.set_dns_slot(1, upstream, "set the DNS upstream")
+    }
+
+    /// Writes slot `slot` of `NW_DNS_PROXY` (0 the proxy, 1 its upstream; port 0 when `None`).
+    fn set_dns_slot(
+        &mut self,
+        slot: u32,
+        addr: Option<std::net::SocketAddr>,
+        op: &'static str,
+    ) -> Result<(), DatapathError> {
+        let backend = addr.map_or_else(Backend::default, |addr| {
+            let ip = match addr.ip() {
+                std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+                std::net::IpAddr::V6(a) => a,
+            };
+            Backend {
+                addr: ip.octets(),
+                port_be: addr.port().to_be(),
+                _pad: [0; 2],
+            }
+        });
+        let name = "NW_DNS_PROXY";
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(MapsError::Missing { map: name })?;
+        let mut proxy =
+            aya::maps::Array::<_, Backend>::try_from(map).map_err(|source| MapsError::Op {
+                map: name,
+                op: "open",
+                source,
+            })?;
+        proxy
+            .set(slot, backend, 0)
+            .map_err(|source| MapsError::Op {
+                map: name,
+                op,
+                source,
+            })?;
         Ok(())
     }
 

@@ -167,6 +167,27 @@ impl<M: MapWriter> Syncer<M> {
         self.generation
     }
 
+    /// Writes one ipcache entry ahead of the next [`Syncer::apply`] (which then finds it in
+    /// place): the DNS proxy's fast path for a learned address whose identity the policy map
+    /// already knows. Returns whether the map changed.
+    ///
+    /// # Errors
+    /// The map refused the entry (full).
+    pub fn put_ipcache_entry(
+        &mut self,
+        prefix: IpNet,
+        value: IpcacheValue,
+    ) -> Result<bool, SyncError> {
+        if self.ipcache.get(&prefix) == Some(&value) {
+            return Ok(false);
+        }
+        self.maps
+            .put_ipcache(prefix, value)
+            .map_err(map_err("ipcache"))?;
+        self.ipcache.insert(prefix, value);
+        Ok(true)
+    }
+
     /// Makes the maps hold exactly `endpoints` (by ifindex), `ipcache` and `policy_cidrs`.
     pub fn apply(
         &mut self,

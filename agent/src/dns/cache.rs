@@ -84,6 +84,15 @@ impl NameCache {
         new
     }
 
+    /// The addresses with an entry expired at `now`.
+    #[must_use]
+    pub fn expired(&self, now: Instant) -> std::collections::BTreeSet<IpAddr> {
+        self.names
+            .values()
+            .flat_map(|a| a.iter().filter(|(_, e)| **e <= now).map(|(ip, _)| *ip))
+            .collect()
+    }
+
     /// Drops the addresses expired at `now` unless `live(address)` (an open connection); returns
     /// whether anything was dropped.
     pub fn expire(&mut self, now: Instant, live: impl Fn(IpAddr) -> bool) -> bool {

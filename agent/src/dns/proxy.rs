@@ -34,6 +34,26 @@ pub trait DnsPolicy: Send + Sync + 'static {
     }
     /// A query forwarded (`true`: answered) or not answered (SERVFAIL sent).
     fn answered(&self, _ok: bool) {}
+    /// A query replied to (forwarded, refused or SERVFAIL), for flows and metrics.
+    fn replied(&self, _record: &QueryRecord) {}
+}
+
+/// One query the proxy replied to.
+#[derive(Clone, Debug)]
+pub struct QueryRecord {
+    pub client: SocketAddr,
+    pub question: super::Question,
+    /// The reply's response code (5 REFUSED or 3 NXDOMAIN for a refused query, 2 SERVFAIL for
+    /// an upstream that did not answer).
+    pub rcode: u16,
+    pub refused: bool,
+    /// The resolver the query went to (`None` when refused).
+    pub upstream: Option<SocketAddr>,
+    /// The answer's CNAME chain (the question first) and addresses.
+    pub names: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+    /// From the query's arrival to the reply leaving.
+    pub elapsed: Duration,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -77,45 +97,78 @@ pub async fn serve_udp<P: DnsPolicy>(
             continue;
         };
         let (socket, policy) = (socket.clone(), policy.clone());
+        let arrived = std::time::Instant::now();
         tokio::spawn(async move {
-            if let Some(reply) = handle(&query, client.ip(), &config, &*policy).await {
+            if let Some((reply, record)) = handle(&query, client, &config, &*policy).await {
                 let _ = socket.send_to(&reply, client).await;
+                let record = QueryRecord {
+                    elapsed: arrived.elapsed(),
+                    ..record
+                };
+                policy.replied(&record);
             }
             drop(permit);
         });
     }
 }
 
-/// One query to its reply (`None`: no reply).
+/// One query to its reply and what happened (`None`: no reply).
 async fn handle<P: DnsPolicy>(
     query: &[u8],
-    src: IpAddr,
+    client: SocketAddr,
     config: &ProxyConfig,
     policy: &P,
-) -> Option<Vec<u8>> {
+) -> Option<(Vec<u8>, QueryRecord)> {
+    let src = client.ip();
+    let record = |question: &super::Question, rcode: u16| QueryRecord {
+        client,
+        question: question.clone(),
+        rcode,
+        refused: false,
+        upstream: None,
+        names: Vec::new(),
+        addresses: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
     let question = match check_query(query, &policy.allow_for(src), config.refuse_with) {
         QueryVerdict::Drop => return None,
         QueryVerdict::Refuse { question, reply } => {
             policy.refused(src, &question);
-            return Some(reply);
+            let rcode = match config.refuse_with {
+                RefuseWith::Refused => 5,
+                RefuseWith::NxDomain => 3,
+            };
+            let rec = QueryRecord {
+                refused: true,
+                ..record(&question, rcode)
+            };
+            return Some((reply, rec));
         }
         QueryVerdict::Forward(q) => q,
     };
     let upstream = policy.upstream().unwrap_or(config.upstream);
-    let answer = match forward(query, question.id, upstream, config.timeout).await {
-        Some(a) => a,
-        None => {
-            policy.answered(false);
-            return super::servfail(query);
-        }
+    let Some(answer) = forward(query, question.id, upstream, config.timeout).await else {
+        policy.answered(false);
+        let rec = QueryRecord {
+            upstream: Some(upstream),
+            ..record(&question, 2)
+        };
+        return super::servfail(query).map(|r| (r, rec));
     };
     policy.answered(true);
-    if let Some(learned) = learn_answer(&answer, &question.name)
-        && !learned.addresses.is_empty()
-    {
-        policy.learn(src, &learned).await;
+    let mut rec = QueryRecord {
+        upstream: Some(upstream),
+        ..record(&question, 0)
+    };
+    if let Some(learned) = learn_answer(&answer, &question.name) {
+        if !learned.addresses.is_empty() {
+            policy.learn(src, &learned).await;
+        }
+        rec.rcode = learned.rcode;
+        rec.addresses = learned.addresses.iter().map(|(ip, _)| *ip).collect();
+        rec.names = learned.names;
     }
-    Some(answer)
+    Some((answer, rec))
 }
 
 /// Sends `query` to the upstream from a fresh socket (a fresh source port per query) and waits

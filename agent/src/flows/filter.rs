@@ -37,7 +37,7 @@ impl PodMatch {
 }
 
 /// The protocols `--protocol` accepts.
-pub const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6"];
+pub const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6", "DNS"];
 /// The verdicts `--verdict` accepts.
 pub const VERDICTS: &[&str] = &["FORWARDED", "DROPPED"];
 
@@ -250,10 +250,11 @@ impl FlowFilter {
             && self.port.is_none_or(|p| {
                 ports.is_some_and(|ports| ports.source_port == p || ports.destination_port == p)
             })
-            && self
-                .protocol
-                .as_ref()
-                .is_none_or(|p| p == flow.protocol_name())
+            && self.protocol.as_ref().is_none_or(|p| {
+                // `DNS`: the DNS proxy's flows (which are UDP too).
+                p == flow.protocol_name()
+                    || (p == "DNS" && flow.l7.as_ref().is_some_and(|l| l.dns.is_some()))
+            })
             && self
                 .identity
                 .is_none_or(|id| flow.source.identity == id || flow.destination.identity == id)
@@ -289,10 +290,9 @@ impl FlowFilter {
         if self.http_method.is_none() && self.http_path.is_none() && self.http_status.is_none() {
             return true;
         }
-        let Some(l7) = &flow.l7 else {
+        let Some(http) = flow.l7.as_ref().and_then(|l| l.http.as_ref()) else {
             return false;
         };
-        let http = &l7.http;
         self.http_method.as_ref().is_none_or(|m| *m == http.method)
             && self.http_status.as_ref().is_none_or(|s| {
                 let code = http.code.to_string();
@@ -368,13 +368,14 @@ mod tests {
         l7.l7 = Some(Box::new(crate::flows::L7 {
             kind: "RESPONSE".into(),
             latency_ns: 1,
-            http: crate::flows::Http {
+            http: Some(crate::flows::Http {
                 code: 503,
                 method: "POST".into(),
                 url: "http://api.shop/admin/users?x=1".into(),
                 protocol: "HTTP/1.1".into(),
                 route: String::new(),
-            },
+            }),
+            dns: None,
         }));
         let check = |f: FlowFilter| -> (bool, bool) {
             let mut f = f;

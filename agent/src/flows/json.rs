@@ -105,7 +105,7 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
     l4(out, layer4);
     if let Some(l7) = layer7 {
         out.extend_from_slice(b",\"l7\":");
-        // Rare (one per proxied request) and small: serde's own output.
+        // Rare (one per proxied request or DNS query) and small: serde's own output.
         let _ = serde_json::to_writer(&mut *out, l7);
     }
     out.extend_from_slice(b",\"source\":");
@@ -448,16 +448,25 @@ mod tests {
                 },
                 l4,
                 l7: full.then(|| {
+                    // HTTP on every other full flow, DNS on the rest.
+                    let http = i % 4 == 0;
                     Box::new(super::super::L7 {
                         kind: "RESPONSE".into(),
                         latency_ns: 1234,
-                        http: super::super::Http {
+                        http: http.then(|| super::super::Http {
                             code: 200,
                             method: "GET".into(),
                             url: tricky.to_owned(),
                             protocol: "HTTP/1.1".into(),
                             route: String::new(),
-                        },
+                        }),
+                        dns: (!http).then(|| super::super::Dns {
+                            query: tricky.to_owned(),
+                            qtypes: vec!["A".into()],
+                            rcode: 0,
+                            ips: vec!["198.18.0.10".parse().unwrap()],
+                            cnames: vec![tricky.to_owned()],
+                        }),
                     })
                 }),
                 source: endpoint(full).into(),
