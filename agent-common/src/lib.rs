@@ -126,6 +126,8 @@ pub const MAX_SERVICE_BACKENDS: u32 = 131_072;
 pub const MAX_SERVICE_REVNAT: u32 = 65_536;
 /// Clients' backends under `sessionAffinity: ClientIP`.
 pub const MAX_SERVICE_AFFINITY: u32 = 65_536;
+/// Translated TCP connections, by 5-tuple, with the frontend they dialled (for flows).
+pub const MAX_SERVICE_CONNS: u32 = 65_536;
 
 /// Map names, as pinned in bpffs; the agent opens them by these names.
 pub mod map_names {
@@ -143,6 +145,7 @@ pub mod map_names {
     pub const SERVICE_BACKENDS: &str = "NW_SVC_BACKENDS";
     pub const SERVICE_REVNAT: &str = "NW_SVC_REVNAT";
     pub const SERVICE_AFFINITY: &str = "NW_SVC_AFFINITY";
+    pub const SERVICE_CONNS: &str = "NW_SVC_CONNS";
 }
 
 /// Program names (the function names in `agent-ebpf`).
@@ -167,6 +170,9 @@ pub mod program_names {
     pub const SVC_SENDMSG6: &str = "svc_sendmsg6";
     pub const SVC_RECVMSG6: &str = "svc_recvmsg6";
     pub const SVC_GETPEERNAME6: &str = "svc_getpeername6";
+    /// cgroup `sock_ops`: when a translated TCP socket has its source port (before its SYN),
+    /// records its 5-tuple with the frontend it dialled, for the flow the classifier reports.
+    pub const SVC_SOCK_OPS: &str = "svc_sock_ops";
 }
 
 /// Socket-level Service translation (cgroup `sock_addr` programs on the agent's `--cgroup`).
@@ -242,6 +248,19 @@ pub struct RevNatKey {
     pub cookie: u64,
     pub backend: Backend,
     pub _pad: [u8; 4],
+}
+
+/// A translated TCP connection as the classifiers see its packets leaving the pod (addresses
+/// IPv4-mapped for IPv4); the value of `NW_SVC_CONNS` is the frontend it dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcConnKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
 }
 
 /// The mTLS tunnel's interception. A new TCP flow from a meshed pod to a meshed pod is marked in
@@ -516,6 +535,13 @@ pub struct FlowEvent {
     pub dst_identity: u32,
     pub rule_id: u32,
     pub _pad2: u32,
+    /// The Service frontend the connection dialled, when the cgroup programs translated it
+    /// (`NW_SVC_CONNS`); port 0 when not known.
+    pub svc_addr: [u8; 16],
+    pub svc_port_be: u16,
+    pub svc_protocol: u8,
+    pub _pad3: u8,
+    pub _pad4: u32,
 }
 
 /// TCP flag bits as in the header's 13th byte.
@@ -533,7 +559,7 @@ mod user {
     use super::{
         AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DatapathConfig,
         EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey, PolicyValue,
-        RevNatKey, ServiceKey, ServiceValue,
+        RevNatKey, ServiceKey, ServiceValue, SvcConnKey,
     };
 
     // SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with every
@@ -553,6 +579,7 @@ mod user {
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for SvcConnKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
 }
@@ -570,7 +597,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
-        assert_eq!(size_of::<FlowEvent>(), 72);
+        assert_eq!(size_of::<FlowEvent>(), 96);
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!(size_of::<BackendKey>(), 24);
@@ -578,6 +605,7 @@ mod tests {
         assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(size_of::<AffinityKey>(), 32);
         assert_eq!(size_of::<AffinityValue>(), 32);
+        assert_eq!(size_of::<SvcConnKey>(), 40);
         assert_eq!(POLICY_KEY_PREFIX_FULL as usize, size_of::<PolicyKey>() * 8);
     }
 

@@ -563,6 +563,7 @@ const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
 fn emit(ev: &mut FlowEvent) {
     // SAFETY: a helper without preconditions.
     ev.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    service::dialled(ev);
     // Waking the reader for every event costs more than the event (a context switch per new
     // flow). The agent drains the ring on a short timer anyway, so only a ring that is filling
     // up wakes it early.

@@ -13,17 +13,18 @@
 
 use agent_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, COUNTER_SVC_NO_BACKEND,
-    COUNTER_SVC_TRANSLATED, MAX_SERVICE_AFFINITY, MAX_SERVICE_BACKENDS, MAX_SERVICE_REVNAT,
-    MAX_SERVICES, ServiceKey, ServiceValue,
+    COUNTER_SVC_TRANSLATED, FlowEvent, MAX_SERVICE_AFFINITY, MAX_SERVICE_BACKENDS,
+    MAX_SERVICE_CONNS, MAX_SERVICE_REVNAT, MAX_SERVICES, ServiceKey, ServiceValue, SvcConnKey,
 };
 use aya_ebpf::{
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
     },
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_sock_addr, map, sock_ops},
     maps::{HashMap, LruHashMap},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockOpsContext},
 };
 
 use crate::count;
@@ -44,6 +45,13 @@ static NW_SVC_REVNAT: LruHashMap<agent_common::RevNatKey, ServiceKey> =
 #[map]
 static NW_SVC_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(MAX_SERVICE_AFFINITY, 0);
+
+/// Translated TCP connections by 5-tuple (as their packets leave the pod): the frontend each
+/// dialled, so the flow the classifier reports names the Service exactly, even when one backend
+/// serves several Services. Written by `svc_sock_ops` once the socket has its source port.
+#[map]
+static NW_SVC_CONNS: LruHashMap<SvcConnKey, ServiceKey> =
+    LruHashMap::with_max_entries(MAX_SERVICE_CONNS, 0);
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -315,4 +323,131 @@ fn reverse(ctx: &SockAddrContext, v6: bool) {
     // SAFETY: a value pointer from a successful lookup.
     let front = unsafe { *p };
     write_addr(ctx, v6, &front.addr, front.port_be);
+}
+
+/// `sock_ops` on the same cgroup. At `TCP_CONNECT_CB` (the source port is bound, the SYN not
+/// sent yet) a socket the connect program translated has a `NW_SVC_REVNAT` entry for its backend:
+/// its 5-tuple and that frontend go into `NW_SVC_CONNS`. Any other connect removes a stale entry
+/// for its tuple, so a later direct connection that reuses it is not named after a Service.
+#[sock_ops]
+pub fn svc_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        record_connection(&ctx);
+    }
+    // The return value is ignored for this op; 1 is sock_ops' "ok".
+    1
+}
+
+#[inline(always)]
+fn record_connection(ctx: &SockOpsContext) {
+    // Every field is read, at its own constant offset, whatever the family: the verifier
+    // refuses a load through a context pointer the compiler offset in one branch and shared.
+    // SAFETY: the context pointer the kernel passed; these fields are readable at 4 bytes in
+    // every sock_ops op with a full socket (TCP_CONNECT_CB has one).
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+        let o = ctx.ops;
+        (
+            core::ptr::read_volatile(&raw const (*o).family),
+            core::ptr::read_volatile(&raw const (*o).local_ip4),
+            core::ptr::read_volatile(&raw const (*o).remote_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*o).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*o).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*o).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*o).local_ip6[3]),
+            ],
+            [
+                core::ptr::read_volatile(&raw const (*o).remote_ip6[0]),
+                core::ptr::read_volatile(&raw const (*o).remote_ip6[1]),
+                core::ptr::read_volatile(&raw const (*o).remote_ip6[2]),
+                core::ptr::read_volatile(&raw const (*o).remote_ip6[3]),
+            ],
+            core::ptr::read_volatile(&raw const (*o).local_port),
+            core::ptr::read_volatile(&raw const (*o).remote_port),
+        )
+    };
+    let (saddr, daddr) = match family {
+        AF_INET => (mapped(l4.to_ne_bytes()), mapped(r4.to_ne_bytes())),
+        AF_INET6 => (words(&l6), words(&r6)),
+        _ => return,
+    };
+    // `remote_port` holds the port in network order in its upper 16 bits (little-endian
+    // kernels shift it there); `local_port` is in host order.
+    let dport_be = (rport >> 16) as u16;
+    let sport_be = (lport as u16).to_be();
+    let key = SvcConnKey {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        protocol: 6,
+        _pad: [0; 3],
+    };
+    // SAFETY: the context pointer the kernel passed; socket cookies are available to sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let rev = agent_common::RevNatKey {
+        cookie,
+        backend: Backend {
+            addr: daddr,
+            port_be: dport_be,
+            _pad: [0; 2],
+        },
+        _pad: [0; 4],
+    };
+    match NW_SVC_REVNAT.get_ptr(rev) {
+        Some(p) => {
+            // SAFETY: a value pointer from a successful lookup, copied.
+            let front = unsafe { *p };
+            // Without the entry the flow falls back to naming the Service by its backend.
+            let _ = NW_SVC_CONNS.insert(key, front, 0);
+        }
+        None => {
+            let _ = NW_SVC_CONNS.remove(key);
+        }
+    }
+}
+
+#[inline(always)]
+fn mapped(o: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
+    ]
+}
+
+#[inline(always)]
+fn words(w: &[u32; 4]) -> [u8; 16] {
+    let w = [
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    ];
+    [
+        w[0][0], w[0][1], w[0][2], w[0][3], w[1][0], w[1][1], w[1][2], w[1][3], w[2][0], w[2][1],
+        w[2][2], w[2][3], w[3][0], w[3][1], w[3][2], w[3][3],
+    ]
+}
+
+/// Fills a new flow's event with the frontend its connection dialled, if the cgroup programs
+/// translated it (TCP; see `NW_SVC_CONNS`).
+#[inline(always)]
+pub fn dialled(ev: &mut FlowEvent) {
+    if ev.is_reply != 0 || ev.protocol != 6 {
+        return;
+    }
+    let key = SvcConnKey {
+        saddr: ev.saddr,
+        daddr: ev.daddr,
+        sport_be: ev.sport_be,
+        dport_be: ev.dport_be,
+        protocol: 6,
+        _pad: [0; 3],
+    };
+    if let Some(p) = NW_SVC_CONNS.get_ptr(key) {
+        // SAFETY: a value pointer from a successful lookup, copied.
+        let front = unsafe { *p };
+        ev.svc_addr = front.addr;
+        ev.svc_port_be = front.port_be;
+        ev.svc_protocol = front.protocol;
+    }
 }

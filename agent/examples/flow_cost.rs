@@ -92,6 +92,7 @@ fn event(n: u32) -> FlowEvent {
         dst_identity: 300 + dst,
         rule_id: 7,
         _pad2: 0,
+        ..FlowEvent::default()
     }
 }
 

@@ -950,22 +950,38 @@ struct Control {
     live_peers: Option<(std::time::Instant, std::collections::BTreeSet<IpAddr>)>,
 }
 
-/// Flows' lookup from a backend to the one Service it serves (one name per Service, shared).
+/// Flows' lookups of a Service: by the frontend a connection dialled, and by a backend that
+/// serves one Service only (one name per Service, shared).
 fn service_index(table: &crate::services::ServiceTable) -> crate::flows::ServiceIndex {
     let mut names: BTreeMap<policy::ObjectRef, Arc<crate::flows::ServiceName>> = BTreeMap::new();
-    table
-        .backend_index()
-        .into_iter()
-        .map(|(backend, service)| {
-            let name = names.entry(service).or_insert_with_key(|r| {
+    let mut name = |r: &policy::ObjectRef| {
+        names
+            .entry(r.clone())
+            .or_insert_with_key(|r| {
                 Arc::new(crate::flows::ServiceName {
                     name: r.name.clone(),
                     namespace: r.namespace.clone(),
                 })
-            });
-            (backend, name.clone())
+            })
+            .clone()
+    };
+    let frontends = table
+        .ports
+        .values()
+        .map(|p| {
+            let f = p.frontend;
+            ((f.addr, f.port, f.protocol.number()), name(&p.service))
         })
-        .collect()
+        .collect();
+    let backends = table
+        .backend_index()
+        .into_iter()
+        .map(|(backend, service)| (backend, name(&service)))
+        .collect();
+    crate::flows::ServiceIndex {
+        frontends,
+        backends,
+    }
 }
 
 /// The objects a service table is built from (Services, EndpointSlices, and Pods for named

@@ -153,7 +153,9 @@ struct AgentArgs {
         value_parser = humantime::parse_duration
     )]
     dns_ttl_grace: Duration,
-    /// The cgroup (v2 path) for socket-level programs; never the machine's root cgroup.
+    /// The cgroup (v2 path) for socket-level programs (Service translation, DNS steering);
+    /// never the machine's root cgroup. `auto`: the kubelet's pod cgroup (`kubepods.slice` or
+    /// `kubepods`) under a cgroup v2 mount of the agent, an error when there is none.
     #[arg(long, env = "NODEWARD_CGROUP")]
     cgroup: Option<PathBuf>,
     /// Flows kept in memory for `observe --last`.
@@ -824,7 +826,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             grace: args.dns_ttl_grace,
             ..crate::dns::cache::CacheConfig::default()
         },
-        cgroup: args.cgroup,
+        cgroup: args
+            .cgroup
+            .map(|c| crate::datapath::cgroup::resolve(&c))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         flow_buffer: args.flow_buffer,
         flow_log: args.flow_log.map(|dir| crate::flows::log::FlowLogConfig {
             dir,

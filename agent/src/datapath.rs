@@ -2,6 +2,7 @@
 //! to the pinned maps (`maps`), and turning a [`CompiledState`](crate::policy::CompiledState)
 //! into map updates as a diff (`sync`).
 
+pub mod cgroup;
 pub mod loader;
 pub mod maps;
 pub mod migrate;

@@ -270,10 +270,11 @@ pub struct Flow {
     /// Names the destination was looked up by (filled by the DNS proxy), for `--to-fqdn`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destination_names: Vec<String>,
-    /// The Service the destination is a backend of (Hubble's `destination_service`): set when
-    /// the destination address and port are a backend of exactly one Service. The cgroup
-    /// programs translated the ClusterIP before the first packet, so the flow's addresses are
-    /// the backend's.
+    /// The Service the connection dialled (Hubble's `destination_service`). The cgroup programs
+    /// translated the ClusterIP before the first packet, so the flow's addresses are the
+    /// backend's; for TCP from this node's pods the kernel records the frontend dialled (exact,
+    /// also when one backend serves several Services). Otherwise (UDP, flows seen by the
+    /// receiving node) it is set when the destination is a backend of exactly one Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_service: Option<Arc<ServiceName>>,
     #[serde(rename = "Summary", default)]
@@ -353,8 +354,34 @@ pub struct ServiceName {
     pub namespace: String,
 }
 
-/// Backend `(address, port)` to the one Service it serves.
-pub type ServiceIndex = HashMap<(IpAddr, u16), Arc<ServiceName>>;
+/// Flows' lookups of a Service by the address its connection dialled or reached.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceIndex {
+    /// Frontend `(ClusterIP, port, IPPROTO_*)` to its Service: exact, for flows whose event
+    /// carries the frontend the cgroup programs translated (TCP from this node's pods).
+    pub frontends: HashMap<(IpAddr, u16, u8), Arc<ServiceName>>,
+    /// Backend `(address, port)` to the one Service it serves: the fallback when the event
+    /// names no frontend (UDP, the receiving node, the tunnel). A backend of several Services
+    /// is not here.
+    pub backends: HashMap<(IpAddr, u16), Arc<ServiceName>>,
+}
+
+impl ServiceIndex {
+    /// The Service of a new flow to `dst:port`, exactly when `dialled` (the event's frontend:
+    /// address, port in host order, protocol) is known, else by the backend.
+    #[must_use]
+    pub fn lookup(
+        &self,
+        dialled: Option<(IpAddr, u16, u8)>,
+        dst: IpAddr,
+        port: u16,
+    ) -> Option<Arc<ServiceName>> {
+        dialled
+            .and_then(|f| self.frontends.get(&f))
+            .or_else(|| self.backends.get(&(dst, port)))
+            .cloned()
+    }
+}
 
 /// Lookups the enrichment needs, replaced whole after every sync. What a flow takes from here
 /// it shares (`Arc`), so enriching a flow copies no text.
@@ -607,11 +634,15 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
     let index = endpoints.index();
     let policy = index.policy(ev.rule_id);
     let destination_service = if ev.is_reply == 0 {
+        let dialled = (ev.svc_port_be != 0).then(|| {
+            let v6 = std::net::Ipv6Addr::from(ev.svc_addr);
+            let addr = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+            (addr, u16::from_be(ev.svc_port_be), ev.svc_protocol)
+        });
         l4.tcp
             .as_ref()
             .or(l4.udp.as_ref())
-            .and_then(|p| index.services.get(&(dst, p.destination_port)))
-            .cloned()
+            .and_then(|p| index.services.lookup(dialled, dst, p.destination_port))
     } else {
         None
     };
@@ -721,7 +752,7 @@ pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
         kind: "TUNNEL".into(),
         policy,
         destination_names: Vec::new(),
-        destination_service: index.services.get(&(dst, rec.destination.port())).cloned(),
+        destination_service: index.services.lookup(None, dst, rec.destination.port()),
         summary: if rec.note.is_empty() {
             "HBONE".into()
         } else {
@@ -1239,13 +1270,16 @@ pub(crate) mod tests {
         ev.verdict = VERDICT_FORWARDED;
         let mut index = index();
         let dst: IpAddr = "10.0.1.3".parse().unwrap();
-        index.services = Arc::new(HashMap::from([(
-            (dst, 8080),
-            Arc::new(ServiceName {
-                name: "db".into(),
-                namespace: "prod".into(),
-            }),
-        )]));
+        index.services = Arc::new(ServiceIndex {
+            backends: HashMap::from([(
+                (dst, 8080),
+                Arc::new(ServiceName {
+                    name: "db".into(),
+                    namespace: "prod".into(),
+                }),
+            )]),
+            ..ServiceIndex::default()
+        });
         let mut ends = Endpoints::new(Arc::new(index));
         let flow = from_event(&ev, &mut ends, &Clock::new());
         assert_eq!(flow.destination_service.as_ref().unwrap().name, "db");
@@ -1266,6 +1300,45 @@ pub(crate) mod tests {
                 .destination_service
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_flow_names_the_service_it_dialled_when_its_backend_serves_two() {
+        let mut ev = event();
+        ev.verdict = VERDICT_FORWARDED;
+        let name = |n: &str| {
+            Arc::new(ServiceName {
+                name: n.into(),
+                namespace: "prod".into(),
+            })
+        };
+        let mut index = index();
+        // 10.0.1.3:8080 backs both; neither is inferred from the backend.
+        index.services = Arc::new(ServiceIndex {
+            frontends: HashMap::from([
+                (("10.96.0.20".parse().unwrap(), 5432, 6), name("db")),
+                (("10.96.0.21".parse().unwrap(), 5432, 6), name("db-read")),
+            ]),
+            backends: HashMap::new(),
+        });
+        let mut ends = Endpoints::new(Arc::new(index));
+        assert!(
+            from_event(&ev, &mut ends, &Clock::new())
+                .destination_service
+                .is_none(),
+            "no frontend in the event and no unique backend: no Service"
+        );
+        for (vip, want) in [([10, 96, 0, 20], "db"), ([10, 96, 0, 21], "db-read")] {
+            ev.svc_addr = std::net::Ipv4Addr::from(vip).to_ipv6_mapped().octets();
+            ev.svc_port_be = 5432u16.to_be();
+            ev.svc_protocol = 6;
+            let flow = from_event(&ev, &mut ends, &Clock::new());
+            assert_eq!(
+                flow.destination_service.as_deref().map(|s| s.name.as_str()),
+                Some(want),
+                "a connection that dialled {vip:?}"
+            );
+        }
     }
 
     #[test]

@@ -820,3 +820,34 @@ fn a_thousand_services_with_ten_thousand_backends_fit_and_translate() {
         "an unrelated change rebuilt the service table ({services_ms} ms)"
     );
 }
+
+#[test]
+fn each_connection_names_the_service_it_dialled_when_one_backend_serves_two() {
+    let lab = shared_lab();
+    let a = Ipv4Addr::new(10, 96, 1, 40);
+    let b = Ipv4Addr::new(10, 96, 1, 41);
+    // api-1:8080 backs both, and the lab's own `api` Service too: its address cannot say which
+    // Service a connection to it came through; the kernel's record of the dialled frontend can.
+    let mut yaml = service("backend", "svc-two-a", a, &[(&lab, "backend/api-1", true)]);
+    yaml.push_str(&service(
+        "backend",
+        "svc-two-b",
+        b,
+        &[(&lab, "backend/api-1", true)],
+    ));
+    lab.write_manifest("svc-two", &yaml).unwrap();
+    for (vip, name) in [(a, "svc-two-a"), (b, "svc-two-b"), (a, "svc-two-a")] {
+        let line = probe_ok(&lab, "frontend/web-0", SocketAddr::new(vip.into(), 80));
+        let port = line["local_port"].as_u64().expect("local port");
+        let flow = flow_of(&lab, "node-1", "frontend/web-0", port);
+        assert_eq!(
+            flow["destination"]["pod_name"], "api-1",
+            "the flow must name the backend pod: {flow}"
+        );
+        assert_eq!(
+            flow["destination_service"],
+            json!({ "name": name, "namespace": "backend" }),
+            "a connection to {vip}:80 must name {name}: {flow}"
+        );
+    }
+}

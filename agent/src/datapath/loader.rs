@@ -8,7 +8,8 @@
 //! <dir>/links/<ifname>-ingress    tcx link of `from_workload` (TC ingress of the interface)
 //! <dir>/links/<ifname>-egress     tcx link of `to_workload` (TC egress)
 //! <dir>/links/to_proxy            sk_lookup link of `to_proxy` (the agent's network namespace)
-//! <dir>/links/svc_*               cgroup links of the Service translation programs (`--cgroup`)
+//! <dir>/links/svc_*               cgroup links of the Service translation programs (`--cgroup`),
+//!                                 and of `svc_sock_ops` (the translated connections' tuples)
 //! ```
 //!
 //! `NW_PROXY_SOCKETS` (the agent's outbound listeners) is the one map that is never pinned: its
@@ -25,15 +26,16 @@ use std::path::{Path, PathBuf};
 use agent_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, COUNTERS_LEN, CtKey, CtValue, DatapathConfig,
     EVENTS_RING_BYTES, EndpointInfo, FragKey, FragValue, IpcacheValue, MAX_FRAGMENTS,
-    MAX_SERVICE_AFFINITY, MAX_SERVICE_BACKENDS, MAX_SERVICE_REVNAT, MAX_SERVICES, PolicyKey,
-    PolicyValue, RevNatKey, ServiceKey, ServiceValue, map_names, program_names,
+    MAX_SERVICE_AFFINITY, MAX_SERVICE_BACKENDS, MAX_SERVICE_CONNS, MAX_SERVICE_REVNAT,
+    MAX_SERVICES, PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue, SvcConnKey,
+    map_names, program_names,
 };
 use aya::maps::SockMap;
 use aya::maps::{MapError, MapInfo, MapType};
 use aya::programs::links::FdLink;
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, SkLookup,
+    CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, SkLookup, SockOps,
     TcAttachType,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader};
@@ -273,6 +275,13 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
+        sock_ops_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                program: program_names::SVC_SOCK_OPS,
+                op: "loading (verifier)",
+                source: Box::new(source),
+            })?;
         let maps = PinnedMaps::from_ebpf(&mut ebpf)?;
         for m in migrations.iter_mut() {
             let started = std::time::Instant::now();
@@ -347,6 +356,27 @@ impl Datapath {
                 Some(dir) => pin_replacing(link, &links_dir(dir).join(program), program, &target)?,
                 None => self.unpinned_cgroup.push(link),
             }
+        }
+        let program = program_names::SVC_SOCK_OPS;
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            ifname: target.clone(),
+            source: Box::new(source),
+        };
+        let prog = sock_ops_mut(&mut self.ebpf)?;
+        let id = prog
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
+            program,
+            ifname: target.clone(),
+            path: PathBuf::new(),
+            detail: format!("not a bpf link: {}", crate::error_chain(&e)),
+        })?;
+        match &self.bpffs_dir {
+            Some(dir) => pin_replacing(link, &links_dir(dir).join(program), program, &target)?,
+            None => self.unpinned_cgroup.push(link),
         }
         Ok(())
     }
@@ -738,6 +768,12 @@ fn cgroup_mut<'a>(
         .ok_or(DatapathError::MissingProgram(name))
 }
 
+fn sock_ops_mut(ebpf: &mut Ebpf) -> Result<&mut SockOps, DatapathError> {
+    ebpf.program_mut(program_names::SVC_SOCK_OPS)
+        .and_then(|p| <&mut SockOps>::try_from(p).ok())
+        .ok_or(DatapathError::MissingProgram(program_names::SVC_SOCK_OPS))
+}
+
 fn sk_lookup_mut(ebpf: &mut Ebpf) -> Result<&mut SkLookup, DatapathError> {
     ebpf.program_mut(program_names::TO_PROXY)
         .and_then(|p| <&mut SkLookup>::try_from(p).ok())
@@ -835,7 +871,7 @@ struct ExpectedMap {
 /// LPM trie keys carry the 32-bit prefix length before the data.
 const LPM_PREFIX: usize = 4;
 
-fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 13] {
+fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 14] {
     [
         ExpectedMap {
             name: map_names::ENDPOINTS,
@@ -927,6 +963,13 @@ fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 13] {
             key_size: size_of::<AffinityKey>(),
             value_size: size_of::<AffinityValue>(),
             max_entries: MAX_SERVICE_AFFINITY,
+        },
+        ExpectedMap {
+            name: map_names::SERVICE_CONNS,
+            map_type: MapType::LruHash,
+            key_size: size_of::<SvcConnKey>(),
+            value_size: size_of::<ServiceKey>(),
+            max_entries: MAX_SERVICE_CONNS,
         },
     ]
 }

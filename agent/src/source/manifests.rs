@@ -333,55 +333,56 @@ fn read_file(path: &Path, stamp: (SystemTime, u64), previous: Option<&FileState>
         Ok(t) => t,
         Err(e) => return keep_previous(error(None, None, format!("cannot read: {e}"))),
     };
-    let mut documents = Vec::new();
-    for (index, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
-        match serde_json::Value::deserialize(doc) {
-            Ok(serde_json::Value::Null) => {}
-            Ok(value) => documents.push(value),
-            Err(e) => {
-                let message = format!("document {}: not valid YAML: {e}", index + 1);
-                return keep_previous(error(None, None, message));
-            }
-        }
-    }
     let mut state = FileState {
         stamp,
         objects: BTreeMap::new(),
         errors: Vec::new(),
     };
-    let mut pending = documents;
-    // `kind: List` (what `kubectl get -o yaml` writes) holds its objects in `items`.
-    let mut expanded = Vec::new();
-    while let Some(doc) = pending.pop() {
-        if doc.get("kind").and_then(|k| k.as_str()) == Some("List") {
-            if let Some(items) = doc.get("items").and_then(|i| i.as_array()) {
-                pending.extend(items.iter().cloned());
+    // Each document becomes its object before the next is parsed: holding every document's
+    // JSON form at once costs twice the objects (21 MiB for 1,000 Services with 10,000
+    // endpoints), and what the heap grew to stays resident. A YAML error in any document still
+    // keeps the whole previous state of the file.
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let value = match serde_json::Value::deserialize(doc) {
+            Ok(value) => value,
+            Err(e) => {
+                let message = format!("document {}: not valid YAML: {e}", index + 1);
+                return keep_previous(error(None, None, message));
             }
-        } else {
-            expanded.push(doc);
-        }
-    }
-    expanded.reverse();
-    for doc in expanded {
-        match parse_object(doc) {
-            Ok(None) => {}
-            Ok(Some((key, object))) => {
-                if state.objects.contains_key(&key) {
-                    state.errors.push(error(
-                        Some(key.clone()),
-                        None,
-                        "defined twice in this file; the later one wins".into(),
-                    ));
-                }
-                state.objects.insert(key, object);
+        };
+        // `kind: List` (what `kubectl get -o yaml` writes) holds its objects in `items`, in
+        // order.
+        let mut pending = vec![value];
+        while let Some(mut doc) = pending.pop() {
+            if doc.is_null() {
+                continue;
             }
-            Err((key, field, message)) => {
-                if let Some(key) = &key
-                    && let Some(old) = previous.and_then(|p| p.objects.get(key))
-                {
-                    state.objects.insert(key.clone(), old.clone());
+            if doc.get("kind").and_then(|k| k.as_str()) == Some("List") {
+                if let Some(serde_json::Value::Array(items)) = doc.get_mut("items") {
+                    pending.extend(std::mem::take(items).into_iter().rev());
                 }
-                state.errors.push(error(key, field, message));
+                continue;
+            }
+            match parse_object(doc) {
+                Ok(None) => {}
+                Ok(Some((key, object))) => {
+                    if state.objects.contains_key(&key) {
+                        state.errors.push(error(
+                            Some(key.clone()),
+                            None,
+                            "defined twice in this file; the later one wins".into(),
+                        ));
+                    }
+                    state.objects.insert(key, object);
+                }
+                Err((key, field, message)) => {
+                    if let Some(key) = &key
+                        && let Some(old) = previous.and_then(|p| p.objects.get(key))
+                    {
+                        state.objects.insert(key.clone(), old.clone());
+                    }
+                    state.errors.push(error(key, field, message));
+                }
             }
         }
     }
@@ -729,6 +730,40 @@ metadata: {name: ignored}
         assert_eq!(loaded.inventory.namespaces.len(), 1);
         assert_eq!(loaded.inventory.pods.len(), 1);
         assert_eq!(loaded.inventory.network_policies.len(), 1);
+    }
+
+    #[test]
+    fn a_list_is_read_in_order_and_a_later_yaml_error_keeps_the_previous_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = |name: &str, team: &str| {
+            format!(
+                "{{apiVersion: v1, kind: Namespace, metadata: {{name: {name}, labels: {{team: {team}}}}}}}"
+            )
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n- {}\n---\n{}\n",
+            ns("prod", "first"),
+            ns("prod", "second"),
+            ns("dev", "x")
+        );
+        write(dir.path(), "list.yaml", &text);
+        let mut source = ManifestSource::new(dir.path());
+        let loaded = source.load();
+        let team = |inv: &Inventory| {
+            inv.namespaces["prod"].metadata.labels.as_ref().unwrap()["team"].clone()
+        };
+        assert_eq!(loaded.inventory.namespaces.len(), 2);
+        assert_eq!(team(&loaded.inventory), "second", "the later item wins");
+        // Objects before a document that is not YAML do not replace the file's last state.
+        write(
+            dir.path(),
+            "list.yaml",
+            &format!("{}\n---\n{{ not: [yaml\n", ns("prod", "third")),
+        );
+        let loaded = source.load();
+        assert_eq!(loaded.errors.len(), 1, "{:?}", loaded.errors);
+        assert_eq!(loaded.inventory.namespaces.len(), 2);
+        assert_eq!(team(&loaded.inventory), "second");
     }
 
     #[test]
