@@ -881,7 +881,11 @@ pub fn from_dns(
         kind: "L7".into(),
         policy: None,
         destination_names: vec![name(&rec.question.name)],
-        destination_service: index.services.get(&(dst.ip(), dst.port())).cloned(),
+        destination_service: index.services.lookup(
+            Some((dst.ip(), dst.port(), 17)),
+            dst.ip(),
+            dst.port(),
+        ),
         l7: Some(Box::new(L7 {
             kind: "RESPONSE".into(),
             latency_ns: u64::try_from(rec.elapsed.as_nanos()).unwrap_or(u64::MAX),
