@@ -493,6 +493,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         mtls_last_good: BTreeMap::new(),
         tunnel,
         policy_route: false,
+        hbone_routes: crate::tunnel::net::HboneRoutes::default(),
         trim_at: None,
         service_sync,
         translating,
@@ -799,6 +800,9 @@ struct Control {
     tunnel: Arc<crate::tunnel::Context>,
     /// The tunnel's policy route is in place (see [`Control::ensure_policy_route`]).
     policy_route: bool,
+    /// Delivery of local pods' `podIP:15008` to the HBONE server (see
+    /// [`Control::sync_hbone_routes`]).
+    hbone_routes: crate::tunnel::net::HboneRoutes,
     /// When to [`Control::trim`]: [`TRIM_AFTER_IDLE`] after the last sync that changed
     /// something (a resync that changes nothing does not postpone it).
     trim_at: Option<tokio::time::Instant>,
@@ -929,6 +933,37 @@ impl Control {
         tracing::info!("tunnel policy route installed (the first meshed endpoint)");
         self.policy_route = true;
         Ok(())
+    }
+
+    /// Hands port 15008 of every local pod to the HBONE server (`tunnel::net::HboneRoutes`),
+    /// so peers can dial the pod's own address as ambient does. The rule goes in with the first
+    /// meshed pod anywhere in the cluster (a peer dials only a pod it knows as meshed), for the
+    /// same cost reason as [`Control::ensure_policy_route`], and stays; the routes follow every
+    /// local pod with an identity, meshed or not, so a mesh change never races a peer's dial.
+    fn sync_hbone_routes(&mut self) {
+        let view = self.tunnel.view();
+        if !self.hbone_routes.active() {
+            if !view.workloads.values().any(|w| w.mode.meshed()) {
+                return;
+            }
+            if let Err(e) = self
+                .hbone_routes
+                .ensure_rule(self.tunnel.config.hbone_addr.port())
+            {
+                self.report(e.to_string());
+                return;
+            }
+            tracing::info!("HBONE rule installed: local pods' port 15008 goes to the agent");
+        }
+        let pods: BTreeSet<std::net::IpAddr> = view
+            .workloads
+            .iter()
+            .filter(|(_, w)| w.local)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for e in self.hbone_routes.sync(&pods) {
+            self.report(e.to_string());
+        }
     }
 
     /// Gives the memory a compile freed back to the system. glibc keeps freed memory in its
@@ -1168,6 +1203,7 @@ impl Control {
         // their rule through the index publish just replaced.
         if synced {
             self.tunnel.set_view(view);
+            self.sync_hbone_routes();
         }
         if synced && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");

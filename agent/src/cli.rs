@@ -258,6 +258,12 @@ struct AgentArgs {
     /// addresses.
     #[arg(long, env = "NODEWARD_HBONE_ADDR", default_value = "[::]:15008")]
     hbone_addr: SocketAddr,
+    /// Which address the HBONE client dials for a destination pod: `pod` (port 15008 of the
+    /// pod's own address, as ambient does; the destination node hands it to its agent) or
+    /// `node` (the destination node's address, the pod named in the TLS server name). Use
+    /// `node` while upgrading from agents that do not take `podIP:15008` yet.
+    #[arg(long, env = "NODEWARD_HBONE_DIAL", value_enum, default_value = "pod")]
+    hbone_dial: HboneDialArg,
     /// Entries of the ipcache map: every pod address in the cluster (two for a dual-stack pod),
     /// node and CIDR. The default holds 150,000 dual-stack pods with room for rollouts.
     #[arg(long, env = "NODEWARD_MAP_IPCACHE_ENTRIES", default_value_t = sizes::DEFAULT_IPCACHE,
@@ -292,6 +298,14 @@ struct AgentArgs {
     /// Log filter (tracing EnvFilter syntax), also RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum HboneDialArg {
+    /// The destination pod's address, port 15008.
+    Pod,
+    /// The destination node's address, port 15008.
+    Node,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -846,6 +860,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         tunnel: crate::tunnel::TunnelConfig {
             hbone_addr: args.hbone_addr,
+            dial: match args.hbone_dial {
+                HboneDialArg::Pod => crate::tunnel::HboneDial::Pod,
+                HboneDialArg::Node => crate::tunnel::HboneDial::Node,
+            },
             ..crate::tunnel::TunnelConfig::default()
         },
     };

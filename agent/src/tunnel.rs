@@ -64,6 +64,23 @@ pub struct TunnelConfig {
     pub connect_timeout: Duration,
     /// Concurrent streams one client connection may open on our server.
     pub max_concurrent_streams: u32,
+    /// Which address the HBONE client dials (`--hbone-dial`).
+    pub dial: HboneDial,
+}
+
+/// Where the HBONE client connects for a destination pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HboneDial {
+    /// The destination pod's own address, port 15008, as ambient's ztunnel does; the
+    /// destination node delivers it to its agent (`net::HboneRoutes`). A pod address that
+    /// refuses the connection (its node's agent predates this, or has not routed the pod yet)
+    /// is dialled again at the node's address.
+    #[default]
+    Pod,
+    /// The destination node's address, the pod named in the TLS server name only (the
+    /// behaviour before pod dialling; for a rollout across agents that do not route
+    /// `podIP:15008` yet).
+    Node,
 }
 
 impl Default for TunnelConfig {
@@ -76,6 +93,7 @@ impl Default for TunnelConfig {
             handshake_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             max_concurrent_streams: 1024,
+            dial: HboneDial::default(),
         }
     }
 }
@@ -188,7 +206,7 @@ pub fn run(
     ctx: Arc<Context>,
     outbound: Vec<std::net::TcpListener>,
     hbone: std::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: inbound::Acceptor,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -180,6 +180,49 @@ impl Drop for Dnat {
     }
 }
 
+/// A `local` route for one address in node-1's HBONE table, removed when dropped.
+struct LocalRoute {
+    netns: String,
+    args: Vec<String>,
+}
+
+impl LocalRoute {
+    fn add(netns: &str, addr: &str) -> Self {
+        // `tunnel::net::HBONE_ROUTE_TABLE`.
+        let args: Vec<String> = [
+            "route",
+            "local",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+            "table",
+            "20056",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        let added = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "ip", "route", "add"])
+            .args(&args[1..])
+            .status()
+            .unwrap();
+        assert!(added.success(), "adding the local route for {addr}");
+        Self {
+            netns: netns.to_owned(),
+            args,
+        }
+    }
+}
+
+impl Drop for LocalRoute {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, "ip", "route", "del"])
+            .args(&self.args[1..])
+            .status();
+    }
+}
+
 #[test]
 fn a_forged_agent_with_a_node_1_workloads_certificate_cannot_terminate_a_connection_to_node_2() {
     let mut lab = shared_lab();
@@ -195,9 +238,10 @@ fn a_forged_agent_with_a_node_1_workloads_certificate_cannot_terminate_a_connect
     )
     .unwrap_or_else(|e| panic!("node-1's own workload: {e:#}"));
     // The forged agent: a TLS server in node-1's namespace presenting that certificate, and
-    // node-1's connections to node-2's HBONE port diverted to it.
+    // node-1's HBONE connections to api-1 (dialled at api-1's own address, port 15008, as
+    // ambient does) diverted to it.
     let node1 = lab.node("node-1").clone();
-    let node2 = lab.node("node-2").clone();
+    let api1 = lab.pod("backend/api-1").ip4;
     let forged_port = "15999";
     let mut server = std::process::Command::new("nsenter")
         .arg(format!(
@@ -229,7 +273,7 @@ fn a_forged_agent_with_a_node_1_workloads_certificate_cannot_terminate_a_connect
         "-p",
         "tcp",
         "-d",
-        &node2.ip4.to_string(),
+        &api1.to_string(),
         "--dport",
         "15008",
         "-j",
@@ -283,10 +327,39 @@ fn a_forged_agent_with_a_node_1_workloads_certificate_cannot_terminate_a_connect
 {}",
         lab.agent_logs_tail(10)
     );
-    // Without the diversion, the real node-2 agent proves backend/api.
     drop(dnat);
     let _ = server.kill();
     let _ = server.wait();
+
+    // Node-1's own agent, handed api-1's address as if api-1 were its pod (a route a stolen
+    // node can add: `local <api-1> dev lo` in the HBONE table), has no certificate for a pod
+    // that is not on its node, whatever address or name it is asked at: nothing terminates.
+    const NOT_HERE: &str = "a client asked for a pod that is not on this node";
+    let not_here = |lab: &Lab| {
+        std::fs::read_to_string(lab.agent_log("node-1"))
+            .unwrap_or_default()
+            .matches(NOT_HERE)
+            .count()
+    };
+    let not_here_before = not_here(&lab);
+    let route = LocalRoute::add(&node1.netns, &api1.to_string());
+    lab.expect(
+        &[Case::tcp(
+            "frontend/web-0",
+            "backend/api-1",
+            HTTP_PORT,
+            false,
+        )],
+        SETTLE,
+    );
+    assert!(
+        not_here(&lab) > not_here_before,
+        "node-1's HBONE server did not refuse to answer for api-1:\n{}",
+        lab.agent_logs_tail(10)
+    );
+    drop(route);
+
+    // Without the diversion, the real node-2 agent proves backend/api.
     lab.expect(
         &[Case::tcp(
             "frontend/web-0",

@@ -191,6 +191,74 @@ fn meshed_pods_talk_through_the_tunnel_and_the_wire_sees_only_tls() {
 }
 
 #[test]
+fn hbone_dials_the_destination_pods_address_and_the_pod_never_sees_port_15008() {
+    let lab = shared_lab();
+    mesh(
+        &lab,
+        &[("frontend", "PERMISSIVE"), ("backend", "PERMISSIVE")],
+    );
+    // web-1 is on node-2, api-0 on node-1.
+    lab.expect(&[allow("frontend/web-1", "backend/api-0")], SETTLE);
+    let api0 = lab.pod("backend/api-0").clone();
+    let node2 = lab.node("node-2").clone();
+    // Something of api-0's own on port 15008: it must never get a connection.
+    let own = nodeward_lab::sys::in_netns(&api0.netns, || {
+        std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, 15008))
+    })
+    .unwrap()
+    .expect("a listener on port 15008 in api-0's namespace");
+    own.set_nonblocking(true).unwrap();
+
+    let pcap = lab.state().dir.join("tmp").join("hbone-dial.pcap");
+    let capture = Capture::start(&lab.state().underlay_netns, "br0", "tcp", &pcap).unwrap();
+    let payload = b"dialled at the pod\n";
+    echo_once(
+        &lab,
+        "frontend/web-1",
+        lab.addr("backend/api-0", HTTP_PORT),
+        payload,
+    );
+    echo_once(
+        &lab,
+        "frontend/web-1",
+        lab.addr6("backend/api-0", HTTP_PORT),
+        payload,
+    );
+    // Plaintext to api-0's port 15008 from node-2 itself: node-1 hands it to its agent, whose
+    // TLS server answers no plaintext.
+    let plaintext = nodeward_lab::sys::in_netns(&node2.netns, || {
+        let to = SocketAddr::from((api0.ip4, 15008));
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: api-0\r\n\r\n")?;
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        Ok::<_, std::io::Error>(got)
+    })
+    .unwrap();
+    let (_, packets) = capture.stop().unwrap();
+
+    for ip in [api0.ip4.to_string(), api0.ip6.to_string()] {
+        assert!(
+            packets
+                .lines()
+                .any(|l| l.contains(&format!("> {ip}.15008"))),
+            "no HBONE connection was dialled at {ip}.15008:\n{packets}"
+        );
+    }
+    let answer = plaintext.expect("node-1's agent accepts a connection to api-0:15008");
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plaintext to api-0:15008 got an HTTP answer: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    match own.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("api-0 itself received a connection to its port 15008: {other:?}"),
+    }
+}
+
+#[test]
 fn strict_drops_plaintext_and_permissive_lets_it_through() {
     let lab = shared_lab();
     // data stays out of the mesh: what its pods send is plaintext.

@@ -162,9 +162,11 @@ pub async fn open(
     peer: SocketAddr,
     dst: SocketAddr,
 ) -> Result<Opened, TunnelError> {
-    let hbone = destination
-        .hbone_peer(dst.ip(), ctx.config.peer_port)
-        .ok_or(TunnelError::UnknownDestination(dst))?;
+    let node = destination.hbone_peer(dst.ip(), ctx.config.peer_port);
+    let (hbone, fallback) = match ctx.config.dial {
+        super::HboneDial::Pod => (SocketAddr::new(dst.ip(), ctx.config.peer_port), node),
+        super::HboneDial::Node => (node.ok_or(TunnelError::UnknownDestination(dst))?, None),
+    };
     if let Err(e) = ctx.certs.get(&source.identity) {
         return Err(TunnelError::NoCertificate {
             identity: source.identity.uri(),
@@ -182,6 +184,7 @@ pub async fn open(
             hbone,
             &destination.identity,
             dst.ip(),
+            fallback,
         )
         .await?;
     let request = http::Request::builder()

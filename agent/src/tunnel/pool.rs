@@ -1,5 +1,6 @@
-//! HBONE client connections, pooled per (source identity, destination node, destination
-//! identity).
+//! HBONE client connections, pooled per (source identity, peer address, destination
+//! identity): the peer is the destination pod's `podIP:15008` as ambient dials it (so one
+//! connection per destination pod), or its node's address with `--hbone-dial node`.
 //!
 //! A connection presents the source workload's certificate, so it can only carry that
 //! workload's streams; it names the destination pod in its SNI and accepts only a server that
@@ -82,6 +83,7 @@ impl Pool {
         peer: SocketAddr,
         destination: &SpiffeId,
         pod: IpAddr,
+        fallback: Option<SocketAddr>,
     ) -> Result<Lease, TunnelError> {
         let key = Key {
             source: source.clone(),
@@ -103,7 +105,7 @@ impl Pool {
         if let Some(lease) = self.find(&key, ctx.config.max_streams_per_connection) {
             return Ok(lease);
         }
-        let conn = self.dial(ctx, &key, pod).await?;
+        let conn = self.dial(ctx, &key, pod, fallback).await?;
         conn.streams.fetch_add(1, Ordering::Relaxed);
         self.conns
             .lock()
@@ -167,6 +169,7 @@ impl Pool {
         ctx: &Arc<Context>,
         key: &Key,
         pod: IpAddr,
+        fallback: Option<SocketAddr>,
     ) -> Result<Arc<Connection>, TunnelError> {
         let unreachable = |reason: String| TunnelError::PeerUnreachable {
             peer: key.peer,
@@ -180,9 +183,18 @@ impl Pool {
         .map_err(|e| unreachable(e.to_string()))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let handshake = async {
-            let tcp = TcpStream::connect(key.peer)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
+            let tcp = match (TcpStream::connect(key.peer).await, fallback) {
+                (Ok(tcp), _) => tcp,
+                // The pod's address refused: its node does not hand `podIP:15008` to its agent
+                // (yet). The node's agent still proves the same identity, or is refused.
+                (Err(e), Some(node)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::debug!(peer = %key.peer, node = %node, "HBONE: the pod address refused; dialling its node");
+                    TcpStream::connect(node)
+                        .await
+                        .map_err(|e| unreachable(format!("{e} (and {}: refused)", key.peer)))?
+                }
+                (Err(e), _) => return Err(unreachable(e.to_string())),
+            };
             let _ = tcp.set_nodelay(true);
             let tls = connector
                 .connect(tls::pod_server_name(pod), tcp)

@@ -448,7 +448,7 @@ async fn a_connect_to_another_workload_than_the_connection_proved_gets_421() {
     let source = SpiffeId::workload(TD, "frontend", "web").unwrap();
     let api = SpiffeId::workload(TD, "backend", "api").unwrap();
     let lease = pool
-        .lease(&c.ctx, &source, hbone, &api, pod.ip())
+        .lease(&c.ctx, &source, hbone, &api, pod.ip(), None)
         .await
         .expect("the server proves backend/api");
     let request = |dst: SocketAddr| {
