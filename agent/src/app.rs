@@ -312,7 +312,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // A CA file that cannot be read or does not fit stops start-up, before anything changes.
     let (ca, certs) = match &config.ca_mode {
         crate::ca::CaMode::Local => {
-            crate::ca::start(&config.ca, config.cert_ttl).context("loading the mesh CA")?
+            crate::ca::start_for_node(&config.ca, config.cert_ttl, Some(&config.node))
+                .context("loading the mesh CA")?
         }
         crate::ca::CaMode::Issuer(issuer) => {
             crate::issuer::client::start(&config.ca, issuer, config.cert_ttl)
@@ -941,6 +942,10 @@ impl Control {
     /// same cost reason as [`Control::ensure_policy_route`], and stays; the routes follow every
     /// local pod with an identity, meshed or not, so a mesh change never races a peer's dial.
     fn sync_hbone_routes(&mut self) {
+        if self.tunnel.config.dial != crate::tunnel::HboneDial::Pod {
+            self.hbone_routes.clear_once();
+            return;
+        }
         let view = self.tunnel.view();
         if !self.hbone_routes.active() {
             if !view.workloads.values().any(|w| w.mode.meshed()) {

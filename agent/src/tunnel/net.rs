@@ -190,6 +190,7 @@ pub const HBONE_RULE_PRIORITY: u32 = RULE_PRIORITY + 1;
 #[derive(Debug, Default)]
 pub struct HboneRoutes {
     rule: bool,
+    cleared: bool,
     installed: std::collections::BTreeSet<IpAddr>,
 }
 
@@ -210,8 +211,29 @@ impl HboneRoutes {
         }
         let port = port.to_string();
         let table = HBONE_ROUTE_TABLE.to_string();
-        let priority = HBONE_RULE_PRIORITY.to_string();
+        let local_priority = HBONE_RULE_PRIORITY.to_string();
+        let priority = (HBONE_RULE_PRIORITY + 1).to_string();
         let rule = |family: &'static str| {
+            // What the node itself sends, and the reverse-path checks of what it receives (both
+            // looked up as from `lo`), keep the main table.
+            ip(
+                &[
+                    family,
+                    "rule",
+                    "add",
+                    "iif",
+                    "lo",
+                    "ipproto",
+                    "tcp",
+                    "dport",
+                    &port,
+                    "lookup",
+                    "main",
+                    "priority",
+                    &local_priority,
+                ],
+                true,
+            )?;
             ip(
                 &[
                     family, "rule", "add", "ipproto", "tcp", "dport", &port, "lookup", &table,
@@ -226,6 +248,27 @@ impl HboneRoutes {
         }
         self.rule = true;
         Ok(())
+    }
+
+    /// Removes the rules and routes a previous agent in `--hbone-dial pod` left (this one runs
+    /// `node`), once; what is not there is not an error.
+    pub fn clear_once(&mut self) {
+        if std::mem::replace(&mut self.cleared, true) {
+            return;
+        }
+        let table = HBONE_ROUTE_TABLE.to_string();
+        for family in ["-4", "-6"] {
+            for priority in [HBONE_RULE_PRIORITY, HBONE_RULE_PRIORITY + 1] {
+                let priority = priority.to_string();
+                // One rule per priority is added (an existing one is kept); a few at most.
+                for _ in 0..4 {
+                    if ip(&[family, "rule", "del", "priority", &priority], false).is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = ip(&[family, "route", "flush", "table", &table], false);
+        }
     }
 
     /// Makes the table route exactly `pods` (the local pods' addresses). Returns what failed;

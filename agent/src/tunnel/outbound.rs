@@ -163,9 +163,17 @@ pub async fn open(
     dst: SocketAddr,
 ) -> Result<Opened, TunnelError> {
     let node = destination.hbone_peer(dst.ip(), ctx.config.peer_port);
-    let (hbone, fallback) = match ctx.config.dial {
-        super::HboneDial::Pod => (SocketAddr::new(dst.ip(), ctx.config.peer_port), node),
-        super::HboneDial::Node => (node.ok_or(TunnelError::UnknownDestination(dst))?, None),
+    let (hbone, route) = match ctx.config.dial {
+        // A pod elsewhere: its own address. A pod on this node: the node's (see
+        // `net::HboneRoutes`: what the node itself sends keeps the main table).
+        super::HboneDial::Pod if !destination.local => (
+            SocketAddr::new(dst.ip(), ctx.config.peer_port),
+            super::pool::Route { fallback: node },
+        ),
+        super::HboneDial::Pod | super::HboneDial::Node => (
+            node.ok_or(TunnelError::UnknownDestination(dst))?,
+            super::pool::Route::default(),
+        ),
     };
     if let Err(e) = ctx.certs.get(&source.identity) {
         return Err(TunnelError::NoCertificate {
@@ -184,7 +192,7 @@ pub async fn open(
             hbone,
             &destination.identity,
             dst.ip(),
-            fallback,
+            route,
         )
         .await?;
     let request = http::Request::builder()

@@ -28,6 +28,21 @@ use super::{Context, TunnelError, TunnelStats};
 use crate::ca::SpiffeId;
 use crate::ca::tls::{self, CertResolver, ExpectedServer};
 
+/// How to reach a peer besides its address.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Route {
+    /// Dialled when the peer address refuses or stays silent for [`POD_DIAL_TIMEOUT`]: the
+    /// destination node's own address, when the peer is a pod's.
+    pub fallback: Option<SocketAddr>,
+}
+
+/// How long a pod address may stay silent before its node's address is tried.
+pub const POD_DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn connect_tcp(peer: SocketAddr) -> std::io::Result<TcpStream> {
+    TcpStream::connect(peer).await
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
     source: SpiffeId,
@@ -83,7 +98,7 @@ impl Pool {
         peer: SocketAddr,
         destination: &SpiffeId,
         pod: IpAddr,
-        fallback: Option<SocketAddr>,
+        route: Route,
     ) -> Result<Lease, TunnelError> {
         let key = Key {
             source: source.clone(),
@@ -105,7 +120,7 @@ impl Pool {
         if let Some(lease) = self.find(&key, ctx.config.max_streams_per_connection) {
             return Ok(lease);
         }
-        let conn = self.dial(ctx, &key, pod, fallback).await?;
+        let conn = self.dial(ctx, &key, pod, route).await?;
         conn.streams.fetch_add(1, Ordering::Relaxed);
         self.conns
             .lock()
@@ -169,7 +184,7 @@ impl Pool {
         ctx: &Arc<Context>,
         key: &Key,
         pod: IpAddr,
-        fallback: Option<SocketAddr>,
+        route: Route,
     ) -> Result<Arc<Connection>, TunnelError> {
         let unreachable = |reason: String| TunnelError::PeerUnreachable {
             peer: key.peer,
@@ -183,15 +198,34 @@ impl Pool {
         .map_err(|e| unreachable(e.to_string()))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let handshake = async {
-            let tcp = match (TcpStream::connect(key.peer).await, fallback) {
+            let first = match route.fallback {
+                Some(_) => tokio::time::timeout(POD_DIAL_TIMEOUT, connect_tcp(key.peer))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {POD_DIAL_TIMEOUT:?}"),
+                        ))
+                    }),
+                None => connect_tcp(key.peer).await,
+            };
+            let tcp = match (first, route.fallback) {
                 (Ok(tcp), _) => tcp,
-                // The pod's address refused: its node does not hand `podIP:15008` to its agent
-                // (yet). The node's agent still proves the same identity, or is refused.
-                (Err(e), Some(node)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    tracing::debug!(peer = %key.peer, node = %node, "HBONE: the pod address refused; dialling its node");
-                    TcpStream::connect(node)
+                // The pod's address refused or stayed silent: its node does not hand
+                // `podIP:15008` to an agent (an older agent, not routed yet, or its agent is
+                // down: the kernel cannot answer a reset from an address that is not its own).
+                // The node's address answers at once, and its agent must prove the same
+                // identity.
+                (Err(e), Some(node))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    tracing::debug!(peer = %key.peer, node = %node, error = %e, "HBONE: dialling the pod's node instead");
+                    connect_tcp(node)
                         .await
-                        .map_err(|e| unreachable(format!("{e} (and {}: refused)", key.peer)))?
+                        .map_err(|e2| unreachable(format!("{e2} (and {}: {e})", key.peer)))?
                 }
                 (Err(e), _) => return Err(unreachable(e.to_string())),
             };
