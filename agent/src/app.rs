@@ -312,7 +312,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // A CA file that cannot be read or does not fit stops start-up, before anything changes.
     let (ca, certs) = match &config.ca_mode {
         crate::ca::CaMode::Local => {
-            crate::ca::start(&config.ca, config.cert_ttl).context("loading the mesh CA")?
+            crate::ca::start_for_node(&config.ca, config.cert_ttl, Some(&config.node))
+                .context("loading the mesh CA")?
         }
         crate::ca::CaMode::Issuer(issuer) => {
             crate::issuer::client::start(&config.ca, issuer, config.cert_ttl)
@@ -493,6 +494,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         mtls_last_good: BTreeMap::new(),
         tunnel,
         policy_route: false,
+        hbone_routes: crate::tunnel::net::HboneRoutes::default(),
         trim_at: None,
         service_sync,
         translating,
@@ -909,6 +911,9 @@ struct Control {
     tunnel: Arc<crate::tunnel::Context>,
     /// The tunnel's policy route is in place (see [`Control::ensure_policy_route`]).
     policy_route: bool,
+    /// Delivery of local pods' `podIP:15008` to the HBONE server (see
+    /// [`Control::sync_hbone_routes`]).
+    hbone_routes: crate::tunnel::net::HboneRoutes,
     /// When to [`Control::trim`]: [`TRIM_AFTER_IDLE`] after the last sync that changed
     /// something (a resync that changes nothing does not postpone it).
     trim_at: Option<tokio::time::Instant>,
@@ -1230,6 +1235,41 @@ impl Control {
         Ok(())
     }
 
+    /// Hands port 15008 of every local pod to the HBONE server (`tunnel::net::HboneRoutes`),
+    /// so peers can dial the pod's own address as ambient does. The rule goes in with the first
+    /// meshed pod anywhere in the cluster (a peer dials only a pod it knows as meshed), for the
+    /// same cost reason as [`Control::ensure_policy_route`], and stays; the routes follow every
+    /// local pod with an identity, meshed or not, so a mesh change never races a peer's dial.
+    fn sync_hbone_routes(&mut self) {
+        if self.tunnel.config.dial != crate::tunnel::HboneDial::Pod {
+            self.hbone_routes.clear_once();
+            return;
+        }
+        let view = self.tunnel.view();
+        if !self.hbone_routes.active() {
+            if !view.workloads.values().any(|w| w.mode.meshed()) {
+                return;
+            }
+            if let Err(e) = self
+                .hbone_routes
+                .ensure_rule(self.tunnel.config.hbone_addr.port())
+            {
+                self.report(e.to_string());
+                return;
+            }
+            tracing::info!("HBONE rule installed: local pods' port 15008 goes to the agent");
+        }
+        let pods: BTreeSet<std::net::IpAddr> = view
+            .workloads
+            .iter()
+            .filter(|(_, w)| w.local)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for e in self.hbone_routes.sync(&pods) {
+            self.report(e.to_string());
+        }
+    }
+
     /// Gives the memory a compile freed back to the system. glibc keeps freed memory in its
     /// arenas unless asked, and the agent's steady state is far smaller than its peak. Only once
     /// changes have stopped for [`TRIM_AFTER_IDLE`]: the next compile pays a page fault for every
@@ -1491,6 +1531,7 @@ impl Control {
         // their rule through the index publish just replaced.
         if synced {
             self.tunnel.set_shared_view(view);
+            self.sync_hbone_routes();
         }
         if synced && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");

@@ -196,6 +196,23 @@ impl MeshCa {
     }
 }
 
+/// [`Issued::via`] of a certificate this agent's own CA signed.
+pub const VIA_LOCAL: &str = "local";
+/// The organization in a node agent's certificate subject (with the node as common name).
+pub const NODE_AGENT_ORGANIZATION: &str = "nodeward node agent";
+
+/// The node a certificate's subject names (`O=nodeward node agent, CN=<node>`), if any.
+#[must_use]
+pub fn node_of(leaf: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let subject = x509.subject();
+    let org = subject.iter_organization().next()?.as_str().ok()?;
+    if org != NODE_AGENT_ORGANIZATION {
+        return None;
+    }
+    Some(subject.iter_common_name().next()?.as_str().ok()?.to_owned())
+}
+
 /// A certificate the CA issued, with its key, ready for rustls.
 #[derive(Debug)]
 pub struct Issued {
@@ -209,6 +226,11 @@ pub struct Issued {
     pub issued_at: SystemTime,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The node a node agent's certificate names (its subject's common name); `None` for a
+    /// workload's.
+    pub node: Option<String>,
+    /// Who signed it: `local` (this agent's own CA) or `issuer at ADDRESS, replica NAME`.
+    pub via: String,
 }
 
 impl Issued {
@@ -234,6 +256,8 @@ pub struct Authority {
     roots: Arc<RootCertStore>,
     trust_domain: String,
     origin: CaOrigin,
+    /// The node whose agent's certificate this CA signs (`--ca-mode local`): it names it.
+    node: Option<String>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -250,7 +274,21 @@ impl std::fmt::Debug for Authority {
 /// Loads (or creates) the CA and starts the certificate cache with the node agent's own
 /// identity issued. Call inside the Tokio runtime: renewals run on it.
 pub fn start(config: &CaConfig, ttl: Duration) -> Result<(MeshCa, manager::CertManager), CaError> {
-    let authority = Arc::new(Authority::load_or_create(config)?);
+    start_for_node(config, ttl, None)
+}
+
+/// [`start`], the agent's own certificate naming `node` when given.
+///
+/// # Errors
+/// As [`Authority::load_or_create`], or the agent's certificate cannot be issued.
+pub fn start_for_node(
+    config: &CaConfig,
+    ttl: Duration,
+    node: Option<&str>,
+) -> Result<(MeshCa, manager::CertManager), CaError> {
+    let mut authority = Authority::load_or_create(config)?;
+    authority.node = node.map(str::to_owned);
+    let authority = Arc::new(authority);
     let certs = manager::CertManager::new(authority.clone(), ttl);
     let agent = SpiffeId::agent(&config.trust_domain).map_err(CaError::TrustDomain)?;
     certs.pin(&agent)?;
@@ -338,6 +376,7 @@ impl Authority {
             roots: Arc::new(roots),
             trust_domain: config.trust_domain.clone(),
             origin,
+            node: None,
         };
         // One probe certificate proves the issuer, the chain and the roots fit together.
         let probe = authority.issue(
@@ -412,7 +451,11 @@ impl Authority {
         };
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| fail(format!("generating a key: {e}")))?;
-        let (cert, serial) = self.sign_workload(identity, &key, not_before, not_after)?;
+        let node = self
+            .node
+            .as_deref()
+            .filter(|_| SpiffeId::agent(&self.trust_domain).is_ok_and(|a| a == *identity));
+        let (cert, serial) = self.sign_leaf(identity, &key, not_before, not_after, node)?;
         let mut chain = vec![cert];
         chain.extend(self.chain.iter().cloned());
         let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
@@ -428,6 +471,8 @@ impl Authority {
             // X.509 times have whole seconds.
             not_before: whole_seconds(not_before),
             not_after: whole_seconds(not_after),
+            node: node.map(str::to_owned),
+            via: VIA_LOCAL.to_owned(),
         })
     }
 }
@@ -452,6 +497,23 @@ impl Authority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<(CertificateDer<'static>, [u8; 16]), CaError> {
+        self.sign_leaf(identity, key, not_before, not_after, None)
+    }
+
+    /// [`Authority::sign_workload`], naming `node` in the subject (`O=nodeward node agent,
+    /// CN=<node>`) when given: a node agent's certificate, for that node only (the issuer
+    /// gives the node its token proved, never one the request names).
+    ///
+    /// # Errors
+    /// As [`Authority::sign_workload`].
+    pub fn sign_leaf(
+        &self,
+        identity: &SpiffeId,
+        key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        node: Option<&str>,
+    ) -> Result<(CertificateDer<'static>, [u8; 16]), CaError> {
         let fail = |reason: String| CaError::Issue {
             identity: identity.uri(),
             reason,
@@ -463,8 +525,17 @@ impl Authority {
             )));
         }
         let mut params = CertificateParams::default();
-        // Empty subject: the SPIFFE ID in the (then critical) URI SAN is the whole identity.
+        // Empty subject: the SPIFFE ID in the (then critical) URI SAN is the whole identity;
+        // a node agent's names its node too.
         params.distinguished_name = DistinguishedName::new();
+        if let Some(node) = node {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, NODE_AGENT_ORGANIZATION);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, node);
+        }
         params.subject_alt_names = vec![SanType::URI(
             identity
                 .uri()
@@ -844,6 +915,27 @@ mod tests {
             rustls::pki_types::UnixTime::now(),
         )
         .expect("a certificate from before the restart chains to the reused root");
+    }
+
+    #[test]
+    fn the_agents_certificate_names_its_node_and_a_workloads_names_none() {
+        let state = tempfile::tempdir().unwrap();
+        let mut ca = authority(state.path(), td());
+        ca.node = Some("node-1".into());
+        let agent_id = SpiffeId::agent(td()).unwrap();
+        let agent = ca.issue(&agent_id, Duration::from_secs(60)).unwrap();
+        assert_eq!(node_of(agent.leaf()).as_deref(), Some("node-1"));
+        assert_eq!(agent.node.as_deref(), Some("node-1"));
+        assert_eq!(agent.via, VIA_LOCAL);
+        assert_eq!(tls::spiffe_id_of(agent.leaf()).unwrap(), agent_id);
+        let workload = ca
+            .issue(
+                &SpiffeId::workload(td(), "shop", "api").unwrap(),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert_eq!(node_of(workload.leaf()), None);
+        assert_eq!(workload.node, None);
     }
 
     #[test]

@@ -260,6 +260,13 @@ struct AgentArgs {
     /// addresses.
     #[arg(long, env = "NODEWARD_HBONE_ADDR", default_value = "[::]:15008")]
     hbone_addr: SocketAddr,
+    /// Which address the HBONE client dials for a destination pod: `pod` (port 15008 of the
+    /// pod's own address, as ambient does; with it this node also routes its own pods'
+    /// `podIP:15008` to the agent) or `node` (the destination node's address, the pod named in
+    /// the TLS server name). Set it alike on every node; a `pod` client falls back to the
+    /// node's address when a pod's address does not answer.
+    #[arg(long, env = "NODEWARD_HBONE_DIAL", value_enum, default_value = "node")]
+    hbone_dial: HboneDialArg,
     /// Entries of the ipcache map: every pod address in the cluster (two for a dual-stack pod),
     /// node and CIDR. The default holds 150,000 dual-stack pods with room for rollouts.
     #[arg(long, env = "NODEWARD_MAP_IPCACHE_ENTRIES", default_value_t = sizes::DEFAULT_IPCACHE,
@@ -294,6 +301,14 @@ struct AgentArgs {
     /// Log filter (tracing EnvFilter syntax), also RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum HboneDialArg {
+    /// The destination pod's address, port 15008.
+    Pod,
+    /// The destination node's address, port 15008.
+    Node,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -864,6 +879,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         tunnel: crate::tunnel::TunnelConfig {
             hbone_addr: args.hbone_addr,
+            dial: match args.hbone_dial {
+                HboneDialArg::Pod => crate::tunnel::HboneDial::Pod,
+                HboneDialArg::Node => crate::tunnel::HboneDial::Node,
+            },
             ..crate::tunnel::TunnelConfig::default()
         },
     };
@@ -1048,20 +1067,25 @@ fn certs_text(reply: &serde_json::Value) -> anyhow::Result<String> {
     );
     let _ = writeln!(
         out,
-        "\n{:<56} {:<34} {:<21} {:<10} SERIAL",
-        "IDENTITY", "ISSUER", "NOT AFTER", "RENEWS IN"
+        "\n{:<56} {:<34} {:<21} {:<10} {:<34} SERIAL",
+        "IDENTITY", "ISSUER", "NOT AFTER", "RENEWS IN", "ISSUED VIA"
     );
     for c in &report.certificates {
         let renews = humantime::format_duration(Duration::from_secs(c.renews_in_seconds));
+        let agent = match (&c.node, c.agent) {
+            (Some(node), _) => format!("  (agent of node {node})"),
+            (None, true) => "  (agent)".to_owned(),
+            (None, false) => String::new(),
+        };
         let _ = writeln!(
             out,
-            "{:<56} {:<34} {:<21} {:<10} {}{}",
+            "{:<56} {:<34} {:<21} {:<10} {:<34} {}{agent}",
             c.identity,
             c.issuer,
             c.not_after,
             renews.to_string(),
+            if c.via.is_empty() { "-" } else { &c.via },
             c.serial,
-            if c.agent { "  (agent)" } else { "" }
         );
     }
     Ok(out)
@@ -1607,10 +1631,32 @@ mod tests {
                 "renew_at": "2026-01-01T12:00:00Z",
                 "renews_in_seconds": 3600,
                 "expires_in_seconds": 7200,
-                "agent": false
+                "agent": false,
+                "via": "local"
+            }, {
+                "identity": "spiffe://cluster.local/ns/nodeward-system/sa/nodeward",
+                "issuer": "O=cluster.local, CN=nodeward root CA 0a0b0c0d",
+                "serial": "7F02",
+                "not_before": "2026-01-01T00:00:00Z",
+                "not_after": "2026-01-02T00:00:00Z",
+                "renew_at": "2026-01-01T12:00:00Z",
+                "renews_in_seconds": 3600,
+                "expires_in_seconds": 7200,
+                "agent": true,
+                "node": "node-1",
+                "via": "issuer at 10.0.0.9:15012, replica nodeward-issuer-7d9f"
             }]
         });
         let text = certs_text(&reply).unwrap();
+        let agent = text
+            .lines()
+            .find(|l| l.contains("7F02"))
+            .unwrap_or_else(|| panic!("no line for the agent in:\n{text}"));
+        assert!(
+            agent.contains("(agent of node node-1)")
+                && agent.contains("issuer at 10.0.0.9:15012, replica nodeward-issuer-7d9f"),
+            "{agent}"
+        );
         assert!(text.starts_with("trust domain cluster.local"), "{text}");
         let line = text
             .lines()

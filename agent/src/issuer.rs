@@ -171,6 +171,23 @@ pub struct Issuer {
     limiter: Mutex<RateLimiter>,
     ttl: Duration,
     pub stats: IssuerStats,
+    /// This replica's name, in every answer ([`REPLICA_HEADER`]).
+    replica: String,
+}
+
+/// The response header naming the issuer replica that signed (its host name: the pod's name
+/// in a cluster, unless `NODEWARD_ISSUER_REPLICA` says otherwise).
+pub const REPLICA_HEADER: &str = "nodeward-issuer-replica";
+
+/// This replica's name: `NODEWARD_ISSUER_REPLICA`, else the host name.
+#[must_use]
+pub fn replica_name() -> String {
+    std::env::var("NODEWARD_ISSUER_REPLICA")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unnamed".to_owned())
 }
 
 impl Issuer {
@@ -189,6 +206,7 @@ impl Issuer {
             limiter: Mutex::new(limiter),
             ttl,
             stats: IssuerStats::default(),
+            replica: replica_name(),
         }
     }
 
@@ -241,13 +259,16 @@ impl Issuer {
         };
         let now = SystemTime::now();
         let not_after = now + self.ttl;
+        // A node agent's certificate names the node the token proved, and only that one.
+        let agent_node = check::is_agent(&csr.identity).then_some(node.as_str());
         let (leaf, _) = self
             .authority
-            .sign_workload(
+            .sign_leaf(
                 &csr.identity,
                 &csr.public_key,
                 now - Duration::from_secs(60),
                 not_after,
+                agent_node,
             )
             .map_err(|e| Refusal::Unavailable(e.to_string()))?;
         let mut chain_pem = String::new();
@@ -332,7 +353,13 @@ async fn handle(issuer: Arc<Issuer>, req: Request<hyper::body::Incoming>) -> Res
         return text(StatusCode::BAD_REQUEST, "the CSR is not PEM text\n");
     };
     match issuer.sign(&token, csr).await {
-        Ok(signed) => text(StatusCode::OK, signed.chain_pem),
+        Ok(signed) => {
+            let mut response = text(StatusCode::OK, signed.chain_pem);
+            if let Ok(name) = hyper::header::HeaderValue::from_str(&issuer.replica) {
+                response.headers_mut().insert(REPLICA_HEADER, name);
+            }
+            response
+        }
         Err(e) => text(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             format!("{e}\n"),

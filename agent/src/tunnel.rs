@@ -64,6 +64,24 @@ pub struct TunnelConfig {
     pub connect_timeout: Duration,
     /// Concurrent streams one client connection may open on our server.
     pub max_concurrent_streams: u32,
+    /// Which address the HBONE client dials (`--hbone-dial`).
+    pub dial: HboneDial,
+}
+
+/// Where the HBONE client connects for a destination pod, and whether this node takes
+/// connections at its pods' addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HboneDial {
+    /// The destination pod's own address, port 15008, as ambient's ztunnel does; this node
+    /// delivers its own pods' `podIP:15008` to its agent (`net::HboneRoutes`). A pod address
+    /// that refuses or stays silent (its node's agent is down, predates this or runs `node`)
+    /// is dialled again at the node's address.
+    Pod,
+    /// The destination node's address, the pod named in the TLS server name (no routes on
+    /// this node). The default for now: with the routes in place, the lab's mesh on/off churn
+    /// test loses 1-3 plaintext SYNs in ~40,000 connections (DEVELOPERS.md).
+    #[default]
+    Node,
 }
 
 impl Default for TunnelConfig {
@@ -76,6 +94,7 @@ impl Default for TunnelConfig {
             handshake_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             max_concurrent_streams: 1024,
+            dial: HboneDial::default(),
         }
     }
 }
@@ -195,7 +214,7 @@ pub fn run(
     ctx: Arc<Context>,
     outbound: Vec<std::net::TcpListener>,
     hbone: std::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: inbound::Acceptor,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -330,6 +330,34 @@ async fn an_agent_gets_a_certificate_for_its_own_key_over_tls() {
         nodeward::ca::tls::spiffe_id_of(issued.leaf()).unwrap(),
         id("shop", "api")
     );
+    assert!(
+        issued
+            .via
+            .starts_with(&format!("issuer at {addr}, replica ")),
+        "{}",
+        issued.via
+    );
+    assert_eq!(issued.node, None, "a workload's certificate names no node");
+
+    // The node agent's own certificate names the node the token proved, whatever the request
+    // puts in its subject.
+    let agent_id = SpiffeId::agent(TD).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "node-2");
+    params.subject_alt_names = vec![rcgen::SanType::URI(agent_id.uri().try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let chain = client.sign(&csr).await.unwrap();
+    assert_eq!(
+        nodeward::ca::tls::spiffe_id_of(&chain[0]).unwrap(),
+        agent_id
+    );
+    assert_eq!(nodeward::ca::node_of(&chain[0]).as_deref(), Some("node-1"));
+    let agent = client.issue_async(&agent_id).await.unwrap();
+    assert_eq!(agent.node.as_deref(), Some("node-1"));
+
     let e = client.issue_async(&id("shop", "db")).await.unwrap_err();
     assert!(
         e.contains("403") && e.contains("not the identity of any pod scheduled on node node-1"),

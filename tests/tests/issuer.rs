@@ -6,7 +6,7 @@
 //! node-1, N = 1 on node-2.
 
 use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,8 @@ use nodeward_lab::{Case, HTTP_PORT, Lab, eventually, netpol};
 
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// Restarts the issuer (with `issuer_args`) and both agents in `--ca-mode issuer`, then meshes
+/// Restarts the issuer (with `issuer_args`) and both agents in `--ca-mode issuer` and
+/// `--hbone-dial pod`, then meshes
 /// frontend and backend and waits until web-1 (node-2) reaches api-0 (node-1).
 fn with_issuer(lab: &mut Lab, issuer_args: &[&str]) {
     for node in lab.node_names() {
@@ -23,7 +24,9 @@ fn with_issuer(lab: &mut Lab, issuer_args: &[&str]) {
     }
     let _ = lab.kill_issuer();
     lab.start_issuer(issuer_args).unwrap();
-    let args = lab.issuer_agent_args().unwrap();
+    let mut args = lab.issuer_agent_args().unwrap();
+    // Zero trust as ambient wires it: HBONE to the destination pod's own address.
+    args.extend(["--hbone-dial".to_owned(), "pod".to_owned()]);
     lab.set_agent_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
     for node in lab.node_names() {
         let started = lab.start_agent(&node);
@@ -130,6 +133,84 @@ fn with_the_issuer_meshed_pods_talk_and_no_node_holds_a_ca_key() {
     back_to_local_ca(&mut lab);
 }
 
+/// Sends a line from `from` to `to` and checks the echo.
+fn echo(lab: &Lab, from: &str, to: std::net::SocketAddr) {
+    let mut stream =
+        nodeward_lab::probe::connect_from(&lab.pod(from).netns, to, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("{from} -> {to}: {e:#}\n{}", lab.agent_logs_tail(10)));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let line = b"dialled at the pod\n";
+    stream.write_all(line).unwrap();
+    let mut got = vec![0u8; line.len()];
+    stream
+        .read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("{from} -> {to}: no echo: {e}"));
+    assert_eq!(&got, line);
+}
+
+#[test]
+fn hbone_dials_the_destination_pods_address_and_the_pod_never_sees_port_15008() {
+    let mut lab = shared_lab();
+    with_issuer(&mut lab, &[]);
+    // web-1 is on node-2, api-0 on node-1.
+    let api0 = lab.pod("backend/api-0").clone();
+    let node2 = lab.node("node-2").clone();
+    // Something of api-0's own on port 15008: it must never get a connection.
+    let own = nodeward_lab::sys::in_netns(&api0.netns, || {
+        TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, 15008))
+    })
+    .unwrap()
+    .expect("a listener on port 15008 in api-0's namespace");
+    own.set_nonblocking(true).unwrap();
+
+    let pcap = lab.state().dir.join("tmp").join("hbone-dial.pcap");
+    let capture =
+        nodeward_lab::capture::Capture::start(&lab.state().underlay_netns, "br0", "tcp", &pcap)
+            .unwrap();
+    echo(&lab, "frontend/web-1", lab.addr("backend/api-0", HTTP_PORT));
+    echo(
+        &lab,
+        "frontend/web-1",
+        lab.addr6("backend/api-0", HTTP_PORT),
+    );
+    // Plaintext to api-0's port 15008 from node-2 itself: node-1 hands it to its agent, whose
+    // TLS server answers no plaintext.
+    let plaintext = nodeward_lab::sys::in_netns(&node2.netns, || {
+        let to = std::net::SocketAddr::from((api0.ip4, 15008));
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: api-0\r\n\r\n")?;
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        Ok::<_, std::io::Error>(got)
+    })
+    .unwrap();
+    let (_, packets) = capture.stop().unwrap();
+
+    for ip in [api0.ip4.to_string(), api0.ip6.to_string()] {
+        assert!(
+            packets
+                .lines()
+                .any(|l| l.contains(&format!("> {ip}.15008"))),
+            "no HBONE connection was dialled at {ip}.15008:\n{packets}"
+        );
+    }
+    let answer = plaintext.expect("node-1's agent accepts a connection to api-0:15008");
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plaintext to api-0:15008 got an HTTP answer: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    match own.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("api-0 itself received a connection to its port 15008: {other:?}"),
+    }
+    drop(own);
+    back_to_local_ca(&mut lab);
+}
+
 #[test]
 fn node_1s_agent_cannot_obtain_a_certificate_for_a_pod_on_node_2() {
     let mut lab = shared_lab();
@@ -195,9 +276,10 @@ fn a_forged_agent_with_a_node_1_workloads_certificate_cannot_terminate_a_connect
     )
     .unwrap_or_else(|e| panic!("node-1's own workload: {e:#}"));
     // The forged agent: a TLS server in node-1's namespace presenting that certificate, and
-    // node-1's connections to node-2's HBONE port diverted to it.
+    // node-1's HBONE connections to api-1 (dialled at api-1's own address, port 15008, as
+    // ambient does) diverted to it.
     let node1 = lab.node("node-1").clone();
-    let node2 = lab.node("node-2").clone();
+    let api1 = lab.pod("backend/api-1").ip4;
     let forged_port = "15999";
     let mut server = std::process::Command::new("nsenter")
         .arg(format!(
@@ -229,7 +311,7 @@ fn a_forged_agent_with_a_node_1_workloads_certificate_cannot_terminate_a_connect
         "-p",
         "tcp",
         "-d",
-        &node2.ip4.to_string(),
+        &api1.to_string(),
         "--dport",
         "15008",
         "-j",
@@ -283,10 +365,64 @@ fn a_forged_agent_with_a_node_1_workloads_certificate_cannot_terminate_a_connect
 {}",
         lab.agent_logs_tail(10)
     );
-    // Without the diversion, the real node-2 agent proves backend/api.
     drop(dnat);
     let _ = server.kill();
     let _ = server.wait();
+
+    // Node-1's own agent, asked for api-1 (node-1's HBONE connections to api-1 diverted to its
+    // own HBONE server), has no certificate for a pod that is not on its node: nothing
+    // terminates.
+    const NOT_HERE: &str = "a client asked for a pod that is not on this node";
+    let not_here = |lab: &Lab| {
+        std::fs::read_to_string(lab.agent_log("node-1"))
+            .unwrap_or_default()
+            .matches(NOT_HERE)
+            .count()
+    };
+    let not_here_before = not_here(&lab);
+    let own_rule: Vec<String> = [
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        &api1.to_string(),
+        "--dport",
+        "15008",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{}:15008", node1.ip4),
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let added = std::process::Command::new("ip")
+        .args(["netns", "exec", &node1.netns, "iptables", "-t", "nat", "-A"])
+        .args(&own_rule)
+        .status()
+        .unwrap();
+    assert!(added.success(), "adding the DNAT rule to node-1's agent");
+    let route = Dnat {
+        netns: node1.netns.clone(),
+        rule: own_rule,
+    };
+    lab.expect(
+        &[Case::tcp(
+            "frontend/web-0",
+            "backend/api-1",
+            HTTP_PORT,
+            false,
+        )],
+        SETTLE,
+    );
+    assert!(
+        not_here(&lab) > not_here_before,
+        "node-1's HBONE server did not refuse to answer for api-1:\n{}",
+        lab.agent_logs_tail(10)
+    );
+    drop(route);
+
+    // Without the diversion, the real node-2 agent proves backend/api.
     lab.expect(
         &[Case::tcp(
             "frontend/web-0",

@@ -4,7 +4,9 @@
 //! - plaintext, no agent (agents stopped and their pinned state removed: nothing attached),
 //! - plaintext, nodeward L3/L4 only (agents running, no `MutualTLS`: `--mtls-mode DISABLE`),
 //! - through the tunnel (agents running, `MutualTLS` PERMISSIVE for the client's and the
-//!   server's namespace: both pods meshed, so the agents carry the connection over HBONE).
+//!   server's namespace: both pods meshed, so the agents carry the connection over HBONE),
+//!   dialled at the destination node's address (`--hbone-dial node`, the default),
+//! - the same dialled at the destination pod's address (`--hbone-dial pod`, as ambient).
 //!
 //! Each scenario: bulk throughput (iperf3, one stream), request/response latency p50/p99 over one
 //! connection, new connections per second. Rounds in ABBA order, median over the rounds. The
@@ -78,16 +80,23 @@ enum Scenario {
     NoAgent,
     Plaintext,
     Tunnel,
+    TunnelPod,
 }
 
 impl Scenario {
-    const ALL: [Self; 3] = [Self::NoAgent, Self::Plaintext, Self::Tunnel];
+    const ALL: [Self; 4] = [
+        Self::NoAgent,
+        Self::Plaintext,
+        Self::Tunnel,
+        Self::TunnelPod,
+    ];
 
     fn short(self) -> &'static str {
         match self {
             Self::NoAgent => "no agent",
             Self::Plaintext => "L3/L4",
             Self::Tunnel => "tunnel",
+            Self::TunnelPod => "tunnel, pod dial",
         }
     }
 
@@ -96,15 +105,26 @@ impl Scenario {
             Self::NoAgent => "plaintext, no agent",
             Self::Plaintext => "plaintext, nodeward L3/L4",
             Self::Tunnel => "nodeward mTLS tunnel",
+            Self::TunnelPod => "nodeward mTLS tunnel, `--hbone-dial pod`",
         }
     }
 }
 
 /// ABBA: drift over the run affects every scenario alike; the agents start only twice and the
 /// mesh changes twice per pair of rounds.
-const ORDER: [[Scenario; 3]; 2] = [
-    [Scenario::NoAgent, Scenario::Plaintext, Scenario::Tunnel],
-    [Scenario::Tunnel, Scenario::Plaintext, Scenario::NoAgent],
+const ORDER: [[Scenario; 4]; 2] = [
+    [
+        Scenario::NoAgent,
+        Scenario::Plaintext,
+        Scenario::Tunnel,
+        Scenario::TunnelPod,
+    ],
+    [
+        Scenario::TunnelPod,
+        Scenario::Tunnel,
+        Scenario::Plaintext,
+        Scenario::NoAgent,
+    ],
 ];
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -245,6 +265,8 @@ struct Bench {
     /// The namespaces the tunnel scenario meshes (the client's and the server's).
     mesh_namespaces: Vec<String>,
     agents: bool,
+    /// The running agents dial pods (`--hbone-dial pod`).
+    pod_dial: bool,
     meshed: bool,
     sinks: rules::Sinks,
     d: Durations,
@@ -275,6 +297,7 @@ pub fn run(quick: bool, ports: rules::SinkPorts) -> Result<()> {
         server,
         mesh_namespaces,
         agents: false,
+        pod_dial: false,
         meshed: false,
         sinks: rules::Sinks::new(ports),
         d,
@@ -405,11 +428,11 @@ impl Bench {
                 self.stop_agents()?;
             }
             Scenario::Plaintext => {
-                self.start_agents()?;
+                self.start_agents(false)?;
                 self.set_mesh(false)?;
             }
-            Scenario::Tunnel => {
-                self.start_agents()?;
+            Scenario::Tunnel | Scenario::TunnelPod => {
+                self.start_agents(scenario == Scenario::TunnelPod)?;
                 self.set_mesh(true)?;
             }
         }
@@ -443,7 +466,7 @@ impl Bench {
                 );
                 Ok(())
             }
-            Scenario::Tunnel => {
+            Scenario::Tunnel | Scenario::TunnelPod => {
                 ensure!(
                     delta.outbound_ok >= min && delta.inbound_ok >= min,
                     "{}: connections did not go through the tunnel: {} tunnel.outbound.ok +{} \
@@ -479,6 +502,7 @@ impl Bench {
             self.lab.start_agent(&node)?;
         }
         self.agents = true;
+        self.pod_dial = false;
         self.wait_meshed()
     }
 
@@ -501,14 +525,33 @@ impl Bench {
         Ok(())
     }
 
-    fn start_agents(&mut self) -> Result<()> {
-        if self.agents {
+    /// Agents running, dialling pods when `pod_dial`: restarted (on their pinned state) when
+    /// they run the other way.
+    fn start_agents(&mut self, pod_dial: bool) -> Result<()> {
+        if self.agents && self.pod_dial == pod_dial {
             return Ok(());
         }
-        for node in self.lab.node_names() {
-            self.lab.start_agent(&node)?;
+        if pod_dial {
+            self.lab.set_agent_args(&["--hbone-dial", "pod"]);
         }
+        let mut started = Ok(());
+        for node in self.lab.node_names() {
+            if self.agents {
+                started = self.lab.stop_agent(&node);
+            }
+            started = started.and_then(|()| self.lab.start_agent(&node).map(|_| ()));
+            if started.is_err() {
+                break;
+            }
+        }
+        self.lab.set_agent_args(&[]);
+        started?;
+        let restarted = self.agents;
         self.agents = true;
+        self.pod_dial = pod_dial;
+        if restarted && self.meshed {
+            self.wait_meshed()?;
+        }
         Ok(())
     }
 
@@ -1051,12 +1094,33 @@ impl Report {
             verdict(rss < TARGET_RSS_KIB),
             mib(rss)
         );
+        let pod_vs_node: Vec<String> = Figure::ALL
+            .iter()
+            .map(|&f| {
+                format!(
+                    "{} {:.2}x",
+                    f.title(),
+                    self.median(Scenario::TunnelPod, f) / self.median(Scenario::Tunnel, f)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nDialling the destination pod's address (`--hbone-dial pod`) against its node's \
+             (medians): {}.",
+            pod_vs_node.join(", ")
+        );
 
         let mut t = TunnelDelta::default();
-        for sample in self.samples.get(&Scenario::Tunnel).into_iter().flatten() {
+        for sample in [Scenario::Tunnel, Scenario::TunnelPod]
+            .iter()
+            .filter_map(|s| self.samples.get(s))
+            .flatten()
+        {
             t.add(sample.tunnel);
         }
-        let completed = self.total(Scenario::Tunnel, |s| s.completed);
+        let completed = self.total(Scenario::Tunnel, |s| s.completed)
+            + self.total(Scenario::TunnelPod, |s| s.completed);
         let errors: Vec<String> = Scenario::ALL
             .iter()
             .map(|&sc| format!("{} {}", sc.short(), self.total(sc, |s| s.crr_errors)))

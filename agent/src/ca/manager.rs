@@ -52,6 +52,12 @@ pub struct CertInfo {
     pub expires_in_seconds: u64,
     /// Whether it is the node agent's own certificate rather than a workload's.
     pub agent: bool,
+    /// The node a node agent's certificate names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Who signed it: `local`, or `issuer at ADDRESS, replica NAME`.
+    #[serde(default)]
+    pub via: String,
 }
 
 struct Slot {
@@ -235,6 +241,8 @@ impl CertManager {
                 renews_in_seconds: until(c.renew_at),
                 expires_in_seconds: until(c.not_after),
                 agent,
+                node: c.node.clone(),
+                via: c.via.clone(),
             })
             .collect()
     }

@@ -74,12 +74,26 @@ impl IssuerClient {
     /// # Errors
     /// The token cannot be read, the issuer cannot be reached or refuses (its reason).
     pub async fn sign(&self, csr_pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+        Ok(self.sign_naming_replica(csr_pem).await?.0)
+    }
+
+    /// [`sign`](Self::sign), with the name of the replica that signed, when it says.
+    ///
+    /// # Errors
+    /// As [`sign`](Self::sign).
+    pub async fn sign_naming_replica(
+        &self,
+        csr_pem: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, Option<String>), String> {
         tokio::time::timeout(self.config.timeout, self.try_sign(csr_pem))
             .await
             .map_err(|_| format!("no answer within {:?}", self.config.timeout))?
     }
 
-    async fn try_sign(&self, csr_pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    async fn try_sign(
+        &self,
+        csr_pem: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, Option<String>), String> {
         let token = std::fs::read_to_string(&self.config.token_file)
             .map_err(|e| format!("{}: {e}", self.config.token_file.display()))?;
         let tcp = tokio::net::TcpStream::connect(&self.config.address)
@@ -108,6 +122,11 @@ impl IssuerClient {
             .await
             .map_err(|e| format!("HTTP: {e}"))?;
         let status = response.status();
+        let replica = response
+            .headers()
+            .get(super::REPLICA_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = response
             .into_body()
             .collect()
@@ -124,7 +143,7 @@ impl IssuerClient {
         if chain.is_empty() {
             return Err("the issuer answered no certificate".into());
         }
-        Ok(chain)
+        Ok((chain, replica))
     }
 
     /// A new key and a CSR for `identity` (the key stays here).
@@ -155,8 +174,9 @@ impl IssuerClient {
     /// As [`sign`](Self::sign), or the answer is not a certificate for `identity` with our key.
     pub async fn issue_async(&self, identity: &SpiffeId) -> Result<Issued, String> {
         let (key, csr) = Self::csr_for(identity)?;
-        let chain = self.sign(&csr).await?;
+        let (chain, replica) = self.sign_naming_replica(&csr).await?;
         let leaf = &chain[0];
+        let node = crate::ca::node_of(leaf);
         let id = tls::spiffe_id_of(leaf).map_err(|e| format!("the issued certificate: {e}"))?;
         if id != *identity {
             return Err(format!("the issuer signed {id}, not {identity}"));
@@ -192,6 +212,11 @@ impl IssuerClient {
             issued_at: SystemTime::now(),
             not_before,
             not_after,
+            node,
+            via: match replica {
+                Some(replica) => format!("issuer at {}, replica {replica}", self.config.address),
+                None => format!("issuer at {}", self.config.address),
+            },
         })
     }
 }

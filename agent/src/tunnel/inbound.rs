@@ -10,7 +10,8 @@
 //! handshake deadline, and each client connection may open at most
 //! `max_concurrent_streams` streams.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use agent_common::{DIR_INGRESS, IDENTITY_WORLD, mesh::MARK_FROM_AGENT};
@@ -32,15 +33,18 @@ use crate::policy::model::PROTO_TCP;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-/// The TLS side of the server: it presents the certificate of the destination workload the
-/// client names (its pod address, in the SNI: [`tls::pod_server_name`]) and requires a
-/// client's. A name for no local pod is refused; a client that sends no pod name gets the node
-/// agent's own certificate (pinned in the certificate manager, so it is renewed like the
-/// workloads'), which a nodeward client never accepts for a pod.
+/// The TLS side of the server. A connection that arrived at a local pod's address (the
+/// destination node hands `podIP:15008` to the agent: `net::HboneRoutes`) gets that pod's
+/// certificate, whatever its server name says: the destination address is authoritative, as
+/// in ambient. A connection to the node's own address gets the certificate of the local
+/// workload its server name names ([`tls::pod_server_name`], `--hbone-dial node`); a name for no
+/// local pod is refused, and a client that sends no pod name gets the node agent's own
+/// certificate (pinned in the certificate manager, so it is renewed like the workloads'), which
+/// a nodeward client never accepts for a pod. Either way a client certificate is required.
 ///
 /// # Errors
 /// The agent has no certificate, or the TLS configuration cannot be built.
-pub fn acceptor(ctx: &Arc<Context>) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub fn acceptor(ctx: &Arc<Context>) -> Result<Acceptor, String> {
     let agent = SpiffeId::agent(ctx.trust.trust_domain()).map_err(|e| e.to_string())?;
     ctx.certs.pin(&agent).map_err(|e| e.to_string())?;
     let resolver = Arc::new(WorkloadResolver {
@@ -48,11 +52,119 @@ pub fn acceptor(ctx: &Arc<Context>) -> Result<tokio_rustls::TlsAcceptor, String>
         agent: CertResolver::new(ctx.certs.clone(), agent),
     });
     let config = tls::server_config(&ctx.trust, resolver).map_err(|e| e.to_string())?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Acceptor {
+        fallback: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        pods: Some(Arc::new(PodAcceptors {
+            ctx: Arc::downgrade(ctx),
+            cache: std::sync::Mutex::default(),
+        })),
+    })
 }
 
-/// Picks the server certificate per handshake: the local workload at the pod address the SNI
-/// names (see [`acceptor`]).
+/// The HBONE server's TLS acceptors: one per local pod address connections arrive at, and the
+/// server-name one for connections to the node's address (see [`acceptor`]).
+#[derive(Clone)]
+pub struct Acceptor {
+    fallback: tokio_rustls::TlsAcceptor,
+    pods: Option<Arc<PodAcceptors>>,
+}
+
+/// One configuration for every connection, whatever its destination (tests' forged servers).
+impl From<tokio_rustls::TlsAcceptor> for Acceptor {
+    fn from(fallback: tokio_rustls::TlsAcceptor) -> Self {
+        Self {
+            fallback,
+            pods: None,
+        }
+    }
+}
+
+/// Local pods' acceptors, by address, built on a pod's first connection and kept (a TLS
+/// configuration holds the client verifier, too costly to build per connection).
+struct PodAcceptors {
+    ctx: std::sync::Weak<Context>,
+    cache: std::sync::Mutex<HashMap<IpAddr, tokio_rustls::TlsAcceptor>>,
+}
+
+/// Entries kept before those of addresses that are no longer local pods are dropped.
+const POD_ACCEPTORS_KEPT: usize = 512;
+
+impl Acceptor {
+    /// The acceptor for a connection that arrived at `local`, and the local pod it was dialled
+    /// at (`None`: the node's own address, or an acceptor without per-pod configurations).
+    fn for_destination(&self, local: IpAddr) -> (tokio_rustls::TlsAcceptor, Option<IpAddr>) {
+        let Some(pods) = &self.pods else {
+            return (self.fallback.clone(), None);
+        };
+        let Some(ctx) = pods.ctx.upgrade() else {
+            return (self.fallback.clone(), None);
+        };
+        let local = local.to_canonical();
+        if !ctx.view().workload(local).is_some_and(|w| w.local) {
+            return (self.fallback.clone(), None);
+        }
+        let mut cache = pods
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(acceptor) = cache.get(&local) {
+            return (acceptor.clone(), Some(local));
+        }
+        let resolver = Arc::new(PodResolver {
+            ctx: Arc::downgrade(&ctx),
+            pod: local,
+        });
+        match tls::server_config(&ctx.trust, resolver) {
+            Ok(config) => {
+                if cache.len() >= POD_ACCEPTORS_KEPT {
+                    let view = ctx.view();
+                    cache.retain(|ip, _| view.workload(*ip).is_some_and(|w| w.local));
+                }
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                cache.insert(local, acceptor.clone());
+                (acceptor, Some(local))
+            }
+            Err(e) => {
+                tracing::warn!(pod = %local, error = %e, "HBONE: no TLS configuration for a pod");
+                (self.fallback.clone(), None)
+            }
+        }
+    }
+}
+
+/// The certificate of the local workload at `pod`, renewed as the control loop renews it.
+fn workload_certificate(ctx: &Context, pod: IpAddr) -> Option<Arc<CertifiedKey>> {
+    let view = ctx.view();
+    let Some(workload) = view.workload(pod).filter(|w| w.local) else {
+        tracing::info!(pod = %pod, "HBONE: a client asked for a pod that is not on this node");
+        return None;
+    };
+    // Never issued here: the control loop issues every local workload's certificate, and a
+    // handshake must not wait on an issuer (`--ca-mode issuer`).
+    if let Some(cert) = ctx.certs.cached(&workload.identity) {
+        Some(cert.certified_key.clone())
+    } else {
+        tracing::warn!(identity = %workload.identity, "HBONE: no certificate to present yet");
+        None
+    }
+}
+
+/// Presents the certificate of the pod a connection was dialled at, whatever the server name.
+#[derive(Debug)]
+struct PodResolver {
+    ctx: std::sync::Weak<Context>,
+    pod: IpAddr,
+}
+
+impl ResolvesServerCert for PodResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let ctx = self.ctx.upgrade()?;
+        workload_certificate(&ctx, self.pod)
+    }
+}
+
+/// Picks the server certificate per handshake on the node's address: the local workload at the
+/// pod address the SNI names (see [`acceptor`]).
 struct WorkloadResolver {
     /// Weak: the context outlives every handshake that matters, and holds no acceptor.
     ctx: std::sync::Weak<Context>,
@@ -76,37 +188,25 @@ impl ResolvesServerCert for WorkloadResolver {
         let Some(pod) = tls::pod_of_server_name(name) else {
             return ResolvesServerCert::resolve(self.agent.as_ref(), hello);
         };
-        let view = ctx.view();
-        let Some(workload) = view.workload(pod).filter(|w| w.local) else {
-            tracing::info!(pod = %pod, "HBONE: a client asked for a pod that is not on this node");
-            return None;
-        };
-        // Never issued here: the control loop issues every local workload's certificate, and a
-        // handshake must not wait on an issuer (`--ca-mode issuer`).
-        if let Some(cert) = ctx.certs.cached(&workload.identity) {
-            Some(cert.certified_key.clone())
-        } else {
-            tracing::warn!(identity = %workload.identity, "HBONE: no certificate to present yet");
-            None
-        }
+        workload_certificate(&ctx, pod)
     }
 }
 
 /// Accepts HBONE connections until the task is dropped.
-pub async fn serve(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ctx: Arc<Context>) {
+pub async fn serve(listener: TcpListener, acceptor: impl Into<Acceptor>, ctx: Arc<Context>) {
+    let acceptor = acceptor.into();
     super::accept_each(listener, "HBONE", |tcp, peer| {
         connection(tcp, peer, acceptor.clone(), ctx.clone())
     })
     .await;
 }
 
-async fn connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
-    ctx: Arc<Context>,
-) {
+async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: Acceptor, ctx: Arc<Context>) {
     let _ = tcp.set_nodelay(true);
+    let (acceptor, dialled) = match tcp.local_addr() {
+        Ok(local) => acceptor.for_destination(local.ip()),
+        Err(_) => (acceptor.fallback.clone(), None),
+    };
     let timeout = ctx.config.handshake_timeout;
     let refuse = |reason: String| {
         TunnelStats::add(&ctx.stats.server_handshake_failures, 1);
@@ -122,11 +222,13 @@ async fn connection(
     };
     // The workload whose certificate this connection presented (see `acceptor`): its streams
     // may only go to that workload's pods.
-    let presented = tls
-        .get_ref()
-        .1
-        .server_name()
-        .and_then(tls::pod_of_server_name)
+    let presented = dialled
+        .or_else(|| {
+            tls.get_ref()
+                .1
+                .server_name()
+                .and_then(tls::pod_of_server_name)
+        })
         .and_then(|pod| ctx.view().workload(pod).map(|w| w.identity.clone()));
     let presented = presented.map(Arc::new);
     let handshake = h2::server::Builder::new()
@@ -154,6 +256,7 @@ async fn connection(
                     respond,
                     client.clone(),
                     presented.clone(),
+                    dialled,
                     ctx.clone(),
                 ));
             }
@@ -220,6 +323,7 @@ async fn stream(
     respond: SendResponse<Bytes>,
     client: SpiffeId,
     presented: Option<Arc<SpiffeId>>,
+    dialled: Option<IpAddr>,
     ctx: Arc<Context>,
 ) {
     if request.method() != http::Method::CONNECT {
@@ -241,6 +345,14 @@ async fn stream(
         SocketAddr::new(src.ip().to_canonical(), src.port()),
         SocketAddr::new(dst.ip().to_canonical(), dst.port()),
     );
+    if let Some(pod) = dialled
+        && dst.ip() != pod
+    {
+        // Dialled at one pod, asked for another (ztunnel refuses this too): the connection
+        // proved only the dialled pod's workload.
+        tracing::info!(source = %src, destination = %dst, client = %client, dialled = %pod, "HBONE: a CONNECT for another pod than the one dialled");
+        return answer(respond, StatusCode::MISDIRECTED_REQUEST);
+    }
     if let Some(presented) = &presented
         && ctx
             .view()

@@ -51,7 +51,7 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// A listener at `addr` for the HBONE server (`[::]` is dual stack; on a node without IPv6 it
-/// falls back to `0.0.0.0`).
+/// falls back to `0.0.0.0`), transparent, so it also takes what [`HboneRoutes`] delivers.
 ///
 /// # Errors
 /// Socket, bind or listen failure.
@@ -71,6 +71,12 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         socket.set_only_v6(false)?;
+    }
+    // Connections to local pods' addresses (`HboneRoutes`) are accepted with the pod's address
+    // as their local one: answering from it needs the transparent flag (one flag for both
+    // families of a dual-stack socket).
+    if let Err(e) = set_transparent(&socket, addr.is_ipv6()) {
+        tracing::warn!(error = %e, "the HBONE listener is not transparent: peers dialling pod addresses cannot reach it");
     }
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -166,4 +172,158 @@ fn ip(args: &[&str], exists_ok: bool) -> Result<(), RouteError> {
         return Ok(());
     }
     Err(err(stderr.trim().to_owned()))
+}
+
+/// The routing table of local pods' HBONE addresses, and the priority of its rule (after the
+/// mark's, [`RULE_PRIORITY`]).
+pub const HBONE_ROUTE_TABLE: u32 = ROUTE_TABLE + 1;
+pub const HBONE_RULE_PRIORITY: u32 = RULE_PRIORITY + 1;
+
+/// Delivery of `podIP:15008` to the agent, for every local pod, as ambient's ztunnel takes
+/// them: `ip rule add ipproto tcp dport 15008 lookup HBONE_ROUTE_TABLE` and, in that table,
+/// `local <pod address> dev lo` for each local pod. A TCP packet to port 15008 of a local pod
+/// (from a peer agent, or from this node's own agent for a pod on the same node) is then
+/// delivered locally, to the transparent HBONE listener, and never reaches the pod; anything
+/// else finds no route in the table and goes on to the main one (so the agent's own
+/// connections to other nodes' pods leave as before, and a pod's port 15008 elsewhere is
+/// untouched).
+#[derive(Debug, Default)]
+pub struct HboneRoutes {
+    rule: bool,
+    cleared: bool,
+    installed: std::collections::BTreeSet<IpAddr>,
+}
+
+impl HboneRoutes {
+    /// Whether the rule is in place.
+    #[must_use]
+    pub fn active(&self) -> bool {
+        self.rule
+    }
+
+    /// Installs the rule, idempotently, for IPv4 and, where the node has it, IPv6.
+    ///
+    /// # Errors
+    /// `ip` cannot be run or refuses the IPv4 rule.
+    pub fn ensure_rule(&mut self, port: u16) -> Result<(), RouteError> {
+        if self.rule {
+            return Ok(());
+        }
+        let port = port.to_string();
+        let table = HBONE_ROUTE_TABLE.to_string();
+        let local_priority = HBONE_RULE_PRIORITY.to_string();
+        let priority = (HBONE_RULE_PRIORITY + 1).to_string();
+        let rule = |family: &'static str| {
+            // What the node itself sends, and the reverse-path checks of what it receives (both
+            // looked up as from `lo`), keep the main table.
+            ip(
+                &[
+                    family,
+                    "rule",
+                    "add",
+                    "iif",
+                    "lo",
+                    "ipproto",
+                    "tcp",
+                    "dport",
+                    &port,
+                    "lookup",
+                    "main",
+                    "priority",
+                    &local_priority,
+                ],
+                true,
+            )?;
+            ip(
+                &[
+                    family, "rule", "add", "ipproto", "tcp", "dport", &port, "lookup", &table,
+                    "priority", &priority,
+                ],
+                true,
+            )
+        };
+        rule("-4")?;
+        if let Err(e) = rule("-6") {
+            tracing::warn!(error = %e, "no IPv6 HBONE rule; pods are dialled at IPv4 addresses only");
+        }
+        self.rule = true;
+        Ok(())
+    }
+
+    /// Removes the rules and routes a previous agent in `--hbone-dial pod` left (this one runs
+    /// `node`), once; what is not there is not an error.
+    pub fn clear_once(&mut self) {
+        if std::mem::replace(&mut self.cleared, true) {
+            return;
+        }
+        let table = HBONE_ROUTE_TABLE.to_string();
+        for family in ["-4", "-6"] {
+            for priority in [HBONE_RULE_PRIORITY, HBONE_RULE_PRIORITY + 1] {
+                let priority = priority.to_string();
+                // One rule per priority is added (an existing one is kept); a few at most.
+                for _ in 0..4 {
+                    if ip(&[family, "rule", "del", "priority", &priority], false).is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = ip(&[family, "route", "flush", "table", &table], false);
+        }
+    }
+
+    /// Makes the table route exactly `pods` (the local pods' addresses). Returns what failed;
+    /// what succeeded stays done, and a failed address is tried again next time.
+    pub fn sync(&mut self, pods: &std::collections::BTreeSet<IpAddr>) -> Vec<RouteError> {
+        let table = HBONE_ROUTE_TABLE.to_string();
+        let mut errors = Vec::new();
+        let gone: Vec<IpAddr> = self.installed.difference(pods).copied().collect();
+        for pod in gone {
+            match ip(
+                &[
+                    "route",
+                    "del",
+                    "local",
+                    &host_prefix(pod),
+                    "dev",
+                    "lo",
+                    "table",
+                    &table,
+                ],
+                false,
+            ) {
+                Err(e) if !e.reason.contains("No such process") => errors.push(e),
+                _ => {
+                    self.installed.remove(&pod);
+                }
+            }
+        }
+        for pod in pods.difference(&self.installed.clone()) {
+            match ip(
+                &[
+                    "route",
+                    "replace",
+                    "local",
+                    &host_prefix(*pod),
+                    "dev",
+                    "lo",
+                    "table",
+                    &table,
+                ],
+                false,
+            ) {
+                Ok(()) => {
+                    self.installed.insert(*pod);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        errors
+    }
+}
+
+fn host_prefix(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}/32"),
+        IpAddr::V6(v6) => format!("{v6}/128"),
+    }
 }

@@ -170,9 +170,19 @@ pub async fn open(
     peer: SocketAddr,
     dst: SocketAddr,
 ) -> Result<Opened, TunnelError> {
-    let hbone = destination
-        .hbone_peer(dst.ip(), ctx.config.peer_port)
-        .ok_or(TunnelError::UnknownDestination(dst))?;
+    let node = destination.hbone_peer(dst.ip(), ctx.config.peer_port);
+    let (hbone, route) = match ctx.config.dial {
+        // A pod elsewhere: its own address. A pod on this node: the node's (see
+        // `net::HboneRoutes`: what the node itself sends keeps the main table).
+        super::HboneDial::Pod if !destination.local => (
+            SocketAddr::new(dst.ip(), ctx.config.peer_port),
+            super::pool::Route { fallback: node },
+        ),
+        super::HboneDial::Pod | super::HboneDial::Node => (
+            node.ok_or(TunnelError::UnknownDestination(dst))?,
+            super::pool::Route::default(),
+        ),
+    };
     if let Err(e) = ctx.certs.get(&source.identity) {
         return Err(TunnelError::NoCertificate {
             identity: source.identity.uri(),
@@ -190,6 +200,7 @@ pub async fn open(
             hbone,
             &destination.identity,
             dst.ip(),
+            route,
         )
         .await?;
     let request = http::Request::builder()

@@ -1,5 +1,6 @@
-//! HBONE client connections, pooled per (source identity, destination node, destination
-//! identity).
+//! HBONE client connections, pooled per (source identity, peer address, destination
+//! identity): the peer is the destination pod's `podIP:15008` as ambient dials it (so one
+//! connection per destination pod), or its node's address with `--hbone-dial node`.
 //!
 //! A connection presents the source workload's certificate, so it can only carry that
 //! workload's streams; it names the destination pod in its SNI and accepts only a server that
@@ -26,6 +27,21 @@ use super::splice::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use super::{Context, TunnelError, TunnelStats};
 use crate::ca::SpiffeId;
 use crate::ca::tls::{self, CertResolver, ExpectedServer};
+
+/// How to reach a peer besides its address.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Route {
+    /// Dialled when the peer address refuses or stays silent for [`POD_DIAL_TIMEOUT`]: the
+    /// destination node's own address, when the peer is a pod's.
+    pub fallback: Option<SocketAddr>,
+}
+
+/// How long a pod address may stay silent before its node's address is tried.
+pub const POD_DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn connect_tcp(peer: SocketAddr) -> std::io::Result<TcpStream> {
+    TcpStream::connect(peer).await
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -82,6 +98,7 @@ impl Pool {
         peer: SocketAddr,
         destination: &SpiffeId,
         pod: IpAddr,
+        route: Route,
     ) -> Result<Lease, TunnelError> {
         let key = Key {
             source: source.clone(),
@@ -103,7 +120,7 @@ impl Pool {
         if let Some(lease) = self.find(&key, ctx.config.max_streams_per_connection) {
             return Ok(lease);
         }
-        let conn = self.dial(ctx, &key, pod).await?;
+        let conn = self.dial(ctx, &key, pod, route).await?;
         conn.streams.fetch_add(1, Ordering::Relaxed);
         self.conns
             .lock()
@@ -167,6 +184,7 @@ impl Pool {
         ctx: &Arc<Context>,
         key: &Key,
         pod: IpAddr,
+        route: Route,
     ) -> Result<Arc<Connection>, TunnelError> {
         let unreachable = |reason: String| TunnelError::PeerUnreachable {
             peer: key.peer,
@@ -180,9 +198,37 @@ impl Pool {
         .map_err(|e| unreachable(e.to_string()))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let handshake = async {
-            let tcp = TcpStream::connect(key.peer)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
+            let first = match route.fallback {
+                Some(_) => tokio::time::timeout(POD_DIAL_TIMEOUT, connect_tcp(key.peer))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {POD_DIAL_TIMEOUT:?}"),
+                        ))
+                    }),
+                None => connect_tcp(key.peer).await,
+            };
+            let tcp = match (first, route.fallback) {
+                (Ok(tcp), _) => tcp,
+                // The pod's address refused or stayed silent: its node does not hand
+                // `podIP:15008` to an agent (an older agent, not routed yet, or its agent is
+                // down: the kernel cannot answer a reset from an address that is not its own).
+                // The node's address answers at once, and its agent must prove the same
+                // identity.
+                (Err(e), Some(node))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    tracing::debug!(peer = %key.peer, node = %node, error = %e, "HBONE: dialling the pod's node instead");
+                    connect_tcp(node)
+                        .await
+                        .map_err(|e2| unreachable(format!("{e2} (and {}: {e})", key.peer)))?
+                }
+                (Err(e), _) => return Err(unreachable(e.to_string())),
+            };
             let _ = tcp.set_nodelay(true);
             let tls = connector
                 .connect(tls::pod_server_name(pod), tcp)

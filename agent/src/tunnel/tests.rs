@@ -450,7 +450,14 @@ async fn a_connect_to_another_workload_than_the_connection_proved_gets_421() {
     let source = SpiffeId::workload(TD, "frontend", "web").unwrap();
     let api = SpiffeId::workload(TD, "backend", "api").unwrap();
     let lease = pool
-        .lease(&c.ctx, &source, hbone, &api, pod.ip())
+        .lease(
+            &c.ctx,
+            &source,
+            hbone,
+            &api,
+            pod.ip(),
+            super::pool::Route::default(),
+        )
         .await
         .expect("the server proves backend/api");
     let request = |dst: SocketAddr| {
@@ -496,6 +503,56 @@ async fn a_connect_to_another_workload_than_the_connection_proved_gets_421() {
         "the proved workload's pod"
     );
     assert_eq!(TunnelStats::get(&srv.ctx.stats.inbound_ok), 1);
+}
+
+/// A TLS handshake with the HBONE server at `hbone` as `web`, sending `server_name` (an IP
+/// address: no SNI, as ztunnel dials), accepting only `expected`; the identity the server proved.
+async fn handshake_as_web(
+    c: &Side,
+    hbone: SocketAddr,
+    server_name: rustls::pki_types::ServerName<'static>,
+    expected: &SpiffeId,
+) -> Result<SpiffeId, String> {
+    let web = SpiffeId::workload(TD, "frontend", "web").unwrap();
+    c.ctx.certs.get(&web).unwrap();
+    let config = crate::ca::tls::client_config(
+        &c.ctx.trust,
+        crate::ca::tls::CertResolver::new(c.ctx.certs.clone(), web),
+        crate::ca::tls::ExpectedServer::OneOf(vec![expected.clone()]),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(hbone).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let leaf = &tls.get_ref().1.peer_certificates().unwrap()[0];
+    Ok(crate::ca::tls::spiffe_id_of(leaf).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dialled_pod_address_picks_the_certificate_whatever_the_server_name() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    // The HBONE server listens on the destination pod's address (127.0.0.1), as a connection
+    // the node routed from `podIP:15008` arrives; another local pod runs as backend/billing.
+    let other = workload("backend", "billing", "127.0.0.3", true);
+    let (_srv, hbone, _pod) = server_as(&ca, true, "api", std::slice::from_ref(&other)).await;
+    let c = client(&ca, hbone);
+    let api = SpiffeId::workload(TD, "backend", "api").unwrap();
+    // No SNI at all (ztunnel sends none): the dialled pod's workload.
+    let none = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
+    assert_eq!(
+        handshake_as_web(&c, hbone, none, &api).await,
+        Ok(api.clone())
+    );
+    // A server name for the other local pod: the address still decides.
+    let billing = crate::ca::tls::pod_server_name(other.host_ips[0]);
+    assert_eq!(
+        handshake_as_web(&c, hbone, billing, &api).await,
+        Ok(api.clone())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
