@@ -82,6 +82,12 @@ static NW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LE
 #[map]
 static NW_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
+/// The packet's `FlowEvent` while the program runs: per CPU, off the 512-byte stack that the
+/// call chain down to the policy lookup already nearly fills. Private to each loaded instance,
+/// never pinned; a program run never outlives its CPU's use of it.
+#[map]
+static NW_SCRATCH_EVENT: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);
+
 /// The agent's outbound listeners (`mesh::PROXY_SOCKET_V4`, `PROXY_SOCKET_V6`). Private to each
 /// loaded instance, never pinned: the sockets live and die with the agent process.
 #[map]
@@ -102,13 +108,21 @@ pub fn to_workload(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn run(ctx: &TcContext, direction: u8) -> i32 {
     count(COUNTER_PACKETS);
-    let mut ev = FlowEvent {
-        direction,
-        // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        ..FlowEvent::default()
+    let Some(ev) = NW_SCRATCH_EVENT.get_ptr_mut(0) else {
+        // Cannot happen (an array's index 0 always exists); fail closed if it ever did.
+        count(COUNTER_DROP_BASE + u32::from(drop_reason::MALFORMED));
+        return TC_ACT_SHOT;
     };
-    match process(ctx, direction, &mut ev) {
+    // SAFETY: a per-CPU map value pointer, valid and this CPU's alone for this program run;
+    // zeroed in place (all-zero is `FlowEvent::default()`) rather than built on the stack.
+    let ev = unsafe {
+        core::ptr::write_bytes(ev, 0, 1);
+        &mut *ev
+    };
+    ev.direction = direction;
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
+    ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match process(ctx, direction, ev) {
         Ok(action) => {
             count(COUNTER_PASSED);
             action
@@ -117,7 +131,7 @@ fn run(ctx: &TcContext, direction: u8) -> i32 {
             count(COUNTER_DROP_BASE + u32::from(reason));
             ev.verdict = VERDICT_DROPPED;
             ev.drop_reason = reason;
-            emit(&mut ev);
+            emit(ev);
             TC_ACT_SHOT
         }
     }
