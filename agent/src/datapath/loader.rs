@@ -32,7 +32,7 @@ use agent_common::{
 };
 use aya::maps::SockMap;
 use aya::maps::{MapError, MapInfo, MapType};
-use aya::programs::links::FdLink;
+use aya::programs::links::{FdLink, LinkError};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{
     CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, SkLookup, SockOps,
@@ -346,16 +346,7 @@ impl Datapath {
                 .attach(&file, CgroupAttachMode::Single)
                 .map_err(attach_err)?;
             let link = prog.take_link(id).map_err(attach_err)?;
-            let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
-                program,
-                ifname: target.clone(),
-                path: PathBuf::new(),
-                detail: format!("not a bpf link: {}", crate::error_chain(&e)),
-            })?;
-            match &self.bpffs_dir {
-                Some(dir) => pin_replacing(link, &links_dir(dir).join(program), program, &target)?,
-                None => self.unpinned_cgroup.push(link),
-            }
+            self.keep_cgroup_link(link, program, &target)?;
         }
         let program = program_names::SVC_SOCK_OPS;
         let attach_err = |source| DatapathError::Attach {
@@ -368,14 +359,28 @@ impl Datapath {
             .attach(&file, CgroupAttachMode::Single)
             .map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
+        self.keep_cgroup_link(link, program, &target)
+    }
+
+    /// Keeps the new cgroup link of `program`: pinned at `links/<program>` (replacing a previous
+    /// agent's) when pinning, else held for the agent's lifetime.
+    fn keep_cgroup_link<L>(
+        &mut self,
+        link: L,
+        program: &'static str,
+        target: &str,
+    ) -> Result<(), DatapathError>
+    where
+        FdLink: TryFrom<L, Error = LinkError>,
+    {
         let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
             program,
-            ifname: target.clone(),
+            ifname: target.to_owned(),
             path: PathBuf::new(),
             detail: format!("not a bpf link: {}", crate::error_chain(&e)),
         })?;
         match &self.bpffs_dir {
-            Some(dir) => pin_replacing(link, &links_dir(dir).join(program), program, &target)?,
+            Some(dir) => pin_replacing(link, &links_dir(dir).join(program), program, target)?,
             None => self.unpinned_cgroup.push(link),
         }
         Ok(())
