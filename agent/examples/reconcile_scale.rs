@@ -31,31 +31,9 @@ use nodeward::policy;
 use nodeward::source::manifests::ManifestSource;
 use serde_json::{Value, json};
 
-/// Counts live heap bytes, to say what each structure costs.
-struct Counted;
+mod heap;
 
-static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator and only counts.
-unsafe impl std::alloc::GlobalAlloc for Counted {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: the caller's contract, passed on.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: the caller's contract, passed on.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counted = Counted;
-
-fn live_kib() -> usize {
-    LIVE.load(std::sync::atomic::Ordering::Relaxed) / 1024
-}
+use heap::live_kib;
 
 const PEERS: usize = 1000;
 const POLICIES: usize = 10;

@@ -10,39 +10,9 @@ use std::fmt::Write as _;
 use nodeward::services;
 use nodeward::source::manifests::ManifestSource;
 
-/// Counts live heap bytes, to say what each structure costs.
-struct Counted;
+mod heap;
 
-static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator and only counts.
-unsafe impl std::alloc::GlobalAlloc for Counted {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        let live = LIVE.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
-        PEAK.fetch_max(live + layout.size(), std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: the caller's contract, passed on.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: the caller's contract, passed on.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counted = Counted;
-
-fn live_kib() -> usize {
-    LIVE.load(std::sync::atomic::Ordering::Relaxed) / 1024
-}
-
-/// The highest live heap since the last call (then reset to the live heap).
-fn peak_kib() -> usize {
-    let live = LIVE.load(std::sync::atomic::Ordering::Relaxed);
-    PEAK.swap(live, std::sync::atomic::Ordering::Relaxed) / 1024
-}
+use heap::{live_kib, peak_kib};
 
 /// This process's resident memory (`VmRSS`) in KiB.
 fn rss_kib() -> usize {
