@@ -31,6 +31,8 @@ pub mod timewait;
 pub mod view;
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;

@@ -9,7 +9,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use agent_common::{DIR_INGRESS, POLICY_ALLOW};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -18,65 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::gateway::HttpRoute;
 use super::{HttpRecord, RouteTable, ServiceKey};
-use crate::ca::SpiffeId;
 use crate::ca::manager::CertManager;
 use crate::ca::testing::authority;
-use crate::policy::{CompiledState, EndpointPolicy, MeshMode, ObjectRef, PortEntry, SliceKey};
+use crate::policy::ObjectRef;
 use crate::services::{Endpoint, Frontend, Protocol, ServicePort, ServiceTable};
 use crate::tunnel::pool::Pool;
-use crate::tunnel::{Context, MeshView, TunnelConfig, TunnelStats, Workload, inbound};
-
-const TD: &str = "cluster.local";
-const POD: &str = "127.0.0.1";
-const CLIENT: &str = "127.0.0.2";
-const CLIENT_IDENTITY: u32 = 301;
-
-fn workload(ns: &str, sa: &str, ip: &str, local: bool) -> Workload {
-    Workload {
-        pod: ObjectRef {
-            namespace: ns.into(),
-            name: format!("{sa}-0"),
-        },
-        identity: SpiffeId::workload(TD, ns, sa).unwrap(),
-        mode: MeshMode::Permissive,
-        local,
-        host_ips: vec![ip.parse().unwrap()],
-    }
-}
-
-/// The destination admits the client's identity.
-fn compiled() -> CompiledState {
-    let mut ep = EndpointPolicy {
-        identity: 300,
-        mesh: MeshMode::Permissive,
-        ..EndpointPolicy::default()
-    };
-    ep.slices.insert(
-        SliceKey {
-            peer_identity: CLIENT_IDENTITY,
-            direction: DIR_INGRESS,
-            protocol: 6,
-        },
-        vec![PortEntry {
-            port: 0,
-            prefix_len: 0,
-            verdict: POLICY_ALLOW,
-            rule_id: 7,
-        }],
-    );
-    let mut state = CompiledState::default();
-    state.endpoints.insert(
-        ObjectRef {
-            namespace: "backend".into(),
-            name: "api-0".into(),
-        },
-        ep,
-    );
-    state
-        .ipcache
-        .insert(format!("{CLIENT}/32").parse().unwrap(), CLIENT_IDENTITY);
-    state
-}
+use crate::tunnel::testing::{self, CLIENT, POD, TD, workload};
+use crate::tunnel::{Context, MeshView, TunnelConfig, TunnelStats, inbound};
 
 fn context(
     ca: &Arc<crate::ca::Authority>,
@@ -95,7 +42,7 @@ fn context(
         config,
         view: RwLock::new(Arc::new(MeshView {
             workloads,
-            compiled: Arc::new(compiled()),
+            compiled: Arc::new(testing::compiled(None, true)),
             http: Arc::new(http),
         })),
         certs: CertManager::new(ca.clone(), Duration::from_secs(3600)),

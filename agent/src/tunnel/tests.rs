@@ -10,25 +10,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use agent_common::{DIR_INGRESS, POLICY_ALLOW};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::outbound::{Opened, open};
 use super::pool::Pool;
 use super::splice::splice;
+use super::testing::{self, ALLOW_RULE, CLIENT, CLIENT_IDENTITY, POD, TD, workload};
 use super::{Context, MeshView, TunnelConfig, TunnelStats, Workload, inbound};
 use crate::ca::manager::CertManager;
 use crate::ca::testing::authority;
 use crate::ca::{Authority, SpiffeId};
 use crate::flows::TunnelRecord;
-use crate::policy::{CompiledState, EndpointPolicy, MeshMode, ObjectRef, PortEntry, SliceKey};
+use crate::policy::CompiledState;
 
-const TD: &str = "cluster.local";
-const POD: &str = "127.0.0.1";
-const CLIENT: &str = "127.0.0.2";
-const CLIENT_IDENTITY: u32 = 301;
-const ALLOW_RULE: u32 = 7;
 const DEFAULT_DENY_RULE: u32 = 8;
 
 fn require_root() {
@@ -40,55 +35,10 @@ fn require_root() {
     );
 }
 
-fn workload(ns: &str, sa: &str, ip: &str, local: bool) -> Workload {
-    Workload {
-        pod: ObjectRef {
-            namespace: ns.into(),
-            name: format!("{sa}-0"),
-        },
-        identity: SpiffeId::workload(TD, ns, sa).unwrap(),
-        mode: MeshMode::Permissive,
-        local,
-        host_ips: vec![ip.parse().unwrap()],
-    }
-}
-
 /// The destination's compiled policy: default deny on ingress, and, when `allow_client`, an
 /// allow of TCP/8080.. from the client's identity.
 fn compiled(allow_client: bool) -> CompiledState {
-    let mut ep = EndpointPolicy {
-        identity: 300,
-        ingress_default_deny: Some(DEFAULT_DENY_RULE),
-        mesh: MeshMode::Permissive,
-        ..EndpointPolicy::default()
-    };
-    if allow_client {
-        ep.slices.insert(
-            SliceKey {
-                peer_identity: CLIENT_IDENTITY,
-                direction: DIR_INGRESS,
-                protocol: 6,
-            },
-            vec![PortEntry {
-                port: 0,
-                prefix_len: 0,
-                verdict: POLICY_ALLOW,
-                rule_id: ALLOW_RULE,
-            }],
-        );
-    }
-    let mut state = CompiledState::default();
-    state.endpoints.insert(
-        ObjectRef {
-            namespace: "backend".into(),
-            name: "api-0".into(),
-        },
-        ep,
-    );
-    state
-        .ipcache
-        .insert(format!("{CLIENT}/32").parse().unwrap(), CLIENT_IDENTITY);
-    state
+    testing::compiled(Some(DEFAULT_DENY_RULE), allow_client)
 }
 
 struct Side {
