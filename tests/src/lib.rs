@@ -9,6 +9,7 @@
 //! ```
 
 pub mod capture;
+pub mod dns;
 pub mod lab;
 pub mod load;
 pub mod manifests;

@@ -12,12 +12,11 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nodeward_lab::dns::{self, KUBE_DNS};
 use nodeward_lab::load::{Process, in_pod};
-use nodeward_lab::manifests::documents;
-use nodeward_lab::{Lab, LabSpec, eventually, sys};
+use nodeward_lab::{Lab, LabSpec, eventually};
 use serde_json::{Value, json};
 
-const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The external host answers every address of this /21 (on its loopback), port 8080.
 const EXTERNAL_NET: &str = "198.18.0.0/21";
 const API_ADDR: &str = "198.18.0.10";
@@ -148,65 +147,7 @@ fn dnsmasq(lab: &Lab, pod: &str) -> Process {
             many_addr(i)
         ));
     }
-    let path = lab
-        .manifests_dir()
-        .parent()
-        .expect("lab dir")
-        .join("dnsmasq.conf");
-    std::fs::write(&path, conf).expect("writing dnsmasq.conf");
-    Process::spawn(
-        Command::new("nsenter")
-            .arg(format!("--net={}", sys::netns_path(&p.netns).display()))
-            .arg("--")
-            .arg("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--user=root",
-                "--pid-file=",
-                "--port=53",
-                "--local-ttl=60",
-                "--bind-interfaces",
-                &format!("--listen-address={}", p.ip4),
-            ])
-            .arg(format!("--conf-file={}", path.display()))
-            .stdout(Stdio::null()),
-        "dnsmasq",
-    )
-    .expect("dnsmasq")
-}
-
-fn kube_dns(lab: &Lab, pod: &str) -> String {
-    let p = lab.pod(pod);
-    documents([
-        json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": { "name": "kube-dns", "namespace": "kube-system" },
-            "spec": {
-                "clusterIP": KUBE_DNS.to_string(),
-                "ports": [{ "name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP" }],
-            },
-        }),
-        json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "kube-dns-1",
-                "namespace": "kube-system",
-                "labels": { "kubernetes.io/service-name": "kube-dns" },
-            },
-            "addressType": "IPv4",
-            "endpoints": [{
-                "addresses": [p.ip4.to_string()],
-                "conditions": { "ready": true, "serving": true, "terminating": false },
-                "nodeName": p.node,
-                "targetRef": { "kind": "Pod", "name": p.name, "namespace": p.namespace },
-            }],
-            "ports": [{ "name": "dns", "port": 53, "protocol": "UDP" }],
-        }),
-    ])
+    dns::dnsmasq(lab, p, &conf, &["--local-ttl=60"]).expect("dnsmasq")
 }
 
 const POLICY: &str = r#"
@@ -276,7 +217,7 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     .expect("lab up");
     let _external = External::up(&lab);
     let _dns = dnsmasq(&lab, "backend/api-0");
-    lab.write_manifest("kube-dns", &kube_dns(&lab, "backend/api-0"))
+    lab.write_manifest("kube-dns", &dns::kube_dns(lab.pod("backend/api-0")))
         .expect("kube-dns");
     lab.write_manifest("web-fqdn", POLICY).expect("policy");
     let node = lab.nodes()[0].clone();

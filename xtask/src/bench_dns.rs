@@ -16,20 +16,19 @@
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
+use nodeward_lab::dns::{self, KUBE_DNS};
 use nodeward_lab::load::Process;
-use nodeward_lab::manifests::documents;
-use nodeward_lab::{Lab, LabSpec, PodState, paths, sys};
-use serde_json::{Value, json};
+use nodeward_lab::{Lab, LabSpec, PodState, paths};
+use serde_json::Value;
 
 use crate::bench::{Machine, median};
 
 const CLIENT: &str = "frontend/web-0";
 const RESOLVER: &str = "backend/api-0";
-const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const ROUNDS: usize = 4;
 /// Queries per latency run.
 const QUERIES: usize = 500;
@@ -148,64 +147,7 @@ fn dnsmasq(lab: &Lab, pod: &PodState) -> Result<Process> {
     for i in 0..ZONE {
         writeln!(conf, "host-record={},{}", name(i), addr(i))?;
     }
-    let path = lab
-        .manifests_dir()
-        .parent()
-        .context("lab dir")?
-        .join("dnsmasq.conf");
-    std::fs::write(&path, conf)?;
-    Process::spawn(
-        Command::new("nsenter")
-            .arg(format!("--net={}", sys::netns_path(&pod.netns).display()))
-            .arg("--")
-            .arg("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--user=root",
-                "--pid-file=",
-                "--port=53",
-                "--local-ttl=3600",
-                "--cache-size=0",
-                "--bind-interfaces",
-                &format!("--listen-address={}", pod.ip4),
-            ])
-            .arg(format!("--conf-file={}", path.display()))
-            .stdout(Stdio::null()),
-        "dnsmasq",
-    )
-}
-
-fn kube_dns(pod: &PodState) -> String {
-    documents([
-        json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": { "name": "kube-dns", "namespace": "kube-system" },
-            "spec": {
-                "clusterIP": KUBE_DNS.to_string(),
-                "ports": [{ "name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP" }],
-            },
-        }),
-        json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "kube-dns-1",
-                "namespace": "kube-system",
-                "labels": { "kubernetes.io/service-name": "kube-dns" },
-            },
-            "addressType": "IPv4",
-            "endpoints": [{
-                "addresses": [pod.ip4.to_string()],
-                "conditions": { "ready": true, "serving": true, "terminating": false },
-                "nodeName": pod.node,
-                "targetRef": { "kind": "Pod", "name": pod.name, "namespace": pod.namespace },
-            }],
-            "ports": [{ "name": "dns", "port": 53, "protocol": "UDP" }],
-        }),
-    ])
+    dns::dnsmasq(lab, pod, &conf, &["--local-ttl=3600", "--cache-size=0"])
 }
 
 pub(crate) fn run() -> Result<()> {
@@ -225,7 +167,7 @@ pub(crate) fn run() -> Result<()> {
     let client = lab.pod(CLIENT).clone();
     let resolver = lab.pod(RESOLVER).clone();
     let _dns = dnsmasq(&lab, &resolver)?;
-    lab.write_manifest("kube-dns", &kube_dns(&resolver))?;
+    lab.write_manifest("kube-dns", &dns::kube_dns(&resolver))?;
     lab.write_manifest("web-fqdn", POLICY)?;
     let node = lab.nodes()[0].clone();
     lab.set_agent_args(&["--dns-proxy-addr", &format!("{}:53", node.ip4)]);
