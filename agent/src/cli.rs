@@ -1065,28 +1065,59 @@ fn certs_text(reply: &serde_json::Value) -> anyhow::Result<String> {
         "trust domain {}, issuer {} ({}), {} trust roots",
         report.trust_domain, report.issuer, report.ca, report.trust_roots
     );
-    let _ = writeln!(
-        out,
-        "\n{:<56} {:<34} {:<21} {:<10} {:<34} SERIAL",
-        "IDENTITY", "ISSUER", "NOT AFTER", "RENEWS IN", "ISSUED VIA"
-    );
-    for c in &report.certificates {
-        let renews = humantime::format_duration(Duration::from_secs(c.renews_in_seconds));
-        let agent = match (&c.node, c.agent) {
-            (Some(node), _) => format!("  (agent of node {node})"),
-            (None, true) => "  (agent)".to_owned(),
-            (None, false) => String::new(),
-        };
-        let _ = writeln!(
-            out,
-            "{:<56} {:<34} {:<21} {:<10} {:<34} {}{agent}",
-            c.identity,
-            c.issuer,
-            c.not_after,
-            renews.to_string(),
-            if c.via.is_empty() { "-" } else { &c.via },
-            c.serial,
-        );
+    // Columns as wide as their longest cell: issuers and issuer addresses vary in length.
+    let rows: Vec<[String; 6]> = report
+        .certificates
+        .iter()
+        .map(|c| {
+            let renews = humantime::format_duration(Duration::from_secs(c.renews_in_seconds));
+            let agent = match (&c.node, c.agent) {
+                (Some(node), _) => format!("  (agent of node {node})"),
+                (None, true) => "  (agent)".to_owned(),
+                (None, false) => String::new(),
+            };
+            [
+                c.identity.clone(),
+                c.issuer.clone(),
+                c.not_after.clone(),
+                renews.to_string(),
+                if c.via.is_empty() {
+                    "-".to_owned()
+                } else {
+                    c.via.clone()
+                },
+                format!("{}{agent}", c.serial),
+            ]
+        })
+        .collect();
+    let header = [
+        "IDENTITY",
+        "ISSUER",
+        "NOT AFTER",
+        "RENEWS IN",
+        "ISSUED VIA",
+        "SERIAL",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        l
+    };
+    let _ = writeln!(out, "\n{}", line(header));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row.each_ref().map(String::as_str)));
     }
     Ok(out)
 }
