@@ -551,16 +551,17 @@ fn metrics_parse_and_the_drop_counter_moves_by_the_denied_probes() {
         probes >= usize::from(PROBES),
         "{probes} recorded drops for {PROBES} denied probes: {denied:#?}"
     );
-    let denied = denied.len() as f64;
+    let recorded_drops = denied.len() as f64;
     assert_eq!(
         drops(&after) - drops(&before),
-        denied,
-        "nodeward_drops_total{{reason=POLICY_DENIED}} against the recorded POLICY_DENIED drops"
+        recorded_drops,
+        "nodeward_drops_total{{reason=POLICY_DENIED}} against the recorded POLICY_DENIED drops: \
+         {denied:#?}"
     );
     assert_eq!(
         policy(&after) - policy(&before),
-        denied,
-        "nodeward_policy_verdicts_total against the recorded POLICY_DENIED drops"
+        recorded_drops,
+        "nodeward_policy_verdicts_total against the recorded POLICY_DENIED drops: {denied:#?}"
     );
 }
 
