@@ -433,7 +433,23 @@ impl Datapath {
         slot: u32,
         listener: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), DatapathError> {
-        let name = map_names::PROXY_SOCKETS;
+        self.set_socket(
+            map_names::PROXY_SOCKETS,
+            slot,
+            listener,
+            "insert the outbound listener",
+        )
+    }
+
+    /// Puts `socket` in slot `slot` of the unpinned sockmap `name`; `op` names the step in the
+    /// error.
+    fn set_socket(
+        &mut self,
+        name: &'static str,
+        slot: u32,
+        socket: std::os::fd::BorrowedFd<'_>,
+        op: &'static str,
+    ) -> Result<(), DatapathError> {
         let map = self
             .ebpf
             .map_mut(name)
@@ -444,10 +460,10 @@ impl Datapath {
             source,
         })?;
         sockets
-            .set(slot, &listener, 0)
+            .set(slot, &socket, 0)
             .map_err(|source| MapsError::Op {
                 map: name,
-                op: "insert the outbound listener",
+                op,
                 source,
             })?;
         Ok(())
@@ -465,22 +481,7 @@ impl Datapath {
         socket: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), DatapathError> {
         self.set_dns_slot(0, Some(addr), "set the DNS proxy address")?;
-        let name = "NW_DNS_SOCKET";
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(MapsError::Missing { map: name })?;
-        let mut sockets = SockMap::try_from(map).map_err(|source| MapsError::Op {
-            map: name,
-            op: "open",
-            source,
-        })?;
-        sockets.set(0, &socket, 0).map_err(|source| MapsError::Op {
-            map: name,
-            op: "insert the DNS proxy socket",
-            source,
-        })?;
-        Ok(())
+        self.set_socket("NW_DNS_SOCKET", 0, socket, "insert the DNS proxy socket")
     }
 
     /// Names the resolver the DNS proxy forwards to (`None`: none known): policy judges a
