@@ -882,7 +882,11 @@ pub fn from_dns(
         policy: None,
         destination_names: vec![name(&rec.question.name)],
         destination_service: index.services.lookup(
-            Some((dst.ip(), dst.port(), 17)),
+            Some((
+                dst.ip(),
+                dst.port(),
+                crate::services::Protocol::Udp.number(),
+            )),
             dst.ip(),
             dst.port(),
         ),

@@ -13,7 +13,7 @@ use agent_common::{
     Backend, BackendKey, MAX_SERVICE_BACKENDS, MAX_SERVICES, ServiceKey, ServiceValue,
 };
 
-use super::{Protocol, ServiceTable};
+use super::ServiceTable;
 use crate::datapath::addr_bytes;
 
 /// What the kernel holds for one frontend.
@@ -77,10 +77,7 @@ pub fn kernel_table(table: &ServiceTable) -> KernelTable {
             let key = ServiceKey {
                 addr: addr_bytes(p.frontend.addr),
                 port_be: p.frontend.port.to_be(),
-                protocol: match p.frontend.protocol {
-                    Protocol::Tcp => 6,
-                    Protocol::Udp => 17,
-                },
+                protocol: p.frontend.protocol.number(),
                 _pad: 0,
             };
             let backends = p
