@@ -771,17 +771,17 @@ pub fn from_http(rec: &crate::http::HttpRecord, index: &EnrichmentIndex) -> Flow
         destination: rec.destination,
         source_spiffe_id: rec.source_spiffe_id.clone(),
         destination_spiffe_id: rec.destination_spiffe_id.clone(),
-        direction: agent_common::DIR_EGRESS,
-        forwarded: rec.note.is_empty(),
-        drop_reason: "",
-        rule_id: 0,
+        direction: rec.direction,
+        forwarded: rec.note.is_empty() && rec.drop_reason.is_empty(),
+        drop_reason: rec.drop_reason,
+        rule_id: rec.rule_id,
         source_identity: rec.source_identity,
         destination_identity: rec.destination_identity,
         note: String::new(),
     };
     let mut flow = from_tunnel(&tunnel, index);
     flow.kind = "L7".into();
-    if !rec.note.is_empty() {
+    if !rec.note.is_empty() && rec.drop_reason.is_empty() {
         flow.drop_reason_desc = "PROXY_CONNECT_FAILED".into();
     }
     flow.summary = format!(

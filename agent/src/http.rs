@@ -15,8 +15,10 @@
 //! * [`gateway`]: the `HTTPRoute` types (serde mirrors of the upstream schema).
 //! * [`routes`]: HTTP port detection, route compilation and request matching (pure).
 //! * [`proxy`]: the per-connection proxy.
+//! * [`authz`]: the destination agent's per-request check of `rules.http`.
 //! * [`io`]: an HBONE stream as a byte stream for hyper's client.
 
+pub mod authz;
 pub mod gateway;
 pub mod io;
 pub mod proxy;
@@ -71,6 +73,13 @@ pub struct HttpRecord {
     pub route: String,
     /// Why the agent answered itself (`no route matched`...), empty when the backend answered.
     pub note: String,
+    /// `DIR_EGRESS` from the source agent's proxy, `DIR_INGRESS` from the destination's
+    /// request authorization.
+    pub direction: u8,
+    /// Set when policy refused the request (`POLICY_DENIED`): the flow is DROPPED.
+    pub drop_reason: &'static str,
+    /// The policy rule that allowed or refused the request, 0 when none decided.
+    pub rule_id: u32,
 }
 
 pub type HttpFlowSink = Arc<dyn Fn(&HttpRecord) + Send + Sync>;

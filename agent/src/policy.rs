@@ -6,6 +6,7 @@ pub mod compiled;
 pub mod crd;
 pub mod evaluate;
 pub mod fqdn;
+pub mod l7;
 pub mod mesh;
 pub mod model;
 pub mod mtls;

@@ -286,3 +286,164 @@ fn in_pod_echo(lab: &Lab, addr: SocketAddr) -> (bool, String) {
         .is_some_and(|l| l["ok"] == true);
     (ok, text)
 }
+
+/// `rules.http` on the api pods' 8081: `web` may GET `/public...` only.
+const AUTHZ: &str = r#"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api-http, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web, nodeward.io/namespace: frontend}}]
+    toPorts:
+    - port: 8081
+      protocol: TCP
+      rules:
+        http:
+        - {method: GET, path: "/public(/.*)?"}
+"#;
+
+/// A second policy whose path is not a regular expression: reported with its field, and what
+/// is enforced stays.
+const AUTHZ_BAD: &str = r#"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api-bad, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - toPorts:
+    - port: 8081
+      rules:
+        http:
+        - {path: "/admin("}
+"#;
+
+/// `http-get` from `web-0` with `--requests`.
+fn http_requests(lab: &Lab, addr: SocketAddr, requests: &str, count: usize) -> Value {
+    let out = in_pod(lab.pod("frontend/web-0"), load_bin())
+        .args([
+            "http-get",
+            "--addr",
+            &addr.to_string(),
+            "--count",
+            &count.to_string(),
+            "--requests",
+            requests,
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running nodeward-lab-load http-get");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("http-get printed {text:?}: {e}"))
+}
+
+#[test]
+fn rules_http_allow_get_public_and_refuse_post_admin_with_403_and_a_flow() {
+    let lab = shared_lab();
+    for ns in ["frontend", "backend"] {
+        lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, "STRICT"))
+            .unwrap();
+    }
+    // api-1 is on node-2: the request crosses the tunnel to node-2's agent, which checks it.
+    let api = lab.pod("backend/api-1");
+    let _server = Process::spawn(
+        in_pod(api, load_bin())
+            .args([
+                "http-serve",
+                "--port",
+                &BACKEND_PORT.to_string(),
+                "--name",
+                "api",
+            ])
+            .stdout(Stdio::null()),
+        "the api backend",
+    )
+    .unwrap();
+    lab.write_manifest("api-http", AUTHZ).unwrap();
+    let addr = SocketAddr::from((api.ip4, BACKEND_PORT));
+    let sequence = "GET /public,POST /admin,GET /public/x";
+    let want = json!(["200", "403", "200"]);
+    let mut last = Value::Null;
+    let enforced = eventually(SETTLE, Duration::from_millis(200), || {
+        last = http_requests(&lab, addr, sequence, 3);
+        last["sequence"] == want
+    });
+    assert!(
+        enforced,
+        "GET /public, POST /admin, GET /public/x should answer 200, 403, 200: {last}\n{}",
+        lab.agent_logs_tail(30)
+    );
+    assert_eq!(
+        last["connections"], 1,
+        "the 403 keeps the connection up for the next request: {last}"
+    );
+
+    let denied = lab
+        .observe(
+            "node-2",
+            &[
+                "--last",
+                "20",
+                "--http-status",
+                "403",
+                "--http-method",
+                "POST",
+            ],
+        )
+        .expect("node-2's flows");
+    let flow = denied
+        .first()
+        .unwrap_or_else(|| panic!("no DROPPED L7 flow for POST /admin on node-2: {denied:?}"));
+    assert_eq!(flow["Type"], "L7", "{flow}");
+    assert_eq!(flow["verdict"], "DROPPED", "{flow}");
+    assert_eq!(flow["drop_reason_desc"], "POLICY_DENIED", "{flow}");
+    assert_eq!(flow["traffic_direction"], "INGRESS", "{flow}");
+    assert_eq!(flow["source"]["pod_name"], "web-0", "{flow}");
+    assert_eq!(flow["destination"]["pod_name"], "api-1", "{flow}");
+    assert!(
+        flow["l7"]["http"]["url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/admin")),
+        "{flow}"
+    );
+    let allowed = lab
+        .observe(
+            "node-2",
+            &[
+                "--last",
+                "20",
+                "--http-status",
+                "200",
+                "--http-path",
+                "/public.*",
+            ],
+        )
+        .expect("node-2's flows");
+    assert!(
+        allowed
+            .iter()
+            .any(|f| f["verdict"] == "FORWARDED" && f["l7"]["http"]["method"] == "GET"),
+        "no FORWARDED L7 flow for GET /public on node-2: {allowed:?}"
+    );
+
+    // A broken policy is reported with its field; what was enforced stays.
+    lab.write_manifest("api-bad", AUTHZ_BAD).unwrap();
+    let mut status = Value::Null;
+    let reported = eventually(SETTLE, Duration::from_millis(100), || {
+        status = lab.status("node-2").unwrap();
+        status["policies"]["failed"].as_array().is_some_and(|f| {
+            f.iter()
+                .any(|p| p["object"] == "MeshPolicy backend/api-bad")
+        })
+    });
+    assert!(reported, "backend/api-bad is not reported: {status}");
+    let failed = status["policies"]["failed"].to_string();
+    assert!(
+        failed.contains("spec.ingress[0].toPorts[0].rules.http[0].path"),
+        "the error names the field: {failed}"
+    );
+    let again = http_requests(&lab, addr, sequence, 3);
+    assert_eq!(again["sequence"], want, "still enforced: {again}");
+}

@@ -916,6 +916,7 @@ mod tests {
             slices: slices.into_iter().collect(),
             mesh: MeshMode::Off,
             dns: None,
+            http_ingress: Vec::new(),
         }
     }
 

@@ -32,7 +32,7 @@ use crate::tunnel::pool::Pool;
 use crate::tunnel::timewait::Leftover;
 use crate::tunnel::{Context, Workload};
 
-type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+pub(super) type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// How long a request's head may take to arrive (HTTP/1.1).
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -66,12 +66,7 @@ pub async fn serve(
     pool: Arc<Pool>,
 ) {
     // Named for the TIME_WAIT removal at its end, as the L4 path does (`tunnel::timewait`).
-    let leftover = Leftover::of(&stream).ok();
-    let stream = PodSocket {
-        stream: Some(stream),
-        leftover,
-        ctx: ctx.clone(),
-    };
+    let stream = PodSocket::new(stream, ctx.clone());
     let conn = Arc::new(Conn {
         ctx,
         pool,
@@ -103,13 +98,23 @@ pub async fn serve(
 /// The pod's socket, closed through the TIME_WAIT reaper when hyper is done with it: its local
 /// address is the destination pod's, and a TIME_WAIT with it in the node's namespace would
 /// swallow a later plaintext connection with the same 4-tuple (see `tunnel::timewait`).
-struct PodSocket {
+pub(crate) struct PodSocket {
     stream: Option<TcpStream>,
     leftover: Option<Leftover>,
     ctx: Arc<Context>,
 }
 
 impl PodSocket {
+    pub(crate) fn new(stream: TcpStream, ctx: Arc<Context>) -> Self {
+        // Named now: the name needs the socket's addresses, gone once it is closed.
+        let leftover = Leftover::of(&stream).ok();
+        Self {
+            stream: Some(stream),
+            leftover,
+            ctx,
+        }
+    }
+
     fn stream(&mut self) -> std::io::Result<&mut TcpStream> {
         self.stream
             .as_mut()
@@ -171,7 +176,7 @@ impl tokio::io::AsyncWrite for PodSocket {
     }
 }
 
-fn local(status: StatusCode, why: &str) -> Response<Body> {
+pub(super) fn local(status: StatusCode, why: &str) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(format!("{why}\n")))
             .map_err(|never| match never {})
@@ -185,7 +190,7 @@ fn local(status: StatusCode, why: &str) -> Response<Body> {
     resp
 }
 
-fn protocol(v: Version) -> &'static str {
+pub(super) fn protocol(v: Version) -> &'static str {
     match v {
         Version::HTTP_10 => "HTTP/1.0",
         Version::HTTP_2 => "HTTP/2",
@@ -193,9 +198,25 @@ fn protocol(v: Version) -> &'static str {
     }
 }
 
+/// The request's URL for flows: the URI, or for HTTP/1.1's origin form the Host header and
+/// the path.
+pub(super) fn request_url<B>(req: &Request<B>) -> String {
+    if req.uri().scheme().is_some() {
+        req.uri().to_string()
+    } else {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        format!("http://{host}{path}")
+    }
+}
+
 /// Headers that belong to one hop (RFC 9110 7.6.1), dropped before forwarding unless the
 /// request is an upgrade.
-const HOP_BY_HOP: [header::HeaderName; 6] = [
+pub(super) const HOP_BY_HOP: [header::HeaderName; 6] = [
     header::CONNECTION,
     header::PROXY_AUTHORIZATION,
     header::TE,
@@ -209,18 +230,7 @@ impl Conn {
         let start = Instant::now();
         let version = req.version();
         let method = req.method().to_string();
-        let url = if req.uri().scheme().is_some() {
-            req.uri().to_string()
-        } else {
-            // HTTP/1.1's origin form: the authority is the Host header.
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or_default();
-            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            format!("http://{host}{path}")
-        };
+        let url = request_url(&req);
         let upgrading = req.method() == http::Method::CONNECT
             || (version != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE));
         let on_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
@@ -250,6 +260,9 @@ impl Conn {
             latency,
             route: rule_route,
             note,
+            direction: agent_common::DIR_EGRESS,
+            drop_reason: "",
+            rule_id: 0,
         };
         drop(view);
         let sa = self

@@ -21,7 +21,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use super::compiled::{
-    CompiledState, DnsAllow, EndpointPolicy, ObjectRef, PortEntry, RuleInfo, SliceKey,
+    CompiledState, DnsAllow, EndpointPolicy, HttpAllow, ObjectRef, PortEntry, RuleInfo, SliceKey,
 };
 use super::fqdn::{FQDN_LABEL_PREFIX, FqdnMatch, LearnedNames};
 use super::mesh::{translate_cluster_mesh_policy, translate_mesh_policy};
@@ -544,6 +544,7 @@ fn compile_state(
             ..EndpointPolicy::default()
         };
         let mut segments: BTreeMap<SliceKey, Vec<Segment>> = BTreeMap::new();
+        let mut http = Vec::new();
         for cp in &compiled {
             let subject = &cp.model.subject;
             if subject.namespace.as_deref().is_some_and(|n| n != ns)
@@ -559,8 +560,13 @@ fn compile_state(
             }
             add_dns(&mut ep.dns, cp.model);
             for cr in &cp.rules {
-                add_rule(&mut segments, cr, w, &by_identity);
+                add_rule(&mut segments, &mut http, cr, w, &by_identity);
             }
+        }
+        // Only pods with HTTP rules need the list: every other allow then stands for "any
+        // request" (see `evaluate::http_rules`).
+        if http.iter().any(|a: &HttpAllow| a.http.is_some()) {
+            ep.http_ingress = http;
         }
         ep.slices = segments
             .into_iter()
@@ -749,6 +755,7 @@ const ALL_PORTS: (u16, u16) = (0, u16::MAX);
 
 fn add_rule(
     segments: &mut BTreeMap<SliceKey, Vec<Segment>>,
+    http: &mut Vec<HttpAllow>,
     cr: &CompiledRule<'_>,
     endpoint: &Workload<'_>,
     by_identity: &BTreeMap<u32, Vec<&Workload<'_>>>,
@@ -759,7 +766,18 @@ fn add_rule(
         Action::Allow => POLICY_ALLOW,
         Action::Deny => POLICY_DENY,
     };
-    let mut push = |peer: u32, protocol: u8, (first, last): (u16, u16)| {
+    let l7 = rule.direction == Direction::Ingress && rule.action == Action::Allow;
+    let mut push = |peer: u32, protocol: u8, (first, last): (u16, u16), index: Option<usize>| {
+        if l7 {
+            http.push(HttpAllow {
+                peer_identity: peer,
+                protocol,
+                first,
+                last,
+                rule_id: cr.id,
+                http: index.and_then(|i| rule.port_http.get(i).cloned().flatten()),
+            });
+        }
         segments
             .entry(SliceKey {
                 peer_identity: peer,
@@ -776,15 +794,16 @@ fn add_rule(
     };
     if rule.ports.is_empty() {
         for peer in &cr.peers {
-            push(*peer, 0, ALL_PORTS);
+            push(*peer, 0, ALL_PORTS, None);
         }
         return;
     }
-    for spec in &rule.ports {
+    for (index, spec) in rule.ports.iter().enumerate() {
+        let index = Some(index);
         match spec {
             PortSpec::AllOf(protocol) => {
                 for peer in &cr.peers {
-                    push(*peer, *protocol, ALL_PORTS);
+                    push(*peer, *protocol, ALL_PORTS, index);
                 }
             }
             PortSpec::Range {
@@ -793,7 +812,7 @@ fn add_rule(
                 last,
             } => {
                 for peer in &cr.peers {
-                    push(*peer, *protocol, (*first, *last));
+                    push(*peer, *protocol, (*first, *last), index);
                 }
             }
             PortSpec::Named { protocol, name } => match rule.direction {
@@ -801,7 +820,7 @@ fn add_rule(
                 Direction::Ingress => {
                     for port in named_ports(endpoint.pod, name, *protocol) {
                         for peer in &cr.peers {
-                            push(*peer, *protocol, (port, port));
+                            push(*peer, *protocol, (port, port), index);
                         }
                     }
                 }
@@ -822,7 +841,7 @@ fn add_rule(
                             .flat_map(|w| named_ports(w.pod, name, *protocol))
                             .collect();
                         for port in ports {
-                            push(peer, *protocol, (port, port));
+                            push(peer, *protocol, (port, port), index);
                         }
                     }
                 }
@@ -1928,6 +1947,88 @@ spec:
             ep("backend", "api"),
             None,
             "no FQDN or DNS rule: not proxied"
+        );
+    }
+
+    #[test]
+    fn http_rules_restrict_requests_unless_an_l4_allow_covers_the_same_peer_and_port() {
+        let inv = inventory();
+        let policies = models(
+            r#"
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: http, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web, nodeward.io/namespace: frontend}}]
+    toPorts:
+    - {port: 8080, protocol: TCP, rules: {http: [{method: GET, path: /public}]}}
+    - {port: 9090, protocol: TCP}
+  - fromEndpoints: [{matchLabels: {app: tool}}]
+    toPorts:
+    - {port: 8080, rules: {http: [{method: POST}]}}
+---
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: l4, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: tool}}]
+    toPorts: [{port: 8080}]
+"#,
+        );
+        let state = compile(NODE, &inv, &policies, &mut IdentityAllocator::new());
+        let api = &state.endpoints[&ObjectRef {
+            namespace: "backend".into(),
+            name: "api".into(),
+        }];
+        let web = peer_facts(&state, "10.0.1.1".parse().unwrap(), None);
+        let tool = peer_facts(&state, "10.0.1.3".parse().unwrap(), None);
+        let rules = crate::policy::evaluate::http_rules(api, &web, 8080).expect("restricted");
+        let none = http::HeaderMap::new();
+        assert_eq!(rules.len(), 1);
+        assert!(
+            rules[0]
+                .1
+                .iter()
+                .any(|m| m.matches("GET", "/public", &none))
+        );
+        assert!(
+            !rules[0]
+                .1
+                .iter()
+                .any(|m| m.matches("POST", "/admin", &none))
+        );
+        assert_eq!(state.rules[&rules[0].0].rule, "ingress[0]");
+        assert_eq!(
+            crate::policy::evaluate::http_rules(api, &web, 9090),
+            None,
+            "a port of the same rule without rules.http: every request"
+        );
+        assert_eq!(
+            crate::policy::evaluate::http_rules(api, &tool, 8080),
+            None,
+            "an L4 allow of another policy for the same peer and port lets every request through"
+        );
+        let web_pod = &state.endpoints[&ObjectRef {
+            namespace: "frontend".into(),
+            name: "web".into(),
+        }];
+        assert!(
+            web_pod.http_ingress.is_empty(),
+            "a pod without rules.http keeps no list"
+        );
+        let bad = parse_mesh_policy(serde_json::json!({
+            "apiVersion": "nodeward.io/v1alpha1", "kind": "MeshPolicy",
+            "metadata": {"name": "bad", "namespace": "backend"},
+            "spec": {"egress": [{"toPorts": [{"port": 80, "rules": {"http": [{"path": "/"}]}}]}]},
+        }))
+        .unwrap();
+        assert_eq!(
+            translate_mesh_policy(&bad).unwrap_err().to_string(),
+            "MeshPolicy backend/bad: spec.egress[0].toPorts[0].rules.http: HTTP rules list what the selected pods may be asked: only in ingress (allow) rules"
         );
     }
 

@@ -84,6 +84,23 @@ pub struct EndpointPolicy {
     /// `Some` when a selecting policy has `toFQDNs` or `rules.dns`: the pod's DNS goes through
     /// the agent's DNS proxy, which learns the answers and refuses names not allowed.
     pub dns: Option<DnsAllow>,
+    /// Empty unless an ingress allow rule selecting the pod has `rules.http`; then every
+    /// ingress allow of the pod's rules, with the requests it allows (see
+    /// [`super::evaluate::http_rules`]).
+    pub http_ingress: Vec<HttpAllow>,
+}
+
+/// An ingress allow (peer identity, protocol, ports) and the HTTP requests it allows: `None`
+/// for every request (a rule without `rules.http`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpAllow {
+    pub peer_identity: u32,
+    /// 0: every protocol.
+    pub protocol: u8,
+    pub first: u16,
+    pub last: u16,
+    pub rule_id: u32,
+    pub http: Option<super::l7::HttpRules>,
 }
 
 /// Which names a proxied pod may ask for.

@@ -408,7 +408,7 @@ pub struct PortRule {
     /// Defaults to ANY.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
-    /// Application-level rules on these ports (egress only).
+    /// Application-level rules on these ports: `dns` (egress), `http` (ingress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<PortRules>,
 }
@@ -421,6 +421,30 @@ pub struct PortRules {
     /// cluster DNS Service); other queries are answered REFUSED. Egress only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Vec<FqdnSelector>>,
+    /// The HTTP requests allowed through these ports (ingress allow rules only, as Cilium's
+    /// `rules.http`): a request is allowed when it matches one entry (every field given must
+    /// match). Checked by the destination pod's agent on tunnelled (mTLS) connections, with
+    /// the identity the client's certificate proves; a refused request is answered 403 and the
+    /// connection carries on. Another allow rule for the same peer and port without
+    /// `rules.http` allows every request, as in Cilium.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Vec<PortRuleHttp>>,
+}
+
+/// One allowed kind of HTTP request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortRuleHttp {
+    /// A regular expression the whole method must match (`GET`, `GET|HEAD`). Absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// A regular expression the whole path must match (`/public(/.*)?`); the query is not
+    /// part of the path. Absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Headers the request must have: `Name` (present) or `Name: value` (exactly this value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Vec<String>>,
 }
 
 /// A DNS name selector: exactly one of `matchName` and `matchPattern`.

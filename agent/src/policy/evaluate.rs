@@ -123,6 +123,43 @@ pub fn evaluate(
     }
 }
 
+/// The HTTP requests `ep` allows from a peer with these facts on TCP `port`, when some of its
+/// ingress allows restrict them (`rules.http`): the (rule id, allowed requests) of every
+/// allow that covers the peer and the port. `None` when every request is allowed: the pod has
+/// no HTTP rules, or some covering allow has none (an L4 allow lets every request through, as
+/// in Cilium), or no allow covers the flow (then [`evaluate`] decided at L4 already).
+///
+/// The candidates are [`evaluate`]'s, so the two never disagree on who the peer is.
+#[must_use]
+pub fn http_rules(
+    ep: &EndpointPolicy,
+    peer: &PeerFacts,
+    port: u16,
+) -> Option<Vec<(u32, super::l7::HttpRules)>> {
+    if ep.http_ingress.is_empty() {
+        return None;
+    }
+    let candidates: Vec<u32> = std::iter::once(peer.identity)
+        .chain(peer.cidr_identity)
+        .chain(peer.principal_identities.iter().copied())
+        .chain(std::iter::once(IDENTITY_ANY))
+        .collect();
+    let mut out = Vec::new();
+    for allow in &ep.http_ingress {
+        let covers = candidates.contains(&allow.peer_identity)
+            && (allow.protocol == 0 || allow.protocol == super::model::PROTO_TCP)
+            && (allow.first..=allow.last).contains(&port);
+        if !covers {
+            continue;
+        }
+        match &allow.http {
+            None => return None,
+            Some(rules) => out.push((allow.rule_id, rules.clone())),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// The entry with the longest port prefix covering `port`, as the policy LPM trie finds it.
 fn longest_port_match(entries: &[PortEntry], port: u16) -> Option<&PortEntry> {
     entries

@@ -256,10 +256,23 @@ fn rule(
         peers.push(Peer::Fqdn(fqdn_selector(f, &field)?));
     }
     let mut ports = Vec::new();
+    let mut port_http = Vec::new();
     let mut dns: Option<Vec<FqdnMatch>> = None;
     for (i, p) in r.ports.into_iter().flatten().enumerate() {
         let field = format!("{path}.toPorts[{i}]");
-        ports.extend(port(p, &field)?);
+        let specs = port(p, &field)?;
+        let http = match p.rules.as_ref().and_then(|r| r.http.as_ref()) {
+            Some(_) if direction == Direction::Egress || action == Action::Deny => {
+                return Err(FieldError::new(
+                    format!("{field}.rules.http"),
+                    "HTTP rules list what the selected pods may be asked: only in ingress (allow) rules",
+                ));
+            }
+            Some(list) => Some(super::l7::translate(list, &format!("{field}.rules.http"))?),
+            None => None,
+        };
+        port_http.extend(std::iter::repeat_n(http, specs.len()));
+        ports.extend(specs);
         if let Some(list) = p.rules.as_ref().and_then(|r| r.dns.as_ref()) {
             if direction == Direction::Ingress || action == Action::Deny {
                 return Err(FieldError::new(
@@ -284,6 +297,9 @@ fn rule(
     if no_peer_field && r.ports.is_some_and(|p| !p.is_empty()) {
         peers.push(Peer::Any);
     }
+    if port_http.iter().all(Option::is_none) {
+        port_http.clear();
+    }
     Ok(Rule {
         name,
         direction,
@@ -291,6 +307,7 @@ fn rule(
         peers,
         ports,
         dns,
+        port_http,
     })
 }
 

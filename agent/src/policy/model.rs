@@ -201,6 +201,10 @@ pub struct Rule {
     /// selected pods may ask for through it (the union of the entries that do; empty refuses
     /// every name).
     pub dns: Option<Vec<FqdnMatch>>,
+    /// `toPorts[].rules.http` (ingress allow rules): for each entry of `ports`, the HTTP
+    /// requests its `toPorts` entry allows (`None`: every request). Empty when no entry has
+    /// `rules.http`; otherwise as long as `ports`.
+    pub port_http: Vec<Option<super::l7::HttpRules>>,
 }
 
 /// A policy after translation: whom it applies to, which directions it puts in default deny, and

@@ -90,6 +90,7 @@ fn translate(
                 peers: peers(r.from.as_deref(), namespace, &format!("{path}.from"))?,
                 ports: ports(r.ports.as_deref(), &format!("{path}.ports"))?,
                 dns: None,
+                port_http: Vec::new(),
             });
         }
     }
@@ -103,6 +104,7 @@ fn translate(
                 peers: peers(r.to.as_deref(), namespace, &format!("{path}.to"))?,
                 ports: ports(r.ports.as_deref(), &format!("{path}.ports"))?,
                 dns: None,
+                port_http: Vec::new(),
             });
         }
     }

@@ -401,7 +401,19 @@ async fn stream(
     TunnelStats::add(&ctx.stats.inbound_ok, 1);
     (ctx.flows)(&record(true, "", decision.note.clone()));
     let _active = Gauge::up(&ctx.stats.inbound_active);
-    let live = ctx.live.register(&client, src, dst);
+    if crate::http::authz::restricted(&ctx, &client, src, dst) {
+        // `rules.http`: each request is checked, so the stream is served as HTTP, not spliced.
+        let live = ctx.live.register(&client, src, dst, true);
+        let body = request.into_body();
+        let checked =
+            crate::http::authz::serve(ctx.clone(), client.clone(), src, dst, pod, send, body);
+        tokio::select! {
+            () = checked => {}
+            () = live.revoked() => {}
+        }
+        return;
+    }
+    let live = ctx.live.register(&client, src, dst, false);
     // Names the socket for the TIME_WAIT removal at its end (see `timewait`).
     let leftover = Leftover::of(&pod);
     let mut pod = pod;
@@ -447,6 +459,9 @@ struct Live {
     client: SpiffeId,
     src: SocketAddr,
     dst: SocketAddr,
+    /// Its requests are checked one by one (`http::authz`); a spliced one must end when
+    /// `rules.http` starts to restrict it.
+    checked: bool,
     revoke: Arc<tokio::sync::Notify>,
 }
 
@@ -477,7 +492,13 @@ impl LiveStreams {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn register(&self, client: &SpiffeId, src: SocketAddr, dst: SocketAddr) -> LiveGuard<'_> {
+    fn register(
+        &self,
+        client: &SpiffeId,
+        src: SocketAddr,
+        dst: SocketAddr,
+        checked: bool,
+    ) -> LiveGuard<'_> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let revoke = Arc::new(tokio::sync::Notify::new());
         self.lock().insert(
@@ -486,6 +507,7 @@ impl LiveStreams {
                 client: client.clone(),
                 src,
                 dst,
+                checked,
                 revoke: revoke.clone(),
             },
         );
@@ -511,15 +533,28 @@ impl LiveStreams {
 /// Checks every carried connection against the current view; ends (and records as DROPPED)
 /// those it denies.
 pub fn reauthorize(ctx: &Context) {
-    let live: Vec<(SpiffeId, SocketAddr, SocketAddr, Arc<tokio::sync::Notify>)> = ctx
+    type Entry = (
+        SpiffeId,
+        SocketAddr,
+        SocketAddr,
+        bool,
+        Arc<tokio::sync::Notify>,
+    );
+    let live: Vec<Entry> = ctx
         .live
         .lock()
         .values()
-        .map(|l| (l.client.clone(), l.src, l.dst, l.revoke.clone()))
+        .map(|l| (l.client.clone(), l.src, l.dst, l.checked, l.revoke.clone()))
         .collect();
-    for (client, src, dst, revoke) in live {
+    for (client, src, dst, checked, revoke) in live {
         let decision = authorize(ctx, &client, src, dst);
         if decision.as_ref().is_some_and(|d| d.allowed) {
+            if !checked && crate::http::authz::restricted(ctx, &client, src, dst) {
+                // A spliced connection that `rules.http` now restricts: its next requests
+                // would go unchecked. It ends, and the client's next one is checked.
+                tracing::info!(source = %src, destination = %dst, client = %client, "HBONE: rules.http now restricts a spliced connection");
+                revoke.notify_one();
+            }
             continue;
         }
         revoke.notify_one();

@@ -32,10 +32,12 @@
 //!   answer is `200` with the body `NAME` and the header `x-backend: NAME`, so a client can
 //!   tell which backend answered. The test's backend, not under test: a handful of lines of
 //!   HTTP suffice.
-//! - `http-get --addr IP:PORT --count N [--header NAME:VALUE] [--path /p]`: N GETs one after
-//!   another on keep-alive connections (a new one only when the server closed), one JSON line
-//!   at the end: `codes` and `bodies` (each distinct body, counted), `errors`, `ms` (all of
-//!   them, end to end).
+//! - `http-get --addr IP:PORT --count N [--header NAME:VALUE] [--path /p]
+//!   [--requests "GET /a,POST /b"]`: N requests one after another (GETs of `--path`, or the
+//!   `--requests` in turn; other methods than GET/HEAD send a 5-byte body) on keep-alive
+//!   connections (a new one only when the server closed), one JSON line at the end: `codes`
+//!   and `bodies` (each distinct body, counted), `sequence` (the first 100 codes in order),
+//!   `connections` (opened), `errors`, `ms` (all of them, end to end).
 //!
 //! Every loop is bounded by `--secs` (at most 60) or `--count` (at most 10,000) and every socket
 //! operation has a timeout.
@@ -804,6 +806,20 @@ fn http_get(flags: &Flags) -> anyhow::Result<()> {
     let count: usize = flags.parse_or("count", 1)?;
     ensure!((1..=10_000).contains(&count), "--count must be 1..=10000");
     let path = flags.get("path").unwrap_or("/").to_owned();
+    // (method, path) of each request in turn, cycling; a method other than GET and HEAD sends
+    // a 5-byte body.
+    let requests: Vec<(String, String)> = match flags.get("requests") {
+        Some(list) => list
+            .split(',')
+            .map(|r| {
+                let (m, p) = r.trim().split_once(' ').unwrap_or((r.trim(), "/"));
+                (m.to_owned(), p.to_owned())
+            })
+            .collect(),
+        None => vec![("GET".to_owned(), path)],
+    };
+    let mut sequence = Vec::new();
+    let mut connections = 0u64;
     let extra = flags
         .get("header")
         .map(|h| format!("{h}\r\n"))
@@ -813,10 +829,17 @@ fn http_get(flags: &Flags) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     let mut conn: Option<(TcpStream, Vec<u8>)> = None;
     let start = Instant::now();
-    for _ in 0..count {
-        let exchange =
+    for i in 0..count {
+        let (method, path) = &requests[i % requests.len()];
+        let body = if method == "GET" || method == "HEAD" {
+            ""
+        } else {
+            "hello"
+        };
+        let mut exchange =
             |conn: &mut Option<(TcpStream, Vec<u8>)>| -> std::io::Result<(String, String)> {
                 if conn.is_none() {
+                    connections += 1;
                     let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
                     s.set_read_timeout(Some(IO_TIMEOUT))?;
                     s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -826,7 +849,11 @@ fn http_get(flags: &Flags) -> anyhow::Result<()> {
                 let Some((stream, carry)) = conn.as_mut() else {
                     unreachable!("just connected");
                 };
-                write!(stream, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n{extra}\r\n")?;
+                write!(
+                    stream,
+                    "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{extra}content-length: {}\r\n\r\n{body}",
+                    body.len()
+                )?;
                 let head = read_head(stream, carry)?
                     .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
                 let body = read_body(stream, carry, content_length(&head))?;
@@ -838,11 +865,17 @@ fn http_get(flags: &Flags) -> anyhow::Result<()> {
             };
         match exchange(&mut conn) {
             Ok((code, body)) => {
+                if sequence.len() < 100 {
+                    sequence.push(code.clone());
+                }
                 *codes.entry(code).or_default() += 1;
                 *bodies.entry(body).or_default() += 1;
             }
             Err(e) => {
                 conn = None;
+                if sequence.len() < 100 {
+                    sequence.push("error".to_owned());
+                }
                 if errors.len() < 10 {
                     errors.push(e.to_string());
                 }
@@ -853,6 +886,8 @@ fn http_get(flags: &Flags) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "codes": codes,
+            "sequence": sequence,
+            "connections": connections,
             "bodies": bodies,
             "errors": errors,
             "ms": start.elapsed().as_secs_f64() * 1000.0,
