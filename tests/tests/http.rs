@@ -447,3 +447,89 @@ fn rules_http_allow_get_public_and_refuse_post_admin_with_403_and_a_flow() {
     let again = http_requests(&lab, addr, sequence, 3);
     assert_eq!(again["sequence"], want, "still enforced: {again}");
 }
+
+/// `retry` on the route of `flaky` (api-0, whose server answers 503 to every third request).
+const RETRY: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: retry, namespace: backend}
+spec:
+  parentRefs: [{group: '', kind: Service, name: flaky, port: 80}]
+  rules:
+  - backendRefs: [{name: flaky, port: 80}]
+    retry: {codes: [503], attempts: 2, backoff: 5ms}
+    timeouts: {request: 5s, backendRequest: 2s}
+";
+
+#[test]
+fn a_retry_turns_a_backend_failing_one_in_three_into_full_success() {
+    let lab = shared_lab();
+    for ns in ["frontend", "backend"] {
+        lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, "STRICT"))
+            .unwrap();
+    }
+    let _flaky = Process::spawn(
+        in_pod(lab.pod("backend/api-0"), load_bin())
+            .args([
+                "http-serve",
+                "--port",
+                &BACKEND_PORT.to_string(),
+                "--name",
+                "flaky",
+                "--fail-every",
+                "3",
+            ])
+            .stdout(Stdio::null()),
+        "the flaky backend",
+    )
+    .unwrap();
+    let flaky = Ipv4Addr::new(10, 96, 3, 6);
+    let addr = SocketAddr::from((flaky, 80));
+    lab.write_manifest(
+        "flaky",
+        &service(
+            &lab,
+            "flaky",
+            flaky,
+            "http",
+            BACKEND_PORT,
+            &["backend/api-0"],
+        ),
+    )
+    .unwrap();
+    // Without a route the failures reach the client: the backend fails one in three.
+    let mut bare = Value::Null;
+    let fails = eventually(SETTLE, Duration::from_millis(200), || {
+        bare = http_get(&lab, addr, 30, None);
+        bare["codes"]["503"] == 10
+    });
+    assert!(
+        fails,
+        "without a route, 10 of 30 requests should get the backend's 503: {bare}"
+    );
+    lab.write_manifest("flaky-route", RETRY).unwrap();
+    let mut last = Value::Null;
+    let routed = eventually(SETTLE, Duration::from_millis(200), || {
+        last = http_get(&lab, addr, 6, None);
+        last["codes"]["200"] == 6
+    });
+    assert!(
+        routed,
+        "the retry never hid the backend's failures: {last}\n{}",
+        lab.agent_logs_tail(30)
+    );
+    let run = http_get(&lab, addr, 300, None);
+    assert_eq!(
+        run["codes"]["200"], 300,
+        "every request succeeds with retries: {run}"
+    );
+    let flows = lab
+        .observe("node-1", &["--last", "20", "--http-status", "200"])
+        .expect("node-1's flows");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["l7"]["http"]["route"] == "backend/retry"),
+        "the requests went through the route: {flows:?}"
+    );
+}

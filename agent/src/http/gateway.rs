@@ -85,6 +85,21 @@ pub struct HttpRouteRule {
     #[serde(default)]
     pub backend_refs: Vec<HttpBackendRef>,
     pub timeouts: Option<HttpRouteTimeouts>,
+    /// GEP-1731 (experimental in the upstream schema).
+    pub retry: Option<HttpRouteRetry>,
+}
+
+/// When a request is sent again (GEP-1731).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRetry {
+    /// Response codes (400-599) that get another attempt. Connection failures always do.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// How many times a request may be sent again (not counting the first).
+    pub attempts: Option<u32>,
+    /// The wait before each new attempt (a Gateway API duration).
+    pub backoff: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

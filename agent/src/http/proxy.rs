@@ -39,8 +39,8 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// A client connection to one endpoint, over one HBONE stream.
 enum Upstream {
-    H1(hyper::client::conn::http1::SendRequest<Incoming>),
-    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
 struct Conn {
@@ -214,6 +214,61 @@ pub(super) fn request_url<B>(req: &Request<B>) -> String {
     }
 }
 
+/// What one attempt came to.
+struct Attempt {
+    response: Response<Body>,
+    endpoint: Option<SocketAddr>,
+    /// Why the agent answered itself; empty when the backend answered.
+    note: String,
+    /// The request never left (no connection to the endpoint): safe to send again.
+    unsent: bool,
+    /// The request went out and this is the backend's answer (or a gateway error after it).
+    sent: bool,
+    /// The body was consumed (sent, or dropped).
+    body_taken: bool,
+    /// The body, when the request never left.
+    body: Option<Body>,
+    /// `timeouts.request` passed: no more attempts.
+    deadline_passed: bool,
+}
+
+/// The most of a body buffered so that a request can be sent again.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// The whole body of a request that may be sent again, or the body back untouched: an empty
+/// body always qualifies; a non-empty one only for an idempotent method (RFC 9110 9.2.2) and
+/// when its length is known and at most [`REPLAY_LIMIT`].
+async fn replayable(parts: &http::request::Parts, body: Incoming) -> Result<Bytes, Body> {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let idempotent = matches!(
+        parts.method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    );
+    let bounded = body.size_hint().upper().is_some_and(|n| n <= REPLAY_LIMIT);
+    if !(idempotent && bounded) {
+        return Err(body.boxed_unsync());
+    }
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        // The client's body broke: what is left to send is nothing; the attempt will fail.
+        Err(_) => Ok(Bytes::new()),
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// Headers that belong to one hop (RFC 9110 7.6.1), dropped before forwarding unless the
 /// request is an upgrade.
 pub(super) const HOP_BY_HOP: [header::HeaderName; 6] = [
@@ -291,6 +346,12 @@ impl Conn {
 
     /// Routes and forwards one request: the response, the route's name, the endpoint it went
     /// to, and why the agent answered itself (empty when the backend answered).
+    ///
+    /// With a `retry`, a request that can be sent again is: one whose body is empty, or
+    /// (idempotent methods only) bounded and buffered first; a failed attempt (a code the rule
+    /// lists, or a connection that could not be made) gets another after `backoff`, with a new
+    /// draw of backend and endpoint. `timeouts.request` bounds them all, and
+    /// `timeouts.backendRequest` each one. Anything else is sent once, streaming.
     async fn forward(
         self: &Arc<Self>,
         req: Request<Incoming>,
@@ -315,17 +376,94 @@ impl Conn {
             );
         };
         let route = rule.route.clone();
-        let fail = |status, why: String| (local(status, &why), route.clone(), None, why);
         if let Some(why) = &rule.invalid {
-            return fail(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("invalid route rule: {why}"),
+            let why = format!("invalid route rule: {why}");
+            return (
+                local(StatusCode::INTERNAL_SERVER_ERROR, &why),
+                route,
+                None,
+                why,
             );
         }
+        if on_upgrade.is_none() {
+            for name in &HOP_BY_HOP {
+                parts.headers.remove(name);
+            }
+        }
+        rule.request_headers.apply(&mut parts.headers);
+        let deadline = rule.timeout.map(|t| tokio::time::Instant::now() + t);
+        // The body to send again, when the request may be retried.
+        let replay = match &rule.retry {
+            Some(_) if on_upgrade.is_none() => replayable(&parts, body).await,
+            _ => Err(body.boxed_unsync()),
+        };
+        let (replay, mut once) = match replay {
+            Ok(bytes) => (Some(bytes), None),
+            Err(body) => (None, Some(body)),
+        };
+        let retry = rule.retry.clone().unwrap_or_default();
+        let mut on_upgrade = on_upgrade;
+        let mut attempt = 0;
+        loop {
+            let body = match (&replay, once.take()) {
+                (Some(bytes), _) => full(bytes.clone()),
+                (None, Some(body)) => body,
+                // Sent once already: no retry without a replayable body (not reached).
+                (None, None) => break,
+            };
+            let mut req = Request::new(body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            let outcome = self
+                .attempt(&rule, &table, req, on_upgrade.take(), deadline)
+                .await;
+            let code = outcome.response.status().as_u16();
+            let retryable = outcome.unsent || (outcome.sent && retry.codes.contains(&code));
+            let timed_out = outcome.deadline_passed;
+            let may_retry = replay.is_some() || (outcome.unsent && !outcome.body_taken);
+            if !retryable || attempt >= retry.attempts || timed_out || !may_retry {
+                return (outcome.response, route, outcome.endpoint, outcome.note);
+            }
+            if outcome.unsent && !outcome.body_taken {
+                once = outcome.body;
+            }
+            attempt += 1;
+            tracing::debug!(route = %route, code, attempt, "HTTP: retrying");
+            if !retry.backoff.is_zero() {
+                tokio::time::sleep(retry.backoff).await;
+            }
+        }
+        let why = "the request could not be sent again".to_owned();
+        (local(StatusCode::BAD_GATEWAY, &why), route, None, why)
+    }
+
+    /// One attempt: a backend by weight, an endpoint, the exchange.
+    async fn attempt(
+        self: &Arc<Self>,
+        rule: &super::routes::Rule,
+        table: &super::routes::RouteTable,
+        req: Request<Body>,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Attempt {
+        let fail = |status, why: String, endpoint, req: Option<Request<Body>>| Attempt {
+            response: local(status, &why),
+            endpoint,
+            note: why,
+            unsent: req.is_some(),
+            sent: false,
+            body_taken: false,
+            body: req.map(|r| r.into_body()),
+            deadline_passed: false,
+        };
         let Some(backend) = rule.pick(fastrand::u64(..)) else {
             return fail(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "every backend of the rule has weight 0".into(),
+                None,
+                None,
             );
         };
         let endpoints = table.endpoints_of(&backend.service, self.dialled.ip());
@@ -336,7 +474,12 @@ impl Conn {
                 // No such Service (port): the Gateway API's 500.
                 StatusCode::INTERNAL_SERVER_ERROR
             };
-            return fail(status, format!("no endpoint for {}", backend.service));
+            return fail(
+                status,
+                format!("no endpoint for {}", backend.service),
+                None,
+                None,
+            );
         }
         // The kernel's choice stands when the request stays on the dialled Service (session
         // affinity, topology); another Service's endpoint is drawn at random.
@@ -345,41 +488,47 @@ impl Conn {
         } else {
             endpoints[fastrand::usize(..endpoints.len())]
         };
-        let h2 = parts.version == Version::HTTP_2;
-        if on_upgrade.is_none() {
-            for name in &HOP_BY_HOP {
-                parts.headers.remove(name);
-            }
-        }
-        rule.request_headers.apply(&mut parts.headers);
-        let req = Request::from_parts(parts, body);
+        let h2 = req.version() == Version::HTTP_2;
         let mut upstream = match self.upstream(endpoint, h2, on_upgrade.is_some()).await {
             Ok(u) => u,
-            Err(why) => {
-                return (
-                    local(StatusCode::BAD_GATEWAY, &why),
-                    route,
-                    Some(endpoint),
-                    why,
-                );
-            }
+            Err(why) => return fail(StatusCode::BAD_GATEWAY, why, Some(endpoint), Some(req)),
         };
         // Neither future borrows its sender, which is kept for the next request below.
         let sent = match &mut upstream {
             Upstream::H1(s) => futures::future::Either::Left(s.send_request(req)),
             Upstream::H2(s) => futures::future::Either::Right(s.send_request(req)),
         };
-        let answer = match rule.timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
+        let now = tokio::time::Instant::now();
+        let per_try = rule.backend_timeout.map(|t| now + t);
+        let limit = match (deadline, per_try) {
+            (Some(a), Some(b)) => Some((a.min(b), a <= b)),
+            (Some(a), None) => Some((a, true)),
+            (None, Some(b)) => Some((b, false)),
+            (None, None) => None,
+        };
+        let answer = match limit {
+            Some((at, whole)) => match tokio::time::timeout_at(at, sent).await {
                 Ok(r) => r,
                 Err(_) => {
-                    let why = format!("no response within timeouts.request {t:?}");
-                    return (
-                        local(StatusCode::GATEWAY_TIMEOUT, &why),
-                        route,
-                        Some(endpoint),
-                        why,
-                    );
+                    let which = if whole {
+                        format!("timeouts.request {:?}", rule.timeout.unwrap_or_default())
+                    } else {
+                        format!(
+                            "timeouts.backendRequest {:?}",
+                            rule.backend_timeout.unwrap_or_default()
+                        )
+                    };
+                    let why = format!("no response within {which}");
+                    return Attempt {
+                        response: local(StatusCode::GATEWAY_TIMEOUT, &why),
+                        endpoint: Some(endpoint),
+                        note: why,
+                        unsent: false,
+                        sent: true,
+                        body_taken: true,
+                        body: None,
+                        deadline_passed: whole,
+                    };
                 }
             },
             None => sent.await,
@@ -388,12 +537,17 @@ impl Conn {
             Ok(resp) => resp,
             Err(e) => {
                 let why = format!("the backend {endpoint} failed: {e}");
-                return (
-                    local(StatusCode::BAD_GATEWAY, &why),
-                    route,
-                    Some(endpoint),
-                    why,
-                );
+                return Attempt {
+                    response: local(StatusCode::BAD_GATEWAY, &why),
+                    endpoint: Some(endpoint),
+                    note: why,
+                    unsent: false,
+                    // A gateway error: retried when the rule lists 502.
+                    sent: true,
+                    body_taken: true,
+                    body: None,
+                    deadline_passed: false,
+                };
             }
         };
         let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -416,12 +570,16 @@ impl Conn {
             _ => self.keep(endpoint, h2, upstream),
         }
         rule.response_headers.apply(resp.headers_mut());
-        (
-            resp.map(http_body_util::BodyExt::boxed_unsync),
-            route,
-            Some(endpoint),
-            String::new(),
-        )
+        Attempt {
+            response: resp.map(http_body_util::BodyExt::boxed_unsync),
+            endpoint: Some(endpoint),
+            note: String::new(),
+            unsent: false,
+            sent: true,
+            body_taken: true,
+            body: None,
+            deadline_passed: false,
+        }
     }
 
     fn keep(&self, endpoint: SocketAddr, h2: bool, upstream: Upstream) {

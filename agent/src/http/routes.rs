@@ -194,6 +194,18 @@ impl HeaderChanges {
     }
 }
 
+/// A rule's `retry` (GEP-1731), compiled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retry {
+    /// Attempts after the first.
+    pub attempts: u32,
+    pub codes: Vec<u16>,
+    pub backoff: Duration,
+}
+
+/// At most this many attempts after the first, whatever a route asks (a retry storm is bounded).
+pub const MAX_RETRIES: u32 = 10;
+
 /// A `backendRefs[]` entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -209,8 +221,12 @@ pub struct Rule {
     pub backends: Vec<Backend>,
     pub request_headers: HeaderChanges,
     pub response_headers: HeaderChanges,
-    /// `timeouts.request`; `None` waits as long as the client does.
+    /// `timeouts.request`; `None` waits as long as the client does. It covers every attempt.
     pub timeout: Option<Duration>,
+    /// `timeouts.backendRequest`: the time one attempt may take (to the response's headers).
+    pub backend_timeout: Option<Duration>,
+    /// `retry`; `None`: one attempt.
+    pub retry: Option<Retry>,
     /// Why the rule cannot be applied (an unsupported filter...): it still matches, and answers
     /// 500, as the Gateway API specifies for an invalid rule.
     pub invalid: Option<String>,
@@ -583,15 +599,17 @@ fn compile_route(
                 Err(why) => error(at("timeouts.request"), why),
             }
         }
-        if rule
-            .timeouts
-            .as_ref()
-            .is_some_and(|t| t.backend_request.is_some())
+        if let Some(t) = &rule.timeouts
+            && let Some(backend) = &t.backend_request
         {
-            error(
-                at("timeouts.backendRequest"),
-                "not supported yet; ignored (timeouts.request applies)".into(),
-            );
+            match gateway::parse_duration(backend) {
+                Ok(d) if d.is_zero() => {}
+                Ok(d) => compiled.backend_timeout = Some(d),
+                Err(why) => error(at("timeouts.backendRequest"), why),
+            }
+        }
+        if let Some(retry) = &rule.retry {
+            compiled.retry = compile_retry(retry, &at("retry"), &mut error);
         }
         let rule_arc = Arc::new(compiled);
         let default_match = [HttpRouteMatch::default()];
@@ -698,6 +716,45 @@ fn value_match(kind: Option<&str>, value: &str) -> Result<ValueMatch, (String, S
             format!("{other:?} is not Exact or RegularExpression"),
         )),
     }
+}
+
+/// A rule's `retry`: `None` (no retries) when it asks for none or a field is wrong (reported).
+fn compile_retry(
+    retry: &gateway::HttpRouteRetry,
+    at: &str,
+    error: &mut impl FnMut(String, String),
+) -> Option<Retry> {
+    let attempts = retry.attempts.unwrap_or(1);
+    if attempts > MAX_RETRIES {
+        error(
+            format!("{at}.attempts"),
+            format!("{attempts} is over {MAX_RETRIES}; {MAX_RETRIES} apply"),
+        );
+    }
+    let mut codes = Vec::new();
+    for (i, code) in retry.codes.iter().enumerate() {
+        if (400..=599).contains(code) {
+            codes.push(*code);
+        } else {
+            error(
+                format!("{at}.codes[{i}]"),
+                format!("{code} is not a code from 400 to 599; ignored"),
+            );
+        }
+    }
+    let backoff = match retry.backoff.as_deref().map(gateway::parse_duration) {
+        None => Duration::ZERO,
+        Some(Ok(d)) => d,
+        Some(Err(why)) => {
+            error(format!("{at}.backoff"), why);
+            return None;
+        }
+    };
+    (attempts > 0).then(|| Retry {
+        attempts: attempts.min(MAX_RETRIES),
+        codes,
+        backoff,
+    })
 }
 
 /// A regular expression that must match the whole value (as Envoy's RE2 matches do).

@@ -405,3 +405,55 @@ fn a_route_with_a_wrong_shape_names_its_field() {
         Some("spec.rules[0].backendRefs[0].weight")
     );
 }
+
+#[test]
+fn retries_and_backend_timeouts_compile_and_bad_fields_are_named() {
+    let table = build(
+        r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: retry, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: '', name: web}]
+  rules:
+  - matches: [{path: {value: /a}}]
+    backendRefs: [{name: web-v1, port: 80}]
+    retry: {codes: [503, 200], attempts: 3, backoff: 100ms}
+    timeouts: {request: 2s, backendRequest: 500ms}
+  - matches: [{path: {value: /b}}]
+    backendRefs: [{name: web-v1, port: 80}]
+    retry: {attempts: 50, backoff: 1.5s}
+    timeouts: {backendRequest: soon}
+",
+    );
+    let fields: Vec<&str> = table.errors.iter().map(|e| e.field.as_str()).collect();
+    for field in [
+        "spec.rules[0].retry.codes[1]",
+        "spec.rules[1].retry.attempts",
+        "spec.rules[1].retry.backoff",
+        "spec.rules[1].timeouts.backendRequest",
+    ] {
+        assert!(
+            fields.contains(&field),
+            "expected an error on {field}, got {fields:?}"
+        );
+    }
+    let routes = &table.ports[&key("web", 80)];
+    let a = routes.select(&request("GET", "/a", &[])).unwrap();
+    assert_eq!(
+        a.retry,
+        Some(super::routes::Retry {
+            attempts: 3,
+            codes: vec![503],
+            backoff: std::time::Duration::from_millis(100),
+        })
+    );
+    assert_eq!(a.timeout, Some(std::time::Duration::from_secs(2)));
+    assert_eq!(
+        a.backend_timeout,
+        Some(std::time::Duration::from_millis(500))
+    );
+    let b = routes.select(&request("GET", "/b", &[])).unwrap();
+    assert_eq!(b.retry, None, "a bad backoff: no retries");
+    assert_eq!(b.backend_timeout, None);
+}

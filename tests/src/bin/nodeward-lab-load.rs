@@ -28,10 +28,11 @@
 //!   right away. One JSON line per name: `rcode`, `addrs`, and `connected` (`null` without an
 //!   address or port) with `error`; an IPv4 address in `--names` is only connected to. A query not answered within MS (default 2,000) is `rcode: null`.
 //!
-//! - `http-serve --port P --name NAME`: a minimal HTTP/1.1 server (keep-alive) whose every
+//! - `http-serve --port P --name NAME [--fail-every N]`: a minimal HTTP/1.1 server (keep-alive) whose every
 //!   answer is `200` with the body `NAME` and the header `x-backend: NAME`, so a client can
-//!   tell which backend answered. The test's backend, not under test: a handful of lines of
-//!   HTTP suffice.
+//!   tell which backend answered; with `--fail-every N`, every Nth request (over all
+//!   connections) is answered `503` instead. The test's backend, not under test: a handful of
+//!   lines of HTTP suffice.
 //! - `http-get --addr IP:PORT --count N [--header NAME:VALUE] [--path /p]
 //!   [--requests "GET /a,POST /b"]`: N requests one after another (GETs of `--path`, or the
 //!   `--requests` in turn; other methods than GET/HEAD send a 5-byte body) on keep-alive
@@ -776,9 +777,12 @@ fn read_body(stream: &mut TcpStream, carry: &mut Vec<u8>, len: usize) -> std::io
 fn http_serve(flags: &Flags) -> anyhow::Result<()> {
     let port: u16 = flags.parse_or("port", 0)?;
     let name = flags.get("name").context("--name is required")?.to_owned();
+    let fail_every: u64 = flags.parse_or("fail-every", 0)?;
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let listener = bind(port)?;
     for stream in listener.incoming().flatten() {
         let name = name.clone();
+        let served = served.clone();
         std::thread::spawn(move || {
             let mut stream = stream;
             let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
@@ -788,8 +792,14 @@ fn http_serve(flags: &Flags) -> anyhow::Result<()> {
                 if read_body(&mut stream, &mut carry, content_length(&head)).is_err() {
                     break;
                 }
+                let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+                let status = if fail_every > 0 && n.is_multiple_of(fail_every) {
+                    "503 Service Unavailable"
+                } else {
+                    "200 OK"
+                };
                 let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-backend: {name}\r\n\r\n{name}",
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nx-backend: {name}\r\n\r\n{name}",
                     name.len()
                 );
                 if stream.write_all(answer.as_bytes()).is_err() {
