@@ -533,3 +533,117 @@ fn a_retry_turns_a_backend_failing_one_in_three_into_full_success() {
         "the requests went through the route: {flows:?}"
     );
 }
+
+/// `shadowed` (api-0, `main`) mirrors every request to `shadow` (api-2, which fails them all).
+const MIRROR: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirror, namespace: backend}
+spec:
+  parentRefs: [{group: '', kind: Service, name: shadowed, port: 80}]
+  rules:
+  - backendRefs: [{name: shadowed, port: 80}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: shadow, port: 80}}
+";
+
+#[test]
+fn a_mirror_gets_a_copy_of_every_request_and_its_answer_is_discarded() {
+    let lab = shared_lab();
+    for ns in ["frontend", "backend"] {
+        lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, "STRICT"))
+            .unwrap();
+    }
+    let log = std::env::temp_dir().join(format!("nodeward-{}-mirror.log", lab.id()));
+    let _ = std::fs::remove_file(&log);
+    let _main = Process::spawn(
+        in_pod(lab.pod("backend/api-0"), load_bin())
+            .args([
+                "http-serve",
+                "--port",
+                &BACKEND_PORT.to_string(),
+                "--name",
+                "main",
+            ])
+            .stdout(Stdio::null()),
+        "the main backend",
+    )
+    .unwrap();
+    let _shadow = Process::spawn(
+        in_pod(lab.pod("backend/api-2"), load_bin())
+            .args([
+                "http-serve",
+                "--port",
+                &BACKEND_PORT.to_string(),
+                "--name",
+                "shadow",
+                "--fail-every",
+                "1",
+                "--log",
+                &log.display().to_string(),
+            ])
+            .stdout(Stdio::null()),
+        "the mirror backend",
+    )
+    .unwrap();
+    let (shadowed, shadow) = (Ipv4Addr::new(10, 96, 3, 7), Ipv4Addr::new(10, 96, 3, 8));
+    let manifests = [
+        service(
+            &lab,
+            "shadowed",
+            shadowed,
+            "http",
+            BACKEND_PORT,
+            &["backend/api-0"],
+        ),
+        service(
+            &lab,
+            "shadow",
+            shadow,
+            "http",
+            BACKEND_PORT,
+            &["backend/api-2"],
+        ),
+        MIRROR.to_owned(),
+    ];
+    lab.write_manifest("mirror", &manifests.join("---\n"))
+        .unwrap();
+    let addr = SocketAddr::from((shadowed, 80));
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    // Mirrored once the shadow has seen a request.
+    let mut last = Value::Null;
+    let mirrored = eventually(SETTLE, Duration::from_millis(200), || {
+        last = http_get(&lab, addr, 1, None);
+        lines() > 0
+    });
+    assert!(
+        mirrored,
+        "the mirror never got a request: {last}\n{}",
+        lab.agent_logs_tail(30)
+    );
+    let before = lines();
+    let run = http_get(&lab, addr, 50, None);
+    assert_eq!(
+        run["bodies"]["main"], 50,
+        "every answer is the main backend's, the mirror's 503 discarded: {run}"
+    );
+    let copied = eventually(Duration::from_secs(5), Duration::from_millis(100), || {
+        lines() - before == 50
+    });
+    assert!(
+        copied,
+        "the mirror got {} copies of 50 requests",
+        lines() - before
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.lines().all(|l| l.starts_with("GET / HTTP/1.1")),
+        "the copies are the requests: {text}"
+    );
+    let _ = std::fs::remove_file(&log);
+}

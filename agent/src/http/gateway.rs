@@ -149,6 +149,26 @@ pub struct HttpRouteFilter {
     pub kind: String,
     pub request_header_modifier: Option<HeaderModifier>,
     pub response_header_modifier: Option<HeaderModifier>,
+    pub request_mirror: Option<RequestMirror>,
+}
+
+/// `RequestMirror`: a copy of each request goes to `backendRef`, its answer is discarded.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMirror {
+    pub backend_ref: MirrorBackendRef,
+    /// 0-100; default 100.
+    pub percent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorBackendRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

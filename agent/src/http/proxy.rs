@@ -235,25 +235,16 @@ struct Attempt {
 /// The most of a body buffered so that a request can be sent again.
 const REPLAY_LIMIT: u64 = 64 * 1024;
 
-/// The whole body of a request that may be sent again, or the body back untouched: an empty
-/// body always qualifies; a non-empty one only for an idempotent method (RFC 9110 9.2.2) and
-/// when its length is known and at most [`REPLAY_LIMIT`].
-async fn replayable(parts: &http::request::Parts, body: Incoming) -> Result<Bytes, Body> {
+/// The whole body of a request, buffered so that it can be sent more than once, or the body
+/// back untouched: an empty body always qualifies, another only when its length is known and at
+/// most [`REPLAY_LIMIT`].
+async fn replayable(body: Incoming) -> Result<Bytes, Body> {
     use hyper::body::Body as _;
     if body.is_end_stream() {
         return Ok(Bytes::new());
     }
-    let idempotent = matches!(
-        parts.method,
-        http::Method::GET
-            | http::Method::HEAD
-            | http::Method::OPTIONS
-            | http::Method::TRACE
-            | http::Method::PUT
-            | http::Method::DELETE
-    );
     let bounded = body.size_hint().upper().is_some_and(|n| n <= REPLAY_LIMIT);
-    if !(idempotent && bounded) {
+    if !bounded {
         return Err(body.boxed_unsync());
     }
     match body.collect().await {
@@ -392,15 +383,31 @@ impl Conn {
         }
         rule.request_headers.apply(&mut parts.headers);
         let deadline = rule.timeout.map(|t| tokio::time::Instant::now() + t);
-        // The body to send again, when the request may be retried.
-        let replay = match &rule.retry {
-            Some(_) if on_upgrade.is_none() => replayable(&parts, body).await,
-            _ => Err(body.boxed_unsync()),
+        // The body to send again, when the request may be retried or mirrored.
+        let copies = rule.retry.is_some() || !rule.mirrors.is_empty();
+        let replay = if copies && on_upgrade.is_none() {
+            replayable(body).await
+        } else {
+            Err(body.boxed_unsync())
         };
         let (replay, mut once) = match replay {
             Ok(bytes) => (Some(bytes), None),
             Err(body) => (None, Some(body)),
         };
+        if let Some(bytes) = &replay {
+            self.mirror(&rule, &table, &parts, bytes);
+        }
+        // Sent again only when that is safe (RFC 9110 9.2.2): no body, or an idempotent method.
+        let idempotent = matches!(
+            parts.method,
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::TRACE
+                | http::Method::PUT
+                | http::Method::DELETE
+        );
+        let replay = replay.filter(|b| b.is_empty() || idempotent);
         let retry = rule.retry.clone().unwrap_or_default();
         let mut on_upgrade = on_upgrade;
         let mut attempt = 0;
@@ -579,6 +586,58 @@ impl Conn {
             body_taken: true,
             body: None,
             deadline_passed: false,
+        }
+    }
+
+    /// `RequestMirror`: a copy of the request to each mirror Service (drawn by its percent),
+    /// in a task of its own; the answer is read and discarded, failures only logged.
+    fn mirror(
+        self: &Arc<Self>,
+        rule: &super::routes::Rule,
+        table: &Arc<super::routes::RouteTable>,
+        parts: &http::request::Parts,
+        body: &Bytes,
+    ) {
+        for (service, percent) in &rule.mirrors {
+            if fastrand::u32(0..100) >= *percent {
+                continue;
+            }
+            let endpoints = table.endpoints_of(service, self.dialled.ip());
+            if endpoints.is_empty() {
+                tracing::debug!(mirror = %service, "HTTP: no endpoint to mirror to");
+                continue;
+            }
+            let endpoint = endpoints[fastrand::usize(..endpoints.len())];
+            let mut req = Request::new(full(body.clone()));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            let h2 = parts.version == Version::HTTP_2;
+            let conn = self.clone();
+            let service = service.clone();
+            tokio::spawn(async move {
+                let sent = async {
+                    let mut upstream = conn.upstream(endpoint, h2, false).await?;
+                    let resp = match &mut upstream {
+                        Upstream::H1(s) => s.send_request(req).await,
+                        Upstream::H2(s) => s.send_request(req).await,
+                    }
+                    .map_err(|e| e.to_string())?;
+                    // Read to the end, so the connection can carry the next request.
+                    let _ = resp.into_body().collect().await;
+                    conn.keep(endpoint, h2, upstream);
+                    Ok::<_, String>(())
+                };
+                let limit = std::time::Duration::from_secs(30);
+                match tokio::time::timeout(limit, sent).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(mirror = %service, error = %e, "HTTP: the mirror failed");
+                    }
+                    Err(_) => tracing::debug!(mirror = %service, "HTTP: the mirror timed out"),
+                }
+            });
         }
     }
 

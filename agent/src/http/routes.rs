@@ -227,6 +227,8 @@ pub struct Rule {
     pub backend_timeout: Option<Duration>,
     /// `retry`; `None`: one attempt.
     pub retry: Option<Retry>,
+    /// `RequestMirror` filters: (Service, percent of requests).
+    pub mirrors: Vec<(ServiceKey, u32)>,
     /// Why the rule cannot be applied (an unsupported filter...): it still matches, and answers
     /// 500, as the Gateway API specifies for an invalid rule.
     pub invalid: Option<String>,
@@ -518,9 +520,53 @@ fn compile_route(
                     .response_header_modifier
                     .as_ref()
                     .map(|m| (m, &mut compiled.response_headers, "responseHeaderModifier")),
+                "RequestMirror" => {
+                    let Some(m) = &filter.request_mirror else {
+                        let why = "type RequestMirror needs its requestMirror field".to_owned();
+                        error(field, why.clone());
+                        compiled.invalid = Some(why);
+                        continue;
+                    };
+                    let b = &m.backend_ref;
+                    let group = b.group.as_deref().unwrap_or("");
+                    let kind = b.kind.as_deref().unwrap_or("Service");
+                    let service = ObjectRef {
+                        namespace: b.namespace.clone().unwrap_or_else(|| r.namespace.clone()),
+                        name: b.name.clone(),
+                    };
+                    let bad = if !matches!(group, "" | "core") || kind != "Service" {
+                        Some((
+                            "kind",
+                            format!("only Services are mirrors, not {group:?}/{kind}"),
+                        ))
+                    } else if b.port.is_none() {
+                        Some(("port", "a Service mirror needs its port".to_owned()))
+                    } else if !services.contains_key(&service) {
+                        Some(("name", format!("no Service {service}; nothing is mirrored")))
+                    } else if m.percent.is_some_and(|p| p > 100) {
+                        Some(("percent", "more than 100; nothing is mirrored".to_owned()))
+                    } else {
+                        None
+                    };
+                    match (bad, b.port) {
+                        (None, Some(port)) => compiled
+                            .mirrors
+                            .push((ServiceKey { service, port }, m.percent.unwrap_or(100))),
+                        (Some((f, why)), _) => {
+                            let f = if f == "percent" {
+                                format!("{field}.requestMirror.percent")
+                            } else {
+                                format!("{field}.requestMirror.backendRef.{f}")
+                            };
+                            error(f, why);
+                        }
+                        (None, None) => {}
+                    }
+                    continue;
+                }
                 other => {
                     let why = format!(
-                        "filter type {other:?} is not supported yet (RequestHeaderModifier and ResponseHeaderModifier are); the rule answers 500"
+                        "filter type {other:?} is not supported yet (RequestHeaderModifier, ResponseHeaderModifier and RequestMirror are); the rule answers 500"
                     );
                     error(format!("{field}.type"), why.clone());
                     compiled.invalid = Some(why);

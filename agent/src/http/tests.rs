@@ -308,7 +308,7 @@ spec:
   - matches: [{path: {type: RegularExpression, value: '(unclosed'}}, {path: {value: /ok}}]
     backendRefs: [{name: web-v1, port: 80}]
   - matches: [{path: {value: /mirror}}]
-    filters: [{type: RequestMirror}]
+    filters: [{type: URLRewrite}]
     backendRefs: [{name: web-v1, port: 80}]
   - matches: [{path: {value: /ghost}}]
     backendRefs: [{name: ghost, port: 80}]
@@ -456,4 +456,32 @@ spec:
     let b = routes.select(&request("GET", "/b", &[])).unwrap();
     assert_eq!(b.retry, None, "a bad backoff: no retries");
     assert_eq!(b.backend_timeout, None);
+}
+
+#[test]
+fn request_mirrors_compile_and_a_missing_mirror_is_named() {
+    let table = build(
+        r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shadow, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: '', name: web}]
+  rules:
+  - backendRefs: [{name: web-v1, port: 80}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: web-v2, port: 80}, percent: 25}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: ghost, port: 80}}}
+",
+    );
+    let fields: Vec<&str> = table.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["spec.rules[0].filters[1].requestMirror.backendRef.name"]
+    );
+    let rule = table.ports[&key("web", 80)]
+        .select(&request("GET", "/", &[]))
+        .unwrap();
+    assert_eq!(rule.mirrors, [(key("web-v2", 80), 25)]);
+    assert!(rule.invalid.is_none(), "a bad mirror costs only itself");
 }

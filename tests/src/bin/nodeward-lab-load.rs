@@ -28,10 +28,11 @@
 //!   right away. One JSON line per name: `rcode`, `addrs`, and `connected` (`null` without an
 //!   address or port) with `error`; an IPv4 address in `--names` is only connected to. A query not answered within MS (default 2,000) is `rcode: null`.
 //!
-//! - `http-serve --port P --name NAME [--fail-every N]`: a minimal HTTP/1.1 server (keep-alive) whose every
+//! - `http-serve --port P --name NAME [--fail-every N] [--log FILE]`: a minimal HTTP/1.1 server (keep-alive) whose every
 //!   answer is `200` with the body `NAME` and the header `x-backend: NAME`, so a client can
 //!   tell which backend answered; with `--fail-every N`, every Nth request (over all
-//!   connections) is answered `503` instead. The test's backend, not under test: a handful of
+//!   connections) is answered `503` instead; with `--log`, each request line is appended to
+//!   FILE. The test's backend, not under test: a handful of
 //!   lines of HTTP suffice.
 //! - `http-get --addr IP:PORT --count N [--header NAME:VALUE] [--path /p]
 //!   [--requests "GET /a,POST /b"]`: N requests one after another (GETs of `--path`, or the
@@ -779,10 +780,21 @@ fn http_serve(flags: &Flags) -> anyhow::Result<()> {
     let name = flags.get("name").context("--name is required")?.to_owned();
     let fail_every: u64 = flags.parse_or("fail-every", 0)?;
     let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let log = match flags.get("log") {
+        Some(path) => Some(std::sync::Arc::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {path}"))?,
+        ))),
+        None => None,
+    };
     let listener = bind(port)?;
     for stream in listener.incoming().flatten() {
         let name = name.clone();
         let served = served.clone();
+        let log = log.clone();
         std::thread::spawn(move || {
             let mut stream = stream;
             let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
@@ -791,6 +803,13 @@ fn http_serve(flags: &Flags) -> anyhow::Result<()> {
             while let Ok(Some(head)) = read_head(&mut stream, &mut carry) {
                 if read_body(&mut stream, &mut carry, content_length(&head)).is_err() {
                     break;
+                }
+                if let Some(log) = &log {
+                    let line = head.lines().next().unwrap_or_default();
+                    let mut file = log
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let _ = writeln!(file, "{line}");
                 }
                 let n = served.fetch_add(1, Ordering::Relaxed) + 1;
                 let status = if fail_every > 0 && n.is_multiple_of(fail_every) {
