@@ -379,6 +379,30 @@ fn rules_http_allow_get_public_and_refuse_post_admin_with_403_and_a_flow() {
         last["connections"], 1,
         "the 403 keeps the connection up for the next request: {last}"
     );
+    // The same on one node (api-2 is on node-1, with web-0): node-1's agent checks it.
+    let _local = Process::spawn(
+        in_pod(lab.pod("backend/api-2"), load_bin())
+            .args([
+                "http-serve",
+                "--port",
+                &BACKEND_PORT.to_string(),
+                "--name",
+                "api",
+            ])
+            .stdout(Stdio::null()),
+        "the same-node api backend",
+    )
+    .unwrap();
+    let local = SocketAddr::from((lab.pod("backend/api-2").ip4, BACKEND_PORT));
+    let mut same_node = Value::Null;
+    let checked = eventually(SETTLE, Duration::from_millis(200), || {
+        same_node = http_requests(&lab, local, sequence, 3);
+        same_node["sequence"] == want
+    });
+    assert!(
+        checked,
+        "on one node, GET /public, POST /admin, GET /public/x should answer 200, 403, 200: {same_node}"
+    );
 
     let denied = lab
         .observe(
@@ -522,6 +546,15 @@ fn a_retry_turns_a_backend_failing_one_in_three_into_full_success() {
     assert_eq!(
         run["codes"]["200"], 300,
         "every request succeeds with retries: {run}"
+    );
+    // A POST with a body is not idempotent: sent once, answered by the backend (200 or its
+    // 503), never lost.
+    let post = http_requests(&lab, addr, "POST /orders", 3);
+    let codes = &post["codes"];
+    assert!(
+        codes["200"].as_u64().unwrap_or(0) + codes["503"].as_u64().unwrap_or(0) == 3
+            && codes["503"].as_u64().unwrap_or(0) >= 1,
+        "3 POSTs reach the backend once each (one in three fails, not retried): {post}"
     );
     let flows = lab
         .observe("node-1", &["--last", "20", "--http-status", "200"])

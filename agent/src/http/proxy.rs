@@ -407,7 +407,8 @@ impl Conn {
                 | http::Method::PUT
                 | http::Method::DELETE
         );
-        let replay = replay.filter(|b| b.is_empty() || idempotent);
+        // A buffered body of another method is still sent again when it never left.
+        let resend = replay.as_ref().is_some_and(|b| b.is_empty() || idempotent);
         let retry = rule.retry.clone().unwrap_or_default();
         let mut on_upgrade = on_upgrade;
         let mut attempt = 0;
@@ -415,7 +416,7 @@ impl Conn {
             let body = match (&replay, once.take()) {
                 (Some(bytes), _) => full(bytes.clone()),
                 (None, Some(body)) => body,
-                // Sent once already: no retry without a replayable body (not reached).
+                // The streamed body is gone (not reached: the loop only goes on with it back).
                 (None, None) => break,
             };
             let mut req = Request::new(body);
@@ -429,7 +430,7 @@ impl Conn {
             let code = outcome.response.status().as_u16();
             let retryable = outcome.unsent || (outcome.sent && retry.codes.contains(&code));
             let timed_out = outcome.deadline_passed;
-            let may_retry = replay.is_some() || (outcome.unsent && !outcome.body_taken);
+            let may_retry = resend || (outcome.unsent && (replay.is_some() || !outcome.body_taken));
             if !retryable || attempt >= retry.attempts || timed_out || !may_retry {
                 return (outcome.response, route, outcome.endpoint, outcome.note);
             }
