@@ -265,7 +265,7 @@ struct AgentArgs {
     /// `podIP:15008` to the agent) or `node` (the destination node's address, the pod named in
     /// the TLS server name). Set it alike on every node; a `pod` client falls back to the
     /// node's address when a pod's address does not answer.
-    #[arg(long, env = "NODEWARD_HBONE_DIAL", value_enum, default_value = "node")]
+    #[arg(long, env = "NODEWARD_HBONE_DIAL", value_enum, default_value = "pod")]
     hbone_dial: HboneDialArg,
     /// Entries of the ipcache map: every pod address in the cluster (two for a dual-stack pod),
     /// node and CIDR. The default holds 150,000 dual-stack pods with room for rollouts.
