@@ -247,6 +247,8 @@ pub struct HboneRoutes {
     rule: bool,
     cleared: bool,
     installed: std::collections::BTreeSet<IpAddr>,
+    /// See [`HboneRoutes::in_step`].
+    in_step: bool,
 }
 
 impl HboneRoutes {
@@ -304,47 +306,62 @@ impl HboneRoutes {
     /// Makes the table route exactly `pods` (the local pods' addresses). Returns what failed;
     /// what succeeded stays done, and a failed address is tried again next time.
     pub fn sync(&mut self, pods: &std::collections::BTreeSet<IpAddr>) -> Vec<RouteError> {
+        let gone: Vec<IpAddr> = self.installed.difference(pods).copied().collect();
+        let new: Vec<IpAddr> = pods.difference(&self.installed).copied().collect();
+        let errors = self.apply(
+            gone.into_iter()
+                .map(|ip| (ip, false))
+                .chain(new.into_iter().map(|ip| (ip, true))),
+        );
+        self.in_step = errors.is_empty();
+        errors
+    }
+
+    /// Routes or unroutes only the addresses given (`true`: a local pod's), where the caller
+    /// knows nothing else changed since the last [`HboneRoutes::sync`] or `update`. Returns what
+    /// failed; after a failure [`HboneRoutes::in_step`] is false until the next `sync`.
+    pub fn update(
+        &mut self,
+        addresses: impl IntoIterator<Item = (IpAddr, bool)>,
+    ) -> Vec<RouteError> {
+        let errors = self.apply(addresses);
+        self.in_step &= errors.is_empty();
+        errors
+    }
+
+    /// Whether the table is known to match the addresses of the last `sync` with the `update`s
+    /// since (so an `update` of what changed is enough).
+    #[must_use]
+    pub fn in_step(&self) -> bool {
+        self.in_step
+    }
+
+    /// The caller lost track of changes (a sync it did not follow): the next change needs a
+    /// [`HboneRoutes::sync`].
+    pub fn lose_step(&mut self) {
+        self.in_step = false;
+    }
+
+    fn apply(&mut self, addresses: impl IntoIterator<Item = (IpAddr, bool)>) -> Vec<RouteError> {
         let table = HBONE_ROUTE_TABLE.to_string();
         let mut errors = Vec::new();
-        let gone: Vec<IpAddr> = self.installed.difference(pods).copied().collect();
-        for pod in gone {
+        for (pod, wanted) in addresses {
+            if wanted == self.installed.contains(&pod) {
+                continue;
+            }
+            let prefix = host_prefix(pod);
+            let op = if wanted { "replace" } else { "del" };
             match ip(
-                &[
-                    "route",
-                    "del",
-                    "local",
-                    &host_prefix(pod),
-                    "dev",
-                    "lo",
-                    "table",
-                    &table,
-                ],
+                &["route", op, "local", &prefix, "dev", "lo", "table", &table],
                 false,
             ) {
-                Err(e) if !e.reason.contains("No such process") => errors.push(e),
+                Ok(()) if wanted => {
+                    self.installed.insert(pod);
+                }
+                Err(e) if wanted || !e.reason.contains("No such process") => errors.push(e),
                 _ => {
                     self.installed.remove(&pod);
                 }
-            }
-        }
-        for pod in pods.difference(&self.installed.clone()) {
-            match ip(
-                &[
-                    "route",
-                    "replace",
-                    "local",
-                    &host_prefix(*pod),
-                    "dev",
-                    "lo",
-                    "table",
-                    &table,
-                ],
-                false,
-            ) {
-                Ok(()) => {
-                    self.installed.insert(*pod);
-                }
-                Err(e) => errors.push(e),
             }
         }
         errors
@@ -371,5 +388,115 @@ fn host_prefix(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}/32"),
         IpAddr::V6(v6) => format!("{v6}/128"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cmd args` in the calling thread's namespace, its standard output.
+    fn run(cmd: &str, args: &[&str]) -> String {
+        let out = Command::new(cmd).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn table_routes() -> Vec<String> {
+        let table = HBONE_ROUTE_TABLE.to_string();
+        let mut got: Vec<String> = run("ip", &["route", "show", "table", &table])
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            .collect();
+        got.sort();
+        got
+    }
+
+    /// Root: in a network namespace of its own (a thread that unshares and ends with it), what
+    /// an older agent left is replaced by the mark's chain and rule, routes follow `sync` and
+    /// `update`, and `node` mode removes everything.
+    #[test]
+    fn pod_mode_marks_by_conntrack_routes_what_changed_and_node_mode_removes_it() {
+        std::thread::spawn(|| {
+            // SAFETY: affects only this thread, which ends with the test.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", io::Error::last_os_error());
+            run("ip", &["link", "set", "lo", "up"]);
+            // An older agent's rules and routes.
+            let old = (HBONE_RULE_PRIORITY + 1).to_string();
+            let table = HBONE_ROUTE_TABLE.to_string();
+            run(
+                "ip",
+                &[
+                    "rule", "add", "ipproto", "tcp", "dport", "15008", "lookup", &table,
+                    "priority", &old,
+                ],
+            );
+            run(
+                "ip",
+                &[
+                    "route",
+                    "add",
+                    "local",
+                    "10.0.0.9/32",
+                    "dev",
+                    "lo",
+                    "table",
+                    &table,
+                ],
+            );
+
+            let mut hbone = HboneRoutes::default();
+            hbone.ensure_rule(15008).unwrap();
+            let rules = run("ip", &["rule"]);
+            assert!(!rules.contains("dport"), "the port rule is left:\n{rules}");
+            assert!(
+                rules.contains(&format!("fwmark 0x3000000/0xf000000 lookup {table}")),
+                "no mark rule:\n{rules}"
+            );
+            let chain = run("nft", &["list", "table", "inet", HBONE_NFT_TABLE]);
+            assert!(
+                chain.contains("tcp dport 15008")
+                    && chain.contains("ct direction original")
+                    && chain.contains("meta mark set meta mark | 0x03000000"),
+                "{chain}"
+            );
+            // Again (an agent restarting): still one chain and one rule.
+            let mut again = HboneRoutes::default();
+            again.ensure_rule(15008).unwrap();
+            assert_eq!(run("ip", &["rule"]).matches("fwmark 0x3000000").count(), 1);
+
+            let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+            let pods = [ip("10.0.0.1"), ip("10.0.0.2")].into_iter().collect();
+            assert!(hbone.sync(&pods).is_empty());
+            assert!(hbone.in_step());
+            // The older agent's route is not this one's to know; a full sync leaves it.
+            assert_eq!(table_routes(), ["10.0.0.1", "10.0.0.2", "10.0.0.9"]);
+            let errors = hbone.update([
+                (ip("10.0.0.2"), false),
+                (ip("10.0.0.3"), true),
+                (ip("10.0.0.1"), true),
+                (ip("fd00::3"), true),
+            ]);
+            assert!(errors.is_empty(), "{errors:?}");
+            assert!(hbone.in_step());
+            assert_eq!(table_routes(), ["10.0.0.1", "10.0.0.3", "10.0.0.9"]);
+            assert!(
+                run("ip", &["-6", "route", "show", "table", &table]).contains("fd00::3"),
+                "no IPv6 route"
+            );
+
+            let mut node_mode = HboneRoutes::default();
+            node_mode.clear_once();
+            assert!(!run("ip", &["rule"]).contains(&table));
+            assert!(table_routes().is_empty());
+            assert!(run("nft", &["list", "tables"]).is_empty());
+        })
+        .join()
+        .unwrap();
     }
 }
