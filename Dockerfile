@@ -37,10 +37,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---- runtime ---------------------------------------------------------------------------------
 FROM debian:bookworm-slim
 # iproute2: the agent runs `ip -j route show exact <pod IP>` to find each pod's host-side
-# interface. ca-certificates: TLS to an API server given by --kubeconfig. mount (util-linux,
-# already in the base image) is used by the mount-bpffs init container.
+# interface, and `ip rule`/`ip route` for the tunnel. nftables: with `--hbone-dial pod` (the
+# default) the agent marks connections to port 15008 of its pods by conntrack (`nft`, see
+# tunnel::net::HboneRoutes). ca-certificates: TLS to an API server given by --kubeconfig. mount
+# (util-linux, already in the base image) is used by the mount-bpffs init container.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 ca-certificates \
+ && apt-get install -y --no-install-recommends iproute2 nftables ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /out/nodeward /usr/local/bin/nodeward
 # Root on purpose (see the top of this file).

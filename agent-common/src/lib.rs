@@ -279,6 +279,11 @@ pub mod mesh {
     pub const MARK_TO_PROXY: u32 = 0x0100_0000;
     /// Sent by the agent itself (`SO_MARK`): a tunnel delivery, already authorized by the agent.
     pub const MARK_FROM_AGENT: u32 = 0x0200_0000;
+    /// A connection to port 15008 of a pod, in its first direction (set by the agent's
+    /// `nodeward_hbone` nftables chain from netfilter's conntrack in `--hbone-dial pod`): routed
+    /// by the HBONE rule, to the agent where the pod is local. Replies to a pod's own connection
+    /// from port 15008 never carry it.
+    pub const MARK_HBONE: u32 = 0x0300_0000;
     /// Routing table of the policy route, and the priority of its rule.
     pub const ROUTE_TABLE: u32 = 0x4e57;
     pub const RULE_PRIORITY: u32 = 90;

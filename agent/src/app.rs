@@ -1240,7 +1240,11 @@ impl Control {
     /// meshed pod anywhere in the cluster (a peer dials only a pod it knows as meshed), for the
     /// same cost reason as [`Control::ensure_policy_route`], and stays; the routes follow every
     /// local pod with an identity, meshed or not, so a mesh change never races a peer's dial.
-    fn sync_hbone_routes(&mut self) {
+    ///
+    /// `changed`: the addresses of the pods that changed since the last call (old and new
+    /// addresses), or `None` when that is not known; only those are looked up while the table
+    /// is in step, so a sync costs its changes, not the cluster's pods.
+    fn sync_hbone_routes(&mut self, changed: Option<&[std::net::IpAddr]>) {
         if self.tunnel.config.dial != crate::tunnel::HboneDial::Pod {
             self.hbone_routes.clear_once();
             return;
@@ -1259,13 +1263,23 @@ impl Control {
             }
             tracing::info!("HBONE rule installed: local pods' port 15008 goes to the agent");
         }
-        let pods: BTreeSet<std::net::IpAddr> = view
-            .workloads
-            .iter()
-            .filter(|(_, w)| w.local)
-            .map(|(ip, _)| *ip)
-            .collect();
-        for e in self.hbone_routes.sync(&pods) {
+        let errors = match changed.filter(|_| self.hbone_routes.in_step()) {
+            Some(changed) => self.hbone_routes.update(
+                changed
+                    .iter()
+                    .map(|ip| (*ip, view.workloads.get(ip).is_some_and(|w| w.local))),
+            ),
+            None => {
+                let pods: BTreeSet<std::net::IpAddr> = view
+                    .workloads
+                    .iter()
+                    .filter(|(_, w)| w.local)
+                    .map(|(ip, _)| *ip)
+                    .collect();
+                self.hbone_routes.sync(&pods)
+            }
+        };
+        for e in errors {
             self.report(e.to_string());
         }
     }
@@ -1511,6 +1525,19 @@ impl Control {
         self.reported.retain(|l| round.contains(l));
         self.report_policies(&inv, &failures, result.as_ref().err());
         let synced = result.is_ok();
+        // The addresses whose pods changed (old and new), for the HBONE routes.
+        let changed_addresses: Option<Vec<std::net::IpAddr>> =
+            self.compiler.pod_changes().map(|changes| {
+                changes
+                    .iter()
+                    .flat_map(|(key, old)| {
+                        old.iter()
+                            .map(|p| p.as_ref())
+                            .chain(inv.pods.get(key).map(|p| p.as_ref()))
+                            .flat_map(crate::tunnel::view::pod_ips)
+                    })
+                    .collect()
+            });
         match self.compiler.pod_changes() {
             Some(changes) => patch_addresses(&mut self.addresses, &inv, changes),
             None => self.addresses = pod_addresses(&inv),
@@ -1531,7 +1558,10 @@ impl Control {
         // their rule through the index publish just replaced.
         if synced {
             self.tunnel.set_shared_view(view);
-            self.sync_hbone_routes();
+            self.sync_hbone_routes(changed_addresses.as_deref());
+        } else {
+            // The next sync's changes are counted from this one, which the routes did not follow.
+            self.hbone_routes.lose_step();
         }
         if synced && !self.shared.ready.swap(true, Ordering::SeqCst) {
             tracing::info!(node = %self.node, "first sync done: ready");

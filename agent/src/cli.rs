@@ -261,11 +261,13 @@ struct AgentArgs {
     #[arg(long, env = "NODEWARD_HBONE_ADDR", default_value = "[::]:15008")]
     hbone_addr: SocketAddr,
     /// Which address the HBONE client dials for a destination pod: `pod` (port 15008 of the
-    /// pod's own address, as ambient does; with it this node also routes its own pods'
-    /// `podIP:15008` to the agent) or `node` (the destination node's address, the pod named in
-    /// the TLS server name). Set it alike on every node; a `pod` client falls back to the
-    /// node's address when a pod's address does not answer.
-    #[arg(long, env = "NODEWARD_HBONE_DIAL", value_enum, default_value = "node")]
+    /// pod's own address, as ambient does; this node then also takes new connections to its
+    /// own pods' `podIP:15008` for the agent: an nftables table `nodeward_hbone` marks them by
+    /// conntrack, and a rule and routes in table 20056 deliver them; needs `nft`) or `node` (the
+    /// destination node's address, the pod named in the TLS server name; removes that table,
+    /// rule and routes). Set it alike on every node; a `pod` client falls back to the node's
+    /// address when a pod's address does not answer.
+    #[arg(long, env = "NODEWARD_HBONE_DIAL", value_enum, default_value = "pod")]
     hbone_dial: HboneDialArg,
     /// Entries of the ipcache map: every pod address in the cluster (two for a dual-stack pod),
     /// node and CIDR. The default holds 150,000 dual-stack pods with room for rollouts.

@@ -78,11 +78,10 @@ pub enum HboneDial {
     /// delivers its own pods' `podIP:15008` to its agent (`net::HboneRoutes`). A pod address
     /// that refuses or stays silent (its node's agent is down, predates this or runs `node`)
     /// is dialled again at the node's address.
+    #[default]
     Pod,
     /// The destination node's address, the pod named in the TLS server name (no routes on
-    /// this node). The default for now: with the routes in place, the lab's mesh on/off churn
-    /// test loses 1-3 plaintext SYNs in ~40,000 connections (DEVELOPERS.md).
-    #[default]
+    /// this node).
     Node,
 }
 

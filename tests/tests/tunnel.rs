@@ -213,6 +213,38 @@ fn strict_drops_plaintext_and_permissive_lets_it_through() {
             && f["IP"]["source"] == db1.as_str()
     });
     assert_eq!(flow["destination"]["namespace"], "backend", "{flow}");
+
+    // The nodes take connections to port 15008 of their pods (the HBONE dial), never a pod's
+    // own connection from port 15008, across nodes either way: its SYN leaves (its node's
+    // source check once dropped it as `IP_LOCAL_SOURCE`) and the replies reach the pod.
+    for node in lab.node_names() {
+        let rules = nodeward_lab::sys::in_netns(&lab.node(&node).netns, || {
+            std::process::Command::new("ip").arg("rule").output()
+        })
+        .unwrap()
+        .unwrap();
+        let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+        assert!(
+            rules.contains("lookup 20056"),
+            "{node} has no HBONE rule (pod dialling is the default):\n{rules}"
+        );
+    }
+    for (from, to) in [("data/db-0", "data/db-1"), ("data/db-1", "data/db-0")] {
+        let dst = lab.addr(to, HTTP_PORT);
+        let stream = nodeward_lab::sys::in_netns(&lab.pod(from).netns, || {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from(([0, 0, 0, 0], 15008)).into())?;
+            socket.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+            Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
+        })
+        .unwrap();
+        let mut stream = stream.unwrap_or_else(|e| panic!("{from}:15008 -> {dst}: connect: {e}"));
+        assert!(
+            nodeward_lab::probe::echo_roundtrip(&mut stream, Duration::from_secs(3)),
+            "{from}:15008 -> {dst}: no echo"
+        );
+    }
 }
 
 #[test]

@@ -5,8 +5,9 @@
 //! - plaintext, nodeward L3/L4 only (agents running, no `MutualTLS`: `--mtls-mode DISABLE`),
 //! - through the tunnel (agents running, `MutualTLS` PERMISSIVE for the client's and the
 //!   server's namespace: both pods meshed, so the agents carry the connection over HBONE),
-//!   dialled at the destination node's address (`--hbone-dial node`, the default),
-//! - the same dialled at the destination pod's address (`--hbone-dial pod`, as ambient).
+//!   dialled at the destination node's address (`--hbone-dial node`),
+//! - the same dialled at the destination pod's address (`--hbone-dial pod`, the default, as
+//!   ambient).
 //!
 //! Each scenario: bulk throughput (iperf3, one stream), request/response latency p50/p99 over one
 //! connection, new connections per second. Rounds in ABBA order, median over the rounds. The
@@ -104,8 +105,8 @@ impl Scenario {
         match self {
             Self::NoAgent => "plaintext, no agent",
             Self::Plaintext => "plaintext, nodeward L3/L4",
-            Self::Tunnel => "nodeward mTLS tunnel",
-            Self::TunnelPod => "nodeward mTLS tunnel, `--hbone-dial pod`",
+            Self::Tunnel => "nodeward mTLS tunnel, `--hbone-dial node`",
+            Self::TunnelPod => "nodeward mTLS tunnel, `--hbone-dial pod` (the default)",
         }
     }
 }
@@ -497,10 +498,19 @@ impl Bench {
     /// Fresh agents (adopting the pinned state) for the idle step, so that what the rounds'
     /// load left in their memory does not count as the connections' cost.
     fn restart_agents(&mut self) -> Result<()> {
+        self.lab.set_agent_args(&["--hbone-dial", "node"]);
+        let mut restarted = Ok(());
         for node in self.lab.node_names() {
-            self.lab.stop_agent(&node)?;
-            self.lab.start_agent(&node)?;
+            restarted = self
+                .lab
+                .stop_agent(&node)
+                .and_then(|()| self.lab.start_agent(&node).map(|_| ()));
+            if restarted.is_err() {
+                break;
+            }
         }
+        self.lab.set_agent_args(&[]);
+        restarted?;
         self.agents = true;
         self.pod_dial = false;
         self.wait_meshed()
@@ -531,9 +541,9 @@ impl Bench {
         if self.agents && self.pod_dial == pod_dial {
             return Ok(());
         }
-        if pod_dial {
-            self.lab.set_agent_args(&["--hbone-dial", "pod"]);
-        }
+        // Explicit either way: the agent's default is `pod`.
+        self.lab
+            .set_agent_args(&["--hbone-dial", if pod_dial { "pod" } else { "node" }]);
         let mut started = Ok(());
         for node in self.lab.node_names() {
             if self.agents {
