@@ -126,9 +126,9 @@ enum BenchCmd {
         /// (--ports does not apply).
         #[arg(long, conflicts_with_all = ["control_plane", "hold"])]
         services: bool,
-        /// With --services: a smoke run (1 round, sub-second loads) that only prints its
-        /// results and leaves README.md alone.
-        #[arg(long, requires = "services")]
+        /// A smoke run that only prints its results and leaves README.md alone: 2 rounds of
+        /// the scenarios (with --services: 1 round, sub-second loads).
+        #[arg(long, conflicts_with_all = ["control_plane", "hold"])]
         quick: bool,
     },
     /// DNS through the agent's proxy against straight to the resolver (dnsmasq), side by
@@ -184,7 +184,7 @@ fn main() -> Result<()> {
             } else if control_plane {
                 bench::run_control_plane()
             } else {
-                bench::run(ports)
+                bench::run(ports, quick)
             }
         }
         Cmd::Bench {
