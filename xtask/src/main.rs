@@ -292,6 +292,10 @@ fn lab(action: LabCmd) -> Result<()> {
     }
 }
 
+/// Lab test files `cargo xtask test` runs a second time with `--host-routing kernel`: policy
+/// in both directions, Services, the tunnel, flows, and host routing's own test.
+const HOST_ROUTING_OFF_FILES: [&str; 5] = ["policy", "services", "tunnel", "flows", "hostrouting"];
+
 fn test() -> Result<()> {
     let started = Instant::now();
     setup::run()?;
@@ -336,6 +340,14 @@ fn test() -> Result<()> {
     ])?;
     // ... then the lab's: one lab per test binary, tests taking turns with it.
     cargo(&["test", "-p", "nodeward-lab", "--", "--test-threads=1"])?;
+    // ... and the datapath's lab files once more with eBPF host routing off, the path every
+    // packet took before it (the whole suite twice would add some ten minutes).
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo_bin)
+        .env(nodeward_lab::lab::HOST_ROUTING_ENV, "kernel")
+        .args(["test", "-p", "nodeward-lab"])
+        .args(HOST_ROUTING_OFF_FILES.iter().flat_map(|f| ["--test", f]))
+        .args(["--", "--test-threads=1"]))?;
     println!(
         "\n==> cargo xtask test: all passed in {:.1?}",
         started.elapsed()
