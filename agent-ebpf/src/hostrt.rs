@@ -24,7 +24,8 @@ use aya_ebpf::{
         bpf_redir_neigh,
     },
     helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_store_bytes,
+        bpf_fib_lookup as fib_lookup, bpf_l3_csum_replace, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_store_bytes,
     },
     macros::map,
     maps::PerCpuArray,
@@ -213,7 +214,7 @@ pub fn peer(ctx: &TcContext, kind: u32) -> i32 {
     let Some(s) = scratch() else {
         return TC_ACT_OK;
     };
-    if mark & mesh::MARK_MASK != 0 {
+    if mark & mesh::MARK_MASK != 0 || !decrement_ttl(ctx, s.fib.family) {
         count(hostrt::STACK);
         return TC_ACT_OK;
     }
@@ -233,13 +234,61 @@ pub fn peer(ctx: &TcContext, kind: u32) -> i32 {
     action
 }
 
+/// Decrements the IPv4 TTL (and its header checksum) or the IPv6 hop limit, as forwarding
+/// would. False when it is 1 or less (or unreadable): the stack then drops the packet and
+/// answers with ICMP time exceeded.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, family: u8) -> bool {
+    let end = ctx.len() as usize;
+    let skb = ctx.skb.skb.cast();
+    if family == AF_INET {
+        // TTL and protocol: the 16-bit word the checksum covers.
+        let Ok(old) = parse::load::<2>(ctx, ETH_HLEN + 8, end) else {
+            return false;
+        };
+        if old[0] <= 1 {
+            return false;
+        }
+        let new = [old[0] - 1, old[1]];
+        // SAFETY: offsets inside the IPv4 header the parser read; `new` lives on the stack for
+        // the call.
+        unsafe {
+            bpf_l3_csum_replace(
+                skb,
+                (ETH_HLEN + 10) as u32,
+                u64::from(u16::from_ne_bytes(old)),
+                u64::from(u16::from_ne_bytes(new)),
+                2,
+            ) == 0
+                && bpf_skb_store_bytes(skb, (ETH_HLEN + 8) as u32, (&raw const new).cast(), 1, 0)
+                    == 0
+        }
+    } else {
+        let Ok(old) = parse::load::<1>(ctx, ETH_HLEN + 7, end) else {
+            return false;
+        };
+        if old[0] <= 1 {
+            return false;
+        }
+        let new = [old[0] - 1];
+        // SAFETY: the hop limit byte of the IPv6 header the parser read.
+        unsafe {
+            bpf_skb_store_bytes(skb, (ETH_HLEN + 7) as u32, (&raw const new).cast(), 1, 0) == 0
+        }
+    }
+}
+
 /// Sends the packet to the remote pod [`route`] found, by its next hop (the kernel fills in
 /// the Ethernet header). A separate BPF function.
 #[inline(never)]
-pub fn neigh() -> i32 {
+pub fn neigh(ctx: &TcContext) -> i32 {
     let Some(s) = scratch() else {
         return TC_ACT_OK;
     };
+    if !decrement_ttl(ctx, s.fib.family) {
+        count(hostrt::STACK);
+        return TC_ACT_OK;
+    }
     s.nh.nh_family = u32::from(s.fib.family);
     // SAFETY: plain copies between the unions of two map-value structs; the kernel wrote the
     // next hop into `ipv4_dst`/`ipv6_dst` of the family it was asked.

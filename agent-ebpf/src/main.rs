@@ -275,7 +275,7 @@ fn host_route(ctx: &TcContext, ev: &mut FlowEvent) -> Result<i32, u8> {
             frame::result(conntrack_and_policy(ctx, dst, DIR_INGRESS, ev))?;
             Ok(hostrt::peer(ctx, agent_common::hostrt::LOCAL_PEER))
         }
-        hostrt::REMOTE => Ok(hostrt::neigh()),
+        hostrt::REMOTE => Ok(hostrt::neigh(ctx)),
         _ => Ok(TC_ACT_OK),
     }
 }
