@@ -110,6 +110,24 @@ pub const COUNTER_SVC_NO_BACKEND: u32 = 7;
 pub const COUNTER_DROP_BASE: u32 = 16;
 pub const COUNTERS_LEN: u32 = 32;
 
+/// eBPF host routing (`--host-routing=ebpf`): per-CPU counters of `NW_HOSTRT_COUNTERS`, by what
+/// happened to a packet that policy allowed.
+pub mod hostrt {
+    /// From a local pod to a local pod: `bpf_redirect_peer` into the destination pod.
+    pub const LOCAL_PEER: u32 = 0;
+    /// From the underlay device to a local pod: `bpf_redirect_peer` into the pod.
+    pub const UNDERLAY_PEER: u32 = 1;
+    /// From a local pod to a pod on another node: `bpf_fib_lookup` plus `bpf_redirect_neigh`.
+    pub const NEIGH: u32 = 2;
+    /// Left to the node's stack: not a pod destination, the node itself, a fragment, HBONE,
+    /// steered to the agent.
+    pub const STACK: u32 = 3;
+    /// Left to the stack because the FIB lookup did not resolve (no route, no neighbour yet,
+    /// MTU, forwarding off).
+    pub const FIB_MISS: u32 = 4;
+    pub const COUNTERS_LEN: u32 = 8;
+}
+
 /// Map capacities. The agent refuses (whole) a policy set that would not fit.
 pub const MAX_ENDPOINTS: u32 = 4096;
 pub const MAX_POLICY_ENTRIES: u32 = 262_144;
@@ -146,6 +164,7 @@ pub mod map_names {
     pub const SERVICE_REVNAT: &str = "NW_SVC_REVNAT";
     pub const SERVICE_AFFINITY: &str = "NW_SVC_AFFINITY";
     pub const SERVICE_CONNS: &str = "NW_SVC_CONNS";
+    pub const HOSTRT_COUNTERS: &str = "NW_HOSTRT_COUNTERS";
 }
 
 /// Program names (the function names in `agent-ebpf`).
@@ -154,6 +173,9 @@ pub mod program_names {
     pub const FROM_WORKLOAD: &str = "from_workload";
     /// TC egress of the host-side interface: packets going to the pod.
     pub const TO_WORKLOAD: &str = "to_workload";
+    /// TC ingress of the node's underlay device(s) (eBPF host routing): packets from other
+    /// nodes to local pods, judged as `to_workload` would and put straight into the pod.
+    pub const FROM_UNDERLAY: &str = "from_underlay";
     /// `sk_lookup` of the agent's network namespace: hands new tunnelled connections to the
     /// agent's outbound listener.
     pub const TO_PROXY: &str = "to_proxy";
@@ -308,6 +330,9 @@ pub const EP_MTLS_STRICT: u32 = 1 << 5;
 
 /// `IpcacheValue::flags`: the address is a pod in the mesh, so traffic to it is tunnelled.
 pub const IPCACHE_MESHED: u32 = 1 << 0;
+/// `IpcacheValue::flags`: the address is a pod's (of this node or another): eBPF host routing
+/// may send traffic to it straight out of the destination's device.
+pub const IPCACHE_POD: u32 = 1 << 1;
 
 /// `CtValue::flags`: the flow goes to the agent's outbound listener (every packet is marked).
 pub const CT_F_REDIRECT: u8 = 1 << 0;
@@ -516,6 +541,9 @@ pub struct DatapathConfig {
 
 /// Emit a flow event for every new flow (not only drops).
 pub const CONFIG_EVENTS_ALL_FLOWS: u32 = 1 << 0;
+/// eBPF host routing: allowed pod traffic to pods bypasses the node's IP forwarding
+/// (`bpf_redirect_peer`, `bpf_fib_lookup` plus `bpf_redirect_neigh`).
+pub const CONFIG_HOST_ROUTING: u32 = 1 << 1;
 
 /// One record in the `NW_EVENTS` ring buffer: a verdict on a new flow, or a drop.
 #[repr(C)]

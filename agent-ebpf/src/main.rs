@@ -16,19 +16,20 @@
 
 mod dns;
 mod frame;
+mod hostrt;
 mod parse;
 mod policy;
 mod service;
 
 use agent_common::{
-    CONFIG_EVENTS_ALL_FLOWS, COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS,
-    COUNTER_PACKETS, COUNTER_PASSED, COUNTER_POLICY_REEVALUATED, COUNTER_REDIRECTED, COUNTERS_LEN,
-    CT_F_CLOSING, CT_F_REDIRECT, CT_F_STORED_REVERSED, CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS,
-    DIR_INGRESS, DatapathConfig, EP_HAS_IPV4, EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT,
-    EVENTS_RING_BYTES, EndpointInfo, FlowEvent, FragKey, FragValue, IDENTITY_HOST, IPCACHE_MESHED,
-    IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES,
-    MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey, PolicyValue, VERDICT_DROPPED,
-    VERDICT_FORWARDED, drop_reason, mesh, opposite, tcp_flags,
+    CONFIG_EVENTS_ALL_FLOWS, CONFIG_HOST_ROUTING, COUNTER_DROP_BASE, COUNTER_EVENTS_LOST,
+    COUNTER_NEW_FLOWS, COUNTER_PACKETS, COUNTER_PASSED, COUNTER_POLICY_REEVALUATED,
+    COUNTER_REDIRECTED, COUNTERS_LEN, CT_F_CLOSING, CT_F_REDIRECT, CT_F_STORED_REVERSED,
+    CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DatapathConfig, EP_HAS_IPV4,
+    EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT, EVENTS_RING_BYTES, EndpointInfo, FlowEvent, FragKey,
+    FragValue, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS,
+    MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey,
+    PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason, mesh, opposite, tcp_flags,
 };
 use aya_ebpf::{
     bindings::{
@@ -101,6 +102,72 @@ pub fn from_workload(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_workload(ctx: TcContext) -> i32 {
     run(&ctx, DIR_INGRESS)
+}
+
+/// TC ingress of the node's underlay device, with eBPF host routing: a packet for a local pod
+/// is judged as `to_workload` would judge it at the pod's interface (same endpoint, conntrack,
+/// policy and events) and put straight into the pod (`bpf_redirect_peer`). Anything else, and
+/// anything it does not understand, goes on to the stack untouched: there `to_workload` still
+/// judges what reaches a pod.
+#[classifier]
+pub fn from_underlay(ctx: TcContext) -> i32 {
+    if !host_routing() {
+        return TC_ACT_OK;
+    }
+    let Some(ev) = NW_SCRATCH_EVENT.get_ptr_mut(0) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: as in `run`.
+    let ev = unsafe {
+        core::ptr::write_bytes(ev, 0, 1);
+        &mut *ev
+    };
+    ev.direction = DIR_INGRESS;
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to the program.
+    ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match from_underlay_to_pod(&ctx, ev) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(COUNTER_DROP_BASE + u32::from(reason));
+            ev.verdict = VERDICT_DROPPED;
+            ev.drop_reason = reason;
+            emit(ev);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn from_underlay_to_pod(ctx: &TcContext, ev: &mut FlowEvent) -> Result<i32, u8> {
+    let mut info = L4Info::default();
+    let parsed = match parse::ethertype(ctx) {
+        Ok(ETH_P_IP) => parse::parse_ipv4(ctx, ev, &mut info),
+        Ok(ETH_P_IPV6) => parse::parse_ipv6(ctx, ev, &mut info),
+        _ => return Ok(TC_ACT_OK),
+    };
+    if parsed != drop_reason::NONE
+        || link_control(&info)
+        || hostrt::route(ctx, ev, false) != hostrt::LOCAL
+    {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(dst) = hostrt::endpoint() else {
+        return Ok(TC_ACT_OK);
+    };
+    count(COUNTER_PACKETS);
+    ev.ifindex = hostrt::ifindex();
+    ev.dst_identity = dst.identity;
+    frame::result(conntrack_and_policy(ctx, dst, DIR_INGRESS, ev))?;
+    count(COUNTER_PASSED);
+    Ok(hostrt::peer(ctx, agent_common::hostrt::UNDERLAY_PEER))
+}
+
+/// Whether the agent turned eBPF host routing on (`CONFIG_HOST_ROUTING`).
+#[inline(always)]
+fn host_routing() -> bool {
+    NW_CONFIG
+        .get(0)
+        .is_some_and(|cfg| cfg.flags & CONFIG_HOST_ROUTING != 0)
 }
 
 /// The thin entry shared by both programs: counts, and turns every error into a counted,
@@ -180,7 +247,37 @@ fn process(ctx: &TcContext, direction: u8, ev: &mut FlowEvent) -> Result<i32, u8
     }
 
     frame::result(conntrack_and_policy(ctx, &ep, direction, ev))?;
+    if direction == DIR_EGRESS && host_routing() {
+        return host_route(ctx, ev);
+    }
     Ok(TC_ACT_OK)
+}
+
+/// eBPF host routing of a packet its pod's egress policy allowed (see [`hostrt`]). To a local
+/// pod, the destination's ingress pass runs here, exactly as `to_workload` would run it (the
+/// peer redirect skips that program): its endpoint, conntrack entry, policy and event.
+#[inline(always)]
+fn host_route(ctx: &TcContext, ev: &mut FlowEvent) -> Result<i32, u8> {
+    match hostrt::route(ctx, ev, true) {
+        hostrt::LOCAL => {
+            let Some(dst) = hostrt::endpoint() else {
+                return Ok(TC_ACT_OK);
+            };
+            count(COUNTER_PACKETS);
+            ev.direction = DIR_INGRESS;
+            ev.ifindex = hostrt::ifindex();
+            ev.src_identity = 0;
+            ev.dst_identity = dst.identity;
+            ev.verdict = 0;
+            ev.drop_reason = 0;
+            ev.is_reply = 0;
+            ev.rule_id = 0;
+            frame::result(conntrack_and_policy(ctx, dst, DIR_INGRESS, ev))?;
+            Ok(hostrt::peer(ctx, agent_common::hostrt::LOCAL_PEER))
+        }
+        hostrt::REMOTE => Ok(hostrt::neigh(ctx)),
+        _ => Ok(TC_ACT_OK),
+    }
 }
 
 /// ICMPv6 ND/RD/MLD is link-local control traffic: it passes without policy in both directions

@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub flow_log: Option<FlowLogConfig>,
     /// Report every new flow (`--flow-events all`), or only drops (`drops`).
     pub flow_events_all: bool,
+    /// eBPF host routing (`--host-routing=ebpf`).
+    pub host_routing: bool,
+    /// `--devices`: the underlay devices for host routing; empty: found by route.
+    pub devices: Vec<String>,
     /// Full resync even without a file event (a safety net for missed notifications).
     pub resync_interval: Duration,
     /// The mesh CA and trust roots (`--ca-cert`, `--ca-key`, `--trust-bundle`, `--trust-domain`).
@@ -140,6 +144,16 @@ pub struct Status {
     /// the last known state is enforced).
     pub source: SourceStatus,
     pub services: ServicesStatus,
+    pub host_routing: HostRoutingStatus,
+}
+
+/// eBPF host routing in `nodeward status` (its packet counters are added live).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HostRoutingStatus {
+    /// `ebpf` or `kernel` (`--host-routing`).
+    pub mode: &'static str,
+    /// Underlay devices `from_underlay` is attached to.
+    pub devices: Vec<String>,
 }
 
 /// The Service table in `nodeward status`.
@@ -162,7 +176,8 @@ pub struct ServicesStatus {
     pub sync_error: Option<String>,
 }
 
-/// Reads the datapath's per-CPU counters, summed (indices are `agent_common::COUNTER_*`).
+/// Reads the datapath's per-CPU counters, summed (indices are `agent_common::COUNTER_*`),
+/// followed by the host routing counters (at `COUNTERS_LEN + agent_common::hostrt::*`).
 pub type CounterReader = Box<dyn Fn() -> Vec<u64> + Send>;
 
 /// State shared by the control loop, the flow reader, the API and metrics.
@@ -250,6 +265,14 @@ impl Shared {
             "service_no_backend": get(agent_common::COUNTER_SVC_NO_BACKEND),
             "drops": drops,
         });
+        let routed = |i: u32| get(agent_common::COUNTERS_LEN + i);
+        value["host_routing"]["packets"] = serde_json::json!({
+            "local_peer": routed(agent_common::hostrt::LOCAL_PEER),
+            "underlay_peer": routed(agent_common::hostrt::UNDERLAY_PEER),
+            "neigh": routed(agent_common::hostrt::NEIGH),
+            "stack": routed(agent_common::hostrt::STACK),
+            "fib_miss": routed(agent_common::hostrt::FIB_MISS),
+        });
         value["flows"] = serde_json::json!({
             "stored": self.flows.len(),
             "total": self.flows.total.load(Ordering::Relaxed),
@@ -335,12 +358,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let events = maps
         .take_events()
         .context("opening the flow event ring buffer")?;
-    maps.set_config_flags(if config.flow_events_all {
-        agent_common::CONFIG_EVENTS_ALL_FLOWS
-    } else {
-        0
-    })
-    .context("setting the datapath's flow event flags")?;
+    let mut flags = 0;
+    if config.flow_events_all {
+        flags |= agent_common::CONFIG_EVENTS_ALL_FLOWS;
+    }
+    if config.host_routing {
+        flags |= agent_common::CONFIG_HOST_ROUTING;
+    }
+    maps.set_config_flags(flags)
+        .context("setting the datapath's flow event and host routing flags")?;
     let flow_log = config
         .flow_log
         .clone()
@@ -411,13 +437,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .counters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(move || {
-            syncer
+            let syncer = syncer
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .maps()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let maps = syncer.maps();
+            let mut all = maps
                 .counters()
                 .map(|c| c.to_vec())
-                .unwrap_or_default()
+                .unwrap_or_else(|_| vec![0; crate::datapath::maps::COUNTERS]);
+            all.extend(maps.hostrt_counters().unwrap_or_default());
+            all
         }));
     }
 
@@ -486,6 +515,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         reported: BTreeSet::new(),
         round: BTreeSet::new(),
         attached_here: BTreeMap::new(),
+        underlay_here: BTreeSet::new(),
+        underlay: crate::datapath::underlay::UnderlayDevices::default(),
+        host_routing: config.host_routing,
+        devices: config.devices.clone(),
         resolver: Resolver::default(),
         syncer,
         shared: shared.clone(),
@@ -714,8 +747,9 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
     }
 }
 
-/// The ipcache as the datapath gets it: each prefix's identity, and `IPCACHE_MESHED` on the
-/// addresses of pods in the mesh (traffic to them is tunnelled).
+/// The ipcache as the datapath gets it: each prefix's identity, `IPCACHE_MESHED` on the
+/// addresses of pods in the mesh (traffic to them is tunnelled) and `IPCACHE_POD` on every
+/// pod's (eBPF host routing sends only traffic to pods past the node's stack).
 fn ipcache_values(
     compiled: &policy::CompiledState,
     meshed: &std::collections::HashMap<IpAddr, bool>,
@@ -726,11 +760,18 @@ fn ipcache_values(
         .map(|(net, identity)| {
             let host = net.prefix_len() == net.max_prefix_len();
             let meshed = host && meshed.get(&net.addr().to_canonical()) == Some(&true);
-            let flags = if meshed {
+            let mut flags = if meshed {
                 agent_common::IPCACHE_MESHED
             } else {
                 0
             };
+            // A pod's address: allocated identity, not one the DNS proxy learned.
+            if host
+                && *identity >= agent_common::IDENTITY_FIRST_ALLOCATED
+                && !compiled.fqdn_identities.contains_key(identity)
+            {
+                flags |= agent_common::IPCACHE_POD;
+            }
             (
                 *net,
                 agent_common::IpcacheValue {
@@ -901,6 +942,11 @@ struct Control {
     /// Interfaces this run attached its programs to (by name, with the ifindex they had).
     /// Programs pinned by an earlier agent are replaced once by this run's (an upgrade).
     attached_here: BTreeMap<String, u32>,
+    /// Underlay devices this run attached `from_underlay` to (eBPF host routing).
+    underlay_here: BTreeSet<String>,
+    underlay: crate::datapath::underlay::UnderlayDevices,
+    host_routing: bool,
+    devices: Vec<String>,
     resolver: Resolver,
     syncer: Arc<Mutex<Syncer<PinnedMaps>>>,
     shared: Arc<Shared>,
@@ -1473,6 +1519,7 @@ impl Control {
                 Err(e) => self.report(format!("resizing conntrack: {}", error_chain(&e))),
             }
         }
+        self.sync_underlay(datapath, &inv, &wanted);
         phases.end("attach");
         let services = self.sync_services(&inv);
         self.sync_dns_upstream(datapath);
@@ -1571,6 +1618,62 @@ impl Control {
     /// Builds the Service table and writes its difference to the translation maps. A bad field
     /// costs only its port or endpoint; a table that would overflow the maps is refused whole
     /// and the previous one keeps translating.
+    /// Attaches `from_underlay` to the underlay devices with eBPF host routing on (once per
+    /// run, replacing an earlier agent's program make-before-break), and detaches it where it
+    /// is no longer wanted or host routing is off.
+    fn sync_underlay(
+        &mut self,
+        datapath: &mut Datapath,
+        inv: &Inventory,
+        workload: &BTreeSet<&str>,
+    ) {
+        let wanted: BTreeSet<String> = if !self.host_routing {
+            BTreeSet::new()
+        } else if !self.devices.is_empty() {
+            self.devices.iter().cloned().collect()
+        } else {
+            let remote = inv.pods.values().filter_map(|pod| {
+                let node = pod.spec.as_ref()?.node_name.as_deref()?;
+                if node == self.node {
+                    return None;
+                }
+                let ips = crate::tunnel::view::pod_ips(pod);
+                Some(ips.into_iter().map(move |ip| (node, ip)))
+            });
+            self.underlay.discover(remote.flatten(), workload)
+        };
+        for dev in &wanted {
+            if self.underlay_here.contains(dev) {
+                continue;
+            }
+            match datapath.attach_underlay(dev) {
+                Ok(()) => {
+                    self.underlay_here.insert(dev.clone());
+                    tracing::info!(device = %dev, "host routing: underlay program attached");
+                }
+                Err(e) => self.report(format!(
+                    "attaching host routing to underlay device {dev}: {}",
+                    error_chain(&e)
+                )),
+            }
+        }
+        for dev in datapath.underlay_attached().unwrap_or_default() {
+            if wanted.contains(&dev) {
+                continue;
+            }
+            match datapath.detach_underlay(&dev) {
+                Ok(()) => {
+                    self.underlay_here.remove(&dev);
+                    tracing::info!(device = %dev, "host routing: underlay program detached");
+                }
+                Err(e) => self.report(format!(
+                    "detaching host routing from {dev}: {}",
+                    error_chain(&e)
+                )),
+            }
+        }
+    }
+
     fn sync_services(&mut self, inv: &Inventory) -> ServicesStatus {
         let inputs = ServiceInputs::of(inv);
         if let Some((last, status)) = &self.services_last
@@ -1931,6 +2034,10 @@ impl Control {
             identities: self.identities.len(),
             source: self.source.status(),
             services,
+            host_routing: HostRoutingStatus {
+                mode: if self.host_routing { "ebpf" } else { "kernel" },
+                devices: self.underlay_here.iter().cloned().collect(),
+            },
             last_sync: SyncStatus {
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 duration_ms: phases.started.elapsed().as_secs_f64() * 1000.0,

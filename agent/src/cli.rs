@@ -269,6 +269,28 @@ struct AgentArgs {
     /// address when a pod's address does not answer.
     #[arg(long, env = "NODEWARD_HBONE_DIAL", value_enum, default_value = "pod")]
     hbone_dial: HboneDialArg,
+    /// How pod traffic that policy allowed leaves the datapath: `ebpf` sends it from the
+    /// programs straight into a local destination pod (`bpf_redirect_peer`) or to the device
+    /// toward a remote pod's node (`bpf_fib_lookup`, `bpf_redirect_neigh`), and puts what
+    /// arrives from other nodes straight into the pod, bypassing the node's IP forwarding and
+    /// netfilter (iptables FORWARD rules do not see it); `kernel` leaves it to the node's
+    /// routing. Policy, conntrack and flows are the same either way.
+    #[arg(
+        long,
+        env = "NODEWARD_HOST_ROUTING",
+        value_enum,
+        default_value = "ebpf"
+    )]
+    host_routing: HostRoutingArg,
+    /// Underlay devices for eBPF host routing, comma-separated: where packets from other nodes
+    /// arrive. Default: the devices of the routes to the other nodes' pods.
+    #[arg(
+        long,
+        env = "NODEWARD_DEVICES",
+        value_delimiter = ',',
+        value_name = "DEVICES"
+    )]
+    devices: Vec<String>,
     /// Entries of the ipcache map: every pod address in the cluster (two for a dual-stack pod),
     /// node and CIDR. The default holds 150,000 dual-stack pods with room for rollouts.
     #[arg(long, env = "NODEWARD_MAP_IPCACHE_ENTRIES", default_value_t = sizes::DEFAULT_IPCACHE,
@@ -303,6 +325,14 @@ struct AgentArgs {
     /// Log filter (tracing EnvFilter syntax), also RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum HostRoutingArg {
+    /// eBPF host routing: allowed pod-to-pod traffic skips the node's forwarding path.
+    Ebpf,
+    /// The node's own routing and netfilter carry all traffic.
+    Kernel,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -855,6 +885,8 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             files: usize::try_from(args.flow_log_files).unwrap_or(8),
         }),
         flow_events_all: args.flow_events == FlowEvents::All,
+        host_routing: args.host_routing == HostRoutingArg::Ebpf,
+        devices: args.devices.into_iter().filter(|d| !d.is_empty()).collect(),
         resync_interval: args.resync_interval,
         ca: crate::ca::CaConfig {
             state_dir: args.state_dir,

@@ -1,6 +1,6 @@
 //! The kernel side from user space: loading and attaching the programs (`loader`), typed access
 //! to the pinned maps (`maps`), and turning a [`CompiledState`](crate::policy::CompiledState)
-//! into map updates as a diff (`sync`).
+//! into map updates as a diff (`sync`); the underlay devices of eBPF host routing (`underlay`).
 
 pub mod cgroup;
 pub mod loader;
@@ -9,6 +9,7 @@ pub mod migrate;
 pub mod service_maps;
 pub mod sizes;
 pub mod sync;
+pub mod underlay;
 
 use agent_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
 use ipnet::IpNet;

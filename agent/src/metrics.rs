@@ -54,6 +54,7 @@ pub struct Metrics {
     dns_queries: IntCounterVec,
     dns_proxy_seconds: HistogramVec,
     service_no_backend: prometheus::IntCounter,
+    host_routed: IntCounterVec,
     services: IntGauge,
     service_backends: IntGauge,
 }
@@ -217,6 +218,13 @@ impl Metrics {
             "service_no_backend_total",
             "Connects and datagrams to a Service address refused at once (ECONNREFUSED): no usable backend",
         )?;
+        let host_routed = IntCounterVec::new(
+            Opts::new(
+                "host_routed_packets_total",
+                "Allowed pod packets by eBPF host routing path: local_peer (pod to local pod, bpf_redirect_peer), underlay_peer (from another node into a local pod), neigh (to a pod on another node, bpf_redirect_neigh), stack and fib_miss (left to the node's stack)",
+            ),
+            &["path"],
+        )?;
         let services = IntGauge::new("services", "Services with a translated port on this node")?;
         let service_backends = IntGauge::new(
             "service_backends",
@@ -227,6 +235,7 @@ impl Metrics {
             Box::new(dns_queries.clone()),
             Box::new(dns_proxy_seconds.clone()),
             Box::new(service_no_backend.clone()),
+            Box::new(host_routed.clone()),
             Box::new(services.clone()),
             Box::new(service_backends.clone()),
             Box::new(flows_api_refused.clone()),
@@ -282,6 +291,7 @@ impl Metrics {
             dns_queries,
             dns_proxy_seconds,
             service_no_backend,
+            host_routed,
             services,
             service_backends,
         })
@@ -480,6 +490,16 @@ impl Metrics {
             &self.service_no_backend,
             datapath["service_no_backend"].as_u64().unwrap_or(0),
         );
+        for (path, total) in status["host_routing"]["packets"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            catch_up(
+                &self.host_routed.with_label_values(&[path.as_str()]),
+                total.as_u64().unwrap_or(0),
+            );
+        }
         let svc = &status["services"];
         self.services.set(svc["services"].as_i64().unwrap_or(0));
         self.service_backends

@@ -521,6 +521,7 @@ impl Lab {
             .arg(&n.cgroup)
             .args(&ca)
             .args(&self.agent_args)
+            .args(host_routing_args(&self.agent_args))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -1120,3 +1121,20 @@ impl Drop for Follow {
         let _ = self.child.wait();
     }
 }
+
+/// `--host-routing VALUE` from `NODEWARD_LAB_HOST_ROUTING` (`ebpf` or `kernel`), so the whole
+/// lab suite can run once with eBPF host routing off (`cargo xtask test` does), unless a
+/// test gives the flag itself.
+fn host_routing_args(agent_args: &[String]) -> Vec<String> {
+    match std::env::var(HOST_ROUTING_ENV) {
+        Ok(mode)
+            if !mode.is_empty() && !agent_args.iter().any(|a| a.starts_with("--host-routing")) =>
+        {
+            vec!["--host-routing".into(), mode]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The environment variable [`host_routing_args`] reads.
+pub const HOST_ROUTING_ENV: &str = "NODEWARD_LAB_HOST_ROUTING";

@@ -126,9 +126,9 @@ enum BenchCmd {
         /// (--ports does not apply).
         #[arg(long, conflicts_with_all = ["control_plane", "hold"])]
         services: bool,
-        /// With --services: a smoke run (1 round, sub-second loads) that only prints its
-        /// results and leaves README.md alone.
-        #[arg(long, requires = "services")]
+        /// A smoke run that only prints its results and leaves README.md alone: 2 rounds of
+        /// the scenarios (with --services: 1 round, sub-second loads).
+        #[arg(long, conflicts_with_all = ["control_plane", "hold"])]
         quick: bool,
     },
     /// DNS through the agent's proxy against straight to the resolver (dnsmasq), side by
@@ -184,7 +184,7 @@ fn main() -> Result<()> {
             } else if control_plane {
                 bench::run_control_plane()
             } else {
-                bench::run(ports)
+                bench::run(ports, quick)
             }
         }
         Cmd::Bench {
@@ -292,6 +292,10 @@ fn lab(action: LabCmd) -> Result<()> {
     }
 }
 
+/// Lab test files `cargo xtask test` runs a second time with `--host-routing kernel`: policy
+/// in both directions, Services, the tunnel, flows, and host routing's own test.
+const HOST_ROUTING_OFF_FILES: [&str; 5] = ["policy", "services", "tunnel", "flows", "hostrouting"];
+
 fn test() -> Result<()> {
     let started = Instant::now();
     setup::run()?;
@@ -336,6 +340,14 @@ fn test() -> Result<()> {
     ])?;
     // ... then the lab's: one lab per test binary, tests taking turns with it.
     cargo(&["test", "-p", "nodeward-lab", "--", "--test-threads=1"])?;
+    // ... and the datapath's lab files once more with eBPF host routing off, the path every
+    // packet took before it (the whole suite twice would add some ten minutes).
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo_bin)
+        .env(nodeward_lab::lab::HOST_ROUTING_ENV, "kernel")
+        .args(["test", "-p", "nodeward-lab"])
+        .args(HOST_ROUTING_OFF_FILES.iter().flat_map(|f| ["--test", f]))
+        .args(["--", "--test-threads=1"]))?;
     println!(
         "\n==> cargo xtask test: all passed in {:.1?}",
         started.elapsed()

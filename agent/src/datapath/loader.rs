@@ -7,6 +7,8 @@
 //! <dir>/maps/NW_*                 every map, by name; adopted by the next load
 //! <dir>/links/<ifname>-ingress    tcx link of `from_workload` (TC ingress of the interface)
 //! <dir>/links/<ifname>-egress     tcx link of `to_workload` (TC egress)
+//! <dir>/links/<ifname>-underlay   tcx link of `from_underlay` (TC ingress of an underlay device,
+//!                                 eBPF host routing)
 //! <dir>/links/to_proxy            sk_lookup link of `to_proxy` (the agent's network namespace)
 //! <dir>/links/svc_*               cgroup links of the Service translation programs (`--cgroup`),
 //!                                 and of `svc_sock_ops` (the translated connections' tuples)
@@ -132,6 +134,27 @@ const HOOKS: [Hook; 2] = [
     },
 ];
 
+/// `from_underlay` on an underlay device (eBPF host routing); its pin suffix is no workload
+/// hook's, so [`Datapath::attached`] does not list underlay devices as workloads.
+const UNDERLAY_HOOK: Hook = Hook {
+    program: program_names::FROM_UNDERLAY,
+    attach_type: TcAttachType::Ingress,
+    suffix: "underlay",
+};
+
+/// Removes a link pin (detaching its program); a missing pin is not an error.
+fn remove_pin(path: &Path) -> Result<(), DatapathError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Io {
+            what: "removing link pin",
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
 /// The Service translation programs (cgroup `sock_addr`), each pinned at `links/<name>`.
 const SERVICE_PROGRAMS: [&str; 8] = [
     program_names::SVC_CONNECT4,
@@ -153,6 +176,8 @@ pub struct Datapath {
     bpffs_dir: Option<PathBuf>,
     /// Links held in memory when not pinning, by interface name.
     unpinned_links: BTreeMap<String, Vec<FdLink>>,
+    /// `from_underlay` links when not pinning, by device name.
+    unpinned_underlay: BTreeMap<String, FdLink>,
     /// The `to_proxy` link when not pinning.
     unpinned_to_proxy: Option<FdLink>,
     /// The cgroup links when not pinning.
@@ -236,6 +261,7 @@ impl Datapath {
             maps,
             bpffs_dir: bpffs_dir.map(Path::to_path_buf),
             unpinned_links: BTreeMap::new(),
+            unpinned_underlay: BTreeMap::new(),
             unpinned_to_proxy: None,
             unpinned_cgroup: Vec::new(),
             migrations,
@@ -251,10 +277,14 @@ impl Datapath {
         let mut ebpf = loader
             .load(DATAPATH_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for hook in HOOKS {
-            let prog = classifier_mut(&mut ebpf, hook.program)?;
+        for program in HOOKS
+            .iter()
+            .map(|h| h.program)
+            .chain([program_names::FROM_UNDERLAY])
+        {
+            let prog = classifier_mut(&mut ebpf, program)?;
             prog.load().map_err(|source| DatapathError::Program {
-                program: hook.program,
+                program,
                 op: "loading (verifier)",
                 source: Box::new(source),
             })?;
@@ -577,33 +607,8 @@ impl Datapath {
         }
         let mut held = Vec::new();
         for hook in HOOKS {
-            let prog = classifier_mut(&mut self.ebpf, hook.program)?;
-            let attach_err = |source| DatapathError::Attach {
-                program: hook.program,
-                ifname: ifname.to_owned(),
-                source: Box::new(source),
-            };
-            // Appended after whatever is attached, so during a replacement the old program
-            // still decides until its link is gone.
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    hook.attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(attach_err)?;
-            let link = prog.take_link(id).map_err(attach_err)?;
-            let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
-                program: hook.program,
-                ifname: ifname.to_owned(),
-                path: PathBuf::new(),
-                detail: format!("not a bpf link: {}", crate::error_chain(&e)),
-            })?;
-            match &self.bpffs_dir {
-                Some(dir) => {
-                    pin_replacing(link, &link_pin(dir, ifname, hook), hook.program, ifname)?
-                }
-                None => held.push(link),
+            if let Some(link) = self.attach_hook(hook, ifname)? {
+                held.push(link);
             }
         }
         if self.bpffs_dir.is_none() {
@@ -612,6 +617,94 @@ impl Datapath {
             self.unpinned_links.insert(ifname.to_owned(), held);
         }
         Ok(())
+    }
+
+    /// Attaches `hook`'s program to `ifname` with tcx, after whatever is attached there; pins
+    /// the link (make-before-break over an earlier one), or returns it when not pinning.
+    fn attach_hook(&mut self, hook: Hook, ifname: &str) -> Result<Option<FdLink>, DatapathError> {
+        let prog = classifier_mut(&mut self.ebpf, hook.program)?;
+        let attach_err = |source| DatapathError::Attach {
+            program: hook.program,
+            ifname: ifname.to_owned(),
+            source: Box::new(source),
+        };
+        // Appended after whatever is attached, so during a replacement the old program
+        // still decides until its link is gone.
+        let id = prog
+            .attach_with_options(
+                ifname,
+                hook.attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|e| DatapathError::PinLink {
+            program: hook.program,
+            ifname: ifname.to_owned(),
+            path: PathBuf::new(),
+            detail: format!("not a bpf link: {}", crate::error_chain(&e)),
+        })?;
+        match &self.bpffs_dir {
+            Some(dir) => {
+                pin_replacing(link, &link_pin(dir, ifname, hook), hook.program, ifname)?;
+                Ok(None)
+            }
+            None => Ok(Some(link)),
+        }
+    }
+
+    /// Attaches `from_underlay` at tcx ingress of the underlay device `ifname` (eBPF host
+    /// routing), pinned at `links/<ifname>-underlay`. Nothing else on the device is touched:
+    /// tcx appends the program after whatever is attached there.
+    ///
+    /// # Errors
+    /// Unknown interface, attach or pin failure.
+    pub fn attach_underlay(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        check_ifname(ifname)?;
+        ifindex_of(ifname)?;
+        if let Some(link) = self.attach_hook(UNDERLAY_HOOK, ifname)? {
+            self.unpinned_underlay.insert(ifname.to_owned(), link);
+        }
+        Ok(())
+    }
+
+    /// Detaches `from_underlay` from `ifname`; not attached is not an error.
+    ///
+    /// # Errors
+    /// A pin that cannot be removed.
+    pub fn detach_underlay(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        check_ifname(ifname)?;
+        self.unpinned_underlay.remove(ifname);
+        if let Some(dir) = &self.bpffs_dir {
+            remove_pin(&link_pin(dir, ifname, UNDERLAY_HOOK))?;
+        }
+        Ok(())
+    }
+
+    /// Underlay devices with an attached `from_underlay` (pinned, or held), sorted.
+    ///
+    /// # Errors
+    /// The links directory cannot be read.
+    pub fn underlay_attached(&self) -> Result<Vec<String>, DatapathError> {
+        let mut names: Vec<String> = self.unpinned_underlay.keys().cloned().collect();
+        if let Some(dir) = &self.bpffs_dir {
+            let links = links_dir(dir);
+            let entries = std::fs::read_dir(&links).map_err(|source| DatapathError::Io {
+                what: "listing",
+                path: links.clone(),
+                source,
+            })?;
+            let suffix = format!("-{}", UNDERLAY_HOOK.suffix);
+            for entry in entries.flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                if let Some(stem) = file.strip_suffix(&suffix) {
+                    names.push(ifname_from_pin_stem(stem));
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     /// Detaches both programs from `ifname` (removing the pins). Detaching an interface that
@@ -877,7 +970,7 @@ struct ExpectedMap {
 /// LPM trie keys carry the 32-bit prefix length before the data.
 const LPM_PREFIX: usize = 4;
 
-fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 14] {
+fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 15] {
     [
         ExpectedMap {
             name: map_names::ENDPOINTS,
@@ -934,6 +1027,13 @@ fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 14] {
             key_size: size_of::<u32>(),
             value_size: size_of::<u64>(),
             max_entries: COUNTERS_LEN,
+        },
+        ExpectedMap {
+            name: map_names::HOSTRT_COUNTERS,
+            map_type: MapType::PerCpuArray,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<u64>(),
+            max_entries: agent_common::hostrt::COUNTERS_LEN,
         },
         ExpectedMap {
             name: map_names::CONFIG,

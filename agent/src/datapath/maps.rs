@@ -17,6 +17,8 @@ use crate::datapath::{MapWriter, PolicyEntryKey, addr_bytes, net_from_bytes, pre
 
 /// Number of counters, as an array length.
 pub const COUNTERS: usize = COUNTERS_LEN as usize;
+/// Number of host routing counters, as an array length.
+pub const HOSTRT_COUNTERS: usize = agent_common::hostrt::COUNTERS_LEN as usize;
 
 /// An error from a map operation, naming the map and what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,8 @@ pub struct PinnedMaps {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     fragments: HashMap<MapData, FragKey, FragValue>,
     counters: PerCpuArray<MapData, u64>,
+    /// `NW_HOSTRT_COUNTERS`; `None` when opened from the pins of an agent that had none.
+    hostrt_counters: Option<PerCpuArray<MapData, u64>>,
     config: Array<MapData, DatapathConfig>,
     events: Option<RingBuf<MapData>>,
     /// The kernel's `max_entries` of the sized maps.
@@ -84,6 +88,14 @@ impl PinnedMaps {
             let map = Map::from_map_data(data).map_err(op(name, "open pin"))?;
             opened.insert(name, map);
         }
+        // Newer than the others: a previous version's pins have no such map.
+        let name = map_names::HOSTRT_COUNTERS;
+        if let Ok(data) = MapData::from_pin(maps_dir.join(name)) {
+            opened.insert(
+                name,
+                Map::from_map_data(data).map_err(op(name, "open pin"))?,
+            );
+        }
         Self::build(|name| opened.remove(name))
     }
 
@@ -98,6 +110,10 @@ impl PinnedMaps {
         let counters = get(map_names::COUNTERS)?;
         let config = get(map_names::CONFIG)?;
         let events = get(map_names::EVENTS)?;
+        let hostrt_counters = take(map_names::HOSTRT_COUNTERS)
+            .map(PerCpuArray::try_from)
+            .transpose()
+            .map_err(op(map_names::HOSTRT_COUNTERS, "open"))?;
         let max = |map: &Map, name: &'static str| -> Result<u32, MapsError> {
             let data = match map {
                 Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => d,
@@ -125,6 +141,7 @@ impl PinnedMaps {
             conntrack: HashMap::try_from(conntrack).map_err(op(map_names::CONNTRACK, "open"))?,
             fragments: HashMap::try_from(fragments).map_err(op(map_names::FRAGMENTS, "open"))?,
             counters: PerCpuArray::try_from(counters).map_err(op(map_names::COUNTERS, "open"))?,
+            hostrt_counters,
             config: Array::try_from(config).map_err(op(map_names::CONFIG, "open"))?,
             events: Some(RingBuf::try_from(events).map_err(op(map_names::EVENTS, "open"))?),
         })
@@ -141,6 +158,25 @@ impl PinnedMaps {
                 .counters
                 .get(&index, 0)
                 .map_err(op(map_names::COUNTERS, "read"))?;
+            *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
+        }
+        Ok(out)
+    }
+
+    /// The eBPF host routing counters, summed over CPUs (indices are `agent_common::hostrt::*`;
+    /// all zero when the map is not there).
+    ///
+    /// # Errors
+    /// A failed map read.
+    pub fn hostrt_counters(&self) -> Result<[u64; HOSTRT_COUNTERS], MapsError> {
+        let mut out = [0u64; HOSTRT_COUNTERS];
+        let Some(map) = &self.hostrt_counters else {
+            return Ok(out);
+        };
+        for (index, slot) in (0u32..).zip(out.iter_mut()) {
+            let values = map
+                .get(&index, 0)
+                .map_err(op(map_names::HOSTRT_COUNTERS, "read"))?;
             *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
         }
         Ok(out)
