@@ -9,25 +9,21 @@
 //! lab's agents have no DNS proxy, and steering every port-53 Service would change other tests.
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nodeward_lab::dns::{self, KUBE_DNS};
+use nodeward_lab::external::{EXTERNAL_ECHO_PORT, EXTERNAL_PORT, External, external_addr};
 use nodeward_lab::load::{Process, in_pod};
 use nodeward_lab::{Lab, LabSpec, eventually};
 use serde_json::{Value, json};
 
-/// The external host answers every address of this /21 (on its loopback), port 8080.
-const EXTERNAL_NET: &str = "198.18.0.0/21";
 const API_ADDR: &str = "198.18.0.10";
 const OTHER_ADDR: &str = "198.18.0.20";
 /// `short.example.test`: TTL 1 s (the agent's floor and grace are 1 s in this lab).
 const SHORT_ADDR: &str = "198.18.0.30";
 /// `live.example.test`: TTL 1 s, for a connection that outlives it.
 const LIVE_ADDR: &str = "198.18.0.40";
-const EXTERNAL_PORT: u16 = 8080;
-/// The external host echoes on this port (for a long connection).
-const EXTERNAL_ECHO_PORT: u16 = 8081;
 /// Names `n<i>.many.example.test`, each with its own address, for the first-connection test.
 const MANY: usize = 1000;
 /// `big.example.test` has this many A records: too many for a 512-byte UDP answer.
@@ -43,98 +39,7 @@ fn big_addr(i: usize) -> Ipv4Addr {
 }
 
 fn many_addr(i: usize) -> Ipv4Addr {
-    let i = u32::try_from(i).expect("small") + 256;
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i)
-}
-
-/// An "external" network namespace behind the node (a veth, a route for [`EXTERNAL_NET`]) with
-/// a TCP server on [`EXTERNAL_PORT`]; removed when dropped.
-struct External {
-    netns: String,
-    _server: Process,
-}
-
-impl External {
-    fn up(lab: &Lab) -> Self {
-        let netns = format!("nwl-{}-ext", lab.id());
-        let node = &lab.nodes()[0].netns;
-        let (host_if, ext_if) = (format!("nw{}x0", lab.id()), format!("nw{}x1", lab.id()));
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("running ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["netns", "add", &netns]);
-        let guard = Self {
-            netns: netns.clone(),
-            _server: Process::spawn(
-                Command::new("ip")
-                    .args(["netns", "exec", &netns])
-                    .arg(load_bin())
-                    .args(["serve", "--sink", &EXTERNAL_PORT.to_string()])
-                    .args(["--echo", &EXTERNAL_ECHO_PORT.to_string()])
-                    .stdout(Stdio::null()),
-                "the external server",
-            )
-            .expect("external server"),
-        };
-        ip(&[
-            "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", &ext_if, "netns",
-            &netns,
-        ]);
-        ip(&[
-            "-n",
-            node,
-            "addr",
-            "add",
-            "192.168.251.1/30",
-            "dev",
-            &host_if,
-        ]);
-        ip(&["-n", node, "link", "set", &host_if, "up"]);
-        ip(&[
-            "-n",
-            node,
-            "route",
-            "add",
-            EXTERNAL_NET,
-            "via",
-            "192.168.251.2",
-        ]);
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            "192.168.251.2/30",
-            "dev",
-            &ext_if,
-        ]);
-        ip(&["-n", &netns, "link", "set", &ext_if, "up"]);
-        ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        ip(&["-n", &netns, "addr", "add", EXTERNAL_NET, "dev", "lo"]);
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.251.1",
-        ]);
-        guard
-    }
-}
-
-impl Drop for External {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
-    }
+    external_addr(u32::try_from(i).expect("small") + 256)
 }
 
 /// dnsmasq in the pod's network namespace on port 53 (UDP and TCP): `api` and `other` in
@@ -251,7 +156,7 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
         ..LabSpec::default()
     })
     .expect("lab up");
-    let _external = External::up(&lab);
+    let _external = External::up(&lab, &lab.nodes()[0].name).expect("external host");
     let _dns = dnsmasq(&lab, "backend/api-0");
     lab.write_manifest("kube-dns", &dns::kube_dns(lab.pod("backend/api-0")))
         .expect("kube-dns");
