@@ -1,9 +1,10 @@
-//! DNS steering: a datagram (or UDP connect) to a Service frontend on port 53 goes to the
-//! agent's DNS proxy instead of a backend, but only while the proxy's socket is open.
+//! DNS steering: a datagram, UDP connect or TCP connect to a Service frontend on port 53 goes
+//! to the agent's DNS proxy instead of a backend, but only while the proxy's socket for that
+//! transport is open.
 //!
-//! `NW_DNS_SOCKET` holds the proxy's UDP socket, never pinned: the kernel drops the entry when
-//! the socket closes (the agent stops or dies), and from then on DNS goes straight to a
-//! kube-dns backend again, so a restart loses no query. `NW_DNS_PROXY` holds the address the
+//! `NW_DNS_SOCKET` holds the proxy's UDP socket (slot 0) and TCP listener (slot 1), never
+//! pinned: the kernel drops an entry when its socket closes (the agent stops or dies), and
+//! from then on DNS goes straight to a kube-dns backend again, so a restart loses no query. `NW_DNS_PROXY` holds the address the
 //! pods reach the proxy at (slot 0) and the resolver the proxy forwards to (slot 1); the agent
 //! writes them. Policy judges a pod's datagram to the proxy as going to that resolver
 //! ([`policy_target`]), so a rule allowing DNS to kube-dns covers steered DNS too.
@@ -16,7 +17,7 @@ use aya_ebpf::{
 };
 
 #[map]
-static NW_DNS_SOCKET: SockMap = SockMap::with_max_entries(1, 0);
+static NW_DNS_SOCKET: SockMap = SockMap::with_max_entries(2, 0);
 
 #[map]
 static NW_DNS_PROXY: Array<Backend> = Array::with_max_entries(2, 0);
@@ -25,6 +26,7 @@ static NW_DNS_PROXY: Array<Backend> = Array::with_max_entries(2, 0);
 const SLOT_PROXY: u32 = 0;
 const SLOT_UPSTREAM: u32 = 1;
 
+const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const DNS_PORT_BE: u16 = 53u16.to_be();
 
@@ -32,14 +34,19 @@ const DNS_PORT_BE: u16 = 53u16.to_be();
 /// the destination to it and records `rev` so the reply shows the frontend.
 #[inline(always)]
 pub fn steer(key: &ServiceKey) -> Option<Backend> {
-    if key.protocol != IPPROTO_UDP || key.port_be != DNS_PORT_BE {
+    if key.port_be != DNS_PORT_BE {
         return None;
     }
+    // The `NW_DNS_SOCKET` slot of the transport's socket.
+    let slot: u32 = match key.protocol {
+        IPPROTO_UDP => 0,
+        IPPROTO_TCP => 1,
+        _ => return None,
+    };
     let proxy = *NW_DNS_PROXY.get(SLOT_PROXY)?;
     if proxy.port_be == 0 {
         return None;
     }
-    let slot: u32 = 0;
     // SAFETY: a lookup in a sockmap by a key on the stack; the kernel returns a referenced
     // socket or null, and the reference is released at once (only its presence matters).
     unsafe {
@@ -65,12 +72,12 @@ pub fn revnat(cookie: u64, proxy: Backend) -> RevNatKey {
     }
 }
 
-/// Where policy should see a pod's UDP datagram to `peer`:`dport_be` going: the resolver the
-/// proxy forwards to when `peer` is the DNS proxy (and the agent has named a resolver), else
-/// `None` (the destination itself).
+/// Where policy should see a pod's UDP datagram or TCP connection to `peer`:`dport_be` going:
+/// the resolver the proxy forwards to when `peer` is the DNS proxy (and the agent has named a
+/// resolver), else `None` (the destination itself).
 #[inline(always)]
 pub fn policy_target(protocol: u8, peer: &[u8; 16], dport_be: u16) -> Option<&'static Backend> {
-    if protocol != IPPROTO_UDP {
+    if protocol != IPPROTO_UDP && protocol != IPPROTO_TCP {
         return None;
     }
     let proxy = NW_DNS_PROXY.get(SLOT_PROXY)?;

@@ -2116,8 +2116,11 @@ impl crate::dns::proxy::DnsPolicy for AgentDns {
         );
     }
 
-    fn upstream(&self) -> Option<SocketAddr> {
-        dns_upstream(&self.shared)
+    fn upstream(&self, transport: crate::dns::proxy::Transport) -> Option<SocketAddr> {
+        match transport {
+            crate::dns::proxy::Transport::Udp => dns_upstream(&self.shared),
+            crate::dns::proxy::Transport::Tcp => dns_upstream_tcp(&self.shared),
+        }
     }
 
     fn answered(&self, ok: bool) {
@@ -2140,6 +2143,17 @@ impl crate::dns::proxy::DnsPolicy for AgentDns {
 /// The resolver the DNS proxy forwards to: a backend of kube-system/kube-dns, else of any other
 /// Service's UDP port 53.
 fn dns_upstream(shared: &Shared) -> Option<SocketAddr> {
+    dns_backend(shared, crate::services::Protocol::Udp)
+}
+
+/// The resolver the DNS proxy forwards TCP queries to: a backend of the DNS Service's TCP port
+/// 53, else the UDP one's address on the same port (resolvers serve both).
+fn dns_upstream_tcp(shared: &Shared) -> Option<SocketAddr> {
+    dns_backend(shared, crate::services::Protocol::Tcp).or_else(|| dns_upstream(shared))
+}
+
+/// A backend of kube-system/kube-dns's port 53 over `protocol`, else of any other Service's.
+fn dns_backend(shared: &Shared, protocol: crate::services::Protocol) -> Option<SocketAddr> {
     {
         let table = shared
             .services
@@ -2150,9 +2164,7 @@ fn dns_upstream(shared: &Shared) -> Option<SocketAddr> {
         let mut ports: Vec<_> = table
             .ports
             .values()
-            .filter(|p| {
-                p.frontend.port == 53 && p.frontend.protocol == crate::services::Protocol::Udp
-            })
+            .filter(|p| p.frontend.port == 53 && p.frontend.protocol == protocol)
             .collect();
         ports.sort_by_key(|p| {
             (
@@ -2219,8 +2231,8 @@ fn monotonic_s() -> u32 {
     u32::try_from(ts.tv_sec).unwrap_or(u32::MAX)
 }
 
-/// Binds the DNS proxy at `addr`, hands its socket to the datapath (pods' DNS to a Service on
-/// port 53 goes to it while it is open) and serves it.
+/// Binds the DNS proxy at `addr` (UDP and TCP), hands its sockets to the datapath (pods' DNS to
+/// a Service on port 53 goes to it while they are open) and serves them.
 fn start_dns_proxy(
     addr: SocketAddr,
     datapath: &mut Datapath,
@@ -2229,17 +2241,24 @@ fn start_dns_proxy(
 ) -> anyhow::Result<()> {
     use std::os::fd::AsFd;
     let socket = std::net::UdpSocket::bind(addr)
-        .with_context(|| format!("binding --dns-proxy-addr {addr}"))?;
+        .with_context(|| format!("binding --dns-proxy-addr {addr} (UDP)"))?;
     socket.set_nonblocking(true)?;
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding --dns-proxy-addr {addr} (TCP)"))?;
+    listener.set_nonblocking(true)?;
     datapath
-        .set_dns_proxy(addr, socket.as_fd())
-        .context("handing the DNS proxy socket to the datapath")?;
+        .set_dns_proxy(addr, socket.as_fd(), listener.as_fd())
+        .context("handing the DNS proxy sockets to the datapath")?;
     let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let config = crate::dns::proxy::ProxyConfig {
         // Replaced per query by the kube-dns backend of the last sync.
         upstream: addr,
         timeout: Duration::from_secs(2),
         max_in_flight: 64,
+        max_tcp_per_client: 16,
+        // CoreDNS's default idle timeout for a TCP client.
+        tcp_idle: Duration::from_secs(10),
         refuse_with: crate::dns::RefuseWith::Refused,
     };
     let policy = Arc::new(AgentDns {
@@ -2247,9 +2266,15 @@ fn start_dns_proxy(
         proxy: addr,
         tx,
     });
+    let tcp_policy = policy.clone();
     tokio::spawn(async move {
         if let Err(e) = crate::dns::proxy::serve_udp(socket, config, policy).await {
-            tracing::error!(error = %e, "the DNS proxy stopped");
+            tracing::error!(error = %e, "the DNS proxy stopped (UDP)");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = crate::dns::proxy::serve_tcp(listener, config, tcp_policy).await {
+            tracing::error!(error = %e, "the DNS proxy stopped (TCP)");
         }
     });
     tracing::info!(addr = %addr, "DNS proxy listening; pods' DNS is steered to it");

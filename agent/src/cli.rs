@@ -129,10 +129,11 @@ struct AgentArgs {
         value_parser = clap::value_parser!(u64).range(1..=1024)
     )]
     flows_followers_per_client: u64,
-    /// The DNS proxy (e.g. the node address, 10.0.0.1:53): pods' DNS datagrams to a Service
-    /// on port 53 (kube-dns) go to it while it runs, so toFQDNs learns the answers and
-    /// rules.dns refuses names; when the agent is down they go straight to kube-dns. Needs
-    /// --cgroup. Off by default: then toFQDNs allows nothing and rules.dns refuses nothing.
+    /// The DNS proxy (e.g. the node address, 10.0.0.1:53; UDP and TCP): pods' DNS to a
+    /// Service on port 53 (kube-dns), datagrams and TCP connections, goes to it while it runs,
+    /// so toFQDNs learns the answers and rules.dns refuses names; when the agent is down it
+    /// goes straight to kube-dns. Needs --cgroup. Off by default: then toFQDNs allows nothing
+    /// and rules.dns refuses nothing.
     #[arg(long, env = "NODEWARD_DNS_PROXY_ADDR", value_name = "ADDR")]
     dns_proxy_addr: Option<SocketAddr>,
     /// The shortest time an address learned from DNS stays allowed (a smaller TTL is raised to

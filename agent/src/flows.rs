@@ -820,13 +820,15 @@ pub fn from_http(rec: &crate::http::HttpRecord, index: &EnrichmentIndex) -> Flow
 /// Builds the flow record of a query the DNS proxy replied to (`Type` `L7`, `l7.dns`): from
 /// the pod to the resolver the proxy asked, FORWARDED; a refused query is DROPPED
 /// (`DNS_QUERY_REFUSED`), to the proxy's address. `destination_names` holds the name asked
-/// for, so `--to-fqdn` finds it.
+/// for, so `--to-fqdn` finds it. L4 is the transport the pod used (TCP for a retry after a
+/// truncated answer).
 #[must_use]
 pub fn from_dns(
     rec: &crate::dns::proxy::QueryRecord,
     proxy: std::net::SocketAddr,
     index: &EnrichmentIndex,
 ) -> Flow {
+    use crate::dns::proxy::Transport;
     let src = rec.client;
     let dst = rec.upstream.unwrap_or(proxy);
     let name = |n: &str| format!("{}.", n.trim_end_matches('.'));
@@ -865,13 +867,22 @@ pub fn from_dns(
             destination: dst.ip(),
             ip_version: if src.is_ipv6() { "IPv6" } else { "IPv4" }.into(),
         },
-        l4: L4 {
-            udp: Some(Ports {
+        l4: {
+            let ports = Some(Ports {
                 source_port: src.port(),
                 destination_port: dst.port(),
                 flags: TcpFlags::default(),
-            }),
-            ..L4::default()
+            });
+            match rec.transport {
+                Transport::Udp => L4 {
+                    udp: ports,
+                    ..L4::default()
+                },
+                Transport::Tcp => L4 {
+                    tcp: ports,
+                    ..L4::default()
+                },
+            }
         },
         source: Arc::new(src_ep),
         destination: Arc::new(dst_ep),
@@ -885,7 +896,11 @@ pub fn from_dns(
             Some((
                 dst.ip(),
                 dst.port(),
-                crate::services::Protocol::Udp.number(),
+                match rec.transport {
+                    Transport::Udp => crate::services::Protocol::Udp,
+                    Transport::Tcp => crate::services::Protocol::Tcp,
+                }
+                .number(),
             )),
             dst.ip(),
             dst.port(),

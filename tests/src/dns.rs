@@ -49,7 +49,7 @@ pub fn dnsmasq(lab: &Lab, pod: &PodState, conf: &str, args: &[&str]) -> Result<P
     )
 }
 
-/// The manifests of the `kube-system/kube-dns` Service at [`KUBE_DNS`] (UDP/53) and of its
+/// The manifests of the `kube-system/kube-dns` Service at [`KUBE_DNS`] (UDP/53 and TCP/53) and of its
 /// EndpointSlice, whose one ready endpoint is `pod`.
 #[must_use]
 pub fn kube_dns(pod: &PodState) -> String {
@@ -60,7 +60,10 @@ pub fn kube_dns(pod: &PodState) -> String {
             "metadata": { "name": "kube-dns", "namespace": "kube-system" },
             "spec": {
                 "clusterIP": KUBE_DNS.to_string(),
-                "ports": [{ "name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP" }],
+                "ports": [
+                    { "name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP" },
+                    { "name": "dns-tcp", "port": 53, "targetPort": 53, "protocol": "TCP" },
+                ],
             },
         }),
         json!({
@@ -78,7 +81,10 @@ pub fn kube_dns(pod: &PodState) -> String {
                 "nodeName": pod.node,
                 "targetRef": { "kind": "Pod", "name": pod.name, "namespace": pod.namespace },
             }],
-            "ports": [{ "name": "dns", "port": 53, "protocol": "UDP" }],
+            "ports": [
+                { "name": "dns", "port": 53, "protocol": "UDP" },
+                { "name": "dns-tcp", "port": 53, "protocol": "TCP" },
+            ],
         }),
     ])
 }

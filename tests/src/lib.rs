@@ -10,6 +10,7 @@
 
 pub mod capture;
 pub mod dns;
+pub mod external;
 pub mod lab;
 pub mod load;
 pub mod manifests;

@@ -9,130 +9,42 @@
 //! lab's agents have no DNS proxy, and steering every port-53 Service would change other tests.
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nodeward_lab::dns::{self, KUBE_DNS};
+use nodeward_lab::external::{EXTERNAL_ECHO_PORT, EXTERNAL_PORT, External, external_addr};
 use nodeward_lab::load::{Process, in_pod};
 use nodeward_lab::{Lab, LabSpec, eventually};
 use serde_json::{Value, json};
 
-/// The external host answers every address of this /21 (on its loopback), port 8080.
-const EXTERNAL_NET: &str = "198.18.0.0/21";
 const API_ADDR: &str = "198.18.0.10";
 const OTHER_ADDR: &str = "198.18.0.20";
 /// `short.example.test`: TTL 1 s (the agent's floor and grace are 1 s in this lab).
 const SHORT_ADDR: &str = "198.18.0.30";
 /// `live.example.test`: TTL 1 s, for a connection that outlives it.
 const LIVE_ADDR: &str = "198.18.0.40";
-const EXTERNAL_PORT: u16 = 8080;
-/// The external host echoes on this port (for a long connection).
-const EXTERNAL_ECHO_PORT: u16 = 8081;
 /// Names `n<i>.many.example.test`, each with its own address, for the first-connection test.
 const MANY: usize = 1000;
+/// `big.example.test` has this many A records: too many for a 512-byte UDP answer.
+const BIG: usize = 40;
 
 fn load_bin() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_nodeward-lab-load"))
 }
 
+/// The `i`th address of `big.example.test`.
+fn big_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 6, u8::try_from(i + 1).expect("small"))
+}
+
 fn many_addr(i: usize) -> Ipv4Addr {
-    let i = u32::try_from(i).expect("small") + 256;
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i)
+    external_addr(u32::try_from(i).expect("small") + 256)
 }
 
-/// An "external" network namespace behind the node (a veth, a route for [`EXTERNAL_NET`]) with
-/// a TCP server on [`EXTERNAL_PORT`]; removed when dropped.
-struct External {
-    netns: String,
-    _server: Process,
-}
-
-impl External {
-    fn up(lab: &Lab) -> Self {
-        let netns = format!("nwl-{}-ext", lab.id());
-        let node = &lab.nodes()[0].netns;
-        let (host_if, ext_if) = (format!("nw{}x0", lab.id()), format!("nw{}x1", lab.id()));
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("running ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["netns", "add", &netns]);
-        let guard = Self {
-            netns: netns.clone(),
-            _server: Process::spawn(
-                Command::new("ip")
-                    .args(["netns", "exec", &netns])
-                    .arg(load_bin())
-                    .args(["serve", "--sink", &EXTERNAL_PORT.to_string()])
-                    .args(["--echo", &EXTERNAL_ECHO_PORT.to_string()])
-                    .stdout(Stdio::null()),
-                "the external server",
-            )
-            .expect("external server"),
-        };
-        ip(&[
-            "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", &ext_if, "netns",
-            &netns,
-        ]);
-        ip(&[
-            "-n",
-            node,
-            "addr",
-            "add",
-            "192.168.251.1/30",
-            "dev",
-            &host_if,
-        ]);
-        ip(&["-n", node, "link", "set", &host_if, "up"]);
-        ip(&[
-            "-n",
-            node,
-            "route",
-            "add",
-            EXTERNAL_NET,
-            "via",
-            "192.168.251.2",
-        ]);
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            "192.168.251.2/30",
-            "dev",
-            &ext_if,
-        ]);
-        ip(&["-n", &netns, "link", "set", &ext_if, "up"]);
-        ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        ip(&["-n", &netns, "addr", "add", EXTERNAL_NET, "dev", "lo"]);
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.168.251.1",
-        ]);
-        guard
-    }
-}
-
-impl Drop for External {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
-    }
-}
-
-/// dnsmasq in the pod's network namespace on port 53: `api` and `other` in `example.test`,
-/// `www` a CNAME to `api`, and
-/// [`MANY`] names under `many.example.test`, TTL 60.
+/// dnsmasq in the pod's network namespace on port 53 (UDP and TCP): `api` and `other` in
+/// `example.test`, `www` a CNAME to `api`, `big` with [`BIG`] addresses, and [`MANY`] names
+/// under `many.example.test`, TTL 60.
 fn dnsmasq(lab: &Lab, pod: &str) -> Process {
     let p = lab.pod(pod);
     let mut conf = String::new();
@@ -141,6 +53,9 @@ fn dnsmasq(lab: &Lab, pod: &str) -> Process {
     conf.push_str("cname=www.example.test,api.example.test\n");
     conf.push_str(&format!("host-record=short.example.test,{SHORT_ADDR},1\n"));
     conf.push_str(&format!("host-record=live.example.test,{LIVE_ADDR},1\n"));
+    for i in 0..BIG {
+        conf.push_str(&format!("host-record=big.example.test,{}\n", big_addr(i)));
+    }
     for i in 0..MANY {
         conf.push_str(&format!(
             "host-record=n{i}.many.example.test,{}\n",
@@ -164,6 +79,7 @@ spec:
     - matchName: api.example.test
     - matchName: short.example.test
     - matchName: live.example.test
+    - matchName: big.example.test
     - matchPattern: "**.many.example.test"
     toPorts:
     - {port: 8080, protocol: TCP}
@@ -177,15 +93,33 @@ spec:
         dns:
         - matchPattern: "*.example.test"
         - matchPattern: "**.many.example.test"
+    - port: 53
+      protocol: TCP
+      rules:
+        dns:
+        - matchPattern: "*.example.test"
 "#;
 
-/// `nodeward-lab-load resolve` from `from` (in its cgroup): one JSON line per name.
+/// `nodeward-lab-load resolve` from `from` (in its cgroup), over UDP (and TCP after a truncated
+/// answer): one JSON line per name.
 fn resolve(lab: &Lab, from: &str, names: &[String], connect: bool) -> Vec<Value> {
+    resolve_over(lab, from, names, connect, "udp")
+}
+
+/// As [`resolve`], with `--transport` (`udp` or `tcp`).
+fn resolve_over(
+    lab: &Lab,
+    from: &str,
+    names: &[String],
+    connect: bool,
+    transport: &str,
+) -> Vec<Value> {
     let mut cmd = in_pod(lab.pod(from), load_bin());
     cmd.arg("resolve")
         .args(["--dns", &format!("{KUBE_DNS}:53")])
         .args(["--names", &names.join(",")])
         .args(["--timeout-ms", "3000"])
+        .args(["--transport", transport])
         .stderr(Stdio::inherit());
     if connect {
         cmd.args(["--connect-port", &EXTERNAL_PORT.to_string()]);
@@ -203,6 +137,13 @@ fn one(lab: &Lab, name: &str, connect: bool) -> Value {
         .unwrap_or_default()
 }
 
+/// One query over TCP from the start.
+fn one_tcp(lab: &Lab, name: &str, connect: bool) -> Value {
+    resolve_over(lab, "frontend/web-0", &[name.to_owned()], connect, "tcp")
+        .pop()
+        .unwrap_or_default()
+}
+
 #[test]
 fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     let started = Instant::now();
@@ -215,7 +156,7 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
         ..LabSpec::default()
     })
     .expect("lab up");
-    let _external = External::up(&lab);
+    let _external = External::up(&lab, &lab.nodes()[0].name).expect("external host");
     let _dns = dnsmasq(&lab, "backend/api-0");
     lab.write_manifest("kube-dns", &dns::kube_dns(lab.pod("backend/api-0")))
         .expect("kube-dns");
@@ -306,6 +247,40 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     assert_eq!(refused["rcode"], 5, "{refused}");
     assert_eq!(refused["addrs"], json!([]), "{refused}");
 
+    // An answer too big for 512-byte UDP: TC reaches the pod, whose retry over TCP (to the
+    // ClusterIP) goes through the proxy too; every address of the full answer is learned before
+    // it is released, the last one included (not in the truncated UDP answer).
+    let big = one(&lab, "big.example.test", true);
+    assert_eq!(
+        big["truncated"], true,
+        "dnsmasq truncates {BIG} A records: {big}"
+    );
+    assert_eq!(big["transport"], "tcp", "{big}");
+    assert_eq!(big["rcode"], 0, "{big}");
+    assert_eq!(big["from"], json!(format!("{KUBE_DNS}:53")), "{big}");
+    assert_eq!(
+        big["addrs"].as_array().map(Vec::len),
+        Some(BIG),
+        "the whole answer over TCP: {big}"
+    );
+    assert_eq!(
+        big["connected"], true,
+        "the first address after the TCP retry: {big}"
+    );
+    let last = big_addr(BIG - 1).to_string();
+    assert_eq!(
+        one(&lab, &last, true)["connected"],
+        true,
+        "{last}, only in the TCP answer, is allowed"
+    );
+    // rules.dns over TCP: REFUSED as over UDP.
+    let refused_tcp = one_tcp(&lab, "forbidden.test", false);
+    assert_eq!(refused_tcp["transport"], "tcp", "{refused_tcp}");
+    assert_eq!(refused_tcp["rcode"], 5, "REFUSED over TCP: {refused_tcp}");
+    let api_tcp = one_tcp(&lab, "api.example.test", true);
+    assert_eq!(api_tcp["rcode"], 0, "{api_tcp}");
+    assert_eq!(api_tcp["connected"], true, "{api_tcp}");
+
     // DNS flows: the query, its type, rcode and answers; a refused query is a DROPPED flow.
     let dns = lab
         .observe(
@@ -345,6 +320,30 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
                 && f["l7"]["dns"]["rcode"] == 5
                 && f["drop_reason_desc"] == "DNS_QUERY_REFUSED"),
         "a DROPPED flow naming the refused query: {dropped:?}"
+    );
+    assert!(
+        dropped
+            .iter()
+            .any(|f| f["l7"]["dns"]["query"] == "forbidden.test." && f["l4"]["TCP"].is_object()),
+        "a DROPPED flow for the query refused over TCP: {dropped:?}"
+    );
+    let big_flows = lab
+        .observe(
+            &node.name,
+            &[
+                "--protocol",
+                "dns",
+                "--to-fqdn",
+                "big.example.test",
+                "--last",
+                "10",
+            ],
+        )
+        .expect("observe --to-fqdn big.example.test");
+    assert!(
+        big_flows.iter().any(|f| f["l4"]["TCP"].is_object()
+            && f["l7"]["dns"]["ips"].as_array().map(Vec::len) == Some(BIG)),
+        "a TCP DNS flow with the whole answer: {big_flows:?}"
     );
 
     // The first connection right after resolution, each name new with a new address.
@@ -396,6 +395,16 @@ fn fqdn_rules_allow_resolved_names_refuse_queries_and_dns_survives_a_restart() {
     assert_eq!(down["rcode"], 0, "DNS while the agent is down: {down}");
     assert_eq!(down["from"], json!(format!("{KUBE_DNS}:53")), "{down}");
     assert_eq!(down["connected"], true, "{down}");
+    let down_tcp = one_tcp(&lab, "api.example.test", false);
+    assert_eq!(
+        down_tcp["rcode"], 0,
+        "DNS over TCP while the agent is down: {down_tcp}"
+    );
+    assert_eq!(
+        down_tcp["from"],
+        json!(format!("{KUBE_DNS}:53")),
+        "{down_tcp}"
+    );
     lab.start_agent(&node.name).expect("agent restart");
     let kept = one(&lab, API_ADDR, true);
     assert_eq!(

@@ -1,18 +1,37 @@
-//! `cargo xtask demo`: a lab with the example policies, traffic that they allow and deny, and the
-//! flows the agents recorded.
+//! `cargo xtask demo`: a lab with the example policies, traffic that they allow and deny (pod to
+//! pod, through a Service, and to names resolved through the agents' DNS proxy), and the flows
+//! the agents recorded.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use nodeward_lab::dns::{self, KUBE_DNS};
+use nodeward_lab::external::{EXTERNAL_PORT, External};
 use nodeward_lab::topology::{DEBUG_PORT, POSTGRES_PORT};
 use nodeward_lab::{Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, load, manifests, paths};
 
+/// The demo's DNS: the resolver's pod, the client, and the zone (names -> external addresses).
+const DNS_POD: &str = "frontend/web-2";
+const DNS_CLIENT: &str = "frontend/web-0";
+const ZONE: &str =
+    "host-record=api.example.test,198.18.0.10\nhost-record=other.example.test,198.18.0.20\n";
+
 pub fn run() -> Result<()> {
-    let lab = Lab::up(&LabSpec {
+    let mut lab = Lab::up(&LabSpec {
         name: Some("demo".into()),
+        agents: false,
         ..LabSpec::default()
     })?;
+    // Every agent runs its DNS proxy on its node's address (70-web-fqdn.yaml needs it).
+    for node in lab.nodes().to_vec() {
+        lab.set_agent_args(&["--dns-proxy-addr", &format!("{}:53", node.ip4)]);
+        lab.start_agent(&node.name)?;
+    }
     print!("{}", lab.report());
+    // kube-dns: dnsmasq in a pod, and "external" hosts behind the client's node for its names.
+    let _resolver = dns::dnsmasq(&lab, lab.pod(DNS_POD), ZONE, &["--local-ttl=60"])?;
+    lab.write_manifest("kube-dns", &dns::kube_dns(lab.pod(DNS_POD)))?;
+    let _external = External::up(&lab, &lab.pod(DNS_CLIENT).node)?;
 
     let examples = paths::workspace_root().join("policies").join("examples");
     let mut applied = 0;
@@ -99,6 +118,7 @@ pub fn run() -> Result<()> {
         );
     }
     unexpected += services(&lab)?;
+    unexpected += fqdn(&lab)?;
     for node in lab.node_names() {
         println!("\n$ nodeward status   # on {node}");
         match lab.status_text(&node) {
@@ -141,12 +161,105 @@ pub fn run() -> Result<()> {
     drop(lab);
     if unexpected > 0 {
         bail!(
-            "demo: {unexpected} of {} flows differ from what the examples intend",
+            "demo: {unexpected} outcomes (of {} flows, the Service and the DNS queries) differ from what the examples intend",
             cases.len()
         );
     }
-    println!("\ndemo: all {} flows as the examples intend", cases.len());
+    println!(
+        "\ndemo: all {} flows, the Service and the DNS queries as the examples intend",
+        cases.len()
+    );
     Ok(())
+}
+
+/// DNS-aware egress (70-web-fqdn.yaml): web-0 resolves three names through kube-dns, which its
+/// node's DNS proxy answers, and connects to each answer at once. Returns the number of
+/// unexpected outcomes.
+fn fqdn(lab: &Lab) -> Result<usize> {
+    let from = lab.pod(DNS_CLIENT);
+    println!(
+        "\ndns: {} ({}) asks kube-dns ({KUBE_DNS}) for three names, through its node's DNS proxy, \
+         and connects to each answer's tcp/{EXTERNAL_PORT} at once (`nodeward-lab-load resolve`)",
+        from.key(),
+        from.node
+    );
+    // (name, answered, connection allowed): what 70-web-fqdn.yaml intends.
+    let intended = [
+        ("api.example.test", true, true),
+        ("other.example.test", true, false),
+        ("forbidden.test", false, false),
+    ];
+    let names: Vec<&str> = intended.iter().map(|(n, ..)| *n).collect();
+    let out = load::in_pod(from, &paths::load_bin()?)
+        .args(["resolve", "--dns", &format!("{KUBE_DNS}:53")])
+        .args(["--names", &names.join(",")])
+        .args(["--connect-port", &EXTERNAL_PORT.to_string()])
+        .output()
+        .context("running nodeward-lab-load resolve")?;
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_default())
+        .collect();
+    let mut unexpected = 0;
+    for (name, answered, allowed) in intended {
+        let v = lines
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or_default();
+        let rcode = match v["rcode"].as_u64() {
+            Some(0) => "NOERROR",
+            Some(5) => "REFUSED",
+            Some(3) => "NXDOMAIN",
+            Some(_) => "an error",
+            None => "no answer",
+        };
+        let connect = match v["connected"].as_bool() {
+            Some(true) => format!(", tcp/{EXTERNAL_PORT} ALLOWED"),
+            Some(false) => format!(", tcp/{EXTERNAL_PORT} DENIED"),
+            None => String::new(),
+        };
+        let ok = (v["rcode"] == 0) == answered && (v["connected"] == true) == allowed;
+        if !ok {
+            unexpected += 1;
+        }
+        println!(
+            "  {name:<20} -> {rcode} {}{connect}{}",
+            v["addrs"],
+            if ok {
+                ""
+            } else {
+                "  <-- not what 70-web-fqdn.yaml intends"
+            }
+        );
+    }
+    println!(
+        "\n$ nodeward observe --protocol dns --last 3   # on {}: the queries, what they learned, the refused one",
+        from.node
+    );
+    match lab.observe_text(&from.node, &["--protocol", "dns", "--last", "3"]) {
+        Ok(text) => print!("{text}"),
+        Err(e) => println!("  unavailable: {e:#}"),
+    }
+    println!(
+        "\n$ nodeward observe --verdict DROPPED --to-ip 198.18.0.20 --last 1   # on {}: other.example.test's address, never allowed",
+        from.node
+    );
+    match lab.observe_text(
+        &from.node,
+        &[
+            "--verdict",
+            "DROPPED",
+            "--to-ip",
+            "198.18.0.20",
+            "--last",
+            "1",
+        ],
+    ) {
+        Ok(text) => print!("{text}"),
+        Err(e) => println!("  unavailable: {e:#}"),
+    }
+    Ok(unexpected)
 }
 
 /// A pod reaches another through its Service: web-0 dials the `api` Service's ClusterIP, the

@@ -499,19 +499,27 @@ impl Datapath {
         Ok(())
     }
 
-    /// Steers pods' DNS (UDP datagrams to a Service frontend on port 53) to the DNS proxy:
-    /// `addr` is where pods reach it, `socket` its UDP socket. Neither map is pinned: the kernel
-    /// drops the socket when it closes, and DNS goes straight to the backends again.
+    /// Steers pods' DNS (UDP datagrams and TCP connections to a Service frontend on port 53) to
+    /// the DNS proxy: `addr` is where pods reach it, `udp` its UDP socket and `tcp` its TCP
+    /// listener, both bound to `addr`. Neither map is pinned: the kernel drops a socket when it
+    /// closes, and that transport's DNS goes straight to the backends again.
     ///
     /// # Errors
-    /// A map is missing or refuses the entry (the socket must be a bound UDP socket).
+    /// A map is missing or refuses an entry (a bound UDP socket, a listening TCP socket).
     pub fn set_dns_proxy(
         &mut self,
         addr: std::net::SocketAddr,
-        socket: std::os::fd::BorrowedFd<'_>,
+        udp: std::os::fd::BorrowedFd<'_>,
+        tcp: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), DatapathError> {
         self.set_dns_slot(0, Some(addr), "set the DNS proxy address")?;
-        self.set_socket("NW_DNS_SOCKET", 0, socket, "insert the DNS proxy socket")
+        self.set_socket("NW_DNS_SOCKET", 0, udp, "insert the DNS proxy's UDP socket")?;
+        self.set_socket(
+            "NW_DNS_SOCKET",
+            1,
+            tcp,
+            "insert the DNS proxy's TCP listener",
+        )
     }
 
     /// Names the resolver the DNS proxy forwards to (`None`: none known): policy judges a

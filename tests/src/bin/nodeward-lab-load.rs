@@ -22,11 +22,15 @@
 //!   for TCP and connected UDP `udpc`, the reply's source for unconnected `udp`). With
 //!   `--hold-secs` (and `--count 1`, TCP) the connection then stays open for S seconds and a last
 //!   line says whether it still carries a round trip (`alive`).
-//! - `resolve --dns IP:PORT --names a.test,b.test [--connect-port P] [--timeout-ms MS]`: per name
-//!   (at most 10,000), one A query to the resolver (an unconnected UDP socket, as a stub
-//!   resolver sends), then, with `--connect-port`, one TCP connect to the answer's first address
-//!   right away. One JSON line per name: `rcode`, `addrs`, and `connected` (`null` without an
-//!   address or port) with `error`; an IPv4 address in `--names` is only connected to. A query not answered within MS (default 2,000) is `rcode: null`.
+//! - `resolve --dns IP:PORT --names a.test,b.test [--connect-port P] [--timeout-ms MS]
+//!   [--transport udp|tcp]`: per name (at most 10,000), one A query to the resolver (an
+//!   unconnected UDP socket, as a stub resolver sends; an answer with TC set is asked again over
+//!   TCP, as a stub resolver does; `tcp`: over TCP from the start, one connection per query),
+//!   then, with `--connect-port`, one TCP connect to the answer's first address right away. One
+//!   JSON line per name: `rcode`, `addrs`, `from`, `transport` (of the answer), `truncated` (the
+//!   UDP answer had TC), and `connected` (`null` without an address or port) with `error`; an
+//!   IPv4 address in `--names` is only connected to. A query not answered within MS (default
+//!   2,000) is `rcode: null`.
 //!
 //! - `http-serve --port P --name NAME [--fail-every N] [--log FILE]`: a minimal HTTP/1.1 server (keep-alive) whose every
 //!   answer is `200` with the body `NAME` and the header `x-backend: NAME`, so a client can
@@ -656,6 +660,11 @@ fn resolve(flags: &Flags) -> anyhow::Result<()> {
     );
     let port: Option<u16> = flags.get("connect-port").map(str::parse).transpose()?;
     let timeout = Duration::from_millis(flags.parse_or("timeout-ms", 2000)?);
+    let transport = flags.get("transport").unwrap_or("udp");
+    ensure!(
+        matches!(transport, "udp" | "tcp"),
+        "--transport: udp or tcp, not {transport:?}"
+    );
     let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     socket.set_read_timeout(Some(timeout))?;
     let mut buf = vec![0u8; 4096];
@@ -678,20 +687,40 @@ fn resolve(flags: &Flags) -> anyhow::Result<()> {
         m.metadata.recursion_desired = true;
         m.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
         let start = Instant::now();
-        socket.send_to(&m.to_vec()?, dns)?;
-        let mut line = serde_json::json!({ "name": name });
-        let reply = loop {
-            match socket.recv_from(&mut buf) {
-                Ok((len, from)) => {
-                    line["from"] = from.to_string().into();
-                    match Message::from_vec(&buf[..len]) {
-                        Ok(r) if r.metadata.id == id => break Some(r),
-                        _ => {}
+        let query = m.to_vec()?;
+        let mut line = serde_json::json!({ "name": name, "transport": transport });
+        let mut reply = if transport == "tcp" {
+            None
+        } else {
+            socket.send_to(&query, dns)?;
+            loop {
+                match socket.recv_from(&mut buf) {
+                    Ok((len, from)) => {
+                        line["from"] = from.to_string().into();
+                        match Message::from_vec(&buf[..len]) {
+                            Ok(r) if r.metadata.id == id => break Some(r),
+                            _ => {}
+                        }
                     }
+                    Err(_) => break None,
                 }
-                Err(_) => break None,
             }
         };
+        let truncated = reply.as_ref().is_some_and(|r| r.metadata.truncation);
+        line["truncated"] = truncated.into();
+        if transport == "tcp" || truncated {
+            line["transport"] = "tcp".into();
+            reply = match resolve_tcp(dns, &query, id, timeout) {
+                Ok((r, from)) => {
+                    line["from"] = from.to_string().into();
+                    Some(r)
+                }
+                Err(e) => {
+                    line["tcp_error"] = e.to_string().into();
+                    None
+                }
+            };
+        }
         line["dns_ms"] = (start.elapsed().as_secs_f64() * 1000.0).into();
         let mut addrs = Vec::new();
         if let Some(r) = &reply {
@@ -732,6 +761,33 @@ fn resolve(flags: &Flags) -> anyhow::Result<()> {
     }
     std::io::stdout().flush()?;
     Ok(())
+}
+
+/// One DNS query over a new TCP connection to `dns` (2-byte length prefixes, RFC 7766): the
+/// answer with `id` and the peer the connection shows (`getpeername`).
+fn resolve_tcp(
+    dns: SocketAddr,
+    query: &[u8],
+    id: u16,
+    timeout: Duration,
+) -> anyhow::Result<(hickory_proto::op::Message, SocketAddr)> {
+    let mut stream = TcpStream::connect_timeout(&dns, timeout).context("connect")?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let len = u16::try_from(query.len()).context("query over 64 KiB")?;
+    let mut framed = len.to_be_bytes().to_vec();
+    framed.extend_from_slice(query);
+    stream.write_all(&framed).context("send")?;
+    loop {
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).context("read the length")?;
+        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut answer).context("read the answer")?;
+        let r = hickory_proto::op::Message::from_vec(&answer).context("parse the answer")?;
+        if r.metadata.id == id {
+            return Ok((r, stream.peer_addr()?));
+        }
+    }
 }
 
 /// Reads one HTTP/1.1 message head (at most 64 KiB) and returns it, with what was read past it.
