@@ -39,6 +39,27 @@ fn humantime_like(t: SystemTime) -> String {
         .to_owned()
 }
 
+/// `t` as the flows write their time: RFC 3339 in UTC with nine fraction digits, so that two
+/// such strings compare as the instants do.
+fn precise_rfc3339(t: SystemTime) -> String {
+    let since = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970");
+    let out = std::process::Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}.{:09}", since.as_secs(), since.subsec_nanos()),
+            "+%Y-%m-%dT%H:%M:%S.%NZ",
+        ])
+        .output()
+        .expect("date");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
+}
+
 /// One SYN from `from` to `to:port` that the policy drops (the connect must fail).
 fn denied_syn(lab: &Lab, from: &str, to: &str, port: u16) {
     let connected = probe::connect_from(&lab.pod(from).netns, lab.addr(to, port), ONE_SYN);
@@ -475,6 +496,10 @@ fn metrics_parse_and_the_drop_counter_moves_by_the_denied_probes() {
     let lab = shared_lab();
     deny_data(&lab);
     settle_flows(&lab);
+    // The counters' snapshot, and the instant it was taken to the nanosecond: the flows compared
+    // with it are those recorded after it (`--since` only has whole seconds and would also take
+    // drops of the second before, which the snapshot already counted).
+    let snapshot = precise_rfc3339(SystemTime::now());
     let before = parse_prometheus(&lab.agent_http_get("node-1", "/metrics").unwrap());
     for name in [
         "nodeward_flows_total",
@@ -539,6 +564,7 @@ fn metrics_parse_and_the_drop_counter_moves_by_the_denied_probes() {
     let denied: Vec<&Value> = recorded
         .iter()
         .filter(|f| f["drop_reason_desc"] == "POLICY_DENIED")
+        .filter(|f| f["time"].as_str().is_some_and(|t| t >= snapshot.as_str()))
         .collect();
     let probes = denied
         .iter()
