@@ -16,6 +16,7 @@
 
 mod dns;
 mod frame;
+mod local;
 mod parse;
 mod policy;
 mod service;

@@ -108,7 +108,15 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
         source_identity: identities.0,
         destination_identity: identities.1,
         note,
+        local: false,
     };
+    // Both pods on this node: no TLS to our own 15008 (see `local`).
+    if let (Some(s), Some(d)) = (&source, &destination)
+        && d.local
+    {
+        super::local::carry(ctx, stream, peer, dst, s.clone(), d.clone(), identities).await;
+        return;
+    }
     let opened = match (&source, &destination) {
         (Some(s), Some(d)) => open(&ctx, &pool, s, d, peer, dst).await,
         (None, _) => Err(TunnelError::UnknownSource(peer.ip())),
