@@ -529,11 +529,13 @@ impl Bench {
         match scenario {
             Scenario::NoAgent | Scenario::LocalNoAgent => Ok(()),
             Scenario::LocalTunnel => {
+                // Copies are expected too: a connection whose server closed before the join
+                // (crr's server accepts and closes at once) cannot enter the sockmap.
                 ensure!(
-                    delta.local_kernel >= min && delta.local_user == 0,
+                    delta.local_kernel >= min,
                     "{}: connections did not take the same-node fast path in the kernel: {} \
                      tunnel.local.kernel +{}, tunnel.local.user +{}; expected at least +{min} \
-                     in the kernel and none copied{}",
+                     in the kernel{}",
                     scenario.title(),
                     self.client.node,
                     delta.local_kernel,
@@ -1251,7 +1253,8 @@ impl Report {
             out,
             "\nSame node: over the fast-path rounds node-1's `tunnel.local.kernel` rose by {} \
              and `tunnel.local.user` (user-space copies) by {} for {} connections the client \
-             completed; no TLS, the two sockets joined by the sockmap redirect.",
+             completed; no TLS, the two sockets joined by the sockmap redirect (a connection the \
+             server had closed before the join, as crr's do, is copied in user space).",
             local.local_kernel,
             local.local_user,
             self.total(Scenario::LocalTunnel, |s| s.completed)
