@@ -221,6 +221,12 @@ async fn move_bytes(
         let (a, b) = (a.into_std()?, b.into_std()?);
         let cookies = (cookie(a.as_raw_fd()), cookie(b.as_raw_fd()));
         let joined = match cookies {
+            // Only established sockets can join; checking both first keeps the second insert
+            // from failing after the first (whose socket would then leave the map again, and
+            // with it what it had received meanwhile).
+            _ if !established(a.as_raw_fd()) || !established(b.as_raw_fd()) => {
+                Err("a pod closed before the join".to_owned())
+            }
             (Ok(ca), Ok(cb)) => kernel.join(&a, ca, &b, cb).map_err(|e| e.to_string()),
             (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
         };
@@ -450,6 +456,23 @@ fn written(fd: RawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(acked + u64::try_from(queued).unwrap_or(0))
+}
+
+/// `TCP_INFO`'s state is `TCP_ESTABLISHED`.
+fn established(fd: RawFd) -> bool {
+    let mut info = [0u8; 8];
+    let mut len = libc::socklen_t::try_from(info.len()).unwrap_or(0);
+    // SAFETY: getsockopt writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    rc == 0 && len >= 1 && info[0] == 1
 }
 
 /// `SO_COOKIE`: the kernel's name for a socket, which the verdict program reads too.
