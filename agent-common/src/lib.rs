@@ -135,6 +135,9 @@ pub const MAX_IPCACHE_ENTRIES: u32 = 65_536;
 pub const MAX_POLICY_CIDRS: u32 = 16_384;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_FRAGMENTS: u32 = 8192;
+/// Sockets the tunnel's same-node fast path joins in the kernel at once (two per connection);
+/// a connection beyond them is carried in user space.
+pub const MAX_LOCAL_SOCKETS: u32 = 16_384;
 pub const EVENTS_RING_BYTES: u32 = 1024 * 1024;
 /// Service frontends (`ClusterIP:port/protocol`).
 pub const MAX_SERVICES: u32 = 16_384;
@@ -159,6 +162,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "NW_COUNTERS";
     pub const CONFIG: &str = "NW_CONFIG";
     pub const PROXY_SOCKETS: &str = "NW_PROXY_SOCKETS";
+    /// The same-node fast path's joined sockets and their redirected bytes (never pinned).
+    pub const LOCAL_PEERS: &str = "NW_LOCAL_PEERS";
+    pub const LOCAL_BYTES: &str = "NW_LOCAL_BYTES";
     pub const SERVICES: &str = "NW_SERVICES";
     pub const SERVICE_BACKENDS: &str = "NW_SVC_BACKENDS";
     pub const SERVICE_REVNAT: &str = "NW_SVC_REVNAT";
@@ -179,6 +185,8 @@ pub mod program_names {
     /// `sk_lookup` of the agent's network namespace: hands new tunnelled connections to the
     /// agent's outbound listener.
     pub const TO_PROXY: &str = "to_proxy";
+    /// `sk_skb` stream verdict of `NW_LOCAL_PEERS`: the same-node fast path's byte mover.
+    pub const LOCAL_SPLICE: &str = "local_splice";
     /// cgroup `connect4`: a connect to a Service address goes to one of its backends.
     pub const SVC_CONNECT4: &str = "svc_connect4";
     /// cgroup `sendmsg4`: a datagram to a Service address goes to one of its backends.

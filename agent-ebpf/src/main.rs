@@ -17,6 +17,7 @@
 mod dns;
 mod frame;
 mod hostrt;
+mod local;
 mod parse;
 mod policy;
 mod service;

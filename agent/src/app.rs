@@ -306,6 +306,7 @@ impl Shared {
                 "pooled_connections": S::get(&s.pool_open),
                 "handshake_failures": {"client": S::get(&s.client_handshake_failures), "server": S::get(&s.server_handshake_failures)},
                 "time_wait": {"removed": S::get(&s.time_wait_removed), "failed": S::get(&s.time_wait_failed)},
+                "local": {"kernel": S::get(&s.local_kernel), "user": S::get(&s.local_user), "redirect_attached": tunnel.local.get().is_some()},
                 "redirected_flows": get(agent_common::COUNTER_REDIRECTED),
             });
         }
@@ -626,6 +627,7 @@ fn start_tunnel(
         live: tunnel::inbound::LiveStreams::default(),
         time_wait: tunnel::timewait::Reaper::default(),
         http: crate::http::HttpShared::default(),
+        local: std::sync::OnceLock::new(),
     });
     let weak = Arc::downgrade(shared);
     let _ = ctx
@@ -651,6 +653,16 @@ fn start_tunnel(
     datapath
         .attach_to_proxy()
         .context("attaching the to_proxy hook")?;
+    // Same-node connections: bytes joined in the kernel, or copied in user space without it.
+    match datapath.local_splice() {
+        Ok(kernel) => {
+            let _ = ctx.local.set(tunnel::local::Kernel::new(kernel));
+        }
+        Err(e) => tracing::warn!(
+            error = %crate::error_chain(&e),
+            "same-node tunnel: the kernel redirect (sockmap) is unavailable; same-node connections are copied in user space (nodeward_tunnel_local_total{{path=\"user\"}})"
+        ),
+    }
     let acceptor = tunnel::inbound::acceptor(&ctx)
         .map_err(|e| anyhow::anyhow!("the HBONE server's TLS: {e}"))?;
     let hbone = tunnel::net::listener(config.tunnel.hbone_addr)

@@ -277,6 +277,10 @@ pub struct Flow {
     /// receiving node) it is set when the destination is a backend of exactly one Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_service: Option<Arc<ServiceName>>,
+    /// `true` on a `TUNNEL` flow the same-node fast path carried (both pods on this node, no
+    /// HBONE); absent otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tunnel_local: bool,
     #[serde(rename = "Summary", default)]
     pub summary: Cow<'static, str>,
 }
@@ -681,6 +685,7 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
         policy,
         destination_names: Vec::new(),
         destination_service,
+        tunnel_local: false,
         summary: summary.into(),
     }
 }
@@ -703,6 +708,8 @@ pub struct TunnelRecord {
     pub destination_identity: u32,
     /// Why, in words, for the summary (`denied by node-2`, `connect: refused`).
     pub note: String,
+    /// Both pods on this node: carried by the same-node fast path, not over HBONE.
+    pub local: bool,
 }
 
 /// Builds the flow record for a tunnelled connection (`Type` `TUNNEL`).
@@ -753,10 +760,12 @@ pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
         policy,
         destination_names: Vec::new(),
         destination_service: index.services.lookup(None, dst, rec.destination.port()),
-        summary: if rec.note.is_empty() {
-            "HBONE".into()
-        } else {
-            format!("HBONE: {}", rec.note).into()
+        tunnel_local: rec.local,
+        summary: match (rec.local, rec.note.is_empty()) {
+            (false, true) => "HBONE".into(),
+            (false, false) => format!("HBONE: {}", rec.note).into(),
+            (true, true) => "same node".into(),
+            (true, false) => format!("same node: {}", rec.note).into(),
         },
     }
 }
@@ -778,6 +787,7 @@ pub fn from_http(rec: &crate::http::HttpRecord, index: &EnrichmentIndex) -> Flow
         source_identity: rec.source_identity,
         destination_identity: rec.destination_identity,
         note: String::new(),
+        local: false,
     };
     let mut flow = from_tunnel(&tunnel, index);
     flow.kind = "L7".into();
@@ -905,6 +915,7 @@ pub fn from_dns(
             dst.ip(),
             dst.port(),
         ),
+        tunnel_local: false,
         l7: Some(Box::new(L7 {
             kind: "RESPONSE".into(),
             latency_ns: u64::try_from(rec.elapsed.as_nanos()).unwrap_or(u64::MAX),
@@ -1487,6 +1498,7 @@ pub(crate) mod tests {
             source_identity: 300,
             destination_identity: 0,
             note: "denied by node-2".into(),
+            local: false,
         };
         let allowed = TunnelRecord {
             forwarded: true,

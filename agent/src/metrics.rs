@@ -50,6 +50,7 @@ pub struct Metrics {
     flows_api_refused: IntCounterVec,
     flows_api_streams: IntGauge,
     tunnel_time_wait: IntCounterVec,
+    tunnel_local: IntCounterVec,
     service_translations: prometheus::IntCounter,
     dns_queries: IntCounterVec,
     dns_proxy_seconds: HistogramVec,
@@ -193,6 +194,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let tunnel_local = IntCounterVec::new(
+            Opts::new(
+                "tunnel_local_total",
+                "Meshed connections between two pods of this node (no TLS), by how their bytes moved (kernel: sockets joined by the sockmap redirect; user: copied by the agent, where the kernel side could not be attached)",
+            ),
+            &["path"],
+        )?;
         let dns_queries = IntCounterVec::new(
             Opts::new(
                 "dns_queries_total",
@@ -242,6 +250,7 @@ impl Metrics {
             Box::new(flows_api_streams.clone()),
             Box::new(tunnel_streams.clone()),
             Box::new(tunnel_time_wait.clone()),
+            Box::new(tunnel_local.clone()),
             Box::new(tunnel_active.clone()),
             Box::new(tunnel_connections.clone()),
             Box::new(tunnel_pooled.clone()),
@@ -287,6 +296,7 @@ impl Metrics {
             flows_api_refused,
             flows_api_streams,
             tunnel_time_wait,
+            tunnel_local,
             service_translations,
             dns_queries,
             dns_proxy_seconds,
@@ -381,6 +391,9 @@ impl Metrics {
                 &self.tunnel_time_wait.with_label_values(&[result]),
                 S::get(total),
             );
+        }
+        for (path, total) in [("kernel", &stats.local_kernel), ("user", &stats.local_user)] {
+            catch_up(&self.tunnel_local.with_label_values(&[path]), S::get(total));
         }
     }
 

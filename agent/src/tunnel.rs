@@ -19,10 +19,13 @@
 //! * [`view`]: who is where (pods, their identities, nodes and mesh modes), swapped after every
 //!   sync.
 //! * [`net`]: socket options and the policy route the interception needs.
+//! * [`local`]: the same-node fast path: both pods on this node, authorized as the server
+//!   would, bytes joined in the kernel (sockmap) rather than through TLS to our own 15008.
 //! * [`timewait`]: closing pod-facing sockets without leaving the pods' 4-tuples in TIME_WAIT in
 //!   the node's namespace, where they would swallow forwarded plaintext SYNs.
 
 pub mod inbound;
+pub mod local;
 pub mod net;
 pub mod outbound;
 pub mod pool;
@@ -129,6 +132,10 @@ pub struct TunnelStats {
     /// [`timewait`]).
     pub time_wait_removed: AtomicU64,
     pub time_wait_failed: AtomicU64,
+    /// Same-node connections (both pods on this node, no TLS: [`local`]) by how their bytes
+    /// moved: joined in the kernel, or copied in user space.
+    pub local_kernel: AtomicU64,
+    pub local_user: AtomicU64,
 }
 
 impl TunnelStats {
@@ -175,6 +182,8 @@ pub struct Context {
     pub time_wait: timewait::Reaper,
     /// The HTTP proxy's metrics and flow sink (see [`crate::http`]).
     pub http: crate::http::HttpShared,
+    /// The same-node fast path's kernel side, once attached (unset: user-space copies).
+    pub local: std::sync::OnceLock<local::Kernel>,
 }
 
 impl Context {

@@ -1,6 +1,7 @@
 //! The mTLS tunnel in the lab (2 nodes): meshed pods talk through HBONE on port 15008, the
 //! modes decide what plaintext may reach a pod, identities come from certificates, and the
-//! tunnel survives certificate renewals and agent restarts.
+//! tunnel survives certificate renewals and agent restarts. Between two pods of one node the
+//! agent skips TLS (the same-node fast path) and keeps identities and policy.
 //!
 //! Pods: `frontend/web-N` (service account `web`), `backend/api-N` (`api`), `data/db-N` (`db`);
 //! N = 0 and 2 on node-1, N = 1 on node-2. Nothing is meshed until a test writes a MutualTLS.
@@ -806,4 +807,230 @@ fn tunnelled_connections_complete_while_the_destination_moves_between_strict_and
         carried >= made,
         "the tunnel carried {carried} connections of the {made} the loads made"
     );
+}
+
+/// Sends `len` bytes from `from` to the echo server at `to` while reading the echo, then
+/// half-closes and reads to the end: data and FINs both ways, under load.
+fn echo_bulk_then_half_close(lab: &Lab, from: &str, to: SocketAddr, len: usize) {
+    let mut stream =
+        nodeward_lab::probe::connect_from(&lab.pod(from).netns, to, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("{from} -> {to}: connect: {e:#}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let mut writer = stream.try_clone().unwrap();
+    let sent = payload.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        // Half-close: the echo server sees our FIN only after every byte, then closes too.
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::with_capacity(len);
+    stream.read_to_end(&mut got).unwrap_or_else(|e| {
+        panic!(
+            "{from} -> {to}: reading the echo to its end: {e} after {} of {len} bytes\n{}",
+            got.len(),
+            lab.agent_logs_tail(15)
+        )
+    });
+    sender.join().unwrap();
+    assert!(
+        got == payload,
+        "{from} -> {to}: the echo differs ({} of {len} bytes back)",
+        got.len()
+    );
+}
+
+#[test]
+fn same_node_meshed_pods_skip_tls_and_keep_identities_and_policy() {
+    let lab = shared_lab();
+    mesh(
+        &lab,
+        &[
+            ("frontend", "PERMISSIVE"),
+            ("backend", "STRICT"),
+            ("data", "PERMISSIVE"),
+        ],
+    );
+    lab.write_manifest(
+        "api-from-web-sa",
+        &netpol::mesh_policy(
+            "backend",
+            "api-from-web-sa",
+            &json!({
+                "endpointSelector": {},
+                "ingress": [{ "fromServiceAccounts": ["frontend/web"] }],
+            }),
+        ),
+    )
+    .unwrap();
+    // web-0, db-0, api-0 and api-2 are all on node-1.
+    lab.expect(
+        &[
+            allow("frontend/web-0", "backend/api-0"),
+            deny("data/db-0", "backend/api-2"),
+        ],
+        SETTLE,
+    );
+    let status = lab.status("node-1").expect("status");
+    assert_eq!(
+        status["tunnel"]["local"]["redirect_attached"], true,
+        "node-1 did not attach the same-node redirect: {}",
+        status["tunnel"]
+    );
+    let kernel_before = tunnel_stat(&lab, "node-1", &["local", "kernel"]);
+
+    let node1 = lab.node("node-1");
+    let dir = lab.state().dir.join("tmp");
+    let hbone = Capture::start(
+        &node1.netns,
+        "any",
+        "tcp port 15008",
+        &dir.join("node1-hbone.pcap"),
+    )
+    .unwrap();
+    let api0 = lab.pod("backend/api-0").ip4.to_string();
+    let underlay = Capture::start(
+        &lab.state().underlay_netns,
+        "br0",
+        &format!("host {api0}"),
+        &dir.join("underlay-local.pcap"),
+    )
+    .unwrap();
+    let secret = b"nodeward-same-node-secret-51c0 stays on the node\n";
+    echo_once(
+        &lab,
+        "frontend/web-0",
+        lab.addr("backend/api-0", HTTP_PORT),
+        secret,
+    );
+    echo_once(
+        &lab,
+        "frontend/web-0",
+        lab.addr6("backend/api-0", HTTP_PORT),
+        secret,
+    );
+    // Bulk both ways with a half-close: the FIN must follow every redirected byte.
+    echo_bulk_then_half_close(
+        &lab,
+        "frontend/web-0",
+        lab.addr("backend/api-0", HTTP_PORT),
+        8 << 20,
+    );
+    let (_, hbone_packets) = hbone.stop().unwrap();
+    let (_, underlay_packets) = underlay.stop().unwrap();
+    assert!(
+        hbone_packets.trim().is_empty(),
+        "node-1 saw HBONE (port 15008) traffic for a same-node connection:\n{hbone_packets}"
+    );
+    assert!(
+        underlay_packets.trim().is_empty(),
+        "a same-node connection to api-0 left node-1:\n{underlay_packets}"
+    );
+    assert!(
+        tunnel_stat(&lab, "node-1", &["local", "kernel"]) >= kernel_before + 3,
+        "node-1 joined fewer than 3 connections in the kernel: {}",
+        lab.status("node-1").unwrap()["tunnel"]
+    );
+
+    let flow = flow_on(&lab, "node-1", "of the same-node tunnel into api-0", |f| {
+        f["Type"] == "TUNNEL"
+            && f["verdict"] == "FORWARDED"
+            && f["traffic_direction"] == "INGRESS"
+            && f["tunnel_local"] == true
+            && f["IP"]["destination"] == api0.as_str()
+    });
+    assert_eq!(
+        flow["source"]["spiffe_id"],
+        spiffe("frontend", "web"),
+        "{flow}"
+    );
+    assert_eq!(
+        flow["destination"]["spiffe_id"],
+        spiffe("backend", "api"),
+        "{flow}"
+    );
+    assert_eq!(flow["source"]["pod_name"], "web-0", "{flow}");
+    flow_on(
+        &lab,
+        "node-1",
+        "of the same-node tunnel out of web-0",
+        |f| {
+            f["Type"] == "TUNNEL"
+                && f["verdict"] == "FORWARDED"
+                && f["traffic_direction"] == "EGRESS"
+                && f["tunnel_local"] == true
+                && f["destination"]["spiffe_id"] == spiffe("backend", "api").as_str()
+        },
+    );
+    // One more refusal now, so its flow is among the latest.
+    assert!(
+        !lab.tcp_probe(
+            "data/db-0",
+            "backend/api-2",
+            HTTP_PORT,
+            Duration::from_secs(2)
+        ),
+        "db-0 -> api-2 passed under api-from-web-sa"
+    );
+    let db0 = lab.pod("data/db-0").ip4.to_string();
+    let denied = flow_on(&lab, "node-1", "refusing db-0's service account", |f| {
+        f["Type"] == "TUNNEL"
+            && f["verdict"] == "DROPPED"
+            && f["traffic_direction"] == "INGRESS"
+            && f["tunnel_local"] == true
+            && f["IP"]["source"] == db0.as_str()
+    });
+    assert_eq!(
+        denied["source"]["spiffe_id"],
+        spiffe("data", "db"),
+        "{denied}"
+    );
+    assert_eq!(denied["policy"]["name"], "api-from-web-sa", "{denied}");
+
+    // A reset from the client ends the joined pair: the agent carries nothing afterwards.
+    let mut stream = nodeward_lab::probe::connect_from(
+        &lab.pod("frontend/web-0").netns,
+        lab.addr("backend/api-0", HTTP_PORT),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    stream.write_all(b"ping\n").unwrap();
+    let mut got = [0u8; 5];
+    stream.read_exact(&mut got).unwrap();
+    reset_on_close(&stream);
+    drop(stream);
+    let ended = eventually(Duration::from_secs(5), Duration::from_millis(50), || {
+        tunnel_stat(&lab, "node-1", &["outbound", "active"]) == 0
+            && tunnel_stat(&lab, "node-1", &["inbound", "active"]) == 0
+    });
+    assert!(
+        ended,
+        "node-1 still carries a connection after the client's reset: {}",
+        lab.status("node-1").unwrap()["tunnel"]
+    );
+}
+
+/// `SO_LINGER` 0: the next close sends a reset.
+fn reset_on_close(stream: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a `linger` on the stack, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }

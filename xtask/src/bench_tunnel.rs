@@ -9,6 +9,10 @@
 //! - the same dialled at the destination pod's address (`--hbone-dial pod`, the default, as
 //!   ambient).
 //!
+//! And on one node (client and a second server pod both on node-1): plaintext without an agent
+//! against the tunnel's same-node fast path (both pods meshed; no TLS, the sockets joined in the
+//! kernel), which node-1's `tunnel.local.kernel` counter must show.
+//!
 //! Each scenario: bulk throughput (iperf3, one stream), request/response latency p50/p99 over one
 //! connection, new connections per second. Rounds in ABBA order, median over the rounds. The
 //! agents' tunnel counters prove which path the traffic took: they must rise in the tunnel
@@ -38,6 +42,8 @@ use crate::bench_rules as rules;
 
 const CLIENT: &str = "frontend/web-0";
 const SERVER: &str = "backend/api-1";
+/// The same-node server: on the client's node, in the server's namespace (so meshed with it).
+const LOCAL_SERVER: &str = "backend/api-0";
 const CRR_THREADS: u32 = 4;
 /// Idle tunnelled connections for the memory and CPU figures.
 const HOLD_COUNT: usize = 1000;
@@ -82,15 +88,33 @@ enum Scenario {
     Plaintext,
     Tunnel,
     TunnelPod,
+    /// Client and server on one node: plaintext without an agent, and the same-node fast path.
+    LocalNoAgent,
+    LocalTunnel,
 }
 
 impl Scenario {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 6] = [
+        Self::NoAgent,
+        Self::Plaintext,
+        Self::Tunnel,
+        Self::TunnelPod,
+        Self::LocalNoAgent,
+        Self::LocalTunnel,
+    ];
+    /// The cross-node table's columns.
+    const CROSS: [Self; 4] = [
         Self::NoAgent,
         Self::Plaintext,
         Self::Tunnel,
         Self::TunnelPod,
     ];
+    /// The same-node table's columns.
+    const LOCAL: [Self; 2] = [Self::LocalNoAgent, Self::LocalTunnel];
+
+    fn local(self) -> bool {
+        matches!(self, Self::LocalNoAgent | Self::LocalTunnel)
+    }
 
     fn short(self) -> &'static str {
         match self {
@@ -98,6 +122,8 @@ impl Scenario {
             Self::Plaintext => "L3/L4",
             Self::Tunnel => "tunnel",
             Self::TunnelPod => "tunnel, pod dial",
+            Self::LocalNoAgent => "same node, no agent",
+            Self::LocalTunnel => "same node, tunnel",
         }
     }
 
@@ -107,23 +133,29 @@ impl Scenario {
             Self::Plaintext => "plaintext, nodeward L3/L4",
             Self::Tunnel => "nodeward mTLS tunnel, `--hbone-dial node`",
             Self::TunnelPod => "nodeward mTLS tunnel, `--hbone-dial pod` (the default)",
+            Self::LocalNoAgent => "same node: plaintext, no agent",
+            Self::LocalTunnel => "same node: nodeward tunnel (fast path)",
         }
     }
 }
 
 /// ABBA: drift over the run affects every scenario alike; the agents start only twice and the
 /// mesh changes twice per pair of rounds.
-const ORDER: [[Scenario; 4]; 2] = [
+const ORDER: [[Scenario; 6]; 2] = [
     [
         Scenario::NoAgent,
+        Scenario::LocalNoAgent,
         Scenario::Plaintext,
         Scenario::Tunnel,
+        Scenario::LocalTunnel,
         Scenario::TunnelPod,
     ],
     [
         Scenario::TunnelPod,
+        Scenario::LocalTunnel,
         Scenario::Tunnel,
         Scenario::Plaintext,
+        Scenario::LocalNoAgent,
         Scenario::NoAgent,
     ],
 ];
@@ -147,6 +179,9 @@ struct TunnelDelta {
     outbound_failed: u64,
     inbound_ok: u64,
     inbound_failed: u64,
+    /// The client node's same-node connections, joined in the kernel or copied.
+    local_kernel: u64,
+    local_user: u64,
 }
 
 impl TunnelDelta {
@@ -155,6 +190,8 @@ impl TunnelDelta {
         self.outbound_failed += other.outbound_failed;
         self.inbound_ok += other.inbound_ok;
         self.inbound_failed += other.inbound_failed;
+        self.local_kernel += other.local_kernel;
+        self.local_user += other.local_user;
     }
 }
 
@@ -168,6 +205,8 @@ struct Counters {
     inbound_failed: u64,
     inbound_active: u64,
     pooled: u64,
+    local_kernel: u64,
+    local_user: u64,
 }
 
 impl Counters {
@@ -182,6 +221,8 @@ impl Counters {
             inbound_failed: n(&t["inbound"]["failed"]),
             inbound_active: n(&t["inbound"]["active"]),
             pooled: n(&t["pooled_connections"]),
+            local_kernel: n(&t["local"]["kernel"]),
+            local_user: n(&t["local"]["user"]),
         }
     }
 }
@@ -263,6 +304,7 @@ struct Bench {
     nodeward: PathBuf,
     client: PodState,
     server: PodState,
+    local_server: PodState,
     /// The namespaces the tunnel scenario meshes (the client's and the server's).
     mesh_namespaces: Vec<String>,
     agents: bool,
@@ -290,12 +332,18 @@ pub fn run(quick: bool, ports: rules::SinkPorts) -> Result<()> {
     } = release_lab(CLIENT, SERVER)?;
     let mut mesh_namespaces = vec![client.namespace.clone(), server.namespace.clone()];
     mesh_namespaces.dedup();
+    let local_server = lab.pod(LOCAL_SERVER).clone();
+    ensure!(
+        local_server.node == client.node && local_server.namespace == server.namespace,
+        "{LOCAL_SERVER} must be on {CLIENT}'s node and in {SERVER}'s namespace"
+    );
     let mut bench = Bench {
         lab,
         load,
         nodeward,
         client,
         server,
+        local_server,
         mesh_namespaces,
         agents: false,
         pod_dial: false,
@@ -350,7 +398,7 @@ impl Bench {
                 self.enter(scenario)?;
                 let sample = self.measure(scenario)?;
                 eprintln!(
-                    "bench: round {} {:<26} {:>6.2} Gbit/s  rr p50 {:>6.1} µs p99 {:>6.1} µs  {:>6.0} conn/s ({} failed)  tunnel out ok +{} in ok +{}",
+                    "bench: round {} {:<26} {:>6.2} Gbit/s  rr p50 {:>6.1} µs p99 {:>6.1} µs  {:>6.0} conn/s ({} failed)  tunnel out ok +{} in ok +{} same-node kernel +{} user +{}",
                     round + 1,
                     scenario.title(),
                     sample.gbit_per_sec,
@@ -360,6 +408,8 @@ impl Bench {
                     sample.crr_errors,
                     sample.tunnel.outbound_ok,
                     sample.tunnel.inbound_ok,
+                    sample.tunnel.local_kernel,
+                    sample.tunnel.local_user,
                 );
                 samples.entry(scenario).or_default().push(sample);
             }
@@ -377,13 +427,23 @@ impl Bench {
         Ok((samples, idle))
     }
 
-    /// The load server (sink and echo ports) and iperf3 in the server pod.
-    fn start_servers(&self) -> Result<(Guard, Guard)> {
+    /// The load server (sink and echo ports) and iperf3 in both server pods.
+    fn start_servers(&self) -> Result<Vec<Guard>> {
+        let mut guards = Vec::new();
+        for server in [&self.server, &self.local_server] {
+            let (load, iperf) = self.start_servers_in(server)?;
+            guards.push(load);
+            guards.push(iperf);
+        }
+        Ok(guards)
+    }
+
+    fn start_servers_in(&self, server: &PodState) -> Result<(Guard, Guard)> {
         let sink = format!("{}-{}", rules::SINK_PORTS.0, rules::SINK_PORTS.1);
         let echo = rules::ECHO_PORT.to_string();
         let load = Guard(
             in_pod(
-                &self.server,
+                server,
                 self.load.as_os_str(),
                 &["serve", "--sink", &sink, "--echo", &echo],
             )
@@ -393,13 +453,13 @@ impl Bench {
         );
         let port = rules::IPERF_PORT.to_string();
         let iperf = Guard(
-            in_pod(&self.server, "iperf3".as_ref(), &["-s", "-p", &port])
+            in_pod(server, "iperf3".as_ref(), &["-s", "-p", &port])
                 .stdout(Stdio::null())
                 .spawn()
                 .context("starting iperf3 -s")?,
         );
         for port in [rules::ECHO_PORT, rules::IPERF_PORT] {
-            let addr = self.server_addr(port);
+            let addr = SocketAddr::new(IpAddr::V4(server.ip4), port);
             ensure!(
                 wait::eventually(Duration::from_secs(5), Duration::from_millis(20), || {
                     nodeward_lab::probe::connect_from(
@@ -419,12 +479,21 @@ impl Bench {
         SocketAddr::new(IpAddr::V4(self.server.ip4), port)
     }
 
+    /// The server pod a scenario measures against.
+    fn target(&self, scenario: Scenario) -> &PodState {
+        if scenario.local() {
+            &self.local_server
+        } else {
+            &self.server
+        }
+    }
+
     /// Moves the lab to `scenario` from wherever it is, and checks which path a connection
     /// takes there.
     fn enter(&mut self, scenario: Scenario) -> Result<()> {
         let t = Instant::now();
         match scenario {
-            Scenario::NoAgent => {
+            Scenario::NoAgent | Scenario::LocalNoAgent => {
                 self.set_mesh(false)?;
                 self.stop_agents()?;
             }
@@ -432,15 +501,19 @@ impl Bench {
                 self.start_agents(false)?;
                 self.set_mesh(false)?;
             }
-            Scenario::Tunnel | Scenario::TunnelPod => {
+            Scenario::Tunnel | Scenario::TunnelPod | Scenario::LocalTunnel => {
                 self.start_agents(scenario == Scenario::TunnelPod)?;
                 self.set_mesh(true)?;
             }
         }
         let before = self.counters()?;
         ensure!(
-            self.lab
-                .tcp_probe(CLIENT, SERVER, rules::ECHO_PORT, Duration::from_secs(2)),
+            self.lab.tcp_probe(
+                CLIENT,
+                &self.target(scenario).key(),
+                rules::ECHO_PORT,
+                Duration::from_secs(2)
+            ),
             "{}: the client cannot reach the server's echo port{}",
             scenario.title(),
             self.logs_if(self.agents)
@@ -455,7 +528,23 @@ impl Bench {
     /// scenario: without the counters a "tunnel" figure could be plaintext's.
     fn check_path(&self, scenario: Scenario, delta: TunnelDelta, min: u64) -> Result<()> {
         match scenario {
-            Scenario::NoAgent => Ok(()),
+            Scenario::NoAgent | Scenario::LocalNoAgent => Ok(()),
+            Scenario::LocalTunnel => {
+                // Copies are expected too: a connection whose server closed before the join
+                // (crr's server accepts and closes at once) cannot enter the sockmap.
+                ensure!(
+                    delta.local_kernel >= min,
+                    "{}: connections did not take the same-node fast path in the kernel: {} \
+                     tunnel.local.kernel +{}, tunnel.local.user +{}; expected at least +{min} \
+                     in the kernel{}",
+                    scenario.title(),
+                    self.client.node,
+                    delta.local_kernel,
+                    delta.local_user,
+                    self.logs_if(true)
+                );
+                Ok(())
+            }
             Scenario::Plaintext => {
                 ensure!(
                     delta.outbound_ok == 0 && delta.inbound_ok == 0,
@@ -646,6 +735,8 @@ impl Bench {
             outbound_failed: c1.outbound_failed.saturating_sub(c0.outbound_failed),
             inbound_ok: s1.inbound_ok.saturating_sub(s0.inbound_ok),
             inbound_failed: s1.inbound_failed.saturating_sub(s0.inbound_failed),
+            local_kernel: c1.local_kernel.saturating_sub(c0.local_kernel),
+            local_user: c1.local_user.saturating_sub(c0.local_user),
         })
     }
 
@@ -654,7 +745,8 @@ impl Bench {
         // One port for every run (4-tuples repeat across scenarios, the tunnel's included), or
         // a fresh one per run: `--ports`.
         let port = self.sinks.take()?;
-        let sink = self.server_addr(port);
+        let target = self.target(scenario).ip4;
+        let sink = SocketAddr::new(IpAddr::V4(target), port);
         let before = self.counters()?;
         let crr = self.client_json(
             self.load.as_os_str(),
@@ -682,7 +774,7 @@ impl Bench {
             &[
                 "rr",
                 "--addr",
-                &self.server_addr(rules::ECHO_PORT).to_string(),
+                &SocketAddr::new(IpAddr::V4(target), rules::ECHO_PORT).to_string(),
                 "--secs",
                 &self.d.rr_secs.to_string(),
                 "--size",
@@ -694,7 +786,7 @@ impl Bench {
             "iperf3".as_ref(),
             &[
                 "-c",
-                &self.server.ip4.to_string(),
+                &target.to_string(),
                 "-p",
                 &rules::IPERF_PORT.to_string(),
                 "-t",
@@ -1014,12 +1106,12 @@ impl Report {
         let _ = writeln!(
             out,
             "| figure | {} |",
-            Scenario::ALL.map(Scenario::title).join(" | ")
+            Scenario::CROSS.map(Scenario::title).join(" | ")
         );
-        let _ = writeln!(out, "| --- |{}", " --- |".repeat(Scenario::ALL.len()));
+        let _ = writeln!(out, "| --- |{}", " --- |".repeat(Scenario::CROSS.len()));
         for figure in Figure::ALL {
             let base = self.median(Scenario::NoAgent, figure);
-            let cells: Vec<String> = Scenario::ALL
+            let cells: Vec<String> = Scenario::CROSS
                 .iter()
                 .map(|&s| {
                     let v = self.median(s, figure);
@@ -1031,6 +1123,29 @@ impl Report {
                 })
                 .collect();
             let _ = writeln!(out, "| {} | {} |", figure.title(), cells.join(" | "));
+        }
+        let _ = writeln!(
+            out,
+            "\nSame node ({CLIENT} to {LOCAL_SERVER}, both on node-1); ratio to same-node \
+             plaintext without an agent in parentheses:\n"
+        );
+        let _ = writeln!(
+            out,
+            "| figure | {} |",
+            Scenario::LOCAL.map(Scenario::title).join(" | ")
+        );
+        let _ = writeln!(out, "| --- |{}", " --- |".repeat(Scenario::LOCAL.len()));
+        for figure in Figure::ALL {
+            let base = self.median(Scenario::LocalNoAgent, figure);
+            let v = self.median(Scenario::LocalTunnel, figure);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} ({:.2}x) |",
+                figure.title(),
+                figure.format(base),
+                figure.format(v),
+                v / base
+            );
         }
 
         let i = &self.idle;
@@ -1135,6 +1250,25 @@ impl Report {
             .iter()
             .map(|&sc| format!("{} {}", sc.short(), self.total(sc, |s| s.crr_errors)))
             .collect();
+        let mut local = TunnelDelta::default();
+        for sample in self
+            .samples
+            .get(&Scenario::LocalTunnel)
+            .into_iter()
+            .flatten()
+        {
+            local.add(sample.tunnel);
+        }
+        let _ = writeln!(
+            out,
+            "\nSame node: over the fast-path rounds node-1's `tunnel.local.kernel` rose by {} \
+             and `tunnel.local.user` (user-space copies) by {} for {} connections the client \
+             completed; no TLS, the two sockets joined by the sockmap redirect (a connection the \
+             server had closed before the join, as crr's do, is copied in user space).",
+            local.local_kernel,
+            local.local_user,
+            self.total(Scenario::LocalTunnel, |s| s.completed)
+        );
         let logs: Vec<String> = self
             .logs
             .iter()

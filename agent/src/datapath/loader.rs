@@ -14,8 +14,9 @@
 //!                                 and of `svc_sock_ops` (the translated connections' tuples)
 //! ```
 //!
-//! `NW_PROXY_SOCKETS` (the agent's outbound listeners) is the one map that is never pinned: its
-//! sockets belong to the running agent.
+//! `NW_PROXY_SOCKETS` (the agent's outbound listeners) and the same-node fast path's
+//! `NW_LOCAL_PEERS` / `NW_LOCAL_BYTES` are never pinned: their sockets belong to the running
+//! agent.
 //!
 //! Pinned links keep enforcing while no agent runs; a restarted agent re-attaches its (possibly
 //! newer) programs make-before-break over them.
@@ -32,13 +33,13 @@ use agent_common::{
     MAX_SERVICES, PolicyKey, PolicyValue, RevNatKey, ServiceKey, ServiceValue, SvcConnKey,
     map_names, program_names,
 };
-use aya::maps::SockMap;
+use aya::maps::{MapData, SockHash, SockMap};
 use aya::maps::{MapError, MapInfo, MapType};
 use aya::programs::links::{FdLink, LinkError};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, SkLookup, SockOps,
-    TcAttachType,
+    CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, SkLookup, SkSkb,
+    SockOps, TcAttachType, sk_skb::SkSkbLink,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
@@ -166,6 +167,14 @@ const SERVICE_PROGRAMS: [&str; 8] = [
     program_names::SVC_RECVMSG6,
     program_names::SVC_GETPEERNAME6,
 ];
+
+/// The same-node fast path's kernel side ([`Datapath::local_splice`]): the sockets it joins,
+/// the bytes it moved per socket, and the verdict program's attachment (detached on drop).
+pub struct LocalSplice {
+    pub peers: SockHash<MapData, u64>,
+    pub bytes: aya::maps::HashMap<MapData, u64, u64>,
+    pub link: SkSkbLink,
+}
 
 /// The loaded programs, their maps, and the links this instance made.
 #[derive(Debug)]
@@ -450,6 +459,58 @@ impl Datapath {
                 Ok(())
             }
         }
+    }
+
+    /// Loads `local_splice` (the tunnel's same-node fast path, `sk_skb` stream verdict),
+    /// attaches it to `NW_LOCAL_PEERS` and hands both of its maps to the caller. Loaded apart
+    /// from the other programs: where the kernel refuses it, the datapath works as before and
+    /// the tunnel copies same-node bytes in user space.
+    ///
+    /// # Errors
+    /// The program or a map is missing, the verifier refuses it, or the attach fails.
+    pub fn local_splice(&mut self) -> Result<LocalSplice, DatapathError> {
+        let program = program_names::LOCAL_SPLICE;
+        let prog: &mut SkSkb = self
+            .ebpf
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram(program))?;
+        prog.load().map_err(|source| DatapathError::Program {
+            program,
+            op: "loading (verifier)",
+            source: Box::new(source),
+        })?;
+        let take = |ebpf: &mut Ebpf, map: &'static str| {
+            ebpf.take_map(map).ok_or(MapsError::Missing { map })
+        };
+        let peers: SockHash<MapData, u64> = take(&mut self.ebpf, map_names::LOCAL_PEERS)?
+            .try_into()
+            .map_err(|source| MapsError::Op {
+                map: map_names::LOCAL_PEERS,
+                op: "open",
+                source,
+            })?;
+        let bytes: aya::maps::HashMap<MapData, u64, u64> =
+            take(&mut self.ebpf, map_names::LOCAL_BYTES)?
+                .try_into()
+                .map_err(|source| MapsError::Op {
+                    map: map_names::LOCAL_BYTES,
+                    op: "open",
+                    source,
+                })?;
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            ifname: map_names::LOCAL_PEERS.into(),
+            source: Box::new(source),
+        };
+        let prog: &mut SkSkb = self
+            .ebpf
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram(program))?;
+        let id = prog.attach(peers.fd()).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        Ok(LocalSplice { peers, bytes, link })
     }
 
     /// Puts the agent's outbound listener in slot `slot` of `NW_PROXY_SOCKETS`

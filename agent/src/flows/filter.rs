@@ -357,6 +357,7 @@ mod tests {
             policy: None,
             destination_names: Vec::new(),
             destination_service: None,
+            tunnel_local: false,
             summary: "".into(),
         }
     }

@@ -84,6 +84,7 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
         policy,
         destination_names,
         destination_service,
+        tunnel_local,
         summary,
     } = flow;
     out.extend_from_slice(b"{\"time\":");
@@ -136,6 +137,9 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
         out.extend_from_slice(b",\"namespace\":");
         string(out, &svc.namespace);
         out.push(b'}');
+    }
+    if *tunnel_local {
+        out.extend_from_slice(b",\"tunnel_local\":true");
     }
     out.extend_from_slice(b",\"Summary\":");
     string(out, summary);
@@ -493,6 +497,7 @@ mod tests {
                         namespace: "shop".into(),
                     })
                 }),
+                tunnel_local: full,
                 summary: tricky.to_owned().into(),
             };
             assert_eq!(

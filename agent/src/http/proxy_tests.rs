@@ -52,6 +52,7 @@ fn context(
         live: inbound::LiveStreams::default(),
         time_wait: crate::tunnel::timewait::Reaper::default(),
         http: super::HttpShared::default(),
+        local: std::sync::OnceLock::new(),
     });
     for w in ctx.view().workloads.values().filter(|w| w.local) {
         ctx.certs.get(&w.identity).unwrap();

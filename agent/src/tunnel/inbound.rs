@@ -281,19 +281,19 @@ fn answer(mut respond: SendResponse<Bytes>, status: StatusCode) {
 }
 
 /// What authorization decided, with what the flow needs.
-struct Decision {
-    allowed: bool,
-    drop_reason: &'static str,
+pub(super) struct Decision {
+    pub allowed: bool,
+    pub drop_reason: &'static str,
     rule_id: u32,
     source_identity: u32,
     destination_identity: u32,
     destination_spiffe: String,
-    note: String,
+    pub note: String,
 }
 
 impl Decision {
     /// The flow of `client`'s connection `src -> dst` under this decision.
-    fn record(
+    pub(super) fn record(
         &self,
         client: &SpiffeId,
         src: SocketAddr,
@@ -314,6 +314,7 @@ impl Decision {
             source_identity: self.source_identity,
             destination_identity: self.destination_identity,
             note,
+            local: false,
         }
     }
 }
@@ -492,7 +493,7 @@ impl LiveStreams {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn register(
+    pub(super) fn register(
         &self,
         client: &SpiffeId,
         src: SocketAddr,
@@ -577,7 +578,10 @@ pub fn reauthorize(ctx: &Context) {
 /// The source address only counts when it belongs to the certificate's workload (or to no pod
 /// at all): a client cannot borrow another pod's address, and so its labels, to satisfy an
 /// endpoint selector.
-fn authorize(
+///
+/// The same-node fast path ([`super::local`]) authorizes with this too, with the source pod's
+/// own identity as the client's.
+pub(super) fn authorize(
     ctx: &Context,
     client: &SpiffeId,
     src: SocketAddr,

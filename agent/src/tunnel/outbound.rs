@@ -108,7 +108,18 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, pool: Ar
         source_identity: identities.0,
         destination_identity: identities.1,
         note,
+        local: false,
     };
+    // Both pods on this node: no TLS to our own 15008 (see `local`), unless `rules.http` checks
+    // this pair's requests, which only the HBONE server's HTTP authorization does: such a
+    // connection takes the tunnel to this node's own server as before.
+    if let (Some(s), Some(d)) = (&source, &destination)
+        && d.local
+        && !crate::http::authz::restricted(&ctx, &s.identity, peer, dst)
+    {
+        super::local::carry(ctx, stream, peer, dst, s.clone(), d.clone(), identities).await;
+        return;
+    }
     let opened = match (&source, &destination) {
         (Some(s), Some(d)) => open(&ctx, &pool, s, d, peer, dst).await,
         (None, _) => Err(TunnelError::UnknownSource(peer.ip())),

@@ -86,6 +86,7 @@ fn side_with(
         live: inbound::LiveStreams::default(),
         time_wait: super::timewait::Reaper::default(),
         http: crate::http::HttpShared::default(),
+        local: std::sync::OnceLock::new(),
     });
     // As the control loop does (`ensure_certificates`): every local workload has its
     // certificate before the HBONE server is asked to present it.
