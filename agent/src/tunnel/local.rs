@@ -184,7 +184,7 @@ pub(super) async fn carry(
         Gauge::up(&ctx.stats.outbound_active),
         Gauge::up(&ctx.stats.inbound_active),
     );
-    let live = ctx.live.register(&client, peer, dst);
+    let live = ctx.live.register(&client, peer, dst, false);
     // Both sockets carry pod addresses in the node's namespace (see `timewait`).
     let leftovers = (Leftover::of(&stream), Leftover::of(&pod));
     let moved = tokio::select! {
