@@ -13,7 +13,9 @@
 //! Everything else keeps the stack: the node itself and the world (the FIB says "not
 //! forwarded", or the address is no pod's: masquerade lives in the stack), fragments, IPv6
 //! extension headers, HBONE (TCP port 15008, which the node's agent must receive even when
-//! dialled on a local pod's address), packets marked for the agent, and whatever the FIB
+//! dialled on a local pod's address; TCP from port 15008 too, so that the node's conntrack sees
+//! both directions of a pod's own connection from that port and never takes its replies for a
+//! new HBONE dial), packets marked for the agent, and whatever the FIB
 //! cannot resolve (no route, no neighbour yet, MTU). Each such helper keeps its state in
 //! `NW_HOSTRT_SCRATCH` (per CPU), off the classifiers' nearly full stack.
 
@@ -111,7 +113,8 @@ fn classify(ctx: &TcContext, ev: &FlowEvent, from_pod: bool) -> u32 {
     // SAFETY: the context pointer the kernel passed to the program.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if mark & mesh::MARK_MASK != 0
-        || (ev.protocol == parse::IPPROTO_TCP && ev.dport_be == HBONE_PORT_BE)
+        || (ev.protocol == parse::IPPROTO_TCP
+            && (ev.dport_be == HBONE_PORT_BE || ev.sport_be == HBONE_PORT_BE))
         || !unfragmented(ctx, ev)
     {
         return STACK;
