@@ -128,13 +128,7 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
     ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match from_underlay_to_pod(&ctx, ev) {
         Ok(action) => action,
-        Err(reason) => {
-            count(COUNTER_DROP_BASE + u32::from(reason));
-            ev.verdict = VERDICT_DROPPED;
-            ev.drop_reason = reason;
-            emit(ev);
-            TC_ACT_SHOT
-        }
+        Err(reason) => dropped(ev, reason),
     }
 }
 
@@ -195,14 +189,18 @@ fn run(ctx: &TcContext, direction: u8) -> i32 {
             count(COUNTER_PASSED);
             action
         }
-        Err(reason) => {
-            count(COUNTER_DROP_BASE + u32::from(reason));
-            ev.verdict = VERDICT_DROPPED;
-            ev.drop_reason = reason;
-            emit(ev);
-            TC_ACT_SHOT
-        }
+        Err(reason) => dropped(ev, reason),
     }
+}
+
+/// Counts a drop for `reason` and reports it with `ev`: the action that drops the packet.
+#[inline(always)]
+fn dropped(ev: &mut FlowEvent, reason: u8) -> i32 {
+    count(COUNTER_DROP_BASE + u32::from(reason));
+    ev.verdict = VERDICT_DROPPED;
+    ev.drop_reason = reason;
+    emit(ev);
+    TC_ACT_SHOT
 }
 
 /// The fallible body: `Ok(action)` to pass (events for passes already emitted), `Err(reason)` to

@@ -14,7 +14,7 @@ use std::time::Duration;
 use nodeward_lab::load::{Process, in_pod};
 use nodeward_lab::manifests::documents;
 use nodeward_lab::shared::shared_lab;
-use nodeward_lab::{HTTP_PORT, Lab, eventually, netpol};
+use nodeward_lab::{HTTP_PORT, Lab, PodState, eventually, netpol};
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -22,6 +22,27 @@ const BACKEND_PORT: u16 = 8081;
 
 fn load_bin() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_nodeward-lab-load"))
+}
+
+/// Both namespaces meshed, STRICT.
+fn mesh_strict(lab: &Lab) {
+    for ns in ["frontend", "backend"] {
+        lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, "STRICT"))
+            .unwrap();
+    }
+}
+
+/// `nodeward-lab-load http-serve` in `pod` on the backend port, answering as `name`, with `extra`
+/// arguments; `what` names it in errors. Stops when dropped.
+fn http_backend(pod: &PodState, name: &str, extra: &[&str], what: &str) -> Process {
+    let port = BACKEND_PORT.to_string();
+    let mut args = vec!["http-serve", "--port", &port, "--name", name];
+    args.extend_from_slice(extra);
+    Process::spawn(
+        in_pod(pod, load_bin()).args(args).stdout(Stdio::null()),
+        what,
+    )
+    .unwrap()
 }
 
 /// A Service at `vip:80` whose port is named `port_name`, to `target` on `pods`.
@@ -119,49 +140,10 @@ fn web_requests(lab: &Lab) -> u64 {
 #[test]
 fn http_routes_split_by_weight_and_header_and_count_every_request() {
     let lab = shared_lab();
-    for ns in ["frontend", "backend"] {
-        lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, "STRICT"))
-            .unwrap();
-    }
-    let _v1 = Process::spawn(
-        in_pod(lab.pod("backend/api-0"), load_bin())
-            .args([
-                "http-serve",
-                "--port",
-                &BACKEND_PORT.to_string(),
-                "--name",
-                "v1",
-            ])
-            .stdout(Stdio::null()),
-        "the v1 backend",
-    )
-    .unwrap();
-    let _v2 = Process::spawn(
-        in_pod(lab.pod("backend/api-1"), load_bin())
-            .args([
-                "http-serve",
-                "--port",
-                &BACKEND_PORT.to_string(),
-                "--name",
-                "v2",
-            ])
-            .stdout(Stdio::null()),
-        "the v2 backend",
-    )
-    .unwrap();
-    let _plain = Process::spawn(
-        in_pod(lab.pod("backend/api-2"), load_bin())
-            .args([
-                "http-serve",
-                "--port",
-                &BACKEND_PORT.to_string(),
-                "--name",
-                "plain",
-            ])
-            .stdout(Stdio::null()),
-        "the plain backend",
-    )
-    .unwrap();
+    mesh_strict(&lab);
+    let _v1 = http_backend(lab.pod("backend/api-0"), "v1", &[], "the v1 backend");
+    let _v2 = http_backend(lab.pod("backend/api-1"), "v2", &[], "the v2 backend");
+    let _plain = http_backend(lab.pod("backend/api-2"), "plain", &[], "the plain backend");
     let (web, v1, v2, raw, plain) = (
         Ipv4Addr::new(10, 96, 3, 1),
         Ipv4Addr::new(10, 96, 3, 2),
@@ -342,25 +324,10 @@ fn http_requests(lab: &Lab, addr: SocketAddr, requests: &str, count: usize) -> V
 #[test]
 fn rules_http_allow_get_public_and_refuse_post_admin_with_403_and_a_flow() {
     let lab = shared_lab();
-    for ns in ["frontend", "backend"] {
-        lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, "STRICT"))
-            .unwrap();
-    }
+    mesh_strict(&lab);
     // api-1 is on node-2: the request crosses the tunnel to node-2's agent, which checks it.
     let api = lab.pod("backend/api-1");
-    let _server = Process::spawn(
-        in_pod(api, load_bin())
-            .args([
-                "http-serve",
-                "--port",
-                &BACKEND_PORT.to_string(),
-                "--name",
-                "api",
-            ])
-            .stdout(Stdio::null()),
-        "the api backend",
-    )
-    .unwrap();
+    let _server = http_backend(api, "api", &[], "the api backend");
     lab.write_manifest("api-http", AUTHZ).unwrap();
     let addr = SocketAddr::from((api.ip4, BACKEND_PORT));
     let sequence = "GET /public,POST /admin,GET /public/x";
@@ -380,19 +347,12 @@ fn rules_http_allow_get_public_and_refuse_post_admin_with_403_and_a_flow() {
         "the 403 keeps the connection up for the next request: {last}"
     );
     // The same on one node (api-2 is on node-1, with web-0): node-1's agent checks it.
-    let _local = Process::spawn(
-        in_pod(lab.pod("backend/api-2"), load_bin())
-            .args([
-                "http-serve",
-                "--port",
-                &BACKEND_PORT.to_string(),
-                "--name",
-                "api",
-            ])
-            .stdout(Stdio::null()),
+    let _local = http_backend(
+        lab.pod("backend/api-2"),
+        "api",
+        &[],
         "the same-node api backend",
-    )
-    .unwrap();
+    );
     let local = SocketAddr::from((lab.pod("backend/api-2").ip4, BACKEND_PORT));
     let mut same_node = Value::Null;
     let checked = eventually(SETTLE, Duration::from_millis(200), || {
@@ -488,25 +448,13 @@ spec:
 #[test]
 fn a_retry_turns_a_backend_failing_one_in_three_into_full_success() {
     let lab = shared_lab();
-    for ns in ["frontend", "backend"] {
-        lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, "STRICT"))
-            .unwrap();
-    }
-    let _flaky = Process::spawn(
-        in_pod(lab.pod("backend/api-0"), load_bin())
-            .args([
-                "http-serve",
-                "--port",
-                &BACKEND_PORT.to_string(),
-                "--name",
-                "flaky",
-                "--fail-every",
-                "3",
-            ])
-            .stdout(Stdio::null()),
+    mesh_strict(&lab);
+    let _flaky = http_backend(
+        lab.pod("backend/api-0"),
+        "flaky",
+        &["--fail-every", "3"],
         "the flaky backend",
-    )
-    .unwrap();
+    );
     let flaky = Ipv4Addr::new(10, 96, 3, 6);
     let addr = SocketAddr::from((flaky, 80));
     lab.write_manifest(
@@ -584,42 +532,16 @@ spec:
 #[test]
 fn a_mirror_gets_a_copy_of_every_request_and_its_answer_is_discarded() {
     let lab = shared_lab();
-    for ns in ["frontend", "backend"] {
-        lab.write_manifest(&format!("mtls-{ns}"), &netpol::mutual_tls(ns, "STRICT"))
-            .unwrap();
-    }
+    mesh_strict(&lab);
     let log = std::env::temp_dir().join(format!("nodeward-{}-mirror.log", lab.id()));
     let _ = std::fs::remove_file(&log);
-    let _main = Process::spawn(
-        in_pod(lab.pod("backend/api-0"), load_bin())
-            .args([
-                "http-serve",
-                "--port",
-                &BACKEND_PORT.to_string(),
-                "--name",
-                "main",
-            ])
-            .stdout(Stdio::null()),
-        "the main backend",
-    )
-    .unwrap();
-    let _shadow = Process::spawn(
-        in_pod(lab.pod("backend/api-2"), load_bin())
-            .args([
-                "http-serve",
-                "--port",
-                &BACKEND_PORT.to_string(),
-                "--name",
-                "shadow",
-                "--fail-every",
-                "1",
-                "--log",
-                &log.display().to_string(),
-            ])
-            .stdout(Stdio::null()),
+    let _main = http_backend(lab.pod("backend/api-0"), "main", &[], "the main backend");
+    let _shadow = http_backend(
+        lab.pod("backend/api-2"),
+        "shadow",
+        &["--fail-every", "1", "--log", &log.display().to_string()],
         "the mirror backend",
-    )
-    .unwrap();
+    );
     let (shadowed, shadow) = (Ipv4Addr::new(10, 96, 3, 7), Ipv4Addr::new(10, 96, 3, 8));
     let manifests = [
         service(

@@ -89,6 +89,28 @@ fn tunnel_stat(lab: &Lab, node: &str, path: &[&str]) -> u64 {
         .unwrap_or_else(|| panic!("{node}: status has no tunnel.{}: {status}", path.join(".")))
 }
 
+/// `backend` admits only the `frontend/web` service account (`fromServiceAccounts`).
+fn admit_only_web_sa_to_backend(lab: &Lab) {
+    lab.write_manifest(
+        "api-from-web-sa",
+        &netpol::mesh_policy(
+            "backend",
+            "api-from-web-sa",
+            &json!({
+                "endpointSelector": {},
+                "ingress": [{ "fromServiceAccounts": ["frontend/web"] }],
+            }),
+        ),
+    )
+    .unwrap();
+}
+
+/// `echo_once` over IPv4, then over IPv6.
+fn echo_once_v4_v6(lab: &Lab, from: &str, to: &str, port: u16, secret: &[u8]) {
+    echo_once(lab, from, lab.addr(to, port), secret);
+    echo_once(lab, from, lab.addr6(to, port), secret);
+}
+
 /// Sends `payload` over a fresh connection and checks the echo.
 fn echo_once(lab: &Lab, from: &str, to: std::net::SocketAddr, payload: &[u8]) {
     let mut stream =
@@ -125,18 +147,7 @@ fn meshed_pods_talk_through_the_tunnel_and_the_wire_sees_only_tls() {
     let pcap = lab.state().dir.join("tmp").join("underlay.pcap");
     let capture = Capture::start(&lab.state().underlay_netns, "br0", "tcp", &pcap).unwrap();
     let secret = b"nodeward-tunnel-secret-3f9c2a77d1 and nothing else\n";
-    echo_once(
-        &lab,
-        "frontend/web-1",
-        lab.addr("backend/api-0", HTTP_PORT),
-        secret,
-    );
-    echo_once(
-        &lab,
-        "frontend/web-1",
-        lab.addr6("backend/api-0", HTTP_PORT),
-        secret,
-    );
+    echo_once_v4_v6(&lab, "frontend/web-1", "backend/api-0", HTTP_PORT, secret);
     let (bytes, packets) = capture.stop().unwrap();
 
     let lines: Vec<&str> = packets.lines().collect();
@@ -259,18 +270,7 @@ fn a_service_account_rule_admits_one_account_and_refuses_another() {
             ("data", "PERMISSIVE"),
         ],
     );
-    lab.write_manifest(
-        "api-from-web-sa",
-        &netpol::mesh_policy(
-            "backend",
-            "api-from-web-sa",
-            &json!({
-                "endpointSelector": {},
-                "ingress": [{ "fromServiceAccounts": ["frontend/web"] }],
-            }),
-        ),
-    )
-    .unwrap();
+    admit_only_web_sa_to_backend(&lab);
     lab.expect(
         &[
             allow("frontend/web-1", "backend/api-0"),
@@ -853,18 +853,7 @@ fn same_node_meshed_pods_skip_tls_and_keep_identities_and_policy() {
             ("data", "PERMISSIVE"),
         ],
     );
-    lab.write_manifest(
-        "api-from-web-sa",
-        &netpol::mesh_policy(
-            "backend",
-            "api-from-web-sa",
-            &json!({
-                "endpointSelector": {},
-                "ingress": [{ "fromServiceAccounts": ["frontend/web"] }],
-            }),
-        ),
-    )
-    .unwrap();
+    admit_only_web_sa_to_backend(&lab);
     // web-0, db-0, api-0 and api-2 are all on node-1.
     lab.expect(
         &[
@@ -899,18 +888,7 @@ fn same_node_meshed_pods_skip_tls_and_keep_identities_and_policy() {
     )
     .unwrap();
     let secret = b"nodeward-same-node-secret-51c0 stays on the node\n";
-    echo_once(
-        &lab,
-        "frontend/web-0",
-        lab.addr("backend/api-0", HTTP_PORT),
-        secret,
-    );
-    echo_once(
-        &lab,
-        "frontend/web-0",
-        lab.addr6("backend/api-0", HTTP_PORT),
-        secret,
-    );
+    echo_once_v4_v6(&lab, "frontend/web-0", "backend/api-0", HTTP_PORT, secret);
     // Bulk both ways with a half-close: the FIN must follow every redirected byte.
     echo_bulk_then_half_close(
         &lab,

@@ -156,6 +156,40 @@ fn remove_pin(path: &Path) -> Result<(), DatapathError> {
     }
 }
 
+/// The interfaces that have a link of one of `hooks`: those `held` by this instance, and those
+/// pinned under `bpffs_dir`; sorted, each once.
+fn pinned_ifnames(
+    bpffs_dir: Option<&Path>,
+    held: impl Iterator<Item = String>,
+    hooks: &[Hook],
+) -> Result<Vec<String>, DatapathError> {
+    let mut names: Vec<String> = held.collect();
+    if let Some(dir) = bpffs_dir {
+        let links = links_dir(dir);
+        let listing = |source| DatapathError::Io {
+            what: "listing",
+            path: links.clone(),
+            source,
+        };
+        for entry in std::fs::read_dir(&links).map_err(listing)? {
+            let file = entry
+                .map_err(listing)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            let stem = hooks
+                .iter()
+                .find_map(|h| file.strip_suffix(&format!("-{}", h.suffix)));
+            if let Some(stem) = stem {
+                names.push(ifname_from_pin_stem(stem));
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 /// The Service translation programs (cgroup `sock_addr`), each pinned at `links/<name>`.
 const SERVICE_PROGRAMS: [&str; 8] = [
     program_names::SVC_CONNECT4,
@@ -755,25 +789,8 @@ impl Datapath {
     /// # Errors
     /// The links directory cannot be read.
     pub fn underlay_attached(&self) -> Result<Vec<String>, DatapathError> {
-        let mut names: Vec<String> = self.unpinned_underlay.keys().cloned().collect();
-        if let Some(dir) = &self.bpffs_dir {
-            let links = links_dir(dir);
-            let entries = std::fs::read_dir(&links).map_err(|source| DatapathError::Io {
-                what: "listing",
-                path: links.clone(),
-                source,
-            })?;
-            let suffix = format!("-{}", UNDERLAY_HOOK.suffix);
-            for entry in entries.flatten() {
-                let file = entry.file_name().to_string_lossy().into_owned();
-                if let Some(stem) = file.strip_suffix(&suffix) {
-                    names.push(ifname_from_pin_stem(stem));
-                }
-            }
-        }
-        names.sort();
-        names.dedup();
-        Ok(names)
+        let held = self.unpinned_underlay.keys().cloned();
+        pinned_ifnames(self.bpffs_dir.as_deref(), held, &[UNDERLAY_HOOK])
     }
 
     /// Detaches both programs from `ifname` (removing the pins). Detaching an interface that
@@ -786,18 +803,7 @@ impl Datapath {
         self.unpinned_links.remove(ifname);
         if let Some(dir) = &self.bpffs_dir {
             for hook in HOOKS {
-                let path = link_pin(dir, ifname, hook);
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(source) => {
-                        return Err(DatapathError::Io {
-                            what: "removing link pin",
-                            path,
-                            source,
-                        });
-                    }
-                }
+                remove_pin(&link_pin(dir, ifname, hook))?;
             }
         }
         Ok(())
@@ -809,32 +815,8 @@ impl Datapath {
     /// # Errors
     /// The links directory cannot be read.
     pub fn attached(&self) -> Result<Vec<String>, DatapathError> {
-        let mut names: Vec<String> = self.unpinned_links.keys().cloned().collect();
-        if let Some(dir) = &self.bpffs_dir {
-            let links = links_dir(dir);
-            let entries = std::fs::read_dir(&links).map_err(|source| DatapathError::Io {
-                what: "listing",
-                path: links.clone(),
-                source,
-            })?;
-            for entry in entries {
-                let entry = entry.map_err(|source| DatapathError::Io {
-                    what: "listing",
-                    path: links.clone(),
-                    source,
-                })?;
-                let file = entry.file_name().to_string_lossy().into_owned();
-                let stem = HOOKS
-                    .iter()
-                    .find_map(|h| file.strip_suffix(&format!("-{}", h.suffix)));
-                if let Some(stem) = stem {
-                    names.push(ifname_from_pin_stem(stem));
-                }
-            }
-        }
-        names.sort();
-        names.dedup();
-        Ok(names)
+        let held = self.unpinned_links.keys().cloned();
+        pinned_ifnames(self.bpffs_dir.as_deref(), held, &HOOKS)
     }
 
     /// Removes everything an agent pinned under `dir` (links first, which detaches the

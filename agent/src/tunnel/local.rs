@@ -430,25 +430,13 @@ async fn drain(fd: RawFd, base: u64, target: u64) {
 /// in that order, so a concurrent acknowledgement can only make it smaller than the truth.
 fn written(fd: RawFd) -> io::Result<u64> {
     // `struct tcp_info` up to `tcpi_bytes_received`; `tcpi_bytes_acked` is its 16th u64.
-    let mut info = [0u64; 17];
-    let mut len = libc::socklen_t::try_from(std::mem::size_of_val(&info)).unwrap_or(0);
-    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < std::mem::size_of_val(&info) {
+    let mut info = [0u8; 17 * 8];
+    if tcp_info(fd, &mut info)? < info.len() {
         return Err(io::Error::other("TCP_INFO without tcpi_bytes_acked"));
     }
-    let acked = info[15];
+    let mut acked = [0u8; 8];
+    acked.copy_from_slice(&info[15 * 8..16 * 8]);
+    let acked = u64::from_ne_bytes(acked);
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) };
@@ -458,21 +446,29 @@ fn written(fd: RawFd) -> io::Result<u64> {
     Ok(acked + u64::try_from(queued).unwrap_or(0))
 }
 
-/// `TCP_INFO`'s state is `TCP_ESTABLISHED`.
-fn established(fd: RawFd) -> bool {
-    let mut info = [0u8; 8];
-    let mut len = libc::socklen_t::try_from(info.len()).unwrap_or(0);
-    // SAFETY: getsockopt writes at most `len` bytes into `info`.
+/// Reads the first `buf.len()` bytes of the socket's `struct tcp_info`: how many the kernel wrote.
+fn tcp_info(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut len = libc::socklen_t::try_from(buf.len()).unwrap_or(0);
+    // SAFETY: getsockopt writes at most `len` bytes into `buf`, which is that large.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
+            buf.as_mut_ptr().cast(),
             &raw mut len,
         )
     };
-    rc == 0 && len >= 1 && info[0] == 1
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(len as usize)
+}
+
+/// `TCP_INFO`'s state is `TCP_ESTABLISHED`.
+fn established(fd: RawFd) -> bool {
+    let mut info = [0u8; 8];
+    tcp_info(fd, &mut info).is_ok_and(|len| len >= 1 && info[0] == 1)
 }
 
 /// `SO_COOKIE`: the kernel's name for a socket, which the verdict program reads too.
