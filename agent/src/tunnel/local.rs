@@ -352,8 +352,11 @@ async fn pump(
             return Ok(());
         }
         let mut guard = epoll.readable().await?;
-        guard.get_inner().clear();
+        // Readiness first, then the reports: a report arriving after `clear` makes the epoll
+        // readable again and wakes the next wait (the other order could lose it, and with it
+        // a reset: the pair would then outlive its client).
         guard.clear_ready();
+        guard.get_inner().clear();
     }
 }
 
