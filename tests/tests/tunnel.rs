@@ -89,6 +89,20 @@ fn tunnel_stat(lab: &Lab, node: &str, path: &[&str]) -> u64 {
         .unwrap_or_else(|| panic!("{node}: status has no tunnel.{}: {status}", path.join(".")))
 }
 
+/// `flow` names `frontend/web` as its source's SPIFFE ID and `backend/api` as its destination's.
+fn assert_web_to_api_identities(flow: &Value) {
+    assert_eq!(
+        flow["source"]["spiffe_id"],
+        spiffe("frontend", "web"),
+        "{flow}"
+    );
+    assert_eq!(
+        flow["destination"]["spiffe_id"],
+        spiffe("backend", "api"),
+        "{flow}"
+    );
+}
+
 /// `backend` admits only the `frontend/web` service account (`fromServiceAccounts`).
 fn admit_only_web_sa_to_backend(lab: &Lab) {
     lab.write_manifest(
@@ -183,16 +197,7 @@ fn meshed_pods_talk_through_the_tunnel_and_the_wire_sees_only_tls() {
             && f["traffic_direction"] == "INGRESS"
             && f["IP"]["destination"] == api0.as_str()
     });
-    assert_eq!(
-        flow["source"]["spiffe_id"],
-        spiffe("frontend", "web"),
-        "{flow}"
-    );
-    assert_eq!(
-        flow["destination"]["spiffe_id"],
-        spiffe("backend", "api"),
-        "{flow}"
-    );
+    assert_web_to_api_identities(&flow);
     assert_eq!(flow["source"]["pod_name"], "web-1", "{flow}");
     flow_on(&lab, "node-2", "of the tunnel out of web-1", |f| {
         f["Type"] == "TUNNEL"
@@ -919,16 +924,7 @@ fn same_node_meshed_pods_skip_tls_and_keep_identities_and_policy() {
             && f["tunnel_local"] == true
             && f["IP"]["destination"] == api0.as_str()
     });
-    assert_eq!(
-        flow["source"]["spiffe_id"],
-        spiffe("frontend", "web"),
-        "{flow}"
-    );
-    assert_eq!(
-        flow["destination"]["spiffe_id"],
-        spiffe("backend", "api"),
-        "{flow}"
-    );
+    assert_web_to_api_identities(&flow);
     assert_eq!(flow["source"]["pod_name"], "web-0", "{flow}");
     flow_on(
         &lab,

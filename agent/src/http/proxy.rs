@@ -232,6 +232,28 @@ struct Attempt {
     deadline_passed: bool,
 }
 
+impl Attempt {
+    /// The agent's own answer `status` after the request went to `endpoint` (its body is
+    /// spent); `deadline_passed` when `timeouts.request` ended it.
+    fn gave_up(
+        status: StatusCode,
+        why: String,
+        endpoint: SocketAddr,
+        deadline_passed: bool,
+    ) -> Self {
+        Self {
+            response: local(status, &why),
+            endpoint: Some(endpoint),
+            note: why,
+            unsent: false,
+            sent: true,
+            body_taken: true,
+            body: None,
+            deadline_passed,
+        }
+    }
+}
+
 /// The most of a body buffered so that a request can be sent again.
 const REPLAY_LIMIT: u64 = 64 * 1024;
 
@@ -527,16 +549,7 @@ impl Conn {
                         )
                     };
                     let why = format!("no response within {which}");
-                    return Attempt {
-                        response: local(StatusCode::GATEWAY_TIMEOUT, &why),
-                        endpoint: Some(endpoint),
-                        note: why,
-                        unsent: false,
-                        sent: true,
-                        body_taken: true,
-                        body: None,
-                        deadline_passed: whole,
-                    };
+                    return Attempt::gave_up(StatusCode::GATEWAY_TIMEOUT, why, endpoint, whole);
                 }
             },
             None => sent.await,
@@ -545,17 +558,8 @@ impl Conn {
             Ok(resp) => resp,
             Err(e) => {
                 let why = format!("the backend {endpoint} failed: {e}");
-                return Attempt {
-                    response: local(StatusCode::BAD_GATEWAY, &why),
-                    endpoint: Some(endpoint),
-                    note: why,
-                    unsent: false,
-                    // A gateway error: retried when the rule lists 502.
-                    sent: true,
-                    body_taken: true,
-                    body: None,
-                    deadline_passed: false,
-                };
+                // A gateway error: retried when the rule lists 502.
+                return Attempt::gave_up(StatusCode::BAD_GATEWAY, why, endpoint, false);
             }
         };
         let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
