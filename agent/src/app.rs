@@ -526,6 +526,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         node: config.node.clone(),
         mtls_default: config.mtls_default,
         mtls_last_good: BTreeMap::new(),
+        traffic: crate::http::traffic::Attached::default(),
         tunnel,
         policy_route: false,
         hbone_routes: crate::tunnel::net::HboneRoutes::default(),
@@ -966,6 +967,8 @@ struct Control {
     mtls_default: policy::crd::MutualTlsMode,
     /// The last version of each MutualTLS that translated cleanly, by `MutualTLS ns/name`.
     mtls_last_good: BTreeMap<String, policy::mtls::MtlsModel>,
+    /// The `TrafficPolicy`s in force (an invalid one keeps its last good version).
+    traffic: crate::http::traffic::Attached,
     tunnel: Arc<crate::tunnel::Context>,
     /// The tunnel's policy route is in place (see [`Control::ensure_policy_route`]).
     policy_route: bool,
@@ -1561,7 +1564,7 @@ impl Control {
                 &modes,
             ),
         };
-        view.http = self.sync_routes(&inv);
+        view.http = self.sync_routes(&inv, &mut failures);
         let view = Arc::new(view);
         self.last_view = Some((view.clone(), modes));
         phases.end("view");
@@ -1757,23 +1760,49 @@ impl Control {
     }
 
     /// The HTTP ports and their `HTTPRoute`s, against the Service table the kernel translates
-    /// with. A bad field costs its match or rule and is reported with its file.
-    fn sync_routes(&mut self, inv: &Inventory) -> Arc<crate::http::RouteTable> {
+    /// with. A bad field costs its match or rule and is reported with its file. A
+    /// `TrafficPolicy` with a bad field is a failure (`status.policies.failed`, its status in a
+    /// cluster) and its last good version stays in force.
+    fn sync_routes(
+        &mut self,
+        inv: &Inventory,
+        failures: &mut Vec<Failure>,
+    ) -> Arc<crate::http::RouteTable> {
         let services = self
             .shared
             .services
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let table = crate::http::RouteTable::build(&inv.services, &inv.http_routes, &services);
+        let traffic = self.traffic.update(&inv.traffic_policies, &inv.services);
+        let mut table = crate::http::RouteTable::build_with(
+            &inv.services,
+            &inv.http_routes,
+            traffic.by_service,
+            &services,
+        );
+        table.errors.extend(traffic.errors);
+        let mut traffic_failures: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for e in &table.errors {
             let file = inv
                 .origins
                 .get(&e.object)
                 .map(|p| format!("{}: ", p.display()))
                 .unwrap_or_default();
-            self.report(format!("{file}{e} (the rest of the route applies)"));
+            if e.object.starts_with("TrafficPolicy ") {
+                self.report(format!("{file}{e}"));
+                traffic_failures
+                    .entry(e.object.clone())
+                    .or_default()
+                    .push(format!("{file}{e}"));
+            } else {
+                self.report(format!("{file}{e} (the rest of the route applies)"));
+            }
         }
+        failures.extend(traffic_failures.into_iter().map(|(object, lines)| Failure {
+            object,
+            error: lines.join("; "),
+        }));
         Arc::new(table)
     }
 
@@ -1847,7 +1876,7 @@ impl Control {
                     .keys()
                     .map(|n| format!("ClusterMeshPolicy {n}")),
             );
-        let outcomes: BTreeMap<String, PolicyOutcome> = keys
+        let mut outcomes: BTreeMap<String, PolicyOutcome> = keys
             .map(|key| {
                 let error = failures
                     .iter()
@@ -1861,6 +1890,19 @@ impl Control {
                 (key, outcome)
             })
             .collect();
+        // A TrafficPolicy acts in the proxy, not the maps: enforced when it is valid.
+        for r in inv.traffic_policies.keys() {
+            let key = format!("TrafficPolicy {r}");
+            let error = failures
+                .iter()
+                .find(|f| f.object == key)
+                .map(|f| f.error.clone());
+            let outcome = PolicyOutcome {
+                enforced: error.is_none(),
+                error,
+            };
+            outcomes.insert(key, outcome);
+        }
         self.source.report_policies(&outcomes);
     }
 

@@ -17,12 +17,14 @@
 //! * [`proxy`]: the per-connection proxy.
 //! * [`authz`]: the destination agent's per-request check of `rules.http`.
 //! * [`io`]: an HBONE stream as a byte stream for hyper's client.
+//! * [`traffic`]: the `TrafficPolicy` (connection pool, outlier detection, fault injection).
 
 pub mod authz;
 pub mod gateway;
 pub mod io;
 pub mod proxy;
 pub mod routes;
+pub mod traffic;
 
 #[cfg(test)]
 mod proxy_tests;
@@ -176,6 +178,8 @@ pub struct HttpShared {
     pub metrics: HttpMetrics,
     /// Where L7 flows go; set once by `app.rs`.
     pub flows: OnceLock<HttpFlowSink>,
+    /// Connection pools and outlier state of the `TrafficPolicy`s.
+    pub traffic: traffic::TrafficState,
 }
 
 impl Default for HttpShared {
@@ -184,6 +188,7 @@ impl Default for HttpShared {
             // Constant, valid names: cannot fail.
             metrics: HttpMetrics::new().unwrap_or_else(|e| unreachable!("HTTP metrics: {e}")),
             flows: OnceLock::new(),
+            traffic: traffic::TrafficState::default(),
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct Inventory {
     pub endpoint_slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     /// Gateway API `HTTPRoute`s (see [`crate::http`]).
     pub http_routes: BTreeMap<ObjectRef, Arc<crate::http::gateway::HttpRoute>>,
+    /// `nodeward.io` `TrafficPolicy`s (see [`crate::http::traffic`]).
+    pub traffic_policies: BTreeMap<ObjectRef, Arc<crate::http::traffic::TrafficPolicy>>,
     /// The file each object was read from (for error messages), keyed by `Kind/ns/name`.
     pub origins: BTreeMap<String, PathBuf>,
 }

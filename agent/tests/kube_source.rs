@@ -915,3 +915,55 @@ async fn a_missing_http_route_crd_does_not_hold_the_sync_and_routes_arrive_once_
     })
     .await;
 }
+
+/// A `TrafficPolicy` from the API reaches the inventory, and its outcome on a node is written to
+/// its status (`status.nodes.<node>`), naming the bad field.
+#[tokio::test]
+async fn a_traffic_policy_from_the_api_reaches_the_inventory_and_gets_its_status() {
+    let fake = FakeApi::start().await;
+    load_objects(&fake, OBJECTS);
+    let (source, _changed) = start(&fake, NODE);
+    until("the source is synced", || source.synced()).await;
+    fake.apply(&serde_json::json!({
+        "apiVersion": "nodeward.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": { "name": "web", "namespace": "prod" },
+        "spec": {
+            "targetRefs": [{ "group": "", "kind": "Service", "name": "web" }],
+            "connectionPool": { "maxConnections": 10 },
+            "fault": { "abort": { "percentage": 150, "httpStatus": 503 } },
+        },
+    }));
+    until("the policy is in the snapshot", || {
+        source
+            .snapshot()
+            .traffic_policies
+            .get(&ref_("prod", "web"))
+            .is_some_and(|p| {
+                p.spec
+                    .connection_pool
+                    .as_ref()
+                    .and_then(|c| c.max_connections)
+                    == Some(10)
+            })
+    })
+    .await;
+    let outcome = PolicyOutcome {
+        enforced: false,
+        error: Some(
+            "TrafficPolicy prod/web: field spec.fault.abort.percentage: 150 is not a percentage from 0 to 100".into(),
+        ),
+    };
+    source.report_policies(&BTreeMap::from([(
+        "TrafficPolicy prod/web".to_owned(),
+        outcome,
+    )]));
+    until("the node's entry names the field", || {
+        fake.get("nodeward.io/v1alpha1", "TrafficPolicy", Some("prod"), "web")
+            .unwrap()["status"]["nodes"][NODE]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("spec.fault.abort.percentage"))
+    })
+    .await;
+    assert_requests_within_rbac(&fake.requests());
+}

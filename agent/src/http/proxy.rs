@@ -53,6 +53,8 @@ struct Conn {
     service: ServiceKey,
     /// Idle upstream connections by (endpoint, h2).
     upstreams: Mutex<HashMap<(SocketAddr, bool), Upstream>>,
+    /// Requests each of those connections carried (for `maxRequestsPerConnection`).
+    uses: Mutex<HashMap<(SocketAddr, bool), u32>>,
 }
 
 /// Serves the pod's connection until it ends.
@@ -75,6 +77,7 @@ pub async fn serve(
         dialled,
         service,
         upstreams: Mutex::new(HashMap::new()),
+        uses: Mutex::new(HashMap::new()),
     });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -403,6 +406,23 @@ impl Conn {
                 parts.headers.remove(name);
             }
         }
+        // `TrafficPolicy` fault injection on the dialled Service (VirtualService's place).
+        if let Some(policy) = table.traffic.get(&self.service.service)
+            && let Some(fault) = &policy.fault
+        {
+            let hit = |percent: f64| percent > 0.0 && fastrand::f64() * 100.0 < percent;
+            if let Some((percent, delay)) = fault.delay
+                && hit(percent)
+            {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((percent, status)) = fault.abort
+                && hit(percent)
+            {
+                let why = format!("fault injected by TrafficPolicy {}", policy.policy);
+                return (local(status, &why), route, None, why);
+            }
+        }
         rule.request_headers.apply(&mut parts.headers);
         let deadline = rule.timeout.map(|t| tokio::time::Instant::now() + t);
         // The body to send again, when the request may be retried or mirrored.
@@ -511,17 +531,61 @@ impl Conn {
                 None,
             );
         }
+        // The backend Service's `TrafficPolicy` (DestinationRule's place): ejected endpoints
+        // are left out of the draw, the connection pool admits the request or answers 503.
+        let policy = table.traffic.get(&backend.service.service).cloned();
+        let outlier = policy.as_ref().and_then(|p| p.outlier);
+        let pool = policy.as_ref().and_then(|p| p.pool);
+        let traffic = &self.ctx.http.traffic;
+        let mut candidates = match outlier {
+            Some(_) => traffic.healthy(&backend.service.service, &endpoints),
+            None => Vec::new(),
+        };
+        if candidates.is_empty() {
+            candidates.clone_from(&endpoints);
+        }
         // The kernel's choice stands when the request stays on the dialled Service (session
         // affinity, topology); another Service's endpoint is drawn at random.
-        let endpoint = if endpoints.contains(&self.dialled) {
+        let endpoint = if candidates.contains(&self.dialled) {
             self.dialled
         } else {
-            endpoints[fastrand::usize(..endpoints.len())]
+            candidates[fastrand::usize(..candidates.len())]
         };
+        let count = |outcome| {
+            if let Some(rule) = &outlier
+                && let Some(time) = traffic.record(
+                    &backend.service.service,
+                    endpoint,
+                    &endpoints,
+                    rule,
+                    outcome,
+                )
+            {
+                tracing::info!(service = %backend.service, endpoint = %endpoint, ejection = ?time, "HTTP: outlier detection ejects an endpoint");
+            }
+        };
+        let permit = match pool {
+            Some(limits) => {
+                match traffic
+                    .admit(&backend.service.service, &limits, deadline)
+                    .await
+                {
+                    Ok(permit) => permit,
+                    Err(super::traffic::Overflow(why)) => {
+                        return fail(StatusCode::SERVICE_UNAVAILABLE, why, None, None);
+                    }
+                }
+            }
+            None => None,
+        };
+        let per_connection = pool.and_then(|l| l.max_requests_per_connection);
         let h2 = req.version() == Version::HTTP_2;
         let mut upstream = match self.upstream(endpoint, h2, on_upgrade.is_some()).await {
             Ok(u) => u,
-            Err(why) => return fail(StatusCode::BAD_GATEWAY, why, Some(endpoint), Some(req)),
+            Err(why) => {
+                count(super::traffic::Outcome::GatewayError);
+                return fail(StatusCode::BAD_GATEWAY, why, Some(endpoint), Some(req));
+            }
         };
         // Neither future borrows its sender, which is kept for the next request below.
         let sent = match &mut upstream {
@@ -549,6 +613,7 @@ impl Conn {
                         )
                     };
                     let why = format!("no response within {which}");
+                    count(super::traffic::Outcome::GatewayError);
                     return Attempt::gave_up(StatusCode::GATEWAY_TIMEOUT, why, endpoint, whole);
                 }
             },
@@ -559,9 +624,11 @@ impl Conn {
             Err(e) => {
                 let why = format!("the backend {endpoint} failed: {e}");
                 // A gateway error: retried when the rule lists 502.
+                count(super::traffic::Outcome::GatewayError);
                 return Attempt::gave_up(StatusCode::BAD_GATEWAY, why, endpoint, false);
             }
         };
+        count(super::traffic::Outcome::of(resp.status()));
         let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
             || (on_upgrade.is_some() && resp.status().is_success());
         match (on_upgrade, switched) {
@@ -578,12 +645,27 @@ impl Conn {
                 });
             }
             // An upgrade the backend refused, or an ordinary exchange: the connection can
-            // serve the next request.
-            _ => self.keep(endpoint, h2, upstream),
+            // serve the next request, unless it has carried `maxRequestsPerConnection`.
+            _ => {
+                if !self.retire(endpoint, h2, per_connection) {
+                    self.keep(endpoint, h2, upstream);
+                }
+            }
         }
         rule.response_headers.apply(resp.headers_mut());
+        let response = match permit {
+            // The pool's place is held until the response's body has gone to the client.
+            Some(permit) => resp.map(move |b| {
+                b.map_frame(move |frame| {
+                    let _held = &permit;
+                    frame
+                })
+                .boxed_unsync()
+            }),
+            None => resp.map(http_body_util::BodyExt::boxed_unsync),
+        };
         Attempt {
-            response: resp.map(http_body_util::BodyExt::boxed_unsync),
+            response,
             endpoint: Some(endpoint),
             note: String::new(),
             unsent: false,
@@ -646,6 +728,29 @@ impl Conn {
         }
     }
 
+    /// Counts a request on the connection to `endpoint`; true when that was its last one
+    /// (`maxRequestsPerConnection`): it is not kept, so it closes once the exchange ends.
+    fn retire(&self, endpoint: SocketAddr, h2: bool, limit: Option<u32>) -> bool {
+        let Some(limit) = limit else { return false };
+        let mut uses = self
+            .uses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let used = uses.entry((endpoint, h2)).or_default();
+        *used += 1;
+        if *used < limit {
+            return false;
+        }
+        uses.remove(&(endpoint, h2));
+        drop(uses);
+        // An h2 connection is shared while in use: no new request takes it from now on.
+        self.upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(endpoint, h2));
+        true
+    }
+
     fn keep(&self, endpoint: SocketAddr, h2: bool, upstream: Upstream) {
         let mut idle = self
             .upstreams
@@ -702,6 +807,11 @@ impl Conn {
         .await
         .map_err(|e| format!("tunnel to {endpoint}: {e}"))?;
         let lease = opened.lease;
+        // A new connection: it has carried nothing yet.
+        self.uses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(endpoint, h2));
         let io = TokioIo::new(H2Io::new(opened.send, opened.recv));
         if h2 {
             let (sender, connection) =

@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::Service;
 use regex::Regex;
 
 use super::gateway::{self, HeaderModifier, HttpRoute, HttpRouteMatch};
+use super::traffic::Resilience;
 use crate::policy::ObjectRef;
 use crate::services::{Protocol, ServiceTable};
 
@@ -315,6 +316,8 @@ pub struct RouteTable {
     pub endpoints: HashMap<ServiceKey, Arc<[SocketAddr]>>,
     /// Attached routes, by `ns/name` (for `status`).
     pub routes: BTreeMap<String, Vec<String>>,
+    /// The `TrafficPolicy` of each Service that has one (see [`super::traffic`]).
+    pub traffic: HashMap<ObjectRef, Arc<Resilience>>,
     pub errors: Vec<RouteError>,
 }
 
@@ -327,7 +330,22 @@ impl RouteTable {
         routes: &BTreeMap<ObjectRef, Arc<HttpRoute>>,
         table: &ServiceTable,
     ) -> Self {
-        let mut out = Self::default();
+        Self::build_with(services, routes, HashMap::new(), table)
+    }
+
+    /// [`Self::build`] with the `TrafficPolicy` of each Service: the HTTP ports of a Service
+    /// with one are parsed even without a route (the policy acts on requests).
+    #[must_use]
+    pub fn build_with(
+        services: &BTreeMap<ObjectRef, Arc<Service>>,
+        routes: &BTreeMap<ObjectRef, Arc<HttpRoute>>,
+        traffic: HashMap<ObjectRef, Arc<Resilience>>,
+        table: &ServiceTable,
+    ) -> Self {
+        let mut out = Self {
+            traffic,
+            ..Self::default()
+        };
         let mut endpoints: BTreeMap<ServiceKey, Vec<SocketAddr>> = BTreeMap::new();
         for port in table.ports.values() {
             if port.frontend.protocol != Protocol::Tcp {
@@ -366,7 +384,7 @@ impl RouteTable {
         // its version Services `web-v1`, `web-v2` share pods; only `web` has the route.
         let mut candidates: HashMap<SocketAddr, Vec<&ServiceKey>> = HashMap::new();
         for (key, entries) in &http {
-            if entries.is_empty() {
+            if entries.is_empty() && !out.traffic.contains_key(&key.service) {
                 continue;
             }
             for addr in endpoints.get(key).into_iter().flatten() {

@@ -123,6 +123,7 @@ pub fn watched_kinds() -> Vec<ApiResource> {
         ApiResource::erase::<Service>(&()),
         ApiResource::erase::<EndpointSlice>(&()),
         ApiResource::erase::<crate::http::gateway::HttpRoute>(&()),
+        ApiResource::erase::<crate::http::traffic::TrafficPolicy>(&()),
     ]
 }
 
@@ -443,7 +444,12 @@ impl KubernetesSource {
         let mut all = outcomes.clone();
         let store = lock(&self.store);
         let mut refs = BTreeMap::new();
-        for kind in ["NetworkPolicy", "MeshPolicy", "ClusterMeshPolicy"] {
+        for kind in [
+            "NetworkPolicy",
+            "MeshPolicy",
+            "ClusterMeshPolicy",
+            "TrafficPolicy",
+        ] {
             let Some(state) = store.kinds.get(kind) else {
                 continue;
             };

@@ -60,6 +60,7 @@ pub enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
     HttpRoute(Arc<crate::http::gateway::HttpRoute>),
+    TrafficPolicy(Arc<crate::http::traffic::TrafficPolicy>),
 }
 
 #[derive(Clone, Debug)]
@@ -247,6 +248,7 @@ fn remove(inv: &mut Inventory, object: &Object) {
         Object::Service(o) => drop(inv.services.remove(&namespaced(&o.metadata))),
         Object::EndpointSlice(o) => drop(inv.endpoint_slices.remove(&namespaced(&o.metadata))),
         Object::HttpRoute(o) => drop(inv.http_routes.remove(&namespaced(&o.metadata))),
+        Object::TrafficPolicy(o) => drop(inv.traffic_policies.remove(&namespaced(&o.metadata))),
     }
 }
 
@@ -266,6 +268,7 @@ fn insert(inv: &mut Inventory, object: Object) {
         services,
         endpoint_slices,
         http_routes,
+        traffic_policies,
         origins: _,
     } = one;
     inv.namespaces.extend(namespaces);
@@ -279,6 +282,7 @@ fn insert(inv: &mut Inventory, object: Object) {
     inv.services.extend(services);
     inv.endpoint_slices.extend(endpoint_slices);
     inv.http_routes.extend(http_routes);
+    inv.traffic_policies.extend(traffic_policies);
 }
 
 /// Every `.yaml`, `.yml` and `.json` file under `dir`, recursively, sorted, hidden files skipped
@@ -457,7 +461,12 @@ pub(crate) fn parse_object(doc: serde_json::Value) -> Result<Option<(String, Obj
         ("nodeward.io/v1alpha1", "MutualTLS") => {
             Object::MutualTLS(ours(crate::policy::parse_mutual_tls(doc), &key)?)
         }
-        (_, "MeshPolicy" | "ClusterMeshPolicy" | "MutualTLS")
+        ("nodeward.io/v1alpha1", "TrafficPolicy") => {
+            Object::TrafficPolicy(Arc::new(crate::http::traffic::parse(doc).map_err(
+                |(field, e)| (Some(key.clone()), (!field.is_empty()).then_some(field), e),
+            )?))
+        }
+        (_, "MeshPolicy" | "ClusterMeshPolicy" | "MutualTLS" | "TrafficPolicy")
             if api_version.starts_with("nodeward.io/") =>
         {
             return Err((
@@ -574,6 +583,7 @@ pub(crate) struct InventoryBuilder {
     services: Vec<(ObjectRef, Arc<Service>)>,
     endpoint_slices: Vec<(ObjectRef, Arc<EndpointSlice>)>,
     http_routes: Vec<(ObjectRef, Arc<crate::http::gateway::HttpRoute>)>,
+    traffic_policies: Vec<(ObjectRef, Arc<crate::http::traffic::TrafficPolicy>)>,
     origins: Vec<(String, PathBuf)>,
 }
 
@@ -596,6 +606,7 @@ impl InventoryBuilder {
             Object::Service(o) => self.services.push((namespaced(&o.metadata), o)),
             Object::EndpointSlice(o) => self.endpoint_slices.push((namespaced(&o.metadata), o)),
             Object::HttpRoute(o) => self.http_routes.push((namespaced(&o.metadata), o)),
+            Object::TrafficPolicy(o) => self.traffic_policies.push((namespaced(&o.metadata), o)),
         }
     }
 
@@ -617,6 +628,7 @@ impl InventoryBuilder {
             services: last_wins(self.services),
             endpoint_slices: last_wins(self.endpoint_slices),
             http_routes: last_wins(self.http_routes),
+            traffic_policies: last_wins(self.traffic_policies),
             origins: last_wins(self.origins),
         }
     }

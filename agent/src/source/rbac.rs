@@ -50,7 +50,12 @@ pub const RBAC: &[Rule] = &[
     },
     Rule {
         api_group: "nodeward.io",
-        resources: &["meshpolicies", "clustermeshpolicies", "mutualtlses"],
+        resources: &[
+            "meshpolicies",
+            "clustermeshpolicies",
+            "mutualtlses",
+            "trafficpolicies",
+        ],
         verbs: READ,
     },
     // Gateway API mesh routes (GAMMA), for the source agent's HTTP routing.
@@ -62,7 +67,11 @@ pub const RBAC: &[Rule] = &[
     // Per-node policy status (see `policy::crd::PolicyStatus`).
     Rule {
         api_group: "nodeward.io",
-        resources: &["meshpolicies/status", "clustermeshpolicies/status"],
+        resources: &[
+            "meshpolicies/status",
+            "clustermeshpolicies/status",
+            "trafficpolicies/status",
+        ],
         verbs: STATUS_WRITE,
     },
     // An Event on a policy that fails to compile or apply on this node (core/v1 and

@@ -61,6 +61,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         false,
     ),
     ("nodeward.io/v1alpha1", "MutualTLS", "mutualtlses", true),
+    (
+        "nodeward.io/v1alpha1",
+        "TrafficPolicy",
+        "trafficpolicies",
+        true,
+    ),
     ("v1", "Service", "services", true),
     (
         "discovery.k8s.io/v1",

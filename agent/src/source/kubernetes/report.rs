@@ -202,6 +202,7 @@ async fn write(
     let resource = match kind {
         "MeshPolicy" => ApiResource::erase::<MeshPolicy>(&()),
         "ClusterMeshPolicy" => ApiResource::erase::<ClusterMeshPolicy>(&()),
+        "TrafficPolicy" => ApiResource::erase::<crate::http::traffic::TrafficPolicy>(&()),
         // NetworkPolicy: Events only.
         _ => return Ok(()),
     };
