@@ -5,7 +5,8 @@
 //! `backend/api-1` (node-2) as `v2` (`nodeward-lab-load http-serve` on port 8081). Services in
 //! `backend`: `web` (both pods; the route's parent), `web-v1`, `web-v2` (one pod each), `raw`
 //! (a plain TCP port to the byte echo on 8080), and `plain` (`backend/api-2`, node-1, an HTTP
-//! port without a route: the L4 tunnel, for a latency figure). ClusterIPs 10.96.3.x.
+//! port without a route: the L4 tunnel, for a latency figure). ClusterIPs 10.96.3.x. The
+//! `TrafficPolicy` tests add `od`, `pooled`, `faulty` and `slow` (10.96.3.40-43).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
@@ -512,6 +513,289 @@ fn a_retry_turns_a_backend_failing_one_in_three_into_full_success() {
             .iter()
             .any(|f| f["l7"]["http"]["route"] == "backend/retry"),
         "the requests went through the route: {flows:?}"
+    );
+}
+
+/// `nodeward_http_requests_total` of node-1's agent for Service `service` and `code_class`.
+fn requests_of(lab: &Lab, service: &str, class: &str) -> u64 {
+    let text = lab
+        .agent_http_get("node-1", "/metrics")
+        .expect("node-1's metrics");
+    let (service, class) = (
+        format!("destination_service=\"{service}\""),
+        format!("code_class=\"{class}\""),
+    );
+    text.lines()
+        .filter(|l| {
+            l.starts_with("nodeward_http_requests_total{")
+                && l.contains(&service)
+                && l.contains(&class)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `count` requests from `web-0`, each on a connection of its own (`connection: close`), so
+/// that the kernel draws the backend of each.
+fn fresh_connections(lab: &Lab, addr: SocketAddr, count: usize) -> Value {
+    http_get(lab, addr, count, Some("connection: close"))
+}
+
+/// `od` has a backend that fails everything (api-0, `bad`) and a good one (api-1, `good`).
+const OUTLIER: &str = r"
+apiVersion: nodeward.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: od, namespace: backend}
+spec:
+  targetRefs: [{group: '', kind: Service, name: od}]
+  outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 50}
+";
+
+#[test]
+fn outlier_detection_ejects_a_failing_endpoint_and_brings_it_back_after_the_ejection_time() {
+    let lab = shared_lab();
+    mesh_strict(&lab);
+    let _bad = http_backend(
+        lab.pod("backend/api-0"),
+        "bad",
+        &["--fail-every", "1"],
+        "the failing backend",
+    );
+    let _good = http_backend(lab.pod("backend/api-1"), "good", &[], "the good backend");
+    let od = Ipv4Addr::new(10, 96, 3, 40);
+    let both = ["backend/api-0", "backend/api-1"];
+    let manifests = [
+        service(&lab, "od", od, "http", BACKEND_PORT, &both),
+        OUTLIER.to_owned(),
+    ];
+    lab.write_manifest("traffic-outlier", &manifests.join("---\n"))
+        .unwrap();
+    let addr = SocketAddr::from((od, 80));
+    // Without ejection about half of 20 fresh connections reach `bad`; with it, the third
+    // failure in a row ejects it and the rest go to `good`.
+    let mut last = Value::Null;
+    let ejected = eventually(SETTLE, Duration::from_millis(200), || {
+        last = fresh_connections(&lab, addr, 20);
+        last["bodies"]["bad"] == 3 && last["bodies"]["good"] == 17
+    });
+    let ejected_at = std::time::Instant::now();
+    assert!(
+        ejected,
+        "3 failures in a row should eject `bad` and send the rest of 20 to `good`: {last}\n{}",
+        lab.agent_logs_tail(30)
+    );
+    let during = fresh_connections(&lab, addr, 20);
+    assert_eq!(
+        during["bodies"]["good"], 20,
+        "while ejected, every request goes to `good`: {during}"
+    );
+    // Back after baseEjectionTime (3 s, the first ejection), not before.
+    let mut back = Value::Null;
+    let returned = eventually(Duration::from_secs(10), Duration::from_millis(250), || {
+        back = fresh_connections(&lab, addr, 10);
+        back["bodies"]["bad"].as_u64().unwrap_or(0) > 0
+    });
+    let took = ejected_at.elapsed();
+    assert!(returned, "`bad` never came back after its ejection: {back}");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "`bad` came back {took:?} after its ejection, before baseEjectionTime (3s)"
+    );
+    eprintln!("outlier detection: `bad` back {took:?} after its ejection (baseEjectionTime 3s)");
+}
+
+/// `pooled` (api-2, which answers after 0.8 s): one connection, one request waiting.
+const POOL: &str = r"
+apiVersion: nodeward.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: pooled, namespace: backend}
+spec:
+  targetRefs: [{group: '', kind: Service, name: pooled}]
+  connectionPool: {maxConnections: 1, maxPendingRequests: 1}
+";
+
+#[test]
+fn a_connection_pool_limit_answers_503_at_once_to_the_request_over_it() {
+    let lab = shared_lab();
+    mesh_strict(&lab);
+    let _slow = http_backend(
+        lab.pod("backend/api-2"),
+        "slow",
+        &["--delay-ms", "800"],
+        "the slow backend",
+    );
+    let pooled = Ipv4Addr::new(10, 96, 3, 41);
+    let manifests = [
+        service(
+            &lab,
+            "pooled",
+            pooled,
+            "http",
+            BACKEND_PORT,
+            &["backend/api-2"],
+        ),
+        POOL.to_owned(),
+    ];
+    lab.write_manifest("traffic-pool", &manifests.join("---\n"))
+        .unwrap();
+    let addr = SocketAddr::from((pooled, 80));
+    // Applied once the requests are parsed: an L7 flow for the Service.
+    let mut last = Value::Null;
+    let parsed = eventually(SETTLE, Duration::from_millis(200), || {
+        last = http_requests(&lab, addr, "GET /pool-probe", 1);
+        !lab.observe("node-1", &["--last", "20", "--http-path", "/pool-probe"])
+            .unwrap_or_default()
+            .is_empty()
+    });
+    assert!(parsed, "requests to `pooled` are never parsed: {last}");
+    let before = requests_of(&lab, "pooled", "5xx");
+    // Three clients 200 ms apart: the first holds the connection, the second waits for it, the
+    // third finds both taken.
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3u64)
+            .map(|i| {
+                let lab = &lab;
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(200 * i));
+                    http_get(lab, addr, 1, None)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    let codes: Vec<&Value> = results.iter().map(|r| &r["sequence"][0]).collect();
+    assert_eq!(
+        codes,
+        [&json!("200"), &json!("200"), &json!("503")],
+        "one connection, one waiting, the third refused: {results:?}"
+    );
+    let third_ms = results[2]["ms"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        third_ms < 300.0,
+        "the 503 took {third_ms:.0} ms (want it at once, under 300 ms)"
+    );
+    let second_ms = results[1]["ms"].as_f64().unwrap_or(0.0);
+    assert!(
+        second_ms > 1100.0,
+        "the waiting request took {second_ms:.0} ms: it should wait for the first one (0.6 s more) then take 0.8 s itself"
+    );
+    eprintln!("connection pool: 503 in {third_ms:.1} ms; the waiting request {second_ms:.0} ms");
+    let refused = requests_of(&lab, "pooled", "5xx") - before;
+    assert_eq!(refused, 1, "the golden metrics count the 503 once");
+    let flows = lab
+        .observe("node-1", &["--last", "20", "--http-status", "503"])
+        .expect("node-1's flows");
+    assert!(
+        flows.iter().any(|f| f["Type"] == "L7"),
+        "no L7 flow for the 503: {flows:?}"
+    );
+}
+
+/// `faulty` (api-0): a quarter of the requests aborted with 500; `slow` (api-2): every request
+/// delayed 300 ms. (One pod behind two parsed Services would be left to the L4 tunnel.)
+const FAULTS: &str = r"
+apiVersion: nodeward.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: faulty, namespace: backend}
+spec:
+  targetRefs: [{group: '', kind: Service, name: faulty}]
+  fault: {abort: {percentage: 25, httpStatus: 500}}
+---
+apiVersion: nodeward.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: slow, namespace: backend}
+spec:
+  targetRefs: [{group: '', kind: Service, name: slow}]
+  fault: {delay: {percentage: 100, fixedDelay: 300ms}}
+";
+
+#[test]
+fn fault_injection_aborts_its_percentage_and_delays_and_a_bad_version_keeps_the_last_good_one() {
+    let lab = shared_lab();
+    mesh_strict(&lab);
+    let _ok = http_backend(lab.pod("backend/api-0"), "ok", &[], "the backend");
+    let _ok2 = http_backend(lab.pod("backend/api-2"), "ok", &[], "the delayed backend");
+    let (faulty, slow) = (Ipv4Addr::new(10, 96, 3, 42), Ipv4Addr::new(10, 96, 3, 43));
+    let manifests = [
+        service(
+            &lab,
+            "faulty",
+            faulty,
+            "http",
+            BACKEND_PORT,
+            &["backend/api-0"],
+        ),
+        service(&lab, "slow", slow, "http", BACKEND_PORT, &["backend/api-2"]),
+        FAULTS.to_owned(),
+    ];
+    lab.write_manifest("traffic-faults", &manifests.join("---\n"))
+        .unwrap();
+    let addr = SocketAddr::from((faulty, 80));
+    let mut last = Value::Null;
+    let applied = eventually(SETTLE, Duration::from_millis(200), || {
+        last = http_get(&lab, addr, 40, None);
+        last["codes"]["500"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(applied, "no request was ever aborted: {last}");
+    let run = http_get(&lab, addr, 2000, None);
+    let aborted = run["codes"]["500"].as_u64().unwrap_or(0);
+    eprintln!("fault abort 25% of 2,000: {aborted}");
+    assert!(
+        (440..=560).contains(&aborted),
+        "abort 25% hit {aborted} of 2,000 requests (want 500 ± 60, ±3%): {run}"
+    );
+    assert_eq!(
+        run["codes"]["200"].as_u64().unwrap_or(0) + aborted,
+        2000,
+        "the rest reach the backend: {run}"
+    );
+
+    let slow_addr = SocketAddr::from((slow, 80));
+    let mut one = Value::Null;
+    let delayed = eventually(SETTLE, Duration::from_millis(200), || {
+        one = http_get(&lab, slow_addr, 1, None);
+        one["ms"].as_f64().unwrap_or(0.0) >= 300.0
+    });
+    assert!(delayed, "no request to `slow` was delayed: {one}");
+    let five = http_get(&lab, slow_addr, 5, None);
+    let ms = five["ms"].as_f64().unwrap_or(0.0);
+    assert!(
+        five["codes"]["200"] == 5 && (1500.0..2500.0).contains(&ms),
+        "5 requests delayed 300 ms each took {ms:.0} ms (want 1,500 to 2,500): {five}"
+    );
+
+    // A bad version is reported with its field; the last good one stays.
+    let bad = [
+        manifests[0].clone(),
+        manifests[1].clone(),
+        FAULTS.replace("percentage: 25", "percentage: 150"),
+    ];
+    lab.write_manifest("traffic-faults", &bad.join("---\n"))
+        .unwrap();
+    let mut status = Value::Null;
+    let reported = eventually(SETTLE, Duration::from_millis(100), || {
+        status = lab.status("node-1").unwrap();
+        status["policies"]["failed"].as_array().is_some_and(|f| {
+            f.iter().any(|p| {
+                p["object"] == "TrafficPolicy backend/faulty"
+                    && p["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("spec.fault.abort.percentage"))
+            })
+        })
+    });
+    assert!(
+        reported,
+        "TrafficPolicy backend/faulty is not reported: {status}"
+    );
+    let again = http_get(&lab, addr, 400, None);
+    let still = again["codes"]["500"].as_u64().unwrap_or(0);
+    assert!(
+        (60..=140).contains(&still),
+        "the last good 25% stays in force: {still} of 400 aborted: {again}"
     );
 }
 

@@ -32,11 +32,12 @@
 //!   IPv4 address in `--names` is only connected to. A query not answered within MS (default
 //!   2,000) is `rcode: null`.
 //!
-//! - `http-serve --port P --name NAME [--fail-every N] [--log FILE]`: a minimal HTTP/1.1 server (keep-alive) whose every
+//! - `http-serve --port P --name NAME [--fail-every N] [--log FILE] [--delay-ms MS]`: a minimal HTTP/1.1 server (keep-alive) whose every
 //!   answer is `200` with the body `NAME` and the header `x-backend: NAME`, so a client can
 //!   tell which backend answered; with `--fail-every N`, every Nth request (over all
 //!   connections) is answered `503` instead; with `--log`, each request line is appended to
-//!   FILE. The test's backend, not under test: a handful of
+//!   FILE; with `--delay-ms`, each answer waits MS (at most 10,000) first. The test's backend,
+//!   not under test: a handful of
 //!   lines of HTTP suffice.
 //! - `http-get --addr IP:PORT --count N [--header NAME:VALUE] [--path /p]
 //!   [--requests "GET /a,POST /b"]`: N requests one after another (GETs of `--path`, or the
@@ -835,6 +836,9 @@ fn http_serve(flags: &Flags) -> anyhow::Result<()> {
     let port: u16 = flags.parse_or("port", 0)?;
     let name = flags.get("name").context("--name is required")?.to_owned();
     let fail_every: u64 = flags.parse_or("fail-every", 0)?;
+    let delay_ms: u64 = flags.parse_or("delay-ms", 0)?;
+    ensure!(delay_ms <= 10_000, "--delay-ms must be at most 10000");
+    let delay = Duration::from_millis(delay_ms);
     let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let log = match flags.get("log") {
         Some(path) => Some(std::sync::Arc::new(std::sync::Mutex::new(
@@ -866,6 +870,9 @@ fn http_serve(flags: &Flags) -> anyhow::Result<()> {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let _ = writeln!(file, "{line}");
+                }
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
                 }
                 let n = served.fetch_add(1, Ordering::Relaxed) + 1;
                 let status = if fail_every > 0 && n.is_multiple_of(fail_every) {
