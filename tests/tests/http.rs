@@ -773,7 +773,8 @@ fn fault_injection_aborts_its_percentage_and_delays_and_a_bad_version_keeps_the_
         manifests[1].clone(),
         FAULTS.replace("percentage: 25", "percentage: 150"),
     ];
-    lab.write_manifest("traffic-faults", &bad.join("---\n"))
+    let file = lab
+        .write_manifest("traffic-faults", &bad.join("---\n"))
         .unwrap();
     let mut status = Value::Null;
     let reported = eventually(SETTLE, Duration::from_millis(100), || {
@@ -781,9 +782,10 @@ fn fault_injection_aborts_its_percentage_and_delays_and_a_bad_version_keeps_the_
         status["policies"]["failed"].as_array().is_some_and(|f| {
             f.iter().any(|p| {
                 p["object"] == "TrafficPolicy backend/faulty"
-                    && p["error"]
-                        .as_str()
-                        .is_some_and(|e| e.contains("spec.fault.abort.percentage"))
+                    && p["error"].as_str().is_some_and(|e| {
+                        e.contains("spec.fault.abort.percentage")
+                            && e.contains(&file.display().to_string())
+                    })
             })
         })
     });

@@ -365,3 +365,105 @@ async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_time
     assert_eq!(TunnelStats::get(&ctx.stats.client_connections), 1);
     assert_eq!(TunnelStats::get(&srv.stats.inbound_ok), 3);
 }
+
+/// `maxRequestsPerConnection: 2`: four HTTP/1.1 requests on one pod connection take two
+/// upstream connections (two HBONE streams at the destination), where keep-alive alone takes
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_closes_the_upstream_connection_after_its_requests() {
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the proxy tests need root (IP_TRANSPARENT, SO_MARK)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(authority(dir.path(), TD));
+    let pod = http_pod().await;
+    let srv = context(
+        &ca,
+        "server",
+        TunnelConfig::default(),
+        RouteTable::default(),
+    );
+    let listener = TcpListener::bind((POD, 0)).await.unwrap();
+    let hbone = listener.local_addr().unwrap();
+    tokio::spawn(inbound::serve(
+        listener,
+        inbound::acceptor(&srv).unwrap(),
+        srv.clone(),
+    ));
+    let api = ObjectRef {
+        namespace: "backend".into(),
+        name: "api".into(),
+    };
+    let mut table = routes(pod);
+    let policy = super::traffic::Resilience {
+        policy: "backend/api".into(),
+        targets: vec![api.clone()],
+        pool: Some(super::traffic::PoolLimits {
+            max_requests_per_connection: Some(2),
+            ..super::traffic::PoolLimits::default()
+        }),
+        outlier: None,
+        fault: None,
+    };
+    table.traffic.insert(api.clone(), Arc::new(policy));
+    let key = ServiceKey {
+        service: api,
+        port: 80,
+    };
+    let client: SocketAddr = (CLIENT.parse::<IpAddr>().unwrap(), 40001).into();
+    let ctx = context(
+        &ca,
+        "client",
+        TunnelConfig {
+            peer_port: hbone.port(),
+            ..TunnelConfig::default()
+        },
+        table,
+    );
+    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let outbound_addr = outbound.local_addr().unwrap();
+    {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let source = ctx
+                .view()
+                .workload(CLIENT.parse().unwrap())
+                .unwrap()
+                .clone();
+            if let Ok((stream, _)) = outbound.accept().await {
+                super::proxy::serve(
+                    stream,
+                    client,
+                    pod,
+                    source,
+                    key,
+                    ctx.clone(),
+                    Arc::new(Pool::default()),
+                )
+                .await;
+            }
+        });
+    }
+    let io = TokioIo::new(TcpStream::connect(outbound_addr).await.unwrap());
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    for _ in 0..4 {
+        h1.ready().await.unwrap();
+        let req = http::Request::builder()
+            .uri("/hello")
+            .header("host", "api.backend")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = h1.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(
+        TunnelStats::get(&srv.stats.inbound_ok),
+        2,
+        "4 requests, 2 per upstream connection"
+    );
+}

@@ -485,3 +485,35 @@ spec:
     assert_eq!(rule.mirrors, [(key("web-v2", 80), 25)]);
     assert!(rule.invalid.is_none(), "a bad mirror costs only itself");
 }
+
+/// A `TrafficPolicy` makes its Service's HTTP ports parsed without a route (the policy acts on
+/// requests); without one, an unrouted port stays L4.
+#[test]
+fn a_traffic_policy_makes_its_services_http_port_parsed_without_a_route() {
+    let (services, table) = cluster();
+    let backend: SocketAddr = "10.244.1.1:8080".parse().unwrap();
+    let client: SocketAddr = "10.244.9.9:40000".parse().unwrap();
+    let bare = RouteTable::build(&services, &BTreeMap::new(), &table);
+    assert_eq!(
+        bare.dialled(client, backend),
+        None,
+        "no route, no policy: L4"
+    );
+    let policy = super::traffic::Resilience {
+        policy: "shop/v1".into(),
+        targets: vec![r("shop", "web-v1")],
+        pool: None,
+        outlier: None,
+        fault: None,
+    };
+    let with = RouteTable::build_with(
+        &services,
+        &BTreeMap::new(),
+        std::collections::HashMap::from([(r("shop", "web-v1"), Arc::new(policy))]),
+        &table,
+    );
+    assert_eq!(with.dialled(client, backend), Some(key("web-v1", 80)));
+    // web-v2's pod also backs `web`, which has neither: still one candidate, still L4.
+    let other: SocketAddr = "10.244.2.1:8080".parse().unwrap();
+    assert_eq!(with.dialled(client, other), None);
+}
