@@ -135,8 +135,9 @@ mod tests {
         assert!(allows("discovery.k8s.io", "endpointslices", "watch"));
         assert!(!allows("", "services", "patch"));
         assert!(allows("gateway.networking.k8s.io", "httproutes", "watch"));
+        assert!(allows("nodeward.io", "trafficpolicies/status", "patch"));
         // pods.., networkpolicies, services, endpointslices, nodeward.io kinds, httproutes,
         // status, events.
-        assert_eq!(triples().len(), 4 * 3 + 3 + 3 + 3 + 3 * 3 + 3 + 2 + 2 + 2);
+        assert_eq!(triples().len(), 4 * 3 + 3 + 3 + 3 + 4 * 3 + 3 + 3 + 2 + 2);
     }
 }
