@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub dns_proxy: Option<SocketAddr>,
     /// TTL floor, grace and per-name cap of the learned names.
     pub dns_cache: crate::dns::cache::CacheConfig,
+    /// `--trace-sample-rate`, `--otlp-endpoint`.
+    pub trace: crate::http::trace::TraceConfig,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -639,6 +641,12 @@ fn start_tunnel(
                 shared.record(Arc::new(flow));
             }
         }));
+    let trace = crate::http::trace::Tracing::new(&config.trace, &config.node)
+        .context("starting the OTLP span exporter")?;
+    if config.trace.otlp_endpoint.is_some() {
+        tracing::info!(endpoint = ?config.trace.otlp_endpoint, sample_rate = config.trace.sample_rate, "HTTP: spans go to the OTLP collector");
+    }
+    let _ = ctx.http.tracing.set(trace);
     let (v4, v6) = tunnel::outbound::listeners().context("binding the outbound listeners")?;
     let listeners: Vec<(u32, std::net::TcpListener)> =
         std::iter::once((agent_common::mesh::PROXY_SOCKET_V4, v4))

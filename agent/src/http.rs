@@ -17,12 +17,14 @@
 //! * [`proxy`]: the per-connection proxy.
 //! * [`authz`]: the destination agent's per-request check of `rules.http`.
 //! * [`io`]: an HBONE stream as a byte stream for hyper's client.
+//! * [`trace`]: W3C `traceparent` and the spans sent over OTLP.
 
 pub mod authz;
 pub mod gateway;
 pub mod io;
 pub mod proxy;
 pub mod routes;
+pub mod trace;
 
 #[cfg(test)]
 mod proxy_tests;
@@ -80,6 +82,8 @@ pub struct HttpRecord {
     pub drop_reason: &'static str,
     /// The policy rule that allowed or refused the request, 0 when none decided.
     pub rule_id: u32,
+    /// The request's W3C trace id (32 hex digits), when it carried or was given one.
+    pub trace_id: Option<String>,
 }
 
 pub type HttpFlowSink = Arc<dyn Fn(&HttpRecord) + Send + Sync>;
@@ -176,6 +180,9 @@ pub struct HttpShared {
     pub metrics: HttpMetrics,
     /// Where L7 flows go; set once by `app.rs`.
     pub flows: OnceLock<HttpFlowSink>,
+    /// Trace sampling and the span exporter; set once by `app.rs`. Unset: `traceparent` is
+    /// passed on and named on flows, none is made up.
+    pub tracing: OnceLock<trace::Tracing>,
 }
 
 impl Default for HttpShared {
@@ -184,6 +191,7 @@ impl Default for HttpShared {
             // Constant, valid names: cannot fail.
             metrics: HttpMetrics::new().unwrap_or_else(|e| unreachable!("HTTP metrics: {e}")),
             flows: OnceLock::new(),
+            tracing: OnceLock::new(),
         }
     }
 }

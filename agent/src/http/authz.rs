@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 use super::HttpRecord;
 use super::io::H2Io;
-use super::proxy::{Body, HOP_BY_HOP, PodSocket, local, protocol, request_url};
+use super::proxy::{Body, PodSocket, local, protocol, request_url};
 use crate::ca::SpiffeId;
 use crate::policy::PeerFacts;
 use crate::tunnel::Context;
@@ -150,6 +150,13 @@ impl Conn {
         let version = req.version();
         let method = req.method().to_string();
         let url = request_url(&req);
+        // The source agent's proxy continued or started the trace: named on this flow too.
+        let trace_id = req
+            .headers()
+            .get(super::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::trace::TraceParent::parse)
+            .map(|t| super::trace::to_hex(&t.trace_id));
         let (allowed, rule_id, why) = match requests(&self.ctx, &self.client, self.src, self.dst) {
             Requests::Any => (true, 0, String::new()),
             Requests::Denied(rule) => (false, rule, "the connection is no longer allowed".into()),
@@ -210,6 +217,7 @@ impl Conn {
             direction: DIR_INGRESS,
             drop_reason: if allowed { "" } else { "POLICY_DENIED" },
             rule_id,
+            trace_id,
         };
         drop(view);
         if let Some(sink) = self.ctx.http.flows.get() {
@@ -227,9 +235,7 @@ impl Conn {
     ) -> (Response<Body>, String) {
         let (mut parts, body) = req.into_parts();
         if on_upgrade.is_none() {
-            for name in &HOP_BY_HOP {
-                parts.headers.remove(name);
-            }
+            super::proxy::strip_hop_by_hop(&mut parts.headers);
         }
         let h2 = parts.version == Version::HTTP_2;
         let req = Request::from_parts(parts, body);

@@ -293,11 +293,30 @@ pub(super) const HOP_BY_HOP: [header::HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// Drops the [`HOP_BY_HOP`] headers, but keeps `te: trailers`: HTTP/2 allows that one value
+/// (RFC 9113 8.2.2), and gRPC servers check for it.
+pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
 impl Conn {
     async fn request(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
+        let started = std::time::SystemTime::now();
         let version = req.version();
         let method = req.method().to_string();
+        // The trace goes on (or starts) before routing, so a retry or a mirror carries it too.
+        let trace =
+            super::trace::Tracing::begin(self.ctx.http.tracing.get(), req.headers_mut(), &method);
         let url = request_url(&req);
         let upgrading = req.method() == http::Method::CONNECT
             || (version != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE));
@@ -331,8 +350,30 @@ impl Conn {
             direction: agent_common::DIR_EGRESS,
             drop_reason: "",
             rule_id: 0,
+            trace_id: trace.as_ref().map(super::trace::RequestTrace::trace_id_hex),
         };
         drop(view);
+        if let Some(trace) = trace {
+            trace.finish(&super::trace::Finished {
+                method: &record.method,
+                url: &record.url,
+                protocol: if version == Version::HTTP_2 {
+                    "2"
+                } else {
+                    "1.1"
+                },
+                code,
+                route: &record.route,
+                service: &format!(
+                    "{}.{}",
+                    self.service.service.name, self.service.service.namespace
+                ),
+                source: &record.source_spiffe_id,
+                destination,
+                note: &record.note,
+                end: started + latency,
+            });
+        }
         let sa = self
             .source
             .identity
@@ -399,9 +440,7 @@ impl Conn {
             );
         }
         if on_upgrade.is_none() {
-            for name in &HOP_BY_HOP {
-                parts.headers.remove(name);
-            }
+            strip_hop_by_hop(&mut parts.headers);
         }
         rule.request_headers.apply(&mut parts.headers);
         let deadline = rule.timeout.map(|t| tokio::time::Instant::now() + t);

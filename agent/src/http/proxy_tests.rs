@@ -90,6 +90,7 @@ async fn http_pod() -> SocketAddr {
                         tokio::time::sleep(Duration::from_secs(2)).await;
                     }
                     let env = req.headers().get("x-env").cloned();
+                    let traceparent = req.headers().get("traceparent").cloned();
                     let mut resp = http::Response::new(Full::new(Bytes::from_static(b"pod")));
                     resp.headers_mut().insert(
                         "x-seen-version",
@@ -97,6 +98,9 @@ async fn http_pod() -> SocketAddr {
                     );
                     if let Some(env) = env {
                         resp.headers_mut().insert("x-seen-env", env);
+                    }
+                    if let Some(tp) = traceparent {
+                        resp.headers_mut().insert("x-seen-traceparent", tp);
                     }
                     Ok::<_, Infallible>(resp)
                 });
@@ -175,8 +179,19 @@ spec:
     table
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_timeouts() {
+/// Both agents of a test: the destination's HBONE server, the source's proxy behind a local
+/// listener standing in for the outbound one, and the source's L7 flows.
+struct Mesh {
+    ctx: Arc<Context>,
+    srv: Arc<Context>,
+    outbound: SocketAddr,
+    records: Arc<Mutex<Vec<HttpRecord>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a [`Mesh`] whose proxy serves `table` for Service `backend/api` port 80 (`pod` is the
+/// backend the kernel chose); `tracing`, when given, is the source agent's.
+async fn mesh(pod: SocketAddr, table: RouteTable, tracing: Option<super::trace::Tracing>) -> Mesh {
     // SAFETY: no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
@@ -185,7 +200,6 @@ async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_time
     );
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(authority(dir.path(), TD));
-    let pod = http_pod().await;
     // The destination's agent.
     let srv = context(
         &ca,
@@ -200,8 +214,6 @@ async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_time
         inbound::acceptor(&srv).unwrap(),
         srv.clone(),
     ));
-    // The source's agent, its proxy behind a local listener standing in for the outbound one.
-    let table = routes(pod);
     let key = ServiceKey {
         service: ObjectRef {
             namespace: "backend".into(),
@@ -223,6 +235,9 @@ async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_time
         },
         table,
     );
+    if let Some(t) = tracing {
+        let _ = ctx.http.tracing.set(t);
+    }
     let records: Arc<Mutex<Vec<HttpRecord>>> = Arc::default();
     let sink = records.clone();
     let _ = ctx.http.flows.set(Arc::new(move |r: &HttpRecord| {
@@ -252,6 +267,25 @@ async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_time
             }
         });
     }
+    Mesh {
+        ctx,
+        srv,
+        outbound: outbound_addr,
+        records,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_timeouts() {
+    let pod = http_pod().await;
+    let Mesh {
+        ctx,
+        srv,
+        outbound: outbound_addr,
+        records,
+        _dir,
+    } = mesh(pod, routes(pod), None).await;
 
     // h2c with prior knowledge: gRPC's transport.
     let io = TokioIo::new(TcpStream::connect(outbound_addr).await.unwrap());
@@ -364,4 +398,190 @@ async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_time
     // per pod connection, not one per request.
     assert_eq!(TunnelStats::get(&ctx.stats.client_connections), 1);
     assert_eq!(TunnelStats::get(&srv.stats.inbound_ok), 3);
+}
+
+/// An OTLP/HTTP collector: every span it is sent (with its resource's attributes), decoded.
+async fn otlp_collector() -> (
+    SocketAddr,
+    Arc<
+        Mutex<
+            Vec<(
+                Vec<opentelemetry_proto::tonic::common::v1::KeyValue>,
+                opentelemetry_proto::tonic::trace::v1::Span,
+            )>,
+        >,
+    >,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let spans: Arc<Mutex<Vec<_>>> = Arc::default();
+    let got = spans.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let got = got.clone();
+                        async move {
+                            assert_eq!(req.uri().path(), "/v1/traces");
+                            assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let export = ExportTraceServiceRequest::decode(body).unwrap();
+                            for rs in export.resource_spans {
+                                let resource =
+                                    rs.resource.map(|r| r.attributes).unwrap_or_default();
+                                for ss in rs.scope_spans {
+                                    for span in ss.spans {
+                                        got.lock().unwrap().push((resource.clone(), span));
+                                    }
+                                }
+                            }
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, spans)
+}
+
+fn attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: &str) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match attrs
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+    {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_continued_or_started_and_the_spans_reach_the_otlp_collector() {
+    use super::trace::{TraceConfig, TraceParent, Tracing, to_hex};
+    let (collector, spans) = otlp_collector().await;
+    let pod = http_pod().await;
+    let tracing = Tracing::new(
+        &TraceConfig::new(1.0, Some(&format!("http://{collector}"))).unwrap(),
+        "node-1",
+    )
+    .unwrap();
+    let m = mesh(pod, routes(pod), Some(tracing)).await;
+    let io = TokioIo::new(TcpStream::connect(m.outbound).await.unwrap());
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut seen = Vec::new();
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    for traceparent in [Some(given), None, Some(unsampled)] {
+        h1.ready().await.unwrap();
+        let mut req = http::Request::builder()
+            .uri("/hello")
+            .header("host", "api.backend");
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        let resp = h1
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let tp = resp
+            .headers()
+            .get("x-seen-traceparent")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .expect("the backend got a traceparent");
+        let _ = resp.into_body().collect().await;
+        seen.push(TraceParent::parse(&tp).expect("a valid traceparent reached the backend"));
+    }
+    // Continued: the same trace, the proxy's span as the backend's parent.
+    assert_eq!(
+        to_hex(&seen[0].trace_id),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_ne!(to_hex(&seen[0].parent_id), "00f067aa0ba902b7");
+    // Started: a new sampled trace.
+    assert_ne!(seen[1].trace_id, seen[0].trace_id);
+    assert!(seen[1].sampled());
+    // Not sampled by the caller: passed on untouched.
+    assert_eq!(seen[2].header(), unsampled);
+    // Each L7 flow names its trace.
+    let records = m.records.lock().unwrap().clone();
+    let ids: Vec<Option<String>> = records.iter().map(|r| r.trace_id.clone()).collect();
+    assert_eq!(
+        ids,
+        seen.iter()
+            .map(|t| Some(to_hex(&t.trace_id)))
+            .collect::<Vec<_>>()
+    );
+    let flow = serde_json::to_value(crate::flows::from_http(
+        &records[0],
+        &crate::flows::EnrichmentIndex::default(),
+    ))
+    .unwrap();
+    assert_eq!(
+        flow["trace_context"]["parent"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{flow}"
+    );
+
+    // The spans of the two sampled requests reach the collector (the batch flushed now, not
+    // in its 5 s).
+    let ctx = m.ctx.clone();
+    tokio::task::spawn_blocking(move || ctx.http.tracing.get().unwrap().flush())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while spans.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let spans = spans.lock().unwrap().clone();
+    assert_eq!(spans.len(), 2, "two sampled requests, two spans: {spans:?}");
+    let (resource, first) = spans
+        .iter()
+        .find(|(_, s)| s.trace_id == seen[0].trace_id)
+        .expect("the continued trace's span");
+    assert_eq!(attr(resource, "service.name"), "nodeward");
+    assert_eq!(attr(resource, "host.name"), "node-1");
+    assert_eq!(
+        first.parent_span_id,
+        hex_bytes("00f067aa0ba902b7"),
+        "the caller's span is the parent"
+    );
+    assert_eq!(
+        first.span_id, seen[0].parent_id,
+        "the backend's parent is this span"
+    );
+    assert_eq!(first.kind, 3, "SPAN_KIND_CLIENT");
+    assert_eq!(first.name, "GET");
+    assert_eq!(attr(&first.attributes, "http.request.method"), "GET");
+    assert_eq!(attr(&first.attributes, "http.response.status_code"), "200");
+    assert_eq!(
+        attr(&first.attributes, "url.full"),
+        "http://api.backend/hello"
+    );
+    assert_eq!(attr(&first.attributes, "nodeward.route"), "backend/api");
+    assert_eq!(attr(&first.attributes, "server.address"), "api.backend");
+    assert!(first.end_time_unix_nano > first.start_time_unix_nano);
+    let (_, second) = spans
+        .iter()
+        .find(|(_, s)| s.trace_id == seen[1].trace_id)
+        .expect("the started trace's span");
+    assert!(second.parent_span_id.is_empty(), "a root span");
+    assert_eq!(second.span_id, seen[1].parent_id);
+}
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
