@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 use super::HttpRecord;
 use super::io::H2Io;
-use super::proxy::{Body, PodSocket, local, protocol, request_url};
+use super::proxy::{Body, PodSocket, grpc_local, is_grpc, local, protocol, request_url};
 use crate::ca::SpiffeId;
 use crate::policy::PeerFacts;
 use crate::tunnel::Context;
@@ -177,6 +177,7 @@ impl Conn {
                 }
             }
         };
+        let grpc = is_grpc(req.headers());
         let (resp, note) = if allowed {
             let upgrading = req.method() == http::Method::CONNECT
                 || (version != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE));
@@ -189,6 +190,12 @@ impl Conn {
             let _ = tokio::time::timeout(DRAIN_TIME, body.collect()).await;
             tracing::info!(source = %self.src, destination = %self.dst, client = %self.client, method = %method, url = %url, "HTTP: request refused by rules.http");
             (local(StatusCode::FORBIDDEN, "Access denied"), String::new())
+        };
+        let code = resp.status().as_u16();
+        let resp = if grpc && (!allowed || !note.is_empty()) {
+            grpc_local(resp.status(), if allowed { &note } else { "Access denied" })
+        } else {
+            resp
         };
         let view = self.ctx.view();
         let record = HttpRecord {
@@ -210,7 +217,7 @@ impl Conn {
             method,
             url,
             protocol: protocol(version),
-            code: resp.status().as_u16(),
+            code,
             latency: start.elapsed(),
             route: String::new(),
             note: if allowed { note } else { why },

@@ -190,6 +190,52 @@ pub(super) fn local(status: StatusCode, why: &str) -> Response<Body> {
     resp
 }
 
+/// Whether a request is gRPC (`content-type: application/grpc`, `application/grpc+proto`...).
+pub(super) fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The agent's own answer to a gRPC request: gRPC clients read `grpc-status`, not the HTTP
+/// status, so it is a trailers-only response (HTTP 200, `grpc-status` mapped from `status` as
+/// gRPC's HTTP-to-gRPC status table does, `grpc-message` the reason), as Envoy's local replies
+/// to gRPC are. The flow keeps the HTTP status the agent decided on.
+pub(super) fn grpc_local(status: StatusCode, why: &str) -> Response<Body> {
+    let code = match status.as_u16() {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    };
+    // Percent-encoded as the gRPC spec asks of grpc-message.
+    let mut message = String::with_capacity(why.len());
+    for b in why.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            message.push(char::from(b));
+        } else {
+            let _ = std::fmt::Write::write_fmt(&mut message, format_args!("%{b:02X}"));
+        }
+    }
+    let mut resp = Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", v);
+    }
+    resp
+}
+
 pub(super) fn protocol(v: Version) -> &'static str {
     match v {
         Version::HTTP_10 => "HTTP/1.0",
@@ -321,8 +367,14 @@ impl Conn {
         let upgrading = req.method() == http::Method::CONNECT
             || (version != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE));
         let on_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+        let grpc = is_grpc(req.headers());
         let (resp, rule_route, endpoint, note) = self.forward(req, on_upgrade).await;
         let code = resp.status().as_u16();
+        let resp = if grpc && !note.is_empty() {
+            grpc_local(resp.status(), &note)
+        } else {
+            resp
+        };
         let latency = start.elapsed();
         let view = self.ctx.view();
         let destination = endpoint.unwrap_or(self.dialled);

@@ -585,3 +585,110 @@ fn hex_bytes(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// A gRPC-shaped h2c "pod": `/pkg.Echo/Say` answers the request's message framed as gRPC
+/// does, with `grpc-status: 0` in the trailers, when the request came with `te: trailers`
+/// (as gRPC servers require); `/slow` answers after 2 s; anything else is UNIMPLEMENTED.
+async fn grpc_pod() -> SocketAddr {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = TcpListener::bind((POD, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let te = req.headers().get("te").cloned();
+                        let path = req.uri().path().to_owned();
+                        let message = req.into_body().collect().await.unwrap().to_bytes();
+                        if path == "/slow" {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        let (status, data) =
+                            match (path.as_str(), te.as_ref().map(|v| v.as_bytes())) {
+                                ("/pkg.Echo/Say", Some(b"trailers")) => ("0", message),
+                                ("/pkg.Echo/Say", _) => ("13", Bytes::new()),
+                                _ => ("12", Bytes::new()),
+                            };
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", status.parse().unwrap());
+                        let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+                            vec![Ok(Frame::data(data)), Ok(Frame::trailers(trailers))];
+                        let mut resp =
+                            http::Response::new(StreamBody::new(futures::stream::iter(frames)));
+                        resp.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        Ok::<_, Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_h2c_keeps_its_trailers_and_the_agents_answers_carry_grpc_status() {
+    let pod = grpc_pod().await;
+    let m = mesh(pod, routes(pod), None).await;
+    let io = TokioIo::new(TcpStream::connect(m.outbound).await.unwrap());
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let call = |path: &str| {
+        // One length-prefixed message: not compressed, 5 bytes.
+        let framed = Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("http://api.backend{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(framed))
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let resp = h2.send_request(call("/pkg.Echo/Say")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap();
+        let trailers = body.trailers().cloned().expect("trailers came through");
+        assert_eq!(
+            trailers["grpc-status"], "0",
+            "the pod saw te: trailers and answered OK"
+        );
+        assert_eq!(&body.to_bytes()[..], b"\x00\x00\x00\x00\x05hello");
+    }
+    let resp = h2.send_request(call("/pkg.Echo/Other")).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        body.trailers().unwrap()["grpc-status"],
+        "12",
+        "the pod's own status"
+    );
+    // The route's timeout: the agent's 504, as gRPC's UNAVAILABLE.
+    let started = Instant::now();
+    let resp = h2.send_request(call("/slow")).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(resp.status(), 200, "gRPC reads grpc-status");
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    assert!(
+        resp.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("timeouts.request"),
+        "{:?}",
+        resp.headers()
+    );
+    let records = m.records.lock().unwrap().clone();
+    let codes: Vec<u16> = records.iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        [200, 200, 200, 504],
+        "the flows keep the HTTP status"
+    );
+    assert!(records.iter().all(|r| r.protocol == "HTTP/2"));
+}
