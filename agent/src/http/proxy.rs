@@ -34,8 +34,12 @@ use crate::tunnel::{Context, Workload};
 
 pub(super) type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
-/// How long a request's head may take to arrive (HTTP/1.1).
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a request's head may take to arrive (HTTP/1.1); 1 s in unit tests.
+const HEADER_READ_TIMEOUT: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_secs(1)
+} else {
+    std::time::Duration::from_secs(10)
+};
 
 /// A client connection to one endpoint, over one HBONE stream.
 enum Upstream {
@@ -65,8 +69,14 @@ pub async fn serve(
     ctx: Arc<Context>,
     pool: Arc<Pool>,
 ) {
+    // hyper closes a client that trickles a request's head (its header timeout has no answer of
+    // its own): the 408 goes out through a second descriptor of the same socket, kept for that.
+    let spare = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned().ok();
     // Named for the TIME_WAIT removal at its end, as the L4 path does (`tunnel::timewait`).
     let stream = PodSocket::new(stream, ctx.clone());
+    let leftover = stream.leftover;
+    let unanswered = stream.unanswered.clone();
+    let reaper = stream.ctx.clone();
     let conn = Arc::new(Conn {
         ctx,
         pool,
@@ -87,13 +97,33 @@ pub async fn serve(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    if let Err(e) = builder
+    let served = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+        .await;
+    let slow = served.as_ref().is_err_and(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+    });
+    if let Err(e) = served {
         tracing::debug!(source = %peer, destination = %dialled, error = %e, "HTTP connection ended with an error");
     }
+    if let Some(fd) = spare {
+        let mut spare = std::net::TcpStream::from(fd);
+        // Only a head begun and never answered: an idle keep-alive connection just closes.
+        if slow && unanswered.load(std::sync::atomic::Ordering::Relaxed) {
+            // A few bytes into an empty send buffer (the socket is non-blocking): written at
+            // once, or not at all.
+            let _ = std::io::Write::write(&mut spare, REQUEST_TIMEOUT);
+        }
+        if let (Ok(spare), Some(leftover)) = (TcpStream::from_std(spare), leftover) {
+            reaper.time_wait.close(spare, &leftover, &reaper.stats);
+        }
+    }
 }
+
+/// The answer to a client whose request head did not arrive within [`HEADER_READ_TIMEOUT`].
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// The pod's socket, closed through the TIME_WAIT reaper when hyper is done with it: its local
 /// address is the destination pod's, and a TIME_WAIT with it in the node's namespace would
@@ -102,6 +132,8 @@ pub(crate) struct PodSocket {
     stream: Option<TcpStream>,
     leftover: Option<Leftover>,
     ctx: Arc<Context>,
+    /// Bytes came in since the agent last wrote: a request (head) not answered yet.
+    unanswered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PodSocket {
@@ -112,6 +144,7 @@ impl PodSocket {
             stream: Some(stream),
             leftover,
             ctx,
+            unanswered: Arc::default(),
         }
     }
 
@@ -136,10 +169,16 @@ impl tokio::io::AsyncRead for PodSocket {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.stream() {
+        let before = buf.filled().len();
+        let polled = match self.stream() {
             Ok(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Err(e) => std::task::Poll::Ready(Err(e)),
+        };
+        if buf.filled().len() > before {
+            self.unanswered
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        polled
     }
 }
 
@@ -149,6 +188,8 @@ impl tokio::io::AsyncWrite for PodSocket {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.unanswered
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         match self.stream() {
             Ok(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             Err(e) => std::task::Poll::Ready(Err(e)),

@@ -692,3 +692,177 @@ async fn grpc_over_h2c_keeps_its_trailers_and_the_agents_answers_carry_grpc_stat
     );
     assert!(records.iter().all(|r| r.protocol == "HTTP/2"));
 }
+
+/// A raw HTTP/1.1 "pod" for faults: after a request's head, `/reset-head` resets the connection
+/// before answering, `/reset-body` sends the head and half the body, then resets; anything
+/// else is answered `ok`.
+async fn faulty_pod() -> SocketAddr {
+    let listener = TcpListener::bind((POD, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    head.clear();
+                    let reset = |s: TcpStream| {
+                        let s = s.into_std().unwrap();
+                        socket2::SockRef::from(&s)
+                            .set_linger(Some(Duration::ZERO))
+                            .unwrap();
+                        drop(s);
+                    };
+                    if text.starts_with("GET /reset-head ") {
+                        reset(stream);
+                        return;
+                    }
+                    if text.starts_with("GET /reset-body ") {
+                        stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf")
+                            .await
+                            .unwrap();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        reset(stream);
+                        return;
+                    }
+                    if stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `request` on a new connection to `addr` and reads until the peer closes (or 5 s):
+/// what came back.
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_oversized_slow_and_reset_exchanges_get_400_431_408_502_and_stall_no_one() {
+    let pod = faulty_pod().await;
+    let m = mesh(pod, routes(pod), None).await;
+    let ok = async || {
+        let started = Instant::now();
+        let answer = raw_exchange(
+            m.outbound,
+            b"GET /fine HTTP/1.1\r\nhost: api.backend\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("ok"), "{answer:?}");
+        started.elapsed()
+    };
+    ok().await;
+
+    // A slow-loris client holds a connection with half a head; others are served meanwhile.
+    let mut slow = TcpStream::connect(m.outbound).await.unwrap();
+    slow.write_all(b"GET /fine HTTP/1.1\r\nhost: api.backend\r\n")
+        .await
+        .unwrap();
+    let slow_started = Instant::now();
+
+    // Malformed: a header line without a colon.
+    let bad = raw_exchange(
+        m.outbound,
+        b"GET / HTTP/1.1\r\nhost: api.backend\r\nthis is not a header\r\n\r\n",
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "malformed: {bad:?}");
+    // Oversized: more header fields than the proxy takes.
+    let mut big = b"GET / HTTP/1.1\r\nhost: api.backend\r\n".to_vec();
+    for i in 0..200 {
+        big.extend_from_slice(format!("x-filler-{i}: {}\r\n", "a".repeat(40)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    let large = raw_exchange(m.outbound, &big).await;
+    assert!(large.starts_with("HTTP/1.1 431"), "oversized: {large:?}");
+    // The backend resets before its answer: 502 from the agent.
+    let reset = raw_exchange(
+        m.outbound,
+        b"GET /reset-head HTTP/1.1\r\nhost: api.backend\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        reset.starts_with("HTTP/1.1 502"),
+        "reset before the answer: {reset:?}"
+    );
+    // ...or halfway through its body: the answer began, so the client's connection is cut
+    // (never a hang, never a complete-looking body).
+    let started = Instant::now();
+    let cut = raw_exchange(
+        m.outbound,
+        b"GET /reset-body HTTP/1.1\r\nhost: api.backend\r\n\r\n",
+    )
+    .await;
+    assert!(
+        cut.starts_with("HTTP/1.1 200") && cut.len() < cut.find("\r\n\r\n").unwrap() + 4 + 100,
+        "a truncated body, then the close: {cut:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cut after {:?}",
+        started.elapsed()
+    );
+    // None of it stalled an ordinary request.
+    let took = ok().await;
+    assert!(
+        took < Duration::from_millis(500),
+        "an ordinary request took {took:?}"
+    );
+
+    // The slow client gets its 408 after the header timeout (1 s in tests), then the close.
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer))
+        .await
+        .expect("the slow-loris connection is closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "slow-loris: {answer:?}");
+    let waited = slow_started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "408 after {waited:?}"
+    );
+    // An idle keep-alive connection is closed quietly, not answered 408.
+    let mut idle = TcpStream::connect(m.outbound).await.unwrap();
+    idle.write_all(b"GET /fine HTTP/1.1\r\nhost: api.backend\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 64];
+    let n = idle.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("408"),
+        "an idle connection got {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    let codes: Vec<u16> = m.records.lock().unwrap().iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        [200, 502, 200, 200, 200],
+        "one flow per request that reached the proxy (hyper answers 400, 431, 408 before one exists)"
+    );
+}
