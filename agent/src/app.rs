@@ -176,6 +176,9 @@ pub struct ServicesStatus {
     pub errors: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync_error: Option<String>,
+    /// Every mesh `HTTPRoute`'s conditions on this node (Accepted, ResolvedRefs,
+    /// PartiallyInvalid), with the manifest it came from.
+    pub routes: Vec<crate::http::routes::RouteStatus>,
 }
 
 /// Reads the datapath's per-CPU counters, summed (indices are `agent_common::COUNTER_*`),
@@ -1541,7 +1544,7 @@ impl Control {
         }
         self.sync_underlay(datapath, &inv, &wanted);
         phases.end("attach");
-        let services = self.sync_services(&inv);
+        let mut services = self.sync_services(&inv);
         self.sync_dns_upstream(datapath);
         self.last_compiled = result.is_ok().then(|| compiled.clone());
         phases.end("services");
@@ -1569,7 +1572,7 @@ impl Control {
                 &modes,
             ),
         };
-        view.http = self.sync_routes(&inv);
+        view.http = self.sync_routes(&inv, &mut services);
         let view = Arc::new(view);
         self.last_view = Some((view.clone(), modes));
         phases.end("view");
@@ -1766,7 +1769,11 @@ impl Control {
 
     /// The HTTP ports and their `HTTPRoute`s, against the Service table the kernel translates
     /// with. A bad field costs its match or rule and is reported with its file.
-    fn sync_routes(&mut self, inv: &Inventory) -> Arc<crate::http::RouteTable> {
+    fn sync_routes(
+        &mut self,
+        inv: &Inventory,
+        status: &mut ServicesStatus,
+    ) -> Arc<crate::http::RouteTable> {
         let services = self
             .shared
             .services
@@ -1782,6 +1789,14 @@ impl Control {
                 .unwrap_or_default();
             self.report(format!("{file}{e} (the rest of the route applies)"));
         }
+        status.routes = table
+            .status
+            .iter()
+            .map(|s| crate::http::routes::RouteStatus {
+                file: inv.origins.get(&s.object).map(|p| p.display().to_string()),
+                ..s.clone()
+            })
+            .collect();
         Arc::new(table)
     }
 

@@ -1580,6 +1580,33 @@ fn status_text(s: &serde_json::Value) -> String {
     if let Some(e) = svc["sync_error"].as_str() {
         let _ = writeln!(out, "  {e}");
     }
+    let routes = svc["routes"].as_array().cloned().unwrap_or_default();
+    if !routes.is_empty() {
+        let _ = writeln!(out, "\nHTTP routes: {}", routes.len());
+    }
+    for r in &routes {
+        let unhappy: Vec<&serde_json::Value> = r["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| (c["type"] == "PartiallyInvalid") == (c["status"] == "True"))
+            .collect();
+        for c in unhappy {
+            let _ = writeln!(
+                out,
+                "  {}{}: {} {} ({}): {}",
+                r["file"]
+                    .as_str()
+                    .map(|f| format!("{f}: "))
+                    .unwrap_or_default(),
+                r["object"].as_str().unwrap_or(""),
+                c["type"].as_str().unwrap_or(""),
+                c["status"].as_str().unwrap_or(""),
+                c["reason"].as_str().unwrap_or(""),
+                c["message"].as_str().unwrap_or(""),
+            );
+        }
+    }
     let _ = writeln!(out, "\nmaps:");
     for m in s["maps"].as_array().into_iter().flatten() {
         let entries = m["entries"].as_u64().unwrap_or(0);

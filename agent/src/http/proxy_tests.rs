@@ -162,6 +162,8 @@ spec:
   - matches: [{path: {value: /slow}}]
     backendRefs: [{name: api, port: 80}]
     timeouts: {request: 300ms}
+  - matches: [{path: {value: /ghost}}]
+    backendRefs: [{name: ghost, port: 80}]
   - matches: [{path: {value: /}}]
     filters:
     - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-env, value: mesh}]}}
@@ -175,7 +177,13 @@ spec:
         &BTreeMap::from([(r, Arc::new(route))]),
         &table,
     );
-    assert!(table.errors.is_empty(), "{:?}", table.errors);
+    let fields: Vec<&str> = table.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["spec.rules[1].backendRefs[0]"],
+        "only the missing Service: {:?}",
+        table.errors
+    );
     table
 }
 
@@ -806,6 +814,16 @@ async fn malformed_oversized_slow_and_reset_exchanges_get_400_431_408_502_and_st
         reset.starts_with("HTTP/1.1 502"),
         "reset before the answer: {reset:?}"
     );
+    // A backendRef to a Service that does not exist: 500, as the Gateway API says.
+    let ghost = raw_exchange(
+        m.outbound,
+        b"GET /ghost HTTP/1.1\r\nhost: api.backend\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        ghost.starts_with("HTTP/1.1 500"),
+        "missing backend Service: {ghost:?}"
+    );
     // ...or halfway through its body: the answer began, so the client's connection is cut
     // (never a hang, never a complete-looking body).
     let started = Instant::now();
@@ -862,7 +880,7 @@ async fn malformed_oversized_slow_and_reset_exchanges_get_400_431_408_502_and_st
     let codes: Vec<u16> = m.records.lock().unwrap().iter().map(|r| r.code).collect();
     assert_eq!(
         codes,
-        [200, 502, 200, 200, 200],
+        [200, 502, 500, 200, 200, 200],
         "one flow per request that reached the proxy (hyper answers 400, 431, 408 before one exists)"
     );
 }
