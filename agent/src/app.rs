@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub dns_proxy: Option<SocketAddr>,
     /// TTL floor, grace and per-name cap of the learned names.
     pub dns_cache: crate::dns::cache::CacheConfig,
+    /// `--trace-sample-rate`, `--otlp-endpoint`.
+    pub trace: crate::http::trace::TraceConfig,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -174,6 +176,9 @@ pub struct ServicesStatus {
     pub errors: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync_error: Option<String>,
+    /// Every mesh `HTTPRoute`'s conditions on this node (Accepted, ResolvedRefs,
+    /// PartiallyInvalid), with the manifest it came from.
+    pub routes: Vec<crate::http::routes::RouteStatus>,
 }
 
 /// Reads the datapath's per-CPU counters, summed (indices are `agent_common::COUNTER_*`),
@@ -640,6 +645,12 @@ fn start_tunnel(
                 shared.record(Arc::new(flow));
             }
         }));
+    let trace = crate::http::trace::Tracing::new(&config.trace, &config.node)
+        .context("starting the OTLP span exporter")?;
+    if config.trace.otlp_endpoint.is_some() {
+        tracing::info!(endpoint = ?config.trace.otlp_endpoint, sample_rate = config.trace.sample_rate, "HTTP: spans go to the OTLP collector");
+    }
+    let _ = ctx.http.tracing.set(trace);
     let (v4, v6) = tunnel::outbound::listeners().context("binding the outbound listeners")?;
     let listeners: Vec<(u32, std::net::TcpListener)> =
         std::iter::once((agent_common::mesh::PROXY_SOCKET_V4, v4))
@@ -1536,7 +1547,7 @@ impl Control {
         }
         self.sync_underlay(datapath, &inv, &wanted);
         phases.end("attach");
-        let services = self.sync_services(&inv);
+        let mut services = self.sync_services(&inv);
         self.sync_dns_upstream(datapath);
         self.last_compiled = result.is_ok().then(|| compiled.clone());
         phases.end("services");
@@ -1564,7 +1575,7 @@ impl Control {
                 &modes,
             ),
         };
-        view.http = self.sync_routes(&inv, &mut failures);
+        view.http = self.sync_routes(&inv, &mut failures, &mut services);
         let view = Arc::new(view);
         self.last_view = Some((view.clone(), modes));
         phases.end("view");
@@ -1760,13 +1771,15 @@ impl Control {
     }
 
     /// The HTTP ports and their `HTTPRoute`s, against the Service table the kernel translates
-    /// with. A bad field costs its match or rule and is reported with its file. A
-    /// `TrafficPolicy` with a bad field is a failure (`status.policies.failed`, its status in a
-    /// cluster) and its last good version stays in force.
+    /// with. A bad field costs its match or rule and is reported with its file; the routes'
+    /// conditions go to `status`. A `TrafficPolicy` with a bad field is a failure
+    /// (`status.policies.failed`, its status in a cluster) and its last good version stays in
+    /// force.
     fn sync_routes(
         &mut self,
         inv: &Inventory,
         failures: &mut Vec<Failure>,
+        status: &mut ServicesStatus,
     ) -> Arc<crate::http::RouteTable> {
         let services = self
             .shared
@@ -1803,6 +1816,14 @@ impl Control {
             object,
             error: lines.join("; "),
         }));
+        status.routes = table
+            .status
+            .iter()
+            .map(|s| crate::http::routes::RouteStatus {
+                file: inv.origins.get(&s.object).map(|p| p.display().to_string()),
+                ..s.clone()
+            })
+            .collect();
         Arc::new(table)
     }
 

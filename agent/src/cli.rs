@@ -154,6 +154,22 @@ struct AgentArgs {
         value_parser = humantime::parse_duration
     )]
     dns_ttl_grace: Duration,
+    /// HTTP tracing: the share (0 to 1) of proxied requests arriving without a W3C
+    /// `traceparent` that get a new, sampled trace (the backend sees the header; the L7 flow
+    /// names the trace id). A request that brings its own keeps it, whatever this says.
+    #[arg(
+        long,
+        env = "NODEWARD_TRACE_SAMPLE_RATE",
+        value_name = "RATE",
+        default_value_t = crate::http::trace::DEFAULT_SAMPLE_RATE
+    )]
+    trace_sample_rate: f64,
+    /// HTTP tracing: an OpenTelemetry collector's OTLP/HTTP endpoint (`http://HOST:4318`, or a
+    /// full `.../v1/traces` URL; plaintext). The proxy's span of each sampled request goes
+    /// there as protobuf, in batches. Unset: no spans are sent; `traceparent` is still passed
+    /// on and named on flows.
+    #[arg(long, env = "NODEWARD_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// The cgroup (v2 path) for socket-level programs (Service translation, DNS steering);
     /// never the machine's root cgroup. `auto`: the kubelet's pod cgroup (`kubepods.slice` or
     /// `kubepods`) under a cgroup v2 mount of the agent, an error when there is none.
@@ -868,6 +884,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
                 })
             })
             .transpose()?,
+        trace: crate::http::trace::TraceConfig::new(
+            args.trace_sample_rate,
+            args.otlp_endpoint.as_deref(),
+        )?,
         dns_proxy: args.dns_proxy_addr,
         dns_cache: crate::dns::cache::CacheConfig {
             min_ttl: args.dns_min_ttl,
@@ -1559,6 +1579,33 @@ fn status_text(s: &serde_json::Value) -> String {
     }
     if let Some(e) = svc["sync_error"].as_str() {
         let _ = writeln!(out, "  {e}");
+    }
+    let routes = svc["routes"].as_array().cloned().unwrap_or_default();
+    if !routes.is_empty() {
+        let _ = writeln!(out, "\nHTTP routes: {}", routes.len());
+    }
+    for r in &routes {
+        let unhappy: Vec<&serde_json::Value> = r["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| (c["type"] == "PartiallyInvalid") == (c["status"] == "True"))
+            .collect();
+        for c in unhappy {
+            let _ = writeln!(
+                out,
+                "  {}{}: {} {} ({}): {}",
+                r["file"]
+                    .as_str()
+                    .map(|f| format!("{f}: "))
+                    .unwrap_or_default(),
+                r["object"].as_str().unwrap_or(""),
+                c["type"].as_str().unwrap_or(""),
+                c["status"].as_str().unwrap_or(""),
+                c["reason"].as_str().unwrap_or(""),
+                c["message"].as_str().unwrap_or(""),
+            );
+        }
     }
     let _ = writeln!(out, "\nmaps:");
     for m in s["maps"].as_array().into_iter().flatten() {

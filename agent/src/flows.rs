@@ -281,8 +281,25 @@ pub struct Flow {
     /// HBONE); absent otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tunnel_local: bool,
+    /// The W3C trace of an L7 flow's request (Hubble's `trace_context.parent.trace_id`), when
+    /// it carried a `traceparent` or the proxy gave it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<TraceContext>,
     #[serde(rename = "Summary", default)]
     pub summary: Cow<'static, str>,
+}
+
+/// Hubble's `trace_context`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    pub parent: TraceParent,
+}
+
+/// Hubble's `trace_context.parent`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceParent {
+    /// 32 lowercase hex digits.
+    pub trace_id: String,
 }
 
 /// A DNS query and its answer, as Hubble's `l7.dns`.
@@ -686,6 +703,7 @@ pub fn from_event(ev: &FlowEvent, endpoints: &mut Endpoints, clock: &Clock) -> F
         destination_names: Vec::new(),
         destination_service,
         tunnel_local: false,
+        trace_context: None,
         summary: summary.into(),
     }
 }
@@ -761,6 +779,7 @@ pub fn from_tunnel(rec: &TunnelRecord, index: &EnrichmentIndex) -> Flow {
         destination_names: Vec::new(),
         destination_service: index.services.lookup(None, dst, rec.destination.port()),
         tunnel_local: rec.local,
+        trace_context: None,
         summary: match (rec.local, rec.note.is_empty()) {
             (false, true) => "HBONE".into(),
             (false, false) => format!("HBONE: {}", rec.note).into(),
@@ -791,6 +810,11 @@ pub fn from_http(rec: &crate::http::HttpRecord, index: &EnrichmentIndex) -> Flow
     };
     let mut flow = from_tunnel(&tunnel, index);
     flow.kind = "L7".into();
+    flow.trace_context = rec.trace_id.as_ref().map(|id| TraceContext {
+        parent: TraceParent {
+            trace_id: id.clone(),
+        },
+    });
     if !rec.note.is_empty() && rec.drop_reason.is_empty() {
         flow.drop_reason_desc = "PROXY_CONNECT_FAILED".into();
     }
@@ -916,6 +940,7 @@ pub fn from_dns(
             dst.port(),
         ),
         tunnel_local: false,
+        trace_context: None,
         l7: Some(Box::new(L7 {
             kind: "RESPONSE".into(),
             latency_ns: u64::try_from(rec.elapsed.as_nanos()).unwrap_or(u64::MAX),

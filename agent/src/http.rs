@@ -18,12 +18,14 @@
 //! * [`authz`]: the destination agent's per-request check of `rules.http`.
 //! * [`io`]: an HBONE stream as a byte stream for hyper's client.
 //! * [`traffic`]: the `TrafficPolicy` (connection pool, outlier detection, fault injection).
+//! * [`trace`]: W3C `traceparent` and the spans sent over OTLP.
 
 pub mod authz;
 pub mod gateway;
 pub mod io;
 pub mod proxy;
 pub mod routes;
+pub mod trace;
 pub mod traffic;
 
 #[cfg(test)]
@@ -82,6 +84,8 @@ pub struct HttpRecord {
     pub drop_reason: &'static str,
     /// The policy rule that allowed or refused the request, 0 when none decided.
     pub rule_id: u32,
+    /// The request's W3C trace id (32 hex digits), when it carried or was given one.
+    pub trace_id: Option<String>,
 }
 
 pub type HttpFlowSink = Arc<dyn Fn(&HttpRecord) + Send + Sync>;
@@ -180,6 +184,9 @@ pub struct HttpShared {
     pub flows: OnceLock<HttpFlowSink>,
     /// Connection pools and outlier state of the `TrafficPolicy`s.
     pub traffic: traffic::TrafficState,
+    /// Trace sampling and the span exporter; set once by `app.rs`. Unset: `traceparent` is
+    /// passed on and named on flows, none is made up.
+    pub tracing: OnceLock<trace::Tracing>,
 }
 
 impl Default for HttpShared {
@@ -189,6 +196,7 @@ impl Default for HttpShared {
             metrics: HttpMetrics::new().unwrap_or_else(|e| unreachable!("HTTP metrics: {e}")),
             flows: OnceLock::new(),
             traffic: traffic::TrafficState::default(),
+            tracing: OnceLock::new(),
         }
     }
 }

@@ -375,6 +375,9 @@ fn rules_http_allow_get_public_and_refuse_post_admin_with_403_and_a_flow() {
                 "403",
                 "--http-method",
                 "POST",
+                // Other tests' refusals (gRPC's POSTs) share the lab's flow history.
+                "--http-path",
+                "^/admin$",
             ],
         )
         .expect("node-2's flows");
@@ -887,4 +890,373 @@ fn a_mirror_gets_a_copy_of_every_request_and_its_answer_is_discarded() {
         "the copies are the requests: {text}"
     );
     let _ = std::fs::remove_file(&log);
+}
+
+/// A gRPC Service (port name `grpc`: HTTP by Istio's convention) to api-1's 50051, a route on
+/// it, and `rules.http` that let `web` call `/pkg.Echo/Say` only.
+const GRPC: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: grpc, namespace: backend}
+spec:
+  parentRefs: [{group: '', kind: Service, name: grpc, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /pkg.Echo}}]
+    backendRefs: [{name: grpc, port: 80}]
+---
+apiVersion: nodeward.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: grpc-say, namespace: backend}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web, nodeward.io/namespace: frontend}}]
+    toPorts:
+    - port: 50051
+      protocol: TCP
+      rules:
+        http:
+        - {method: POST, path: "/pkg\\.Echo/Say"}
+"#;
+
+const GRPC_PORT: u16 = 50051;
+
+type Spans = std::sync::Arc<
+    std::sync::Mutex<
+        Vec<(
+            Vec<opentelemetry_proto::tonic::common::v1::KeyValue>,
+            opentelemetry_proto::tonic::trace::v1::Span,
+        )>,
+    >,
+>;
+
+/// A gRPC-shaped echo on `listener`: `/pkg.Echo/*` answers the request's message with
+/// `grpc-status: 0` in the trailers, and the `traceparent` it got in `x-seen-traceparent`.
+async fn grpc_echo(listener: tokio::net::TcpListener) {
+    use http_body_util::{BodyExt as _, Full};
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                |req: http::Request<hyper::body::Incoming>| async move {
+                    let seen = req.headers().get("traceparent").cloned();
+                    let message = req.into_body().collect().await?.to_bytes();
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let body = Full::new(message).with_trailers(async { Some(Ok(trailers)) });
+                    let mut resp = http::Response::new(body);
+                    resp.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    if let Some(tp) = seen {
+                        resp.headers_mut().insert("x-seen-traceparent", tp);
+                    }
+                    Ok::<_, hyper::Error>(resp)
+                },
+            );
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// An OTLP/HTTP collector on `listener`: every span it is sent, with its resource's attributes.
+async fn otlp_collector(listener: tokio::net::TcpListener, spans: Spans) {
+    use http_body_util::{BodyExt as _, Full};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+    while let Ok((stream, _)) = listener.accept().await {
+        let spans = spans.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let spans = spans.clone();
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        if let Ok(export) = ExportTraceServiceRequest::decode(body) {
+                            for rs in export.resource_spans {
+                                let resource =
+                                    rs.resource.map(|r| r.attributes).unwrap_or_default();
+                                for ss in rs.scope_spans {
+                                    for span in ss.spans {
+                                        spans.lock().unwrap().push((resource.clone(), span));
+                                    }
+                                }
+                            }
+                        }
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(bytes::Bytes::new())))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn span_attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: &str) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    match attrs
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+    {
+        Some(V::StringValue(s)) => s.clone(),
+        Some(V::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// One unary gRPC call on `client`: (HTTP status, grpc-status, the echoed bytes, the
+/// traceparent the backend saw).
+async fn grpc_call(
+    client: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    method: &str,
+) -> Result<(u16, String, Vec<u8>, String), String> {
+    use http_body_util::BodyExt as _;
+    // One length-prefixed message: not compressed, 5 bytes.
+    let framed = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://grpc.backend/pkg.Echo/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(framed))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.send_request(req))
+        .await
+        .map_err(|_| "no answer in 5 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let seen = resp
+        .headers()
+        .get("x-seen-traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    // Trailers-only (the agent's own answer) carries grpc-status in the headers.
+    let head = resp.headers().get("grpc-status").cloned();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let grpc = body
+        .trailers()
+        .and_then(|t| t.get("grpc-status").cloned())
+        .or(head)
+        .and_then(|v| v.to_str().ok().map(str::to_owned))
+        .unwrap_or_default();
+    Ok((status, grpc, body.to_bytes().to_vec(), seen))
+}
+
+#[test]
+fn grpc_over_h2c_is_routed_checked_by_path_traced_and_its_spans_reach_an_otlp_collector() {
+    let mut lab = shared_lab();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The collector listens in node-1's namespace, where node-1's agent sends its spans.
+    let node1 = lab.node("node-1").clone();
+    let collector = nodeward_lab::sys::in_netns(&node1.netns, || {
+        std::net::TcpListener::bind((node1.ip4, 4318))
+    })
+    .unwrap()
+    .expect("the collector's port on node-1");
+    collector.set_nonblocking(true).unwrap();
+    let spans: Spans = std::sync::Arc::default();
+    {
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(collector).unwrap();
+        rt.spawn(otlp_collector(listener, spans.clone()));
+    }
+    // node-1's agent traces every request and exports (for this test only: stopped at its end,
+    // the next test's reset starts it with the lab's own flags).
+    lab.stop_agent("node-1").unwrap();
+    let endpoint = format!("http://{}:4318", node1.ip4);
+    lab.set_agent_args(&["--otlp-endpoint", &endpoint, "--trace-sample-rate", "1"]);
+    let started = lab.start_agent("node-1");
+    lab.set_agent_args(&[]);
+    started.expect("node-1's agent with --otlp-endpoint");
+    mesh_strict(&lab);
+    // The gRPC server: api-1 (node-2), so each call crosses the tunnel to node-2's agent,
+    // which checks rules.http.
+    let api = lab.pod("backend/api-1").clone();
+    let server = nodeward_lab::sys::in_netns(&api.netns, || {
+        std::net::TcpListener::bind((api.ip4, GRPC_PORT))
+    })
+    .unwrap()
+    .expect("the gRPC port on api-1");
+    server.set_nonblocking(true).unwrap();
+    {
+        let _guard = rt.enter();
+        rt.spawn(grpc_echo(
+            tokio::net::TcpListener::from_std(server).unwrap(),
+        ));
+    }
+    let grpc_vip = Ipv4Addr::new(10, 96, 3, 9);
+    let manifests = [
+        service(
+            &lab,
+            "grpc",
+            grpc_vip,
+            "grpc",
+            GRPC_PORT,
+            &["backend/api-1"],
+        ),
+        GRPC.to_owned(),
+    ];
+    lab.write_manifest("grpc", &manifests.join("---\n"))
+        .unwrap();
+
+    // The client: a connection from web-0's namespace to the pod (steered to node-1's proxy,
+    // routed as the `grpc` Service's backend), prior-knowledge h2c.
+    let web = lab.pod("frontend/web-0").clone();
+    let target = SocketAddr::from((api.ip4, GRPC_PORT));
+    let connect = || -> Result<
+        hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+        String,
+    > {
+        let stream = nodeward_lab::sys::in_netns(&web.netns, || {
+            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+            let (client, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(client)
+        })
+    };
+    let mut last = String::new();
+    let mut calls = Vec::new();
+    let enforced = eventually(SETTLE, Duration::from_millis(200), || {
+        let result = connect().and_then(|mut client| {
+            rt.block_on(async {
+                let say = grpc_call(&mut client, "Say").await?;
+                let admin = grpc_call(&mut client, "Admin").await?;
+                let again = grpc_call(&mut client, "Say").await?;
+                Ok(vec![say, admin, again])
+            })
+        });
+        match result {
+            Ok(c) => {
+                last = format!("{c:?}");
+                let ok = c[0].1 == "0" && c[1].1 == "7" && c[2].1 == "0";
+                calls = c;
+                ok
+            }
+            Err(e) => {
+                last = e;
+                false
+            }
+        }
+    });
+    assert!(
+        enforced,
+        "Say, Admin, Say on one h2c connection should get grpc-status 0, 7 (PERMISSION_DENIED), 0: {last}\n{}",
+        lab.agent_logs_tail(30)
+    );
+    assert_eq!(
+        calls[0].2, b"\x00\x00\x00\x00\x05hello",
+        "the message echoed"
+    );
+    assert!(
+        calls.iter().all(|c| c.0 == 200),
+        "gRPC answers are HTTP 200: {last}"
+    );
+    // Every request got a new trace at rate 1: the backend saw its traceparent.
+    let say_trace = calls[0]
+        .3
+        .split('-')
+        .nth(1)
+        .unwrap_or_else(|| panic!("the backend got no traceparent: {last}"))
+        .to_owned();
+
+    // Flows: node-1 routed the call (its trace named), node-2 refused Admin.
+    let routed = lab
+        .observe("node-1", &["--last", "50", "--http-path", "/pkg.Echo/Say"])
+        .expect("node-1's flows");
+    let flow = routed
+        .iter()
+        .find(|f| f["trace_context"]["parent"]["trace_id"] == say_trace.as_str())
+        .unwrap_or_else(|| panic!("no L7 flow on node-1 names trace {say_trace}: {routed:?}"));
+    assert_eq!(flow["l7"]["http"]["protocol"], "HTTP/2", "{flow}");
+    assert_eq!(flow["l7"]["http"]["route"], "backend/grpc", "{flow}");
+    assert_eq!(flow["verdict"], "FORWARDED", "{flow}");
+    let denied = lab
+        .observe(
+            "node-2",
+            &[
+                "--last",
+                "50",
+                "--http-path",
+                "/pkg.Echo/Admin",
+                "--http-status",
+                "403",
+            ],
+        )
+        .expect("node-2's flows");
+    let refused = denied
+        .iter()
+        .find(|f| f["verdict"] == "DROPPED")
+        .unwrap_or_else(|| panic!("no DROPPED flow for /pkg.Echo/Admin on node-2: {denied:?}"));
+    assert_eq!(refused["drop_reason_desc"], "POLICY_DENIED", "{refused}");
+    assert!(
+        refused["trace_context"]["parent"]["trace_id"].is_string(),
+        "the destination's flow names the trace too: {refused}"
+    );
+
+    // The spans: the batch leaves within the SDK's 5 s.
+    let got = eventually(Duration::from_secs(10), Duration::from_millis(200), || {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, s)| super_hex(&s.trace_id) == say_trace)
+    });
+    let all = spans.lock().unwrap().clone();
+    assert!(
+        got,
+        "no span of trace {say_trace} reached the collector ({} spans)",
+        all.len()
+    );
+    let (resource, span) = all
+        .iter()
+        .find(|(_, s)| super_hex(&s.trace_id) == say_trace)
+        .unwrap();
+    assert_eq!(span_attr(resource, "service.name"), "nodeward");
+    assert_eq!(span_attr(resource, "host.name"), "node-1");
+    assert_eq!(span_attr(&span.attributes, "http.request.method"), "POST");
+    assert_eq!(
+        span_attr(&span.attributes, "http.response.status_code"),
+        "200"
+    );
+    assert_eq!(
+        span_attr(&span.attributes, "nodeward.route"),
+        "backend/grpc"
+    );
+    assert!(
+        span_attr(&span.attributes, "url.full").ends_with("/pkg.Echo/Say"),
+        "{span:?}"
+    );
+    assert_eq!(
+        super_hex(&span.span_id),
+        calls[0].3.split('-').nth(2).unwrap_or_default(),
+        "the backend's parent is the proxy's span"
+    );
+
+    // Back to the lab's own flags for the next test.
+    lab.stop_agent("node-1").unwrap();
+}
+
+fn super_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -358,6 +358,7 @@ mod tests {
             destination_names: Vec::new(),
             destination_service: None,
             tunnel_local: false,
+            trace_context: None,
             summary: "".into(),
         }
     }

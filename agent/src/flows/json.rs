@@ -85,6 +85,7 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
         destination_names,
         destination_service,
         tunnel_local,
+        trace_context,
         summary,
     } = flow;
     out.extend_from_slice(b"{\"time\":");
@@ -140,6 +141,11 @@ fn flow_with(out: &mut Vec<u8>, flow: &Flow, w: &mut LineWriter) {
     }
     if *tunnel_local {
         out.extend_from_slice(b",\"tunnel_local\":true");
+    }
+    if let Some(t) = trace_context {
+        out.extend_from_slice(b",\"trace_context\":{\"parent\":{\"trace_id\":");
+        string(out, &t.parent.trace_id);
+        out.extend_from_slice(b"}}");
     }
     out.extend_from_slice(b",\"Summary\":");
     string(out, summary);
@@ -498,6 +504,11 @@ mod tests {
                     })
                 }),
                 tunnel_local: full,
+                trace_context: full.then(|| super::super::TraceContext {
+                    parent: super::super::TraceParent {
+                        trace_id: tricky.to_owned(),
+                    },
+                }),
                 summary: tricky.to_owned().into(),
             };
             assert_eq!(

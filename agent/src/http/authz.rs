@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 use super::HttpRecord;
 use super::io::H2Io;
-use super::proxy::{Body, HOP_BY_HOP, PodSocket, local, protocol, request_url};
+use super::proxy::{Body, PodSocket, grpc_local, is_grpc, local, protocol, request_url};
 use crate::ca::SpiffeId;
 use crate::policy::PeerFacts;
 use crate::tunnel::Context;
@@ -150,6 +150,13 @@ impl Conn {
         let version = req.version();
         let method = req.method().to_string();
         let url = request_url(&req);
+        // The source agent's proxy continued or started the trace: named on this flow too.
+        let trace_id = req
+            .headers()
+            .get(super::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::trace::TraceParent::parse)
+            .map(|t| super::trace::to_hex(&t.trace_id));
         let (allowed, rule_id, why) = match requests(&self.ctx, &self.client, self.src, self.dst) {
             Requests::Any => (true, 0, String::new()),
             Requests::Denied(rule) => (false, rule, "the connection is no longer allowed".into()),
@@ -170,6 +177,7 @@ impl Conn {
                 }
             }
         };
+        let grpc = is_grpc(req.headers());
         let (resp, note) = if allowed {
             let upgrading = req.method() == http::Method::CONNECT
                 || (version != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE));
@@ -182,6 +190,12 @@ impl Conn {
             let _ = tokio::time::timeout(DRAIN_TIME, body.collect()).await;
             tracing::info!(source = %self.src, destination = %self.dst, client = %self.client, method = %method, url = %url, "HTTP: request refused by rules.http");
             (local(StatusCode::FORBIDDEN, "Access denied"), String::new())
+        };
+        let code = resp.status().as_u16();
+        let resp = if grpc && (!allowed || !note.is_empty()) {
+            grpc_local(resp.status(), if allowed { &note } else { "Access denied" })
+        } else {
+            resp
         };
         let view = self.ctx.view();
         let record = HttpRecord {
@@ -203,13 +217,14 @@ impl Conn {
             method,
             url,
             protocol: protocol(version),
-            code: resp.status().as_u16(),
+            code,
             latency: start.elapsed(),
             route: String::new(),
             note: if allowed { note } else { why },
             direction: DIR_INGRESS,
             drop_reason: if allowed { "" } else { "POLICY_DENIED" },
             rule_id,
+            trace_id,
         };
         drop(view);
         if let Some(sink) = self.ctx.http.flows.get() {
@@ -227,9 +242,7 @@ impl Conn {
     ) -> (Response<Body>, String) {
         let (mut parts, body) = req.into_parts();
         if on_upgrade.is_none() {
-            for name in &HOP_BY_HOP {
-                parts.headers.remove(name);
-            }
+            super::proxy::strip_hop_by_hop(&mut parts.headers);
         }
         let h2 = parts.version == Version::HTTP_2;
         let req = Request::from_parts(parts, body);

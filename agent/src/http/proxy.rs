@@ -34,8 +34,12 @@ use crate::tunnel::{Context, Workload};
 
 pub(super) type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
-/// How long a request's head may take to arrive (HTTP/1.1).
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a request's head may take to arrive (HTTP/1.1); 1 s in unit tests.
+const HEADER_READ_TIMEOUT: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_secs(1)
+} else {
+    std::time::Duration::from_secs(10)
+};
 
 /// A client connection to one endpoint, over one HBONE stream.
 enum Upstream {
@@ -67,8 +71,14 @@ pub async fn serve(
     ctx: Arc<Context>,
     pool: Arc<Pool>,
 ) {
+    // hyper closes a client that trickles a request's head (its header timeout has no answer of
+    // its own): the 408 goes out through a second descriptor of the same socket, kept for that.
+    let spare = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned().ok();
     // Named for the TIME_WAIT removal at its end, as the L4 path does (`tunnel::timewait`).
     let stream = PodSocket::new(stream, ctx.clone());
+    let leftover = stream.leftover;
+    let unanswered = stream.unanswered.clone();
+    let reaper = stream.ctx.clone();
     let conn = Arc::new(Conn {
         ctx,
         pool,
@@ -90,13 +100,33 @@ pub async fn serve(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    if let Err(e) = builder
+    let served = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+        .await;
+    let slow = served.as_ref().is_err_and(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+    });
+    if let Err(e) = served {
         tracing::debug!(source = %peer, destination = %dialled, error = %e, "HTTP connection ended with an error");
     }
+    if let Some(fd) = spare {
+        let mut spare = std::net::TcpStream::from(fd);
+        // Only a head begun and never answered: an idle keep-alive connection just closes.
+        if slow && unanswered.load(std::sync::atomic::Ordering::Relaxed) {
+            // A few bytes into an empty send buffer (the socket is non-blocking): written at
+            // once, or not at all.
+            let _ = std::io::Write::write(&mut spare, REQUEST_TIMEOUT);
+        }
+        if let (Ok(spare), Some(leftover)) = (TcpStream::from_std(spare), leftover) {
+            reaper.time_wait.close(spare, &leftover, &reaper.stats);
+        }
+    }
 }
+
+/// The answer to a client whose request head did not arrive within [`HEADER_READ_TIMEOUT`].
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// The pod's socket, closed through the TIME_WAIT reaper when hyper is done with it: its local
 /// address is the destination pod's, and a TIME_WAIT with it in the node's namespace would
@@ -105,6 +135,8 @@ pub(crate) struct PodSocket {
     stream: Option<TcpStream>,
     leftover: Option<Leftover>,
     ctx: Arc<Context>,
+    /// Bytes came in since the agent last wrote: a request (head) not answered yet.
+    unanswered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PodSocket {
@@ -115,6 +147,7 @@ impl PodSocket {
             stream: Some(stream),
             leftover,
             ctx,
+            unanswered: Arc::default(),
         }
     }
 
@@ -139,10 +172,16 @@ impl tokio::io::AsyncRead for PodSocket {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.stream() {
+        let before = buf.filled().len();
+        let polled = match self.stream() {
             Ok(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Err(e) => std::task::Poll::Ready(Err(e)),
+        };
+        if buf.filled().len() > before {
+            self.unanswered
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        polled
     }
 }
 
@@ -152,6 +191,8 @@ impl tokio::io::AsyncWrite for PodSocket {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.unanswered
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         match self.stream() {
             Ok(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             Err(e) => std::task::Poll::Ready(Err(e)),
@@ -190,6 +231,52 @@ pub(super) fn local(status: StatusCode, why: &str) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    resp
+}
+
+/// Whether a request is gRPC (`content-type: application/grpc`, `application/grpc+proto`...).
+pub(super) fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The agent's own answer to a gRPC request: gRPC clients read `grpc-status`, not the HTTP
+/// status, so it is a trailers-only response (HTTP 200, `grpc-status` mapped from `status` as
+/// gRPC's HTTP-to-gRPC status table does, `grpc-message` the reason), as Envoy's local replies
+/// to gRPC are. The flow keeps the HTTP status the agent decided on.
+pub(super) fn grpc_local(status: StatusCode, why: &str) -> Response<Body> {
+    let code = match status.as_u16() {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    };
+    // Percent-encoded as the gRPC spec asks of grpc-message.
+    let mut message = String::with_capacity(why.len());
+    for b in why.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            message.push(char::from(b));
+        } else {
+            let _ = std::fmt::Write::write_fmt(&mut message, format_args!("%{b:02X}"));
+        }
+    }
+    let mut resp = Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", v);
+    }
     resp
 }
 
@@ -296,17 +383,42 @@ pub(super) const HOP_BY_HOP: [header::HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// Drops the [`HOP_BY_HOP`] headers, but keeps `te: trailers`: HTTP/2 allows that one value
+/// (RFC 9113 8.2.2), and gRPC servers check for it.
+pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
 impl Conn {
     async fn request(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
+        let started = std::time::SystemTime::now();
         let version = req.version();
         let method = req.method().to_string();
+        // The trace goes on (or starts) before routing, so a retry or a mirror carries it too.
+        let trace =
+            super::trace::Tracing::begin(self.ctx.http.tracing.get(), req.headers_mut(), &method);
         let url = request_url(&req);
         let upgrading = req.method() == http::Method::CONNECT
             || (version != Version::HTTP_2 && req.headers().contains_key(header::UPGRADE));
         let on_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+        let grpc = is_grpc(req.headers());
         let (resp, rule_route, endpoint, note) = self.forward(req, on_upgrade).await;
         let code = resp.status().as_u16();
+        let resp = if grpc && !note.is_empty() {
+            grpc_local(resp.status(), &note)
+        } else {
+            resp
+        };
         let latency = start.elapsed();
         let view = self.ctx.view();
         let destination = endpoint.unwrap_or(self.dialled);
@@ -334,8 +446,30 @@ impl Conn {
             direction: agent_common::DIR_EGRESS,
             drop_reason: "",
             rule_id: 0,
+            trace_id: trace.as_ref().map(super::trace::RequestTrace::trace_id_hex),
         };
         drop(view);
+        if let Some(trace) = trace {
+            trace.finish(&super::trace::Finished {
+                method: &record.method,
+                url: &record.url,
+                protocol: if version == Version::HTTP_2 {
+                    "2"
+                } else {
+                    "1.1"
+                },
+                code,
+                route: &record.route,
+                service: &format!(
+                    "{}.{}",
+                    self.service.service.name, self.service.service.namespace
+                ),
+                source: &record.source_spiffe_id,
+                destination,
+                note: &record.note,
+                end: started + latency,
+            });
+        }
         let sa = self
             .source
             .identity
@@ -402,9 +536,7 @@ impl Conn {
             );
         }
         if on_upgrade.is_none() {
-            for name in &HOP_BY_HOP {
-                parts.headers.remove(name);
-            }
+            strip_hop_by_hop(&mut parts.headers);
         }
         // `TrafficPolicy` fault injection on the dialled Service (VirtualService's place).
         if let Some(policy) = table.traffic.get(&self.service.service)

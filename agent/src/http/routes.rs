@@ -69,6 +69,116 @@ pub struct RouteError {
     pub object: String,
     pub field: String,
     pub message: String,
+    /// The Gateway API condition reason it sets (see [`RouteStatus`]).
+    pub reason: Reason,
+}
+
+/// Why a route's condition is not the happy one (Gateway API reasons, as GAMMA uses them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Reason {
+    /// `Accepted: False`: a Service parent that does not exist or has no such HTTP port.
+    NoMatchingParent,
+    /// `ResolvedRefs: False`: a backendRef to a Service that does not exist (its share of the
+    /// requests answers 500).
+    BackendNotFound,
+    /// `ResolvedRefs: False`: a backendRef that is not a Service.
+    InvalidKind,
+    /// `PartiallyInvalid: True`: a field the agent cannot apply (a bad regular expression,
+    /// weights that are all 0, an unsupported filter...); the rest of the route applies.
+    UnsupportedValue,
+}
+
+/// One condition of a route's status, as `metav1.Condition` has it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// `True` or `False`.
+    pub status: &'static str,
+    pub reason: String,
+    pub message: String,
+}
+
+/// A route's status on this node, per Gateway API: `Accepted`, `ResolvedRefs` and, when some
+/// of its rules could not be applied, `PartiallyInvalid`. The messages name the fields.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RouteStatus {
+    /// `HTTPRoute ns/name`.
+    pub object: String,
+    /// The manifest it was read from (standalone mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The Service ports it attached to (`ns/name:port`).
+    pub parents: Vec<String>,
+    pub conditions: Vec<Condition>,
+}
+
+impl RouteStatus {
+    /// The conditions of `object`, from its errors (`errors` holds only this route's).
+    fn of(object: String, parents: Vec<String>, errors: &[&RouteError]) -> Self {
+        let said = |reasons: &[Reason]| -> Option<(Reason, String)> {
+            let hits: Vec<&&RouteError> = errors
+                .iter()
+                .filter(|e| reasons.contains(&e.reason))
+                .collect();
+            let first = hits.first()?;
+            let message = hits
+                .iter()
+                .map(|e| format!("field {}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            Some((first.reason, message))
+        };
+        let condition = |kind, ok: bool, reason: String, message: String| Condition {
+            kind,
+            status: if ok { "True" } else { "False" },
+            reason,
+            message,
+        };
+        let mut conditions = Vec::new();
+        conditions.push(match said(&[Reason::NoMatchingParent]) {
+            Some((r, m)) if parents.is_empty() => condition("Accepted", false, format!("{r:?}"), m),
+            Some((_, m)) => condition(
+                "Accepted",
+                true,
+                "Accepted".into(),
+                format!(
+                    "attached to {}; not to every parent: {m}",
+                    parents.join(", ")
+                ),
+            ),
+            None => condition(
+                "Accepted",
+                true,
+                "Accepted".into(),
+                format!("attached to {}", parents.join(", ")),
+            ),
+        });
+        conditions.push(
+            match said(&[Reason::BackendNotFound, Reason::InvalidKind]) {
+                Some((r, m)) => condition("ResolvedRefs", false, format!("{r:?}"), m),
+                None => condition("ResolvedRefs", true, "ResolvedRefs".into(), String::new()),
+            },
+        );
+        if let Some((r, m)) = said(&[Reason::UnsupportedValue]) {
+            conditions.push(condition("PartiallyInvalid", true, format!("{r:?}"), m));
+        }
+        Self {
+            object,
+            file: None,
+            parents,
+            conditions,
+        }
+    }
+
+    /// Whether every condition is the happy one.
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        self.conditions.iter().all(|c| match c.kind {
+            "PartiallyInvalid" => c.status == "False",
+            _ => c.status == "True",
+        })
+    }
 }
 
 impl std::fmt::Display for RouteError {
@@ -319,6 +429,8 @@ pub struct RouteTable {
     /// The `TrafficPolicy` of each Service that has one (see [`super::traffic`]).
     pub traffic: HashMap<ObjectRef, Arc<Resilience>>,
     pub errors: Vec<RouteError>,
+    /// Every mesh route's conditions, in the order of `ns/name`.
+    pub status: Vec<RouteStatus>,
 }
 
 impl RouteTable {
@@ -375,6 +487,24 @@ impl RouteTable {
         }
         for (r, route) in routes {
             compile_route(r, route, services, &mut http, &mut out);
+        }
+        // Each mesh route's conditions (a route with Gateway parents only is another
+        // controller's).
+        for (r, route) in routes {
+            if !route
+                .spec
+                .parent_refs
+                .iter()
+                .any(|p| p.kind.as_deref() == Some("Service"))
+            {
+                continue;
+            }
+            let object = format!("HTTPRoute {r}");
+            let errors: Vec<&RouteError> =
+                out.errors.iter().filter(|e| e.object == object).collect();
+            let parents = out.routes.get(&r.to_string()).cloned().unwrap_or_default();
+            let status = RouteStatus::of(object, parents, &errors);
+            out.status.push(status);
         }
         // Which HTTP port a backend's connections came through. Without the kernel's record
         // of the dialled frontend, a backend address alone cannot say whether the pod dialled
@@ -458,11 +588,12 @@ fn compile_route(
     out: &mut RouteTable,
 ) {
     let object = format!("HTTPRoute {r}");
-    let mut error = |field: String, message: String| {
+    let mut error_as = |reason: Reason, field: String, message: String| {
         out.errors.push(RouteError {
             object: object.clone(),
             field,
             message,
+            reason,
         });
     };
     // Parents: the Service ports this route attaches to.
@@ -476,7 +607,8 @@ fn compile_route(
         }
         let group = parent.group.as_deref().unwrap_or("");
         if !matches!(group, "" | "core") {
-            error(
+            error_as(
+                Reason::NoMatchingParent,
                 format!("spec.parentRefs[{i}].group"),
                 format!("a Service parent is in the core group \"\", not {group:?}"),
             );
@@ -507,7 +639,11 @@ fn compile_route(
             } else {
                 format!("no Service {service}")
             };
-            error(format!("spec.parentRefs[{i}]"), why);
+            error_as(
+                Reason::NoMatchingParent,
+                format!("spec.parentRefs[{i}]"),
+                why,
+            );
         }
         parents.extend(ports);
     }
@@ -541,7 +677,7 @@ fn compile_route(
                 "RequestMirror" => {
                     let Some(m) = &filter.request_mirror else {
                         let why = "type RequestMirror needs its requestMirror field".to_owned();
-                        error(field, why.clone());
+                        error_as(Reason::UnsupportedValue, field, why.clone());
                         compiled.invalid = Some(why);
                         continue;
                     };
@@ -576,7 +712,7 @@ fn compile_route(
                             } else {
                                 format!("{field}.requestMirror.backendRef.{f}")
                             };
-                            error(f, why);
+                            error_as(Reason::UnsupportedValue, f, why);
                         }
                         (None, None) => {}
                     }
@@ -586,14 +722,18 @@ fn compile_route(
                     let why = format!(
                         "filter type {other:?} is not supported yet (RequestHeaderModifier, ResponseHeaderModifier and RequestMirror are); the rule answers 500"
                     );
-                    error(format!("{field}.type"), why.clone());
+                    error_as(
+                        Reason::UnsupportedValue,
+                        format!("{field}.type"),
+                        why.clone(),
+                    );
                     compiled.invalid = Some(why);
                     continue;
                 }
             };
             let Some((modifier, changes, part)) = modifier else {
                 let why = format!("type {} needs its {{}} field", filter.kind);
-                error(field, why.clone());
+                error_as(Reason::UnsupportedValue, field, why.clone());
                 compiled.invalid = Some(why);
                 continue;
             };
@@ -604,7 +744,11 @@ fn compile_route(
                     changes.remove.extend(c.remove);
                 }
                 Err((f, why)) => {
-                    error(format!("{field}.{part}.{f}"), why.clone());
+                    error_as(
+                        Reason::UnsupportedValue,
+                        format!("{field}.{part}.{f}"),
+                        why.clone(),
+                    );
                     compiled.invalid = Some(why);
                 }
             }
@@ -614,14 +758,16 @@ fn compile_route(
             let group = b.group.as_deref().unwrap_or("");
             let kind = b.kind.as_deref().unwrap_or("Service");
             if !matches!(group, "" | "core") || kind != "Service" {
-                error(
+                error_as(
+                    Reason::InvalidKind,
                     format!("{field}.kind"),
                     format!("only Services are backends, not {group:?}/{kind}"),
                 );
                 continue;
             }
             let Some(port) = b.port else {
-                error(
+                error_as(
+                    Reason::UnsupportedValue,
                     format!("{field}.port"),
                     "a Service backend needs its port".into(),
                 );
@@ -629,11 +775,16 @@ fn compile_route(
             };
             let weight = b.weight.unwrap_or(1);
             let Ok(weight) = u32::try_from(weight) else {
-                error(format!("{field}.weight"), format!("{weight} is negative"));
+                error_as(
+                    Reason::UnsupportedValue,
+                    format!("{field}.weight"),
+                    format!("{weight} is negative"),
+                );
                 continue;
             };
             if !b.filters.is_empty() {
-                error(
+                error_as(
+                    Reason::UnsupportedValue,
                     format!("{field}.filters"),
                     "filters on a backendRef are not supported yet; ignored".into(),
                 );
@@ -644,7 +795,8 @@ fn compile_route(
             };
             if !services.contains_key(&service) {
                 // Kept: its share of the requests gets 500, as the Gateway API specifies.
-                error(
+                error_as(
+                    Reason::BackendNotFound,
                     field.clone(),
                     format!("no Service {service}; its share of the requests answers 500"),
                 );
@@ -654,13 +806,20 @@ fn compile_route(
                 weight,
             });
         }
+        if !compiled.backends.is_empty() && compiled.backends.iter().all(|b| b.weight == 0) {
+            error_as(
+                Reason::UnsupportedValue,
+                at("backendRefs"),
+                "every backendRef has weight 0; the rule answers 500".into(),
+            );
+        }
         if let Some(t) = &rule.timeouts
             && let Some(request) = &t.request
         {
             match gateway::parse_duration(request) {
                 Ok(d) if d.is_zero() => {}
                 Ok(d) => compiled.timeout = Some(d),
-                Err(why) => error(at("timeouts.request"), why),
+                Err(why) => error_as(Reason::UnsupportedValue, at("timeouts.request"), why),
             }
         }
         if let Some(t) = &rule.timeouts
@@ -669,11 +828,13 @@ fn compile_route(
             match gateway::parse_duration(backend) {
                 Ok(d) if d.is_zero() => {}
                 Ok(d) => compiled.backend_timeout = Some(d),
-                Err(why) => error(at("timeouts.backendRequest"), why),
+                Err(why) => error_as(Reason::UnsupportedValue, at("timeouts.backendRequest"), why),
             }
         }
         if let Some(retry) = &rule.retry {
-            compiled.retry = compile_retry(retry, &at("retry"), &mut error);
+            compiled.retry = compile_retry(retry, &at("retry"), &mut |f, m| {
+                error_as(Reason::UnsupportedValue, f, m);
+            });
         }
         let rule_arc = Arc::new(compiled);
         let default_match = [HttpRouteMatch::default()];
@@ -701,7 +862,11 @@ fn compile_route(
                         }
                     }
                 }
-                Err((f, why)) => error(at(&format!("matches[{mi}].{f}")), why),
+                Err((f, why)) => error_as(
+                    Reason::UnsupportedValue,
+                    at(&format!("matches[{mi}].{f}")),
+                    why,
+                ),
             }
         }
     }

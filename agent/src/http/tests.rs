@@ -354,6 +354,110 @@ spec:
 }
 
 #[test]
+fn route_status_has_gamma_conditions_naming_the_fields() {
+    let table = build(
+        r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mixed, namespace: shop}
+spec:
+  parentRefs:
+  - {kind: Service, group: '', name: web}
+  - {kind: Service, group: '', name: nosuch}
+  rules:
+  - matches: [{path: {type: RegularExpression, value: '(unclosed'}}, {path: {value: /ok}}]
+    backendRefs: [{name: web-v1, port: 80}]
+  - matches: [{path: {value: /ghost}}]
+    backendRefs: [{name: ghost, port: 80}]
+  - matches: [{path: {value: /zero}}]
+    backendRefs: [{name: web-v1, port: 80, weight: 0}, {name: web-v2, port: 80, weight: 0}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: fine, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: '', name: web}]
+  rules:
+  - backendRefs: [{name: web-v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orphan, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: '', name: nosuch}]
+  rules:
+  - backendRefs: [{name: web-v1, port: 80, kind: ConfigMap}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: gateway-only, namespace: shop}
+spec:
+  parentRefs: [{name: edge}]
+",
+    );
+    let of = |name: &str| {
+        table
+            .status
+            .iter()
+            .find(|s| s.object == format!("HTTPRoute shop/{name}"))
+            .unwrap_or_else(|| panic!("no status for {name}: {:?}", table.status))
+    };
+    let condition =
+        |name: &str, kind: &str| of(name).conditions.iter().find(|c| c.kind == kind).cloned();
+    assert!(
+        !table
+            .status
+            .iter()
+            .any(|s| s.object.ends_with("gateway-only")),
+        "a Gateway's route is not the mesh's"
+    );
+    assert!(of("fine").ok(), "{:?}", of("fine"));
+
+    let mixed = of("mixed");
+    assert!(!mixed.ok());
+    let accepted = condition("mixed", "Accepted").unwrap();
+    assert_eq!(
+        (accepted.status, accepted.reason.as_str()),
+        ("True", "Accepted")
+    );
+    assert!(
+        accepted.message.contains("spec.parentRefs[1]"),
+        "{accepted:?}"
+    );
+    let refs = condition("mixed", "ResolvedRefs").unwrap();
+    assert_eq!(
+        (refs.status, refs.reason.as_str()),
+        ("False", "BackendNotFound")
+    );
+    assert!(
+        refs.message.contains("spec.rules[1].backendRefs[0]"),
+        "{refs:?}"
+    );
+    let partly = condition("mixed", "PartiallyInvalid").unwrap();
+    assert_eq!(
+        (partly.status, partly.reason.as_str()),
+        ("True", "UnsupportedValue")
+    );
+    for field in [
+        "spec.rules[0].matches[0].path.value",
+        "spec.rules[2].backendRefs",
+    ] {
+        assert!(partly.message.contains(field), "{field} in {partly:?}");
+    }
+    assert!(partly.message.contains("weight 0"), "{partly:?}");
+
+    let orphan = condition("orphan", "Accepted").unwrap();
+    assert_eq!(
+        (orphan.status, orphan.reason.as_str()),
+        ("False", "NoMatchingParent")
+    );
+    assert!(
+        orphan.message.contains("no Service shop/nosuch"),
+        "{orphan:?}"
+    );
+}
+
+#[test]
 fn header_modifiers_set_add_and_remove() {
     let table = build(
         r"

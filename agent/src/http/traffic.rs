@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::gateway::parse_duration;
-use super::routes::RouteError;
+use super::routes::{Reason, RouteError};
 use crate::policy::ObjectRef;
 use crate::policy::crd::PolicyStatus;
 
@@ -420,6 +420,7 @@ impl Attached {
                             object: object.clone(),
                             field,
                             message: format!("{message}{tail}"),
+                            reason: Reason::UnsupportedValue,
                         });
                     }
                     if let Some((created, c)) = kept {
@@ -439,6 +440,7 @@ impl Attached {
                         object: object.clone(),
                         field,
                         message: format!("no Service {target}; the other targets apply"),
+                        reason: Reason::BackendNotFound,
                     });
                     continue;
                 }
@@ -449,6 +451,7 @@ impl Attached {
                         message: format!(
                             "Service {target} already has TrafficPolicy {first} (the older one applies)"
                         ),
+                        reason: Reason::UnsupportedValue,
                     });
                     continue;
                 }
