@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use nodeward_lab::load::Process;
-use nodeward_lab::manifests::documents;
+use nodeward_lab::manifests::{documents, pod_service};
 use nodeward_lab::{Lab, PodState, netpol, sys, wait};
 use serde_json::json;
 
@@ -39,10 +39,16 @@ use crate::bench::{CLK_TCK, Machine, ReleaseLab, agent_kib, in_pod, median, rele
 
 const CLIENT: &str = "frontend/web-0";
 const SERVER: &str = "backend/api-1";
-/// The server's ports: the route's two backends (the L4 Service and the no-agent runs use the
-/// first).
+/// The server's ports: the route's two backends, and the L4 Service's (which the no-agent runs
+/// dial directly). Each its own: the agent takes a connection to a backend of a routed Service
+/// port for a request to that Service (README: HTTP routes, the limitation until the kernel says
+/// which Service was dialled), so the L4 path must not reach the route's backends.
 const V1_PORT: u16 = 8081;
 const V2_PORT: u16 = 8082;
+const L4_PORT: u16 = 8083;
+/// The 100 routes' Services' target ports (nothing listens there: their routes send to the
+/// route's two backends), one each for the same reason.
+const ROUTES_FIRST_PORT: u16 = 10_000;
 /// ClusterIPs: the route's parent, its two backends, the L4 Service; the 100 routes' Services
 /// are 10.96.6.x.
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 5, 1);
@@ -263,31 +269,7 @@ pub fn run(quick: bool) -> Result<()> {
 
 /// A Service at `vip:80` whose port is named `port_name`, to `target` on `server`.
 fn service(name: &str, vip: Ipv4Addr, port_name: &str, target: u16, server: &PodState) -> String {
-    documents([
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": { "name": name, "namespace": server.namespace },
-            "spec": {
-                "clusterIP": vip.to_string(),
-                "ports": [{ "name": port_name, "port": 80, "targetPort": target }],
-            },
-        }),
-        json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {
-                "name": format!("{name}-1"), "namespace": server.namespace,
-                "labels": { "kubernetes.io/service-name": name },
-            },
-            "addressType": "IPv4",
-            "endpoints": [{
-                "addresses": [server.ip4.to_string()],
-                "conditions": { "ready": true },
-                "nodeName": server.node,
-                "targetRef": { "kind": "Pod", "name": server.name, "namespace": server.namespace },
-            }],
-            "ports": [{ "name": port_name, "port": target, "protocol": "TCP" }],
-        }),
-    ])
+    pod_service(name, &server.namespace, vip, port_name, target, &[server])
 }
 
 /// An `HTTPRoute` on Service `parent` port 80: 90% to `bench-v1`, 10% to `bench-v2`.
@@ -311,10 +293,11 @@ fn route_vip(i: u32) -> Ipv4Addr {
 }
 
 impl Bench {
-    /// The route's two backends on the server pod (`v1`, `v2`), once they answer.
+    /// The route's two backends on the server pod (`v1`, `v2`) and the L4 Service's, once they
+    /// answer.
     fn start_backends(&self, http: &std::path::Path) -> Result<Vec<Process>> {
         let mut backends = Vec::new();
-        for (port, name) in [(V1_PORT, "v1"), (V2_PORT, "v2")] {
+        for (port, name) in [(V1_PORT, "v1"), (V2_PORT, "v2"), (L4_PORT, "l4")] {
             let port_arg = port.to_string();
             backends.push(Process::spawn(
                 in_pod(
@@ -353,7 +336,7 @@ impl Bench {
             service("bench-web", WEB_VIP, "http", V1_PORT, &self.server),
             service("bench-v1", V1_VIP, "http", V1_PORT, &self.server),
             service("bench-v2", V2_VIP, "http", V2_PORT, &self.server),
-            service("bench-l4", L4_VIP, "tcp", V1_PORT, &self.server),
+            service("bench-l4", L4_VIP, "tcp", L4_PORT, &self.server),
             weighted_route("bench-canary", "bench-web", &self.server.namespace),
         ];
         self.lab
@@ -518,7 +501,7 @@ impl Bench {
         let url = if self.agents {
             format!("http://{vip}:80/")
         } else {
-            format!("http://{}:{V1_PORT}/", self.server.ip4)
+            format!("http://{}:{L4_PORT}/", self.server.ip4)
         };
         let _ = std::fs::remove_file(&self.log);
         let mut cmd = nodeward_lab::load::in_pod(&self.client, h2load);
@@ -646,7 +629,8 @@ impl Bench {
         let mut docs = Vec::new();
         for i in 1..=ROUTES {
             let name = format!("bench-route-{i}");
-            docs.push(service(&name, route_vip(i), "http", V1_PORT, &self.server));
+            let port = ROUTES_FIRST_PORT + u16::try_from(i).unwrap_or(u16::MAX - ROUTES_FIRST_PORT);
+            docs.push(service(&name, route_vip(i), "http", port, &self.server));
             docs.push(weighted_route(&name, &name, &self.server.namespace));
         }
         self.lab
@@ -767,7 +751,7 @@ impl Report {
              move from run to run, the ratios less): `frontend/web-0` (node-1) to \
              `backend/api-1` (node-2), [h2load](https://nghttp2.org/documentation/h2load.1.html) \
              with {THREADS} unpinned threads against `nodeward-lab-http` (hyper, HTTP/1.1 and \
-             h2c). At the fixed rate, {FIXED_RATE} requests/s over {FIXED_CLIENTS} connections \
+             h2c; 2 worker threads). At the fixed rate, {FIXED_RATE} requests/s over {FIXED_CLIENTS} connections \
              for {} s; at saturation, HTTP/1.1 over 32 connections with one request in flight \
              each, h2c over 8 connections with 16 streams each, for {} s. The L4 tunnel is a \
              Service whose port is not HTTP; the L7 path a Service with an `HTTPRoute` sending \
@@ -888,8 +872,8 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\nThe run took {:.0} s. Each way has its own server port for the whole run (8081; \
-             the route's second backend 8082).",
+            "\nThe run took {:.0} s. Server ports, fixed for the whole run: the route's \
+             backends {V1_PORT} and {V2_PORT}, the L4 Service and the no-agent runs {L4_PORT}.",
             self.runtime.as_secs_f64()
         );
         out
