@@ -171,6 +171,8 @@ struct Run {
     agent_cpu_secs: f64,
     /// The client agent's golden metrics' rise for the route's Service over the run.
     counted_l7: u64,
+    /// The client agent's `tunnel.outbound.ok` rise over the run: connections it tunnelled.
+    tunnelled: u64,
 }
 
 impl Run {
@@ -348,7 +350,7 @@ impl Bench {
                 for proto in Proto::ALL {
                     let sample = self.measure(h2load, way, proto)?;
                     eprintln!(
-                        "bench: round {} {:<8} {:<28} 1k/s p50 {:>7.1} µs p99 {:>7.1} µs | max {:>7.0} req/s p50 {:>7.1} µs p99 {:>7.1} µs | failed {} | agent CPU {:.1} ms/1k | L7 counted +{}",
+                        "bench: round {} {:<8} {:<28} 1k/s p50 {:>7.1} µs p99 {:>7.1} µs | max {:>7.0} req/s p50 {:>7.1} µs p99 {:>7.1} µs | failed {} | agent CPU {:.1} ms/1k | L7 counted +{} | tunnelled +{}",
                         round + 1,
                         proto.title(),
                         way.title(),
@@ -360,6 +362,7 @@ impl Bench {
                         sample.fixed.failed + sample.saturation.failed,
                         sample.fixed.cpu_ms_per_1k(),
                         sample.fixed.counted_l7 + sample.saturation.counted_l7,
+                        sample.fixed.tunnelled + sample.saturation.tunnelled,
                     );
                     samples.entry((proto, way)).or_default().push(sample);
                 }
@@ -467,6 +470,15 @@ impl Bench {
             .sum())
     }
 
+    /// The client agent's `tunnel.outbound.ok` (0 without an agent).
+    fn tunnelled(&self) -> Result<u64> {
+        if !self.agents {
+            return Ok(0);
+        }
+        let status = self.lab.status(&self.client.node)?;
+        Ok(status["tunnel"]["outbound"]["ok"].as_u64().unwrap_or(0))
+    }
+
     /// Both agents' CPU time so far, in clock ticks.
     fn agent_ticks(&self) -> Result<u64> {
         if !self.agents {
@@ -564,10 +576,15 @@ impl Bench {
             } else {
                 self.d.saturation_secs
             };
-            let (ticks, counted) = (self.agent_ticks()?, self.l7_count("bench-web")?);
+            let (ticks, counted, tunnelled) = (
+                self.agent_ticks()?,
+                self.l7_count("bench-web")?,
+                self.tunnelled()?,
+            );
             let mut run = self.h2load(h2load, &args, vip, Some(secs))?;
             run.agent_cpu_secs = self.agent_ticks()?.saturating_sub(ticks) as f64 / CLK_TCK;
             run.counted_l7 = self.l7_count("bench-web")?.saturating_sub(counted);
+            run.tunnelled = self.tunnelled()?.saturating_sub(tunnelled);
             self.check_path(way, proto, &run)?;
             if fixed {
                 sample.fixed = run;
@@ -594,12 +611,15 @@ impl Bench {
             }
         );
         match way {
-            Way::NoAgent | Way::L4 => ensure!(
-                run.counted_l7 == 0,
-                "{} {}: the route's Service counted {} requests",
+            Way::NoAgent => {}
+            Way::L4 => ensure!(
+                run.counted_l7 == 0 && run.tunnelled > 0,
+                "{} {}: the route's Service counted {} requests, the client's agent tunnelled \
+                 {} connections: not the L4 tunnel",
                 proto.title(),
                 way.title(),
-                run.counted_l7
+                run.counted_l7,
+                run.tunnelled
             ),
             // Warm-up requests are counted too: at least the measured ones.
             Way::L7 => ensure!(
