@@ -59,6 +59,7 @@ const ROUTES: u32 = 100;
 /// The fixed rate, over `FIXED_CLIENTS` connections.
 const FIXED_RATE: u32 = 1000;
 const FIXED_CLIENTS: u32 = 10;
+/// h2load's threads (at most its connections: the readiness checks use 2).
 const THREADS: u32 = 2;
 /// The targets.
 const TARGET_P99_ADDED_US: f64 = 500.0;
@@ -424,7 +425,7 @@ impl Bench {
         let mut last = String::new();
         let ok = wait::eventually(READY_TIMEOUT, Duration::from_millis(200), || {
             let before = self.l7_count(service).unwrap_or(0);
-            match self.h2load(h2load, &["-n", "10", "-c", "1", "--h1"], vip, None) {
+            match self.h2load(h2load, &["-n", "10", "-c", "2", "--h1"], vip, None) {
                 Ok(run) => {
                     let counted = self.l7_count(service).unwrap_or(0) - before;
                     last = format!("{} succeeded, {counted} counted", run.succeeded);
@@ -443,7 +444,7 @@ impl Bench {
             self.lab.agent_logs_tail(20)
         );
         let tunnel = wait::eventually(READY_TIMEOUT, Duration::from_millis(200), || {
-            self.h2load(h2load, &["-n", "10", "-c", "1", "--h1"], L4_VIP, None)
+            self.h2load(h2load, &["-n", "10", "-c", "2", "--h1"], L4_VIP, None)
                 .is_ok_and(|r| r.succeeded == 10)
         });
         ensure!(
