@@ -853,7 +853,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "- {} L7 adds < {TARGET_P99_ADDED_US:.0} µs p99 over the L4 tunnel at 1,000 req/s: \
-                 +{added:.0} µs, {}",
+                 {added:+.0} µs, {}",
                 proto.title(),
                 pass(added < TARGET_P99_ADDED_US)
             );
