@@ -285,6 +285,51 @@ pub fn documents(objects: impl IntoIterator<Item = Value>) -> String {
         .collect()
 }
 
+/// A Service at `vip:80` whose one port is named `port_name` (an HTTP port when it starts with
+/// `http`), to `target` on `pods`, and its EndpointSlice naming each pod and its node, as the
+/// endpoints controller writes them: what the HTTP routes of the demo and `bench http` attach
+/// to.
+pub fn pod_service(
+    name: &str,
+    namespace: &str,
+    vip: std::net::Ipv4Addr,
+    port_name: &str,
+    target: u16,
+    pods: &[&crate::PodState],
+) -> String {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|p| {
+            json!({
+                "addresses": [p.ip4.to_string()],
+                "conditions": { "ready": true },
+                "nodeName": p.node,
+                "targetRef": { "kind": "Pod", "name": p.name, "namespace": p.namespace },
+            })
+        })
+        .collect();
+    documents([
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": name, "namespace": namespace },
+            "spec": {
+                "clusterIP": vip.to_string(),
+                "ports": [{ "name": port_name, "port": 80, "targetPort": target }],
+            },
+        }),
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{name}-1"), "namespace": namespace,
+                "labels": { "kubernetes.io/service-name": name },
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{ "name": port_name, "port": target, "protocol": "TCP" }],
+        }),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

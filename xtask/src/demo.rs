@@ -1,14 +1,19 @@
 //! `cargo xtask demo`: a lab with the example policies, traffic that they allow and deny (pod to
-//! pod, through a Service, and to names resolved through the agents' DNS proxy), and the flows
-//! the agents recorded.
+//! pod, through a Service, to names resolved through the agents' DNS proxy, and HTTP requests
+//! routed and authorized one by one), and the flows the agents recorded.
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use nodeward_lab::dns::{self, KUBE_DNS};
 use nodeward_lab::external::{EXTERNAL_PORT, External};
 use nodeward_lab::topology::{DEBUG_PORT, POSTGRES_PORT};
-use nodeward_lab::{Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, load, manifests, paths};
+use nodeward_lab::{
+    Case, HTTP_PORT, Lab, LabSpec, METRICS_PORT, PodState, load, manifests, paths, wait,
+};
+use serde_json::Value;
 
 /// The demo's DNS: the resolver's pod, the client, and the zone (names -> external addresses).
 const DNS_POD: &str = "frontend/web-2";
@@ -119,6 +124,7 @@ pub fn run() -> Result<()> {
     }
     unexpected += services(&lab)?;
     unexpected += fqdn(&lab)?;
+    unexpected += http(&lab)?;
     for node in lab.node_names() {
         println!("\n$ nodeward status   # on {node}");
         match lab.status_text(&node) {
@@ -161,12 +167,12 @@ pub fn run() -> Result<()> {
     drop(lab);
     if unexpected > 0 {
         bail!(
-            "demo: {unexpected} outcomes (of {} flows, the Service and the DNS queries) differ from what the examples intend",
+            "demo: {unexpected} outcomes (of {} flows, the Service, the DNS queries and the HTTP requests) differ from what the examples intend",
             cases.len()
         );
     }
     println!(
-        "\ndemo: all {} flows, the Service and the DNS queries as the examples intend",
+        "\ndemo: all {} flows, the Service, the DNS queries and the HTTP requests as the examples intend",
         cases.len()
     );
     Ok(())
@@ -315,4 +321,246 @@ fn services(lab: &Lab) -> Result<usize> {
         Err(e) => println!("  unavailable: {e:#}"),
     }
     Ok(unexpected)
+}
+
+/// The HTTP servers of 80-http.yaml's Services, on the `api` pods: (pod, answers as, fails
+/// every Nth request).
+const HTTP_BACKENDS: [(&str, &str, u32); 3] = [
+    ("backend/api-0", "v1", 0),
+    ("backend/api-1", "v2", 0),
+    ("backend/api-2", "flaky", 3),
+];
+const HTTP_BACKEND_PORT: u16 = 8081;
+const CANARY_REQUESTS: usize = 1000;
+/// The v2 share a 90/10 split gives 1,000 requests, within about ±3.5 standard deviations.
+const CANARY_V2: std::ops::RangeInclusive<u64> = 65..=135;
+const RETRY_REQUESTS: usize = 30;
+
+/// `nodeward-lab-load http-get` from `from`: its summary line.
+fn http_get(from: &PodState, addr: SocketAddr, args: &[&str]) -> Result<Value> {
+    let out = load::in_pod(from, &paths::load_bin()?)
+        .args(["http-get", "--addr", &addr.to_string()])
+        .args(args)
+        .output()
+        .context("running nodeward-lab-load http-get")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("http-get printed {text:?}"))
+}
+
+/// The routes and the request authorization of 80-http.yaml, from web-0: a 90/10 canary, a
+/// backend failing one request in three answered in full through the route's retry, and a
+/// path refused with 403, each shown as the agents' L7 flows. Returns the number of unexpected
+/// outcomes.
+fn http(lab: &Lab) -> Result<usize> {
+    let from = lab.pod("frontend/web-0");
+    let mut servers = Vec::new();
+    for (pod, name, fail_every) in HTTP_BACKENDS {
+        let mut cmd = load::in_pod(lab.pod(pod), &paths::load_bin()?);
+        cmd.args(["http-serve", "--port", &HTTP_BACKEND_PORT.to_string()])
+            .args(["--name", name, "--fail-every", &fail_every.to_string()])
+            .stdout(Stdio::null());
+        servers.push(load::Process::spawn(&mut cmd, name)?);
+    }
+    let (canary, v1, v2, flaky) = (
+        Ipv4Addr::new(10, 96, 1, 1),
+        Ipv4Addr::new(10, 96, 1, 2),
+        Ipv4Addr::new(10, 96, 1, 3),
+        Ipv4Addr::new(10, 96, 1, 4),
+    );
+    let pods = |keys: &[&str]| keys.iter().map(|k| lab.pod(k)).collect::<Vec<_>>();
+    let services = [
+        (
+            "api-canary",
+            canary,
+            pods(&["backend/api-0", "backend/api-1"]),
+        ),
+        ("api-v1", v1, pods(&["backend/api-0"])),
+        ("api-v2", v2, pods(&["backend/api-1"])),
+        ("api-flaky", flaky, pods(&["backend/api-2"])),
+    ]
+    .map(|(name, vip, pods)| {
+        manifests::pod_service(name, "backend", vip, "http", HTTP_BACKEND_PORT, &pods)
+    });
+    lab.write_manifest("http-services", &services.join("---\n"))?;
+    println!(
+        "\nhttp: {} ({}) calls HTTP Services (80-http.yaml's routes; servers on api-0 (v1, {}), \
+         api-1 (v2, {}), api-2 (flaky, {}), port {HTTP_BACKEND_PORT}; `nodeward-lab-load http-get`)",
+        from.key(),
+        from.node,
+        lab.pod("backend/api-0").node,
+        lab.pod("backend/api-1").node,
+        lab.pod("backend/api-2").node,
+    );
+    let canary_addr = SocketAddr::from((canary, 80));
+    // Routed once the agents have the Services, the routes and the policies.
+    let mut last = Value::Null;
+    let ready = wait::eventually(Duration::from_secs(15), Duration::from_millis(200), || {
+        last = http_get(from, canary_addr, &["--count", "5"]).unwrap_or_default();
+        last["codes"]["200"] == 5
+    });
+    let mut unexpected = 0;
+    if !ready {
+        println!("  the canary Service never answered 5 of 5 requests: {last}  <-- expected 200s");
+        return Ok(1);
+    }
+
+    let split = http_get(
+        from,
+        canary_addr,
+        &["--count", &CANARY_REQUESTS.to_string()],
+    )?;
+    let to_v2 = split["bodies"]["v2"].as_u64().unwrap_or(0);
+    let ok = split["codes"]["200"] == CANARY_REQUESTS && CANARY_V2.contains(&to_v2);
+    unexpected += usize::from(!ok);
+    println!(
+        "  canary: {CANARY_REQUESTS} GETs to api-canary -> v1 {}, v2 {to_v2} (90/10){}",
+        split["bodies"]["v1"],
+        if ok {
+            String::new()
+        } else {
+            format!("  <-- expected all 200 and v2 in {CANARY_V2:?}: {split}")
+        }
+    );
+    // The client's agent records each routed request as an L7 flow naming its route.
+    let flows = lab.observe(&from.node, &["--http-method", "GET", "--last", "5000"])?;
+    let mut by_pod = std::collections::BTreeMap::<String, usize>::new();
+    for f in flows
+        .iter()
+        .filter(|f| f["l7"]["http"]["route"] == "backend/api-canary")
+    {
+        let pod = f["destination"]["pod_name"].as_str().unwrap_or("?");
+        *by_pod.entry(pod.to_owned()).or_default() += 1;
+    }
+    let routed_flows: usize = by_pod.values().sum();
+    if routed_flows < CANARY_REQUESTS {
+        unexpected += 1;
+    }
+    println!(
+        "          L7 flows of route backend/api-canary on {}: {routed_flows} ({}){}",
+        from.node,
+        by_pod
+            .iter()
+            .map(|(pod, n)| format!("{pod} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if routed_flows < CANARY_REQUESTS {
+            format!("  <-- expected at least {CANARY_REQUESTS}")
+        } else {
+            String::new()
+        }
+    );
+    observe_shown(
+        lab,
+        &from.node,
+        &["--http-method", "GET", "--last", "2"],
+        "the last canary requests, as the client's agent routed them",
+    );
+
+    let flaky_pod = lab.pod("backend/api-2");
+    let routed = http_get(
+        from,
+        SocketAddr::from((flaky, 80)),
+        &["--count", &RETRY_REQUESTS.to_string()],
+    )?;
+    // The flaky pod's agent checks rules.http on its port, so it records every attempt.
+    let failed_attempts = lab
+        .observe(&flaky_pod.node, &["--http-status", "503", "--last", "1000"])?
+        .iter()
+        .filter(|f| f["destination"]["pod_name"] == flaky_pod.name.as_str())
+        .count();
+    let ok = routed["codes"]["200"] == RETRY_REQUESTS && failed_attempts > 0;
+    unexpected += usize::from(!ok);
+    println!(
+        "  retry:  {RETRY_REQUESTS} GETs to api-flaky (fails 1 in 3; the route retries 503) -> {}, \
+         after {failed_attempts} attempts answered 503{}",
+        routed["codes"],
+        if ok {
+            ""
+        } else {
+            "  <-- expected every request answered 200 and some attempts 503"
+        }
+    );
+    observe_shown(
+        lab,
+        &flaky_pod.node,
+        &["--http-status", "503", "--last", "2"],
+        "attempts the flaky pod answered 503, each retried by the client's agent",
+    );
+
+    let authz = http_get(
+        from,
+        canary_addr,
+        &[
+            "--count",
+            "3",
+            "--requests",
+            "GET /public,GET /admin,GET /public/x",
+        ],
+    )?;
+    let ok = authz["sequence"] == serde_json::json!(["200", "403", "200"]);
+    unexpected += usize::from(!ok);
+    println!(
+        "  authz:  GET /public, GET /admin, GET /public/x -> {} on {} connection(s){}",
+        authz["sequence"],
+        authz["connections"],
+        if ok {
+            ""
+        } else {
+            "  <-- expected 200, 403, 200"
+        }
+    );
+
+    let mut denied = None;
+    for node in lab.node_names() {
+        let found = lab.observe(
+            &node,
+            &[
+                "--http-status",
+                "403",
+                "--verdict",
+                "DROPPED",
+                "--last",
+                "1",
+            ],
+        )?;
+        if !found.is_empty() {
+            denied = Some(node);
+            break;
+        }
+    }
+    match denied {
+        Some(node) => {
+            observe_shown(
+                lab,
+                &node,
+                &[
+                    "--http-status",
+                    "403",
+                    "--verdict",
+                    "DROPPED",
+                    "--last",
+                    "1",
+                ],
+                "GET /admin, refused by rules.http on the answering pod's node",
+            );
+        }
+        None => {
+            unexpected += 1;
+            println!("  no DROPPED L7 flow with 403 on any node  <-- expected GET /admin's");
+        }
+    }
+    drop(servers);
+    Ok(unexpected)
+}
+
+/// Prints `nodeward observe ARGS` on `node` as a user would run it, and what it shows.
+fn observe_shown(lab: &Lab, node: &str, args: &[&str], what: &str) {
+    println!(
+        "\n$ nodeward observe {}   # on {node}: {what}",
+        args.join(" ")
+    );
+    match lab.observe_text(node, args) {
+        Ok(text) => print!("{text}"),
+        Err(e) => println!("  unavailable: {e:#}"),
+    }
 }

@@ -5,6 +5,7 @@ mod bench_dns;
 mod bench_flip;
 mod bench_floor;
 mod bench_flows;
+mod bench_http;
 mod bench_rules;
 mod bench_services;
 mod bench_tunnel;
@@ -152,6 +153,17 @@ enum BenchCmd {
         #[arg(long, value_enum, default_value_t = bench_rules::SinkPorts::Reuse)]
         ports: bench_rules::SinkPorts,
     },
+    /// HTTP requests cross-node pod to pod, side by side in one run: plaintext with no agent,
+    /// the L4 tunnel (a Service port that is not HTTP) and the L7 path (a two-backend weighted
+    /// HTTPRoute), for HTTP/1.1 and h2c with h2load: latency p50/p99 at 1,000 requests/s and at
+    /// saturation, the highest requests/s, the agents' CPU per 1,000 requests; then agent RSS
+    /// with 100 routes. Checks the targets. Rewrites README's Benchmarks / HTTP.
+    Http {
+        /// A short smoke run (1 round, 2 s loads) that only prints its results and leaves
+        /// README.md alone.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -198,6 +210,12 @@ fn main() -> Result<()> {
         } => {
             setup::run()?;
             bench_flows::run()
+        }
+        Cmd::Bench {
+            what: BenchCmd::Http { quick },
+        } => {
+            setup::run()?;
+            bench_http::run(quick)
         }
         Cmd::Bench {
             what: BenchCmd::Tunnel { quick, ports },

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use nodeward_lab::{paths, sys};
 
 /// Binaries the lab, the tests and the benchmarks run, and the Debian package of each.
-const BINARIES: [(&str, &str); 8] = [
+const BINARIES: [(&str, &str); 9] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("iperf3", "iperf3"),
@@ -16,7 +16,11 @@ const BINARIES: [(&str, &str); 8] = [
     ("nft", "nftables"),
     ("iptables", "iptables"),
     ("dnsmasq", "dnsmasq-base"),
+    ("h2load", "nghttp2-client"),
 ];
+/// How long apt-get waits for another apt-get or dpkg (unattended upgrades, a second setup)
+/// to release the dpkg lock, in seconds.
+const DPKG_LOCK_TIMEOUT: &str = "300";
 
 pub fn run() -> Result<()> {
     step("nightly rust-src", nightly_rust_src)?;
@@ -173,6 +177,7 @@ fn packages() -> Result<(bool, String)> {
     )?;
     sys::run(
         Command::new("apt-get")
+            .args(["-o", &format!("DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT}")])
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
