@@ -192,6 +192,17 @@ struct AgentArgs {
         value_parser = humantime::parse_duration
     )]
     resync_interval: Duration,
+    /// How often the conntrack garbage collector deletes expired entries (lifetimes: TCP 6h
+    /// established, 60s unanswered, 10s after FIN/RST; other protocols 60s). A table full
+    /// of live flows refuses new ones (drop reason CT_MAP_INSERTION_FAILED); a larger
+    /// --map-conntrack-entries is the cure.
+    #[arg(
+        long,
+        env = "NODEWARD_CONNTRACK_GC_INTERVAL",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    conntrack_gc_interval: Duration,
     /// Trust domain of the mesh's SPIFFE IDs (spiffe://<trust-domain>/ns/<ns>/sa/<account>).
     #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -889,6 +900,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         host_routing: args.host_routing == HostRoutingArg::Ebpf,
         devices: args.devices.into_iter().filter(|d| !d.is_empty()).collect(),
         resync_interval: args.resync_interval,
+        ct_gc_interval: args.conntrack_gc_interval.max(Duration::from_millis(100)),
         ca: crate::ca::CaConfig {
             state_dir: args.state_dir,
             ca_cert: args.ca_cert,

@@ -227,6 +227,37 @@ fn restarting_with_larger_maps_adopts_the_pinned_state_without_a_gap() {
     );
 }
 
+/// An upgrade from an agent whose conntrack was an LRU hash (before the preallocated hash): the
+/// node's pinned conntrack is put back into that shape, with its live flows, while the agent is
+/// down; the new agent moves the entries into its hash before it attaches its programs, and
+/// enforcement (the established connection, new allowed and denied ones) never lapses.
+#[test]
+fn upgrading_from_the_lru_conntrack_keeps_enforcing() {
+    use nodeward_lab::bpf;
+    let mut lab = shared_lab();
+    let pin = lab.node("node-1").bpffs_dir.join("maps/NW_CONNTRACK");
+    enforced_throughout(&mut lab, |lab| {
+        pause();
+        lab.stop_agent("node-1").expect("stop agent");
+        let copied = bpf::replace_with_lru(&pin).expect("pinning an LRU conntrack");
+        assert!(copied > 0, "the node had live flows to move");
+        lab.start_agent("node-1")
+            .expect("start the new agent on the LRU pin");
+        pause();
+    });
+    assert_eq!(
+        bpf::pinned_map_type(&pin).expect("reading the pinned conntrack"),
+        bpf::MAP_TYPE_HASH,
+        "the pin is the new agent's hash again"
+    );
+    let log = std::fs::read_to_string(lab.agent_log("node-1")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("pinned map resized") && l.contains("from_lru=true")),
+        "the agent says that it moved the LRU conntrack"
+    );
+}
+
 #[test]
 fn broken_manifest_leaves_the_previous_enforcement_in_place() {
     let lab = shared_lab();
