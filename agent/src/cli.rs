@@ -1590,11 +1590,31 @@ fn status_text(s: &serde_json::Value) -> String {
         );
     }
     if let Some(ct) = s["map_sizes"]["conntrack"].as_u64() {
-        let _ = writeln!(
-            out,
-            "  {:<14} {:>8} / {ct:<8} (an LRU; its fill is not counted)",
-            "conntrack", "-"
-        );
+        let gc = &s["conntrack_gc"];
+        match gc["entries"].as_u64() {
+            Some(entries) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<14} {entries:>8} / {ct:<8} (at the last sweep: {} read, {} expired removed in {} µs; {} sweeps{})",
+                    "conntrack",
+                    gc["last"]["scanned"],
+                    gc["last"]["removed"],
+                    gc["last"]["duration"],
+                    gc["runs"],
+                    gc["error"]
+                        .as_str()
+                        .map(|e| format!("; last sweep failed: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  {:<14} {:>8} / {ct:<8} (counted by the first sweep)",
+                    "conntrack", "-"
+                );
+            }
+        }
     }
     let d = &s["datapath"];
     let _ = writeln!(
