@@ -72,7 +72,10 @@ pub mod drop_reason {
     pub const AUTH_REQUIRED: u8 = 10;
     /// A connection to be tunnelled found no outbound listener (the agent is not running).
     pub const PROXY_UNAVAILABLE: u8 = 11;
-    pub const COUNT: u8 = 12;
+    /// A new flow that policy allows found the conntrack table full: refused (fail closed)
+    /// until the garbage collector frees entries; established flows go on.
+    pub const CT_FULL: u8 = 12;
+    pub const COUNT: u8 = 13;
 
     /// Hubble-style description for flows and metrics.
     #[must_use]
@@ -90,6 +93,7 @@ pub mod drop_reason {
             IPV6_ROUTING_HEADER => "IPV6_ROUTING_HEADER",
             AUTH_REQUIRED => "AUTH_REQUIRED",
             PROXY_UNAVAILABLE => "PROXY_REDIRECTION_FAILED",
+            CT_FULL => "CT_MAP_INSERTION_FAILED",
             _ => "UNKNOWN_REASON",
         }
     }
@@ -353,6 +357,51 @@ pub const CT_F_STORED_REVERSED: u8 = 1 << 2;
 /// `CtValue::flags`: a TCP FIN or RST was seen: the connection is closing, so it no longer
 /// keeps a DNS-learned address allowed (a new SYN on the tuple makes a fresh entry).
 pub const CT_F_CLOSING: u8 = 1 << 3;
+/// `CtValue::flags`: a packet of the flow went the other way (a reply): a TCP connection is
+/// past its handshake and gets [`conntrack::TCP_ESTABLISHED_S`] instead of
+/// [`conntrack::TCP_OPENING_S`].
+pub const CT_F_SEEN_REPLY: u8 = 1 << 4;
+
+/// Conntrack lifetimes (`NW_CONNTRACK` is a preallocated hash, not an LRU: nothing leaves it
+/// unless it expires). An entry idle (no packet, by `CtValue::last_seen_s`) for longer than
+/// its lifetime is treated as absent by the datapath (the next packet is a new flow and
+/// overwrites it in place) and deleted by the agent's garbage collector. Cilium's defaults.
+pub mod conntrack {
+    use super::{CT_F_CLOSING, CT_F_SEEN_REPLY, CtValue};
+
+    /// A TCP connection past its handshake.
+    pub const TCP_ESTABLISHED_S: u32 = 6 * 3600;
+    /// A TCP flow nothing answered yet (a SYN, or a flow seen in one direction only).
+    pub const TCP_OPENING_S: u32 = 60;
+    /// A TCP connection after a FIN or RST.
+    pub const TCP_CLOSING_S: u32 = 10;
+    /// UDP, ICMP and everything else.
+    pub const OTHER_S: u32 = 60;
+
+    /// The lifetime of an entry of `protocol` with `value`'s flags.
+    #[inline(always)]
+    #[must_use]
+    pub const fn lifetime_s(protocol: u8, value: &CtValue) -> u32 {
+        if protocol != 6 {
+            OTHER_S
+        } else if value.flags & CT_F_CLOSING != 0 {
+            TCP_CLOSING_S
+        } else if value.flags & CT_F_SEEN_REPLY != 0 {
+            TCP_ESTABLISHED_S
+        } else {
+            TCP_OPENING_S
+        }
+    }
+
+    /// Whether the entry, last seen at `value.last_seen_s`, has expired at `now_s` (both in
+    /// seconds of the monotonic clock). An entry of an agent that did not record the time
+    /// (0) ages from the clock's start.
+    #[inline(always)]
+    #[must_use]
+    pub const fn expired(protocol: u8, value: &CtValue, now_s: u32) -> bool {
+        now_s.saturating_sub(value.last_seen_s) > lifetime_s(protocol, value)
+    }
+}
 
 /// `NW_ENDPOINTS` value, keyed by the `u32` ifindex of the pod's host-side interface.
 #[repr(C)]

@@ -25,12 +25,13 @@ mod service;
 use agent_common::{
     CONFIG_EVENTS_ALL_FLOWS, CONFIG_HOST_ROUTING, COUNTER_DROP_BASE, COUNTER_EVENTS_LOST,
     COUNTER_NEW_FLOWS, COUNTER_PACKETS, COUNTER_PASSED, COUNTER_POLICY_REEVALUATED,
-    COUNTER_REDIRECTED, COUNTERS_LEN, CT_F_CLOSING, CT_F_REDIRECT, CT_F_STORED_REVERSED,
-    CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DatapathConfig, EP_HAS_IPV4,
-    EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT, EVENTS_RING_BYTES, EndpointInfo, FlowEvent, FragKey,
-    FragValue, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue, MAX_CONNTRACK, MAX_ENDPOINTS,
-    MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES, PolicyKey,
-    PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason, mesh, opposite, tcp_flags,
+    COUNTER_REDIRECTED, COUNTERS_LEN, CT_F_CLOSING, CT_F_REDIRECT, CT_F_SEEN_REPLY,
+    CT_F_STORED_REVERSED, CT_F_TUNNELED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DatapathConfig,
+    EP_HAS_IPV4, EP_HAS_IPV6, EP_MESHED, EP_MTLS_STRICT, EVENTS_RING_BYTES, EndpointInfo,
+    FlowEvent, FragKey, FragValue, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue, MAX_CONNTRACK,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDRS, MAX_POLICY_ENTRIES,
+    PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, conntrack, drop_reason, mesh,
+    opposite, tcp_flags,
 };
 use aya_ebpf::{
     bindings::{
@@ -68,8 +69,12 @@ static NW_IPCACHE: LpmTrie<[u8; 16], IpcacheValue> =
 static NW_POLICY_CIDRS: LpmTrie<[u8; 16], IpcacheValue> =
     LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
 
+/// A preallocated hash, not an LRU: an insert takes a free element without walking an LRU list
+/// (a third of the BPF time of a new connection went there). Entries leave by expiry (see
+/// `agent_common::conntrack`): the datapath treats an expired entry as absent and the agent's
+/// garbage collector deletes it. A full table refuses new flows (`drop_reason::CT_FULL`).
 #[map]
-static NW_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+static NW_CONNTRACK: HashMap<CtKey, CtValue> = HashMap::with_max_entries(MAX_CONNTRACK, 0);
 
 #[map]
 static NW_FRAGMENTS: LruHashMap<FragKey, FragValue> =
@@ -331,8 +336,16 @@ fn conntrack_verdict(
         && ev.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     // One lookup finds the flow in either direction (see `CtKey`).
     let (stored_key, reversed) = policy::ct_stored_key(ev, direction);
+    let now = now_s();
     let entry = NW_CONNTRACK.get_ptr_mut(stored_key);
-    let (hit, remembered) = if opens { (None, entry) } else { (entry, None) };
+    // An expired entry is no entry: the packet opens a new flow that overwrites it in place.
+    let (hit, remembered) = match entry {
+        // SAFETY: a map value pointer from a successful lookup, valid for this program run.
+        Some(p) if !opens && !conntrack::expired(ev.protocol, unsafe { &*p }, now) => {
+            (Some(p), None)
+        }
+        other => (None, other),
+    };
     let Some(hit) = hit else {
         // A new flow, evaluated in this packet's direction.
         count(COUNTER_NEW_FLOWS);
@@ -354,20 +367,29 @@ fn conntrack_verdict(
             count(COUNTER_REDIRECTED);
         }
         let stored_flags = if reversed { CT_F_STORED_REVERSED } else { 0 };
-        let value = policy::ct_value(
+        let mut value = policy::ct_value(
             ep,
             direction,
             &decision,
             generation,
             ct_flags | stored_flags,
-            now_s(),
+            now,
         );
         match remembered {
-            // The tuple's old entry is overwritten in place: cheaper than an LRU update,
+            // The tuple's old entry is overwritten in place: cheaper than a map update,
             // which takes a fresh element and frees the old one.
             // SAFETY: a map value pointer from a successful lookup; a plain store into it.
             Some(p) => unsafe { *p = value },
-            None => policy::ct_insert(&stored_key, &value),
+            None => {
+                // A full table fails closed for an allowed new flow: without an entry its
+                // replies would meet the other direction's policy. A denied one is dropped
+                // for its own reason anyway.
+                if !policy::ct_insert(&stored_key, &value) && value.verdict == VERDICT_FORWARDED {
+                    value.verdict = VERDICT_DROPPED;
+                    value.drop_reason = drop_reason::CT_FULL;
+                    value.rule_id = 0;
+                }
+            }
         }
         report(ev, &value, false, notify)?;
         return Ok(ct_flags & CT_F_REDIRECT != 0);
@@ -376,7 +398,7 @@ fn conntrack_verdict(
     // SAFETY: a map value pointer from a successful lookup, valid for this program run.
     let stored = unsafe { *hit };
     let is_reply = policy::ct_is_reply(&stored, reversed);
-    let closing = touch(hit, ev.protocol, ev.tcp_flags);
+    let closing = touch(hit, ev.protocol, ev.tcp_flags, now, is_reply);
 
     // Replies of a tunnel delivery go back to the agent; the packets of a redirected flow go on
     // to it.
@@ -409,19 +431,12 @@ fn conntrack_verdict(
     let _ = mesh_decision(ep, original_direction, ev.protocol, &mut decision);
     // The entry stays where it is stored; a denied flow loses the tunnel's redirect.
     let kept = if decision.verdict == VERDICT_FORWARDED {
-        CT_F_STORED_REVERSED | CT_F_REDIRECT | CT_F_CLOSING
+        CT_F_STORED_REVERSED | CT_F_REDIRECT | CT_F_CLOSING | CT_F_SEEN_REPLY
     } else {
-        CT_F_STORED_REVERSED | CT_F_CLOSING
+        CT_F_STORED_REVERSED | CT_F_CLOSING | CT_F_SEEN_REPLY
     };
     let ct_flags = (stored.flags | closing) & kept;
-    let value = policy::ct_value(
-        ep,
-        original_direction,
-        &decision,
-        generation,
-        ct_flags,
-        now_s(),
-    );
+    let value = policy::ct_value(ep, original_direction, &decision, generation, ct_flags, now);
     // SAFETY: as above; a plain store into the map value.
     unsafe { *hit = value };
     count(COUNTER_POLICY_REEVALUATED);
@@ -622,26 +637,31 @@ fn halves(a: &[u8; 16]) -> (u64, u64) {
     )
 }
 
-/// Liveness for the agent: records that a packet of the flow stored at `hit` was seen now
-/// (`CtValue::last_seen_s`, one store a second per flow at most), and marks the flow closing
-/// on a TCP FIN or RST. Returns `CT_F_CLOSING` when this packet closes it, else 0. A separate
-/// BPF function (see [`frame`]).
+/// Liveness and state: records that a packet of the flow stored at `hit` was seen `now`
+/// (`CtValue::last_seen_s`, one store a second per flow at most), that the flow was answered
+/// (`CT_F_SEEN_REPLY` on a reply) and that it is closing (`CT_F_CLOSING` on a TCP FIN or RST).
+/// These pick the entry's lifetime (`agent_common::conntrack`). Returns `CT_F_CLOSING` when
+/// this packet closes it, else 0. A separate BPF function (see [`frame`]).
 #[inline(never)]
-fn touch(hit: *mut CtValue, protocol: u8, flags: u8) -> u8 {
+fn touch(hit: *mut CtValue, protocol: u8, flags: u8, now: u32, is_reply: bool) -> u8 {
     let closing =
         if protocol == parse::IPPROTO_TCP && flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
             CT_F_CLOSING
         } else {
             0
         };
-    let now = now_s();
+    let set = if is_reply {
+        closing | CT_F_SEEN_REPLY
+    } else {
+        closing
+    };
     // SAFETY: a map value pointer from a successful lookup, valid for this program run; plain
     // loads and stores.
     unsafe {
         let old = (*hit).flags;
-        if (*hit).last_seen_s != now || old & closing != closing {
+        if (*hit).last_seen_s != now || old & set != set {
             (*hit).last_seen_s = now;
-            (*hit).flags = old | closing;
+            (*hit).flags = old | set;
         }
     }
     closing

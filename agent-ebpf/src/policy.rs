@@ -194,10 +194,11 @@ pub const fn ct_is_reply(value: &CtValue, reversed: bool) -> bool {
     reversed != (value.flags & CT_F_STORED_REVERSED != 0)
 }
 
+/// Stores a new flow; `false` when the table is full (`E2BIG`: a preallocated hash has no
+/// free element left).
 #[inline(always)]
-pub fn ct_insert(key: &CtKey, value: &CtValue) {
-    // A failed insert only costs a policy evaluation on the next packet.
-    let _ = NW_CONNTRACK.insert(key, value, 0);
+pub fn ct_insert(key: &CtKey, value: &CtValue) -> bool {
+    NW_CONNTRACK.insert(key, value, 0).is_ok()
 }
 
 /// The conntrack value recording `decision` for a flow of endpoint `ep` whose original

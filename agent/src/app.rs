@@ -61,6 +61,8 @@ pub struct AgentConfig {
     pub devices: Vec<String>,
     /// Full resync even without a file event (a safety net for missed notifications).
     pub resync_interval: Duration,
+    /// How often the conntrack garbage collector sweeps (`--conntrack-gc-interval`).
+    pub ct_gc_interval: Duration,
     /// The mesh CA and trust roots (`--ca-cert`, `--ca-key`, `--trust-bundle`, `--trust-domain`).
     pub ca: crate::ca::CaConfig,
     /// Where workload certificates come from (`--ca-mode`).
@@ -147,6 +149,21 @@ pub struct Status {
     pub source: SourceStatus,
     pub services: ServicesStatus,
     pub host_routing: HostRoutingStatus,
+    /// The conntrack garbage collector's last sweep; `None` before the first.
+    pub conntrack_gc: Option<ConntrackGcStatus>,
+}
+
+/// The conntrack garbage collector in `nodeward status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConntrackGcStatus {
+    /// The last sweep: entries read, expired ones deleted, and its duration in microseconds.
+    pub last: crate::datapath::maps::SweepStats,
+    /// Entries left after it.
+    pub entries: usize,
+    /// Sweeps so far.
+    pub runs: u64,
+    /// The last failed sweep's error, until one succeeds.
+    pub error: Option<String>,
 }
 
 /// eBPF host routing in `nodeward status` (its packet counters are added live).
@@ -561,6 +578,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         start_dns_proxy(addr, &mut datapath, &shared, dns_tx)?;
     }
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    let mut ct_gc = tokio::time::interval(config.ct_gc_interval);
+    ct_gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     'run: loop {
         control.reconcile(&mut datapath);
@@ -591,6 +610,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                         control.reconcile(&mut datapath);
                     }
                 }
+                _ = ct_gc.tick() => control.sweep_conntrack(&mut datapath),
                 _ = tokio::signal::ctrl_c() => break 'run,
                 _ = term.recv() => break 'run,
             }
@@ -1247,6 +1267,37 @@ impl Control {
             self.names_changed();
         }
         dropped
+    }
+
+    /// One sweep of the conntrack garbage collector (see `PinnedMaps::sweep_conntrack`), into
+    /// the metrics and the status.
+    fn sweep_conntrack(&mut self, datapath: &mut Datapath) {
+        let swept = datapath.maps_mut().sweep_conntrack(monotonic_s());
+        let mut status = self
+            .shared
+            .status
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let gc = status.conntrack_gc.get_or_insert_with(Default::default);
+        match swept {
+            Ok(stats) => {
+                self.shared.metrics.observe_ct_gc(&stats);
+                tracing::debug!(
+                    scanned = stats.scanned,
+                    removed = stats.removed,
+                    micros = u64::try_from(stats.duration.as_micros()).unwrap_or(u64::MAX),
+                    "conntrack swept"
+                );
+                gc.runs += 1;
+                gc.entries = stats.scanned - stats.removed;
+                gc.last = stats;
+                gc.error = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "conntrack garbage collection failed");
+                gc.error = Some(error_chain(&e));
+            }
+        }
     }
 
     /// Tells the datapath which resolver the DNS proxy forwards to (when it changed).
@@ -2113,6 +2164,13 @@ impl Control {
                 mode: if self.host_routing { "ebpf" } else { "kernel" },
                 devices: self.underlay_here.iter().cloned().collect(),
             },
+            conntrack_gc: self
+                .shared
+                .status
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .conntrack_gc
+                .clone(),
             last_sync: SyncStatus {
                 at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 duration_ms: phases.started.elapsed().as_secs_f64() * 1000.0,

@@ -208,6 +208,17 @@ struct AgentArgs {
         value_parser = humantime::parse_duration
     )]
     resync_interval: Duration,
+    /// How often the conntrack garbage collector deletes expired entries (lifetimes: TCP 6h
+    /// established, 60s unanswered, 10s after FIN/RST; other protocols 60s). A table full
+    /// of live flows refuses new ones (drop reason CT_MAP_INSERTION_FAILED); a larger
+    /// --map-conntrack-entries is the cure.
+    #[arg(
+        long,
+        env = "NODEWARD_CONNTRACK_GC_INTERVAL",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    conntrack_gc_interval: Duration,
     /// Trust domain of the mesh's SPIFFE IDs (spiffe://<trust-domain>/ns/<ns>/sa/<account>).
     #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = crate::ca::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -909,6 +920,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         host_routing: args.host_routing == HostRoutingArg::Ebpf,
         devices: args.devices.into_iter().filter(|d| !d.is_empty()).collect(),
         resync_interval: args.resync_interval,
+        ct_gc_interval: args.conntrack_gc_interval.max(Duration::from_millis(100)),
         ca: crate::ca::CaConfig {
             state_dir: args.state_dir,
             ca_cert: args.ca_cert,
@@ -1625,11 +1637,31 @@ fn status_text(s: &serde_json::Value) -> String {
         );
     }
     if let Some(ct) = s["map_sizes"]["conntrack"].as_u64() {
-        let _ = writeln!(
-            out,
-            "  {:<14} {:>8} / {ct:<8} (an LRU; its fill is not counted)",
-            "conntrack", "-"
-        );
+        let gc = &s["conntrack_gc"];
+        match gc["entries"].as_u64() {
+            Some(entries) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<14} {entries:>8} / {ct:<8} (at the last sweep: {} read, {} expired removed in {} µs; {} sweeps{})",
+                    "conntrack",
+                    gc["last"]["scanned"],
+                    gc["last"]["removed"],
+                    gc["last"]["duration"],
+                    gc["runs"],
+                    gc["error"]
+                        .as_str()
+                        .map(|e| format!("; last sweep failed: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  {:<14} {:>8} / {ct:<8} (counted by the first sweep)",
+                    "conntrack", "-"
+                );
+            }
+        }
     }
     let d = &s["datapath"];
     let _ = writeln!(

@@ -56,6 +56,10 @@ pub struct Metrics {
     dns_proxy_seconds: HistogramVec,
     service_no_backend: prometheus::IntCounter,
     host_routed: IntCounterVec,
+    ct_gc_runs: prometheus::IntCounter,
+    ct_gc_scanned: prometheus::IntCounter,
+    ct_gc_removed: prometheus::IntCounter,
+    ct_gc_seconds: HistogramVec,
     services: IntGauge,
     service_backends: IntGauge,
 }
@@ -233,6 +237,26 @@ impl Metrics {
             ),
             &["path"],
         )?;
+        let ct_gc_runs = prometheus::IntCounter::new(
+            "conntrack_gc_runs_total",
+            "Sweeps of the conntrack garbage collector",
+        )?;
+        let ct_gc_scanned = prometheus::IntCounter::new(
+            "conntrack_gc_entries_scanned_total",
+            "Conntrack entries the garbage collector read",
+        )?;
+        let ct_gc_removed = prometheus::IntCounter::new(
+            "conntrack_gc_entries_removed_total",
+            "Expired conntrack entries the garbage collector deleted",
+        )?;
+        let ct_gc_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "conntrack_gc_duration_seconds",
+                "Time one sweep of the conntrack garbage collector took (read every entry, delete the expired ones)",
+            )
+            .buckets(vec![0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            &[],
+        )?;
         let services = IntGauge::new("services", "Services with a translated port on this node")?;
         let service_backends = IntGauge::new(
             "service_backends",
@@ -244,6 +268,10 @@ impl Metrics {
             Box::new(dns_proxy_seconds.clone()),
             Box::new(service_no_backend.clone()),
             Box::new(host_routed.clone()),
+            Box::new(ct_gc_runs.clone()),
+            Box::new(ct_gc_scanned.clone()),
+            Box::new(ct_gc_removed.clone()),
+            Box::new(ct_gc_seconds.clone()),
             Box::new(services.clone()),
             Box::new(service_backends.clone()),
             Box::new(flows_api_refused.clone()),
@@ -302,9 +330,25 @@ impl Metrics {
             dns_proxy_seconds,
             service_no_backend,
             host_routed,
+            ct_gc_runs,
+            ct_gc_scanned,
+            ct_gc_removed,
+            ct_gc_seconds,
             services,
             service_backends,
         })
+    }
+
+    /// One sweep of the conntrack garbage collector.
+    pub fn observe_ct_gc(&self, stats: &crate::datapath::maps::SweepStats) {
+        self.ct_gc_runs.inc();
+        self.ct_gc_scanned
+            .inc_by(u64::try_from(stats.scanned).unwrap_or(u64::MAX));
+        self.ct_gc_removed
+            .inc_by(u64::try_from(stats.removed).unwrap_or(u64::MAX));
+        self.ct_gc_seconds
+            .with_label_values(&[] as &[&str])
+            .observe(stats.duration.as_secs_f64());
     }
 
     /// One query through the DNS proxy (`forwarded`, `refused`, `servfail`).

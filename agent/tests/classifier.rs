@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use agent_common::{
     COUNTER_DROP_BASE, COUNTER_EVENTS_LOST, COUNTER_NEW_FLOWS, COUNTER_PACKETS, COUNTER_PASSED,
-    COUNTER_POLICY_REEVALUATED, COUNTER_REDIRECTED, CT_F_REDIRECT, CT_F_TUNNELED, DIR_EGRESS,
-    DIR_INGRESS, EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ENFORCED, EP_MESHED,
-    EP_MTLS_STRICT, EndpointInfo, FlowEvent, IDENTITY_HOST, IPCACHE_MESHED, IpcacheValue,
-    POLICY_ALLOW, POLICY_DENY, POLICY_KEY_PREFIX_FULL, POLICY_KEY_PREFIX_NO_PORT, PolicyKey,
-    PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED, drop_reason, mesh, program_names, tcp_flags,
+    COUNTER_POLICY_REEVALUATED, COUNTER_REDIRECTED, CT_F_CLOSING, CT_F_REDIRECT, CT_F_SEEN_REPLY,
+    CT_F_TUNNELED, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ENFORCED, EP_HAS_IPV4, EP_HAS_IPV6,
+    EP_INGRESS_ENFORCED, EP_MESHED, EP_MTLS_STRICT, EndpointInfo, FlowEvent, IDENTITY_HOST,
+    IPCACHE_MESHED, IpcacheValue, POLICY_ALLOW, POLICY_DENY, POLICY_KEY_PREFIX_FULL,
+    POLICY_KEY_PREFIX_NO_PORT, PolicyKey, PolicyValue, VERDICT_DROPPED, VERDICT_FORWARDED,
+    conntrack, drop_reason, mesh, program_names, tcp_flags,
 };
 use aya::maps::{MapData, RingBuf};
 use aya::programs::{SchedClassifier, TcAttachType, TestRun as _, TestRunOptions};
@@ -123,6 +124,11 @@ struct Env {
 
 impl Env {
     fn new() -> Self {
+        Self::new_sized(&nodeward::datapath::sizes::MapSizes::COMPILED)
+    }
+
+    /// [`Env::new`] with the sized maps `sizes` large.
+    fn new_sized(sizes: &nodeward::datapath::sizes::MapSizes) -> Self {
         require_root();
         let ns = NetNsGuard::new();
         ip(&[
@@ -130,7 +136,7 @@ impl Env {
         ]);
         let pod_if = ifindex("nwt-host");
         let stranger_if = ifindex("nwt-pod");
-        let mut dp = Datapath::open(None).expect("loading the datapath (verifier)");
+        let mut dp = Datapath::open_sized(None, sizes).expect("loading the datapath (verifier)");
         let events = dp.maps_mut().take_events().expect("events ring");
         // These tests expect forwarded new flows as events, as the agent's default asks.
         dp.maps_mut()
@@ -745,7 +751,8 @@ fn replies_find_their_flow_whichever_way_its_tuple_sorts() {
                     addr_bytes(pod),
                     port_be(8080),
                     12,
-                    0
+                    // Answered.
+                    CT_F_SEEN_REPLY
                 ),
                 (
                     DIR_EGRESS,
@@ -754,8 +761,8 @@ fn replies_find_their_flow_whichever_way_its_tuple_sorts() {
                     addr_bytes(peer),
                     port_be(80),
                     11,
-                    // The peer's FIN marked it closing.
-                    agent_common::CT_F_CLOSING
+                    // Answered, and the peer's FIN marked it closing.
+                    CT_F_SEEN_REPLY | CT_F_CLOSING
                 ),
             ],
             "{pod} <-> {peer}: one entry per connection, read back as its first packet"
@@ -1780,4 +1787,248 @@ fn a_restart_with_other_map_sizes_moves_the_pinned_entries() {
     dp.detach("nwt-a").expect("detach");
     drop(dp);
     Datapath::remove_all(dir.path()).expect("remove all");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conntrack state, expiry and a full table
+
+/// The monotonic clock in whole seconds, as the datapath's `bpf_ktime_get_ns() / 1e9`.
+fn monotonic_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-parameter.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    u32::try_from(ts.tv_sec).expect("uptime in u32 seconds")
+}
+
+/// The one conntrack entry of the flow from local port `sport`, as stored.
+fn ct_entry(env: &Env, sport: u16) -> (agent_common::CtKey, agent_common::CtValue) {
+    let found: Vec<_> = env
+        .dp
+        .maps()
+        .conntrack_raw()
+        .expect("conntrack")
+        .into_iter()
+        .filter(|(k, _)| k.sport_be == port_be(sport) || k.dport_be == port_be(sport))
+        .collect();
+    assert_eq!(found.len(), 1, "one entry for port {sport}: {found:?}");
+    found[0]
+}
+
+#[test]
+fn conntrack_follows_tcp_state_and_an_expired_entry_is_a_new_flow() {
+    let mut env = Env::new();
+    env.add_pod(EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED);
+    env.allow(PEER_IDENTITY, DIR_EGRESS, PROTO_TCP, 80, 11);
+    assert_eq!(
+        env.send_from_pod(&syn_v4(POD_V4, PEER_V4, 40000, 80)),
+        TC_ACT_OK
+    );
+    env.take_events();
+    let lifetime = |env: &Env| {
+        let (key, value) = ct_entry(env, 40000);
+        conntrack::lifetime_s(key.protocol, &value)
+    };
+    assert_eq!(
+        ct_entry(&env, 40000).1.flags & (CT_F_SEEN_REPLY | CT_F_CLOSING),
+        0,
+        "a SYN alone: neither answered nor closing"
+    );
+    assert_eq!(lifetime(&env), conntrack::TCP_OPENING_S);
+
+    let to_pod = |flags| V4::new(PEER_V4, POD_V4, PROTO_TCP).packet(&tcp(80, 40000, flags));
+    let from_pod = |flags| V4::new(POD_V4, PEER_V4, PROTO_TCP).packet(&tcp(40000, 80, flags));
+    assert_eq!(
+        env.send_to_pod(&to_pod(tcp_flags::SYN | tcp_flags::ACK)),
+        TC_ACT_OK,
+        "the reply passes"
+    );
+    assert_ne!(
+        ct_entry(&env, 40000).1.flags & CT_F_SEEN_REPLY,
+        0,
+        "answered"
+    );
+    assert_eq!(lifetime(&env), conntrack::TCP_ESTABLISHED_S);
+    // The client's own later packets do not make it unanswered again.
+    assert_eq!(env.send_from_pod(&from_pod(tcp_flags::ACK)), TC_ACT_OK);
+    assert_eq!(lifetime(&env), conntrack::TCP_ESTABLISHED_S);
+
+    assert_eq!(
+        env.send_from_pod(&from_pod(tcp_flags::FIN | tcp_flags::ACK)),
+        TC_ACT_OK
+    );
+    assert_ne!(ct_entry(&env, 40000).1.flags & CT_F_CLOSING, 0, "closing");
+    assert_eq!(lifetime(&env), conntrack::TCP_CLOSING_S);
+    // Within its lifetime, the peer's FIN is still a reply of the flow.
+    assert_eq!(
+        env.send_to_pod(&to_pod(tcp_flags::FIN | tcp_flags::ACK)),
+        TC_ACT_OK
+    );
+    assert!(env.take_events().is_empty(), "no new flow while it lives");
+
+    // Past its lifetime the entry is no entry: the peer's late ACK is a new inbound flow,
+    // which the ingress default deny drops.
+    let (key, mut value) = ct_entry(&env, 40000);
+    value.last_seen_s = monotonic_s().saturating_sub(conntrack::TCP_CLOSING_S + 2);
+    env.dp
+        .maps_mut()
+        .put_conntrack_raw(&key, &value)
+        .expect("ageing the entry");
+    let verdict = env.send_to_pod(&to_pod(tcp_flags::ACK));
+    env.assert_dropped(verdict, drop_reason::POLICY_DEFAULT_DENY);
+    assert_eq!(
+        env.dp.maps().conntrack().expect("ct").len(),
+        1,
+        "the expired entry was overwritten in place"
+    );
+}
+
+#[test]
+fn a_full_conntrack_refuses_new_flows_with_a_counted_reason_and_recovers_as_entries_expire() {
+    const SIZE: u16 = 8;
+    let mut env = Env::new_sized(&sizes_with_conntrack(u32::from(SIZE)));
+    env.add_pod(EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED);
+    env.allow(PEER_IDENTITY, DIR_EGRESS, PROTO_TCP, 80, 11);
+    for sport in 41000..41000 + SIZE {
+        assert_eq!(
+            env.send_from_pod(&syn_v4(POD_V4, PEER_V4, sport, 80)),
+            TC_ACT_OK,
+            "flow {sport} fits"
+        );
+    }
+    env.take_events();
+    assert_eq!(
+        env.dp.maps().conntrack().expect("ct").len(),
+        usize::from(SIZE)
+    );
+
+    // Full: a new allowed flow fails closed, counted and reported with its identities.
+    let verdict = env.send_from_pod(&syn_v4(POD_V4, PEER_V4, 42000, 80));
+    let ev = env.assert_dropped(verdict, drop_reason::CT_FULL);
+    assert_eq!(
+        (ev.src_identity, ev.dst_identity),
+        (POD_IDENTITY, PEER_IDENTITY)
+    );
+    assert_eq!(env.drops(drop_reason::CT_FULL), 1, "the drop is counted");
+    assert_eq!(
+        drop_reason::describe(drop_reason::CT_FULL),
+        "CT_MAP_INSERTION_FAILED"
+    );
+    // A denied flow is dropped for its own reason.
+    let verdict = env.send_from_pod(&syn_v4(POD_V4, PEER_V4, 42001, 81));
+    env.assert_dropped(verdict, drop_reason::POLICY_DEFAULT_DENY);
+    // The flows in the table go on: the peer's replies (ingress is enforced) and the pod's
+    // packets.
+    let to_pod = |sport, flags| V4::new(PEER_V4, POD_V4, PROTO_TCP).packet(&tcp(80, sport, flags));
+    let from_pod =
+        |sport, flags| V4::new(POD_V4, PEER_V4, PROTO_TCP).packet(&tcp(sport, 80, flags));
+    assert_eq!(
+        env.send_to_pod(&to_pod(41000, tcp_flags::SYN | tcp_flags::ACK)),
+        TC_ACT_OK,
+        "an established flow's reply passes in a full table"
+    );
+    assert_eq!(
+        env.send_from_pod(&from_pod(41000, tcp_flags::ACK)),
+        TC_ACT_OK
+    );
+    // Three flows close.
+    for sport in 41001..41004 {
+        assert_eq!(
+            env.send_from_pod(&from_pod(sport, tcp_flags::RST)),
+            TC_ACT_OK
+        );
+    }
+    assert!(env.take_events().is_empty(), "no new flow was created");
+
+    // The garbage collector: nothing has expired yet.
+    let now = monotonic_s();
+    let stats = env.dp.maps_mut().sweep_conntrack(now).expect("sweep");
+    assert_eq!((stats.scanned, stats.removed), (usize::from(SIZE), 0));
+    // Past the closing lifetime, the three closed flows go ...
+    let stats = env
+        .dp
+        .maps_mut()
+        .sweep_conntrack(now + conntrack::TCP_CLOSING_S + 1)
+        .expect("sweep");
+    assert_eq!((stats.scanned, stats.removed), (usize::from(SIZE), 3));
+    // ... and the refused flow gets in.
+    assert_eq!(
+        env.send_from_pod(&syn_v4(POD_V4, PEER_V4, 42000, 80)),
+        TC_ACT_OK,
+        "a new flow passes once the table has room"
+    );
+    let ev = env.one_event();
+    assert_eq!((ev.verdict, ev.rule_id), (VERDICT_FORWARDED, 11));
+    // Past the handshake's lifetime only the answered flow is left.
+    let stats = env
+        .dp
+        .maps_mut()
+        .sweep_conntrack(now + conntrack::TCP_OPENING_S + 1)
+        .expect("sweep");
+    assert_eq!((stats.scanned, stats.removed), (6, 5));
+    let left = env.dp.maps().conntrack().expect("ct");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0.sport_be, port_be(41000));
+    assert_eq!(env.drops(drop_reason::CT_FULL), 1);
+}
+
+fn sizes_with_conntrack(entries: u32) -> nodeward::datapath::sizes::MapSizes {
+    nodeward::datapath::sizes::MapSizes {
+        conntrack: entries,
+        ..nodeward::datapath::sizes::MapSizes::COMPILED
+    }
+}
+
+/// The garbage collector's cost on a full table of the compiled size (262,144 entries): one
+/// sweep that keeps everything and one that removes everything. The durations are printed
+/// (`--nocapture`) for DEVELOPERS.md; the test checks that the sweep saw and removed every entry.
+#[test]
+fn the_garbage_collector_sweeps_a_full_size_table() {
+    let mut env = Env::new();
+    let now = monotonic_s();
+    let entries = agent_common::MAX_CONNTRACK;
+    let filled = std::time::Instant::now();
+    for i in 0..entries {
+        let [a, b, c, d] = i.to_be_bytes();
+        let key = agent_common::CtKey {
+            saddr: addr_bytes(IpAddr::V4(Ipv4Addr::new(10, a, b, 1))),
+            daddr: addr_bytes(IpAddr::V4(PEER_V4)),
+            sport_be: u16::from_be_bytes([c, d]).to_be(),
+            dport_be: 80u16.to_be(),
+            protocol: PROTO_TCP,
+            direction: DIR_EGRESS,
+            _pad: [0; 2],
+        };
+        let value = agent_common::CtValue {
+            verdict: VERDICT_FORWARDED,
+            flags: CT_F_SEEN_REPLY,
+            last_seen_s: now,
+            ..agent_common::CtValue::default()
+        };
+        env.dp
+            .maps_mut()
+            .put_conntrack_raw(&key, &value)
+            .unwrap_or_else(|e| panic!("entry {i} of {entries}: {}", error_chain(&e)));
+    }
+    let filled = filled.elapsed();
+    let keep = env.dp.maps_mut().sweep_conntrack(now).expect("sweep");
+    assert_eq!((keep.scanned, keep.removed), (entries as usize, 0));
+    let all = env
+        .dp
+        .maps_mut()
+        .sweep_conntrack(now + conntrack::TCP_ESTABLISHED_S + 1)
+        .expect("sweep");
+    assert_eq!(
+        (all.scanned, all.removed),
+        (entries as usize, entries as usize)
+    );
+    assert!(env.dp.maps().conntrack().expect("ct").is_empty());
+    eprintln!(
+        "conntrack gc, {entries} entries: fill {filled:.2?}, sweep keeping all {:.2?}, \
+         sweep removing all {:.2?}",
+        keep.duration, all.duration
+    );
 }

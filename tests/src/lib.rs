@@ -8,6 +8,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod bpf;
 pub mod capture;
 pub mod dns;
 pub mod external;

@@ -227,6 +227,183 @@ fn restarting_with_larger_maps_adopts_the_pinned_state_without_a_gap() {
     );
 }
 
+/// An upgrade from an agent whose conntrack was an LRU hash (before the preallocated hash): the
+/// node's pinned conntrack is put back into that shape, with its live flows, while the agent is
+/// down; the new agent moves the entries into its hash before it attaches its programs, and
+/// enforcement (the established connection, new allowed and denied ones) never lapses.
+#[test]
+fn upgrading_from_the_lru_conntrack_keeps_enforcing() {
+    use nodeward_lab::bpf;
+    let mut lab = shared_lab();
+    let pin = lab.node("node-1").bpffs_dir.join("maps/NW_CONNTRACK");
+    enforced_throughout(&mut lab, |lab| {
+        pause();
+        lab.stop_agent("node-1").expect("stop agent");
+        let copied = bpf::replace_with_lru(&pin).expect("pinning an LRU conntrack");
+        assert!(copied > 0, "the node had live flows to move");
+        lab.start_agent("node-1")
+            .expect("start the new agent on the LRU pin");
+        pause();
+    });
+    assert_eq!(
+        bpf::pinned_map_type(&pin).expect("reading the pinned conntrack"),
+        bpf::MAP_TYPE_HASH,
+        "the pin is the new agent's hash again"
+    );
+    let log = without_ansi(&std::fs::read_to_string(lab.agent_log("node-1")).unwrap_or_default());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("pinned map resized") && l.contains("from_lru=true")),
+        "the agent says that it moved the LRU conntrack: {}",
+        log.lines()
+            .filter(|l| l.contains("pinned map resized"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// `text` without terminal colour sequences (`ESC [ ... m`).
+fn without_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A node whose conntrack is full refuses new flows (fail closed), says why in its flows and
+/// metrics, and lets them in again once closed flows expire and the collector sweeps them.
+#[test]
+fn a_full_conntrack_refuses_new_flows_and_recovers_as_entries_expire() {
+    use std::io::ErrorKind;
+    use std::net::{SocketAddr, TcpStream};
+    let mut lab = shared_lab();
+    lab.write_manifest("backend-policy", &from_frontend("backend"))
+        .unwrap();
+    lab.expect(&[allow("frontend/web-0", "backend/api-0")], SETTLE);
+    lab.stop_agent("node-1").expect("stop agent");
+    lab.set_agent_args(&[
+        "--map-conntrack-entries",
+        "1024",
+        "--conntrack-gc-interval",
+        "1s",
+    ]);
+    let started = lab.start_agent("node-1");
+    lab.set_agent_args(&[]);
+    started.expect("restart with a 1,024-entry conntrack");
+
+    // Fill node-1's table from web-0 (on node-1) with connections to closed ports of its node:
+    // each is answered by a RST, so its entry lives 10 s. The first that times out was refused.
+    let node_ip = lab.node("node-1").ip4;
+    let web0 = lab.pod("frontend/web-0").netns.clone();
+    let fill_started = Instant::now();
+    let (answered, refused_port) = nodeward_lab::sys::in_netns(&web0, || {
+        let mut answered = 0;
+        for port in 20_000..22_000u16 {
+            let to = SocketAddr::new(node_ip.into(), port);
+            match TcpStream::connect_timeout(&to, Duration::from_millis(300)) {
+                Err(e) if e.kind() == ErrorKind::TimedOut => return (answered, Some(port)),
+                _ => answered += 1,
+            }
+        }
+        (answered, None)
+    })
+    .expect("connecting from web-0");
+    let refused_port = refused_port.unwrap_or_else(|| {
+        panic!("the table never filled: {answered} connections were all answered")
+    });
+    eprintln!(
+        "full after {answered} connections in {:.2?}",
+        fill_started.elapsed()
+    );
+
+    let drops = |lab: &Lab| {
+        lab.observe("node-1", &["--verdict", "DROPPED", "--last", "2000"])
+            .expect("observe")
+            .into_iter()
+            .filter(|f| f["drop_reason_desc"] == "CT_MAP_INSERTION_FAILED")
+            .collect::<Vec<_>>()
+    };
+    let refused = drops(&lab);
+    assert!(
+        refused
+            .iter()
+            .any(|f| f["l4"]["TCP"]["destination_port"] == refused_port),
+        "the refused connection to port {refused_port} is a CT_MAP_INSERTION_FAILED drop: \
+         {refused:?}"
+    );
+    let metrics = lab.agent_http_get("node-1", "/metrics").expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nodeward_drops_total{reason=\"CT_MAP_INSERTION_FAILED\"}")),
+        "the drop is counted in nodeward_drops_total"
+    );
+
+    // The closed flows expire after 10 s and the collector sweeps every second: an allowed
+    // connection gets through again.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let recovered = loop {
+        if lab.tcp_probe(
+            "frontend/web-0",
+            "backend/api-0",
+            HTTP_PORT,
+            Duration::from_millis(500),
+        ) {
+            break Some(fill_started.elapsed());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let status = lab.status("node-1").expect("status");
+    let recovered = recovered.unwrap_or_else(|| {
+        panic!(
+            "new flows were still refused 40 s after the table filled; conntrack_gc: {}",
+            status["conntrack_gc"]
+        )
+    });
+    eprintln!(
+        "recovered {recovered:.2?} after the fill began; conntrack_gc: {}",
+        status["conntrack_gc"]
+    );
+    assert!(
+        status["conntrack_gc"]["runs"].as_u64().unwrap_or(0) > 0,
+        "the collector ran: {status}"
+    );
+    let metrics = lab.agent_http_get("node-1", "/metrics").expect("metrics");
+    let removed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nodeward_conntrack_gc_entries_removed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        removed > 0,
+        "the collector removed the expired entries (metrics)"
+    );
+
+    lab.stop_agent("node-1").expect("stop agent");
+    lab.start_agent("node-1")
+        .expect("restart with the default conntrack");
+    lab.expect(
+        &[
+            allow("frontend/web-0", "backend/api-0"),
+            deny("data/db-1", "backend/api-0"),
+        ],
+        SETTLE,
+    );
+}
+
 #[test]
 fn broken_manifest_leaves_the_previous_enforcement_in_place() {
     let lab = shared_lab();

@@ -278,8 +278,14 @@ impl Datapath {
             // Every map is read before anything is created: a map too large for its new size
             // stops here, with the pinned state untouched.
             for (expected, (name, path)) in expected_maps.iter().zip(&pin_paths) {
-                if let Some(from) = check_pinned_map(path, expected)? {
-                    migrations.push(Migration::prepare(name, path, from, expected.max_entries)?);
+                if let Some((from, from_lru)) = check_pinned_map(path, expected)? {
+                    migrations.push(Migration::prepare(
+                        name,
+                        path,
+                        from,
+                        expected.max_entries,
+                        from_lru,
+                    )?);
                 }
             }
         } else {
@@ -358,12 +364,14 @@ impl Datapath {
         let maps = PinnedMaps::from_ebpf(&mut ebpf)?;
         for m in migrations.iter_mut() {
             let started = std::time::Instant::now();
-            m.commit()?;
+            let skipped = m.commit()?;
             tracing::info!(
                 map = m.name,
                 from = m.from,
                 to = m.to,
+                from_lru = m.from_lru,
                 entries = m.entries(),
+                skipped,
                 micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "pinned map resized: its entries moved to a new map"
             );
@@ -1053,7 +1061,7 @@ fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 15] {
         },
         ExpectedMap {
             name: map_names::CONNTRACK,
-            map_type: MapType::LruHash,
+            map_type: MapType::Hash,
             key_size: size_of::<CtKey>(),
             value_size: size_of::<CtValue>(),
             max_entries: sizes.conntrack,
@@ -1133,8 +1141,13 @@ fn expected_maps(sizes: &MapSizes) -> [ExpectedMap; 15] {
 
 /// Refuses to adopt a pinned map of another shape (an older agent's layout): the programs
 /// would read it with the wrong sizes. A missing pin is fine (it is created). A map of
-/// [`MapSizes`] that differs only in its size is to be migrated: `Some(its size)`.
-fn check_pinned_map(path: &Path, expected: &ExpectedMap) -> Result<Option<u32>, DatapathError> {
+/// [`MapSizes`] that differs only in its size is to be migrated: `Some((its size, false))`; so
+/// is the LRU conntrack of the agents before the preallocated hash (same key and value):
+/// `Some((its size, true))`.
+fn check_pinned_map(
+    path: &Path,
+    expected: &ExpectedMap,
+) -> Result<Option<(u32, bool)>, DatapathError> {
     if !path.exists() {
         return Ok(None);
     }
@@ -1161,7 +1174,12 @@ fn check_pinned_map(path: &Path, expected: &ExpectedMap) -> Result<Option<u32>, 
     }
     let resizable = MapSizes::COMPILED.of(expected.name).is_some();
     if resizable && (found.0, found.1, found.2) == (wanted.0, wanted.1, wanted.2) {
-        return Ok(Some(found.3));
+        return Ok(Some((found.3, false)));
+    }
+    if expected.name == map_names::CONNTRACK
+        && (found.0, found.1, found.2) == (MapType::LruHash, wanted.1, wanted.2)
+    {
+        return Ok(Some((found.3, true)));
     }
     Err(mismatch(format!(
         "found (type, key, value, max entries) {found:?}, expected {wanted:?}"

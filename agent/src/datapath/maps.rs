@@ -42,6 +42,144 @@ fn op(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError
     move |source| MapsError::Op { map, op, source }
 }
 
+/// Conntrack entries read or deleted by one `bpf(2)` call of the garbage collector. Large
+/// enough for any hash bucket (the kernel refuses a batch smaller than a bucket's entries).
+pub const CT_GC_BATCH: usize = 4096;
+
+/// `BPF_MAP_LOOKUP_BATCH` and `BPF_MAP_DELETE_BATCH` on the conntrack hash (kernel 5.6), which
+/// aya does not wrap.
+mod batch {
+    use agent_common::{CtKey, CtValue, map_names};
+    use aya::maps::MapError;
+
+    use super::MapsError;
+
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+    /// `union bpf_attr`'s `batch` member, then zeroes (the kernel checks the unused tail).
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+        _tail: [u64; 9],
+    }
+
+    fn call(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+        // SAFETY: `attr` is a valid `union bpf_attr` of the size given; its pointers point at
+        // live buffers of `count` keys (and values) and at the batch tokens, all of the map's
+        // key and value sizes (checked when the map was opened as `HashMap<CtKey, CtValue>`).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr),
+                size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn ptr<T>(p: *const T) -> u64 {
+        p as usize as u64
+    }
+
+    /// Reads up to `keys.len()` entries after the batch token `from` (`None`: the start).
+    /// Returns how many were read, the next token, and whether the table's end was reached.
+    pub fn lookup(
+        fd: i32,
+        from: Option<u32>,
+        keys: &mut [CtKey],
+        values: &mut [CtValue],
+    ) -> std::io::Result<(usize, u32, bool)> {
+        let in_batch = from.unwrap_or(0);
+        let mut out_batch = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if from.is_some() {
+                ptr(&raw const in_batch)
+            } else {
+                0
+            },
+            out_batch: ptr(&raw mut out_batch),
+            keys: ptr(keys.as_mut_ptr()),
+            values: ptr(values.as_mut_ptr()),
+            count: u32::try_from(keys.len().min(values.len())).unwrap_or(u32::MAX),
+            map_fd: fd.cast_unsigned(),
+            ..BatchAttr::default()
+        };
+        match call(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(()) => Ok((attr.count as usize, out_batch, false)),
+            // The end of the table: `count` entries were still read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                Ok((attr.count as usize, out_batch, true))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `keys`; a key already gone is skipped. Returns how many were deleted.
+    pub fn delete(fd: i32, keys: &[CtKey]) -> std::io::Result<usize> {
+        let mut deleted = 0;
+        let mut rest = keys;
+        while !rest.is_empty() {
+            let mut attr = BatchAttr {
+                keys: ptr(rest.as_ptr()),
+                count: u32::try_from(rest.len()).unwrap_or(u32::MAX),
+                map_fd: fd.cast_unsigned(),
+                ..BatchAttr::default()
+            };
+            match call(BPF_MAP_DELETE_BATCH, &mut attr) {
+                Ok(()) => return Ok(deleted + attr.count as usize),
+                // The kernel stops at a missing key, `count` deleted before it.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    let done = attr.count as usize;
+                    deleted += done;
+                    rest = &rest[(done + 1).min(rest.len())..];
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+
+    pub fn error(op: &'static str) -> impl FnOnce(std::io::Error) -> MapsError {
+        move |io_error| MapsError::Op {
+            map: map_names::CONNTRACK,
+            op,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf",
+                io_error,
+            }),
+        }
+    }
+}
+
+/// What one sweep of the conntrack garbage collector did ([`PinnedMaps::sweep_conntrack`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SweepStats {
+    /// Entries read.
+    pub scanned: usize,
+    /// Expired entries deleted.
+    pub removed: usize,
+    #[serde(serialize_with = "micros")]
+    pub duration: std::time::Duration,
+}
+
+fn micros<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// All datapath maps, owned.
 pub struct PinnedMaps {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
@@ -49,6 +187,8 @@ pub struct PinnedMaps {
     ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
     policy_cidrs: LpmTrie<MapData, [u8; 16], IpcacheValue>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// The conntrack map's descriptor again, for the batch calls aya does not wrap.
+    conntrack_fd: std::os::fd::OwnedFd,
     fragments: HashMap<MapData, FragKey, FragValue>,
     counters: PerCpuArray<MapData, u64>,
     /// `NW_HOSTRT_COUNTERS`; `None` when opened from the pins of an agent that had none.
@@ -124,6 +264,27 @@ impl PinnedMaps {
                 .map_err(op(name, "read its info"))?
                 .max_entries())
         };
+        let conntrack_fd = match &conntrack {
+            Map::HashMap(d) | Map::LruHashMap(d) => {
+                use std::os::fd::AsFd as _;
+                d.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| MapsError::Op {
+                        map: map_names::CONNTRACK,
+                        op: "duplicate its descriptor",
+                        source: MapError::SyscallError(aya::sys::SyscallError {
+                            call: "dup",
+                            io_error: e,
+                        }),
+                    })?
+            }
+            _ => {
+                return Err(MapsError::Missing {
+                    map: map_names::CONNTRACK,
+                });
+            }
+        };
         let sizes = MapSizes {
             endpoints: max(&endpoints, map_names::ENDPOINTS)?,
             policy: max(&policy, map_names::POLICY)?,
@@ -139,6 +300,7 @@ impl PinnedMaps {
             policy_cidrs: LpmTrie::try_from(policy_cidrs)
                 .map_err(op(map_names::POLICY_CIDRS, "open"))?,
             conntrack: HashMap::try_from(conntrack).map_err(op(map_names::CONNTRACK, "open"))?,
+            conntrack_fd,
             fragments: HashMap::try_from(fragments).map_err(op(map_names::FRAGMENTS, "open"))?,
             counters: PerCpuArray::try_from(counters).map_err(op(map_names::COUNTERS, "open"))?,
             hostrt_counters,
@@ -228,6 +390,66 @@ impl PinnedMaps {
                     (key, value)
                 })
             })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::CONNTRACK, "read"))
+    }
+
+    /// The conntrack garbage collector: deletes the entries expired at `now_s` (seconds of the
+    /// monotonic clock; lifetimes in `agent_common::conntrack`). It reads the table in batches
+    /// (`BPF_MAP_LOOKUP_BATCH`, [`CT_GC_BATCH`] entries a call) and deletes the expired keys in
+    /// batches too (`BPF_MAP_DELETE_BATCH`): a few hundred system calls for a full table, not
+    /// two per entry. A packet that revives a flow between the read and the delete loses its
+    /// entry; the flow's next packet is then a new flow, as after any expiry.
+    ///
+    /// # Errors
+    /// A failed map read or delete; what was deleted before it stays deleted.
+    pub fn sweep_conntrack(&mut self, now_s: u32) -> Result<SweepStats, MapsError> {
+        use std::os::fd::AsRawFd as _;
+        let started = std::time::Instant::now();
+        let fd = self.conntrack_fd.as_raw_fd();
+        let mut stats = SweepStats::default();
+        let mut keys = vec![CtKey::default(); CT_GC_BATCH];
+        let mut values = vec![CtValue::default(); CT_GC_BATCH];
+        let mut expired = Vec::new();
+        let mut token: Option<u32> = None;
+        loop {
+            let (count, next, done) = batch::lookup(fd, token, &mut keys, &mut values)
+                .map_err(batch::error("read (batch)"))?;
+            for (key, value) in keys.iter().zip(&values).take(count) {
+                stats.scanned += 1;
+                if agent_common::conntrack::expired(key.protocol, value, now_s) {
+                    expired.push(*key);
+                }
+            }
+            if done {
+                break;
+            }
+            token = Some(next);
+        }
+        for chunk in expired.chunks(CT_GC_BATCH) {
+            stats.removed += batch::delete(fd, chunk).map_err(batch::error("delete (batch)"))?;
+        }
+        stats.duration = started.elapsed();
+        Ok(stats)
+    }
+
+    /// Writes a conntrack entry as stored (for tests: an entry of another age or state).
+    ///
+    /// # Errors
+    /// A failed map write (`E2BIG` when full).
+    pub fn put_conntrack_raw(&mut self, key: &CtKey, value: &CtValue) -> Result<(), MapsError> {
+        self.conntrack
+            .insert(key, value, 0)
+            .map_err(op(map_names::CONNTRACK, "write"))
+    }
+
+    /// The conntrack table as stored (keys in their stored orientation, flags untouched).
+    ///
+    /// # Errors
+    /// A failed map read.
+    pub fn conntrack_raw(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
+        self.conntrack
+            .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(op(map_names::CONNTRACK, "read"))
     }

@@ -11,11 +11,20 @@
 //!
 //! A map that holds more entries than the requested size is refused before anything is created
 //! (the agent does not start; the pinned state keeps enforcing): dropping entries would drop
-//! policy. Conntrack is an LRU, so a smaller conntrack is filled up to its size instead.
+//! policy. A smaller conntrack is filled up to its size instead (the flows left out are new
+//! flows to the datapath at their next packet).
+//!
+//! The same path upgrades the LRU conntrack of the agents before the preallocated hash: same
+//! key and value, another map type. Its TCP entries that are not closing are marked answered
+//! (`CT_F_SEEN_REPLY`, which the LRU's agents did not record), so a live connection keeps the
+//! established lifetime rather than the handshake's.
 
 use std::path::{Path, PathBuf};
 
-use agent_common::{CtKey, CtValue, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, map_names};
+use agent_common::{
+    CT_F_CLOSING, CT_F_SEEN_REPLY, CtKey, CtValue, EndpointInfo, IpcacheValue, PolicyKey,
+    PolicyValue, map_names,
+};
 use aya::Pod;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError};
@@ -61,6 +70,8 @@ pub struct Migration {
     saved: Saved,
     /// The old conntrack, kept open to copy what the old programs add after the first copy.
     old_conntrack: Option<MapData>,
+    /// The old map is the LRU conntrack of an earlier agent.
+    pub from_lru: bool,
 }
 
 /// Why a migration failed; the old pins are left as they were.
@@ -106,23 +117,40 @@ fn read_lpm<K: Pod, V: Pod>(path: &Path) -> Result<Vec<(Key<K>, V)>, MapError> {
     map.iter().collect()
 }
 
+/// Writes `entries`; returns how many were written and how many did not fit (`E2BIG`, only
+/// for conntrack, whose flows left out become new flows).
 fn write_hash<K: Pod, V: Pod>(
     path: &Path,
     entries: &[(K, V)],
     flags: u64,
-) -> Result<usize, MapError> {
+    may_skip: bool,
+) -> Result<(usize, usize), MapError> {
     let mut map: HashMap<MapData, K, V> = HashMap::try_from(open(path)?)?;
-    let mut written = 0;
+    let (mut written, mut skipped) = (0, 0);
     for (key, value) in entries {
         match map.insert(key, value, flags) {
             Ok(()) => written += 1,
             // Already there (BPF_NOEXIST): the new programs' entry is the newer one.
             Err(MapError::SyscallError(e))
                 if flags == BPF_NOEXIST && e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(MapError::SyscallError(e))
+                if may_skip && e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                skipped += 1;
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(written)
+    Ok((written, skipped))
+}
+
+/// An old LRU conntrack's entries for the hash: see the module's note on `CT_F_SEEN_REPLY`.
+fn mark_answered(entries: &mut [(CtKey, CtValue)]) {
+    for (key, value) in entries {
+        if key.protocol == 6 && value.flags & CT_F_CLOSING == 0 {
+            value.flags |= CT_F_SEEN_REPLY;
+        }
+    }
 }
 
 fn write_lpm<K: Pod, V: Pod>(path: &Path, entries: &[(Key<K>, V)]) -> Result<(), MapError> {
@@ -152,6 +180,7 @@ impl Migration {
         path: &Path,
         from: u32,
         to: u32,
+        from_lru: bool,
     ) -> Result<Self, MigrateError> {
         let err = |op| {
             move |source| MigrateError::Map {
@@ -167,9 +196,12 @@ impl Migration {
             ),
             map_names::CONNTRACK => {
                 old_conntrack = Some(MapData::from_pin(path).map_err(err("opening"))?);
-                Saved::Conntrack(
-                    read_hash(open(path).map_err(err("opening"))?).map_err(err("reading"))?,
-                )
+                let mut entries =
+                    read_hash(open(path).map_err(err("opening"))?).map_err(err("reading"))?;
+                if from_lru {
+                    mark_answered(&mut entries);
+                }
+                Saved::Conntrack(entries)
             }
             map_names::POLICY => Saved::Policy(read_lpm(path).map_err(err("reading"))?),
             map_names::IPCACHE | map_names::POLICY_CIDRS => {
@@ -194,6 +226,7 @@ impl Migration {
             to,
             saved,
             old_conntrack,
+            from_lru,
         })
     }
 
@@ -205,28 +238,30 @@ impl Migration {
 
     /// Copies the saved entries into the new map (pinned at the temporary path by the loader)
     /// and renames its pin over the old one. The old map lives on while the old programs use it.
+    /// Returns the number of conntrack entries that did not fit.
     ///
     /// # Errors
     /// A failed write or rename; the caller removes the temporary pin.
-    pub fn commit(&mut self) -> Result<(), MigrateError> {
+    pub fn commit(&mut self) -> Result<usize, MigrateError> {
         let path = self.temp_path.clone();
         let err = |source| MigrateError::Map {
             op: "filling",
             path: path.clone(),
             source,
         };
-        match &self.saved {
-            Saved::Endpoints(v) => write_hash(&path, v, 0).map(drop),
-            // A conntrack smaller than the old one evicts as it fills (an LRU).
-            Saved::Conntrack(v) => write_hash(&path, v, 0).map(drop),
-            Saved::Policy(v) => write_lpm(&path, v),
-            Saved::Prefixes(v) => write_lpm(&path, v),
+        let skipped = match &self.saved {
+            Saved::Endpoints(v) => write_hash(&path, v, 0, false).map(|_| 0),
+            // A conntrack smaller than the old one takes what fits.
+            Saved::Conntrack(v) => write_hash(&path, v, 0, true).map(|(_, skipped)| skipped),
+            Saved::Policy(v) => write_lpm(&path, v).map(|()| 0),
+            Saved::Prefixes(v) => write_lpm(&path, v).map(|()| 0),
         }
         .map_err(err)?;
         std::fs::rename(&self.temp_path, &self.path).map_err(|source| MigrateError::Rename {
             path: self.path.clone(),
             source,
-        })
+        })?;
+        Ok(skipped)
     }
 
     /// Copies into the new conntrack (now at [`Migration::path`]) the flows the old programs
@@ -243,10 +278,15 @@ impl Migration {
             let path = path.to_path_buf();
             move |source| MigrateError::Map { op, path, source }
         };
-        let entries: Vec<(CtKey, CtValue)> =
+        let mut entries: Vec<(CtKey, CtValue)> =
             read_hash(Map::from_map_data(old).map_err(err("opening", &self.path))?)
                 .map_err(err("reading the old conntrack", &self.path))?;
-        write_hash(&self.path, &entries, BPF_NOEXIST).map_err(err("filling", &self.path))
+        if self.from_lru {
+            mark_answered(&mut entries);
+        }
+        write_hash(&self.path, &entries, BPF_NOEXIST, true)
+            .map(|(written, _)| written)
+            .map_err(err("filling", &self.path))
     }
 
     /// Whether [`Migration::catch_up`] has anything left to do.
