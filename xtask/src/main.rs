@@ -8,6 +8,7 @@ mod bench_flows;
 mod bench_rules;
 mod bench_services;
 mod bench_tunnel;
+mod bench_ztunnel;
 mod demo;
 mod setup;
 
@@ -151,6 +152,12 @@ enum BenchCmd {
         /// (4-tuples repeat, also from the tunnel to plaintext), or a `fresh` one per run.
         #[arg(long, value_enum, default_value_t = bench_rules::SinkPorts::Reuse)]
         ports: bench_rules::SinkPorts,
+        /// Also run Istio ambient's ztunnel (a binary built outside this project with its
+        /// `tls-ring,testing` features; DEVELOPERS.md says how) as a column: the same pods and
+        /// load through a pair of ztunnels (fake CA, static local config, dedicated mode), and
+        /// its RSS at 1,000 idle connections.
+        #[arg(long, value_name = "PATH")]
+        ztunnel: Option<std::path::PathBuf>,
     },
 }
 
@@ -200,12 +207,17 @@ fn main() -> Result<()> {
             bench_flows::run()
         }
         Cmd::Bench {
-            what: BenchCmd::Tunnel { quick, ports },
+            what:
+                BenchCmd::Tunnel {
+                    quick,
+                    ports,
+                    ztunnel,
+                },
         } => {
             setup::run()?;
             let quick = quick
                 || std::env::var("NODEWARD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-            bench_tunnel::run(quick, ports)
+            bench_tunnel::run(quick, ports, ztunnel)
         }
     }
 }
