@@ -1109,8 +1109,13 @@ pub(crate) fn agent_kib(lab: &Lab, node: &str, field: &str) -> Result<u64> {
     let pid = lab
         .agent_pid(node)
         .with_context(|| format!("no agent on {node}"))?;
+    proc_kib(pid, field).with_context(|| format!("{node}'s agent"))
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:` ...) of any process.
+pub(crate) fn proc_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status ({node}'s agent)"))?;
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))

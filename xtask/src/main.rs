@@ -9,6 +9,7 @@ mod bench_http;
 mod bench_rules;
 mod bench_services;
 mod bench_tunnel;
+mod bench_ztunnel;
 mod demo;
 mod setup;
 
@@ -152,6 +153,12 @@ enum BenchCmd {
         /// (4-tuples repeat, also from the tunnel to plaintext), or a `fresh` one per run.
         #[arg(long, value_enum, default_value_t = bench_rules::SinkPorts::Reuse)]
         ports: bench_rules::SinkPorts,
+        /// Also run Istio ambient's ztunnel (a binary built outside this project with its
+        /// `tls-ring,testing` features; DEVELOPERS.md says how) as a column: the same pods and
+        /// load through a pair of ztunnels (fake CA, static local config, dedicated mode), and
+        /// its RSS at 1,000 idle connections.
+        #[arg(long, value_name = "PATH")]
+        ztunnel: Option<std::path::PathBuf>,
     },
     /// HTTP requests cross-node pod to pod, side by side in one run: plaintext with no agent,
     /// the L4 tunnel (a Service port that is not HTTP) and the L7 path (a two-backend weighted
@@ -218,12 +225,17 @@ fn main() -> Result<()> {
             bench_http::run(quick)
         }
         Cmd::Bench {
-            what: BenchCmd::Tunnel { quick, ports },
+            what:
+                BenchCmd::Tunnel {
+                    quick,
+                    ports,
+                    ztunnel,
+                },
         } => {
             setup::run()?;
             let quick = quick
                 || std::env::var("NODEWARD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-            bench_tunnel::run(quick, ports)
+            bench_tunnel::run(quick, ports, ztunnel)
         }
     }
 }
