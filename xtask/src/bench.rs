@@ -676,14 +676,7 @@ impl Bench {
             return Ok(());
         }
         for node in self.lab.node_names() {
-            let dir = self.lab.node(&node).bpffs_dir.clone();
-            // A stopped agent keeps enforcing from bpffs; "no agent" means none of that left.
-            sys::run(
-                Command::new(&self.nodeward)
-                    .args(["cleanup", "--bpffs-dir"])
-                    .arg(&dir),
-            )?;
-            std::fs::create_dir_all(&dir)?;
+            crate::bench::remove_pins(&self.lab, &self.nodeward, &node)?;
         }
         self.setup.pinned = false;
         Ok(())
@@ -1553,6 +1546,19 @@ fn replace_subsection(text: &str, title: &str, body: &str) -> Result<String> {
         "could not replace the {title} subsection cleanly"
     );
     Ok(updated)
+}
+
+/// Removes `node`'s pinned agent state: a stopped agent keeps enforcing from bpffs, and "no
+/// agent" means none of that left.
+pub(crate) fn remove_pins(lab: &Lab, nodeward: &std::path::Path, node: &str) -> Result<()> {
+    let dir = lab.node(node).bpffs_dir.clone();
+    sys::run(
+        Command::new(nodeward)
+            .args(["cleanup", "--bpffs-dir"])
+            .arg(&dir),
+    )?;
+    std::fs::create_dir_all(&dir)?;
+    Ok(())
 }
 
 #[cfg(test)]

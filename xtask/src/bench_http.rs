@@ -26,13 +26,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use nodeward_lab::load::Process;
 use nodeward_lab::manifests::{documents, pod_service};
-use nodeward_lab::{Lab, PodState, netpol, sys, wait};
+use nodeward_lab::{Lab, PodState, netpol, wait};
 use serde_json::json;
 
 use crate::bench::{CLK_TCK, Machine, ReleaseLab, agent_kib, in_pod, median, release_lab};
@@ -395,14 +395,7 @@ impl Bench {
         }
         for node in self.lab.node_names() {
             self.lab.stop_agent(&node)?;
-            let dir = self.lab.node(&node).bpffs_dir.clone();
-            // A stopped agent keeps enforcing from bpffs; "no agent" means none of that left.
-            sys::run(
-                Command::new(&self.nodeward)
-                    .args(["cleanup", "--bpffs-dir"])
-                    .arg(&dir),
-            )?;
-            std::fs::create_dir_all(&dir)?;
+            crate::bench::remove_pins(&self.lab, &self.nodeward, &node)?;
         }
         self.agents = false;
         Ok(())

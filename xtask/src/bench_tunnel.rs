@@ -33,7 +33,7 @@ use std::fmt::Write as _;
 use std::io::BufRead as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -691,14 +691,7 @@ impl Bench {
         }
         for node in self.lab.node_names() {
             self.lab.stop_agent(&node)?;
-            let dir = self.lab.node(&node).bpffs_dir.clone();
-            // A stopped agent keeps enforcing from bpffs; "no agent" means none of that left.
-            sys::run(
-                Command::new(&self.nodeward)
-                    .args(["cleanup", "--bpffs-dir"])
-                    .arg(&dir),
-            )?;
-            std::fs::create_dir_all(&dir)?;
+            crate::bench::remove_pins(&self.lab, &self.nodeward, &node)?;
         }
         self.agents = false;
         Ok(())

@@ -413,28 +413,7 @@ async fn h1_h2c_and_upgrades_are_routed_through_the_tunnel_with_filters_and_time
 /// one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_requests_per_connection_closes_the_upstream_connection_after_its_requests() {
-    // SAFETY: no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the proxy tests need root (IP_TRANSPARENT, SO_MARK)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(authority(dir.path(), TD));
     let pod = http_pod().await;
-    let srv = context(
-        &ca,
-        "server",
-        TunnelConfig::default(),
-        RouteTable::default(),
-    );
-    let listener = TcpListener::bind((POD, 0)).await.unwrap();
-    let hbone = listener.local_addr().unwrap();
-    tokio::spawn(inbound::serve(
-        listener,
-        inbound::acceptor(&srv).unwrap(),
-        srv.clone(),
-    ));
     let api = ObjectRef {
         namespace: "backend".into(),
         name: "api".into(),
@@ -450,46 +429,9 @@ async fn max_requests_per_connection_closes_the_upstream_connection_after_its_re
         outlier: None,
         fault: None,
     };
-    table.traffic.insert(api.clone(), Arc::new(policy));
-    let key = ServiceKey {
-        service: api,
-        port: 80,
-    };
-    let client: SocketAddr = (CLIENT.parse::<IpAddr>().unwrap(), 40001).into();
-    let ctx = context(
-        &ca,
-        "client",
-        TunnelConfig {
-            peer_port: hbone.port(),
-            ..TunnelConfig::default()
-        },
-        table,
-    );
-    let outbound = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let outbound_addr = outbound.local_addr().unwrap();
-    {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let source = ctx
-                .view()
-                .workload(CLIENT.parse().unwrap())
-                .unwrap()
-                .clone();
-            if let Ok((stream, _)) = outbound.accept().await {
-                super::proxy::serve(
-                    stream,
-                    client,
-                    pod,
-                    source,
-                    key,
-                    ctx.clone(),
-                    Arc::new(Pool::default()),
-                )
-                .await;
-            }
-        });
-    }
-    let io = TokioIo::new(TcpStream::connect(outbound_addr).await.unwrap());
+    table.traffic.insert(api, Arc::new(policy));
+    let m = mesh(pod, table, None).await;
+    let io = TokioIo::new(TcpStream::connect(m.outbound).await.unwrap());
     let (mut h1, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
     tokio::spawn(conn);
     for _ in 0..4 {
@@ -504,7 +446,7 @@ async fn max_requests_per_connection_closes_the_upstream_connection_after_its_re
         let _ = resp.into_body().collect().await.unwrap();
     }
     assert_eq!(
-        TunnelStats::get(&srv.stats.inbound_ok),
+        TunnelStats::get(&m.srv.stats.inbound_ok),
         2,
         "4 requests, 2 per upstream connection"
     );
