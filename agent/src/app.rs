@@ -374,6 +374,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 config.bpffs_dir.display()
             )
         })?;
+    // The loader's own handle on the flow event ring is never read: the reader gets its own
+    // below. Unmapped, it no longer counts in the agent's memory (2 MiB: a ring buffer's pages
+    // are mapped twice, so that a record can run past its end).
+    drop(datapath.maps_mut().take_events());
     // The sync and the flow reader get their own handles on the pinned maps; the loader keeps
     // its own for the programs.
     let mut maps = PinnedMaps::from_pins(&config.bpffs_dir.join("maps"))
