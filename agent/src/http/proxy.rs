@@ -59,6 +59,11 @@ struct Conn {
     upstreams: Mutex<HashMap<(SocketAddr, bool), Upstream>>,
     /// Requests each of those connections carried (for `maxRequestsPerConnection`).
     uses: Mutex<HashMap<(SocketAddr, bool), u32>>,
+    /// Worked out once for the connection's requests: the source's SPIFFE ID, its service
+    /// account (the metrics' `source_workload`), the dialled Service as `name.namespace`.
+    source_spiffe_id: String,
+    source_workload: String,
+    service_name: String,
 }
 
 /// Serves the pod's connection until it ends.
@@ -79,7 +84,16 @@ pub async fn serve(
     let leftover = stream.leftover;
     let unanswered = stream.unanswered.clone();
     let reaper = stream.ctx.clone();
+    let source_spiffe_id = source.identity.uri();
+    let source_workload = source_spiffe_id
+        .rsplit_once("/sa/")
+        .map(|(_, sa)| sa.to_owned())
+        .unwrap_or_default();
+    let service_name = format!("{}.{}", service.service.name, service.service.namespace);
     let conn = Arc::new(Conn {
+        source_spiffe_id,
+        source_workload,
+        service_name,
         ctx,
         pool,
         source,
@@ -426,7 +440,7 @@ impl Conn {
         let record = HttpRecord {
             source: self.peer,
             destination,
-            source_spiffe_id: self.source.identity.uri(),
+            source_spiffe_id: self.source_spiffe_id.clone(),
             destination_spiffe_id: dst_workload.map(|w| w.identity.uri()).unwrap_or_default(),
             source_identity: view
                 .compiled
@@ -460,27 +474,17 @@ impl Conn {
                 },
                 code,
                 route: &record.route,
-                service: &format!(
-                    "{}.{}",
-                    self.service.service.name, self.service.service.namespace
-                ),
+                service: &self.service_name,
                 source: &record.source_spiffe_id,
                 destination,
                 note: &record.note,
                 end: started + latency,
             });
         }
-        let sa = self
-            .source
-            .identity
-            .uri()
-            .rsplit_once("/sa/")
-            .map(|(_, sa)| sa.to_owned())
-            .unwrap_or_default();
         self.ctx.http.metrics.observe(
             &RequestLabels {
                 source_namespace: &self.source.pod.namespace,
-                source_workload: &sa,
+                source_workload: &self.source_workload,
                 destination_namespace: &self.service.service.namespace,
                 destination_service: &self.service.service.name,
                 route: &record.route,
@@ -923,6 +927,14 @@ impl Conn {
         if let Some(upstream) = reusable {
             return Ok(upstream);
         }
+        // Boxed: a new connection's future (tunnel, TLS, handshake) is large, and every
+        // request's future would otherwise carry its size, copied whenever hyper spawns or
+        // moves the request's task.
+        Box::pin(self.connect(endpoint, h2)).await
+    }
+
+    /// A new upstream connection to `endpoint` over a new HBONE stream.
+    async fn connect(&self, endpoint: SocketAddr, h2: bool) -> Result<Upstream, String> {
         let view = self.ctx.view();
         let Some(destination) = view.workload(endpoint.ip()).cloned() else {
             return Err(format!("the endpoint {endpoint} is not a meshed pod"));
