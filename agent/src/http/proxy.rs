@@ -673,13 +673,15 @@ impl Conn {
         let outlier = policy.as_ref().and_then(|p| p.outlier);
         let pool = policy.as_ref().and_then(|p| p.pool);
         let traffic = &self.ctx.http.traffic;
-        let mut candidates = match outlier {
+        let healthy = match outlier {
             Some(_) => traffic.healthy(&backend.service.service, &endpoints),
             None => Vec::new(),
         };
-        if candidates.is_empty() {
-            candidates.clone_from(&endpoints);
-        }
+        let candidates = if healthy.is_empty() {
+            &endpoints
+        } else {
+            &healthy
+        };
         // The kernel's choice stands when the request stays on the dialled Service (session
         // affinity, topology); another Service's endpoint is drawn at random.
         let endpoint = if candidates.contains(&self.dialled) {

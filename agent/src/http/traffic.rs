@@ -468,7 +468,7 @@ impl Attached {
 #[derive(Debug, Default)]
 pub struct TrafficState {
     pools: Mutex<HashMap<ObjectRef, Arc<PoolState>>>,
-    outliers: Mutex<HashMap<(ObjectRef, SocketAddr), Health>>,
+    outliers: Mutex<HashMap<ObjectRef, HashMap<SocketAddr, Health>>>,
 }
 
 #[derive(Debug)]
@@ -591,17 +591,13 @@ impl TrafficState {
     pub fn healthy(&self, service: &ObjectRef, endpoints: &[SocketAddr]) -> Vec<SocketAddr> {
         let now = Instant::now();
         let outliers = self.outliers.lock().unwrap_or_else(PoisonError::into_inner);
-        if outliers.is_empty() {
+        let Some(of) = outliers.get(service) else {
             return endpoints.to_vec();
-        }
+        };
         endpoints
             .iter()
             .copied()
-            .filter(|e| {
-                outliers
-                    .get(&(service.clone(), *e))
-                    .is_none_or(|h| !h.ejected(now))
-            })
+            .filter(|e| of.get(e).is_none_or(|h| !h.ejected(now)))
             .collect()
     }
 
@@ -628,19 +624,28 @@ impl TrafficState {
         now: Instant,
     ) -> Option<Duration> {
         let mut outliers = self.outliers.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (service.clone(), endpoint);
         if outcome == Outcome::Success {
-            if let Some(h) = outliers.get_mut(&key) {
+            if let Some(of) = outliers.get_mut(service)
+                && let Some(h) = of.get_mut(&endpoint)
+            {
                 h.consecutive_5xx = 0;
                 h.consecutive_gateway = 0;
                 // Forgotten once it has nothing left to remember.
                 if h.times == 0 {
-                    outliers.remove(&key);
+                    of.remove(&endpoint);
+                    if of.is_empty() {
+                        outliers.remove(service);
+                    }
                 }
             }
             return None;
         }
-        let h = outliers.entry(key).or_default();
+        // The Service's name is cloned only for its first entry, not per request.
+        if !outliers.contains_key(service) {
+            outliers.insert(service.clone(), HashMap::new());
+        }
+        let of = outliers.get_mut(service)?;
+        let h = of.entry(endpoint).or_default();
         if h.ejected(now) {
             // Already ejected (a request that was under way): nothing more to count.
             return None;
@@ -658,16 +663,12 @@ impl TrafficState {
         }
         let ejected = endpoints
             .iter()
-            .filter(|e| {
-                outliers
-                    .get(&(service.clone(), **e))
-                    .is_some_and(|o| o.ejected(now))
-            })
+            .filter(|e| of.get(e).is_some_and(|o| o.ejected(now)))
             .count();
         if ejected >= ejectable(endpoints.len(), rule.max_ejection_percent) {
             return None;
         }
-        let h = outliers.entry((service.clone(), endpoint)).or_default();
+        let h = of.entry(endpoint).or_default();
         // The count decays by one per interval spent back since the last ejection.
         if let Some(back) = h.until {
             let spent = now.saturating_duration_since(back).as_nanos();
